@@ -1,0 +1,42 @@
+"""The slice of the EIP-3009 token ABI we use (FiatToken / USDC and the test token agree on it)."""
+
+from eth_utils import function_signature_to_4byte_selector, keccak
+
+BALANCE_OF = function_signature_to_4byte_selector("balanceOf(address)")
+AUTHORIZATION_STATE = function_signature_to_4byte_selector("authorizationState(address,bytes32)")
+TRANSFER_TOPIC = "0x" + keccak(text="Transfer(address,address,uint256)").hex()
+AUTHORIZATION_USED_TOPIC = "0x" + keccak(text="AuthorizationUsed(address,bytes32)").hex()
+
+TOKEN_ABI = [
+    {
+        "type": "function",
+        "name": "transferWithAuthorization",
+        "stateMutability": "nonpayable",
+        "inputs": [
+            {"name": "from", "type": "address"},
+            {"name": "to", "type": "address"},
+            {"name": "value", "type": "uint256"},
+            {"name": "validAfter", "type": "uint256"},
+            {"name": "validBefore", "type": "uint256"},
+            {"name": "nonce", "type": "bytes32"},
+            {"name": "v", "type": "uint8"},
+            {"name": "r", "type": "bytes32"},
+            {"name": "s", "type": "bytes32"},
+        ],
+        "outputs": [],
+    },
+    {
+        "type": "function",
+        "name": "balanceOf",
+        "stateMutability": "view",
+        "inputs": [{"name": "account", "type": "address"}],
+        "outputs": [{"name": "", "type": "uint256"}],
+    },
+    {
+        "type": "function",
+        "name": "authorizationState",
+        "stateMutability": "view",
+        "inputs": [{"name": "authorizer", "type": "address"}, {"name": "nonce", "type": "bytes32"}],
+        "outputs": [{"name": "", "type": "bool"}],
+    },
+]

@@ -1,0 +1,142 @@
+"""The local development chain: anvil from npm, the test USDC token, funded demo wallets.
+
+Used by ``manage.py devchain``, the quick start and the test suite. Development only: nothing
+here runs in production.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+ANVIL = BASE_DIR / "node_modules" / ".bin" / "anvil"
+TOKEN_BUILD = BASE_DIR / "contracts" / "build" / "TestUSDC.json"
+CHAIN_ID = 31337
+#: USDC (6 decimals) minted to every demo payer.
+PAYER_FUNDS = 1_000 * 10**6
+
+
+@dataclass
+class DevChain:
+    """What ``var/devchain.json`` holds; its keys are a fixed point other tools rely on."""
+
+    rpc_url: str
+    chain_id: int
+    network: str
+    asset: str
+    asset_name: str
+    asset_version: str
+    pay_to: str
+    payers: list[dict[str, str]] = field(default_factory=list)
+    relayer_address: str = ""
+    relayer_private_key: str = ""
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, path: Path) -> DevChain:
+        return cls(**json.loads(path.read_text()))
+
+
+def compile_token() -> dict[str, Any]:
+    if not TOKEN_BUILD.exists():
+        node = shutil.which("node")
+        if node is None:
+            raise RuntimeError("node is not installed: cannot compile contracts/TestUSDC.sol")
+        subprocess.run([node, str(BASE_DIR / "contracts" / "compile.js")], check=True, cwd=BASE_DIR)
+    return json.loads(TOKEN_BUILD.read_text())
+
+
+def wait_for_rpc(url: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = requests.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, timeout=1)
+            if r.ok:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no JSON-RPC answer at {url} after {timeout}s")
+        time.sleep(0.05)
+
+
+def start_anvil(port: int, *, host: str = "127.0.0.1", accounts: int = 10,
+                extra_args: list[str] | None = None, log_path: Path | None = None) -> tuple[subprocess.Popen, dict]:
+    """Start anvil and return the process and its config (accounts and private keys)."""
+    if not ANVIL.exists():
+        raise RuntimeError(f"{ANVIL} is missing: run `npm ci` (or `make setup`)")
+    config_out = Path(tempfile.mkstemp(prefix="anvil-", suffix=".json")[1])
+    config_out.unlink()
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [str(ANVIL), "--host", host, "--port", str(port), "--chain-id", str(CHAIN_ID),
+         "--accounts", str(accounts), "--config-out", str(config_out), *(extra_args or [])],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_for_rpc(f"http://{host}:{port}")
+        deadline = time.monotonic() + 5
+        while not config_out.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        config = json.loads(config_out.read_text())
+    except Exception:
+        proc.kill()
+        raise
+    finally:
+        config_out.unlink(missing_ok=True)
+    return proc, config
+
+
+def deploy(rpc_url: str, config: dict[str, Any], *, asset_name: str = "USD Coin",
+           asset_version: str = "2", payer_funds: int = PAYER_FUNDS) -> DevChain:
+    """Deploy the test token, fund the payers; account 0 deploys and relays, 1 is paid."""
+    from web3 import Web3
+
+    w3 = Web3(Web3.HTTPProvider(rpc_url))
+    addresses = [Web3.to_checksum_address(a) for a in config["available_accounts"]]
+    keys = config["private_keys"]
+    deployer, pay_to = addresses[0], addresses[1]
+    build = compile_token()
+    factory = w3.eth.contract(abi=build["abi"], bytecode=build["bytecode"])
+    tx = factory.constructor(asset_name, asset_version).transact({"from": deployer})
+    asset = w3.eth.wait_for_transaction_receipt(tx)["contractAddress"]
+    token = w3.eth.contract(address=asset, abi=build["abi"])
+    payers = []
+    for address, key in zip(addresses[2:], keys[2:]):
+        w3.eth.wait_for_transaction_receipt(
+            token.functions.mint(address, payer_funds).transact({"from": deployer})
+        )
+        payers.append({"address": address, "private_key": key})
+    return DevChain(
+        rpc_url=rpc_url, chain_id=CHAIN_ID, network=f"eip155:{CHAIN_ID}", asset=asset,
+        asset_name=asset_name, asset_version=asset_version, pay_to=pay_to, payers=payers,
+        relayer_address=deployer, relayer_private_key=keys[0],
+    )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, 15)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()

@@ -1,0 +1,102 @@
+"""The x402 challenge as a DRF exception, and the API's JSON error format.
+
+A 402 carries the v2 challenge in the ``PAYMENT-REQUIRED`` header and the v1 challenge as its
+JSON body, so both generations of clients can pay. Other errors are problem-details JSON in the
+shape Replicate uses (``title``, ``detail``, ``status``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler
+
+from .x402.codec import encode_header
+from .x402.types import Requirement, Resource, payment_required_v1, payment_required_v2
+
+PAYMENT_REQUIRED_HEADER = "PAYMENT-REQUIRED"
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """The requirements of one request; builds the 402 responses that ask for them."""
+
+    requirements: list[Requirement]
+    resource: Resource
+
+    def reject(self, error: str, message: str = "") -> PaymentRequired:
+        return PaymentRequired(self, error, message)
+
+
+class PaymentRequired(exceptions.APIException):
+    status_code = status.HTTP_402_PAYMENT_REQUIRED
+    default_detail = "Payment required"
+
+    def __init__(self, challenge: Challenge, error: str, message: str = "") -> None:
+        super().__init__(message or error)
+        self.challenge = challenge
+        self.error = error
+        self.message = message or error
+
+
+class InvalidInput(exceptions.APIException):
+    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
+    default_detail = "Invalid input"
+
+    def __init__(self, detail: str, fields: dict[str, str]) -> None:
+        super().__init__(detail)
+        self.fields = fields
+
+
+def payment_required_response(exc: PaymentRequired) -> Response:
+    ch = exc.challenge
+    body = payment_required_v1(ch.requirements, ch.resource, exc.error)
+    if exc.message != exc.error:
+        body["message"] = exc.message
+    header = encode_header(payment_required_v2(ch.requirements, ch.resource, exc.error))
+    return Response(
+        body,
+        status=status.HTTP_402_PAYMENT_REQUIRED,
+        headers={PAYMENT_REQUIRED_HEADER: header, "Cache-Control": "no-store"},
+    )
+
+
+_TITLES = {
+    400: "Bad request",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    415: "Unsupported media type",
+    422: "Invalid input",
+    429: "Too many requests",
+    503: "Service unavailable",
+}
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, PaymentRequired):
+        return payment_required_response(exc)
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound(str(exc) or "Not found.")
+    response = exception_handler(exc, context)
+    if response is None:
+        return None
+    detail = response.data.get("detail") if isinstance(response.data, dict) else response.data
+    body: dict[str, Any] = {
+        "title": _TITLES.get(response.status_code, "Error"),
+        "detail": str(detail) if detail is not None else str(response.data),
+        "status": response.status_code,
+    }
+    if isinstance(exc, InvalidInput):
+        body["invalid_fields"] = exc.fields
+    elif isinstance(exc, exceptions.ValidationError) and isinstance(exc.detail, dict):
+        body["detail"] = "Invalid request"
+        body["invalid_fields"] = {k: " ".join(map(str, v)) if isinstance(v, list) else str(v)
+                                  for k, v in exc.detail.items()}
+    response.data = body
+    response.content_type = "application/problem+json"
+    return response

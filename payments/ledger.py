@@ -1,0 +1,60 @@
+"""The one write path that puts an accepted payment into the ledger."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from eth_utils import to_checksum_address
+
+from .models import Payment, PaymentEvent, PaymentStatus
+from .x402.verify import VerifiedPayment
+
+
+def request_fingerprint(resource: str, body: Any) -> str:
+    """What a payment buys: the resource and its canonical input, hashed."""
+    canonical = json.dumps([resource, body], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def record(verified: VerifiedPayment, *, resource: str, fingerprint: str) -> Payment:
+    """Insert the ledger row of a verified payment (call inside ``transaction.atomic()``).
+
+    The database's unique (network, asset, payer, nonce) constraint makes a second insert of
+    the same authorization raise IntegrityError, whatever process attempts it.
+    """
+    req, payload = verified.requirement, verified.payload
+    auth = payload.authorization
+    payment = Payment.objects.create(
+        status=PaymentStatus.VERIFIED,
+        x402_version=payload.x402_version,
+        scheme=payload.scheme,
+        network=req.option.network,
+        asset=req.option.asset,
+        decimals=req.option.decimals,
+        payer=to_checksum_address(auth.from_),
+        pay_to=req.option.pay_to,
+        amount=auth.value,
+        nonce="0x" + auth.nonce.hex(),
+        valid_after=auth.valid_after,
+        valid_before=auth.valid_before,
+        signature="0x" + payload.signature.hex(),
+        payload=payload.raw,
+        requirement=req.v2(),
+        resource=resource,
+        request_fingerprint=fingerprint,
+    )
+    PaymentEvent.objects.create(payment=payment, to_status=PaymentStatus.VERIFIED)
+    return payment
+
+
+def find(verified: VerifiedPayment) -> Payment | None:
+    """The ledger row of this authorization, if one exists."""
+    auth = verified.payload.authorization
+    return Payment.objects.filter(
+        network=verified.requirement.option.network,
+        asset=verified.requirement.option.asset,
+        payer=to_checksum_address(auth.from_),
+        nonce="0x" + auth.nonce.hex(),
+    ).first()

@@ -1,0 +1,107 @@
+"""Bring the whole stack up locally: chain, token, database, demo model, worker, web server.
+
+Ctrl-C stops everything it started.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from payments import devchain
+
+BASE_DIR = Path(settings.BASE_DIR)
+
+
+def ensure_database() -> None:
+    """Create the configured PostgreSQL database if it does not exist yet."""
+    db = settings.DATABASES["default"]
+    if "postgresql" not in db["ENGINE"]:
+        return
+    params = {"host": db.get("HOST") or None, "port": db.get("PORT") or None,
+              "user": db.get("USER") or None, "password": db.get("PASSWORD") or None}
+    with psycopg.connect(dbname="postgres", autocommit=True, **{k: v for k, v in params.items() if v}) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [db["NAME"]]).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{db["NAME"]}"')
+
+
+class Command(BaseCommand):
+    help = __doc__
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--chain-port", type=int, default=8545)
+
+    def handle(self, *args: Any, **opts: Any) -> None:
+        started = time.monotonic()
+        var = BASE_DIR / "var"
+        var.mkdir(exist_ok=True)
+        children: list[subprocess.Popen] = []
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        try:
+            ensure_database()
+            self.stdout.write("starting anvil and deploying the test USDC...")
+            try:
+                anvil, config = devchain.start_anvil(opts["chain_port"], log_path=var / "anvil.log")
+            except RuntimeError as exc:
+                raise CommandError(f"{exc} (is port {opts['chain_port']} already in use?)") from exc
+            children.append(anvil)
+            chain = devchain.deploy(f"http://127.0.0.1:{opts['chain_port']}", config)
+            chain.write(settings.X402_DEVCHAIN_FILE)
+            manage = [sys.executable, str(BASE_DIR / "manage.py")]
+            subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], check=True)
+            subprocess.run([*manage, "seed_demo"], check=True)
+            worker_log = open(var / "worker.log", "ab")
+            children.append(subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "x402site", "worker", "-B", "-l", "info",
+                 "--concurrency", "2", "-s", str(var / "celerybeat-schedule")],
+                stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True,
+            ))
+            children.append(subprocess.Popen(
+                [*manage, "runserver", f"127.0.0.1:{opts['port']}", "--noreload"],
+                start_new_session=True,
+            ))
+            devchain.wait_for_rpc(chain.rpc_url)
+            self._wait_http(f"http://127.0.0.1:{opts['port']}/v1/predictions/none")
+            self.stdout.write(self.style.SUCCESS(
+                f"\nReady in {time.monotonic() - started:.1f}s: http://127.0.0.1:{opts['port']}\n"
+            ))
+            self.stdout.write(
+                f"  chain      {chain.rpc_url} (chain id {chain.chain_id}), test USDC {chain.asset}\n"
+                f"  pay-to     {chain.pay_to}\n"
+                f"  dev chain  {settings.X402_DEVCHAIN_FILE} ({len(chain.payers)} funded payers)\n"
+                f"  logs       {var}/worker.log, {var}/anvil.log\n\n"
+                "Pay for a prediction as an agent would (in another terminal):\n"
+                "  .venv/bin/python examples/agent_pay.py \"hello\"\n\n"
+                "Ctrl-C stops everything.\n"
+            )
+            while all(c.poll() is None for c in children):
+                time.sleep(0.5)
+            raise CommandError("a component exited; see var/*.log")
+        except KeyboardInterrupt:
+            self.stdout.write("\nstopping...")
+        finally:
+            for child in reversed(children):
+                devchain.stop(child)
+
+    @staticmethod
+    def _wait_http(url: str, timeout: float = 30.0) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                requests.get(url, timeout=1)
+                return
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise CommandError(f"the web server did not answer at {url}")

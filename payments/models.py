@@ -1,0 +1,184 @@
+"""The payment ledger: one row per accepted payment proof, and its append-only event log.
+
+State changes go through :meth:`Payment.advance` only, which checks the transition against
+:data:`TRANSITIONS` and writes the event in the same transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from django.db import models
+from django.utils import timezone
+
+from .signals import payment_advanced
+
+
+class PaymentStatus(models.TextChoices):
+    VERIFIED = "verified", "Verified"
+    SETTLING = "settling", "Settling"  # settlement transaction signed and stored, maybe broadcast
+    SETTLED = "settled", "Settled"  # mined with status 1 and our Transfer log, not yet confirmed
+    CONFIRMED = "confirmed", "Confirmed"
+    FAILED = "failed", "Failed"
+    EXPIRED = "expired", "Expired"
+
+
+S = PaymentStatus
+
+#: The one state machine of the ledger.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    S.VERIFIED: frozenset({S.SETTLING, S.FAILED, S.EXPIRED}),
+    # A signed transaction that never reached a block may be re-signed (SETTLING -> SETTLING).
+    S.SETTLING: frozenset({S.SETTLING, S.SETTLED, S.CONFIRMED, S.FAILED, S.EXPIRED}),
+    # A reorg can drop a mined settlement: back to SETTLING to rebroadcast the stored transaction.
+    S.SETTLED: frozenset({S.CONFIRMED, S.SETTLING}),
+    S.CONFIRMED: frozenset(),
+    S.FAILED: frozenset(),
+    S.EXPIRED: frozenset(),
+}
+
+#: Timestamp column stamped when a payment enters a state.
+_STAMPS = {
+    S.SETTLING: "settling_at",
+    S.SETTLED: "settled_at",
+    S.CONFIRMED: "confirmed_at",
+    S.FAILED: "failed_at",
+    S.EXPIRED: "failed_at",
+}
+
+
+class IllegalTransition(Exception):
+    pass
+
+
+class Payment(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    status = models.CharField(max_length=16, choices=PaymentStatus.choices, default=S.VERIFIED)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    settling_at = models.DateTimeField(null=True, blank=True)
+    settled_at = models.DateTimeField(null=True, blank=True)
+    confirmed_at = models.DateTimeField(null=True, blank=True)
+    failed_at = models.DateTimeField(null=True, blank=True)
+
+    # What was paid, as signed.
+    x402_version = models.PositiveSmallIntegerField()
+    scheme = models.CharField(max_length=32, default="exact")
+    network = models.CharField(max_length=64, help_text="CAIP-2, e.g. eip155:8453")
+    asset = models.CharField(max_length=42)
+    decimals = models.PositiveSmallIntegerField(default=6)
+    payer = models.CharField(max_length=42, db_index=True)
+    pay_to = models.CharField(max_length=42)
+    amount = models.DecimalField(max_digits=78, decimal_places=0, help_text="Atomic units")
+    nonce = models.CharField(max_length=66)
+    valid_after = models.PositiveBigIntegerField()
+    valid_before = models.PositiveBigIntegerField()
+    signature = models.CharField(max_length=8194)
+    payload = models.JSONField(help_text="The payment header as received (decoded)")
+    requirement = models.JSONField(help_text="The requirement (v2 shape) this payment answered")
+    verification = models.CharField(max_length=16, default="local")
+
+    # What it paid for.
+    resource = models.CharField(max_length=512)
+    request_fingerprint = models.CharField(
+        max_length=64, help_text="sha256 of the resource and input this payment bought"
+    )
+
+    # Settlement.
+    settle_tx_hash = models.CharField(max_length=66, null=True, blank=True, unique=True)
+    settle_raw_tx = models.TextField(blank=True, help_text="Signed before broadcast, for rebroadcast")
+    relayer = models.CharField(max_length=42, blank=True)
+    relayer_nonce = models.PositiveBigIntegerField(null=True, blank=True)
+    block_number = models.PositiveBigIntegerField(null=True, blank=True)
+    block_hash = models.CharField(max_length=66, blank=True)
+    confirmations = models.PositiveIntegerField(default=0)
+    gas_used = models.PositiveBigIntegerField(null=True, blank=True)
+    gas_cost_wei = models.DecimalField(max_digits=78, decimal_places=0, null=True, blank=True)
+    failure_reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["network", "asset", "payer", "nonce"], name="payment_authorization_once"
+            ),
+            models.CheckConstraint(condition=models.Q(amount__gt=0), name="payment_amount_positive"),
+            models.CheckConstraint(
+                condition=models.Q(status__in=PaymentStatus.values), name="payment_status_valid"
+            ),
+        ]
+        indexes = [models.Index(fields=["status", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.amount_decimal} from {self.payer} ({self.status})"
+
+    @property
+    def amount_decimal(self) -> Decimal:
+        return Decimal(self.amount).scaleb(-self.decimals)
+
+    @property
+    def is_terminal(self) -> bool:
+        return not TRANSITIONS[self.status]
+
+    def advance(self, to: str, *, detail: dict[str, Any] | None = None, **fields: Any) -> None:
+        """Move to state ``to``, setting ``fields``, and append the event.
+
+        Call inside ``transaction.atomic()`` on a row read with ``select_for_update()``.
+        """
+        if to not in TRANSITIONS[self.status]:
+            raise IllegalTransition(f"{self.status} -> {to} for payment {self.pk}")
+        previous = self.status
+        now = timezone.now()
+        self.status = to
+        stamp = _STAMPS.get(to)
+        if stamp:
+            fields.setdefault(stamp, now)
+        for name, value in fields.items():
+            setattr(self, name, value)
+        self.save(update_fields=["status", *fields])
+        PaymentEvent.objects.create(
+            payment=self, from_status=previous, to_status=to, detail=detail or {}
+        )
+        payment_advanced.send(sender=Payment, payment=self, previous=previous)
+
+
+class PaymentEvent(models.Model):
+    """Append-only: one row per state change, never updated or deleted by the application."""
+
+    payment = models.ForeignKey(Payment, on_delete=models.PROTECT, related_name="events")
+    created_at = models.DateTimeField(default=timezone.now)
+    from_status = models.CharField(max_length=16, blank=True)
+    to_status = models.CharField(max_length=16)
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["payment", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.from_status or '-'} -> {self.to_status}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None:
+            raise IllegalTransition("payment events are append-only")
+        super().save(*args, **kwargs)
+
+
+class RelayerNonce(models.Model):
+    """The next transaction nonce of a relayer account on a chain, locked while signing.
+
+    Several workers share one relayer: they take this row ``FOR UPDATE``, sign with its nonce,
+    store the transaction and bump it in one transaction, so nonces neither collide nor skip.
+    """
+
+    network = models.CharField(max_length=64)
+    address = models.CharField(max_length=42)
+    next_nonce = models.PositiveBigIntegerField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["network", "address"], name="relayer_nonce_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.address}@{self.network}: {self.next_nonce}"

@@ -1,0 +1,66 @@
+"""The payment options we accept, built from settings (never from the database).
+
+An admin login must not be able to redirect money, so network, asset and pay-to live only in
+the environment; this module turns ``settings.X402_PAYMENT_OPTIONS`` into typed options once
+and rebuilds them when a test overrides the setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from eth_utils import to_checksum_address
+
+from .x402.networks import chain_id_of
+from .x402.types import PaymentOption
+
+
+@dataclass(frozen=True, slots=True)
+class ConfiguredOption:
+    """A payment option and where to reach its chain."""
+
+    option: PaymentOption
+    rpc_url: str
+
+
+@lru_cache(maxsize=1)
+def configured() -> tuple[ConfiguredOption, ...]:
+    result = []
+    for raw in settings.X402_PAYMENT_OPTIONS:
+        option = PaymentOption(
+            chain_id=chain_id_of(raw["network"]),
+            asset=to_checksum_address(raw["asset"]),
+            asset_name=raw["asset_name"],
+            asset_version=raw["asset_version"],
+            pay_to=to_checksum_address(raw["pay_to"]),
+            decimals=int(raw.get("decimals", 6)),
+            symbol=raw.get("symbol", "USDC"),
+            max_timeout_seconds=int(raw.get("max_timeout_seconds", 300)),
+            confirmations=int(raw.get("confirmations", 1)),
+        )
+        result.append(ConfiguredOption(option=option, rpc_url=raw["rpc_url"]))
+    return tuple(result)
+
+
+def payment_options() -> list[PaymentOption]:
+    return [c.option for c in configured()]
+
+
+def for_payment(network: str, asset: str) -> ConfiguredOption:
+    """The configured option a ledger row was paid through (LookupError if it was removed)."""
+    for c in configured():
+        if c.option.network == network and c.option.asset == asset:
+            return c
+    raise LookupError(f"no payment option for {network} {asset}")
+
+
+def _on_setting_changed(setting: str, **kwargs: object) -> None:
+    if setting == "X402_PAYMENT_OPTIONS":
+        configured.cache_clear()
+
+
+def connect_signals() -> None:
+    setting_changed.connect(_on_setting_changed, dispatch_uid="payments.options")

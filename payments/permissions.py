@@ -1,0 +1,118 @@
+"""The payment gate: a DRF permission that answers unpaid requests with an x402 challenge.
+
+The view says what the request costs (``get_charge``); this class issues the challenge, or
+decodes and verifies the payment header (pure checks first, then one batched chain read) and
+hands the verified payment to the view as ``request.x402``. Recording it in the ledger is the
+view's job, in the same transaction as the prediction it buys.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
+
+from django.conf import settings
+from rest_framework import exceptions
+from rest_framework.permissions import SAFE_METHODS, BasePermission
+
+from . import ledger
+from .chain import ChainUnavailable, payer_state
+from .exceptions import Challenge
+from .options import configured
+from .x402.codec import DecodeError, decode_header
+from .x402.types import Requirement, Resource, parse_payload
+from .x402.verify import (
+    INSUFFICIENT_BALANCE,
+    NONCE_ALREADY_USED,
+    PaymentRejected,
+    verify_exact,
+)
+
+log = logging.getLogger("payments.gate")
+
+V2_HEADER = "PAYMENT-SIGNATURE"
+V1_HEADER = "X-PAYMENT"
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What a request costs, from the view: price in USD(C) and what the payment buys."""
+
+    price: Decimal
+    resource: Resource
+    fingerprint: str
+
+
+class ServiceUnavailable(exceptions.APIException):
+    status_code = 503
+    default_detail = "Payment verification is temporarily unavailable; retry shortly."
+
+
+def atomic_amount(price: Decimal, decimals: int) -> int:
+    """Price in token units, rounded up: a paid price never rounds to zero."""
+    return int((price.scaleb(decimals)).to_integral_value(rounding=ROUND_CEILING))
+
+
+def challenge_for(charge: Charge) -> Challenge:
+    options = configured()
+    if not options:
+        raise ServiceUnavailable("No payment option is configured on this server.")
+    return Challenge(
+        requirements=[Requirement(c.option, atomic_amount(charge.price, c.option.decimals)) for c in options],
+        resource=charge.resource,
+    )
+
+
+class X402Payment(BasePermission):
+    """Allow safe methods and free resources; require a verified x402 payment otherwise."""
+
+    def has_permission(self, request, view) -> bool:  # type: ignore[no-untyped-def]
+        if request.method in SAFE_METHODS:
+            return True
+        charge: Charge | None = view.get_charge(request)
+        if charge is None or charge.price <= 0:
+            request.x402 = None
+            return True
+        challenge = challenge_for(charge)
+        request.x402_challenge = challenge
+        request.x402_charge = charge
+        header = request.headers.get(V2_HEADER) or request.headers.get(V1_HEADER)
+        if not header:
+            raise challenge.reject(f"{V2_HEADER} header is required")
+        try:
+            payload = parse_payload(decode_header(header))
+            verified = verify_exact(
+                payload,
+                challenge.requirements,
+                int(time.time()),
+                settle_margin=settings.X402_SETTLE_MARGIN_SECONDS,
+                clock_skew=settings.X402_CLOCK_SKEW_SECONDS,
+            )
+        except DecodeError as exc:
+            log.info("payment header refused: invalid_payload (%s)", exc)
+            raise challenge.reject(DecodeError.reason, str(exc)) from None
+        except PaymentRejected as exc:
+            log.info("payment refused: %s (%s)", exc.reason, exc.message)
+            raise challenge.reject(exc.reason, exc.message) from None
+        if ledger.find(verified) is None:
+            # A payment we have not seen: the chain must confirm it can still be settled.
+            self._check_chain(verified, challenge)
+        request.x402 = verified
+        return True
+
+    @staticmethod
+    def _check_chain(verified, challenge: Challenge) -> None:  # type: ignore[no-untyped-def]
+        auth = verified.payload.authorization
+        option = verified.requirement.option
+        rpc_url = next(c.rpc_url for c in configured() if c.option == option)
+        try:
+            state = payer_state(rpc_url, option.asset, auth.from_, auth.nonce)
+        except ChainUnavailable as exc:
+            log.warning("chain check failed for %s: %s", option.network, exc)
+            raise ServiceUnavailable() from None
+        if state.nonce_used:
+            raise challenge.reject(NONCE_ALREADY_USED, "this authorization was already used on chain")
+        if state.balance < auth.value:
+            raise challenge.reject(INSUFFICIENT_BALANCE, "the payer's balance does not cover the price")

@@ -1,0 +1,206 @@
+"""x402 wire types for the ``exact`` EVM scheme, v1 and v2, and their JSON shapes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codec import DecodeError
+from .eip712 import Authorization
+from .networks import caip2, v1_name
+
+SCHEME_EXACT = "exact"
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_NONCE = re.compile(r"0x[0-9a-fA-F]{64}")
+_HEX = re.compile(r"0x(?:[0-9a-fA-F]{2})+")
+_UINT = re.compile(r"[0-9]{1,78}")
+UINT256_MAX = 2**256 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentOption:
+    """One way we accept money: an EIP-3009 token on one chain, paid to one address."""
+
+    chain_id: int
+    asset: str
+    asset_name: str
+    asset_version: str
+    pay_to: str
+    decimals: int = 6
+    symbol: str = "USDC"
+    max_timeout_seconds: int = 300
+    confirmations: int = 1
+
+    @property
+    def network(self) -> str:
+        return caip2(self.chain_id)
+
+    @property
+    def v1_network(self) -> str:
+        return v1_name(self.chain_id)
+
+    def matches_network(self, network: str, x402_version: int) -> bool:
+        return network == (self.network if x402_version >= 2 else self.v1_network)
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    url: str
+    description: str = ""
+    mime_type: str = "application/json"
+
+    def v2(self) -> dict[str, Any]:
+        return {"url": self.url, "description": self.description, "mimeType": self.mime_type}
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """What one request costs through one payment option."""
+
+    option: PaymentOption
+    amount: int
+
+    def extra(self) -> dict[str, str]:
+        return {"name": self.option.asset_name, "version": self.option.asset_version}
+
+    def v2(self) -> dict[str, Any]:
+        return {
+            "scheme": SCHEME_EXACT,
+            "network": self.option.network,
+            "amount": str(self.amount),
+            "asset": self.option.asset,
+            "payTo": self.option.pay_to,
+            "maxTimeoutSeconds": self.option.max_timeout_seconds,
+            "extra": self.extra(),
+        }
+
+    def v1(self, resource: Resource, output_schema: dict[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "scheme": SCHEME_EXACT,
+            "network": self.option.v1_network,
+            "maxAmountRequired": str(self.amount),
+            "resource": resource.url,
+            "description": resource.description,
+            "mimeType": resource.mime_type,
+            "payTo": self.option.pay_to,
+            "maxTimeoutSeconds": self.option.max_timeout_seconds,
+            "asset": self.option.asset,
+            "extra": self.extra(),
+        }
+        if output_schema is not None:
+            body["outputSchema"] = output_schema
+        return body
+
+
+def payment_required_v2(
+    requirements: list[Requirement], resource: Resource, error: str
+) -> dict[str, Any]:
+    return {
+        "x402Version": 2,
+        "error": error,
+        "resource": resource.v2(),
+        "accepts": [r.v2() for r in requirements],
+    }
+
+
+def payment_required_v1(
+    requirements: list[Requirement], resource: Resource, error: str
+) -> dict[str, Any]:
+    return {"x402Version": 1, "error": error, "accepts": [r.v1(resource) for r in requirements]}
+
+
+def settle_response(
+    *, success: bool, transaction: str, network: str, payer: str | None, amount: int | None = None,
+    error_reason: str | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"success": success, "transaction": transaction, "network": network}
+    if payer:
+        body["payer"] = payer
+    if amount is not None:
+        body["amount"] = str(amount)
+    if error_reason:
+        body["errorReason"] = error_reason
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentPayload:
+    """A decoded ``PAYMENT-SIGNATURE`` (v2) or ``X-PAYMENT`` (v1) header, fields type-checked."""
+
+    x402_version: int
+    scheme: str
+    network: str
+    signature: bytes
+    authorization: Authorization
+    accepted: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+def _str(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise DecodeError(f"{key} must be a string")
+    return value
+
+
+def _address(obj: dict[str, Any], key: str) -> bytes:
+    value = _str(obj, key)
+    if not _ADDRESS.fullmatch(value):
+        raise DecodeError(f"{key} must be a 0x-prefixed 20-byte hex address")
+    return bytes.fromhex(value[2:])
+
+
+def _uint(obj: dict[str, Any], key: str) -> int:
+    value = obj.get(key)
+    # Integers are decimal strings on the wire; plain JSON integers are tolerated, floats,
+    # booleans, exponents and signs are not.
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DecodeError(f"{key} must be a decimal string")
+    text = str(value)
+    if not _UINT.fullmatch(text) or int(text) > UINT256_MAX:
+        raise DecodeError(f"{key} must be a uint256 decimal string")
+    return int(text)
+
+
+def parse_payload(obj: dict[str, Any]) -> PaymentPayload:
+    """Type-check a decoded payment header of either generation."""
+    version = obj.get("x402Version")
+    if isinstance(version, bool) or version not in (1, 2):
+        raise DecodeError("x402Version must be 1 or 2")
+    accepted: dict[str, Any] | None = None
+    if version == 2:
+        accepted = obj.get("accepted")
+        if not isinstance(accepted, dict):
+            raise DecodeError("accepted must be an object")
+        scheme, network = _str(accepted, "scheme"), _str(accepted, "network")
+    else:
+        scheme, network = _str(obj, "scheme"), _str(obj, "network")
+    payload = obj.get("payload")
+    if not isinstance(payload, dict):
+        raise DecodeError("payload must be an object")
+    auth = payload.get("authorization")
+    if not isinstance(auth, dict):
+        raise DecodeError("payload.authorization must be an object")
+    signature = _str(payload, "signature")
+    if not _HEX.fullmatch(signature) or len(signature) > 2 + 2 * 4096:
+        raise DecodeError("payload.signature must be 0x-prefixed hex")
+    nonce = _str(auth, "nonce")
+    if not _NONCE.fullmatch(nonce):
+        raise DecodeError("authorization.nonce must be 0x-prefixed 32-byte hex")
+    return PaymentPayload(
+        x402_version=version,
+        scheme=scheme,
+        network=network,
+        signature=bytes.fromhex(signature[2:]),
+        authorization=Authorization(
+            from_=_address(auth, "from"),
+            to=_address(auth, "to"),
+            value=_uint(auth, "value"),
+            valid_after=_uint(auth, "validAfter"),
+            valid_before=_uint(auth, "validBefore"),
+            nonce=bytes.fromhex(nonce[2:]),
+        ),
+        accepted=accepted,
+        raw=obj,
+    )

@@ -1,0 +1,139 @@
+"""Verification of an ``exact`` EVM (EIP-3009) payment against the requirements we offered.
+
+Pure: the caller passes the clock. The checks run in the order the reference facilitator uses,
+each with its own reason code; the chain checks (nonce unused, balance) come after, in the
+caller, because they need the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .eip712 import SignatureError, authorization_digest, domain_separator, recover
+from .types import SCHEME_EXACT, PaymentPayload, Requirement
+
+UNSUPPORTED_SCHEME = "unsupported_scheme"
+NETWORK_MISMATCH = "network_mismatch"
+ASSET_MISMATCH = "invalid_exact_evm_asset_mismatch"
+TOKEN_NAME_MISMATCH = "invalid_exact_evm_token_name_mismatch"
+TOKEN_VERSION_MISMATCH = "invalid_exact_evm_token_version_mismatch"
+RECIPIENT_MISMATCH = "invalid_exact_evm_payload_recipient_mismatch"
+VALUE_MISMATCH = "invalid_exact_evm_payload_authorization_value_mismatch"
+VALID_BEFORE = "invalid_exact_evm_payload_authorization_valid_before"
+VALID_AFTER = "invalid_exact_evm_payload_authorization_valid_after"
+VALIDITY_TOO_LONG = "invalid_exact_evm_payload_authorization_validity_too_long"
+INVALID_SIGNATURE = "invalid_exact_evm_payload_signature"
+NONCE_ALREADY_USED = "invalid_exact_evm_nonce_already_used"
+INSUFFICIENT_BALANCE = "invalid_exact_evm_insufficient_balance"
+
+
+class PaymentRejected(Exception):
+    """A payment that must not be accepted; ``reason`` is the x402 reason code."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+        self.message = message or reason
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedPayment:
+    requirement: Requirement
+    payload: PaymentPayload
+
+    @property
+    def payer(self) -> bytes:
+        return self.payload.authorization.from_
+
+
+@lru_cache(maxsize=64)
+def _separator(name: str, version: str, chain_id: int, asset: str) -> bytes:
+    return domain_separator(name, version, chain_id, bytes.fromhex(asset[2:]))
+
+
+def _same_address(a: object, b: str) -> bool:
+    return isinstance(a, str) and a.lower() == b.lower()
+
+
+def _check_accepted(payload: PaymentPayload, req: Requirement) -> None:
+    """v2 clients echo the requirement they chose: it must be one we offer, exactly."""
+    accepted = payload.accepted
+    if accepted is None:
+        return
+    if not _same_address(accepted.get("asset"), req.option.asset):
+        raise PaymentRejected(ASSET_MISMATCH, "accepted.asset is not an asset we accept")
+    if not _same_address(accepted.get("payTo"), req.option.pay_to):
+        raise PaymentRejected(RECIPIENT_MISMATCH, "accepted.payTo is not our pay-to address")
+    if str(accepted.get("amount")) != str(req.amount):
+        raise PaymentRejected(VALUE_MISMATCH, "accepted.amount is not the current price")
+    extra = accepted.get("extra")
+    if isinstance(extra, dict):
+        if extra.get("name", req.option.asset_name) != req.option.asset_name:
+            raise PaymentRejected(TOKEN_NAME_MISMATCH)
+        if extra.get("version", req.option.asset_version) != req.option.asset_version:
+            raise PaymentRejected(TOKEN_VERSION_MISMATCH)
+
+
+def _check_one(
+    payload: PaymentPayload, req: Requirement, now: int, settle_margin: int, clock_skew: int
+) -> VerifiedPayment:
+    _check_accepted(payload, req)
+    auth = payload.authorization
+    if auth.to != bytes.fromhex(req.option.pay_to[2:]):
+        raise PaymentRejected(RECIPIENT_MISMATCH, "authorization.to is not our pay-to address")
+    if auth.value != req.amount:
+        raise PaymentRejected(
+            VALUE_MISMATCH, f"authorization.value must be exactly {req.amount}"
+        )
+    if auth.valid_before < now + settle_margin:
+        raise PaymentRejected(
+            VALID_BEFORE, f"validBefore must leave at least {settle_margin}s to settle"
+        )
+    if auth.valid_after > now + clock_skew:
+        raise PaymentRejected(VALID_AFTER, "validAfter is in the future")
+    if auth.valid_before > now + req.option.max_timeout_seconds + clock_skew:
+        raise PaymentRejected(
+            VALIDITY_TOO_LONG,
+            f"validBefore may be at most maxTimeoutSeconds ({req.option.max_timeout_seconds}s) ahead",
+        )
+    separator = _separator(
+        req.option.asset_name, req.option.asset_version, req.option.chain_id, req.option.asset
+    )
+    try:
+        signer = recover(authorization_digest(separator, auth), payload.signature)
+    except SignatureError as exc:
+        raise PaymentRejected(INVALID_SIGNATURE, str(exc)) from None
+    if signer != auth.from_:
+        raise PaymentRejected(INVALID_SIGNATURE, "signature does not recover to authorization.from")
+    return VerifiedPayment(requirement=req, payload=payload)
+
+
+def verify_exact(
+    payload: PaymentPayload,
+    requirements: list[Requirement],
+    now: int,
+    *,
+    settle_margin: int = 6,
+    clock_skew: int = 30,
+) -> VerifiedPayment:
+    """Return the requirement this payload validly pays, or raise PaymentRejected.
+
+    ``settle_margin``: seconds ``validBefore`` must still leave for the settlement to land.
+    ``clock_skew``: tolerance for the payer's clock on ``validAfter`` and the window length.
+    """
+    if payload.scheme != SCHEME_EXACT:
+        raise PaymentRejected(UNSUPPORTED_SCHEME, f"scheme {payload.scheme!r} is not offered")
+    candidates = [
+        r for r in requirements if r.option.matches_network(payload.network, payload.x402_version)
+    ]
+    if not candidates:
+        raise PaymentRejected(NETWORK_MISMATCH, f"network {payload.network!r} is not offered")
+    first_error: PaymentRejected | None = None
+    for req in candidates:
+        try:
+            return _check_one(payload, req, now, settle_margin, clock_skew)
+        except PaymentRejected as exc:
+            first_error = first_error or exc
+    assert first_error is not None
+    raise first_error

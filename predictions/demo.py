@@ -1,0 +1,54 @@
+"""The demo catalogue seeded by the quick start."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from decimal import Decimal
+from typing import Any
+
+from .models import Model, ModelVersion
+
+DEMO_MODELS: list[dict[str, Any]] = [
+    {
+        "owner": "demo",
+        "name": "echo-text",
+        "description": "Returns the text it is given. Runs on the CPU in microseconds.",
+        "price": Decimal("0.01"),
+        "predictor": "predictions.runners.demo.EchoText",
+        "input_schema": {
+            "type": "object",
+            "properties": {"text": {"type": "string", "maxLength": 10000, "description": "Text to echo"}},
+            "required": ["text"],
+            "additionalProperties": False,
+        },
+        "output_schema": {"type": "string"},
+    },
+]
+
+
+def version_id(predictor: str, input_schema: dict[str, Any], output_schema: dict[str, Any]) -> str:
+    blob = json.dumps([predictor, input_schema, output_schema], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def seed() -> list[Model]:
+    """Create or update the demo models (idempotent)."""
+    models = []
+    for spec in DEMO_MODELS:
+        model, _ = Model.objects.update_or_create(
+            owner=spec["owner"], name=spec["name"],
+            defaults={"description": spec["description"], "price": spec["price"]},
+        )
+        vid = version_id(spec["predictor"], spec["input_schema"], spec["output_schema"])
+        ModelVersion.objects.get_or_create(
+            id=vid,
+            defaults={
+                "model": model,
+                "predictor": spec["predictor"],
+                "input_schema": spec["input_schema"],
+                "output_schema": spec["output_schema"],
+            },
+        )
+        models.append(model)
+    return models

@@ -1,0 +1,54 @@
+"""Replicate-compatible JSON shapes, plus the ``payment`` object this server adds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.urls import reverse
+from rest_framework.request import Request
+
+from payments.models import Payment
+
+from .models import Prediction
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def payment_json(payment: Payment | None) -> dict[str, Any] | None:
+    if payment is None:
+        return None
+    return {
+        "id": str(payment.id),
+        "status": payment.status,
+        "amount": str(payment.amount_decimal),
+        "amount_atomic": str(payment.amount),
+        "network": payment.network,
+        "asset": payment.asset,
+        "payer": payment.payer,
+        "pay_to": payment.pay_to,
+        "transaction": payment.settle_tx_hash,
+        "confirmations": payment.confirmations,
+    }
+
+
+def prediction_json(prediction: Prediction, request: Request) -> dict[str, Any]:
+    get_url = request.build_absolute_uri(reverse("prediction-detail", args=[prediction.id]))
+    return {
+        "id": prediction.id,
+        "model": str(prediction.model),
+        "version": prediction.version_id,
+        "input": prediction.input,
+        "output": prediction.output,
+        "logs": prediction.logs,
+        "error": prediction.error or None,
+        "status": prediction.status,
+        "created_at": _iso(prediction.created_at),
+        "started_at": _iso(prediction.started_at),
+        "completed_at": _iso(prediction.completed_at),
+        "urls": {"get": get_url},
+        "metrics": {"predict_time": prediction.predict_time} if prediction.predict_time is not None else {},
+        "data_removed": False,
+        "payment": payment_json(prediction.payment),
+    }

@@ -1,0 +1,55 @@
+"""Creating a prediction: the one path shared by the API, commands and tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import IntegrityError, transaction
+
+from payments import ledger
+from payments.exceptions import Challenge
+from payments.permissions import Charge
+from payments.x402.verify import NONCE_ALREADY_USED, VerifiedPayment
+
+from .models import ModelVersion, Prediction
+
+
+def create_prediction(
+    version: ModelVersion,
+    inputs: dict[str, Any],
+    *,
+    verified: VerifiedPayment | None,
+    charge: Charge | None,
+    challenge: Challenge | None,
+) -> tuple[Prediction, bool]:
+    """Record the payment (if any) and create its prediction in one transaction.
+
+    Returns ``(prediction, created)``. The same authorization presented again for the same
+    resource and input returns the prediction it already bought (``created`` False); presented
+    for anything else, it is refused with ``invalid_exact_evm_nonce_already_used``.
+    """
+    from .tasks import start_prediction  # late: tasks import this module's models
+
+    try:
+        with transaction.atomic():
+            payment = None
+            if verified is not None:
+                assert charge is not None
+                payment = ledger.record(verified, resource=charge.resource.url, fingerprint=charge.fingerprint)
+            prediction = Prediction.objects.create(
+                model=version.model, version=version, input=inputs, payment=payment
+            )
+            transaction.on_commit(lambda: start_prediction(prediction))
+            return prediction, True
+    except IntegrityError:
+        if verified is None:
+            raise
+    existing = ledger.find(verified)
+    assert charge is not None and challenge is not None
+    if (
+        existing is not None
+        and existing.request_fingerprint == charge.fingerprint
+        and existing.signature == "0x" + verified.payload.signature.hex()
+    ):
+        return Prediction.objects.select_related("payment", "model").get(payment=existing), False
+    raise challenge.reject(NONCE_ALREADY_USED, "this authorization already paid for another request")

@@ -1,0 +1,13 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("predictions", views.PredictionCreate.as_view(), name="prediction-create"),
+    path("predictions/<str:prediction_id>", views.PredictionDetail.as_view(), name="prediction-detail"),
+    path(
+        "models/<str:owner>/<str:name>/predictions",
+        views.ModelPredictionCreate.as_view(),
+        name="model-prediction-create",
+    ),
+]

@@ -1,0 +1,130 @@
+"""The Replicate-compatible predictions API, gated by x402."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema
+from django.shortcuts import get_object_or_404
+from rest_framework import status
+from rest_framework.exceptions import NotFound, ParseError
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from payments.exceptions import InvalidInput
+from payments.ledger import request_fingerprint
+from payments.permissions import Charge, X402Payment
+from payments.x402.codec import encode_header
+from payments.x402.types import Resource, settle_response
+
+from .models import Model, ModelVersion, Prediction
+from .serializers import prediction_json
+from .services import create_prediction
+
+PAYMENT_RESPONSE_HEADERS = {1: "X-PAYMENT-RESPONSE", 2: "PAYMENT-RESPONSE"}
+
+
+def _field_of(error: jsonschema.ValidationError) -> str:
+    path = [str(p) for p in error.absolute_path]
+    if error.validator == "required" and isinstance(error.instance, dict):
+        missing = [name for name in error.validator_value if name not in error.instance]
+        path += missing[:1]
+    return ".".join(path) or "input"
+
+
+def validate_input(version: ModelVersion, data: Any) -> dict[str, Any]:
+    """The request's ``input`` object, checked against the version's schema (422 naming fields)."""
+    if not isinstance(data, dict):
+        raise ParseError("The request body must be a JSON object.")
+    inputs = data.get("input")
+    if not isinstance(inputs, dict):
+        raise InvalidInput("`input` must be an object.", {"input": "required object"})
+    validator = jsonschema.Draft202012Validator(version.input_schema or {"type": "object"})
+    errors = sorted(validator.iter_errors(inputs), key=lambda e: list(e.absolute_path))
+    if errors:
+        fields = {_field_of(e): e.message for e in errors}
+        raise InvalidInput("Input does not match the model's schema: " + "; ".join(fields), fields)
+    return inputs
+
+
+class PaidPredictionCreate(APIView):
+    """Shared create logic: resolve the version, price it, take the payment, create."""
+
+    permission_classes = [X402Payment]
+
+    def resolve_version(self, request: Request) -> ModelVersion:
+        raise NotImplementedError
+
+    def get_charge(self, request: Request) -> Charge | None:
+        version = self.resolve_version(request)
+        inputs = validate_input(version, request.data)
+        self.version, self.inputs = version, inputs
+        model = version.model
+        url = request.build_absolute_uri(request.path)
+        return Charge(
+            price=model.price,
+            resource=Resource(url=url, description=f"One prediction of {model}", mime_type="application/json"),
+            fingerprint=request_fingerprint(request.path, {"version": version.id, "input": inputs}),
+        )
+
+    def post(self, request: Request, **kwargs: Any) -> Response:
+        prediction, created = create_prediction(
+            self.version,
+            self.inputs,
+            verified=request.x402,
+            charge=getattr(request, "x402_charge", None),
+            challenge=getattr(request, "x402_challenge", None),
+        )
+        prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
+        headers = {"Location": request.build_absolute_uri(f"/v1/predictions/{prediction.id}")}
+        payment = prediction.payment
+        if payment is not None:
+            headers[PAYMENT_RESPONSE_HEADERS[payment.x402_version]] = encode_header(
+                settle_response(
+                    success=True,
+                    transaction=payment.settle_tx_hash or "",
+                    network=payment.network,
+                    payer=payment.payer,
+                    amount=int(payment.amount),
+                )
+            )
+        return Response(
+            prediction_json(prediction, request),
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+            headers=headers,
+        )
+
+
+class ModelPredictionCreate(PaidPredictionCreate):
+    """POST /v1/models/{owner}/{name}/predictions: run the model's latest version."""
+
+    def resolve_version(self, request: Request) -> ModelVersion:
+        model = get_object_or_404(Model, owner=self.kwargs["owner"], name=self.kwargs["name"])
+        version = model.latest_version
+        if version is None:
+            raise NotFound(f"Model {model} has no version.")
+        return version
+
+
+class PredictionCreate(PaidPredictionCreate):
+    """POST /v1/predictions with {"version": ..., "input": ...}."""
+
+    def resolve_version(self, request: Request) -> ModelVersion:
+        data = request.data
+        version_id = data.get("version") if isinstance(data, dict) else None
+        if not isinstance(version_id, str) or not version_id:
+            raise InvalidInput("`version` is required.", {"version": "required string"})
+        # Replicate also accepts "owner/name:version".
+        version_id = version_id.rpartition(":")[2]
+        return get_object_or_404(ModelVersion.objects.select_related("model"), pk=version_id)
+
+
+class PredictionDetail(APIView):
+    """GET /v1/predictions/{id}: no payment needed; the unguessable id is the capability."""
+
+    def get(self, request: Request, prediction_id: str) -> Response:
+        prediction = get_object_or_404(
+            Prediction.objects.select_related("payment", "model"), pk=prediction_id
+        )
+        return Response(prediction_json(prediction, request))

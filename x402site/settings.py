@@ -1,0 +1,149 @@
+"""Settings, read from the environment (django-environ) with an embedded local default.
+
+With nothing set, the service runs against the local PostgreSQL and Redis and the dev chain
+described by ``var/devchain.json`` (written by ``manage.py devchain`` / ``make run``).
+Keys come only from the environment or a file it names; never from the database.
+"""
+
+import json
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+if (BASE_DIR / ".env").exists():
+    env.read_env(BASE_DIR / ".env")
+
+DEBUG = env.bool("DJANGO_DEBUG", default=True)
+SECRET_KEY = env.str(
+    "DJANGO_SECRET_KEY", default="dev-only-insecure-key-change-me-in-production-0123456789"
+)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "testserver"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "payments",
+    "predictions",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "x402site.urls"
+WSGI_APPLICATION = "x402site.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": env.db("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/x402")}
+DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=60))
+DATABASES["default"]["TEST"] = {"NAME": env.str("DATABASE_TEST_NAME", default="test_x402")}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "var" / "static"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "UNAUTHENTICATED_USER": None,
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "payments.exceptions.api_exception_handler",
+}
+
+# --- Celery ------------------------------------------------------------------------------------
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
+CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_TASK_DEFAULT_QUEUE", default="x402")
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_BEAT_SCHEDULE = {
+    "reconcile-payments": {
+        "task": "payments.tasks.reconcile",
+        "schedule": env.float("X402_RECONCILE_INTERVAL", default=5.0),
+    },
+}
+
+# --- x402 payments -----------------------------------------------------------------------------
+X402_DEVCHAIN_FILE = Path(env.str("X402_DEVCHAIN_FILE", default=str(BASE_DIR / "var" / "devchain.json")))
+
+
+def _payment_options() -> tuple[list[dict], str]:
+    """The accepted payment options and the relayer key: from the environment, else the dev chain."""
+    relayer_key = env.str("X402_RELAYER_KEY", default="")
+    key_file = env.str("X402_RELAYER_KEY_FILE", default="")
+    if key_file:
+        relayer_key = Path(key_file).read_text().strip()
+    if env.str("X402_ASSET", default=""):
+        option = {
+            "network": env.str("X402_NETWORK"),
+            "rpc_url": env.str("X402_RPC_URL"),
+            "asset": env.str("X402_ASSET"),
+            "asset_name": env.str("X402_ASSET_NAME", default="USD Coin"),
+            "asset_version": env.str("X402_ASSET_VERSION", default="2"),
+            "pay_to": env.str("X402_PAY_TO"),
+            "decimals": env.int("X402_ASSET_DECIMALS", default=6),
+            "confirmations": env.int("X402_CONFIRMATIONS", default=1),
+            "max_timeout_seconds": env.int("X402_MAX_TIMEOUT_SECONDS", default=300),
+        }
+        return [option], relayer_key
+    if X402_DEVCHAIN_FILE.exists():
+        dev = json.loads(X402_DEVCHAIN_FILE.read_text())
+        option = {k: dev[k] for k in ("network", "rpc_url", "asset", "asset_name", "asset_version", "pay_to")}
+        return [option], relayer_key or dev.get("relayer_private_key", "")
+    return [], relayer_key
+
+
+X402_PAYMENT_OPTIONS, X402_RELAYER_KEY = _payment_options()
+#: Seconds validBefore must still leave when we accept a payment (the reference facilitator uses 6).
+X402_SETTLE_MARGIN_SECONDS = env.int("X402_SETTLE_MARGIN_SECONDS", default=6)
+#: Tolerance for the payer's clock.
+X402_CLOCK_SKEW_SECONDS = env.int("X402_CLOCK_SKEW_SECONDS", default=30)
+#: Timeout for each JSON-RPC call made while a request waits.
+X402_RPC_TIMEOUT_SECONDS = env.float("X402_RPC_TIMEOUT_SECONDS", default=5.0)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "payments": {"handlers": ["console"], "level": env.str("X402_LOG_LEVEL", default="INFO")},
+        "predictions": {"handlers": ["console"], "level": env.str("X402_LOG_LEVEL", default="INFO")},
+    },
+}
