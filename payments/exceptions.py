@@ -99,4 +99,6 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
                                   for k, v in exc.detail.items()}
     response.data = body
     response.content_type = "application/problem+json"
+    if response.status_code == status.HTTP_503_SERVICE_UNAVAILABLE:
+        response.headers.setdefault("Retry-After", "5")
     return response

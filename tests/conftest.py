@@ -1,0 +1,150 @@
+"""Shared fixtures: a real anvil chain with the test USDC, settings pointing at it, payers.
+
+Unit tests need none of this; chain and end-to-end tests start anvil once per session on a
+free port, so they never collide with a running quick start.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from django.test import override_settings
+
+from payments import devchain
+from payments.devchain import DevChain
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
+    """anvil + test USDC ("USD Coin"/"2"), 8 funded payers; the file other processes read."""
+    port = free_port()
+    root = tmp_path_factory.mktemp("chain")
+    proc, config = devchain.start_anvil(port, accounts=10, log_path=root / "anvil.log")
+    try:
+        dev = devchain.deploy(f"http://127.0.0.1:{port}", config)
+        dev.write(root / "devchain.json")
+        dev.path = root / "devchain.json"  # type: ignore[attr-defined]
+        yield dev
+    finally:
+        devchain.stop(proc)
+
+
+def option_settings(dev: DevChain, **extra: Any) -> dict[str, Any]:
+    option = {
+        "network": dev.network, "rpc_url": dev.rpc_url, "asset": dev.asset,
+        "asset_name": dev.asset_name, "asset_version": dev.asset_version, "pay_to": dev.pay_to,
+        **extra,
+    }
+    return {"X402_PAYMENT_OPTIONS": [option], "X402_RELAYER_KEY": dev.relayer_private_key}
+
+
+@pytest.fixture
+def chain_settings(chain: DevChain) -> Iterator[DevChain]:
+    with override_settings(**option_settings(chain)):
+        yield chain
+
+
+@pytest.fixture
+def eager_celery() -> Iterator[None]:
+    """Run tasks inline (settlement and the prediction run) in the test process."""
+    from x402site.celery import app
+
+    app.conf.task_always_eager = True
+    app.conf.task_eager_propagates = True
+    try:
+        yield
+    finally:
+        app.conf.task_always_eager = False
+
+
+@pytest.fixture
+def demo_model(db: None) -> Any:
+    from predictions.demo import seed
+
+    return seed()[0]
+
+
+def rpc(url: str, method: str, params: list[Any]) -> Any:
+    r = requests.post(url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, timeout=10)
+    body = r.json()
+    if "error" in body:
+        raise RuntimeError(body["error"])
+    return body["result"]
+
+
+def token_balance(dev: DevChain, address: str) -> int:
+    data = "0x70a08231" + address[2:].lower().rjust(64, "0")
+    return int(rpc(dev.rpc_url, "eth_call", [{"to": dev.asset, "data": data}, "latest"]), 16)
+
+
+def transfer_count(dev: DevChain, to: str) -> int:
+    """Token Transfer events to ``to`` over the whole chain."""
+    from payments.abi import TRANSFER_TOPIC
+
+    logs = rpc(dev.rpc_url, "eth_getLogs", [{
+        "address": dev.asset, "fromBlock": "0x0", "toBlock": "latest",
+        "topics": [TRANSFER_TOPIC, None, "0x" + to[2:].lower().rjust(64, "0")],
+    }])
+    return len(logs)
+
+
+def fresh_nonce() -> str:
+    return "0x" + secrets.token_hex(32)
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(
+    chain: DevChain, django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """A real Celery worker process on a private queue, against the test database and chain."""
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    from x402site.celery import app
+
+    db = settings.DATABASES["default"]
+    queue = f"test-{secrets.token_hex(4)}"
+    broker = os.environ.get("TEST_CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
+        "CELERY_BROKER_URL": broker,
+        "CELERY_TASK_DEFAULT_QUEUE": queue,
+        "X402_DEVCHAIN_FILE": str(chain.path),  # type: ignore[attr-defined]
+        "X402_RECONCILE_INTERVAL": "1",
+    }
+    env.pop("X402_ASSET", None)
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    root = Path(__file__).resolve().parent.parent
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "x402site", "worker", "-B", "-l", "info",
+         "-Q", queue, "--concurrency", "2", "-s", str(log_path.with_suffix(".beat"))],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    app.conf.update(broker_url=broker, task_default_queue=queue)
+    try:
+        deadline = time.monotonic() + 30
+        while b"ready." not in log_path.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("celery worker did not start:\n" + log_path.read_text())
+            time.sleep(0.1)
+        yield {"queue": queue, "log": str(log_path)}
+    finally:
+        devchain.stop(proc)

@@ -1,0 +1,185 @@
+"""The paid predictions API through Django's test client, on the real anvil chain.
+
+Celery runs eagerly here (settlement and the run happen inline); tests/test_e2e.py covers the
+same path with a real worker process and the official x402 client.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.test import Client, override_settings
+
+from payments.models import Payment, PaymentEvent
+from payments.options import payment_options
+from payments.x402.codec import decode_header
+from payments.x402.types import Requirement
+from predictions.models import Prediction
+from tests.conftest import free_port, option_settings, token_balance, transfer_count
+from tests.payers import v1_header, v2_header
+
+URL = "/v1/models/demo/echo-text/predictions"
+PRICE = 10_000  # 0.01 USDC
+
+
+def post(client: Client, body: object, **headers: str):
+    data = body if isinstance(body, str) else json.dumps(body)
+    return client.post(URL, data=data, content_type="application/json", headers=headers)
+
+
+def requirement() -> Requirement:
+    return Requirement(payment_options()[0], PRICE)
+
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+
+
+def test_unpaid_request_gets_a_v2_header_and_a_v1_body(chain_settings, demo_model) -> None:
+    response = post(Client(), {"input": {"text": "hi"}})
+    assert response.status_code == 402
+    assert response["Cache-Control"] == "no-store"
+    v2 = decode_header(response["PAYMENT-REQUIRED"])
+    assert v2["x402Version"] == 2
+    assert v2["resource"]["url"] == "http://testserver" + URL
+    [accept] = v2["accepts"]
+    assert accept == {
+        "scheme": "exact", "network": "eip155:31337", "amount": str(PRICE),
+        "asset": chain_settings.asset, "payTo": chain_settings.pay_to, "maxTimeoutSeconds": 300,
+        "extra": {"name": "USD Coin", "version": "2"},
+    }
+    v1 = response.json()
+    assert v1["x402Version"] == 1
+    assert v1["accepts"][0]["maxAmountRequired"] == str(PRICE)
+    assert v1["accepts"][0]["network"] == "anvil"
+    assert v1["accepts"][0]["resource"] == "http://testserver" + URL
+
+
+def test_price_change_shows_in_the_next_challenge(chain_settings, demo_model) -> None:
+    demo_model.price = "0.25"
+    demo_model.save()
+    v2 = decode_header(post(Client(), {"input": {"text": "hi"}})["PAYMENT-REQUIRED"])
+    assert v2["accepts"][0]["amount"] == "250000"
+
+
+@pytest.mark.parametrize(
+    "body, status, field",
+    [
+        ("", 422, "input"),
+        ("{not json", 400, None),
+        ([1, 2], 400, None),
+        ({"input": "text"}, 422, "input"),
+        ({"input": {}}, 422, "text"),
+        ({"input": {"text": 5}}, 422, "text"),
+        ({"input": {"text": "x", "other": 1}}, 422, "input"),
+    ],
+)
+def test_bad_input_is_refused_before_any_challenge(chain_settings, demo_model, body, status, field) -> None:
+    response = post(Client(), body)
+    assert response.status_code == status, response.content
+    problem = response.json()
+    assert problem["status"] == status and problem["detail"]
+    assert "PAYMENT-REQUIRED" not in response
+    if field:
+        assert field in problem["invalid_fields"]
+
+
+def test_unknown_model_is_a_json_404(chain_settings, db) -> None:
+    response = Client().post("/v1/models/nobody/nothing/predictions", data={"input": {}},
+                             content_type="application/json")
+    assert response.status_code == 404
+    assert response.json()["status"] == 404
+    assert Client().get("/v1/predictions/doesnotexist").status_code == 404
+
+
+@pytest.mark.parametrize("header", ["garbage", "e30=", "eyJ4NDAyVmVyc2lvbiI6IDJ9", "A" * 20_000])
+def test_garbage_payment_header_gets_402_with_reason(chain_settings, demo_model, header) -> None:
+    response = post(Client(), {"input": {"text": "hi"}}, **{"PAYMENT-SIGNATURE": header})
+    assert response.status_code == 402
+    assert response.json()["error"] == "invalid_payload"
+    assert decode_header(response["PAYMENT-REQUIRED"])["error"] == "invalid_payload"
+    assert Payment.objects.count() == 0
+
+
+def test_paid_request_settles_runs_and_moves_exactly_the_price(chain_settings, demo_model, eager_celery) -> None:
+    payer = chain_settings.payers[0]
+    before_payer = token_balance(chain_settings, payer["address"])
+    before_pay_to = token_balance(chain_settings, chain_settings.pay_to)
+    header = v2_header(payer["private_key"], requirement())
+
+    response = post(Client(), {"input": {"text": "paid"}}, **{"PAYMENT-SIGNATURE": header})
+    assert response.status_code == 201, response.content
+    body = response.json()
+    settle = decode_header(response["PAYMENT-RESPONSE"])
+    assert settle["success"] is True and settle["payer"] == payer["address"]
+
+    detail = Client().get(f"/v1/predictions/{body['id']}").json()
+    assert detail["status"] == "succeeded" and detail["output"] == "paid"
+    assert detail["payment"]["status"] == "confirmed"
+    assert detail["payment"]["transaction"].startswith("0x")
+    assert token_balance(chain_settings, payer["address"]) == before_payer - PRICE
+    assert token_balance(chain_settings, chain_settings.pay_to) == before_pay_to + PRICE
+    payment = Payment.objects.get()
+    assert [e.to_status for e in PaymentEvent.objects.filter(payment=payment)] == [
+        "verified", "settling", "confirmed",
+    ]
+    assert payment.gas_used and payment.block_number
+
+
+def test_replayed_header_returns_the_same_prediction_and_moves_money_once(
+    chain_settings, demo_model, eager_celery
+) -> None:
+    payer = chain_settings.payers[1]
+    header = v2_header(payer["private_key"], requirement())
+    transfers_before = transfer_count(chain_settings, chain_settings.pay_to)
+    first = post(Client(), {"input": {"text": "once"}}, **{"PAYMENT-SIGNATURE": header})
+    assert first.status_code == 201
+    for _ in range(3):
+        again = post(Client(), {"input": {"text": "once"}}, **{"PAYMENT-SIGNATURE": header})
+        assert again.status_code == 200
+        assert again.json()["id"] == first.json()["id"]
+    other = post(Client(), {"input": {"text": "something else"}}, **{"PAYMENT-SIGNATURE": header})
+    assert other.status_code == 402
+    assert other.json()["error"] == "invalid_exact_evm_nonce_already_used"
+    assert Payment.objects.count() == 1 and Prediction.objects.count() == 1
+    assert transfer_count(chain_settings, chain_settings.pay_to) == transfers_before + 1
+
+
+def test_v1_x_payment_header_is_accepted(chain_settings, demo_model, eager_celery) -> None:
+    payer = chain_settings.payers[2]
+    response = post(Client(), {"input": {"text": "v1"}},
+                    **{"X-PAYMENT": v1_header(payer["private_key"], requirement(), valid_after=0)})
+    assert response.status_code == 201, response.content
+    assert decode_header(response["X-PAYMENT-RESPONSE"])["success"] is True
+    assert Payment.objects.get().x402_version == 1
+
+
+def test_payer_without_balance_is_refused(chain_settings, demo_model) -> None:
+    from eth_account import Account
+
+    response = post(Client(), {"input": {"text": "broke"}},
+                    **{"PAYMENT-SIGNATURE": v2_header(Account.create().key.hex(), requirement())})
+    assert response.status_code == 402
+    assert response.json()["error"] == "invalid_exact_evm_insufficient_balance"
+    assert Payment.objects.count() == 0
+
+
+def test_node_down_is_503_with_retry_after_and_no_ledger_row(chain, demo_model) -> None:
+    dead = {**option_settings(chain)}
+    dead["X402_PAYMENT_OPTIONS"] = [{**dead["X402_PAYMENT_OPTIONS"][0],
+                                     "rpc_url": f"http://127.0.0.1:{free_port()}"}]
+    with override_settings(**dead):
+        header = v2_header(chain.payers[3]["private_key"], requirement())
+        response = post(Client(), {"input": {"text": "x"}}, **{"PAYMENT-SIGNATURE": header})
+    assert response.status_code == 503
+    assert response["Retry-After"] == "5"
+    assert Payment.objects.count() == 0
+
+
+def test_wrong_price_is_refused_with_a_fresh_challenge(chain_settings, demo_model) -> None:
+    req = Requirement(payment_options()[0], PRICE - 1)
+    response = post(Client(), {"input": {"text": "x"}},
+                    **{"PAYMENT-SIGNATURE": v2_header(chain_settings.payers[0]["private_key"], req)})
+    assert response.status_code == 402
+    assert response.json()["error"] == "invalid_exact_evm_payload_authorization_value_mismatch"
+    assert decode_header(response["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == str(PRICE)
