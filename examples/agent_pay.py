@@ -28,13 +28,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def balance_of(rpc_url: str, token: str, address: str) -> int:
     data = "0x70a08231" + address[2:].lower().rjust(64, "0")
-    r = requests.post(rpc_url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_call",
-                                     "params": [{"to": token, "data": data}, "latest"]}, timeout=10)
+    r = requests.post(
+        rpc_url,
+        json={
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "eth_call",
+            "params": [{"to": token, "data": data}, "latest"],
+        },
+        timeout=10,
+    )
     return int(r.json()["result"], 16)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("text", nargs="?", default="hello from an agent")
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default="demo/echo-text")
@@ -51,10 +61,17 @@ def main() -> int:
     client = x402ClientSync()
     register_exact_evm_client(client, account)
     # The SDK only pays tokens it knows unless told: allow the dev chain's test USDC, capped.
-    client.set_spend_controls({"allowed_assets": [{
-        "network": chain["network"], "asset": chain["asset"],
-        "max_amount_per_payment": str(int(float(args.max_usdc) * 10**6)),
-    }]})
+    client.set_spend_controls(
+        {
+            "allowed_assets": [
+                {
+                    "network": chain["network"],
+                    "asset": chain["asset"],
+                    "max_amount_per_payment": str(int(float(args.max_usdc) * 10**6)),
+                }
+            ]
+        }
+    )
     session = wrapRequestsWithPayment(requests.Session(), client)
 
     before = balance_of(chain["rpc_url"], chain["asset"], account.address)
@@ -67,7 +84,9 @@ def main() -> int:
         print(response.text)
         return 1
     prediction = response.json()
-    print(f"prediction {prediction['id']} is {prediction['status']}; paying {prediction['payment']['amount']} USDC")
+    print(
+        f"prediction {prediction['id']} is {prediction['status']}; paying {prediction['payment']['amount']} USDC"
+    )
 
     deadline = time.monotonic() + args.timeout
     while prediction["status"] not in ("succeeded", "failed", "canceled"):

@@ -65,7 +65,9 @@ def wait_for_rpc(url: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            r = requests.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, timeout=1)
+            r = requests.post(
+                url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, timeout=1
+            )
             if r.ok:
                 return
         except requests.RequestException:
@@ -75,8 +77,14 @@ def wait_for_rpc(url: str, timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-def start_anvil(port: int, *, host: str = "127.0.0.1", accounts: int = 10,
-                extra_args: list[str] | None = None, log_path: Path | None = None) -> tuple[subprocess.Popen, dict]:
+def start_anvil(
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    accounts: int = 10,
+    extra_args: list[str] | None = None,
+    log_path: Path | None = None,
+) -> tuple[subprocess.Popen, dict]:
     """Start anvil and return the process and its config (accounts and private keys)."""
     if not ANVIL.exists():
         raise RuntimeError(f"{ANVIL} is missing: run `npm ci` (or `make setup`)")
@@ -84,9 +92,23 @@ def start_anvil(port: int, *, host: str = "127.0.0.1", accounts: int = 10,
     config_out.unlink()
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(
-        [str(ANVIL), "--host", host, "--port", str(port), "--chain-id", str(CHAIN_ID),
-         "--accounts", str(accounts), "--config-out", str(config_out), *(extra_args or [])],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(ANVIL),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--chain-id",
+            str(CHAIN_ID),
+            "--accounts",
+            str(accounts),
+            "--config-out",
+            str(config_out),
+            *(extra_args or []),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         wait_for_rpc(f"http://{host}:{port}")
@@ -102,8 +124,14 @@ def start_anvil(port: int, *, host: str = "127.0.0.1", accounts: int = 10,
     return proc, config
 
 
-def deploy(rpc_url: str, config: dict[str, Any], *, asset_name: str = "USD Coin",
-           asset_version: str = "2", payer_funds: int = PAYER_FUNDS) -> DevChain:
+def deploy(
+    rpc_url: str,
+    config: dict[str, Any],
+    *,
+    asset_name: str = "USD Coin",
+    asset_version: str = "2",
+    payer_funds: int = PAYER_FUNDS,
+) -> DevChain:
     """Deploy the test token, fund the payers; account 0 deploys and relays, 1 is paid."""
     from web3 import Web3
 
@@ -117,15 +145,22 @@ def deploy(rpc_url: str, config: dict[str, Any], *, asset_name: str = "USD Coin"
     asset = w3.eth.wait_for_transaction_receipt(tx)["contractAddress"]
     token = w3.eth.contract(address=asset, abi=build["abi"])
     payers = []
-    for address, key in zip(addresses[2:], keys[2:]):
+    for address, key in zip(addresses[2:], keys[2:], strict=True):
         w3.eth.wait_for_transaction_receipt(
             token.functions.mint(address, payer_funds).transact({"from": deployer})
         )
         payers.append({"address": address, "private_key": key})
     return DevChain(
-        rpc_url=rpc_url, chain_id=CHAIN_ID, network=f"eip155:{CHAIN_ID}", asset=asset,
-        asset_name=asset_name, asset_version=asset_version, pay_to=pay_to, payers=payers,
-        relayer_address=deployer, relayer_private_key=keys[0],
+        rpc_url=rpc_url,
+        chain_id=CHAIN_ID,
+        network=f"eip155:{CHAIN_ID}",
+        asset=asset,
+        asset_name=asset_name,
+        asset_version=asset_version,
+        pay_to=pay_to,
+        payers=payers,
+        relayer_address=deployer,
+        relayer_private_key=keys[0],
     )
 
 

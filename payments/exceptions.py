@@ -95,8 +95,9 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         body["invalid_fields"] = exc.fields
     elif isinstance(exc, exceptions.ValidationError) and isinstance(exc.detail, dict):
         body["detail"] = "Invalid request"
-        body["invalid_fields"] = {k: " ".join(map(str, v)) if isinstance(v, list) else str(v)
-                                  for k, v in exc.detail.items()}
+        body["invalid_fields"] = {
+            k: " ".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in exc.detail.items()
+        }
     response.data = body
     response.content_type = "application/problem+json"
     if response.status_code == status.HTTP_503_SERVICE_UNAVAILABLE:

@@ -137,9 +137,7 @@ class Payment(models.Model):
         for name, value in fields.items():
             setattr(self, name, value)
         self.save(update_fields=["status", *fields])
-        PaymentEvent.objects.create(
-            payment=self, from_status=previous, to_status=to, detail=detail or {}
-        )
+        PaymentEvent.objects.create(payment=self, from_status=previous, to_status=to, detail=detail or {})
         payment_advanced.send(sender=Payment, payment=self, previous=previous)
 
 
@@ -176,9 +174,7 @@ class RelayerNonce(models.Model):
     next_nonce = models.PositiveBigIntegerField()
 
     class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["network", "address"], name="relayer_nonce_unique")
-        ]
+        constraints = [models.UniqueConstraint(fields=["network", "address"], name="relayer_nonce_unique")]
 
     def __str__(self) -> str:
         return f"{self.address}@{self.network}: {self.next_nonce}"

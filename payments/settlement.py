@@ -217,8 +217,13 @@ def track(payment_id: Any) -> Payment:
             return p
         if receipt is None:
             if p.status == S.SETTLED:
-                p.advance(S.SETTLING, block_number=None, block_hash="", confirmations=0,
-                          detail={"reorg": "receipt disappeared"})
+                p.advance(
+                    S.SETTLING,
+                    block_number=None,
+                    block_hash="",
+                    confirmations=0,
+                    detail={"reorg": "receipt disappeared"},
+                )
             elif p.valid_before < time.time() - 60 and p.settle_raw_tx:
                 # Never mined and no longer minable: the authorization lapsed unpaid.
                 p.advance(S.EXPIRED, failure_reason="settlement not mined before validBefore")

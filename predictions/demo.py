@@ -37,7 +37,8 @@ def seed() -> list[Model]:
     models = []
     for spec in DEMO_MODELS:
         model, _ = Model.objects.update_or_create(
-            owner=spec["owner"], name=spec["name"],
+            owner=spec["owner"],
+            name=spec["name"],
             defaults={"description": spec["description"], "price": spec["price"]},
         )
         vid = version_id(spec["predictor"], spec["input_schema"], spec["output_schema"])

@@ -35,7 +35,9 @@ def create_prediction(
             payment = None
             if verified is not None:
                 assert charge is not None
-                payment = ledger.record(verified, resource=charge.resource.url, fingerprint=charge.fingerprint)
+                payment = ledger.record(
+                    verified, resource=charge.resource.url, fingerprint=charge.fingerprint
+                )
             prediction = Prediction.objects.create(
                 model=version.model, version=version, input=inputs, payment=payment
             )

@@ -64,7 +64,9 @@ class PaidPredictionCreate(APIView):
         url = request.build_absolute_uri(request.path)
         return Charge(
             price=model.price,
-            resource=Resource(url=url, description=f"One prediction of {model}", mime_type="application/json"),
+            resource=Resource(
+                url=url, description=f"One prediction of {model}", mime_type="application/json"
+            ),
             fingerprint=request_fingerprint(request.path, {"version": version.id, "input": inputs}),
         )
 

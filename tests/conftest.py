@@ -45,8 +45,12 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
 
 def option_settings(dev: DevChain, **extra: Any) -> dict[str, Any]:
     option = {
-        "network": dev.network, "rpc_url": dev.rpc_url, "asset": dev.asset,
-        "asset_name": dev.asset_name, "asset_version": dev.asset_version, "pay_to": dev.pay_to,
+        "network": dev.network,
+        "rpc_url": dev.rpc_url,
+        "asset": dev.asset,
+        "asset_name": dev.asset_name,
+        "asset_version": dev.asset_version,
+        "pay_to": dev.pay_to,
         **extra,
     }
     return {"X402_PAYMENT_OPTIONS": [option], "X402_RELAYER_KEY": dev.relayer_private_key}
@@ -95,10 +99,18 @@ def transfer_count(dev: DevChain, to: str) -> int:
     """Token Transfer events to ``to`` over the whole chain."""
     from payments.abi import TRANSFER_TOPIC
 
-    logs = rpc(dev.rpc_url, "eth_getLogs", [{
-        "address": dev.asset, "fromBlock": "0x0", "toBlock": "latest",
-        "topics": [TRANSFER_TOPIC, None, "0x" + to[2:].lower().rjust(64, "0")],
-    }])
+    logs = rpc(
+        dev.rpc_url,
+        "eth_getLogs",
+        [
+            {
+                "address": dev.asset,
+                "fromBlock": "0x0",
+                "toBlock": "latest",
+                "topics": [TRANSFER_TOPIC, None, "0x" + to[2:].lower().rjust(64, "0")],
+            }
+        ],
+    )
     return len(logs)
 
 
@@ -134,9 +146,28 @@ def celery_worker_process(
     root = Path(__file__).resolve().parent.parent
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "x402site", "worker", "-B", "-l", "info",
-         "-Q", queue, "--concurrency", "2", "-s", str(log_path.with_suffix(".beat"))],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "x402site",
+            "worker",
+            "-B",
+            "-l",
+            "info",
+            "-Q",
+            queue,
+            "--concurrency",
+            "2",
+            "-s",
+            str(log_path.with_suffix(".beat")),
+        ],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     app.conf.update(broker_url=broker, task_default_queue=queue)
     try:

@@ -17,8 +17,14 @@ from payments.x402.types import Requirement
 
 
 def sign_authorization(
-    key: str, req: Requirement, *, value: int | None = None, to: str | None = None,
-    valid_after: int = 0, valid_before: int | None = None, nonce: str | None = None,
+    key: str,
+    req: Requirement,
+    *,
+    value: int | None = None,
+    to: str | None = None,
+    valid_after: int = 0,
+    valid_before: int | None = None,
+    nonce: str | None = None,
     domain: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``payload`` object ({signature, authorization}) for ``req``, overridable per field."""
@@ -33,14 +39,20 @@ def sign_authorization(
         "nonce": bytes.fromhex((nonce or "0x" + secrets.token_hex(32))[2:]),
     }
     domain_data = {
-        "name": opt.asset_name, "version": opt.asset_version,
-        "chainId": opt.chain_id, "verifyingContract": opt.asset, **(domain or {}),
+        "name": opt.asset_name,
+        "version": opt.asset_version,
+        "chainId": opt.chain_id,
+        "verifyingContract": opt.asset,
+        **(domain or {}),
     }
     types = {
         "TransferWithAuthorization": [
-            {"name": "from", "type": "address"}, {"name": "to", "type": "address"},
-            {"name": "value", "type": "uint256"}, {"name": "validAfter", "type": "uint256"},
-            {"name": "validBefore", "type": "uint256"}, {"name": "nonce", "type": "bytes32"},
+            {"name": "from", "type": "address"},
+            {"name": "to", "type": "address"},
+            {"name": "value", "type": "uint256"},
+            {"name": "validAfter", "type": "uint256"},
+            {"name": "validBefore", "type": "uint256"},
+            {"name": "nonce", "type": "bytes32"},
         ]
     }
     signed = Account.sign_typed_data(key, domain_data, types, message)

@@ -44,8 +44,12 @@ def test_unpaid_request_gets_a_v2_header_and_a_v1_body(chain_settings, demo_mode
     assert v2["resource"]["url"] == "http://testserver" + URL
     [accept] = v2["accepts"]
     assert accept == {
-        "scheme": "exact", "network": "eip155:31337", "amount": str(PRICE),
-        "asset": chain_settings.asset, "payTo": chain_settings.pay_to, "maxTimeoutSeconds": 300,
+        "scheme": "exact",
+        "network": "eip155:31337",
+        "amount": str(PRICE),
+        "asset": chain_settings.asset,
+        "payTo": chain_settings.pay_to,
+        "maxTimeoutSeconds": 300,
         "extra": {"name": "USD Coin", "version": "2"},
     }
     v1 = response.json()
@@ -85,8 +89,9 @@ def test_bad_input_is_refused_before_any_challenge(chain_settings, demo_model, b
 
 
 def test_unknown_model_is_a_json_404(chain_settings, db) -> None:
-    response = Client().post("/v1/models/nobody/nothing/predictions", data={"input": {}},
-                             content_type="application/json")
+    response = Client().post(
+        "/v1/models/nobody/nothing/predictions", data={"input": {}}, content_type="application/json"
+    )
     assert response.status_code == 404
     assert response.json()["status"] == 404
     assert Client().get("/v1/predictions/doesnotexist").status_code == 404
@@ -101,7 +106,9 @@ def test_garbage_payment_header_gets_402_with_reason(chain_settings, demo_model,
     assert Payment.objects.count() == 0
 
 
-def test_paid_request_settles_runs_and_moves_exactly_the_price(chain_settings, demo_model, eager_celery) -> None:
+def test_paid_request_settles_runs_and_moves_exactly_the_price(
+    chain_settings, demo_model, eager_celery
+) -> None:
     payer = chain_settings.payers[0]
     before_payer = token_balance(chain_settings, payer["address"])
     before_pay_to = token_balance(chain_settings, chain_settings.pay_to)
@@ -121,7 +128,9 @@ def test_paid_request_settles_runs_and_moves_exactly_the_price(chain_settings, d
     assert token_balance(chain_settings, chain_settings.pay_to) == before_pay_to + PRICE
     payment = Payment.objects.get()
     assert [e.to_status for e in PaymentEvent.objects.filter(payment=payment)] == [
-        "verified", "settling", "confirmed",
+        "verified",
+        "settling",
+        "confirmed",
     ]
     assert payment.gas_used and payment.block_number
 
@@ -147,8 +156,11 @@ def test_replayed_header_returns_the_same_prediction_and_moves_money_once(
 
 def test_v1_x_payment_header_is_accepted(chain_settings, demo_model, eager_celery) -> None:
     payer = chain_settings.payers[2]
-    response = post(Client(), {"input": {"text": "v1"}},
-                    **{"X-PAYMENT": v1_header(payer["private_key"], requirement(), valid_after=0)})
+    response = post(
+        Client(),
+        {"input": {"text": "v1"}},
+        **{"X-PAYMENT": v1_header(payer["private_key"], requirement(), valid_after=0)},
+    )
     assert response.status_code == 201, response.content
     assert decode_header(response["X-PAYMENT-RESPONSE"])["success"] is True
     assert Payment.objects.get().x402_version == 1
@@ -157,8 +169,11 @@ def test_v1_x_payment_header_is_accepted(chain_settings, demo_model, eager_celer
 def test_payer_without_balance_is_refused(chain_settings, demo_model) -> None:
     from eth_account import Account
 
-    response = post(Client(), {"input": {"text": "broke"}},
-                    **{"PAYMENT-SIGNATURE": v2_header(Account.create().key.hex(), requirement())})
+    response = post(
+        Client(),
+        {"input": {"text": "broke"}},
+        **{"PAYMENT-SIGNATURE": v2_header(Account.create().key.hex(), requirement())},
+    )
     assert response.status_code == 402
     assert response.json()["error"] == "invalid_exact_evm_insufficient_balance"
     assert Payment.objects.count() == 0
@@ -166,8 +181,9 @@ def test_payer_without_balance_is_refused(chain_settings, demo_model) -> None:
 
 def test_node_down_is_503_with_retry_after_and_no_ledger_row(chain, demo_model) -> None:
     dead = {**option_settings(chain)}
-    dead["X402_PAYMENT_OPTIONS"] = [{**dead["X402_PAYMENT_OPTIONS"][0],
-                                     "rpc_url": f"http://127.0.0.1:{free_port()}"}]
+    dead["X402_PAYMENT_OPTIONS"] = [
+        {**dead["X402_PAYMENT_OPTIONS"][0], "rpc_url": f"http://127.0.0.1:{free_port()}"}
+    ]
     with override_settings(**dead):
         header = v2_header(chain.payers[3]["private_key"], requirement())
         response = post(Client(), {"input": {"text": "x"}}, **{"PAYMENT-SIGNATURE": header})
@@ -178,8 +194,11 @@ def test_node_down_is_503_with_retry_after_and_no_ledger_row(chain, demo_model) 
 
 def test_wrong_price_is_refused_with_a_fresh_challenge(chain_settings, demo_model) -> None:
     req = Requirement(payment_options()[0], PRICE - 1)
-    response = post(Client(), {"input": {"text": "x"}},
-                    **{"PAYMENT-SIGNATURE": v2_header(chain_settings.payers[0]["private_key"], req)})
+    response = post(
+        Client(),
+        {"input": {"text": "x"}},
+        **{"PAYMENT-SIGNATURE": v2_header(chain_settings.payers[0]["private_key"], req)},
+    )
     assert response.status_code == 402
     assert response.json()["error"] == "invalid_exact_evm_payload_authorization_value_mismatch"
     assert decode_header(response["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == str(PRICE)

@@ -7,81 +7,144 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Payment',
+            name="Payment",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('status', models.CharField(choices=[('verified', 'Verified'), ('settling', 'Settling'), ('settled', 'Settled'), ('confirmed', 'Confirmed'), ('failed', 'Failed'), ('expired', 'Expired')], default='verified', max_length=16)),
-                ('created_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
-                ('settling_at', models.DateTimeField(blank=True, null=True)),
-                ('settled_at', models.DateTimeField(blank=True, null=True)),
-                ('confirmed_at', models.DateTimeField(blank=True, null=True)),
-                ('failed_at', models.DateTimeField(blank=True, null=True)),
-                ('x402_version', models.PositiveSmallIntegerField()),
-                ('scheme', models.CharField(default='exact', max_length=32)),
-                ('network', models.CharField(help_text='CAIP-2, e.g. eip155:8453', max_length=64)),
-                ('asset', models.CharField(max_length=42)),
-                ('decimals', models.PositiveSmallIntegerField(default=6)),
-                ('payer', models.CharField(db_index=True, max_length=42)),
-                ('pay_to', models.CharField(max_length=42)),
-                ('amount', models.DecimalField(decimal_places=0, help_text='Atomic units', max_digits=78)),
-                ('nonce', models.CharField(max_length=66)),
-                ('valid_after', models.PositiveBigIntegerField()),
-                ('valid_before', models.PositiveBigIntegerField()),
-                ('signature', models.CharField(max_length=8194)),
-                ('payload', models.JSONField(help_text='The payment header as received (decoded)')),
-                ('requirement', models.JSONField(help_text='The requirement (v2 shape) this payment answered')),
-                ('verification', models.CharField(default='local', max_length=16)),
-                ('resource', models.CharField(max_length=512)),
-                ('request_fingerprint', models.CharField(help_text='sha256 of the resource and input this payment bought', max_length=64)),
-                ('settle_tx_hash', models.CharField(blank=True, max_length=66, null=True, unique=True)),
-                ('settle_raw_tx', models.TextField(blank=True, help_text='Signed before broadcast, for rebroadcast')),
-                ('relayer', models.CharField(blank=True, max_length=42)),
-                ('relayer_nonce', models.PositiveBigIntegerField(blank=True, null=True)),
-                ('block_number', models.PositiveBigIntegerField(blank=True, null=True)),
-                ('block_hash', models.CharField(blank=True, max_length=66)),
-                ('confirmations', models.PositiveIntegerField(default=0)),
-                ('gas_used', models.PositiveBigIntegerField(blank=True, null=True)),
-                ('gas_cost_wei', models.DecimalField(blank=True, decimal_places=0, max_digits=78, null=True)),
-                ('failure_reason', models.TextField(blank=True)),
+                (
+                    "id",
+                    models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("verified", "Verified"),
+                            ("settling", "Settling"),
+                            ("settled", "Settled"),
+                            ("confirmed", "Confirmed"),
+                            ("failed", "Failed"),
+                            ("expired", "Expired"),
+                        ],
+                        default="verified",
+                        max_length=16,
+                    ),
+                ),
+                ("created_at", models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
+                ("settling_at", models.DateTimeField(blank=True, null=True)),
+                ("settled_at", models.DateTimeField(blank=True, null=True)),
+                ("confirmed_at", models.DateTimeField(blank=True, null=True)),
+                ("failed_at", models.DateTimeField(blank=True, null=True)),
+                ("x402_version", models.PositiveSmallIntegerField()),
+                ("scheme", models.CharField(default="exact", max_length=32)),
+                ("network", models.CharField(help_text="CAIP-2, e.g. eip155:8453", max_length=64)),
+                ("asset", models.CharField(max_length=42)),
+                ("decimals", models.PositiveSmallIntegerField(default=6)),
+                ("payer", models.CharField(db_index=True, max_length=42)),
+                ("pay_to", models.CharField(max_length=42)),
+                ("amount", models.DecimalField(decimal_places=0, help_text="Atomic units", max_digits=78)),
+                ("nonce", models.CharField(max_length=66)),
+                ("valid_after", models.PositiveBigIntegerField()),
+                ("valid_before", models.PositiveBigIntegerField()),
+                ("signature", models.CharField(max_length=8194)),
+                ("payload", models.JSONField(help_text="The payment header as received (decoded)")),
+                (
+                    "requirement",
+                    models.JSONField(help_text="The requirement (v2 shape) this payment answered"),
+                ),
+                ("verification", models.CharField(default="local", max_length=16)),
+                ("resource", models.CharField(max_length=512)),
+                (
+                    "request_fingerprint",
+                    models.CharField(
+                        help_text="sha256 of the resource and input this payment bought", max_length=64
+                    ),
+                ),
+                ("settle_tx_hash", models.CharField(blank=True, max_length=66, null=True, unique=True)),
+                (
+                    "settle_raw_tx",
+                    models.TextField(blank=True, help_text="Signed before broadcast, for rebroadcast"),
+                ),
+                ("relayer", models.CharField(blank=True, max_length=42)),
+                ("relayer_nonce", models.PositiveBigIntegerField(blank=True, null=True)),
+                ("block_number", models.PositiveBigIntegerField(blank=True, null=True)),
+                ("block_hash", models.CharField(blank=True, max_length=66)),
+                ("confirmations", models.PositiveIntegerField(default=0)),
+                ("gas_used", models.PositiveBigIntegerField(blank=True, null=True)),
+                ("gas_cost_wei", models.DecimalField(blank=True, decimal_places=0, max_digits=78, null=True)),
+                ("failure_reason", models.TextField(blank=True)),
             ],
             options={
-                'ordering': ['-created_at'],
-                'indexes': [models.Index(fields=['status', 'created_at'], name='payments_pa_status_343680_idx')],
-                'constraints': [models.UniqueConstraint(fields=('network', 'asset', 'payer', 'nonce'), name='payment_authorization_once'), models.CheckConstraint(condition=models.Q(('amount__gt', 0)), name='payment_amount_positive'), models.CheckConstraint(condition=models.Q(('status__in', ['verified', 'settling', 'settled', 'confirmed', 'failed', 'expired'])), name='payment_status_valid')],
+                "ordering": ["-created_at"],
+                "indexes": [
+                    models.Index(fields=["status", "created_at"], name="payments_pa_status_343680_idx")
+                ],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("network", "asset", "payer", "nonce"), name="payment_authorization_once"
+                    ),
+                    models.CheckConstraint(
+                        condition=models.Q(("amount__gt", 0)), name="payment_amount_positive"
+                    ),
+                    models.CheckConstraint(
+                        condition=models.Q(
+                            (
+                                "status__in",
+                                ["verified", "settling", "settled", "confirmed", "failed", "expired"],
+                            )
+                        ),
+                        name="payment_status_valid",
+                    ),
+                ],
             },
         ),
         migrations.CreateModel(
-            name='PaymentEvent',
+            name="PaymentEvent",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('from_status', models.CharField(blank=True, max_length=16)),
-                ('to_status', models.CharField(max_length=16)),
-                ('detail', models.JSONField(blank=True, default=dict)),
-                ('payment', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='events', to='payments.payment')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("from_status", models.CharField(blank=True, max_length=16)),
+                ("to_status", models.CharField(max_length=16)),
+                ("detail", models.JSONField(blank=True, default=dict)),
+                (
+                    "payment",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="events",
+                        to="payments.payment",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['payment', 'id'],
+                "ordering": ["payment", "id"],
             },
         ),
         migrations.CreateModel(
-            name='RelayerNonce',
+            name="RelayerNonce",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('network', models.CharField(max_length=64)),
-                ('address', models.CharField(max_length=42)),
-                ('next_nonce', models.PositiveBigIntegerField()),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("network", models.CharField(max_length=64)),
+                ("address", models.CharField(max_length=42)),
+                ("next_nonce", models.PositiveBigIntegerField()),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('network', 'address'), name='relayer_nonce_unique')],
+                "constraints": [
+                    models.UniqueConstraint(fields=("network", "address"), name="relayer_nonce_unique")
+                ],
             },
         ),
     ]

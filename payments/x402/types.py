@@ -93,9 +93,7 @@ class Requirement:
         return body
 
 
-def payment_required_v2(
-    requirements: list[Requirement], resource: Resource, error: str
-) -> dict[str, Any]:
+def payment_required_v2(requirements: list[Requirement], resource: Resource, error: str) -> dict[str, Any]:
     return {
         "x402Version": 2,
         "error": error,
@@ -104,14 +102,17 @@ def payment_required_v2(
     }
 
 
-def payment_required_v1(
-    requirements: list[Requirement], resource: Resource, error: str
-) -> dict[str, Any]:
+def payment_required_v1(requirements: list[Requirement], resource: Resource, error: str) -> dict[str, Any]:
     return {"x402Version": 1, "error": error, "accepts": [r.v1(resource) for r in requirements]}
 
 
 def settle_response(
-    *, success: bool, transaction: str, network: str, payer: str | None, amount: int | None = None,
+    *,
+    success: bool,
+    transaction: str,
+    network: str,
+    payer: str | None,
+    amount: int | None = None,
     error_reason: str | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"success": success, "transaction": transaction, "network": network}

@@ -83,13 +83,9 @@ def _check_one(
     if auth.to != bytes.fromhex(req.option.pay_to[2:]):
         raise PaymentRejected(RECIPIENT_MISMATCH, "authorization.to is not our pay-to address")
     if auth.value != req.amount:
-        raise PaymentRejected(
-            VALUE_MISMATCH, f"authorization.value must be exactly {req.amount}"
-        )
+        raise PaymentRejected(VALUE_MISMATCH, f"authorization.value must be exactly {req.amount}")
     if auth.valid_before < now + settle_margin:
-        raise PaymentRejected(
-            VALID_BEFORE, f"validBefore must leave at least {settle_margin}s to settle"
-        )
+        raise PaymentRejected(VALID_BEFORE, f"validBefore must leave at least {settle_margin}s to settle")
     if auth.valid_after > now + clock_skew:
         raise PaymentRejected(VALID_AFTER, "validAfter is in the future")
     if auth.valid_before > now + req.option.max_timeout_seconds + clock_skew:
@@ -124,9 +120,7 @@ def verify_exact(
     """
     if payload.scheme != SCHEME_EXACT:
         raise PaymentRejected(UNSUPPORTED_SCHEME, f"scheme {payload.scheme!r} is not offered")
-    candidates = [
-        r for r in requirements if r.option.matches_network(payload.network, payload.x402_version)
-    ]
+    candidates = [r for r in requirements if r.option.matches_network(payload.network, payload.x402_version)]
     if not candidates:
         raise PaymentRejected(NETWORK_MISMATCH, f"network {payload.network!r} is not offered")
     first_error: PaymentRejected | None = None

@@ -9,62 +9,158 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('payments', '0001_initial'),
+        ("payments", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Model',
+            name="Model",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('owner', models.CharField(max_length=64, validators=[django.core.validators.RegexValidator('^[a-z0-9][a-z0-9_.-]*$', "lowercase letters, digits, '-', '_' and '.'")])),
-                ('name', models.CharField(max_length=128, validators=[django.core.validators.RegexValidator('^[a-z0-9][a-z0-9_.-]*$', "lowercase letters, digits, '-', '_' and '.'")])),
-                ('description', models.TextField(blank=True)),
-                ('price', models.DecimalField(decimal_places=6, default=Decimal('0.01'), help_text='USDC per run; 0 makes the model free', max_digits=20, validators=[django.core.validators.MinValueValidator(Decimal('0'))])),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "owner",
+                    models.CharField(
+                        max_length=64,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[a-z0-9][a-z0-9_.-]*$", "lowercase letters, digits, '-', '_' and '.'"
+                            )
+                        ],
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        max_length=128,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[a-z0-9][a-z0-9_.-]*$", "lowercase letters, digits, '-', '_' and '.'"
+                            )
+                        ],
+                    ),
+                ),
+                ("description", models.TextField(blank=True)),
+                (
+                    "price",
+                    models.DecimalField(
+                        decimal_places=6,
+                        default=Decimal("0.01"),
+                        help_text="USDC per run; 0 makes the model free",
+                        max_digits=20,
+                        validators=[django.core.validators.MinValueValidator(Decimal("0"))],
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
             ],
             options={
-                'ordering': ['owner', 'name'],
-                'constraints': [models.UniqueConstraint(fields=('owner', 'name'), name='model_owner_name_unique'), models.CheckConstraint(condition=models.Q(('price__gte', 0)), name='model_price_not_negative')],
+                "ordering": ["owner", "name"],
+                "constraints": [
+                    models.UniqueConstraint(fields=("owner", "name"), name="model_owner_name_unique"),
+                    models.CheckConstraint(
+                        condition=models.Q(("price__gte", 0)), name="model_price_not_negative"
+                    ),
+                ],
             },
         ),
         migrations.CreateModel(
-            name='ModelVersion',
+            name="ModelVersion",
             fields=[
-                ('id', models.CharField(max_length=64, primary_key=True, serialize=False)),
-                ('predictor', models.CharField(help_text='Dotted path of a predictor class, e.g. predictions.runners.demo.EchoText', max_length=255)),
-                ('input_schema', models.JSONField(default=dict, help_text='JSON Schema of the input object')),
-                ('output_schema', models.JSONField(blank=True, default=dict)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('model', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='versions', to='predictions.model')),
+                ("id", models.CharField(max_length=64, primary_key=True, serialize=False)),
+                (
+                    "predictor",
+                    models.CharField(
+                        help_text="Dotted path of a predictor class, e.g. predictions.runners.demo.EchoText",
+                        max_length=255,
+                    ),
+                ),
+                ("input_schema", models.JSONField(default=dict, help_text="JSON Schema of the input object")),
+                ("output_schema", models.JSONField(blank=True, default=dict)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "model",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="versions",
+                        to="predictions.model",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.CreateModel(
-            name='Prediction',
+            name="Prediction",
             fields=[
-                ('id', models.CharField(default=predictions.models.new_prediction_id, editable=False, max_length=40, primary_key=True, serialize=False)),
-                ('input', models.JSONField()),
-                ('output', models.JSONField(blank=True, null=True)),
-                ('logs', models.TextField(blank=True)),
-                ('error', models.TextField(blank=True)),
-                ('status', models.CharField(choices=[('starting', 'Starting'), ('processing', 'Processing'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('canceled', 'Canceled')], default='starting', max_length=16)),
-                ('created_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('completed_at', models.DateTimeField(blank=True, null=True)),
-                ('predict_time', models.FloatField(blank=True, null=True)),
-                ('model', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='predictions', to='predictions.model')),
-                ('payment', models.OneToOneField(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='prediction', to='payments.payment')),
-                ('version', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='predictions', to='predictions.modelversion')),
+                (
+                    "id",
+                    models.CharField(
+                        default=predictions.models.new_prediction_id,
+                        editable=False,
+                        max_length=40,
+                        primary_key=True,
+                        serialize=False,
+                    ),
+                ),
+                ("input", models.JSONField()),
+                ("output", models.JSONField(blank=True, null=True)),
+                ("logs", models.TextField(blank=True)),
+                ("error", models.TextField(blank=True)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("starting", "Starting"),
+                            ("processing", "Processing"),
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                            ("canceled", "Canceled"),
+                        ],
+                        default="starting",
+                        max_length=16,
+                    ),
+                ),
+                ("created_at", models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("completed_at", models.DateTimeField(blank=True, null=True)),
+                ("predict_time", models.FloatField(blank=True, null=True)),
+                (
+                    "model",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="predictions",
+                        to="predictions.model",
+                    ),
+                ),
+                (
+                    "payment",
+                    models.OneToOneField(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="prediction",
+                        to="payments.payment",
+                    ),
+                ),
+                (
+                    "version",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="predictions",
+                        to="predictions.modelversion",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
     ]

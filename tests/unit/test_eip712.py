@@ -21,13 +21,18 @@ def _typed(auth: dict, chain_id: int = 84532, name: str = "USDC") -> dict:
     return {
         "types": {
             "EIP712Domain": [
-                {"name": "name", "type": "string"}, {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"}, {"name": "verifyingContract", "type": "address"},
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+                {"name": "verifyingContract", "type": "address"},
             ],
             "TransferWithAuthorization": [
-                {"name": "from", "type": "address"}, {"name": "to", "type": "address"},
-                {"name": "value", "type": "uint256"}, {"name": "validAfter", "type": "uint256"},
-                {"name": "validBefore", "type": "uint256"}, {"name": "nonce", "type": "bytes32"},
+                {"name": "from", "type": "address"},
+                {"name": "to", "type": "address"},
+                {"name": "value", "type": "uint256"},
+                {"name": "validAfter", "type": "uint256"},
+                {"name": "validBefore", "type": "uint256"},
+                {"name": "nonce", "type": "bytes32"},
             ],
         },
         "primaryType": "TransferWithAuthorization",
@@ -40,10 +45,17 @@ def _random_case() -> tuple[Account, dict, Authorization]:
     account = Account.create()
     to = Account.create().address
     nonce = secrets.token_bytes(32)
-    msg = {"from": account.address, "to": to, "value": 10000, "validAfter": 0,
-           "validBefore": 1_900_000_000, "nonce": nonce}
-    auth = Authorization(bytes.fromhex(account.address[2:]), bytes.fromhex(to[2:]), 10000, 0,
-                         1_900_000_000, nonce)
+    msg = {
+        "from": account.address,
+        "to": to,
+        "value": 10000,
+        "validAfter": 0,
+        "validBefore": 1_900_000_000,
+        "nonce": nonce,
+    }
+    auth = Authorization(
+        bytes.fromhex(account.address[2:]), bytes.fromhex(to[2:]), 10000, 0, 1_900_000_000, nonce
+    )
     return account, msg, auth
 
 

@@ -11,8 +11,12 @@ from payments.x402.types import PaymentOption, Requirement, parse_payload
 from tests.payers import sign_authorization, v1_payload, v2_payload
 
 OPTION = PaymentOption(
-    chain_id=84532, asset="0x036CbD53842c5426634e7929541eC2318f3dCF7e", asset_name="USDC",
-    asset_version="2", pay_to="0x209693Bc6afc0C5328bA36FaF03C514EF312287C", max_timeout_seconds=300,
+    chain_id=84532,
+    asset="0x036CbD53842c5426634e7929541eC2318f3dCF7e",
+    asset_name="USDC",
+    asset_version="2",
+    pay_to="0x209693Bc6afc0C5328bA36FaF03C514EF312287C",
+    max_timeout_seconds=300,
 )
 REQ = Requirement(OPTION, 10_000)
 KEY = Account.create().key.hex()
@@ -87,15 +91,21 @@ def test_valid_after_in_the_future() -> None:
 def test_window_longer_than_offered() -> None:
     now = int(time.time())
     too_long = now + OPTION.max_timeout_seconds + 31
-    rejected(v2_payload(REQ, sign_authorization(KEY, REQ, valid_before=too_long)), V.VALIDITY_TOO_LONG, now=now)
+    rejected(
+        v2_payload(REQ, sign_authorization(KEY, REQ, valid_before=too_long)), V.VALIDITY_TOO_LONG, now=now
+    )
 
 
 def test_signature_by_someone_else_or_other_domain() -> None:
     payload = sign_authorization(KEY, REQ)
     payload["authorization"]["from"] = Account.create().address
     rejected(v2_payload(REQ, payload), V.INVALID_SIGNATURE)
-    for domain in ({"name": "USD Coin"}, {"version": "1"}, {"chainId": 8453},
-                   {"verifyingContract": "0x" + "44" * 20}):
+    for domain in (
+        {"name": "USD Coin"},
+        {"version": "1"},
+        {"chainId": 8453},
+        {"verifyingContract": "0x" + "44" * 20},
+    ):
         rejected(v2_payload(REQ, sign_authorization(KEY, REQ, domain=domain)), V.INVALID_SIGNATURE)
 
 
@@ -105,13 +115,17 @@ def test_high_s_signature_is_refused() -> None:
     payload = sign_authorization(KEY, REQ)
     sig = bytes.fromhex(payload["signature"][2:])
     s = int.from_bytes(sig[32:64], "big")
-    payload["signature"] = "0x" + (sig[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - sig[64]])).hex()
+    payload["signature"] = (
+        "0x" + (sig[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - sig[64]])).hex()
+    )
     rejected(v2_payload(REQ, payload), V.INVALID_SIGNATURE)
 
 
 def test_second_option_on_same_network_is_found() -> None:
-    other = Requirement(PaymentOption(**{**{f: getattr(OPTION, f) for f in OPTION.__slots__},
-                                         "asset": "0x" + "55" * 20}), 10_000)
+    other = Requirement(
+        PaymentOption(**{**{f: getattr(OPTION, f) for f in OPTION.__slots__}, "asset": "0x" + "55" * 20}),
+        10_000,
+    )
     check(v2_payload(REQ, sign_authorization(KEY, REQ)), reqs=[other, REQ])
 
 

@@ -29,8 +29,10 @@ class Command(BaseCommand):
         proc, config = devchain.start_anvil(opts["port"], log_path=log)
         try:
             chain = devchain.deploy(
-                f"http://127.0.0.1:{opts['port']}", config,
-                asset_name=opts["asset_name"], asset_version=opts["asset_version"],
+                f"http://127.0.0.1:{opts['port']}",
+                config,
+                asset_name=opts["asset_name"],
+                asset_version=opts["asset_version"],
             )
             chain.write(out)
             self.stdout.write(f"anvil on {chain.rpc_url} (log {log}); test USDC at {chain.asset}")

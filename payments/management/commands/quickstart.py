@@ -26,9 +26,15 @@ def ensure_database() -> None:
     db = settings.DATABASES["default"]
     if "postgresql" not in db["ENGINE"]:
         return
-    params = {"host": db.get("HOST") or None, "port": db.get("PORT") or None,
-              "user": db.get("USER") or None, "password": db.get("PASSWORD") or None}
-    with psycopg.connect(dbname="postgres", autocommit=True, **{k: v for k, v in params.items() if v}) as conn:
+    params = {
+        "host": db.get("HOST") or None,
+        "port": db.get("PORT") or None,
+        "user": db.get("USER") or None,
+        "password": db.get("PASSWORD") or None,
+    }
+    with psycopg.connect(
+        dbname="postgres", autocommit=True, **{k: v for k, v in params.items() if v}
+    ) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [db["NAME"]]).fetchone()
         if not exists:
             conn.execute(f'CREATE DATABASE "{db["NAME"]}"')
@@ -61,27 +67,48 @@ class Command(BaseCommand):
             subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], check=True)
             subprocess.run([*manage, "seed_demo"], check=True)
             worker_log = open(var / "worker.log", "ab")
-            children.append(subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "x402site", "worker", "-B", "-l", "info",
-                 "--concurrency", "2", "-s", str(var / "celerybeat-schedule")],
-                stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True,
-            ))
-            children.append(subprocess.Popen(
-                [*manage, "runserver", f"127.0.0.1:{opts['port']}", "--noreload"],
-                start_new_session=True,
-            ))
+            children.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "celery",
+                        "-A",
+                        "x402site",
+                        "worker",
+                        "-B",
+                        "-l",
+                        "info",
+                        "--concurrency",
+                        "2",
+                        "-s",
+                        str(var / "celerybeat-schedule"),
+                    ],
+                    stdout=worker_log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+            children.append(
+                subprocess.Popen(
+                    [*manage, "runserver", f"127.0.0.1:{opts['port']}", "--noreload"],
+                    start_new_session=True,
+                )
+            )
             devchain.wait_for_rpc(chain.rpc_url)
             self._wait_http(f"http://127.0.0.1:{opts['port']}/v1/predictions/none")
-            self.stdout.write(self.style.SUCCESS(
-                f"\nReady in {time.monotonic() - started:.1f}s: http://127.0.0.1:{opts['port']}\n"
-            ))
+            self.stdout.write(
+                self.style.SUCCESS(
+                    f"\nReady in {time.monotonic() - started:.1f}s: http://127.0.0.1:{opts['port']}\n"
+                )
+            )
             self.stdout.write(
                 f"  chain      {chain.rpc_url} (chain id {chain.chain_id}), test USDC {chain.asset}\n"
                 f"  pay-to     {chain.pay_to}\n"
                 f"  dev chain  {settings.X402_DEVCHAIN_FILE} ({len(chain.payers)} funded payers)\n"
                 f"  logs       {var}/worker.log, {var}/anvil.log\n\n"
                 "Pay for a prediction as an agent would (in another terminal):\n"
-                "  .venv/bin/python examples/agent_pay.py \"hello\"\n\n"
+                '  .venv/bin/python examples/agent_pay.py "hello"\n\n'
                 "Ctrl-C stops everything.\n"
             )
             while all(c.poll() is None for c in children):

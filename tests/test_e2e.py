@@ -1,0 +1,114 @@
+"""End to end: the official x402 client pays a live server; a real Celery worker settles on
+anvil and runs the prediction; balances move by exactly the price."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+from eth_account import Account
+from x402 import x402ClientSync
+from x402.http.clients import wrapRequestsWithPayment
+from x402.mechanisms.evm.exact import register_exact_evm_client
+
+from payments.models import Payment
+from predictions.models import Prediction
+from tests.conftest import token_balance, transfer_count
+
+pytestmark = [pytest.mark.e2e, pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+
+PRICE = 10_000
+
+
+def paying_session(chain, payer: dict) -> requests.Session:
+    client = x402ClientSync()
+    register_exact_evm_client(client, Account.from_key(payer["private_key"]))
+    client.set_spend_controls(
+        {
+            "allowed_assets": [
+                {"network": chain.network, "asset": chain.asset, "max_amount_per_payment": str(PRICE)}
+            ]
+        }
+    )
+    return wrapRequestsWithPayment(requests.Session(), client)
+
+
+def wait_for(url: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = requests.get(url, timeout=5).json()
+        if body["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
+            return body
+        time.sleep(0.1)
+
+
+def test_official_client_pays_and_worker_settles(
+    chain_settings, demo_model, live_server, celery_worker_process
+) -> None:
+    chain = chain_settings
+    payer = chain.payers[4]
+    before_payer = token_balance(chain, payer["address"])
+    before_pay_to = token_balance(chain, chain.pay_to)
+    url = f"{live_server.url}/v1/models/demo/echo-text/predictions"
+
+    started = time.monotonic()
+    response = paying_session(chain, payer).post(url, json={"input": {"text": "end to end"}}, timeout=30)
+    assert response.status_code == 201, response.text
+    prediction = wait_for(response.json()["urls"]["get"])
+    elapsed = time.monotonic() - started
+
+    assert prediction["status"] == "succeeded", prediction
+    assert prediction["output"] == "end to end"
+    tx = prediction["payment"]["transaction"]
+    receipt = requests.post(
+        chain.rpc_url,
+        json={"jsonrpc": "2.0", "id": 1, "method": "eth_getTransactionReceipt", "params": [tx]},
+        timeout=5,
+    ).json()["result"]
+    assert int(receipt["status"], 16) == 1
+    assert token_balance(chain, payer["address"]) == before_payer - PRICE
+    assert token_balance(chain, chain.pay_to) == before_pay_to + PRICE
+    print(f"paid prediction end to end in {elapsed:.2f}s")
+
+
+def test_replayed_header_against_the_worker_runs_once(
+    chain_settings, demo_model, live_server, celery_worker_process
+) -> None:
+    """The same signed header sent again (sequentially and at once) buys nothing more."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from x402.http import x402HTTPClientSync
+
+    chain = chain_settings
+    payer = chain.payers[5]
+    client = x402ClientSync()
+    register_exact_evm_client(client, Account.from_key(payer["private_key"]))
+    client.set_spend_controls(
+        {
+            "allowed_assets": [
+                {"network": chain.network, "asset": chain.asset, "max_amount_per_payment": str(PRICE)}
+            ]
+        }
+    )
+    http = x402HTTPClientSync(client)
+    url = f"{live_server.url}/v1/models/demo/echo-text/predictions"
+    body = {"input": {"text": "replay"}}
+    challenge = requests.post(url, json=body, timeout=10)
+    assert challenge.status_code == 402
+    required = http.get_payment_required_response(challenge.headers.get, challenge.json())
+    headers = http.encode_payment_signature_header(client.create_payment_payload(required))
+    transfers_before = transfer_count(chain, chain.pay_to)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(lambda _: requests.post(url, json=body, headers=headers, timeout=30), range(16))
+        )
+    assert sorted({a.status_code for a in answers}) in ([200, 201], [201])
+    assert [a.status_code for a in answers].count(201) == 1
+    ids = {a.json()["id"] for a in answers}
+    assert len(ids) == 1
+    prediction = wait_for(answers[0].json()["urls"]["get"])
+    assert prediction["status"] == "succeeded"
+    assert Payment.objects.count() == 1 and Prediction.objects.count() == 1
+    assert transfer_count(chain, chain.pay_to) == transfers_before + 1
