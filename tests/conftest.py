@@ -28,6 +28,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Tests publish to their own Redis database and queue, so a running quick start's worker never
+#: takes their tasks; set before any task is sent (Celery caches its queues on first use).
+TEST_BROKER_URL = os.environ.get("TEST_CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
+TEST_QUEUE = f"test-{secrets.token_hex(4)}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def celery_test_broker() -> None:
+    from x402site.celery import app
+
+    app.conf.update(broker_url=TEST_BROKER_URL, task_default_queue=TEST_QUEUE)
+
+
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
     """anvil + test USDC ("USD Coin"/"2"), 8 funded payers; the file other processes read."""
@@ -131,8 +144,7 @@ def celery_worker_process(
     from x402site.celery import app
 
     db = settings.DATABASES["default"]
-    queue = f"test-{secrets.token_hex(4)}"
-    broker = os.environ.get("TEST_CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
+    queue, broker = TEST_QUEUE, TEST_BROKER_URL
     env = {
         **os.environ,
         "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
@@ -169,7 +181,7 @@ def celery_worker_process(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    app.conf.update(broker_url=broker, task_default_queue=queue)
+    assert app.amqp.default_queue.name == queue, "a task was sent before the test broker was set"
     try:
         deadline = time.monotonic() + 30
         while b"ready." not in log_path.read_bytes():

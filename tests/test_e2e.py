@@ -34,7 +34,7 @@ def paying_session(chain, payer: dict) -> requests.Session:
     return wrapRequestsWithPayment(requests.Session(), client)
 
 
-def wait_for(url: str, timeout: float = 30.0) -> dict:
+def wait_for(url: str, timeout: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         body = requests.get(url, timeout=5).json()
