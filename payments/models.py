@@ -163,10 +163,11 @@ class PaymentEvent(models.Model):
 
 
 class RelayerNonce(models.Model):
-    """The next transaction nonce of a relayer account on a chain, locked while signing.
+    """A relayer account on a chain: the row workers lock while they allocate a nonce and sign.
 
-    Several workers share one relayer: they take this row ``FOR UPDATE``, sign with its nonce,
-    store the transaction and bump it in one transaction, so nonces neither collide nor skip.
+    Several workers share one relayer: each takes this row ``FOR UPDATE``, picks the nonce
+    (see ``settlement._allocate_nonce``), stores the signed transaction and commits, so nonces
+    neither collide nor skip. ``next_nonce`` records the last allocation, for operators.
     """
 
     network = models.CharField(max_length=64)

@@ -119,6 +119,26 @@ def _find_preemption(conf: ConfiguredOption, p: Payment) -> str | None:
     return logs[0]["transactionHash"] if logs else None
 
 
+def _allocate_nonce(conf: ConfiguredOption, network: str, relayer: str) -> int:
+    """The lowest nonce the chain has not seen that no stored, unmined settlement holds.
+
+    Called with the relayer's RelayerNonce row locked, so allocations are serial across
+    workers. Signed transactions still SETTLING keep their nonces (the reconciler rebroadcasts
+    them); a nonce whose transaction was given up (expired, never mined) is reused, so no gap
+    is left that would block every later settlement.
+    """
+    pending = int(rpc(conf.rpc_url, "eth_getTransactionCount", [relayer, "pending"]), 16)
+    held = set(
+        Payment.objects.filter(
+            network=network, relayer=relayer, status=S.SETTLING, relayer_nonce__gte=pending
+        ).values_list("relayer_nonce", flat=True)
+    )
+    nonce = pending
+    while nonce in held:
+        nonce += 1
+    return nonce
+
+
 def prepare(payment_id: Any) -> Payment:
     """VERIFIED -> SETTLING: simulate, then sign and store the transaction with a relayer nonce."""
     p = Payment.objects.get(pk=payment_id)
@@ -134,13 +154,9 @@ def prepare(payment_id: Any) -> Payment:
         return p
     call = {"from": relayer.address, "to": p.asset, "data": _calldata(p)}
     try:
-        block, chain_nonce, _ = rpc_batch(
+        block, _ = rpc_batch(
             conf.rpc_url,
-            [
-                ("eth_getBlockByNumber", ["latest", False]),
-                ("eth_getTransactionCount", [relayer.address, "pending"]),
-                ("eth_estimateGas", [call, "latest"]),
-            ],
+            [("eth_getBlockByNumber", ["latest", False]), ("eth_estimateGas", [call, "latest"])],
         )
     except RpcError as exc:
         # The transfer would revert: maybe someone already settled it for us (front-running).
@@ -161,9 +177,9 @@ def prepare(payment_id: Any) -> Payment:
         if p.status != S.VERIFIED:
             return p
         row, _ = RelayerNonce.objects.select_for_update().get_or_create(
-            network=p.network, address=relayer.address, defaults={"next_nonce": int(chain_nonce, 16)}
+            network=p.network, address=relayer.address, defaults={"next_nonce": 0}
         )
-        nonce = max(row.next_nonce, int(chain_nonce, 16))
+        nonce = _allocate_nonce(conf, p.network, relayer.address)
         signed = relayer.sign_transaction(
             {
                 "chainId": conf.option.chain_id,

@@ -5,6 +5,7 @@ Ctrl-C stops everything it started.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -21,8 +22,12 @@ from payments import devchain
 BASE_DIR = Path(settings.BASE_DIR)
 
 
-def ensure_database() -> None:
-    """Create the configured PostgreSQL database if it does not exist yet."""
+def ensure_database(fresh: bool) -> None:
+    """Create the configured PostgreSQL database if needed; ``fresh`` drops it first.
+
+    The embedded default database belongs to the dev chain, which starts empty on every run:
+    a ledger left from an earlier chain would point at transactions that no longer exist.
+    """
     db = settings.DATABASES["default"]
     if "postgresql" not in db["ENGINE"]:
         return
@@ -35,6 +40,8 @@ def ensure_database() -> None:
     with psycopg.connect(
         dbname="postgres", autocommit=True, **{k: v for k, v in params.items() if v}
     ) as conn:
+        if fresh:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db["NAME"]}" WITH (FORCE)')
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [db["NAME"]]).fetchone()
         if not exists:
             conn.execute(f'CREATE DATABASE "{db["NAME"]}"')
@@ -54,7 +61,8 @@ class Command(BaseCommand):
         children: list[subprocess.Popen] = []
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
         try:
-            ensure_database()
+            # Only the embedded default is ours to reset; a configured DATABASE_URL is kept.
+            ensure_database(fresh="DATABASE_URL" not in os.environ)
             self.stdout.write("starting anvil and deploying the test USDC...")
             try:
                 anvil, config = devchain.start_anvil(opts["chain_port"], log_path=var / "anvil.log")
