@@ -9,6 +9,7 @@ from typing import Any
 from eth_utils import to_checksum_address
 
 from .models import Payment, PaymentEvent, PaymentStatus
+from .x402.types import Resource, wire_requirement
 from .x402.verify import VerifiedPayment
 
 
@@ -18,7 +19,13 @@ def request_fingerprint(resource: str, body: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def record(verified: VerifiedPayment, *, resource: str, fingerprint: str) -> Payment:
+def record(
+    verified: VerifiedPayment,
+    *,
+    resource: Resource,
+    fingerprint: str,
+    verification: str = "local",
+) -> Payment:
     """Insert the ledger row of a verified payment (call inside ``transaction.atomic()``).
 
     The database's unique (network, asset, payer, nonce) constraint makes a second insert of
@@ -41,8 +48,9 @@ def record(verified: VerifiedPayment, *, resource: str, fingerprint: str) -> Pay
         valid_before=auth.valid_before,
         signature="0x" + payload.signature.hex(),
         payload=payload.raw,
-        requirement=req.v2(),
-        resource=resource,
+        requirement=wire_requirement(req, payload.x402_version, resource),
+        verification=verification,
+        resource=resource.url,
         request_fingerprint=fingerprint,
     )
     PaymentEvent.objects.create(payment=payment, to_status=PaymentStatus.VERIFIED)

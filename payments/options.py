@@ -24,6 +24,10 @@ class ConfiguredOption:
 
     option: PaymentOption
     rpc_url: str
+    #: When set, verification and settlement are delegated to this x402 facilitator.
+    facilitator_url: str = ""
+    #: Optional ``Authorization`` header value for the facilitator.
+    facilitator_auth: str = ""
 
 
 @lru_cache(maxsize=1)
@@ -41,12 +45,23 @@ def configured() -> tuple[ConfiguredOption, ...]:
             max_timeout_seconds=int(raw.get("max_timeout_seconds", 300)),
             confirmations=int(raw.get("confirmations", 1)),
         )
-        result.append(ConfiguredOption(option=option, rpc_url=raw["rpc_url"]))
+        result.append(
+            ConfiguredOption(
+                option=option,
+                rpc_url=raw["rpc_url"],
+                facilitator_url=raw.get("facilitator_url", "").rstrip("/"),
+                facilitator_auth=raw.get("facilitator_auth", ""),
+            )
+        )
     return tuple(result)
 
 
 def payment_options() -> list[PaymentOption]:
     return [c.option for c in configured()]
+
+
+def for_option(option: PaymentOption) -> ConfiguredOption:
+    return next(c for c in configured() if c.option == option)
 
 
 def for_payment(network: str, asset: str) -> ConfiguredOption:

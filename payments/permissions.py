@@ -20,13 +20,15 @@ from rest_framework.permissions import SAFE_METHODS, BasePermission
 from . import ledger
 from .chain import ChainUnavailable, payer_state
 from .exceptions import Challenge
-from .options import configured
+from .facilitator import FacilitatorClient, FacilitatorUnavailable
+from .options import ConfiguredOption, configured, for_option
 from .x402.codec import DecodeError, decode_header
-from .x402.types import Requirement, Resource, parse_payload
+from .x402.types import Requirement, Resource, parse_payload, wire_requirement
 from .x402.verify import (
     INSUFFICIENT_BALANCE,
     NONCE_ALREADY_USED,
     PaymentRejected,
+    VerifiedPayment,
     verify_exact,
 )
 
@@ -97,18 +99,23 @@ class X402Payment(BasePermission):
             log.info("payment refused: %s (%s)", exc.reason, exc.message)
             raise challenge.reject(exc.reason, exc.message) from None
         if ledger.find(verified) is None:
-            # A payment we have not seen: the chain must confirm it can still be settled.
-            self._check_chain(verified, challenge)
+            # A payment we have not seen: the chain (or the option's facilitator) must confirm
+            # it can still be settled.
+            conf = for_option(verified.requirement.option)
+            if conf.facilitator_url:
+                self._check_facilitator(conf, verified, challenge)
+                request.x402_verification = "facilitator"
+            else:
+                self._check_chain(conf, verified, challenge)
         request.x402 = verified
         return True
 
     @staticmethod
-    def _check_chain(verified, challenge: Challenge) -> None:  # type: ignore[no-untyped-def]
+    def _check_chain(conf: ConfiguredOption, verified: VerifiedPayment, challenge: Challenge) -> None:
         auth = verified.payload.authorization
-        option = verified.requirement.option
-        rpc_url = next(c.rpc_url for c in configured() if c.option == option)
+        option = conf.option
         try:
-            state = payer_state(rpc_url, option.asset, auth.from_, auth.nonce)
+            state = payer_state(conf.rpc_url, option.asset, auth.from_, auth.nonce)
         except ChainUnavailable as exc:
             log.warning("chain check failed for %s: %s", option.network, exc)
             raise ServiceUnavailable() from None
@@ -116,3 +123,18 @@ class X402Payment(BasePermission):
             raise challenge.reject(NONCE_ALREADY_USED, "this authorization was already used on chain")
         if state.balance < auth.value:
             raise challenge.reject(INSUFFICIENT_BALANCE, "the payer's balance does not cover the price")
+
+    @staticmethod
+    def _check_facilitator(conf: ConfiguredOption, verified: VerifiedPayment, challenge: Challenge) -> None:
+        payload = verified.payload
+        requirement = wire_requirement(verified.requirement, payload.x402_version, challenge.resource)
+        try:
+            answer = FacilitatorClient(conf.facilitator_url, conf.facilitator_auth).verify(
+                payload.x402_version, payload.raw, requirement
+            )
+        except FacilitatorUnavailable as exc:
+            log.warning("facilitator verify failed for %s: %s", conf.option.network, exc)
+            raise ServiceUnavailable() from None
+        if answer.get("isValid") is not True:
+            reason = str(answer.get("invalidReason") or "invalid_payment")
+            raise challenge.reject(reason, str(answer.get("invalidMessage") or reason))

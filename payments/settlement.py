@@ -23,6 +23,7 @@ from eth_utils import to_checksum_address
 
 from .abi import AUTHORIZATION_USED_TOPIC, TOKEN_ABI, TRANSFER_TOPIC
 from .chain import ChainUnavailable, RpcError, rpc, rpc_batch
+from .facilitator import FacilitatorClient, FacilitatorUnavailable
 from .models import Payment, PaymentStatus, RelayerNonce
 from .options import ConfiguredOption, for_payment
 
@@ -144,14 +145,11 @@ def prepare(payment_id: Any) -> Payment:
     p = Payment.objects.get(pk=payment_id)
     if p.status != S.VERIFIED:
         return p
+    lapsed = _expire_if_lapsed(payment_id)
+    if lapsed is not None:
+        return lapsed
     conf = for_payment(p.network, p.asset)
     relayer = _relayer()
-    if p.valid_before <= time.time() + 2:
-        with transaction.atomic():
-            p = _lock(payment_id)
-            if p.status == S.VERIFIED:
-                p.advance(S.EXPIRED, failure_reason="authorization expired before settlement")
-        return p
     call = {"from": relayer.address, "to": p.asset, "data": _calldata(p)}
     try:
         block, _ = rpc_batch(
@@ -276,10 +274,90 @@ def track(payment_id: Any) -> Payment:
     return p
 
 
+def _expire_if_lapsed(payment_id: Any) -> Payment | None:
+    """Mark a VERIFIED payment EXPIRED when its authorization can no longer be settled."""
+    p = Payment.objects.get(pk=payment_id)
+    if p.status != S.VERIFIED or p.valid_before > time.time() + 2:
+        return None
+    with transaction.atomic():
+        p = _lock(payment_id)
+        if p.status == S.VERIFIED:
+            p.advance(S.EXPIRED, failure_reason="authorization expired before settlement")
+    return p
+
+
+def settle_via_facilitator(payment_id: Any) -> Payment:
+    """Ask the option's facilitator to settle; an unknown outcome stays SETTLING for the reconciler.
+
+    The payment is claimed (VERIFIED -> SETTLING) before the call, so only one worker ever asks.
+    """
+    lapsed = _expire_if_lapsed(payment_id)
+    if lapsed is not None:
+        return lapsed
+    with transaction.atomic():
+        p = _lock(payment_id)
+        if p.status != S.VERIFIED:
+            return p
+        conf = for_payment(p.network, p.asset)
+        p.advance(S.SETTLING, detail={"facilitator": conf.facilitator_url})
+    return _ask_facilitator(p, conf)
+
+
+def _ask_facilitator(p: Payment, conf: ConfiguredOption) -> Payment:
+    client = FacilitatorClient(conf.facilitator_url, conf.facilitator_auth)
+    try:
+        answer = client.settle(p.x402_version, p.payload, p.requirement)
+    except FacilitatorUnavailable as exc:
+        log.warning("facilitator settle for payment %s: unknown outcome (%s)", p.pk, exc)
+        return p
+    tx = answer.get("transaction") or ""
+    with transaction.atomic():
+        p = _lock(p.pk)
+        if p.status != S.SETTLING or p.settle_tx_hash:
+            return p
+        if tx:
+            # Success or "settlement_pending" with a hash: the receipt decides either way.
+            p.advance(S.SETTLING, settle_tx_hash=tx, detail={"facilitator_answer": answer})
+        elif answer.get("success") is False and answer.get("errorReason") != "settlement_pending":
+            p.advance(S.FAILED, failure_reason=str(answer.get("errorReason")), detail={"facilitator_answer": answer})
+    return p
+
+
+def resolve_unknown(payment_id: Any) -> Payment:
+    """A SETTLING payment with no transaction hash: find its settlement on chain, or ask again.
+
+    Sending the identical payload again is safe: one authorization moves money at most once.
+    """
+    p = Payment.objects.get(pk=payment_id)
+    if p.status != S.SETTLING or p.settle_tx_hash:
+        return p
+    conf = for_payment(p.network, p.asset)
+    used_by = _find_preemption(conf, p)
+    if used_by:
+        with transaction.atomic():
+            p = _lock(payment_id)
+            if p.status == S.SETTLING and not p.settle_tx_hash:
+                p.advance(S.SETTLING, settle_tx_hash=used_by, detail={"found_on_chain": used_by})
+        return p
+    if p.valid_before < time.time() - 60:
+        with transaction.atomic():
+            p = _lock(payment_id)
+            if p.status == S.SETTLING and not p.settle_tx_hash:
+                p.advance(S.EXPIRED, failure_reason="authorization lapsed with no settlement on chain")
+        return p
+    if conf.facilitator_url:
+        return _ask_facilitator(p, conf)
+    return p
+
+
 def settle(payment_id: Any, wait_seconds: float = 30.0) -> Payment:
     """Drive one payment as far as it goes now; the reconciler finishes anything left."""
-    p = prepare(payment_id)
-    broadcast(p)
+    p = Payment.objects.get(pk=payment_id)
+    if p.status == S.VERIFIED and for_payment(p.network, p.asset).facilitator_url:
+        p = settle_via_facilitator(payment_id)
+    else:
+        p = prepare(payment_id)
+        broadcast(p)
     deadline = time.monotonic() + wait_seconds
     delay = 0.05
     while p.status in (S.SETTLING, S.SETTLED):

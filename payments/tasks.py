@@ -42,7 +42,8 @@ def reconcile() -> dict[str, int]:
     counts = {"tracked": 0, "swept": 0, "errors": 0}
     for payment in Payment.objects.filter(status__in=[S.SETTLING, S.SETTLED]).only("pk"):
         try:
-            p = settlement.track(payment.pk)
+            p = settlement.resolve_unknown(payment.pk)
+            p = settlement.track(p.pk)
             if p.status == S.SETTLING:
                 settlement.broadcast(p)
             counts["tracked"] += 1

@@ -21,6 +21,7 @@ def create_prediction(
     verified: VerifiedPayment | None,
     charge: Charge | None,
     challenge: Challenge | None,
+    verification: str = "local",
 ) -> tuple[Prediction, bool]:
     """Record the payment (if any) and create its prediction in one transaction.
 
@@ -36,7 +37,10 @@ def create_prediction(
             if verified is not None:
                 assert charge is not None
                 payment = ledger.record(
-                    verified, resource=charge.resource.url, fingerprint=charge.fingerprint
+                    verified,
+                    resource=charge.resource,
+                    fingerprint=charge.fingerprint,
+                    verification=verification,
                 )
             prediction = Prediction.objects.create(
                 model=version.model, version=version, input=inputs, payment=payment

@@ -77,6 +77,7 @@ class PaidPredictionCreate(APIView):
             verified=request.x402,
             charge=getattr(request, "x402_charge", None),
             challenge=getattr(request, "x402_challenge", None),
+            verification=getattr(request, "x402_verification", "local"),
         )
         prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
         headers = {"Location": request.build_absolute_uri(f"/v1/predictions/{prediction.id}")}

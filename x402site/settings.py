@@ -34,6 +34,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "payments.middleware.X402CorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -107,6 +108,11 @@ def _payment_options() -> tuple[list[dict], str]:
     key_file = env.str("X402_RELAYER_KEY_FILE", default="")
     if key_file:
         relayer_key = Path(key_file).read_text().strip()
+    if env.str("X402_PAYMENT_OPTIONS", default=""):
+        # Several options at once: a JSON list of objects with the keys below, or @path to one.
+        raw = env.str("X402_PAYMENT_OPTIONS")
+        text = Path(raw[1:]).read_text() if raw.startswith("@") else raw
+        return json.loads(text), relayer_key
     if env.str("X402_ASSET", default=""):
         option = {
             "network": env.str("X402_NETWORK"),

@@ -93,6 +93,11 @@ class Requirement:
         return body
 
 
+def wire_requirement(req: Requirement, version: int, resource: Resource) -> dict[str, Any]:
+    """The requirement in the shape of the payload's protocol version."""
+    return req.v2() if version >= 2 else req.v1(resource)
+
+
 def payment_required_v2(requirements: list[Requirement], resource: Resource, error: str) -> dict[str, Any]:
     return {
         "x402Version": 2,
