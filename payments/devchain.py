@@ -131,6 +131,7 @@ def deploy(
     asset_name: str = "USD Coin",
     asset_version: str = "2",
     payer_funds: int = PAYER_FUNDS,
+    payer_count: int = 8,
 ) -> DevChain:
     """Deploy the test token, fund the payers; account 0 deploys and relays, 1 is paid."""
     from web3 import Web3
@@ -145,7 +146,7 @@ def deploy(
     asset = w3.eth.wait_for_transaction_receipt(tx)["contractAddress"]
     token = w3.eth.contract(address=asset, abi=build["abi"])
     payers = []
-    for address, key in zip(addresses[2:], keys[2:], strict=True):
+    for address, key in zip(addresses[2 : 2 + payer_count], keys[2 : 2 + payer_count], strict=True):
         w3.eth.wait_for_transaction_receipt(
             token.functions.mint(address, payer_funds).transact({"from": deployer})
         )

@@ -18,19 +18,14 @@ from rest_framework import exceptions
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
 from . import ledger
-from .chain import ChainUnavailable, payer_state
+from .chain import ChainUnavailable
 from .exceptions import Challenge
 from .facilitator import FacilitatorClient, FacilitatorUnavailable
 from .options import ConfiguredOption, configured, for_option
+from .verification import verify_on_chain
 from .x402.codec import DecodeError, decode_header
 from .x402.types import Requirement, Resource, parse_payload, wire_requirement
-from .x402.verify import (
-    INSUFFICIENT_BALANCE,
-    NONCE_ALREADY_USED,
-    PaymentRejected,
-    VerifiedPayment,
-    verify_exact,
-)
+from .x402.verify import PaymentRejected, VerifiedPayment, verify_exact
 
 log = logging.getLogger("payments.gate")
 
@@ -112,17 +107,13 @@ class X402Payment(BasePermission):
 
     @staticmethod
     def _check_chain(conf: ConfiguredOption, verified: VerifiedPayment, challenge: Challenge) -> None:
-        auth = verified.payload.authorization
-        option = conf.option
         try:
-            state = payer_state(conf.rpc_url, option.asset, auth.from_, auth.nonce)
+            verify_on_chain(conf, verified)
         except ChainUnavailable as exc:
-            log.warning("chain check failed for %s: %s", option.network, exc)
+            log.warning("chain check failed for %s: %s", conf.option.network, exc)
             raise ServiceUnavailable() from None
-        if state.nonce_used:
-            raise challenge.reject(NONCE_ALREADY_USED, "this authorization was already used on chain")
-        if state.balance < auth.value:
-            raise challenge.reject(INSUFFICIENT_BALANCE, "the payer's balance does not cover the price")
+        except PaymentRejected as exc:
+            raise challenge.reject(exc.reason, exc.message) from None
 
     @staticmethod
     def _check_facilitator(conf: ConfiguredOption, verified: VerifiedPayment, challenge: Challenge) -> None:

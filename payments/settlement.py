@@ -319,7 +319,9 @@ def _ask_facilitator(p: Payment, conf: ConfiguredOption) -> Payment:
             # Success or "settlement_pending" with a hash: the receipt decides either way.
             p.advance(S.SETTLING, settle_tx_hash=tx, detail={"facilitator_answer": answer})
         elif answer.get("success") is False and answer.get("errorReason") != "settlement_pending":
-            p.advance(S.FAILED, failure_reason=str(answer.get("errorReason")), detail={"facilitator_answer": answer})
+            p.advance(
+                S.FAILED, failure_reason=str(answer.get("errorReason")), detail={"facilitator_answer": answer}
+            )
     return p
 
 

@@ -46,9 +46,11 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
     """anvil + test USDC ("USD Coin"/"2"), 8 funded payers; the file other processes read."""
     port = free_port()
     root = tmp_path_factory.mktemp("chain")
-    proc, config = devchain.start_anvil(port, accounts=10, log_path=root / "anvil.log")
+    proc, config = devchain.start_anvil(port, accounts=12, log_path=root / "anvil.log")
     try:
-        dev = devchain.deploy(f"http://127.0.0.1:{port}", config)
+        dev = devchain.deploy(f"http://127.0.0.1:{port}", config, payer_count=8)
+        # Accounts 10 and 11 are left for other relayers (the SDK's facilitator, a second server).
+        dev.spare_keys = config["private_keys"][10:]  # type: ignore[attr-defined]
         dev.write(root / "devchain.json")
         dev.path = root / "devchain.json"  # type: ignore[attr-defined]
         yield dev

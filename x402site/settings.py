@@ -141,6 +141,11 @@ X402_CLOCK_SKEW_SECONDS = env.int("X402_CLOCK_SKEW_SECONDS", default=30)
 #: Timeout for each JSON-RPC call made while a request waits.
 X402_RPC_TIMEOUT_SECONDS = env.float("X402_RPC_TIMEOUT_SECONDS", default=5.0)
 
+#: Bearer tokens allowed to use our facilitator API (/facilitator/...); empty turns it off.
+X402_FACILITATOR_TOKENS = env.list("X402_FACILITATOR_TOKENS", default=[])
+#: Seconds /facilitator/settle waits for the receipt before answering settlement_pending.
+X402_FACILITATOR_SETTLE_WAIT = env.float("X402_FACILITATOR_SETTLE_WAIT", default=20.0)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

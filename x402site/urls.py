@@ -4,4 +4,5 @@ from django.urls import include, path
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("v1/", include("predictions.urls")),
+    path("facilitator/", include("payments.urls")),
 ]

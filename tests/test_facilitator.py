@@ -1,0 +1,154 @@
+"""Facilitator mode, both directions, against the official SDK's client and facilitator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.test import Client, override_settings
+
+from payments.models import Payment
+from payments.options import payment_options
+from payments.x402.codec import decode_header
+from payments.x402.types import Requirement
+from tests.conftest import option_settings, token_balance
+from tests.payers import sign_authorization, v2_header, v2_payload
+from tests.sdk_facilitator import serve_sdk_facilitator
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+PRICE = 10_000
+TOKEN = "facilitator-test-token"
+
+
+@pytest.fixture
+def facilitator_api(chain_settings):
+    with override_settings(X402_FACILITATOR_TOKENS=[TOKEN], X402_FACILITATOR_SETTLE_WAIT=10):
+        yield chain_settings
+
+
+def _body(chain, payer_index: int, **kw) -> dict:
+    req = Requirement(payment_options()[0], PRICE)
+    payload = v2_payload(req, sign_authorization(chain.payers[payer_index]["private_key"], req, **kw))
+    return {"x402Version": 2, "paymentPayload": payload, "paymentRequirements": req.v2()}
+
+
+def _post(path: str, body: dict, token: str | None = TOKEN):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return Client().post(
+        f"/facilitator/{path}", data=json.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def test_facilitator_api_is_off_without_tokens_and_refuses_strangers(chain_settings) -> None:
+    assert Client().get("/facilitator/supported").status_code == 404
+    with override_settings(X402_FACILITATOR_TOKENS=[TOKEN]):
+        assert Client().get("/facilitator/supported").status_code == 403
+        assert _post("verify", {}, token="wrong").status_code == 403
+
+
+def test_our_facilitator_api_verifies_and_settles_once(facilitator_api) -> None:
+    chain = facilitator_api
+    supported = Client().get("/facilitator/supported", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert {"x402Version": 2, "scheme": "exact", "network": chain.network} in supported["kinds"]
+    assert supported["signers"]["eip155:*"] == [chain.relayer_address]
+
+    bad = _post("verify", _body(chain, 0, value=PRICE - 1)).json()
+    assert bad["isValid"] is False
+    assert bad["invalidReason"] == "invalid_exact_evm_payload_authorization_value_mismatch"
+
+    body = _body(chain, 0)
+    assert _post("verify", body).json() == {"isValid": True, "payer": chain.payers[0]["address"]}
+    before = token_balance(chain, chain.pay_to)
+    settled = _post("settle", body).json()
+    assert settled["success"] is True and settled["transaction"].startswith("0x"), settled
+    assert token_balance(chain, chain.pay_to) == before + PRICE
+    again = _post("settle", body).json()
+    assert again["success"] is True and again["transaction"] == settled["transaction"]
+    assert token_balance(chain, chain.pay_to) == before + PRICE
+    assert Payment.objects.get().verification == "facilitator-api"
+
+
+def test_official_facilitator_client_against_our_api(facilitator_api, live_server) -> None:
+    from x402.http import HTTPFacilitatorClientSync
+    from x402.http.facilitator_client_base import FacilitatorConfig
+    from x402.schemas import parse_payment_payload, parse_payment_requirements
+
+    chain = facilitator_api
+
+    class Auth:
+        def get_auth_headers(self):
+            from x402.http.facilitator_client_base import AuthHeaders
+
+            h = {"Authorization": f"Bearer {TOKEN}"}
+            return AuthHeaders(verify=h, settle=h, supported=h)
+
+    client = HTTPFacilitatorClientSync(
+        FacilitatorConfig(url=f"{live_server.url}/facilitator", auth_provider=Auth())
+    )
+    body = _body(chain, 1)
+    payload = parse_payment_payload(body["paymentPayload"])
+    requirements = parse_payment_requirements(2, body["paymentRequirements"])
+    assert client.get_supported().kinds
+    assert client.verify(payload, requirements).is_valid is True
+    result = client.settle(payload, requirements)
+    assert result.success is True and result.transaction.startswith("0x")
+
+
+@pytest.fixture
+def via_sdk_facilitator(chain):
+    """Settings whose payment option delegates to the official SDK's facilitator."""
+    with (
+        serve_sdk_facilitator(chain.rpc_url, chain.spare_keys[0], chain.network) as (url, calls),
+        override_settings(**option_settings(chain, facilitator_url=url)),
+    ):
+        yield calls
+
+
+def test_gate_delegates_to_the_sdk_facilitator(chain, via_sdk_facilitator, demo_model, eager_celery) -> None:
+    calls = via_sdk_facilitator
+    req = Requirement(payment_options()[0], PRICE)
+    payer = chain.payers[2]
+    before = token_balance(chain, payer["address"])
+    response = Client().post(
+        "/v1/models/demo/echo-text/predictions",
+        data=json.dumps({"input": {"text": "via sdk"}}),
+        content_type="application/json",
+        headers={"PAYMENT-SIGNATURE": v2_header(payer["private_key"], req)},
+    )
+    assert response.status_code == 201, response.content
+    prediction = Client().get(f"/v1/predictions/{response.json()['id']}").json()
+    assert calls == ["/verify", "/settle"]
+    assert prediction["status"] == "succeeded" and prediction["output"] == "via sdk"
+    payment = Payment.objects.get()
+    assert payment.verification == "facilitator" and payment.status == "confirmed"
+    assert token_balance(chain, payer["address"]) == before - PRICE
+
+
+def test_sdk_facilitator_refusal_is_a_402_with_its_reason(chain, via_sdk_facilitator, demo_model) -> None:
+    from eth_account import Account
+
+    req = Requirement(payment_options()[0], PRICE)
+    response = Client().post(
+        "/v1/models/demo/echo-text/predictions",
+        data=json.dumps({"input": {"text": "x"}}),
+        content_type="application/json",
+        headers={"PAYMENT-SIGNATURE": v2_header(Account.create().key.hex(), req)},
+    )
+    assert response.status_code == 402
+    assert decode_header(response["PAYMENT-REQUIRED"])["error"] == "invalid_exact_evm_insufficient_balance"
+    assert Payment.objects.count() == 0
+
+
+def test_facilitator_down_is_503(chain, demo_model) -> None:
+    from tests.conftest import free_port
+
+    with override_settings(**option_settings(chain, facilitator_url=f"http://127.0.0.1:{free_port()}")):
+        req = Requirement(payment_options()[0], PRICE)
+        response = Client().post(
+            "/v1/models/demo/echo-text/predictions",
+            data=json.dumps({"input": {"text": "x"}}),
+            content_type="application/json",
+            headers={"PAYMENT-SIGNATURE": v2_header(chain.payers[3]["private_key"], req)},
+        )
+    assert response.status_code == 503 and response["Retry-After"]
+    assert Payment.objects.count() == 0
