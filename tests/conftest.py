@@ -58,6 +58,17 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
         devchain.stop(proc)
 
 
+@pytest.fixture(scope="session")
+def second_token(chain: DevChain) -> DevChain:
+    """A second EIP-3009 token on the same chain, with Base Sepolia's domain ("USDC"/"2")."""
+    accounts = [p["address"] for p in chain.payers]
+    config = {
+        "available_accounts": [chain.relayer_address, chain.pay_to, *accounts],
+        "private_keys": [chain.relayer_private_key, "", *[p["private_key"] for p in chain.payers]],
+    }
+    return devchain.deploy(chain.rpc_url, config, asset_name="USDC", asset_version="2")
+
+
 def option_settings(dev: DevChain, **extra: Any) -> dict[str, Any]:
     option = {
         "network": dev.network,

@@ -202,3 +202,32 @@ def test_wrong_price_is_refused_with_a_fresh_challenge(chain_settings, demo_mode
     assert response.status_code == 402
     assert response.json()["error"] == "invalid_exact_evm_payload_authorization_value_mismatch"
     assert decode_header(response["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == str(PRICE)
+
+
+def test_several_options_in_a_stable_order_and_each_pays(
+    chain, second_token, demo_model, eager_celery
+) -> None:
+    first = option_settings(chain)["X402_PAYMENT_OPTIONS"][0]
+    second = option_settings(second_token)["X402_PAYMENT_OPTIONS"][0]
+    with override_settings(X402_PAYMENT_OPTIONS=[first, second], X402_RELAYER_KEY=chain.relayer_private_key):
+        challenges = [
+            decode_header(post(Client(), {"input": {"text": "x"}})["PAYMENT-REQUIRED"]) for _ in range(3)
+        ]
+        assert challenges[0] == challenges[1] == challenges[2]
+        accepts = challenges[0]["accepts"]
+        assert [(a["asset"], a["extra"]["name"]) for a in accepts] == [
+            (chain.asset, "USD Coin"),
+            (second_token.asset, "USDC"),
+        ]
+        payer = chain.payers[5]
+        before = token_balance(second_token, payer["address"])
+        req = Requirement(payment_options()[1], PRICE)
+        response = post(
+            Client(),
+            {"input": {"text": "second"}},
+            **{"PAYMENT-SIGNATURE": v2_header(payer["private_key"], req)},
+        )
+        assert response.status_code == 201, response.content
+        assert Payment.objects.get().asset == second_token.asset
+        assert Client().get(f"/v1/predictions/{response.json()['id']}").json()["status"] == "succeeded"
+    assert token_balance(second_token, payer["address"]) == before - PRICE
