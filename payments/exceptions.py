@@ -7,7 +7,7 @@ shape Replicate uses (``title``, ``detail``, ``status``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.http import Http404
@@ -27,6 +27,8 @@ class Challenge:
 
     requirements: list[Requirement]
     resource: Resource
+    #: Requirements at earlier prices, accepted but no longer offered.
+    honoured: list[Requirement] = field(default_factory=list)
 
     def reject(self, error: str, message: str = "") -> PaymentRequired:
         return PaymentRequired(self, error, message)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 
 from django.conf import settings
 from rest_framework import exceptions
@@ -22,6 +22,7 @@ from .chain import ChainUnavailable
 from .exceptions import Challenge
 from .facilitator import FacilitatorClient, FacilitatorUnavailable
 from .options import ConfiguredOption, configured, for_option
+from .pricing import atomic_amount
 from .verification import verify_on_chain
 from .x402.codec import DecodeError, decode_header
 from .x402.types import Requirement, Resource, parse_payload, wire_requirement
@@ -35,11 +36,16 @@ V1_HEADER = "X-PAYMENT"
 
 @dataclass(frozen=True, slots=True)
 class Charge:
-    """What a request costs, from the view: price in USD(C) and what the payment buys."""
+    """What a request costs, from the view: price in USD(C) and what the payment buys.
+
+    ``honoured``: earlier prices of this request whose challenges may still be answered (a
+    price change never cheats an agent that signed against the previous challenge).
+    """
 
     price: Decimal
     resource: Resource
     fingerprint: str
+    honoured: tuple[Decimal, ...] = ()
 
 
 class ServiceUnavailable(exceptions.APIException):
@@ -47,19 +53,23 @@ class ServiceUnavailable(exceptions.APIException):
     default_detail = "Payment verification is temporarily unavailable; retry shortly."
 
 
-def atomic_amount(price: Decimal, decimals: int) -> int:
-    """Price in token units, rounded up: a paid price never rounds to zero."""
-    return int((price.scaleb(decimals)).to_integral_value(rounding=ROUND_CEILING))
-
-
 def challenge_for(charge: Charge) -> Challenge:
     options = configured()
     if not options:
         raise ServiceUnavailable("No payment option is configured on this server.")
-    return Challenge(
-        requirements=[Requirement(c.option, atomic_amount(charge.price, c.option.decimals)) for c in options],
-        resource=charge.resource,
-    )
+
+    def requirements(price: Decimal) -> list[Requirement]:
+        return [Requirement(c.option, atomic_amount(price, c.option.decimals)) for c in options]
+
+    offered = requirements(charge.price)
+    honoured = [r for old in charge.honoured for r in requirements(old) if r not in offered]
+    return Challenge(requirements=offered, resource=charge.resource, honoured=honoured)
+
+
+def honour_window_seconds() -> int:
+    """How long a challenge's price is honoured after it changes: its longest validity."""
+    longest = max((c.option.max_timeout_seconds for c in configured()), default=0)
+    return longest + settings.X402_CLOCK_SKEW_SECONDS
 
 
 class X402Payment(BasePermission):
@@ -82,7 +92,7 @@ class X402Payment(BasePermission):
             payload = parse_payload(decode_header(header))
             verified = verify_exact(
                 payload,
-                challenge.requirements,
+                [*challenge.requirements, *challenge.honoured],
                 int(time.time()),
                 settle_margin=settings.X402_SETTLE_MARGIN_SECONDS,
                 clock_skew=settings.X402_CLOCK_SKEW_SECONDS,

@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import secrets
 from decimal import Decimal
+from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
-from django.db import models
+from django.db import models, transaction
 from django.utils import timezone
 
-from payments.models import Payment
+from payments.models import HardwareTier, Payment, PriceChange
+from payments.pricing import invalidate, quote
 
 _slug = RegexValidator(r"^[a-z0-9][a-z0-9_.-]*$", "lowercase letters, digits, '-', '_' and '.'")
 
@@ -20,28 +23,120 @@ def new_prediction_id() -> str:
     return base64.b32encode(secrets.token_bytes(20)).decode("ascii").lower()
 
 
+class PricingMode(models.TextChoices):
+    FLAT = "flat", "Flat price per run"
+    PER_SECOND = "per_second", "Tier price per second x expected seconds"
+
+
+#: The fields of a model that make up its pricing rule (changes to them are audited).
+PRICING_FIELDS = (
+    "is_free",
+    "pricing_mode",
+    "price",
+    "hardware_id",
+    "expected_seconds",
+    "minimum_price",
+    "markup_percent",
+    "unit_field",
+    "unit_price",
+)
+_money = {"max_digits": 20, "decimal_places": 6, "validators": [MinValueValidator(Decimal(0))]}
+
+
 class Model(models.Model):
     owner = models.CharField(max_length=64, validators=[_slug])
     name = models.CharField(max_length=128, validators=[_slug])
     description = models.TextField(blank=True)
-    price = models.DecimalField(
-        max_digits=20,
-        decimal_places=6,
-        default=Decimal("0.01"),
-        validators=[MinValueValidator(Decimal("0"))],
-        help_text="USDC per run; 0 makes the model free",
+    hardware = models.ForeignKey(
+        HardwareTier, null=True, blank=True, on_delete=models.PROTECT, related_name="models"
     )
+    is_free = models.BooleanField(default=False, help_text="Runs without payment")
+    pricing_mode = models.CharField(max_length=16, choices=PricingMode.choices, default=PricingMode.FLAT)
+    price = models.DecimalField(**_money, default=Decimal("0.01"), help_text="Flat USDC per run")
+    expected_seconds = models.DecimalField(
+        max_digits=12,
+        decimal_places=3,
+        default=Decimal(1),
+        validators=[MinValueValidator(Decimal(0))],
+        help_text="Per-second pricing: expected run time",
+    )
+    minimum_price = models.DecimalField(**_money, default=Decimal(0), help_text="USDC floor per run")
+    markup_percent = models.DecimalField(
+        max_digits=7, decimal_places=2, default=Decimal(0), validators=[MinValueValidator(Decimal(0))]
+    )
+    unit_field = models.CharField(
+        max_length=64, blank=True, help_text="Input field that multiplies unit_price (e.g. num_outputs)"
+    )
+    unit_price = models.DecimalField(**_money, default=Decimal(0), help_text="USDC per unit of unit_field")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["owner", "name"], name="model_owner_name_unique"),
             models.CheckConstraint(condition=models.Q(price__gte=0), name="model_price_not_negative"),
+            models.CheckConstraint(
+                condition=models.Q(minimum_price__gte=0, unit_price__gte=0, markup_percent__gte=0),
+                name="model_pricing_not_negative",
+            ),
         ]
         ordering = ["owner", "name"]
 
     def __str__(self) -> str:
         return f"{self.owner}/{self.name}"
+
+    def pricing_rule(self) -> dict[str, Any]:
+        """The rule as a snapshot (see payments.pricing)."""
+        return {
+            "is_free": self.is_free,
+            "mode": self.pricing_mode,
+            "price": str(self.price),
+            "tier": self.hardware.slug if self.hardware else None,
+            "tier_price_per_second": str(self.hardware.price_per_second) if self.hardware else "0",
+            "expected_seconds": str(self.expected_seconds),
+            "minimum": str(self.minimum_price),
+            "markup_percent": str(self.markup_percent),
+            "unit_field": self.unit_field,
+            "unit_price": str(self.unit_price),
+        }
+
+    @property
+    def price_per_run(self) -> Decimal:
+        """The price of a run with default inputs."""
+        return quote(self.pricing_rule())
+
+    def clean(self) -> None:
+        errors: dict[str, str] = {}
+        if self.pricing_mode == PricingMode.PER_SECOND and self.hardware is None:
+            errors["hardware"] = "Per-second pricing needs a hardware tier."
+        if not self.is_free and self.price_per_run <= 0:
+            errors["price"] = "A paid model must cost more than 0; tick 'is free' to make it free."
+        if self.is_free and self.hardware and self.hardware.price_per_second > 0:
+            # Giving away paid hardware is almost always a slip: say so rather than guess.
+            errors["is_free"] = (
+                f"Marked free but runs on {self.hardware}, which costs "
+                f"{self.hardware.price_per_second} USDC/s: untick 'is free' or pick a free tier."
+            )
+        if self.unit_field and self.unit_price <= 0:
+            errors["unit_price"] = "Set a price per unit, or clear the unit field."
+        if errors:
+            raise ValidationError(errors)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        previous = Model.objects.select_related("hardware").filter(pk=self.pk).first() if self.pk else None
+        super().save(*args, **kwargs)
+        if previous is None:
+            return
+        old_rule, new_rule = previous.pricing_rule(), self.pricing_rule()
+        if old_rule != new_rule:
+            PriceChange.objects.create(
+                model=self,
+                tier=self.hardware,
+                changed_by=getattr(self, "_changed_by", None),
+                old_rule=old_rule,
+                new_rule=new_rule,
+            )
+        pk = self.pk
+        transaction.on_commit(lambda: invalidate([pk]))
 
     @property
     def latest_version(self) -> ModelVersion | None:

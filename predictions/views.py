@@ -14,7 +14,8 @@ from rest_framework.views import APIView
 
 from payments.exceptions import InvalidInput
 from payments.ledger import request_fingerprint
-from payments.permissions import Charge, X402Payment
+from payments.permissions import Charge, X402Payment, honour_window_seconds
+from payments.pricing import PricingError, pricing_state, quote
 from payments.x402.codec import encode_header
 from payments.x402.types import Resource, settle_response
 
@@ -62,8 +63,15 @@ class PaidPredictionCreate(APIView):
         self.version, self.inputs = version, inputs
         model = version.model
         url = request.build_absolute_uri(request.path)
+        state = pricing_state(model, honour_window_seconds())
+        try:
+            price = quote(state.current, inputs)
+            honoured = tuple({quote(rule, inputs) for rule in state.honoured} - {price})
+        except PricingError as exc:
+            raise InvalidInput(str(exc), {state.current.get("unit_field") or "input": str(exc)}) from None
         return Charge(
-            price=model.price,
+            price=price,
+            honoured=honoured,
             resource=Resource(
                 url=url, description=f"One prediction of {model}", mime_type="application/json"
             ),

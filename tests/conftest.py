@@ -41,6 +41,24 @@ def celery_test_broker() -> None:
     app.conf.update(broker_url=TEST_BROKER_URL, task_default_queue=TEST_QUEUE)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def test_cache() -> Iterator[None]:
+    """A cache of this session's own (Redis database 14, a fresh key prefix)."""
+    location = os.environ.get("TEST_CACHE_URL", "redis://127.0.0.1:6379/14")
+    backend = "django.core.cache.backends.redis.RedisCache"
+    with override_settings(
+        CACHES={"default": {"BACKEND": backend, "LOCATION": location, "KEY_PREFIX": TEST_QUEUE}}
+    ):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _clear_cache() -> None:
+    from django.core.cache import cache
+
+    cache.clear()
+
+
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
     """anvil + test USDC ("USD Coin"/"2"), 8 funded payers; the file other processes read."""
