@@ -84,6 +84,23 @@ class Model(models.Model):
     def __str__(self) -> str:
         return f"{self.owner}/{self.name}"
 
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        previous = Model.objects.select_related("hardware").filter(pk=self.pk).first() if self.pk else None
+        super().save(*args, **kwargs)
+        if previous is None:
+            return
+        old_rule, new_rule = previous.pricing_rule(), self.pricing_rule()
+        if old_rule != new_rule:
+            PriceChange.objects.create(
+                model=self,
+                tier=self.hardware,
+                changed_by=getattr(self, "_changed_by", None),
+                old_rule=old_rule,
+                new_rule=new_rule,
+            )
+        pk = self.pk
+        transaction.on_commit(lambda: invalidate([pk]))
+
     def pricing_rule(self) -> dict[str, Any]:
         """The rule as a snapshot (see payments.pricing)."""
         return {
@@ -120,23 +137,6 @@ class Model(models.Model):
             errors["unit_price"] = "Set a price per unit, or clear the unit field."
         if errors:
             raise ValidationError(errors)
-
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        previous = Model.objects.select_related("hardware").filter(pk=self.pk).first() if self.pk else None
-        super().save(*args, **kwargs)
-        if previous is None:
-            return
-        old_rule, new_rule = previous.pricing_rule(), self.pricing_rule()
-        if old_rule != new_rule:
-            PriceChange.objects.create(
-                model=self,
-                tier=self.hardware,
-                changed_by=getattr(self, "_changed_by", None),
-                old_rule=old_rule,
-                new_rule=new_rule,
-            )
-        pk = self.pk
-        transaction.on_commit(lambda: invalidate([pk]))
 
     @property
     def latest_version(self) -> ModelVersion | None:
