@@ -6,6 +6,9 @@ class PaymentsConfig(AppConfig):
     verbose_name = "Payments ledger"
 
     def ready(self) -> None:
-        from . import options
+        from django.db.models.signals import post_migrate
+
+        from . import options, roles
 
         options.connect_signals()
+        post_migrate.connect(roles.ensure_roles, dispatch_uid="payments.roles")

@@ -101,6 +101,7 @@ class Payment(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        permissions = [("export_payment", "Can export the ledger")]
         constraints = [
             models.UniqueConstraint(
                 fields=["network", "asset", "payer", "nonce"], name="payment_authorization_once"
@@ -198,6 +199,7 @@ class HardwareTier(models.Model):
 
     class Meta:
         ordering = ["price_per_second", "slug"]
+        permissions = [("view_payment_options", "Can view the accepted payment options")]
         constraints = [
             models.CheckConstraint(
                 condition=models.Q(price_per_second__gte=0), name="tier_price_not_negative"

@@ -9,7 +9,7 @@ from rest_framework.request import Request
 
 from payments.models import Payment
 
-from .models import Prediction
+from .models import Model, Prediction
 
 
 def _iso(value: Any) -> str | None:
@@ -51,4 +51,50 @@ def prediction_json(prediction: Prediction, request: Request) -> dict[str, Any]:
         "metrics": {"predict_time": prediction.predict_time} if prediction.predict_time is not None else {},
         "data_removed": False,
         "payment": payment_json(prediction.payment),
+    }
+
+
+def model_json(model: Model, request: Request) -> dict[str, Any]:
+    """Replicate's model object plus ``pricing``: what one run costs through each option."""
+    from payments.options import configured
+    from payments.pricing import atomic_amount, quote
+
+    version = model.latest_version
+    rule = model.pricing_rule()
+    price = quote(rule)
+    return {
+        "url": request.build_absolute_uri(f"/v1/models/{model.owner}/{model.name}"),
+        "owner": model.owner,
+        "name": model.name,
+        "description": model.description,
+        "visibility": "public",
+        "run_count": model.predictions.count(),
+        "latest_version": {
+            "id": version.id,
+            "created_at": _iso(version.created_at),
+            "openapi_schema": {"input": version.input_schema, "output": version.output_schema},
+        }
+        if version
+        else None,
+        "hardware": model.hardware.slug if model.hardware else None,
+        "pricing": {
+            "free": price <= 0,
+            "price_per_run": f"{price.normalize():f}",
+            "currency": "USDC",
+            "mode": rule["mode"],
+            "unit_field": rule["unit_field"] or None,
+            "unit_price": rule["unit_price"] if rule["unit_field"] else None,
+            "accepts": []
+            if price <= 0
+            else [
+                {
+                    "scheme": "exact",
+                    "network": c.option.network,
+                    "asset": c.option.asset,
+                    "amount": str(atomic_amount(price, c.option.decimals)),
+                    "payTo": c.option.pay_to,
+                }
+                for c in configured()
+            ],
+        },
     }

@@ -8,6 +8,7 @@ import jsonschema
 from django.shortcuts import get_object_or_404
 from rest_framework import status
 from rest_framework.exceptions import NotFound, ParseError
+from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -20,7 +21,7 @@ from payments.x402.codec import encode_header
 from payments.x402.types import Resource, settle_response
 
 from .models import Model, ModelVersion, Prediction
-from .serializers import prediction_json
+from .serializers import model_json, prediction_json
 from .services import create_prediction
 
 PAYMENT_RESPONSE_HEADERS = {1: "X-PAYMENT-RESPONSE", 2: "PAYMENT-RESPONSE"}
@@ -49,6 +50,23 @@ def validate_input(version: ModelVersion, data: Any) -> dict[str, Any]:
     return inputs
 
 
+def charge_for(version: ModelVersion, inputs: dict[str, Any], url: str, path: str) -> Charge:
+    """What running ``version`` on ``inputs`` costs (the gate and the admin preview share it)."""
+    model = version.model
+    state = pricing_state(model, honour_window_seconds())
+    try:
+        price = quote(state.current, inputs)
+        honoured = tuple({quote(rule, inputs) for rule in state.honoured} - {price})
+    except PricingError as exc:
+        raise InvalidInput(str(exc), {state.current.get("unit_field") or "input": str(exc)}) from None
+    return Charge(
+        price=price,
+        honoured=honoured,
+        resource=Resource(url=url, description=f"One prediction of {model}", mime_type="application/json"),
+        fingerprint=request_fingerprint(path, {"version": version.id, "input": inputs}),
+    )
+
+
 class PaidPredictionCreate(APIView):
     """Shared create logic: resolve the version, price it, take the payment, create."""
 
@@ -59,24 +77,9 @@ class PaidPredictionCreate(APIView):
 
     def get_charge(self, request: Request) -> Charge | None:
         version = self.resolve_version(request)
-        inputs = validate_input(version, request.data)
-        self.version, self.inputs = version, inputs
-        model = version.model
-        url = request.build_absolute_uri(request.path)
-        state = pricing_state(model, honour_window_seconds())
-        try:
-            price = quote(state.current, inputs)
-            honoured = tuple({quote(rule, inputs) for rule in state.honoured} - {price})
-        except PricingError as exc:
-            raise InvalidInput(str(exc), {state.current.get("unit_field") or "input": str(exc)}) from None
-        return Charge(
-            price=price,
-            honoured=honoured,
-            resource=Resource(
-                url=url, description=f"One prediction of {model}", mime_type="application/json"
-            ),
-            fingerprint=request_fingerprint(request.path, {"version": version.id, "input": inputs}),
-        )
+        self.version = version
+        self.inputs = validate_input(version, request.data)
+        return charge_for(version, self.inputs, request.build_absolute_uri(request.path), request.path)
 
     def post(self, request: Request, **kwargs: Any) -> Response:
         prediction, created = create_prediction(
@@ -139,3 +142,22 @@ class PredictionDetail(APIView):
             Prediction.objects.select_related("payment", "model"), pk=prediction_id
         )
         return Response(prediction_json(prediction, request))
+
+
+class ModelList(APIView):
+    """GET /v1/models: the catalogue with prices, so an agent can budget before it calls."""
+
+    def get(self, request: Request) -> Response:
+        paginator = CursorPagination()
+        paginator.ordering = ("owner", "name")
+        paginator.page_size = 50
+        page = paginator.paginate_queryset(Model.objects.select_related("hardware"), request, view=self)
+        return paginator.get_paginated_response([model_json(m, request) for m in page])
+
+
+class ModelDetail(APIView):
+    """GET /v1/models/{owner}/{name}."""
+
+    def get(self, request: Request, owner: str, name: str) -> Response:
+        model = get_object_or_404(Model.objects.select_related("hardware"), owner=owner, name=name)
+        return Response(model_json(model, request))

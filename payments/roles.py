@@ -1,0 +1,49 @@
+"""Staff roles as permission groups, kept in step with the code after every migrate.
+
+- Operators run the catalogue: hardware tiers, models, versions, prices, and may look at the
+  (read-only) payment options. They get no access to the ledger.
+- Finance reads the ledger and its events, exports it and sees the dashboard. They get no
+  access to prices, keys, or predictions' inputs and outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+OPERATORS = "Operators"
+FINANCE = "Finance"
+
+ROLE_PERMISSIONS: dict[str, list[str]] = {
+    OPERATORS: [
+        "payments.add_hardwaretier",
+        "payments.change_hardwaretier",
+        "payments.view_hardwaretier",
+        "payments.view_pricechange",
+        "payments.view_payment_options",
+        "predictions.add_model",
+        "predictions.change_model",
+        "predictions.view_model",
+        "predictions.add_modelversion",
+        "predictions.change_modelversion",
+        "predictions.view_modelversion",
+    ],
+    FINANCE: [
+        "payments.view_payment",
+        "payments.view_paymentevent",
+        "payments.export_payment",
+    ],
+}
+
+
+def ensure_roles(**kwargs: Any) -> None:
+    from django.contrib.auth.models import Group, Permission
+
+    for name, codes in ROLE_PERMISSIONS.items():
+        group, _ = Group.objects.get_or_create(name=name)
+        perms = []
+        for code in codes:
+            app_label, codename = code.split(".")
+            perm = Permission.objects.filter(content_type__app_label=app_label, codename=codename).first()
+            if perm is not None:
+                perms.append(perm)
+        group.permissions.set(perms)

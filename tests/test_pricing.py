@@ -1,0 +1,260 @@
+"""Pricing rules, rounding, audit history, quotes across a price change, admin and roles."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.contrib.auth.models import Group, User
+from django.core.cache import cache
+from django.core.exceptions import ValidationError
+from django.test import Client
+
+from payments.models import HardwareTier, PriceChange
+from payments.options import payment_options
+from payments.pricing import atomic_amount, quote
+from payments.roles import FINANCE, OPERATORS
+from payments.x402.codec import decode_header
+from payments.x402.types import Requirement
+from tests.payers import v2_header
+
+URL = "/v1/models/demo/echo-text/predictions"
+D = Decimal
+
+
+@pytest.mark.parametrize(
+    "rule, inputs, expected",
+    [
+        ({"mode": "flat", "price": "0.01"}, {}, D("0.01")),
+        ({"is_free": True, "mode": "flat", "price": "5"}, {}, D(0)),
+        (
+            {"mode": "per_second", "tier_price_per_second": "0.001400", "expected_seconds": "7.5"},
+            {},
+            D("0.0105"),
+        ),
+        ({"mode": "flat", "price": "0.001", "minimum": "0.005"}, {}, D("0.005")),
+        ({"mode": "flat", "price": "0.01", "markup_percent": "20"}, {}, D("0.012")),
+        (
+            {"mode": "flat", "price": "0.01", "unit_field": "num_outputs", "unit_price": "0.02"},
+            {"num_outputs": 3},
+            D("0.07"),
+        ),
+        (
+            {"mode": "flat", "price": "0", "unit_field": "n", "unit_price": "0.5", "unit_default": 1},
+            {},
+            D("0.5"),
+        ),
+    ],
+)
+def test_rules(rule, inputs, expected) -> None:
+    assert quote(rule, inputs) == expected
+
+
+@pytest.mark.parametrize("value", [-1, "3", 1.5, True])
+def test_unit_pricing_refuses_bad_counts(value) -> None:
+    from payments.pricing import PricingError
+
+    with pytest.raises(PricingError):
+        quote({"mode": "flat", "price": "0", "unit_field": "n", "unit_price": "1"}, {"n": value})
+
+
+@pytest.mark.parametrize(
+    "price, decimals, atomic",
+    [
+        (D("0.01"), 6, 10_000),
+        (D("0.0000001"), 6, 1),
+        (D("0.0000011"), 6, 2),
+        (D("1.5"), 6, 1_500_000),
+        (D("0.0105"), 6, 10_500),
+        (D("0.01"), 18, 10**16),
+    ],
+)
+def test_rounding_is_up_and_never_zero_for_a_paid_price(price, decimals, atomic) -> None:
+    assert atomic_amount(price, decimals) == atomic
+
+
+def test_validation_messages(db, demo_model) -> None:
+    gpu = HardwareTier.objects.create(slug="gpu-test", name="Test GPU", price_per_second=D("0.001"))
+    cases = [
+        ({"price": D("-1")}, "price"),
+        ({"pricing_mode": "per_second", "hardware": None}, "hardware"),
+        ({"price": D(0)}, "price"),
+        ({"is_free": True, "hardware": gpu}, "is_free"),
+        ({"unit_field": "n", "unit_price": D(0)}, "unit_price"),
+    ]
+    for changes, field in cases:
+        demo_model.refresh_from_db()
+        for k, v in changes.items():
+            setattr(demo_model, k, v)
+        with pytest.raises(ValidationError) as info:
+            demo_model.full_clean()
+        assert field in info.value.message_dict, (changes, info.value.message_dict)
+
+
+@pytest.fixture
+def staff(db):
+    """An operator and a finance user, in their groups (created on migrate)."""
+    from payments.roles import ensure_roles
+
+    ensure_roles()
+
+    def make(name: str, group: str) -> Client:
+        user = User.objects.create_user(name, password="pw", is_staff=True)
+        user.groups.add(Group.objects.get(name=group))
+        client = Client()
+        client.force_login(user)
+        return client
+
+    return {"operator": make("olga", OPERATORS), "finance": make("finn", FINANCE), "anonymous": Client()}
+
+
+def _change_form(model, **changes) -> dict:
+    data = {
+        "owner": model.owner,
+        "name": model.name,
+        "description": model.description,
+        "hardware": model.hardware_id or "",
+        "pricing_mode": model.pricing_mode,
+        "price": str(model.price),
+        "expected_seconds": str(model.expected_seconds),
+        "minimum_price": str(model.minimum_price),
+        "markup_percent": str(model.markup_percent),
+        "unit_field": model.unit_field,
+        "unit_price": str(model.unit_price),
+        "versions-TOTAL_FORMS": "0",
+        "versions-INITIAL_FORMS": "0",
+        "price_changes-TOTAL_FORMS": "0",
+        "price_changes-INITIAL_FORMS": "0",
+    }
+    data.update(changes)
+    return data
+
+
+@pytest.mark.django_db(transaction=True)
+def test_price_changed_in_admin_shows_in_the_very_next_402(chain_settings, demo_model, staff) -> None:
+    first = Client().post(URL, data={"input": {"text": "x"}}, content_type="application/json")
+    assert decode_header(first["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == "10000"
+    change_url = f"/admin/predictions/model/{demo_model.pk}/change/"
+    response = staff["operator"].post(change_url, data=_change_form(demo_model, price="0.25"))
+    assert response.status_code == 302, response.content[:2000]
+    second = Client().post(URL, data={"input": {"text": "x"}}, content_type="application/json")
+    assert decode_header(second["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == "250000"
+    change = PriceChange.objects.get()
+    assert change.changed_by.username == "olga"
+    assert (change.old_price, change.new_price) == (D("0.01"), D("0.25"))
+    # The history is visible in admin.
+    assert b"0.25" in staff["operator"].get("/admin/payments/pricechange/").content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_who_may_edit_prices_and_see_the_ledger(chain_settings, demo_model, staff) -> None:
+    change_url = f"/admin/predictions/model/{demo_model.pk}/change/"
+    assert staff["operator"].get(change_url).status_code == 200
+    assert staff["operator"].get("/admin/payments/hardwaretier/").status_code == 200
+    assert staff["operator"].get("/admin/payments/payment/").status_code == 403
+    assert staff["operator"].get("/admin/payments/hardwaretier/payment-options/").status_code == 200
+
+    assert staff["finance"].get(change_url).status_code == 403
+    assert staff["finance"].post(change_url, data=_change_form(demo_model, price="9")).status_code == 403
+    assert staff["finance"].get("/admin/payments/payment/").status_code == 200
+    assert staff["finance"].get("/admin/payments/hardwaretier/payment-options/").status_code == 403
+
+    anon = staff["anonymous"].post(change_url, data=_change_form(demo_model, price="9"))
+    assert anon.status_code == 302 and "/admin/login/" in anon["Location"]
+    demo_model.refresh_from_db()
+    assert demo_model.price == D("0.01")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_quote_is_honoured_through_its_window_then_refused(
+    chain_settings, demo_model, eager_celery
+) -> None:
+    old_req = Requirement(payment_options()[0], 10_000)
+    payer = chain_settings.payers[6]["private_key"]
+    demo_model.price = D("0.02")
+    demo_model.save()
+
+    # Signed against the challenge issued before the change: honoured.
+    ok = Client().post(
+        URL,
+        data={"input": {"text": "old quote"}},
+        content_type="application/json",
+        headers={"PAYMENT-SIGNATURE": v2_header(payer, old_req)},
+    )
+    assert ok.status_code == 201, ok.content
+    # The challenge itself now asks for the new price.
+    fresh = Client().post(URL, data={"input": {"text": "x"}}, content_type="application/json")
+    assert decode_header(fresh["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == "20000"
+
+    # Once the old challenge's maxTimeoutSeconds has run out, the old price is refused.
+    PriceChange.objects.update(changed_at=PriceChange.objects.get().changed_at - timedelta(seconds=400))
+    cache.clear()
+    late = Client().post(
+        URL,
+        data={"input": {"text": "too late"}},
+        content_type="application/json",
+        headers={"PAYMENT-SIGNATURE": v2_header(payer, old_req)},
+    )
+    assert late.status_code == 402
+    assert late.json()["error"] == "invalid_exact_evm_payload_authorization_value_mismatch"
+    assert decode_header(late["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == "20000"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_tier_price_change_reprices_its_models_and_is_audited(chain_settings, demo_model) -> None:
+    tier = HardwareTier.objects.create(slug="gpu-x", name="GPU X", price_per_second=D("0.001"))
+    demo_model.hardware, demo_model.pricing_mode, demo_model.expected_seconds = tier, "per_second", D(10)
+    demo_model.save()
+    assert (
+        decode_header(
+            Client().post(URL, data={"input": {"text": "x"}}, content_type="application/json")[
+                "PAYMENT-REQUIRED"
+            ]
+        )["accepts"][0]["amount"]
+        == "10000"
+    )
+    tier.price_per_second = D("0.002")
+    tier.save()
+    assert (
+        decode_header(
+            Client().post(URL, data={"input": {"text": "x"}}, content_type="application/json")[
+                "PAYMENT-REQUIRED"
+            ]
+        )["accepts"][0]["amount"]
+        == "20000"
+    )
+    assert PriceChange.objects.filter(tier=tier).first().new_price == D("0.02")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_models_api_lists_prices_per_option(chain_settings, demo_model) -> None:
+    listing = Client().get("/v1/models").json()
+    [model] = listing["results"]
+    assert model["owner"] == "demo" and model["name"] == "echo-text"
+    assert model["pricing"]["price_per_run"] == "0.01"
+    assert model["pricing"]["accepts"] == [
+        {
+            "scheme": "exact",
+            "network": "eip155:31337",
+            "asset": chain_settings.asset,
+            "amount": "10000",
+            "payTo": chain_settings.pay_to,
+        }
+    ]
+    assert Client().get("/v1/models/demo/echo-text").json()["latest_version"]["openapi_schema"]["input"][
+        "required"
+    ] == ["text"]
+    assert Client().get("/v1/models/demo/none").status_code == 404
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admin_preview_shows_the_exact_challenge(chain_settings, demo_model, staff) -> None:
+    page = staff["operator"].post(
+        f"/admin/predictions/model/{demo_model.pk}/preview/", data={"input": json.dumps({"text": "hi"})}
+    )
+    assert page.status_code == 200
+    assert b"&quot;amount&quot;: &quot;10000&quot;" in page.content
+    bad = staff["operator"].post(f"/admin/predictions/model/{demo_model.pk}/preview/", data={"input": "{}"})
+    assert b"text" in bad.content and b"errornote" in bad.content
