@@ -42,18 +42,9 @@ class PriceChangeInline(admin.TabularInline):
 
 @admin.register(Model)
 class ModelAdmin(admin.ModelAdmin):
-    list_display = (
-        "__str__",
-        "hardware",
-        "pricing_mode",
-        "price",
-        "expected_seconds",
-        "effective_price",
-        "is_free",
-        "preview",
-    )
-    list_editable = ("hardware", "pricing_mode", "price", "expected_seconds")
-    list_filter = ("pricing_mode", "hardware", "is_free", "owner")
+    list_display = ("__str__", "effective_price", "price", "hardware", "pricing_mode", "is_free", "preview")
+    list_editable = ("price", "hardware")
+    list_filter = ("pricing_mode", "is_free", "owner")
     search_fields = ("owner", "name", "description")
     list_select_related = ("hardware",)
     inlines = [ModelVersionInline, PriceChangeInline]

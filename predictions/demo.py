@@ -7,6 +7,8 @@ import json
 from decimal import Decimal
 from typing import Any
 
+from payments.models import HardwareTier
+
 from .models import Model, ModelVersion
 
 DEMO_MODELS: list[dict[str, Any]] = [
@@ -39,7 +41,11 @@ def seed() -> list[Model]:
         model, _ = Model.objects.update_or_create(
             owner=spec["owner"],
             name=spec["name"],
-            defaults={"description": spec["description"], "price": spec["price"]},
+            defaults={
+                "description": spec["description"],
+                "price": spec["price"],
+                "hardware": HardwareTier.objects.filter(slug=spec.get("hardware", "cpu")).first(),
+            },
         )
         vid = version_id(spec["predictor"], spec["input_schema"], spec["output_schema"])
         ModelVersion.objects.get_or_create(

@@ -62,7 +62,8 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
         try:
             # Only the embedded default is ours to reset; a configured DATABASE_URL is kept.
-            ensure_database(fresh="DATABASE_URL" not in os.environ)
+            embedded = "DATABASE_URL" not in os.environ
+            ensure_database(fresh=embedded)
             self.stdout.write("starting anvil and deploying the test USDC...")
             try:
                 anvil, config = devchain.start_anvil(opts["chain_port"], log_path=var / "anvil.log")
@@ -74,6 +75,8 @@ class Command(BaseCommand):
             manage = [sys.executable, str(BASE_DIR / "manage.py")]
             subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], check=True)
             subprocess.run([*manage, "seed_demo"], check=True)
+            if embedded:
+                self._dev_admin()
             worker_log = open(var / "worker.log", "ab")
             children.append(
                 subprocess.Popen(
@@ -114,6 +117,7 @@ class Command(BaseCommand):
                 f"  chain      {chain.rpc_url} (chain id {chain.chain_id}), test USDC {chain.asset}\n"
                 f"  pay-to     {chain.pay_to}\n"
                 f"  dev chain  {settings.X402_DEVCHAIN_FILE} ({len(chain.payers)} funded payers)\n"
+                f"  admin      http://127.0.0.1:{opts['port']}/admin/ (user admin, password admin: dev only)\n"
                 f"  logs       {var}/worker.log, {var}/anvil.log\n\n"
                 "Pay for a prediction as an agent would (in another terminal):\n"
                 '  .venv/bin/python examples/agent_pay.py "hello"\n\n'
@@ -127,6 +131,15 @@ class Command(BaseCommand):
         finally:
             for child in reversed(children):
                 devchain.stop(child)
+
+    @staticmethod
+    def _dev_admin() -> None:
+        """A superuser admin/admin on the dev database, so the admin can be tried at once."""
+        from django.contrib.auth import get_user_model
+
+        User = get_user_model()  # noqa: N806
+        if not User.objects.filter(username="admin").exists():
+            User.objects.create_superuser("admin", "admin@localhost", "admin")
 
     @staticmethod
     def _wait_http(url: str, timeout: float = 30.0) -> None:
