@@ -8,7 +8,7 @@ class PaymentsConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_migrate
 
-        from . import options, roles
+        from . import checks, options, roles  # noqa: F401  (checks registers itself)
 
         options.connect_signals()
         post_migrate.connect(roles.ensure_roles, dispatch_uid="payments.roles")

@@ -258,3 +258,20 @@ def test_admin_preview_shows_the_exact_challenge(chain_settings, demo_model, sta
     assert b"&quot;amount&quot;: &quot;10000&quot;" in page.content
     bad = staff["operator"].post(f"/admin/predictions/model/{demo_model.pk}/preview/", data={"input": "{}"})
     assert b"text" in bad.content and b"errornote" in bad.content
+
+
+def test_payment_option_checks(chain, settings) -> None:
+    from payments.checks import check_assets_on_chain, check_payment_options
+    from tests.conftest import option_settings
+
+    good = option_settings(chain)["X402_PAYMENT_OPTIONS"][0]
+    settings.X402_PAYMENT_OPTIONS = [good]
+    settings.X402_RELAYER_KEY = chain.relayer_private_key
+    assert check_payment_options() == [] and check_assets_on_chain() == []
+
+    settings.X402_PAYMENT_OPTIONS = [{**good, "pay_to": "0x" + good["pay_to"][2:].swapcase()}]
+    assert [e.id for e in check_payment_options()] == ["payments.E003"]
+    settings.X402_PAYMENT_OPTIONS = [{**good, "asset": chain.pay_to}]  # an account, not a contract
+    assert [e.id for e in check_assets_on_chain()] == ["payments.E006"]
+    settings.X402_PAYMENT_OPTIONS = [{**good, "network": "base"}]
+    assert [e.id for e in check_payment_options()] == ["payments.E004"]

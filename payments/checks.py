@@ -1,0 +1,74 @@
+"""System checks of the payment options: caught at start-up, not on an agent's request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+from eth_utils import is_address, is_checksum_address
+
+from .x402.networks import chain_id_of
+
+REQUIRED = ("network", "rpc_url", "asset", "asset_name", "asset_version", "pay_to")
+
+
+def _address_errors(i: int, key: str, value: Any) -> list[Error]:
+    if not isinstance(value, str) or not is_address(value):
+        return [Error(f"payment option {i}: {key} {value!r} is not an address", id="payments.E002")]
+    if value != value.lower() and value != value.upper() and not is_checksum_address(value):
+        return [
+            Error(
+                f"payment option {i}: {key} {value} has a bad EIP-55 checksum (a typo?)",
+                hint="Copy the address again, or write it all lowercase to skip the checksum.",
+                id="payments.E003",
+            )
+        ]
+    return []
+
+
+@register("payments")
+def check_payment_options(app_configs: Any = None, **kwargs: Any) -> list[Error | Warning]:
+    errors: list[Error | Warning] = []
+    for i, option in enumerate(settings.X402_PAYMENT_OPTIONS):
+        missing = [k for k in REQUIRED if not option.get(k)]
+        if missing:
+            errors.append(Error(f"payment option {i}: missing {', '.join(missing)}", id="payments.E001"))
+            continue
+        try:
+            chain_id_of(option["network"])
+        except ValueError as exc:
+            errors.append(Error(f"payment option {i}: {exc}", id="payments.E004"))
+        errors += _address_errors(i, "asset", option["asset"])
+        errors += _address_errors(i, "pay_to", option["pay_to"])
+    if (
+        settings.X402_PAYMENT_OPTIONS
+        and not settings.X402_RELAYER_KEY
+        and any(not o.get("facilitator_url") for o in settings.X402_PAYMENT_OPTIONS)
+    ):
+        errors.append(Warning("no X402_RELAYER_KEY: local settlement will fail", id="payments.W001"))
+    return errors
+
+
+@register("payments", deploy=True)
+def check_assets_on_chain(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """With --deploy: every asset must be a contract on its chain (one call per option)."""
+    from .chain import ChainUnavailable, rpc
+
+    errors = []
+    for i, option in enumerate(settings.X402_PAYMENT_OPTIONS):
+        try:
+            code = rpc(option["rpc_url"], "eth_getCode", [option["asset"], "latest"], timeout=5)
+        except (ChainUnavailable, KeyError, Exception) as exc:  # noqa: BLE001 - reported as a check
+            errors.append(
+                Error(f"payment option {i}: cannot reach {option.get('rpc_url')}: {exc}", id="payments.E005")
+            )
+            continue
+        if code in (None, "0x", "0x0"):
+            errors.append(
+                Error(
+                    f"payment option {i}: asset {option['asset']} is not a contract on {option['network']}",
+                    id="payments.E006",
+                )
+            )
+    return errors
