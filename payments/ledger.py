@@ -6,6 +6,8 @@ import hashlib
 import json
 from typing import Any
 
+from django.db import transaction
+from django.utils import timezone
 from eth_utils import to_checksum_address
 
 from .models import Payment, PaymentEvent, PaymentStatus
@@ -25,6 +27,7 @@ def record(
     resource: Resource,
     fingerprint: str,
     verification: str = "local",
+    settle_now: bool = True,
 ) -> Payment:
     """Insert the ledger row of a verified payment (call inside ``transaction.atomic()``).
 
@@ -52,6 +55,7 @@ def record(
         verification=verification,
         resource=resource.url,
         request_fingerprint=fingerprint,
+        settle_requested_at=timezone.now() if settle_now else None,
     )
     PaymentEvent.objects.create(payment=payment, to_status=PaymentStatus.VERIFIED)
     return payment
@@ -66,3 +70,18 @@ def find(verified: VerifiedPayment) -> Payment | None:
         payer=to_checksum_address(auth.from_),
         nonce="0x" + auth.nonce.hex(),
     ).first()
+
+
+def request_settlement(payment: Payment) -> None:
+    """Ask for a payment to be settled now (after_success: its prediction succeeded)."""
+    from .tasks import settle_payment
+
+    Payment.objects.filter(pk=payment.pk, settle_requested_at=None).update(settle_requested_at=timezone.now())
+    transaction.on_commit(lambda: settle_payment.delay(str(payment.pk)))
+
+
+def release(payment: Payment, reason: str) -> None:
+    """Leave a VERIFIED authorization unsettled for good (it expires; the agent pays nothing)."""
+    locked = Payment.objects.select_for_update().get(pk=payment.pk)
+    if locked.status == PaymentStatus.VERIFIED:
+        locked.advance(PaymentStatus.EXPIRED, failure_reason=f"released unsettled: {reason}")

@@ -88,8 +88,14 @@ class Payment(models.Model):
     )
 
     # Settlement.
+    settle_requested_at = models.DateTimeField(
+        null=True, blank=True, help_text="When settlement was asked for (at once, or after a successful run)"
+    )
     settle_tx_hash = models.CharField(max_length=66, null=True, blank=True, unique=True)
     settle_raw_tx = models.TextField(blank=True, help_text="Signed before broadcast, for rebroadcast")
+    replaced_tx_hashes = models.JSONField(
+        default=list, blank=True, help_text="Earlier signed settlements (same nonce) that may still be mined"
+    )
     relayer = models.CharField(max_length=42, blank=True)
     relayer_nonce = models.PositiveBigIntegerField(null=True, blank=True)
     block_number = models.PositiveBigIntegerField(null=True, blank=True)

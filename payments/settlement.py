@@ -17,6 +17,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
@@ -70,6 +71,20 @@ def _calldata(p: Payment) -> str:
             sig[32:64],
         ],
     )
+
+
+def _tx_fields(conf: ConfiguredOption, p: Payment, nonce: int, max_fee: int, priority: int) -> dict[str, Any]:
+    return {
+        "chainId": conf.option.chain_id,
+        "nonce": nonce,
+        "to": p.asset,
+        "data": _calldata(p),
+        "gas": GAS_LIMIT,
+        "maxFeePerGas": max_fee,
+        "maxPriorityFeePerGas": priority,
+        "value": 0,
+        "type": 2,
+    }
 
 
 def _lock(payment_id: Any) -> Payment:
@@ -178,19 +193,7 @@ def prepare(payment_id: Any) -> Payment:
             network=p.network, address=relayer.address, defaults={"next_nonce": 0}
         )
         nonce = _allocate_nonce(conf, p.network, relayer.address)
-        signed = relayer.sign_transaction(
-            {
-                "chainId": conf.option.chain_id,
-                "nonce": nonce,
-                "to": p.asset,
-                "data": call["data"],
-                "gas": GAS_LIMIT,
-                "maxFeePerGas": 2 * base_fee + priority,
-                "maxPriorityFeePerGas": priority,
-                "value": 0,
-                "type": 2,
-            }
-        )
+        signed = relayer.sign_transaction(_tx_fields(conf, p, nonce, 2 * base_fee + priority, priority))
         p.advance(
             S.SETTLING,
             settle_tx_hash="0x" + signed.hash.hex().removeprefix("0x"),
@@ -215,63 +218,162 @@ def broadcast(p: Payment) -> None:
         log.info("broadcast of %s for payment %s: %s", p.settle_tx_hash, p.pk, exc)
 
 
+def _hashes(p: Payment) -> list[str]:
+    """Every transaction that may settle this payment: the current one and those it replaced."""
+    return [h for h in [p.settle_tx_hash, *p.replaced_tx_hashes] if h]
+
+
+def _apply_receipts(p: Payment, receipts: dict[str, Any], latest: int, conf: ConfiguredOption) -> None:
+    """Move a locked SETTLING/SETTLED payment by what the chain says (no RPC here)."""
+    mined = next(((h, receipts[h]) for h in _hashes(p) if receipts.get(h)), None)
+    if mined is None:
+        if p.status == S.SETTLED:
+            # Reorg: the block holding our settlement is gone. The stored transaction is
+            # rebroadcast while the authorization is still valid.
+            p.advance(
+                S.SETTLING,
+                block_number=None,
+                block_hash="",
+                confirmations=0,
+                detail={"reorg": f"receipt of {p.settle_tx_hash} disappeared"},
+            )
+        elif p.valid_before < time.time() - 60:
+            # Never mined and no longer minable: the authorization lapsed unpaid.
+            p.advance(S.EXPIRED, failure_reason="settlement not mined before validBefore")
+        return
+    tx_hash, receipt = mined
+    block_number = int(receipt["blockNumber"], 16)
+    fields: dict[str, Any] = {
+        "block_number": block_number,
+        "block_hash": receipt["blockHash"],
+        "confirmations": max(0, latest - block_number + 1),
+    }
+    if tx_hash != p.settle_tx_hash:  # an older, replaced transaction was the one mined
+        fields["settle_tx_hash"] = tx_hash
+        fields["replaced_tx_hashes"] = [h for h in _hashes(p) if h != tx_hash]
+    if p.relayer and receipt.get("from", "").lower() == p.relayer.lower():
+        fields["gas_used"] = int(receipt["gasUsed"], 16)
+        fields["gas_cost_wei"] = fields["gas_used"] * int(receipt.get("effectiveGasPrice", "0x0"), 16)
+    if not transfer_matches(receipt, p):
+        reverted = int(receipt.get("status", "0x0"), 16) != 1
+        p.advance(
+            S.FAILED,
+            failure_reason="settlement transaction reverted"
+            if reverted
+            else "settlement moved no matching Transfer",
+            detail={"tx": tx_hash, "status": receipt.get("status")},
+            **fields,
+        )
+    elif fields["confirmations"] >= conf.option.confirmations:
+        p.advance(S.CONFIRMED, **fields)
+    elif p.status == S.SETTLING:
+        p.advance(S.SETTLED, **fields)
+    elif (p.block_hash, p.confirmations) != (fields["block_hash"], fields["confirmations"]):
+        for name, value in fields.items():
+            setattr(p, name, value)
+        p.save(update_fields=list(fields))
+
+
+def _read_receipts(url: str, hashes: list[str]) -> tuple[dict[str, Any], int]:
+    """Receipts of ``hashes`` and the latest block number, in one JSON-RPC batch."""
+    answers = rpc_batch(url, [("eth_blockNumber", [])] + [("eth_getTransactionReceipt", [h]) for h in hashes])
+    return dict(zip(hashes, answers[1:], strict=True)), int(answers[0], 16)
+
+
 def track(payment_id: Any) -> Payment:
     """Read the receipt and move SETTLING/SETTLED forward (or back, after a reorg)."""
     p = Payment.objects.get(pk=payment_id)
     if p.status not in (S.SETTLING, S.SETTLED) or not p.settle_tx_hash:
         return p
     conf = for_payment(p.network, p.asset)
-    receipt, latest = rpc_batch(
-        conf.rpc_url,
-        [("eth_getTransactionReceipt", [p.settle_tx_hash]), ("eth_blockNumber", [])],
-    )
+    receipts, latest = _read_receipts(conf.rpc_url, _hashes(p))
     with transaction.atomic():
         p = _lock(payment_id)
-        if p.status not in (S.SETTLING, S.SETTLED):
-            return p
-        if receipt is None:
-            if p.status == S.SETTLED:
-                p.advance(
-                    S.SETTLING,
-                    block_number=None,
-                    block_hash="",
-                    confirmations=0,
-                    detail={"reorg": "receipt disappeared"},
-                )
-            elif p.valid_before < time.time() - 60 and p.settle_raw_tx:
-                # Never mined and no longer minable: the authorization lapsed unpaid.
-                p.advance(S.EXPIRED, failure_reason="settlement not mined before validBefore")
-            return p
-        if not transfer_matches(receipt, p):
-            p.advance(
-                S.FAILED,
-                failure_reason="settlement reverted or moved no matching Transfer",
-                block_number=int(receipt["blockNumber"], 16),
-                block_hash=receipt["blockHash"],
-                detail={"tx": p.settle_tx_hash, "status": receipt.get("status")},
-            )
-            return p
-        block_number = int(receipt["blockNumber"], 16)
-        confirmations = max(0, int(latest, 16) - block_number + 1)
-        ours = p.relayer and receipt.get("from", "").lower() == p.relayer.lower()
-        fields: dict[str, Any] = {
-            "block_number": block_number,
-            "block_hash": receipt["blockHash"],
-            "confirmations": confirmations,
-        }
-        if ours:
-            gas_used = int(receipt["gasUsed"], 16)
-            fields["gas_used"] = gas_used
-            fields["gas_cost_wei"] = gas_used * int(receipt.get("effectiveGasPrice", "0x0"), 16)
-        if confirmations >= conf.option.confirmations:
-            p.advance(S.CONFIRMED, **fields)
-        elif p.status == S.SETTLING:
-            p.advance(S.SETTLED, **fields)
-        else:
-            for name, value in fields.items():
-                setattr(p, name, value)
-            p.save(update_fields=list(fields))
+        if p.status in (S.SETTLING, S.SETTLED):
+            _apply_receipts(p, receipts, latest, conf)
     return p
+
+
+#: Receipts read per JSON-RPC batch by the reconciler.
+RECONCILE_BATCH = 200
+
+
+def reconcile_batch(payment_ids: list[Any]) -> dict[str, int]:
+    """Track many SETTLING/SETTLED payments with one RPC batch per chunk; rebroadcast the unmined.
+
+    A transaction not mined ``X402_STUCK_AFTER_SECONDS`` after it was signed is replaced (same
+    nonce, higher fees); every replaced hash is still watched, since any of them may be mined.
+    """
+    stats = {"payments": 0, "rpc_batches": 0, "rebroadcast": 0, "replaced": 0}
+    payments = list(
+        Payment.objects.filter(pk__in=payment_ids, status__in=[S.SETTLING, S.SETTLED]).exclude(
+            settle_tx_hash=None
+        )
+    )
+    by_option: dict[tuple[str, str], list[Payment]] = {}
+    for p in payments:
+        by_option.setdefault((p.network, p.asset), []).append(p)
+    for (network, asset), group in by_option.items():
+        conf = for_payment(network, asset)
+        for i in range(0, len(group), RECONCILE_BATCH):
+            chunk = group[i : i + RECONCILE_BATCH]
+            receipts, latest = _read_receipts(conf.rpc_url, [h for p in chunk for h in _hashes(p)])
+            stats["rpc_batches"] += 1
+            for p in chunk:
+                with transaction.atomic():
+                    p = _lock(p.pk)
+                    if p.status in (S.SETTLING, S.SETTLED):
+                        _apply_receipts(p, receipts, latest, conf)
+                stats["payments"] += 1
+                if p.status == S.SETTLING and p.settle_raw_tx:
+                    if _is_stuck(p):
+                        p = replace_stuck(p.pk)
+                        stats["replaced"] += 1
+                    broadcast(p)
+                    stats["rebroadcast"] += 1
+    return stats
+
+
+def _is_stuck(p: Payment) -> bool:
+    return (
+        bool(p.relayer and p.settling_at)
+        and (timezone.now() - p.settling_at).total_seconds() > settings.X402_STUCK_AFTER_SECONDS
+    )
+
+
+def replace_stuck(payment_id: Any) -> Payment:
+    """Re-sign a stuck settlement with the same nonce and fees raised past the node's bump rule."""
+    p = Payment.objects.get(pk=payment_id)
+    conf = for_payment(p.network, p.asset)
+    block = rpc(conf.rpc_url, "eth_getBlockByNumber", ["latest", False])
+    base_fee = int(block.get("baseFeePerGas") or "0x0", 16)
+    old = _decode_fees(p.settle_raw_tx)
+    priority = max(old[1] * 2, 10**6)
+    max_fee = max(2 * base_fee + priority, old[0] * 2)
+    relayer = _relayer()
+    with transaction.atomic():
+        p = _lock(payment_id)
+        if p.status != S.SETTLING or p.relayer != relayer.address:
+            return p
+        signed = relayer.sign_transaction(_tx_fields(conf, p, p.relayer_nonce, max_fee, priority))
+        new_hash = "0x" + signed.hash.hex().removeprefix("0x")
+        p.advance(
+            S.SETTLING,
+            replaced_tx_hashes=_hashes(p),
+            settle_tx_hash=new_hash,
+            settle_raw_tx="0x" + signed.raw_transaction.hex().removeprefix("0x"),
+            settling_at=timezone.now(),
+            detail={"replaced": p.settle_tx_hash, "by": new_hash, "max_fee": max_fee},
+        )
+    return p
+
+
+def _decode_fees(raw: str) -> tuple[int, int]:
+    """(maxFeePerGas, maxPriorityFeePerGas) of a signed EIP-1559 transaction."""
+    import rlp
+
+    fields = rlp.decode(bytes.fromhex(raw[4:]))  # skip "0x" and the type byte 0x02
+    return int.from_bytes(fields[3], "big"), int.from_bytes(fields[2], "big")
 
 
 def _expire_if_lapsed(payment_id: Any) -> Payment | None:

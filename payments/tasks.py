@@ -19,7 +19,7 @@ from .models import Payment, PaymentStatus
 log = logging.getLogger("payments.tasks")
 S = PaymentStatus
 
-#: A VERIFIED payment this old with no settlement under way lost its task (broker outage...).
+#: A VERIFIED payment whose settlement was asked for this long ago lost its task (broker outage...).
 SWEEP_AFTER = timedelta(seconds=30)
 
 
@@ -38,21 +38,21 @@ def settle_payment(payment_id: str) -> str:
 
 @shared_task(acks_late=True)
 def reconcile() -> dict[str, int]:
-    """Rebroadcast and track unfinished settlements; re-enqueue verified payments left behind."""
-    counts = {"tracked": 0, "swept": 0, "errors": 0}
-    for payment in Payment.objects.filter(status__in=[S.SETTLING, S.SETTLED]).only("pk"):
-        try:
-            p = settlement.resolve_unknown(payment.pk)
-            p = settlement.track(p.pk)
-            if p.status == S.SETTLING:
-                settlement.broadcast(p)
-            counts["tracked"] += 1
-        except ChainUnavailable as exc:
-            counts["errors"] += 1
-            log.warning("reconcile: RPC unavailable (%s); will retry next pass", exc)
-            break
+    """One pass: finish unknown outcomes, track receipts in batches, rebroadcast or replace the
+    unmined, and re-enqueue verified payments whose settle task was lost."""
+    stats = {"unknown": 0, "swept": 0, "errors": 0}
+    open_payments = Payment.objects.filter(status__in=[S.SETTLING, S.SETTLED])
+    try:
+        for pk in open_payments.filter(settle_tx_hash=None).values_list("pk", flat=True):
+            settlement.resolve_unknown(pk)
+            stats["unknown"] += 1
+        stats.update(settlement.reconcile_batch(list(open_payments.values_list("pk", flat=True))))
+    except ChainUnavailable as exc:
+        stats["errors"] += 1
+        log.warning("reconcile: RPC unavailable (%s); will retry next pass", exc)
     stale = timezone.now() - SWEEP_AFTER
-    for pk in Payment.objects.filter(status=S.VERIFIED, created_at__lt=stale).values_list("pk", flat=True):
+    lost = Payment.objects.filter(status=S.VERIFIED, settle_requested_at__lt=stale)
+    for pk in lost.values_list("pk", flat=True):
         settle_payment.delay(str(pk))
-        counts["swept"] += 1
-    return counts
+        stats["swept"] += 1
+    return stats

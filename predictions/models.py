@@ -23,6 +23,11 @@ def new_prediction_id() -> str:
     return base64.b32encode(secrets.token_bytes(20)).decode("ascii").lower()
 
 
+class SettlementPolicy(models.TextChoices):
+    BEFORE_RUN = "before_run", "Settle and confirm, then run"
+    AFTER_SUCCESS = "after_success", "Run, then settle only if it succeeded"
+
+
 class PricingMode(models.TextChoices):
     FLAT = "flat", "Flat price per run"
     PER_SECOND = "per_second", "Tier price per second x expected seconds"
@@ -51,6 +56,14 @@ class Model(models.Model):
         HardwareTier, null=True, blank=True, on_delete=models.PROTECT, related_name="models"
     )
     is_free = models.BooleanField(default=False, help_text="Runs without payment")
+    settlement_policy = models.CharField(
+        max_length=16,
+        choices=SettlementPolicy.choices,
+        default=SettlementPolicy.BEFORE_RUN,
+        help_text="before_run: no compute before the money is confirmed (the default: an agent can "
+        "never get work it did not pay for). after_success: the agent pays only for successful runs; "
+        "we bear the compute of runs whose payment then fails.",
+    )
     pricing_mode = models.CharField(max_length=16, choices=PricingMode.choices, default=PricingMode.FLAT)
     price = models.DecimalField(**_money, default=Decimal("0.01"), help_text="Flat USDC per run")
     expected_seconds = models.DecimalField(

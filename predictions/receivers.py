@@ -1,4 +1,4 @@
-"""React to the ledger: a confirmed payment runs its prediction, a lost one fails it."""
+"""React to the ledger: a confirmed payment runs (or releases) its prediction; a lost one fails it."""
 
 from __future__ import annotations
 
@@ -13,18 +13,27 @@ from payments.signals import payment_advanced
 
 from .models import Prediction, PredictionStatus
 
+P = PredictionStatus
+
 
 @receiver(payment_advanced, sender=Payment, dispatch_uid="predictions.on_payment")
 def on_payment_advanced(payment: Payment, previous: str, **kwargs: Any) -> None:
+    mine = Prediction.objects.filter(payment=payment)
     if payment.status == PaymentStatus.CONFIRMED:
-        from .tasks import run_prediction
-
-        prediction_id = Prediction.objects.filter(payment=payment).values_list("id", flat=True).first()
+        # after_success: the run already finished; its output is now paid for.
+        mine.filter(status=P.PROCESSING, predict_time__isnull=False).update(
+            status=P.SUCCEEDED, completed_at=timezone.now()
+        )
+        # before_run: the money is in, run it.
+        prediction_id = mine.filter(status=P.STARTING).values_list("id", flat=True).first()
         if prediction_id:
+            from .tasks import run_prediction
+
             transaction.on_commit(lambda: run_prediction.delay(prediction_id))
     elif payment.status in (PaymentStatus.FAILED, PaymentStatus.EXPIRED):
-        Prediction.objects.filter(payment=payment, status=PredictionStatus.STARTING).update(
-            status=PredictionStatus.FAILED,
+        mine.filter(status__in=[P.STARTING, P.PROCESSING]).update(
+            status=P.FAILED,
+            output=None,
             error=f"payment {payment.status}: {payment.failure_reason}",
             completed_at=timezone.now(),
         )

@@ -40,7 +40,10 @@ def prediction_json(prediction: Prediction, request: Request) -> dict[str, Any]:
         "model": str(prediction.model),
         "version": prediction.version_id,
         "input": prediction.input,
-        "output": prediction.output,
+        # A paid output is released only once its payment is confirmed (after_success policy).
+        "output": prediction.output
+        if prediction.status == "succeeded" or prediction.payment is None
+        else None,
         "logs": prediction.logs,
         "error": prediction.error or None,
         "status": prediction.status,

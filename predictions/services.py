@@ -11,7 +11,7 @@ from payments.exceptions import Challenge
 from payments.permissions import Charge
 from payments.x402.verify import NONCE_ALREADY_USED, VerifiedPayment
 
-from .models import ModelVersion, Prediction
+from .models import ModelVersion, Prediction, SettlementPolicy
 
 
 def create_prediction(
@@ -41,6 +41,7 @@ def create_prediction(
                     resource=charge.resource,
                     fingerprint=charge.fingerprint,
                     verification=verification,
+                    settle_now=version.model.settlement_policy == SettlementPolicy.BEFORE_RUN,
                 )
             prediction = Prediction.objects.create(
                 model=version.model, version=version, input=inputs, payment=payment
