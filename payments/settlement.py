@@ -160,7 +160,7 @@ def prepare(payment_id: Any) -> Payment:
     p = Payment.objects.get(pk=payment_id)
     if p.status != S.VERIFIED:
         return p
-    lapsed = _expire_if_lapsed(payment_id)
+    lapsed = expire_if_lapsed(payment_id)
     if lapsed is not None:
         return lapsed
     conf = for_payment(p.network, p.asset)
@@ -203,6 +203,9 @@ def prepare(payment_id: Any) -> Payment:
         )
         row.next_nonce = nonce + 1
         row.save(update_fields=["next_nonce"])
+    if settings.X402_FAULT_PAUSE_AFTER_SIGN:
+        # Fault injection for the crash tests only: a window between store and broadcast.
+        time.sleep(settings.X402_FAULT_PAUSE_AFTER_SIGN)
     return p
 
 
@@ -376,7 +379,7 @@ def _decode_fees(raw: str) -> tuple[int, int]:
     return int.from_bytes(fields[3], "big"), int.from_bytes(fields[2], "big")
 
 
-def _expire_if_lapsed(payment_id: Any) -> Payment | None:
+def expire_if_lapsed(payment_id: Any) -> Payment | None:
     """Mark a VERIFIED payment EXPIRED when its authorization can no longer be settled."""
     p = Payment.objects.get(pk=payment_id)
     if p.status != S.VERIFIED or p.valid_before > time.time() + 2:
@@ -393,7 +396,7 @@ def settle_via_facilitator(payment_id: Any) -> Payment:
 
     The payment is claimed (VERIFIED -> SETTLING) before the call, so only one worker ever asks.
     """
-    lapsed = _expire_if_lapsed(payment_id)
+    lapsed = expire_if_lapsed(payment_id)
     if lapsed is not None:
         return lapsed
     with transaction.atomic():

@@ -7,6 +7,7 @@ redelivered or retried task never moves money twice.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 from celery import shared_task
@@ -40,7 +41,7 @@ def settle_payment(payment_id: str) -> str:
 def reconcile() -> dict[str, int]:
     """One pass: finish unknown outcomes, track receipts in batches, rebroadcast or replace the
     unmined, and re-enqueue verified payments whose settle task was lost."""
-    stats = {"unknown": 0, "swept": 0, "errors": 0}
+    stats = {"unknown": 0, "swept": 0, "expired": 0, "errors": 0}
     open_payments = Payment.objects.filter(status__in=[S.SETTLING, S.SETTLED])
     try:
         for pk in open_payments.filter(settle_tx_hash=None).values_list("pk", flat=True):
@@ -50,6 +51,11 @@ def reconcile() -> dict[str, int]:
     except ChainUnavailable as exc:
         stats["errors"] += 1
         log.warning("reconcile: RPC unavailable (%s); will retry next pass", exc)
+    for pk in Payment.objects.filter(status=S.VERIFIED, valid_before__lt=time.time()).values_list(
+        "pk", flat=True
+    ):
+        settlement.expire_if_lapsed(pk)
+        stats["expired"] += 1
     stale = timezone.now() - SWEEP_AFTER
     lost = Payment.objects.filter(status=S.VERIFIED, settle_requested_at__lt=stale)
     for pk in lost.values_list("pk", flat=True):

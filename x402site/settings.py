@@ -154,6 +154,9 @@ X402_RPC_TIMEOUT_SECONDS = env.float("X402_RPC_TIMEOUT_SECONDS", default=5.0)
 #: A settlement not mined this long after it was signed is re-signed with higher fees.
 X402_STUCK_AFTER_SECONDS = env.int("X402_STUCK_AFTER_SECONDS", default=120)
 
+#: Tests only: seconds a worker sleeps between storing a signed settlement and broadcasting it.
+X402_FAULT_PAUSE_AFTER_SIGN = env.float("X402_FAULT_PAUSE_AFTER_SIGN", default=0.0)
+
 #: Bearer tokens allowed to use our facilitator API (/facilitator/...); empty turns it off.
 X402_FACILITATOR_TOKENS = env.list("X402_FACILITATOR_TOKENS", default=[])
 #: Seconds /facilitator/settle waits for the receipt before answering settlement_pending.

@@ -1,0 +1,254 @@
+"""Settlement and reconciliation on anvil under the faults a chain produces.
+
+Each test records a payment through the ledger's one write path, then drives settlement
+directly (tasks are thin wrappers around these functions) while the chain misbehaves.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from django.db import connection, transaction
+from django.test import override_settings
+from eth_account import Account
+
+from payments import ledger, settlement
+from payments.abi import TRANSFER_TOPIC
+from payments.chain import ChainUnavailable
+from payments.models import Payment, PaymentEvent
+from payments.options import payment_options
+from payments.tasks import reconcile
+from payments.x402.types import Requirement, Resource, parse_payload
+from payments.x402.verify import verify_exact
+from tests.conftest import option_settings, rpc, token_balance
+from tests.payers import sign_authorization, v2_payload
+from tests.rpc_proxy import rpc_proxy
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+PRICE = 10_000
+
+
+def record_payment(key: str, price: int = PRICE, **sign) -> Payment:
+    req = Requirement(payment_options()[0], price)
+    payload = parse_payload(v2_payload(req, sign_authorization(key, req, **sign)))
+    verified = verify_exact(payload, [req], int(time.time()))
+    with transaction.atomic():
+        return ledger.record(verified, resource=Resource("http://test/"), fingerprint="test")
+
+
+def chain_nonce(chain, address: str) -> int:
+    return int(rpc(chain.rpc_url, "eth_getTransactionCount", [address, "latest"]), 16)
+
+
+def send_as(chain, sender: str, to: str, data: str, **extra) -> str:
+    return rpc(chain.rpc_url, "eth_sendTransaction", [{"from": sender, "to": to, "data": data, **extra}])
+
+
+def transfers_of(chain, payer: str) -> list[dict]:
+    word = "0x" + payer[2:].lower().rjust(64, "0")
+    return rpc(
+        chain.rpc_url,
+        "eth_getLogs",
+        [{"address": chain.asset, "fromBlock": "0x0", "toBlock": "latest", "topics": [TRANSFER_TOPIC, word]}],
+    )
+
+
+def statuses(p: Payment) -> list[str]:
+    return list(PaymentEvent.objects.filter(payment=p).values_list("to_status", flat=True))
+
+
+def test_normal_settlement_and_confirmation(chain_settings) -> None:
+    payer = chain_settings.payers[0]
+    p = record_payment(payer["private_key"])
+    p = settlement.settle(p.pk)
+    assert p.status == "confirmed" and p.gas_used > 50_000 and p.gas_cost_wei > 0
+    assert statuses(p) == ["verified", "settling", "confirmed"]
+    assert settlement.settle(p.pk).status == "confirmed"  # idempotent: nothing more happens
+
+
+def test_front_run_settlement_is_paid_once(chain_settings) -> None:
+    chain = chain_settings
+    payer = chain.payers[1]
+    p = record_payment(payer["private_key"])
+    runner = Account.from_key(chain.spare_keys[1]).address
+    relayer_nonce = chain_nonce(chain, chain.relayer_address)
+    before = token_balance(chain, chain.pay_to)
+    theirs = send_as(chain, runner, chain.asset, settlement._calldata(p))  # someone else settles first
+    p = settlement.settle(p.pk)
+    assert p.status == "confirmed" and p.settle_tx_hash == theirs
+    assert p.gas_used is None  # we paid no gas
+    assert chain_nonce(chain, chain.relayer_address) == relayer_nonce  # and sent nothing
+    assert token_balance(chain, chain.pay_to) == before + PRICE
+
+
+def test_payer_drains_funds_before_settlement(chain_settings) -> None:
+    chain = chain_settings
+    payer = chain.payers[2]
+    p = record_payment(payer["private_key"])
+    balance = token_balance(chain, payer["address"])
+    elsewhere = Account.create().address
+    send_as(
+        chain,
+        payer["address"],
+        chain.asset,
+        "0xa9059cbb" + elsewhere[2:].lower().rjust(64, "0") + hex(balance)[2:].rjust(64, "0"),
+    )
+    relayer_nonce = chain_nonce(chain, chain.relayer_address)
+    p = settlement.settle(p.pk)
+    assert p.status == "failed" and "simulation reverted" in p.failure_reason
+    assert chain_nonce(chain, chain.relayer_address) == relayer_nonce  # simulated, never sent
+
+
+def test_settlement_reverts_when_the_payer_moves_funds_in_the_same_block(chain_settings) -> None:
+    chain = chain_settings
+    payer = chain.payers[3]
+    p = record_payment(payer["private_key"])
+    rpc(chain.rpc_url, "anvil_setAutomine", [False])
+    try:
+        p = settlement.prepare(p.pk)
+        settlement.broadcast(p)
+        balance = token_balance(chain, payer["address"])
+        drain = (
+            "0xa9059cbb"
+            + Account.create().address[2:].lower().rjust(64, "0")
+            + hex(balance)[2:].rjust(64, "0")
+        )
+        send_as(
+            chain,
+            payer["address"],
+            chain.asset,
+            drain,
+            maxPriorityFeePerGas=hex(10**10),
+            maxFeePerGas=hex(10**11),
+        )
+        rpc(chain.rpc_url, "evm_mine", [])
+    finally:
+        rpc(chain.rpc_url, "anvil_setAutomine", [True])
+    p = settlement.track(p.pk)
+    assert p.status == "failed" and p.failure_reason == "settlement transaction reverted"
+    assert p.gas_used and p.gas_cost_wei  # the gas we lost is on the books
+    assert transfers_of(chain, payer["address"])[-1]["topics"][2] != "0x" + chain.pay_to[2:].lower().rjust(
+        64, "0"
+    )
+
+
+def test_expired_authorization_is_marked_expired(chain_settings, monkeypatch) -> None:
+    p = record_payment(chain_settings.payers[4]["private_key"], valid_before=int(time.time()) + 10)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 60)
+    assert settlement.settle(p.pk).status == "expired"
+    assert Payment.objects.get(pk=p.pk).failure_reason.startswith("authorization expired")
+
+
+def test_rpc_outage_loses_nothing(chain) -> None:
+    with rpc_proxy(chain.rpc_url) as proxy, override_settings(**option_settings(chain, rpc_url=proxy.url)):
+        p = record_payment(chain.payers[5]["private_key"])
+        proxy.mode = "down"
+        with pytest.raises(ChainUnavailable):
+            settlement.settle(p.pk)
+        assert Payment.objects.get(pk=p.pk).status == "verified"
+        # The node takes the transaction but the answer is lost: unknown, not failed, not resent.
+        proxy.mode = "drop_send"
+        p = settlement.prepare(p.pk)
+        with pytest.raises(ChainUnavailable):
+            settlement.broadcast(p)
+        assert Payment.objects.get(pk=p.pk).status == "settling"
+        proxy.mode = "down"
+        stats = reconcile()
+        assert stats["errors"] == 1 and Payment.objects.get(pk=p.pk).status == "settling"
+        proxy.mode = "up"
+        reconcile()
+        p.refresh_from_db()
+    assert p.status == "confirmed"
+    assert (
+        len(
+            [
+                t
+                for t in transfers_of(chain, chain.payers[5]["address"])
+                if t["transactionHash"] == p.settle_tx_hash
+            ]
+        )
+        == 1
+    )
+
+
+def test_reorg_is_undone_and_recovered(chain) -> None:
+    with override_settings(**option_settings(chain, confirmations=3)):
+        p = record_payment(chain.payers[6]["private_key"])
+        snapshot = rpc(chain.rpc_url, "evm_snapshot", [])
+        p = settlement.settle(p.pk, wait_seconds=0.5)
+        assert p.status == "settled" and p.confirmations == 1
+        mined_in = p.block_hash
+        rpc(chain.rpc_url, "evm_revert", [snapshot])  # the block holding it is gone
+        assert rpc(chain.rpc_url, "eth_getTransactionReceipt", [p.settle_tx_hash]) is None
+        reconcile()
+        p.refresh_from_db()
+        assert p.status in ("settling", "settled")
+        assert "settling" in statuses(p)[2:]  # went back to settle after the reorg
+        rpc(chain.rpc_url, "anvil_mine", [3])
+        reconcile()
+        p.refresh_from_db()
+    assert p.status == "confirmed" and p.block_hash != mined_in
+    mine = [
+        t for t in transfers_of(chain, chain.payers[6]["address"]) if t["transactionHash"] == p.settle_tx_hash
+    ]
+    assert len(mine) == 1  # the same stored transaction, mined once on the new chain
+
+
+def test_stuck_transaction_is_replaced(chain) -> None:
+    with override_settings(**option_settings(chain), X402_STUCK_AFTER_SECONDS=0):
+        p = record_payment(chain.payers[7]["private_key"])
+        rpc(chain.rpc_url, "anvil_setAutomine", [False])
+        try:
+            p = settlement.prepare(p.pk)
+            settlement.broadcast(p)
+            stuck = p.settle_tx_hash
+            rpc(chain.rpc_url, "anvil_dropTransaction", [stuck])  # it never gets mined
+            settlement.reconcile_batch([p.pk])
+            p.refresh_from_db()
+            assert p.settle_tx_hash != stuck and p.replaced_tx_hashes == [stuck]
+            rpc(chain.rpc_url, "evm_mine", [])
+        finally:
+            rpc(chain.rpc_url, "anvil_setAutomine", [True])
+        p = settlement.track(p.pk)
+    assert p.status == "confirmed" and p.settle_tx_hash != stuck
+
+
+def test_many_payments_settled_concurrently_without_nonce_collisions(chain_settings) -> None:
+    chain = chain_settings
+    keys = [Account.create() for _ in range(24)]
+    for acct in keys:  # fund fresh payers
+        send_as(
+            chain,
+            chain.relayer_address,
+            chain.asset,
+            "0x40c10f19" + acct.address[2:].lower().rjust(64, "0") + hex(PRICE)[2:].rjust(64, "0"),
+        )
+    payments = [record_payment(acct.key.hex()) for acct in keys]
+    start = chain_nonce(chain, chain.relayer_address)
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def worker(chunk: list[Payment]) -> None:
+        try:
+            barrier.wait()
+            for p in chunk:
+                settlement.settle(p.pk)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker, args=(payments[i::6],)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    settled = Payment.objects.filter(pk__in=[p.pk for p in payments])
+    assert set(settled.values_list("status", flat=True)) == {"confirmed"}
+    nonces = sorted(settled.values_list("relayer_nonce", flat=True))
+    assert nonces == list(range(start, start + len(payments)))  # contiguous, no collision, no gap
+    assert chain_nonce(chain, chain.relayer_address) == start + len(payments)
