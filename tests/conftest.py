@@ -162,63 +162,73 @@ def fresh_nonce() -> str:
     return "0x" + secrets.token_hex(32)
 
 
-@pytest.fixture(scope="session")
-def celery_worker_process(
-    chain: DevChain, django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, str]]:
-    """A real Celery worker process on a private queue, against the test database and chain."""
+def start_worker(
+    chain: DevChain, log_path: Path, queue: str, *, beat: bool, env: dict[str, str] | None = None
+):
+    """Start a real Celery worker process against the test database, broker and chain."""
     import subprocess
     import sys
 
     from django.conf import settings
 
-    from x402site.celery import app
-
     db = settings.DATABASES["default"]
-    queue, broker = TEST_QUEUE, TEST_BROKER_URL
-    env = {
+    full_env = {
         **os.environ,
         "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
-        "CELERY_BROKER_URL": broker,
-        "CELERY_TASK_DEFAULT_QUEUE": queue,
+        "CELERY_BROKER_URL": TEST_BROKER_URL,
+        "CELERY_TASK_DEFAULT_QUEUE": TEST_QUEUE,
         "X402_DEVCHAIN_FILE": str(chain.path),  # type: ignore[attr-defined]
         "X402_RECONCILE_INTERVAL": "1",
+        **(env or {}),
     }
-    env.pop("X402_ASSET", None)
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    root = Path(__file__).resolve().parent.parent
+    full_env.pop("X402_ASSET", None)
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "x402site",
+        "worker",
+        "-l",
+        "info",
+        "-Q",
+        queue,
+        "--concurrency",
+        "2",
+        "-n",
+        f"{queue}@%h",
+    ]
+    if beat:
+        command += ["-B", "-s", str(log_path.with_suffix(".beat"))]
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "x402site",
-            "worker",
-            "-B",
-            "-l",
-            "info",
-            "-Q",
-            queue,
-            "--concurrency",
-            "2",
-            "-s",
-            str(log_path.with_suffix(".beat")),
-        ],
-        cwd=root,
-        env=env,
+        command,
+        cwd=Path(__file__).resolve().parent.parent,
+        env=full_env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    assert app.amqp.default_queue.name == queue, "a task was sent before the test broker was set"
+    deadline = time.monotonic() + 30
+    while b"ready." not in log_path.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            devchain.stop(proc)
+            raise RuntimeError("celery worker did not start:\n" + log_path.read_text())
+        time.sleep(0.1)
+    return proc
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(
+    chain: DevChain, django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """A real Celery worker process (with beat) on this session's queue."""
+    from x402site.celery import app
+
+    assert app.amqp.default_queue.name == TEST_QUEUE, "a task was sent before the test broker was set"
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    proc = start_worker(chain, log_path, TEST_QUEUE, beat=True)
     try:
-        deadline = time.monotonic() + 30
-        while b"ready." not in log_path.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("celery worker did not start:\n" + log_path.read_text())
-            time.sleep(0.1)
-        yield {"queue": queue, "log": str(log_path)}
+        yield {"queue": TEST_QUEUE, "log": str(log_path)}
     finally:
         devchain.stop(proc)

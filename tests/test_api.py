@@ -231,3 +231,57 @@ def test_several_options_in_a_stable_order_and_each_pays(
         assert Payment.objects.get().asset == second_token.asset
         assert Client().get(f"/v1/predictions/{response.json()['id']}").json()["status"] == "succeeded"
     assert token_balance(second_token, payer["address"]) == before - PRICE
+
+
+def test_after_success_policy_settles_only_successful_runs(chain_settings, demo_model, eager_celery) -> None:
+    from predictions.models import ModelVersion
+
+    demo_model.settlement_policy = "after_success"
+    demo_model.save()
+    payer = chain_settings.payers[6]
+    before = token_balance(chain_settings, payer["address"])
+
+    ok = post(
+        Client(),
+        {"input": {"text": "good"}},
+        **{"PAYMENT-SIGNATURE": v2_header(payer["private_key"], requirement())},
+    )
+    assert ok.status_code == 201
+    done = Client().get(f"/v1/predictions/{ok.json()['id']}").json()
+    assert done["status"] == "succeeded" and done["output"] == "good"
+    assert done["payment"]["status"] == "confirmed"
+    assert token_balance(chain_settings, payer["address"]) == before - PRICE
+
+    version = demo_model.latest_version
+    ModelVersion.objects.create(
+        id="f" * 64, model=demo_model, predictor="tests.predictors.Boom", input_schema=version.input_schema
+    )
+    bad = post(
+        Client(),
+        {"input": {"text": "bad"}},
+        **{"PAYMENT-SIGNATURE": v2_header(payer["private_key"], requirement())},
+    )
+    assert bad.status_code == 201
+    failed = Client().get(f"/v1/predictions/{bad.json()['id']}").json()
+    assert failed["status"] == "failed" and "cannot handle" in failed["error"]
+    assert failed["payment"]["status"] == "expired" and failed["payment"]["transaction"] is None
+    assert token_balance(chain_settings, payer["address"]) == before - PRICE  # charged nothing more
+
+
+def test_paid_output_is_withheld_until_the_payment_is_confirmed(
+    chain_settings, demo_model, monkeypatch
+) -> None:
+    monkeypatch.setattr("predictions.tasks.start_prediction", lambda prediction: None)  # no run, no settle
+    demo_model.settlement_policy = "after_success"
+    demo_model.save()
+    payer = chain_settings.payers[7]
+    response = post(
+        Client(),
+        {"input": {"text": "secret"}},
+        **{"PAYMENT-SIGNATURE": v2_header(payer["private_key"], requirement())},
+    )
+    Prediction.objects.filter(pk=response.json()["id"]).update(
+        status="processing", output="secret", predict_time=0.1
+    )
+    shown = Client().get(f"/v1/predictions/{response.json()['id']}").json()
+    assert shown["status"] == "processing" and shown["output"] is None

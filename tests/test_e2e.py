@@ -112,3 +112,69 @@ def test_replayed_header_against_the_worker_runs_once(
     assert prediction["status"] == "succeeded"
     assert Payment.objects.count() == 1 and Prediction.objects.count() == 1
     assert transfer_count(chain, chain.pay_to) == transfers_before + 1
+
+
+def test_worker_killed_between_signing_and_broadcast_settles_once(
+    chain_settings, demo_model, celery_worker_process, tmp_path
+) -> None:
+    """SIGKILL a worker after it stored the signed settlement and before it broadcast it: the
+    reconciler (another worker's beat) broadcasts that same transaction; money moves once and
+    the prediction runs once."""
+    import os
+    import signal
+
+    from django.db import transaction
+
+    from payments import ledger
+    from payments.options import payment_options
+    from payments.tasks import settle_payment
+    from payments.x402.types import Requirement, Resource, parse_payload
+    from payments.x402.verify import verify_exact
+    from tests.conftest import rpc, start_worker
+    from tests.payers import sign_authorization, v2_payload
+
+    chain = chain_settings
+    payer = chain.payers[3]
+    req = Requirement(payment_options()[0], PRICE)
+    verified = verify_exact(
+        parse_payload(v2_payload(req, sign_authorization(payer["private_key"], req))), [req], int(time.time())
+    )
+    with transaction.atomic():
+        payment = ledger.record(verified, resource=Resource("http://test/"), fingerprint="kill")
+        prediction = Prediction.objects.create(
+            model=demo_model, version=demo_model.latest_version, input={"text": "survives"}, payment=payment
+        )
+    before = token_balance(chain, payer["address"])
+    relayer_nonce = int(rpc(chain.rpc_url, "eth_getTransactionCount", [chain.relayer_address, "latest"]), 16)
+
+    doomed_queue = f"{celery_worker_process['queue']}-doomed"
+    doomed = start_worker(
+        chain, tmp_path / "doomed.log", doomed_queue, beat=False, env={"X402_FAULT_PAUSE_AFTER_SIGN": "60"}
+    )
+    try:
+        settle_payment.apply_async(args=[str(payment.pk)], queue=doomed_queue)
+        deadline = time.monotonic() + 20
+        while Payment.objects.get(pk=payment.pk).status == "verified" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(doomed.pid, signal.SIGKILL)
+    finally:
+        doomed.wait(10)
+    assert Payment.objects.get(pk=payment.pk).settle_raw_tx  # signed and stored before the kill
+
+    finished = wait_for_prediction(prediction.pk)
+    payment.refresh_from_db()
+    assert payment.status == "confirmed" and finished.status == "succeeded" and finished.output == "survives"
+    assert token_balance(chain, payer["address"]) == before - PRICE
+    assert (
+        int(rpc(chain.rpc_url, "eth_getTransactionCount", [chain.relayer_address, "latest"]), 16)
+        == relayer_nonce + 1
+    )
+
+
+def wait_for_prediction(prediction_id: str, timeout: float = 20.0) -> Prediction:
+    deadline = time.monotonic() + timeout
+    while True:
+        prediction = Prediction.objects.get(pk=prediction_id)
+        if prediction.is_terminal or time.monotonic() > deadline:
+            return prediction
+        time.sleep(0.1)
