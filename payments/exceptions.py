@@ -15,6 +15,7 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
+from . import idempotency
 from .x402.codec import encode_header
 from .x402.types import Requirement, Resource, payment_required_v1, payment_required_v2
 
@@ -59,7 +60,9 @@ def payment_required_response(exc: PaymentRequired) -> Response:
     body = payment_required_v1(ch.requirements, ch.resource, exc.error)
     if exc.message != exc.error:
         body["message"] = exc.message
-    header = encode_header(payment_required_v2(ch.requirements, ch.resource, exc.error))
+    header = encode_header(
+        payment_required_v2(ch.requirements, ch.resource, exc.error, extensions=idempotency.ADVERTISED)
+    )
     return Response(
         body,
         status=status.HTTP_402_PAYMENT_REQUIRED,

@@ -10,6 +10,7 @@ from django.db import transaction
 from django.utils import timezone
 from eth_utils import to_checksum_address
 
+from . import idempotency
 from .models import Payment, PaymentEvent, PaymentStatus
 from .x402.types import Resource, wire_requirement
 from .x402.verify import VerifiedPayment
@@ -58,6 +59,7 @@ def record(
         settle_requested_at=timezone.now() if settle_now else None,
     )
     PaymentEvent.objects.create(payment=payment, to_status=PaymentStatus.VERIFIED)
+    idempotency.remember(payment, payload)
     return payment
 
 

@@ -266,3 +266,25 @@ class PriceChange(models.Model):
         from .pricing import quote
 
         return quote(self.new_rule)
+
+
+class PaymentIdentifier(models.Model):
+    """An agent's idempotency key (x402 ``payment-identifier`` extension), kept until it expires.
+
+    Scoped to the payer: the same id from another wallet is another key.
+    """
+
+    payer = models.CharField(max_length=42)
+    identifier = models.CharField(max_length=128)
+    payload_sha256 = models.CharField(max_length=64)
+    payment = models.ForeignKey(Payment, on_delete=models.CASCADE, related_name="identifiers")
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["payer", "identifier"], name="payment_identifier_unique")
+        ]
+
+    def __str__(self) -> str:
+        return self.identifier

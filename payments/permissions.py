@@ -17,7 +17,7 @@ from django.conf import settings
 from rest_framework import exceptions
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
-from . import ledger
+from . import idempotency, ledger
 from .chain import ChainUnavailable
 from .exceptions import Challenge
 from .facilitator import FacilitatorClient, FacilitatorUnavailable
@@ -90,6 +90,16 @@ class X402Payment(BasePermission):
             raise challenge.reject(f"{V2_HEADER} header is required")
         try:
             payload = parse_payload(decode_header(header))
+        except DecodeError as exc:
+            log.info("payment header refused: invalid_payload (%s)", exc)
+            raise challenge.reject(DecodeError.reason, str(exc)) from None
+        # An idempotent retry is answered before verification: once settled, a resent payload
+        # would no longer verify, and its payload is byte-identical to one that did.
+        request.x402_replay_of = idempotency.lookup(payload)
+        if request.x402_replay_of is not None:
+            request.x402 = None
+            return True
+        try:
             verified = verify_exact(
                 payload,
                 [*challenge.requirements, *challenge.honoured],
@@ -97,9 +107,6 @@ class X402Payment(BasePermission):
                 settle_margin=settings.X402_SETTLE_MARGIN_SECONDS,
                 clock_skew=settings.X402_CLOCK_SKEW_SECONDS,
             )
-        except DecodeError as exc:
-            log.info("payment header refused: invalid_payload (%s)", exc)
-            raise challenge.reject(DecodeError.reason, str(exc)) from None
         except PaymentRejected as exc:
             log.info("payment refused: %s (%s)", exc.reason, exc.message)
             raise challenge.reject(exc.reason, exc.message) from None

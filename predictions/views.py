@@ -14,6 +14,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from payments.exceptions import InvalidInput
+from payments.idempotency import IdempotencyConflict
 from payments.ledger import request_fingerprint
 from payments.permissions import Charge, X402Payment, honour_window_seconds
 from payments.pricing import PricingError, pricing_state, quote
@@ -82,7 +83,17 @@ class PaidPredictionCreate(APIView):
         return charge_for(version, self.inputs, request.build_absolute_uri(request.path), request.path)
 
     def post(self, request: Request, **kwargs: Any) -> Response:
-        prediction, created = create_prediction(
+        replay_of = getattr(request, "x402_replay_of", None)
+        if replay_of is not None:
+            prediction, created = Prediction.objects.filter(payment=replay_of).first(), False
+            if prediction is None:  # the key paid for something else (our facilitator API)
+                raise IdempotencyConflict()
+        else:
+            prediction, created = self._create(request)
+        return self._respond(request, prediction, created)
+
+    def _create(self, request: Request) -> tuple[Prediction, bool]:
+        return create_prediction(
             self.version,
             self.inputs,
             verified=request.x402,
@@ -90,6 +101,8 @@ class PaidPredictionCreate(APIView):
             challenge=getattr(request, "x402_challenge", None),
             verification=getattr(request, "x402_verification", "local"),
         )
+
+    def _respond(self, request: Request, prediction: Prediction, created: bool) -> Response:
         prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
         headers = {"Location": request.build_absolute_uri(f"/v1/predictions/{prediction.id}")}
         payment = prediction.payment

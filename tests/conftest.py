@@ -218,11 +218,12 @@ def start_worker(
     return proc
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def celery_worker_process(
     chain: DevChain, django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, str]]:
-    """A real Celery worker process (with beat) on this session's queue."""
+    """A real Celery worker process (with beat) on this session's queue, for one test module:
+    its reconciler must not act on other modules' payments, which run with other settings."""
     from x402site.celery import app
 
     assert app.amqp.default_queue.name == TEST_QUEUE, "a task was sent before the test broker was set"

@@ -285,3 +285,36 @@ def test_paid_output_is_withheld_until_the_payment_is_confirmed(
     )
     shown = Client().get(f"/v1/predictions/{response.json()['id']}").json()
     assert shown["status"] == "processing" and shown["output"] is None
+
+
+def _with_identifier(header: str, identifier: object) -> str:
+    from payments.x402.codec import encode_header
+
+    obj = decode_header(header)
+    obj["extensions"] = {"payment-identifier": {"info": {"required": False, "id": identifier}}}
+    return encode_header(obj)
+
+
+def test_payment_identifier_extension(chain_settings, demo_model, eager_celery, monkeypatch) -> None:
+    import time
+
+    challenge = decode_header(post(Client(), {"input": {"text": "x"}})["PAYMENT-REQUIRED"])
+    assert challenge["extensions"]["payment-identifier"]["info"] == {"required": False}
+    payer = chain_settings.payers[0]["private_key"]
+    header = _with_identifier(v2_header(payer, requirement()), "pay_7d5d747be160e280504c099d984bcfe0")
+    first = post(Client(), {"input": {"text": "idem"}}, **{"PAYMENT-SIGNATURE": header})
+    assert first.status_code == 201
+    # Same id, same payload: the same answer, even once the authorization has lapsed.
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    again = post(Client(), {"input": {"text": "idem"}}, **{"PAYMENT-SIGNATURE": header})
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    monkeypatch.setattr(time, "time", real)
+    # Same id, another payload: 409.
+    other = _with_identifier(v2_header(payer, requirement()), "pay_7d5d747be160e280504c099d984bcfe0")
+    conflict = post(Client(), {"input": {"text": "idem"}}, **{"PAYMENT-SIGNATURE": other})
+    assert conflict.status_code == 409 and conflict.json()["status"] == 409
+    # A malformed id: 400.
+    bad = _with_identifier(v2_header(payer, requirement()), "short")
+    assert post(Client(), {"input": {"text": "idem"}}, **{"PAYMENT-SIGNATURE": bad}).status_code == 400
+    assert Payment.objects.count() == 1

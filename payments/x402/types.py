@@ -98,13 +98,21 @@ def wire_requirement(req: Requirement, version: int, resource: Resource) -> dict
     return req.v2() if version >= 2 else req.v1(resource)
 
 
-def payment_required_v2(requirements: list[Requirement], resource: Resource, error: str) -> dict[str, Any]:
-    return {
+def payment_required_v2(
+    requirements: list[Requirement],
+    resource: Resource,
+    error: str,
+    extensions: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
         "x402Version": 2,
         "error": error,
         "resource": resource.v2(),
         "accepts": [r.v2() for r in requirements],
     }
+    if extensions:
+        body["extensions"] = extensions
+    return body
 
 
 def payment_required_v1(requirements: list[Requirement], resource: Resource, error: str) -> dict[str, Any]:
