@@ -8,6 +8,7 @@ view's job, in the same transaction as the prediction it buys.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -72,6 +73,17 @@ def honour_window_seconds() -> int:
     return longest + settings.X402_CLOCK_SKEW_SECONDS
 
 
+def is_operator(request) -> bool:  # type: ignore[no-untyped-def]
+    """A request with one of ``X402_OPERATOR_TOKENS`` as its bearer token runs without payment
+    (our own staff and integrations, e.g. the replicate client with an API token)."""
+    tokens = settings.X402_OPERATOR_TOKENS
+    if not tokens:
+        return False
+    given = request.headers.get("Authorization", "")
+    scheme, _, token = given.partition(" ")
+    return scheme.lower() in ("bearer", "token") and any(hmac.compare_digest(token.strip(), t) for t in tokens)
+
+
 class X402Payment(BasePermission):
     """Allow safe methods and free resources; require a verified x402 payment otherwise."""
 
@@ -79,7 +91,7 @@ class X402Payment(BasePermission):
         if request.method in SAFE_METHODS:
             return True
         charge: Charge | None = view.get_charge(request)
-        if charge is None or charge.price <= 0:
+        if charge is None or charge.price <= 0 or is_operator(request):
             request.x402 = None
             return True
         challenge = challenge_for(charge)

@@ -318,3 +318,13 @@ def test_payment_identifier_extension(chain_settings, demo_model, eager_celery, 
     bad = _with_identifier(v2_header(payer, requirement()), "short")
     assert post(Client(), {"input": {"text": "idem"}}, **{"PAYMENT-SIGNATURE": bad}).status_code == 400
     assert Payment.objects.count() == 1
+
+
+def test_operator_token_runs_without_payment(chain_settings, demo_model, eager_celery, settings) -> None:
+    settings.X402_OPERATOR_TOKENS = ["op-secret-token"]
+    assert post(Client(), {"input": {"text": "x"}}, Authorization="Bearer wrong").status_code == 402
+    response = post(Client(), {"input": {"text": "operator"}}, Authorization="Bearer op-secret-token")
+    assert response.status_code == 201
+    body = Client().get(f"/v1/predictions/{response.json()['id']}").json()
+    assert body["status"] == "succeeded" and body["payment"] is None
+    assert Payment.objects.count() == 0

@@ -157,6 +157,9 @@ X402_STUCK_AFTER_SECONDS = env.int("X402_STUCK_AFTER_SECONDS", default=120)
 #: Tests only: seconds a worker sleeps between storing a signed settlement and broadcasting it.
 X402_FAULT_PAUSE_AFTER_SIGN = env.float("X402_FAULT_PAUSE_AFTER_SIGN", default=0.0)
 
+#: Bearer tokens that run predictions without payment (operators, integrations).
+X402_OPERATOR_TOKENS = env.list("X402_OPERATOR_TOKENS", default=[])
+
 #: Bearer tokens allowed to use our facilitator API (/facilitator/...); empty turns it off.
 X402_FACILITATOR_TOKENS = env.list("X402_FACILITATOR_TOKENS", default=[])
 #: Seconds /facilitator/settle waits for the receipt before answering settlement_pending.
