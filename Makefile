@@ -7,13 +7,24 @@ DEV := $(VENV)/.dev-installed
 NODE := node_modules/.installed
 TOKEN := contracts/build/TestUSDC.json
 
-.PHONY: run test lint setup clean
+.PHONY: run test lint setup clean bench bench-quick tools
 
 run: $(RUNTIME) $(TOKEN)
 	$(PY) manage.py quickstart
 
-test: $(DEV) $(TOKEN)
+test: $(DEV) $(TOKEN) tools
 	$(PY) -m pytest
+
+# The benchmark suite (about 10 minutes) and its smoke run; results in benchmarks/results/.
+bench: $(DEV) $(TOKEN) tools
+	$(PY) benchmarks/run.py
+
+bench-quick: $(DEV) $(TOKEN) tools
+	$(PY) benchmarks/run.py --quick
+
+# Debian tools the suite drives: wrk (load generator).
+tools:
+	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
 
 lint: $(DEV)
 	$(VENV)/bin/ruff check .

@@ -20,7 +20,7 @@ from rest_framework.permissions import SAFE_METHODS, BasePermission
 
 from . import idempotency, ledger
 from .chain import ChainUnavailable
-from .exceptions import Challenge
+from .exceptions import Challenge, PaymentRequired
 from .facilitator import FacilitatorClient, FacilitatorUnavailable
 from .options import ConfiguredOption, configured, for_option
 from .pricing import atomic_amount
@@ -81,7 +81,9 @@ def is_operator(request) -> bool:  # type: ignore[no-untyped-def]
         return False
     given = request.headers.get("Authorization", "")
     scheme, _, token = given.partition(" ")
-    return scheme.lower() in ("bearer", "token") and any(hmac.compare_digest(token.strip(), t) for t in tokens)
+    return scheme.lower() in ("bearer", "token") and any(
+        hmac.compare_digest(token.strip(), t) for t in tokens
+    )
 
 
 class X402Payment(BasePermission):
@@ -122,15 +124,19 @@ class X402Payment(BasePermission):
         except PaymentRejected as exc:
             log.info("payment refused: %s (%s)", exc.reason, exc.message)
             raise challenge.reject(exc.reason, exc.message) from None
-        if ledger.find(verified) is None:
-            # A payment we have not seen: the chain (or the option's facilitator) must confirm
-            # it can still be settled.
-            conf = for_option(verified.requirement.option)
+        # The chain (or the option's facilitator) must confirm the payment can still be settled.
+        conf = for_option(verified.requirement.option)
+        try:
             if conf.facilitator_url:
                 self._check_facilitator(conf, verified, challenge)
                 request.x402_verification = "facilitator"
             else:
                 self._check_chain(conf, verified, challenge)
+        except PaymentRequired:
+            # A payment we already recorded (a retry, maybe settled since) is not refused here:
+            # the view answers it with the prediction it bought, or refuses a reuse elsewhere.
+            if ledger.find(verified) is None:
+                raise
         request.x402 = verified
         return True
 

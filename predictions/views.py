@@ -85,7 +85,10 @@ class PaidPredictionCreate(APIView):
     def post(self, request: Request, **kwargs: Any) -> Response:
         replay_of = getattr(request, "x402_replay_of", None)
         if replay_of is not None:
-            prediction, created = Prediction.objects.filter(payment=replay_of).first(), False
+            prediction = (
+                Prediction.objects.select_related("payment", "model").filter(payment=replay_of).first()
+            )
+            created = False
             if prediction is None:  # the key paid for something else (our facilitator API)
                 raise IdempotencyConflict()
         else:
@@ -103,7 +106,6 @@ class PaidPredictionCreate(APIView):
         )
 
     def _respond(self, request: Request, prediction: Prediction, created: bool) -> Response:
-        prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
         headers = {"Location": request.build_absolute_uri(f"/v1/predictions/{prediction.id}")}
         payment = prediction.payment
         if payment is not None:

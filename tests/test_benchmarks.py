@@ -1,0 +1,27 @@
+"""The benchmark harness keeps working: its quick mode runs end to end (timings not asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.bench
+def test_quick_benchmark_runs_and_reports() -> None:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((ROOT / "benchmarks" / "results" / "quick.json").read_text())
+    assert results["paid"]["requests"] > 0 and results["paid"]["non_2xx"] == 0
+    assert results["reference_paid"]["non_2xx"] == 0
+    assert results["settlement"]["confirmed"] == results["settlement"]["payments"]
+    assert "paid / ungated" in done.stdout
