@@ -196,6 +196,9 @@ class Prediction(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     predict_time = models.FloatField(null=True, blank=True)
+    webhook = models.URLField(max_length=2000, blank=True)
+    webhook_events_filter = models.JSONField(default=list, blank=True, help_text="Empty: every event")
+    cancel_after_at = models.DateTimeField(null=True, blank=True, help_text="Cancel-After deadline")
     # One payment buys exactly one prediction (OneToOne), and a payment is never deleted.
     payment = models.OneToOneField(
         Payment, null=True, blank=True, on_delete=models.PROTECT, related_name="prediction"

@@ -33,8 +33,14 @@ def payment_json(payment: Payment | None) -> dict[str, Any] | None:
     }
 
 
-def prediction_json(prediction: Prediction, request: Request) -> dict[str, Any]:
-    get_url = request.build_absolute_uri(reverse("prediction-detail", args=[prediction.id]))
+def base_url(request: Request) -> str:
+    return request.build_absolute_uri("/").rstrip("/")
+
+
+def prediction_json(prediction: Prediction, base: str) -> dict[str, Any]:
+    """The prediction object; ``base`` is the site's URL, for the absolute ``urls``."""
+    get_url = base + reverse("prediction-detail", args=[prediction.id])
+    cancel_url = base + reverse("prediction-cancel", args=[prediction.id])
     return {
         "id": prediction.id,
         "model": str(prediction.model),
@@ -50,7 +56,7 @@ def prediction_json(prediction: Prediction, request: Request) -> dict[str, Any]:
         "created_at": _iso(prediction.created_at),
         "started_at": _iso(prediction.started_at),
         "completed_at": _iso(prediction.completed_at),
-        "urls": {"get": get_url},
+        "urls": {"get": get_url, "cancel": cancel_url},
         "metrics": {"predict_time": prediction.predict_time} if prediction.predict_time is not None else {},
         "data_removed": False,
         "payment": payment_json(prediction.payment),

@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from payments import ledger
 from payments.exceptions import Challenge
 from payments.permissions import Charge
 from payments.x402.verify import NONCE_ALREADY_USED, VerifiedPayment
 
-from .models import ModelVersion, Prediction, SettlementPolicy
+from . import webhooks
+from .models import ModelVersion, Prediction, PredictionStatus, SettlementPolicy
 
 
 def create_prediction(
@@ -22,6 +24,7 @@ def create_prediction(
     charge: Charge | None,
     challenge: Challenge | None,
     verification: str = "local",
+    options: dict[str, Any] | None = None,
 ) -> tuple[Prediction, bool]:
     """Record the payment (if any) and create its prediction in one transaction.
 
@@ -44,7 +47,7 @@ def create_prediction(
                     settle_now=version.model.settlement_policy == SettlementPolicy.BEFORE_RUN,
                 )
             prediction = Prediction.objects.create(
-                model=version.model, version=version, input=inputs, payment=payment
+                model=version.model, version=version, input=inputs, payment=payment, **(options or {})
             )
             transaction.on_commit(lambda: start_prediction(prediction))
             return prediction, True
@@ -60,3 +63,25 @@ def create_prediction(
     ):
         return Prediction.objects.select_related("payment", "model").get(payment=existing), False
     raise challenge.reject(NONCE_ALREADY_USED, "this authorization already paid for another request")
+
+
+def cancel(prediction: Prediction) -> Prediction:
+    """Cancel a prediction that has not finished.
+
+    What the agent pays: before the run, nothing if its authorization was not yet being settled
+    (it is released); under ``before_run`` a settlement already under way is charged. During the
+    run, ``after_success`` releases the payment (no success, no charge); ``before_run`` was paid.
+    """
+    with transaction.atomic():
+        locked = Prediction.objects.select_for_update().select_related("payment").get(pk=prediction.pk)
+        if locked.is_terminal:
+            return locked
+        locked.status = PredictionStatus.CANCELED
+        locked.error = "canceled"
+        locked.output = None
+        locked.completed_at = timezone.now()
+        locked.save(update_fields=["status", "error", "output", "completed_at"])
+        if locked.payment is not None:
+            ledger.release(locked.payment, "the prediction was canceled")
+        webhooks.send(locked, "completed")
+        return locked

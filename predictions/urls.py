@@ -5,7 +5,10 @@ from . import views
 urlpatterns = [
     path("models", views.ModelList.as_view(), name="model-list"),
     path("models/<str:owner>/<str:name>", views.ModelDetail.as_view(), name="model-detail"),
-    path("predictions", views.PredictionCreate.as_view(), name="prediction-create"),
+    path("predictions", views.PredictionList.as_view(), name="prediction-create"),
+    path(
+        "predictions/<str:prediction_id>/cancel", views.PredictionCancel.as_view(), name="prediction-cancel"
+    ),
     path("predictions/<str:prediction_id>", views.PredictionDetail.as_view(), name="prediction-detail"),
     path(
         "models/<str:owner>/<str:name>/predictions",

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import time
+from datetime import timedelta
 from typing import Any
 
 import jsonschema
 from django.shortcuts import get_object_or_404
+from django.utils import timezone
 from rest_framework import status
 from rest_framework.exceptions import NotFound, ParseError
 from rest_framework.pagination import CursorPagination
@@ -16,14 +20,16 @@ from rest_framework.views import APIView
 from payments.exceptions import InvalidInput
 from payments.idempotency import IdempotencyConflict
 from payments.ledger import request_fingerprint
-from payments.permissions import Charge, X402Payment, honour_window_seconds
+from payments.permissions import Charge, X402Payment, honour_window_seconds, is_operator
 from payments.pricing import PricingError, pricing_state, quote
 from payments.x402.codec import encode_header
 from payments.x402.types import Resource, settle_response
 
+from .auth import payer_of
 from .models import Model, ModelVersion, Prediction
-from .serializers import model_json, prediction_json
-from .services import create_prediction
+from .serializers import base_url, model_json, prediction_json
+from .services import cancel, create_prediction
+from .webhooks import EVENTS, UnsafeWebhook, check_url
 
 PAYMENT_RESPONSE_HEADERS = {1: "X-PAYMENT-RESPONSE", 2: "PAYMENT-RESPONSE"}
 
@@ -68,6 +74,61 @@ def charge_for(version: ModelVersion, inputs: dict[str, Any], url: str, path: st
     )
 
 
+_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Replicate's durations: ``90``, ``30s``, ``5m``, ``1h30m``, ``500ms``."""
+    text = text.strip()
+    if text.isdigit():
+        return timedelta(seconds=int(text))
+    match = _DURATION.fullmatch(text)
+    if not text or match is None:
+        raise ParseError(f"Cancel-After: cannot read the duration {text!r} (try 30s, 5m, 1h30m)")
+    h, m, sec, ms = (int(g) if g else 0 for g in match.groups())
+    return timedelta(hours=h, minutes=m, seconds=sec, milliseconds=ms)
+
+
+def creation_options(request: Request) -> dict[str, Any]:
+    """Webhook, event filter and Cancel-After of a create request (validated before payment)."""
+    data = request.data if isinstance(request.data, dict) else {}
+    webhook = data.get("webhook") or ""
+    events = data.get("webhook_events_filter") or []
+    if not isinstance(webhook, str) or len(webhook) > 2000:
+        raise InvalidInput("`webhook` must be a URL.", {"webhook": "must be a URL"})
+    if webhook:
+        try:
+            check_url(webhook)
+        except UnsafeWebhook as exc:
+            raise InvalidInput(f"webhook refused: {exc}", {"webhook": str(exc)}) from None
+    if not isinstance(events, list) or not set(events) <= set(EVENTS):
+        raise InvalidInput(
+            f"`webhook_events_filter` must be a subset of {list(EVENTS)}",
+            {"webhook_events_filter": "unknown event"},
+        )
+    options: dict[str, Any] = {"webhook": webhook, "webhook_events_filter": events}
+    if "Cancel-After" in request.headers:
+        options["cancel_after_at"] = timezone.now() + parse_duration(request.headers["Cancel-After"])
+    return options
+
+
+def wait_for(prediction: Prediction, request: Request) -> Prediction:
+    """``Prefer: wait`` (60 s) or ``wait=N`` (N <= 60): hold the answer until the prediction ends."""
+    prefer = request.headers.get("Prefer", "")
+    match = re.search(r"\bwait(?:=(\d+))?\b", prefer)
+    if match is None or prediction.is_terminal:
+        return prediction
+    deadline = time.monotonic() + min(int(match.group(1) or 60), 60)
+    delay = 0.05
+    while time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+        prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
+        if prediction.is_terminal:
+            break
+    return prediction
+
+
 class PaidPredictionCreate(APIView):
     """Shared create logic: resolve the version, price it, take the payment, create."""
 
@@ -80,6 +141,7 @@ class PaidPredictionCreate(APIView):
         version = self.resolve_version(request)
         self.version = version
         self.inputs = validate_input(version, request.data)
+        creation_options(request)  # refuse a bad webhook or Cancel-After before any payment
         return charge_for(version, self.inputs, request.build_absolute_uri(request.path), request.path)
 
     def post(self, request: Request, **kwargs: Any) -> Response:
@@ -99,6 +161,7 @@ class PaidPredictionCreate(APIView):
         return create_prediction(
             self.version,
             self.inputs,
+            options=creation_options(request),
             verified=request.x402,
             charge=getattr(request, "x402_charge", None),
             challenge=getattr(request, "x402_challenge", None),
@@ -119,7 +182,7 @@ class PaidPredictionCreate(APIView):
                 )
             )
         return Response(
-            prediction_json(prediction, request),
+            prediction_json(wait_for(prediction, request), base_url(request)),
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
             headers=headers,
         )
@@ -136,7 +199,7 @@ class ModelPredictionCreate(PaidPredictionCreate):
         return version
 
 
-class PredictionCreate(PaidPredictionCreate):
+class PredictionCreate(PaidPredictionCreate):  # noqa: D101 (see PredictionList for GET)
     """POST /v1/predictions with {"version": ..., "input": ...}."""
 
     def resolve_version(self, request: Request) -> ModelVersion:
@@ -156,7 +219,7 @@ class PredictionDetail(APIView):
         prediction = get_object_or_404(
             Prediction.objects.select_related("payment", "model"), pk=prediction_id
         )
-        return Response(prediction_json(prediction, request))
+        return Response(prediction_json(prediction, base_url(request)))
 
 
 class ModelList(APIView):
@@ -176,3 +239,32 @@ class ModelDetail(APIView):
     def get(self, request: Request, owner: str, name: str) -> Response:
         model = get_object_or_404(Model.objects.select_related("hardware"), owner=owner, name=name)
         return Response(model_json(model, request))
+
+
+class PredictionList(PredictionCreate):
+    """GET /v1/predictions: the predictions this caller may list, newest first, by cursor.
+
+    An operator token lists everything. An agent proves it is a payer by signing (EIP-191)
+    ``x402 predictions <timestamp>`` and sending ``X-Payer-Address``, ``X-Payer-Timestamp`` and
+    ``X-Payer-Signature``: it sees the predictions its payments bought.
+    """
+
+    def get(self, request: Request) -> Response:
+        queryset = Prediction.objects.select_related("payment", "model")
+        if not is_operator(request):
+            queryset = queryset.filter(payment__payer=payer_of(request))
+        paginator = CursorPagination()
+        paginator.ordering = "-created_at"
+        paginator.page_size = 50
+        page = paginator.paginate_queryset(queryset, request, view=self)
+        base = base_url(request)
+        return paginator.get_paginated_response([prediction_json(p, base) for p in page])
+
+
+class PredictionCancel(APIView):
+    """POST /v1/predictions/{id}/cancel: the id is the capability, as for reading."""
+
+    def post(self, request: Request, prediction_id: str) -> Response:
+        prediction = cancel(get_object_or_404(Prediction, pk=prediction_id))
+        prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
+        return Response(prediction_json(prediction, base_url(request)))

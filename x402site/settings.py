@@ -106,6 +106,7 @@ CELERY_BEAT_SCHEDULE = {
         "task": "payments.tasks.reconcile",
         "schedule": env.float("X402_RECONCILE_INTERVAL", default=5.0),
     },
+    "sweep-predictions": {"task": "predictions.tasks.sweep", "schedule": 15.0},
 }
 
 # --- x402 payments -----------------------------------------------------------------------------
@@ -156,6 +157,15 @@ X402_STUCK_AFTER_SECONDS = env.int("X402_STUCK_AFTER_SECONDS", default=120)
 
 #: Tests only: seconds a worker sleeps between storing a signed settlement and broadcasting it.
 X402_FAULT_PAUSE_AFTER_SIGN = env.float("X402_FAULT_PAUSE_AFTER_SIGN", default=0.0)
+
+#: Where this service is reached from outside (webhook bodies carry absolute URLs).
+X402_PUBLIC_URL = env.str("X402_PUBLIC_URL", default="http://127.0.0.1:8000").rstrip("/")
+#: Webhook signing secret (whsec_...); derived from DJANGO_SECRET_KEY when unset.
+X402_WEBHOOK_SECRET = env.str("X402_WEBHOOK_SECRET", default="")
+#: Allow webhooks to loopback and private addresses (development and tests only).
+X402_WEBHOOK_ALLOW_PRIVATE = env.bool("X402_WEBHOOK_ALLOW_PRIVATE", default=False)
+#: Seconds a prediction may run before it is failed (also the Celery soft time limit).
+X402_PREDICTION_TIME_LIMIT = env.int("X402_PREDICTION_TIME_LIMIT", default=600)
 
 #: Bearer tokens that run predictions without payment (operators, integrations).
 X402_OPERATOR_TOKENS = env.list("X402_OPERATOR_TOKENS", default=[])
