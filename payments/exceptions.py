@@ -72,6 +72,8 @@ def payment_required_response(exc: PaymentRequired) -> Response:
 
 _TITLES = {
     400: "Bad request",
+    401: "Unauthorized",
+    403: "Forbidden",
     404: "Not found",
     405: "Method not allowed",
     409: "Conflict",

@@ -8,10 +8,17 @@ import time
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils import is_address, to_checksum_address
-from rest_framework.exceptions import NotAuthenticated, PermissionDenied
+from rest_framework.exceptions import APIException, PermissionDenied
 from rest_framework.request import Request
 
 WINDOW_SECONDS = 300
+
+
+class AuthenticationRequired(APIException):
+    """401 (DRF turns its own NotAuthenticated into 403 when no authenticator is configured)."""
+
+    status_code = 401
+    default_detail = "Authentication required."
 
 
 def message(timestamp: int) -> str:
@@ -23,7 +30,7 @@ def payer_of(request: Request) -> str:
     timestamp = request.headers.get("X-Payer-Timestamp", "")
     signature = request.headers.get("X-Payer-Signature", "")
     if not (address and timestamp and signature):
-        raise NotAuthenticated(
+        raise AuthenticationRequired(
             "Listing needs an operator token, or X-Payer-Address, X-Payer-Timestamp and X-Payer-Signature "
             f"(EIP-191 signature of '{message(0).replace(' 0', ' <timestamp>')}')."
         )

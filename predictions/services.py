@@ -73,7 +73,9 @@ def cancel(prediction: Prediction) -> Prediction:
     run, ``after_success`` releases the payment (no success, no charge); ``before_run`` was paid.
     """
     with transaction.atomic():
-        locked = Prediction.objects.select_for_update().select_related("payment").get(pk=prediction.pk)
+        locked = (
+            Prediction.objects.select_for_update(of=("self",)).select_related("payment").get(pk=prediction.pk)
+        )
         if locked.is_terminal:
             return locked
         locked.status = PredictionStatus.CANCELED

@@ -3,6 +3,7 @@ from django.urls import path
 from . import views
 
 urlpatterns = [
+    path("webhooks/default/secret", views.WebhookSecret.as_view(), name="webhook-secret"),
     path("models", views.ModelList.as_view(), name="model-list"),
     path("models/<str:owner>/<str:name>", views.ModelDetail.as_view(), name="model-detail"),
     path("predictions", views.PredictionList.as_view(), name="prediction-create"),

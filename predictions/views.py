@@ -25,11 +25,12 @@ from payments.pricing import PricingError, pricing_state, quote
 from payments.x402.codec import encode_header
 from payments.x402.types import Resource, settle_response
 
-from .auth import payer_of
+from .auth import AuthenticationRequired, payer_of
 from .models import Model, ModelVersion, Prediction
 from .serializers import base_url, model_json, prediction_json
 from .services import cancel, create_prediction
 from .webhooks import EVENTS, UnsafeWebhook, check_url
+from .webhooks import secret as webhook_secret
 
 PAYMENT_RESPONSE_HEADERS = {1: "X-PAYMENT-RESPONSE", 2: "PAYMENT-RESPONSE"}
 
@@ -268,3 +269,12 @@ class PredictionCancel(APIView):
         prediction = cancel(get_object_or_404(Prediction, pk=prediction_id))
         prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
         return Response(prediction_json(prediction, base_url(request)))
+
+
+class WebhookSecret(APIView):
+    """GET /v1/webhooks/default/secret: the signing secret, for operators (as Replicate does)."""
+
+    def get(self, request: Request) -> Response:
+        if not is_operator(request):
+            raise AuthenticationRequired("An operator token is required.")
+        return Response({"key": webhook_secret()})

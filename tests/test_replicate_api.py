@@ -1,0 +1,250 @@
+"""The Replicate-compatible API: list, cancel, Prefer: wait, Cancel-After, webhooks, the
+official replicate client (operator token, and an agent paying through an httpx transport)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from django.test import Client, override_settings
+from django.utils import timezone
+from eth_account import Account
+from eth_account.messages import encode_defunct
+
+from payments.models import Payment
+from payments.options import payment_options
+from payments.x402.types import Requirement
+from predictions.models import Prediction
+from predictions.webhooks import sign
+from tests.conftest import token_balance
+from tests.payers import v2_header
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+URL = "/v1/models/demo/echo-text/predictions"
+PRICE = 10_000
+TOKEN = "operator-test-token"
+
+
+def post(body: dict, **headers: str):
+    return Client().post(URL, data=json.dumps(body), content_type="application/json", headers=headers)
+
+
+def paid(chain, payer: int, body: dict, **headers: str):
+    key = chain.payers[payer]["private_key"]
+    return post(
+        body, **{"PAYMENT-SIGNATURE": v2_header(key, Requirement(payment_options()[0], PRICE)), **headers}
+    )
+
+
+@pytest.fixture
+def no_tasks(monkeypatch):
+    """Record predictions without settling or running them."""
+    monkeypatch.setattr("predictions.tasks.start_prediction", lambda prediction: None)
+
+
+def payer_headers(key: str, when: int | None = None) -> dict[str, str]:
+    ts = when or int(time.time())
+    signed = Account.sign_message(encode_defunct(text=f"x402 predictions {ts}"), key)
+    return {
+        "X-Payer-Address": Account.from_key(key).address,
+        "X-Payer-Timestamp": str(ts),
+        "X-Payer-Signature": "0x" + bytes(signed.signature).hex(),
+    }
+
+
+def test_list_by_operator_token_or_payer_proof(chain_settings, demo_model, no_tasks, settings) -> None:
+    settings.X402_OPERATOR_TOKENS = [TOKEN]
+    mine = [paid(chain_settings, 0, {"input": {"text": f"a{i}"}}).json()["id"] for i in range(3)]
+    theirs = paid(chain_settings, 1, {"input": {"text": "b"}}).json()["id"]
+    assert Client().get("/v1/predictions").status_code == 401
+    key = chain_settings.payers[0]["private_key"]
+    listed = Client().get("/v1/predictions", headers=payer_headers(key)).json()
+    assert [p["id"] for p in listed["results"]] == mine[::-1]
+    assert listed["next"] is None
+    assert (
+        Client().get("/v1/predictions", headers=payer_headers(key, int(time.time()) - 3600)).status_code
+        == 403
+    )
+    forged = {
+        **payer_headers(chain_settings.payers[1]["private_key"]),
+        "X-Payer-Address": Account.from_key(key).address,
+    }
+    assert Client().get("/v1/predictions", headers=forged).status_code == 403
+    everything = Client().get("/v1/predictions", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert {p["id"] for p in everything["results"]} == {*mine, theirs}
+
+
+def test_cancel_before_the_run_releases_the_payment(chain_settings, demo_model, no_tasks) -> None:
+    created = paid(chain_settings, 2, {"input": {"text": "never"}}).json()
+    canceled = Client().post(created["urls"]["cancel"].replace("http://testserver", "")).json()
+    assert canceled["status"] == "canceled" and canceled["payment"]["status"] == "expired"
+    from predictions.tasks import run_prediction
+
+    assert run_prediction(created["id"]) == "skipped"  # a late task runs nothing
+    again = Client().post(f"/v1/predictions/{created['id']}/cancel").json()
+    assert again["status"] == "canceled"
+    assert Client().post("/v1/predictions/nope/cancel").status_code == 404
+
+
+def test_cancel_after_aborts_a_prediction_that_has_not_started(chain_settings, demo_model, no_tasks) -> None:
+    created = paid(chain_settings, 3, {"input": {"text": "late"}}, **{"Cancel-After": "1ms"}).json()
+    time.sleep(0.01)
+    from predictions.tasks import run_prediction
+
+    run_prediction(created["id"])
+    aborted = Client().get(f"/v1/predictions/{created['id']}").json()
+    assert aborted["status"] == "canceled" and aborted["error"].startswith("aborted")
+    assert Payment.objects.get().status == "expired"  # not charged
+    assert post({"input": {"text": "x"}}, **{"Cancel-After": "soon"}).status_code == 400
+
+
+def test_sweep_fails_a_run_whose_worker_died(chain_settings, demo_model, no_tasks, settings) -> None:
+    demo_model.settlement_policy = "after_success"
+    demo_model.save()
+    created = paid(chain_settings, 4, {"input": {"text": "lost"}}).json()
+    Prediction.objects.filter(pk=created["id"]).update(
+        status="processing",
+        started_at=timezone.now() - timedelta(seconds=settings.X402_PREDICTION_TIME_LIMIT + 120),
+    )
+    from predictions.tasks import sweep
+
+    assert sweep()["lost"] == 1
+    body = Client().get(f"/v1/predictions/{created['id']}").json()
+    assert body["status"] == "failed" and "lost" in body["error"]
+    assert body["payment"]["status"] == "expired"  # after_success: no success, no charge
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [
+        "http://127.0.0.1:9/hook",
+        "http://localhost/x",
+        "http://10.1.2.3/",
+        "http://[::1]/",
+        "ftp://example.com/",
+        "http://169.254.169.254/latest",
+        "http://user:pw@example.com/",
+    ],
+)
+def test_webhooks_to_private_addresses_are_refused_before_payment(chain_settings, demo_model, hook) -> None:
+    response = post({"input": {"text": "x"}, "webhook": hook})
+    assert response.status_code == 422 and "webhook" in response.json()["invalid_fields"]
+    assert "PAYMENT-REQUIRED" not in response
+
+
+class Receiver:
+    """A local webhook receiver: records deliveries, fails the first ``fail_first`` of them."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.events: list[tuple[dict, dict]] = []
+        self.fail_first = fail_first
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if receiver.fail_first > 0:
+                    receiver.fail_first -= 1
+                    self.send_response(500)
+                else:
+                    receiver.events.append((dict(self.headers), json.loads(body) | {"_raw": body.decode()}))
+                    self.send_response(204)
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_webhooks_are_signed_filtered_and_retried(chain_settings, demo_model, eager_celery, settings) -> None:
+    from x402site.celery import app
+
+    app.conf.task_eager_propagates = False  # an eager retry runs at once, then raises Retry
+    settings.X402_WEBHOOK_ALLOW_PRIVATE = True
+    settings.X402_OPERATOR_TOKENS = [TOKEN]
+    receiver = Receiver(fail_first=1)
+    created = paid(chain_settings, 5, {"input": {"text": "hooked"}, "webhook": receiver.url})
+    assert created.status_code == 201
+    secret = (
+        Client()
+        .get("/v1/webhooks/default/secret", headers={"Authorization": f"Bearer {TOKEN}"})
+        .json()["key"]
+    )
+    assert Client().get("/v1/webhooks/default/secret").status_code == 401
+    assert [body["status"] for _, body in receiver.events] == ["processing", "succeeded", "succeeded"]
+    for headers, body in receiver.events:
+        expected = sign(
+            headers["webhook-id"], int(headers["webhook-timestamp"]), body["_raw"].encode(), secret
+        )
+        assert headers["webhook-signature"] == expected
+    assert receiver.events[-1][1]["output"] == "hooked"
+
+    only_completed = Receiver()
+    paid(
+        chain_settings,
+        5,
+        {
+            "input": {"text": "filtered"},
+            "webhook": only_completed.url,
+            "webhook_events_filter": ["completed"],
+        },
+    )
+    assert [body["status"] for _, body in only_completed.events] == ["succeeded"]
+    with override_settings(X402_WEBHOOK_ALLOW_PRIVATE=False):
+        assert post({"input": {"text": "x"}, "webhook_events_filter": ["bogus"]}).status_code == 422
+
+
+@pytest.mark.e2e
+def test_prefer_wait_and_the_official_replicate_client(
+    chain_settings, demo_model, live_server, celery_worker_process, settings
+) -> None:
+    import replicate
+    import requests
+    from replicate_agent import agent_client
+
+    settings.X402_OPERATOR_TOKENS = [TOKEN]
+    chain = chain_settings
+    # Prefer: wait holds the create until the prediction finished.
+    header = v2_header(chain.payers[6]["private_key"], Requirement(payment_options()[0], PRICE))
+    waited = requests.post(
+        f"{live_server.url}{URL}",
+        json={"input": {"text": "waited"}},
+        headers={"PAYMENT-SIGNATURE": header, "Prefer": "wait=20"},
+        timeout=30,
+    ).json()
+    assert waited["status"] == "succeeded" and waited["output"] == "waited"
+
+    # An operator, with an API token.
+    operator = replicate.Client(api_token=TOKEN, base_url=live_server.url)
+    prediction = operator.models.predictions.create(model="demo/echo-text", input={"text": "op"})
+    prediction.wait()
+    assert prediction.status == "succeeded" and prediction.output == "op"
+    assert operator.predictions.get(prediction.id).output == "op"
+    by_version = operator.predictions.create(version=demo_model.latest_version.id, input={"text": "v"})
+    assert operator.predictions.get(by_version.id).id == by_version.id
+    listed = [p.id for p in operator.predictions.list()]
+    assert prediction.id in listed and waited["id"] in listed
+    by_version.wait()
+    assert operator.predictions.cancel(by_version.id).status == "succeeded"  # finished: cancel is a no-op
+
+    # An agent, paying each challenge through the transport.
+    payer = chain.payers[7]
+    before = token_balance(chain, payer["address"])
+    agent = agent_client(
+        live_server.url, {"network": chain.network, "asset": chain.asset, "payers": chain.payers}, 7
+    )
+    bought = agent.models.predictions.create(model="demo/echo-text", input={"text": "agent"})
+    bought.wait()
+    assert bought.status == "succeeded" and bought.output == "agent"
+    assert token_balance(chain, payer["address"]) == before - PRICE
