@@ -156,18 +156,34 @@ class Model(models.Model):
         return self.versions.order_by("-created_at").first()
 
 
+class Runner(models.TextChoices):
+    PYTHON = "python", "In-process Python predictor"
+    COG = "cog", "Cog model server (HTTP)"
+
+
 class ModelVersion(models.Model):
     id = models.CharField(max_length=64, primary_key=True)
     model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="versions")
+    runner = models.CharField(max_length=16, choices=Runner.choices, default=Runner.PYTHON)
     predictor = models.CharField(
-        max_length=255, help_text="Dotted path of a predictor class, e.g. predictions.runners.demo.EchoText"
+        max_length=255,
+        blank=True,
+        help_text="python: dotted path of a predictor class, e.g. predictions.runners.demo.EchoText",
     )
+    cog_url = models.URLField(blank=True, help_text="cog: base URL of the Cog server, e.g. http://gpu-1:5000")
     input_schema = models.JSONField(default=dict, help_text="JSON Schema of the input object")
     output_schema = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(models.Q(runner="python") & ~models.Q(predictor=""))
+                | (models.Q(runner="cog") & ~models.Q(cog_url="")),
+                name="version_runner_configured",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.model}:{self.id[:12]}"

@@ -14,6 +14,7 @@ import logging
 import time
 import traceback
 from datetime import timedelta
+from typing import Any
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -24,8 +25,9 @@ from django.utils import timezone
 from payments import ledger
 
 from . import webhooks
-from .models import Prediction, PredictionStatus, SettlementPolicy
-from .runners import run_python
+from .models import Prediction, PredictionStatus, Runner, SettlementPolicy
+from .runners import cog
+from .runners.python import run_python
 
 log = logging.getLogger("predictions.tasks")
 P = PredictionStatus
@@ -74,47 +76,85 @@ def _abort(prediction: Prediction) -> None:
     webhooks.send(prediction, "completed")
 
 
-@shared_task(acks_late=True, soft_time_limit=settings.X402_PREDICTION_TIME_LIMIT)
-def run_prediction(prediction_id: str) -> str:
+@shared_task(bind=True, acks_late=True, soft_time_limit=settings.X402_PREDICTION_TIME_LIMIT, max_retries=120)
+def run_prediction(self: Any, prediction_id: str) -> str:
     prediction = _claim(prediction_id)
     if prediction is None:
         return "skipped"
+    version = prediction.version
+    if version.runner == Runner.COG:
+        try:
+            cog.start(version.cog_url, prediction.id, prediction.input)
+        except cog.CogError as exc:
+            if exc.retry:  # busy or unreachable: give the claim back and try again shortly
+                Prediction.objects.filter(pk=prediction_id, status=P.PROCESSING).update(status=P.STARTING)
+                raise self.retry(countdown=min(2 + self.request.retries, 15)) from None
+            return finish(prediction_id, succeeded=False, error=str(exc))
+        return "started"  # Cog reports back through CogWebhook
     started = time.perf_counter()
-    succeeded = False
-    output = None
-    error = logs = ""
     try:
-        output = run_python(prediction.version.predictor, prediction.input)
-        succeeded = True
+        output = run_python(version.predictor, prediction.input)
     except SoftTimeLimitExceeded:
-        error = f"the prediction ran longer than {settings.X402_PREDICTION_TIME_LIMIT}s"
+        return finish(
+            prediction_id,
+            succeeded=False,
+            predict_time=time.perf_counter() - started,
+            error=f"the prediction ran longer than {settings.X402_PREDICTION_TIME_LIMIT}s",
+        )
     except Exception as exc:  # a model's failure is the prediction's outcome, not the worker's
         log.warning("prediction %s failed: %s", prediction_id, exc)
-        error, logs = f"{exc.__class__.__name__}: {exc}", traceback.format_exc(limit=5)
-    predict_time = time.perf_counter() - started
-    awaiting_payment = (
-        succeeded
-        and prediction.payment is not None
-        and prediction.model.settlement_policy == SettlementPolicy.AFTER_SUCCESS
-    )
+        return finish(
+            prediction_id,
+            succeeded=False,
+            predict_time=time.perf_counter() - started,
+            error=f"{exc.__class__.__name__}: {exc}",
+            logs=traceback.format_exc(limit=5),
+        )
+    return finish(prediction_id, succeeded=True, output=output, predict_time=time.perf_counter() - started)
+
+
+def finish(
+    prediction_id: str,
+    *,
+    succeeded: bool,
+    output: Any = None,
+    error: str = "",
+    logs: str | None = None,
+    predict_time: float | None = None,
+) -> str:
+    """Record a run's outcome (any runner), once: only a prediction still PROCESSING is written,
+    so a cancel during the run, or a second report of the same outcome, changes nothing."""
     with transaction.atomic():
-        fields = {"output": output, "error": error, "logs": logs, "predict_time": predict_time}
+        prediction = (
+            Prediction.objects.select_for_update(of=("self",))
+            .select_related("model", "payment")
+            .get(pk=prediction_id)
+        )
+        if prediction.status != P.PROCESSING or prediction.predict_time is not None:
+            return prediction.status
+        awaiting_payment = (
+            succeeded
+            and prediction.payment is not None
+            and prediction.model.settlement_policy == SettlementPolicy.AFTER_SUCCESS
+        )
+        prediction.output, prediction.error = output, error
+        prediction.predict_time = predict_time if predict_time is not None else 0.0
+        if logs is not None:
+            prediction.logs = logs
         if not awaiting_payment:
-            fields.update(status=P.SUCCEEDED if succeeded else P.FAILED, completed_at=timezone.now())
-        # Only a run still PROCESSING is written: a cancel during the run wins.
-        if not Prediction.objects.filter(pk=prediction_id, status=P.PROCESSING).update(**fields):
-            return "canceled"
+            prediction.status = P.SUCCEEDED if succeeded else P.FAILED
+            prediction.completed_at = timezone.now()
+        prediction.save(update_fields=["output", "error", "logs", "predict_time", "status", "completed_at"])
         if awaiting_payment:
             # The output is kept back until the payment is confirmed (receivers.py).
             ledger.request_settlement(prediction.payment)
         elif not succeeded and prediction.payment is not None:
             ledger.release(prediction.payment, "the prediction failed")
-        prediction.refresh_from_db()
         if output is not None and not awaiting_payment:
             webhooks.send(prediction, "output")
         if prediction.is_terminal:
             webhooks.send(prediction, "completed")
-    log.info("prediction %s %s in %.3fs", prediction_id, prediction.status, predict_time)
+    log.info("prediction %s %s", prediction_id, prediction.status)
     return prediction.status
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+import logging
 import re
 import time
 from datetime import timedelta
@@ -11,7 +13,7 @@ import jsonschema
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from rest_framework import status
-from rest_framework.exceptions import NotFound, ParseError
+from rest_framework.exceptions import APIException, NotFound, ParseError
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -26,13 +28,16 @@ from payments.x402.codec import encode_header
 from payments.x402.types import Resource, settle_response
 
 from .auth import AuthenticationRequired, payer_of
-from .models import Model, ModelVersion, Prediction
+from .models import Model, ModelVersion, Prediction, Runner
+from .runners import cog
 from .serializers import base_url, model_json, prediction_json
 from .services import cancel, create_prediction
+from .tasks import finish
 from .webhooks import EVENTS, UnsafeWebhook, check_url
 from .webhooks import secret as webhook_secret
 
 PAYMENT_RESPONSE_HEADERS = {1: "X-PAYMENT-RESPONSE", 2: "PAYMENT-RESPONSE"}
+log = logging.getLogger("predictions.api")
 
 
 def _field_of(error: jsonschema.ValidationError) -> str:
@@ -56,6 +61,19 @@ def validate_input(version: ModelVersion, data: Any) -> dict[str, Any]:
         fields = {_field_of(e): e.message for e in errors}
         raise InvalidInput("Input does not match the model's schema: " + "; ".join(fields), fields)
     return inputs
+
+
+class ModelUnavailable(APIException):
+    status_code = 503
+    default_detail = "The model cannot take a prediction right now; retry shortly."
+
+
+def check_runner(version: ModelVersion) -> None:
+    """A Cog model must be READY (set up, a slot free) before we ask for money."""
+    if version.runner == Runner.COG:
+        state = cog.health(version.cog_url)
+        if state != "READY":
+            raise ModelUnavailable(f"The model is {state.lower()}; retry shortly.")
 
 
 def charge_for(version: ModelVersion, inputs: dict[str, Any], url: str, path: str) -> Charge:
@@ -143,6 +161,7 @@ class PaidPredictionCreate(APIView):
         self.version = version
         self.inputs = validate_input(version, request.data)
         creation_options(request)  # refuse a bad webhook or Cancel-After before any payment
+        check_runner(version)
         return charge_for(version, self.inputs, request.build_absolute_uri(request.path), request.path)
 
     def post(self, request: Request, **kwargs: Any) -> Response:
@@ -278,3 +297,33 @@ class WebhookSecret(APIView):
         if not is_operator(request):
             raise AuthenticationRequired("An operator token is required.")
         return Response({"key": webhook_secret()})
+
+
+class CogWebhook(APIView):
+    """POST /internal/cog/{id}/{token}: a Cog server reporting on a run we started.
+
+    The token is an HMAC of the prediction id, so only the server we gave the URL to can
+    report. Progress updates the logs; a terminal status finishes the prediction once.
+    """
+
+    def post(self, request: Request, prediction_id: str, token: str) -> Response:
+        if not hmac.compare_digest(token, cog.callback_token(prediction_id)):
+            raise NotFound()
+        body = request.data if isinstance(request.data, dict) else {}
+        state = body.get("status")
+        log.info("cog webhook for %s: %s", prediction_id, state)
+        logs = body.get("logs") if isinstance(body.get("logs"), str) else None
+        if state in ("succeeded", "failed", "canceled"):
+            metrics = body.get("metrics") if isinstance(body.get("metrics"), dict) else {}
+            predict_time = metrics.get("predict_time")
+            finish(
+                prediction_id,
+                succeeded=state == "succeeded",
+                output=body.get("output") if state == "succeeded" else None,
+                error="" if state == "succeeded" else str(body.get("error") or f"Cog reported {state}"),
+                logs=logs,
+                predict_time=float(predict_time) if isinstance(predict_time, (int, float)) else None,
+            )
+        elif logs is not None:
+            Prediction.objects.filter(pk=prediction_id, status="processing").update(logs=logs)
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -220,7 +220,11 @@ def start_worker(
 
 @pytest.fixture(scope="module")
 def celery_worker_process(
-    chain: DevChain, django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+    chain: DevChain,
+    django_db_setup: None,
+    django_db_blocker: Any,
+    live_server: Any,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, str]]:
     """A real Celery worker process (with beat) on this session's queue, for one test module:
     its reconciler must not act on other modules' payments, which run with other settings."""
@@ -228,8 +232,48 @@ def celery_worker_process(
 
     assert app.amqp.default_queue.name == TEST_QUEUE, "a task was sent before the test broker was set"
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    proc = start_worker(chain, log_path, TEST_QUEUE, beat=True)
+    proc = start_worker(chain, log_path, TEST_QUEUE, beat=True, env={"X402_PUBLIC_URL": live_server.url})
     try:
         yield {"queue": TEST_QUEUE, "log": str(log_path)}
+    finally:
+        devchain.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def cog_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A real Cog model server (cog + coglet from PyPI, no Docker) running tests/cog_model."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("cog") / "cog.log"
+    env = {
+        **os.environ,
+        "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+        "PORT": str(port),
+        # coglet starts its worker with the `python` on PATH: make it this environment's.
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+        cwd=Path(__file__).resolve().parent / "cog_model",
+        env=env,
+        stdout=open(log_path, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{url}/health-check", timeout=1).json().get("status") == "READY":
+                    break
+            except (requests.RequestException, ValueError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("cog server did not become READY:\n" + log_path.read_text())
+            time.sleep(0.1)
+        yield {"url": url, "log": log_path}
     finally:
         devchain.stop(proc)
