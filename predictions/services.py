@@ -13,7 +13,8 @@ from payments.permissions import Charge
 from payments.x402.verify import NONCE_ALREADY_USED, VerifiedPayment
 
 from . import webhooks
-from .models import ModelVersion, Prediction, PredictionStatus, SettlementPolicy
+from .models import ModelVersion, Prediction, PredictionStatus, Runner, SettlementPolicy
+from .runners import cog
 
 
 def create_prediction(
@@ -74,10 +75,15 @@ def cancel(prediction: Prediction) -> Prediction:
     """
     with transaction.atomic():
         locked = (
-            Prediction.objects.select_for_update(of=("self",)).select_related("payment").get(pk=prediction.pk)
+            Prediction.objects.select_for_update(of=("self",))
+            .select_related("payment", "version")
+            .get(pk=prediction.pk)
         )
         if locked.is_terminal:
             return locked
+        if locked.status == PredictionStatus.PROCESSING and locked.version.runner == Runner.COG:
+            url, pk = locked.version.cog_url, locked.pk
+            transaction.on_commit(lambda: cog.cancel(url, pk))
         locked.status = PredictionStatus.CANCELED
         locked.error = "canceled"
         locked.output = None

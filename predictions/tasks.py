@@ -128,8 +128,11 @@ def finish(
         prediction = (
             Prediction.objects.select_for_update(of=("self",))
             .select_related("model", "payment")
-            .get(pk=prediction_id)
+            .filter(pk=prediction_id)
+            .first()
         )
+        if prediction is None:
+            return "missing"
         if prediction.status != P.PROCESSING or prediction.predict_time is not None:
             return prediction.status
         awaiting_payment = (
