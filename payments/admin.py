@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import tempfile
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse
+from django.http import FileResponse, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path
+from django.utils import timezone
+from django.utils.safestring import mark_safe
 
+from . import reports
 from .chain import ChainUnavailable, rpc
-from .models import HardwareTier, Payment, PaymentEvent, PriceChange
+from .charts import bar_chart
+from .exports import Export
+from .models import HardwareTier, LedgerExport, Payment, PaymentEvent, PriceChange
 from .options import configured
+from .reports import LedgerFilter
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -57,9 +67,99 @@ class PaymentAdmin(ReadOnlyAdmin):
     date_hierarchy = "created_at"
     inlines = [PaymentEventInline]
     exclude = ("settle_raw_tx",)
+    actions = ["export_csv", "export_xlsx"]
+    change_list_template = "admin/payments/payment/change_list.html"
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         return [f.name for f in Payment._meta.fields if f.name != "settle_raw_tx"]
+
+    def has_export_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("payments.export_payment")
+
+    @admin.action(description="Export selected payments (CSV)", permissions=["export"])
+    def export_csv(self, request: HttpRequest, queryset: Any) -> HttpResponse:
+        return self._export(request, queryset, "csv", {"selected": queryset.count()})
+
+    @admin.action(description="Export selected payments (XLSX)", permissions=["export"])
+    def export_xlsx(self, request: HttpRequest, queryset: Any) -> HttpResponse:
+        return self._export(request, queryset, "xlsx", {"selected": queryset.count()})
+
+    def get_urls(self) -> list:
+        view = self.admin_site.admin_view
+        return [
+            path("export/<str:fmt>/", view(self.export_matching), name="payments_payment_export"),
+            path("dashboard/", view(self.dashboard), name="payments_payment_dashboard"),
+            *super().get_urls(),
+        ]
+
+    def export_matching(self, request: HttpRequest, fmt: str) -> HttpResponse:
+        """Everything the changelist shows with its current filters and search, not one page."""
+        if fmt not in ("csv", "xlsx") or not self.has_export_permission(request):
+            raise PermissionDenied
+        queryset = self.get_changelist_instance(request).get_queryset(request)
+        return self._export(request, queryset, fmt, {"changelist": request.GET.urlencode()})
+
+    def _export(self, request: HttpRequest, queryset: Any, fmt: str, filters: dict) -> HttpResponse:
+        export = Export(queryset, fmt=fmt, user=request.user, source="admin", filters=filters)
+        stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
+        if fmt == "csv":
+            response = StreamingHttpResponse(export.csv(), content_type="text/csv; charset=utf-8")
+            response["Content-Disposition"] = f'attachment; filename="ledger-{stamp}.csv"'
+            return response
+        with tempfile.NamedTemporaryFile(suffix=".xlsx", delete=False) as handle:
+            path_ = Path(handle.name)
+        export.xlsx(path_)
+        stream = path_.open("rb")
+        path_.unlink()  # the open handle keeps the data until the response is sent
+        return FileResponse(
+            stream,
+            as_attachment=True,
+            filename=f"ledger-{stamp}.xlsx",
+            content_type="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        )
+
+    def dashboard(self, request: HttpRequest) -> HttpResponse:
+        """Revenue at a glance, for Finance: from the same queries as the exports."""
+        if not request.user.has_perm("payments.view_payment"):
+            raise PermissionDenied
+        today = timezone.now().date()
+        try:
+            since = (
+                date.fromisoformat(request.GET["since"])
+                if request.GET.get("since")
+                else today - timedelta(29)
+            )
+            until = date.fromisoformat(request.GET["until"]) if request.GET.get("until") else today
+        except ValueError:
+            since, until = today - timedelta(days=29), today
+        until = max(until, since)
+        flt = LedgerFilter(
+            since=datetime.combine(since, time.min, tzinfo=UTC),
+            until=datetime.combine(until + timedelta(days=1), time.min, tzinfo=UTC),
+        )
+        totals = reports.totals(flt)
+        by_day = dict(reports.revenue_by_day(flt))
+        days = [since + timedelta(days=i) for i in range(min((until - since).days, 366) + 1)]
+        by_model = reports.revenue_by_model(flt)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Revenue",
+            "since": since,
+            "until": until,
+            "revenue": sum(totals.amount(reports.PAID).values(), Decimal(0)),
+            "pending": sum(totals.amount(reports.PENDING).values(), Decimal(0)),
+            "by_status": sorted(totals.by_status().items()),
+            "lines": totals.lines(),
+            # bar_chart escapes every label and value it draws.
+            "day_chart": mark_safe(
+                bar_chart([(d.isoformat(), by_day.get(d, Decimal(0))) for d in days], unit=" USDC")
+            ),
+            "model_chart": mark_safe(bar_chart([(m, a) for m, a, _ in by_model], unit=" USDC")),
+            "by_model": by_model,
+            "attention": reports.needing_attention(flt),
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/payments/dashboard.html", context)
 
 
 @admin.register(PaymentEvent)
@@ -115,3 +215,10 @@ class PriceChangeAdmin(ReadOnlyAdmin):
     list_filter = ("tier",)
     search_fields = ("model__owner", "model__name")
     fields = readonly_fields = ("changed_at", "model", "tier", "changed_by", "old_rule", "new_rule")
+
+
+@admin.register(LedgerExport)
+class LedgerExportAdmin(ReadOnlyAdmin):
+    list_display = ("created_at", "user", "source", "format", "rows", "finished_at")
+    list_filter = ("source", "format")
+    fields = readonly_fields = ("created_at", "finished_at", "user", "source", "format", "rows", "filters")

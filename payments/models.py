@@ -288,3 +288,23 @@ class PaymentIdentifier(models.Model):
 
     def __str__(self) -> str:
         return self.identifier
+
+
+class LedgerExport(models.Model):
+    """Audit of every ledger export: who, when, which filters, how many rows."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    source = models.CharField(max_length=16, help_text="admin or command")
+    format = models.CharField(max_length=8)
+    filters = models.JSONField(default=dict)
+    rows = models.PositiveBigIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.format} export by {self.user or self.source} at {self.created_at:%Y-%m-%d %H:%M}"

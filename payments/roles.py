@@ -31,6 +31,7 @@ ROLE_PERMISSIONS: dict[str, list[str]] = {
         "payments.view_payment",
         "payments.view_paymentevent",
         "payments.export_payment",
+        "payments.view_ledgerexport",
     ],
 }
 

@@ -1,0 +1,158 @@
+"""Ledger queries shared by the exports and the finance dashboard, so their numbers agree.
+
+Amounts are summed in atomic units per asset (never floats) and shown as decimals with the
+asset's own decimals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models.functions import TruncDate
+
+from .models import Payment, PaymentStatus
+
+S = PaymentStatus
+#: Payments whose money is in (settled or confirmed): revenue.
+PAID = (S.SETTLED, S.CONFIRMED)
+#: Payments still on their way: pending settlement value.
+PENDING = (S.VERIFIED, S.SETTLING)
+
+
+@dataclass(frozen=True)
+class LedgerFilter:
+    since: datetime | None = None
+    until: datetime | None = None
+    statuses: tuple[str, ...] = ()
+    model: str = ""  # "owner/name"
+    network: str = ""
+
+    def apply(self, qs: QuerySet[Payment]) -> QuerySet[Payment]:
+        if self.since:
+            qs = qs.filter(created_at__gte=self.since)
+        if self.until:
+            qs = qs.filter(created_at__lt=self.until)
+        if self.statuses:
+            qs = qs.filter(status__in=self.statuses)
+        if self.model:
+            owner, _, name = self.model.partition("/")
+            qs = qs.filter(prediction__model__owner=owner, prediction__model__name=name)
+        if self.network:
+            qs = qs.filter(network=self.network)
+        return qs
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "since": self.since.isoformat() if self.since else None,
+            "until": self.until.isoformat() if self.until else None,
+            "statuses": list(self.statuses),
+            "model": self.model,
+            "network": self.network,
+        }
+
+
+def ledger(payments: QuerySet[Payment], chunk: int = 5000) -> Iterator[Payment]:
+    """Every payment of ``payments``, oldest first, in keyset-paged chunks: each chunk is its
+    own short query, so a million-row export neither holds a transaction open nor all rows in
+    memory."""
+    base = payments.select_related("prediction__model__hardware").order_by("created_at", "id")
+    last: tuple[datetime, Any] | None = None
+    while True:
+        qs = base
+        if last is not None:
+            qs = qs.filter(Q(created_at__gt=last[0]) | Q(created_at=last[0], id__gt=last[1]))
+        rows = list(qs[:chunk])
+        yield from rows
+        if len(rows) < chunk:
+            return
+        last = (rows[-1].created_at, rows[-1].id)
+
+
+@dataclass
+class Totals:
+    """Count and atomic amount per (status, network, asset), with each asset's decimals."""
+
+    rows: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
+    decimals: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def add(self, status: str, network: str, asset: str, amount: int, decimals: int, count: int = 1) -> None:
+        entry = self.rows.setdefault((status, network, asset), [0, 0])
+        entry[0] += count
+        entry[1] += amount
+        self.decimals[(network, asset)] = decimals
+
+    def by_status(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (status, _, _), (count, _) in self.rows.items():
+            out[status] = out.get(status, 0) + count
+        return out
+
+    def amount(self, statuses: tuple[str, ...]) -> dict[tuple[str, str], Decimal]:
+        """Decimal amount per (network, asset) over the given statuses."""
+        out: dict[tuple[str, str], Decimal] = {}
+        for (status, network, asset), (_, atomic) in self.rows.items():
+            if status in statuses:
+                key = (network, asset)
+                out[key] = out.get(key, Decimal(0)) + Decimal(atomic).scaleb(-self.decimals[key])
+        return out
+
+    def lines(self) -> list[tuple[str, str, str, int, Decimal]]:
+        return [
+            (status, network, asset, count, Decimal(atomic).scaleb(-self.decimals[(network, asset)]))
+            for (status, network, asset), (count, atomic) in sorted(self.rows.items())
+        ]
+
+
+def totals(flt: LedgerFilter) -> Totals:
+    """The same totals as an export's, by one aggregate query."""
+    result = Totals()
+    grouped = (
+        flt.apply(Payment.objects.all())
+        .values("status", "network", "asset", "decimals")
+        .annotate(count=Count("id"), amount=Sum("amount"))
+    )
+    for row in grouped:
+        result.add(
+            row["status"], row["network"], row["asset"], int(row["amount"]), row["decimals"], row["count"]
+        )
+    return result
+
+
+def revenue_by_day(flt: LedgerFilter) -> list[tuple[Any, Decimal]]:
+    """Paid revenue (settled + confirmed) per day, in USD(C), all stablecoin assets together."""
+    rows = (
+        flt.apply(Payment.objects.filter(status__in=PAID))
+        .annotate(day=TruncDate("created_at"))
+        .values("day", "decimals")
+        .annotate(amount=Sum("amount"))
+        .order_by("day")
+    )
+    out: dict[Any, Decimal] = {}
+    for row in rows:
+        out[row["day"]] = out.get(row["day"], Decimal(0)) + Decimal(row["amount"]).scaleb(-row["decimals"])
+    return sorted(out.items())
+
+
+def revenue_by_model(flt: LedgerFilter) -> list[tuple[str, Decimal, int]]:
+    rows = (
+        flt.apply(Payment.objects.filter(status__in=PAID))
+        .values("prediction__model__owner", "prediction__model__name", "decimals")
+        .annotate(amount=Sum("amount"), count=Count("id"))
+    )
+    out: dict[str, list[Any]] = {}
+    for row in rows:
+        owner = row["prediction__model__owner"]
+        name = f"{owner}/{row['prediction__model__name']}" if owner else "(facilitator API)"
+        entry = out.setdefault(name, [Decimal(0), 0])
+        entry[0] += Decimal(row["amount"]).scaleb(-row["decimals"])
+        entry[1] += row["count"]
+    return sorted(((k, v[0], v[1]) for k, v in out.items()), key=lambda r: -r[1])
+
+
+def needing_attention(flt: LedgerFilter, limit: int = 50) -> QuerySet[Payment]:
+    return flt.apply(Payment.objects.filter(status__in=(S.FAILED, S.EXPIRED))).order_by("-created_at")[:limit]
