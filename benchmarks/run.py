@@ -89,8 +89,16 @@ end
 
 
 def _seconds(value: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()  # type: ignore[union-attr]
-    return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", value)
+    if match is None:
+        return float("nan")
+    number, unit = match.groups()
+    return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+
+
+def _find(pattern: str, text: str) -> str:
+    match = re.search(pattern, text)
+    return match.group(1) if match else ""
 
 
 def wrk(url: str, script: str, duration: int, connections: int, threads: int = 2) -> dict[str, Any]:
@@ -111,8 +119,8 @@ def wrk(url: str, script: str, duration: int, connections: int, threads: int = 2
     codes = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        "p50_ms": _seconds(re.search(r"50%\s+(\S+)", out).group(1)) * 1000,  # type: ignore[union-attr]
-        "p99_ms": _seconds(re.search(r"99%\s+(\S+)", out).group(1)) * 1000,  # type: ignore[union-attr]
+        "p50_ms": _seconds(_find(r"50%\s+(\S+)", out)) * 1000,
+        "p99_ms": _seconds(_find(r"99%\s+(\S+)", out)) * 1000,
         "requests": int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
         "non_2xx": int(codes.group(1)) if codes else 0,
         "loadgen_cpu_pct": round(100 * cpu / wall, 1),
@@ -528,6 +536,86 @@ def bench_reconciliation(sizes: list[int]) -> list[dict[str, Any]]:
     return results
 
 
+EXPORT_PROBE = """
+import os, resource, sys, time
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "x402site.settings")
+import django
+django.setup()
+from django.core.management import call_command
+t0 = time.perf_counter()
+call_command("export_ledger", "--format", sys.argv[1], "--output", sys.argv[2], "--network", sys.argv[3])
+print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_export(stack: Stack, sizes: list[int]) -> list[dict[str, Any]]:
+    """Ledger rows exported per second and the exporting process's peak RSS, CSV and XLSX."""
+    from django.utils import timezone
+
+    from payments.models import Payment
+
+    results = []
+    made = 0
+    network = "eip155:999999"  # synthetic rows of their own, apart from the other benchmarks
+    for n in sizes:
+        now = timezone.now()
+        while made < n:
+            batch = min(20000, n - made)
+            Payment.objects.bulk_create(
+                [
+                    Payment(
+                        status="confirmed",
+                        x402_version=2,
+                        network=network,
+                        asset=stack.chain.asset,
+                        payer="0x" + secrets.token_hex(20),
+                        pay_to=stack.chain.pay_to,
+                        amount=PRICE + i % 7,
+                        nonce="0x" + secrets.token_hex(32),
+                        valid_after=0,
+                        valid_before=2**40,
+                        signature="0x00",
+                        payload={},
+                        requirement={},
+                        resource="http://bench/export",
+                        request_fingerprint="x",
+                        settle_tx_hash="0x" + secrets.token_hex(32),
+                        block_number=1,
+                        confirmations=1,
+                        settled_at=now,
+                        confirmed_at=now,
+                        gas_cost_wei=82_900 * 10**9,
+                    )
+                    for i in range(batch)
+                ],
+                batch_size=5000,
+            )
+            made += batch
+        for fmt in ("csv", "xlsx"):
+            out = stack.tmp / f"export-{n}.{fmt}"
+            done = subprocess.run(
+                [sys.executable, "-c", EXPORT_PROBE, fmt, str(out), network],
+                cwd=ROOT,
+                env=stack.env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            seconds, rss_kb = done.stdout.split()[-2:]
+            results.append(
+                {
+                    "rows": n,
+                    "format": fmt,
+                    "seconds": round(float(seconds), 1),
+                    "rows_per_s": round(n / float(seconds)),
+                    "peak_rss_mb": round(int(rss_kb) / 1024),
+                    "file_mb": round(out.stat().st_size / 2**20, 1),
+                }
+            )
+            out.unlink()
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -600,6 +688,8 @@ def main() -> int:
         print("settlement and reconciliation...", flush=True)
         results["settlement"] = bench_settlement(stack, 20 if quick else 200)
         results["reconciliation"] = bench_reconciliation([100, 1000] if quick else [1000, 10000, 100000])
+        print("export...", flush=True)
+        results["export"] = bench_export(stack, [2000, 20000] if quick else [100000, 1000000])
     finally:
         stack.stop()
     results["seconds"] = round(time.monotonic() - started, 1)
@@ -657,6 +747,12 @@ def render(r: dict[str, Any]) -> str:
         lines.append(
             f"  - N = {rec['n']}: {rec['seconds']} s ({rec['per_payment_ms']} ms/payment), "
             f"{rec['rpc_http_requests']} RPC HTTP requests carrying {rec['rpc_calls_in_batches']} calls"
+        )
+    lines.append("- ledger export (a separate process; peak RSS is that process's):")
+    for e in r["export"]:
+        lines.append(
+            f"  - {e['rows']} rows to {e['format'].upper()}: {e['seconds']} s, {e['rows_per_s']} rows/s, "
+            f"peak RSS {e['peak_rss_mb']} MB, file {e['file_mb']} MB"
         )
     lines.append(f"- suite time: {r['seconds']} s")
     return "\n".join(lines)

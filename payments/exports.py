@@ -138,32 +138,32 @@ class Export:
         yield flush()
 
     def xlsx(self, path: Path) -> None:
-        """An XLSX file: typed cells, frozen header, a Summary sheet (write-only: flat memory)."""
-        from openpyxl import Workbook
-        from openpyxl.cell import WriteOnlyCell
+        """An XLSX file: typed cells, frozen header, a Summary sheet. xlsxwriter's constant-memory
+        mode writes each row as it comes (inline strings), so memory stays flat at any size."""
+        import xlsxwriter
 
-        book = Workbook(write_only=True)
-        sheet = book.create_sheet("Ledger")
-        sheet.freeze_panes = "A2"
-        sheet.append(COLUMNS)
+        book = xlsxwriter.Workbook(str(path), {"constant_memory": True, "remove_timezone": True})
+        sheet = book.add_worksheet("Ledger")
+        sheet.freeze_panes(1, 0)
+        money = book.add_format({"num_format": "0.000000"})
+        when = book.add_format({"num_format": "yyyy-mm-dd hh:mm:ss"})
+        sheet.write_row(0, 0, COLUMNS)
         amount_col = COLUMNS.index("amount")
-
-        for values in self.rows():
-            cells = []
-            for i, value in enumerate(values):
+        for r, values in enumerate(self.rows(), start=1):
+            for c, value in enumerate(values):
+                if value is None or value == "":
+                    continue
                 if isinstance(value, datetime):
-                    value = value.replace(tzinfo=None)  # Excel has no time zones: these are UTC
-                cell = WriteOnlyCell(sheet, value=value)
-                if i == amount_col:
-                    cell.number_format = "0.000000"
-                elif isinstance(value, datetime):
-                    cell.number_format = "yyyy-mm-dd hh:mm:ss"
-                cells.append(cell)
-            sheet.append(cells)
-        summary = book.create_sheet("Summary")
-        summary.append(["status", "network", "asset", "payments", "amount"])
-        for status, network, asset, count, amount in self.totals.lines():
-            cell = WriteOnlyCell(summary, value=amount)
-            cell.number_format = "0.000000"
-            summary.append([status, network, asset, count, cell])
-        book.save(path)
+                    sheet.write_datetime(r, c, value.replace(tzinfo=None), when)  # UTC: Excel has no zones
+                elif c == amount_col:
+                    sheet.write_number(r, c, value, money)
+                elif isinstance(value, int):
+                    sheet.write_number(r, c, value)
+                else:
+                    sheet.write_string(r, c, str(value))
+        summary = book.add_worksheet("Summary")
+        summary.write_row(0, 0, ["status", "network", "asset", "payments", "amount"])
+        for r, (status, network, asset, count, amount) in enumerate(self.totals.lines(), start=1):
+            summary.write_row(r, 0, [status, network, asset, count])
+            summary.write_number(r, 4, amount, money)
+        book.close()

@@ -56,7 +56,7 @@ class LedgerFilter:
         }
 
 
-def ledger(payments: QuerySet[Payment], chunk: int = 5000) -> Iterator[Payment]:
+def ledger(payments: QuerySet[Payment], chunk: int = 2000) -> Iterator[Payment]:
     """Every payment of ``payments``, oldest first, in keyset-paged chunks: each chunk is its
     own short query, so a million-row export neither holds a transaction open nor all rows in
     memory."""
