@@ -164,7 +164,7 @@ def finish(
 @shared_task(acks_late=True)
 def sweep() -> dict[str, int]:
     """Fail runs whose worker died (past the time limit); abort overdue Cancel-After."""
-    limit = timezone.now() - timedelta(seconds=settings.X402_PREDICTION_TIME_LIMIT + 60)
+    limit = timezone.now() - timedelta(seconds=settings.X402_PREDICTION_LOST_AFTER)
     lost = 0
     for prediction_id in Prediction.objects.filter(status=P.PROCESSING, started_at__lt=limit).values_list(
         "id", flat=True

@@ -7,3 +7,19 @@ class Boom:
 
     def predict(self, text: str) -> str:
         raise RuntimeError(f"cannot handle {text!r}")
+
+
+class Slow:
+    """Sleeps, and records each run in the file named by SLOW_RUNS_FILE (to count runs)."""
+
+    def setup(self) -> None:
+        pass
+
+    def predict(self, text: str) -> str:
+        import os
+        import time
+
+        with open(os.environ["SLOW_RUNS_FILE"], "a") as f:
+            f.write(text + "\n")
+        time.sleep(30)
+        return text

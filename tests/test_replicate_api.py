@@ -112,7 +112,7 @@ def test_sweep_fails_a_run_whose_worker_died(chain_settings, demo_model, no_task
     created = paid(chain_settings, 4, {"input": {"text": "lost"}}).json()
     Prediction.objects.filter(pk=created["id"]).update(
         status="processing",
-        started_at=timezone.now() - timedelta(seconds=settings.X402_PREDICTION_TIME_LIMIT + 120),
+        started_at=timezone.now() - timedelta(seconds=settings.X402_PREDICTION_LOST_AFTER + 60),
     )
     from predictions.tasks import sweep
 
@@ -248,3 +248,65 @@ def test_prefer_wait_and_the_official_replicate_client(
     bought.wait()
     assert bought.status == "succeeded" and bought.output == "agent"
     assert token_balance(chain, payer["address"]) == before - PRICE
+
+
+def test_list_pages_with_cursors(chain_settings, demo_model, settings) -> None:
+    settings.X402_OPERATOR_TOKENS = [TOKEN]
+    version = demo_model.latest_version
+    made = {
+        Prediction.objects.create(model=demo_model, version=version, input={"text": str(i)}).id
+        for i in range(57)
+    }
+    seen: list[str] = []
+    url = "/v1/predictions"
+    while url:
+        page = Client().get(url, headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        seen += [p["id"] for p in page["results"]]
+        url = page["next"] and page["next"].replace("http://testserver", "")
+    assert len(seen) == 57 and set(seen) == made  # two pages (50 + 7), no duplicates
+
+
+@pytest.mark.e2e
+def test_worker_killed_mid_run_never_runs_twice(
+    chain_settings, demo_model, celery_worker_process, tmp_path, settings, no_tasks
+):
+    """SIGKILL the worker while a paid (after_success) prediction runs: it is not run again;
+    the sweep fails it and releases the payment, so the agent is not charged."""
+    import os
+    import signal
+
+    from predictions.models import ModelVersion
+    from predictions.tasks import run_prediction, sweep
+    from tests.conftest import start_worker
+
+    runs = tmp_path / "runs.txt"
+    runs.touch()
+    demo_model.settlement_policy = "after_success"
+    demo_model.save()
+    ModelVersion.objects.create(
+        id="5" * 64,
+        model=demo_model,
+        predictor="tests.predictors.Slow",
+        input_schema=demo_model.latest_version.input_schema,
+    )
+    response = paid(chain_settings, 0, {"input": {"text": "once"}})
+    prediction_id = response.json()["id"]
+    queue = f"{celery_worker_process['queue']}-doomed-run"
+    doomed = start_worker(
+        chain_settings, tmp_path / "doomed.log", queue, beat=False, env={"SLOW_RUNS_FILE": str(runs)}
+    )
+    try:
+        run_prediction.apply_async(args=[prediction_id], queue=queue)
+        deadline = time.monotonic() + 20
+        while not runs.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(doomed.pid, signal.SIGKILL)
+    finally:
+        doomed.wait(10)
+    assert Prediction.objects.get(pk=prediction_id).status == "processing"
+    assert run_prediction(prediction_id) == "skipped"  # a redelivered task runs nothing
+    settings.X402_PREDICTION_LOST_AFTER = 0
+    assert sweep()["lost"] == 1
+    body = Client().get(f"/v1/predictions/{prediction_id}").json()
+    assert body["status"] == "failed" and body["payment"]["status"] == "expired"
+    assert runs.read_text().splitlines() == ["once"]

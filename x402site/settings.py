@@ -166,6 +166,8 @@ X402_WEBHOOK_SECRET = env.str("X402_WEBHOOK_SECRET", default="")
 X402_WEBHOOK_ALLOW_PRIVATE = env.bool("X402_WEBHOOK_ALLOW_PRIVATE", default=False)
 #: Seconds a prediction may run before it is failed (also the Celery soft time limit).
 X402_PREDICTION_TIME_LIMIT = env.int("X402_PREDICTION_TIME_LIMIT", default=600)
+#: A prediction still PROCESSING this long after it started lost its worker: the sweep fails it.
+X402_PREDICTION_LOST_AFTER = env.int("X402_PREDICTION_LOST_AFTER", default=X402_PREDICTION_TIME_LIMIT + 60)
 
 #: Bearer tokens that run predictions without payment (operators, integrations).
 X402_OPERATOR_TOKENS = env.list("X402_OPERATOR_TOKENS", default=[])
