@@ -8,7 +8,9 @@ class PaymentsConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_migrate
 
-        from . import checks, options, roles  # noqa: F401  (checks registers itself)
+        from . import checks, metrics, options, roles  # noqa: F401  (checks registers itself)
+        from .signals import payment_advanced
 
         options.connect_signals()
+        payment_advanced.connect(metrics.on_payment_advanced, dispatch_uid="payments.metrics")
         post_migrate.connect(roles.ensure_roles, dispatch_uid="payments.roles")

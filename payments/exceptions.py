@@ -7,10 +7,13 @@ shape Replicate uses (``title``, ``detail``, ``status``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
-from django.http import Http404
+from django.http import Http404, HttpResponse
+from django.template.loader import render_to_string
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
@@ -30,6 +33,11 @@ class Challenge:
     resource: Resource
     #: Requirements at earlier prices, accepted but no longer offered.
     honoured: list[Requirement] = field(default_factory=list)
+    extensions: dict[str, Any] = field(default_factory=dict)
+    output_schema: dict[str, Any] | None = None
+    #: For the paywall page: the price in USD(C) and an input to show in the example.
+    price_usd: Decimal = Decimal(0)
+    example_input: dict[str, Any] = field(default_factory=dict)
 
     def reject(self, error: str, message: str = "") -> PaymentRequired:
         return PaymentRequired(self, error, message)
@@ -56,12 +64,20 @@ class InvalidInput(exceptions.APIException):
 
 
 def payment_required_response(exc: PaymentRequired) -> Response:
+    from .metrics import CHALLENGES, REJECTED
+
+    if exc.error.endswith("header is required"):
+        CHALLENGES.inc()
+    else:
+        REJECTED.labels(reason=exc.error[:64]).inc()
     ch = exc.challenge
-    body = payment_required_v1(ch.requirements, ch.resource, exc.error)
+    body = payment_required_v1(ch.requirements, ch.resource, exc.error, ch.output_schema)
     if exc.message != exc.error:
         body["message"] = exc.message
     header = encode_header(
-        payment_required_v2(ch.requirements, ch.resource, exc.error, extensions=idempotency.ADVERTISED)
+        payment_required_v2(
+            ch.requirements, ch.resource, exc.error, extensions={**idempotency.ADVERTISED, **ch.extensions}
+        )
     )
     return Response(
         body,
@@ -84,9 +100,36 @@ _TITLES = {
 }
 
 
-def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+def wants_html(request: Any) -> bool:
+    """A browser asking for a page (agents ask for JSON or anything)."""
+    accept = request.headers.get("Accept", "") if request is not None else ""
+    return "text/html" in accept
+
+
+def paywall_response(exc: PaymentRequired, json_response: Response) -> HttpResponse:
+    """The same challenge as a human-readable page, with the same 402 and headers."""
+    ch = exc.challenge
+    body = render_to_string(
+        "paywall.html",
+        {
+            "description": ch.resource.description,
+            "url": ch.resource.url,
+            "price": f"{ch.price_usd.normalize():f}",
+            "requirements": [r.v2() for r in ch.requirements],
+            "example": json.dumps(ch.example_input),
+        },
+    )
+    response = HttpResponse(body, status=402, content_type="text/html; charset=utf-8")
+    for name in (PAYMENT_REQUIRED_HEADER, "Cache-Control"):
+        response[name] = json_response[name]
+    return response
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | HttpResponse | None:
     if isinstance(exc, PaymentRequired):
-        return payment_required_response(exc)
+        response = payment_required_response(exc)
+        request = context.get("request")
+        return paywall_response(exc, response) if wants_html(request) else response
     if isinstance(exc, Http404):
         exc = exceptions.NotFound(str(exc) or "Not found.")
     response = exception_handler(exc, context)

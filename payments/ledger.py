@@ -11,6 +11,7 @@ from django.utils import timezone
 from eth_utils import to_checksum_address
 
 from . import idempotency
+from .metrics import ACCEPTED
 from .models import Payment, PaymentEvent, PaymentStatus
 from .x402.types import Resource, wire_requirement
 from .x402.verify import VerifiedPayment
@@ -60,6 +61,7 @@ def record(
     )
     PaymentEvent.objects.create(payment=payment, to_status=PaymentStatus.VERIFIED)
     idempotency.remember(payment, payload)
+    transaction.on_commit(lambda: ACCEPTED.labels(network=payment.network).inc())
     return payment
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from rest_framework import exceptions
@@ -47,6 +48,10 @@ class Charge:
     resource: Resource
     fingerprint: str
     honoured: tuple[Decimal, ...] = ()
+    #: x402 extensions for the challenge (e.g. ``bazaar`` discovery info) and the v1 outputSchema.
+    extensions: dict[str, Any] = field(default_factory=dict)
+    output_schema: dict[str, Any] | None = None
+    example_input: dict[str, Any] = field(default_factory=dict)
 
 
 class ServiceUnavailable(exceptions.APIException):
@@ -64,7 +69,15 @@ def challenge_for(charge: Charge) -> Challenge:
 
     offered = requirements(charge.price)
     honoured = [r for old in charge.honoured for r in requirements(old) if r not in offered]
-    return Challenge(requirements=offered, resource=charge.resource, honoured=honoured)
+    return Challenge(
+        requirements=offered,
+        resource=charge.resource,
+        honoured=honoured,
+        extensions=charge.extensions,
+        output_schema=charge.output_schema,
+        price_usd=charge.price,
+        example_input=charge.example_input,
+    )
 
 
 def honour_window_seconds() -> int:

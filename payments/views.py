@@ -18,7 +18,9 @@ from typing import Any
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.http import Http404
+from drf_spectacular.utils import extend_schema, inline_serializer
 from eth_utils import is_address, to_checksum_address
+from rest_framework import serializers
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -107,9 +109,30 @@ def _resource(payload: dict[str, Any], raw_req: dict[str, Any]) -> Resource:
     return Resource(url=str(url or "")[:512])
 
 
+FACILITATOR_BODY = inline_serializer(
+    name="FacilitatorRequest",
+    fields={
+        "x402Version": serializers.IntegerField(),
+        "paymentPayload": serializers.DictField(),
+        "paymentRequirements": serializers.DictField(),
+    },
+)
+facilitator_schema = extend_schema(
+    tags=["facilitator"],
+    request=FACILITATOR_BODY,
+    responses={
+        200: {"type": "object"},
+        403: {"type": "object"},
+        404: {"type": "object"},
+        503: {"type": "object"},
+    },
+)
+
+
 class FacilitatorVerify(APIView):
     permission_classes = [FacilitatorToken]
 
+    @facilitator_schema
     def post(self, request: Request) -> Response:
         try:
             verified, conf, _ = _parse(request.data)
@@ -134,6 +157,7 @@ class FacilitatorVerify(APIView):
 class FacilitatorSettle(APIView):
     permission_classes = [FacilitatorToken]
 
+    @facilitator_schema
     def post(self, request: Request) -> Response:
         network = (
             str(request.data.get("paymentRequirements", {}).get("network", ""))
@@ -222,6 +246,7 @@ class FacilitatorSettle(APIView):
 class FacilitatorSupported(APIView):
     permission_classes = [FacilitatorToken]
 
+    @extend_schema(tags=["facilitator"], responses={200: {"type": "object"}, 403: {"type": "object"}})
     def get(self, request: Request) -> Response:
         kinds = []
         for c in configured():

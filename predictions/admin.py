@@ -20,7 +20,7 @@ from payments.x402.codec import encode_header
 from payments.x402.types import payment_required_v1, payment_required_v2
 
 from .models import Model, ModelVersion, Prediction
-from .views import charge_for, validate_input
+from .views import charge_for, example_input, validate_input
 
 
 class ModelVersionInline(admin.TabularInline):
@@ -97,7 +97,7 @@ class ModelAdmin(admin.ModelAdmin):
         if not self.has_view_permission(request, model):
             raise PermissionDenied
         version = model.latest_version
-        example = request.POST.get("input") or json.dumps(_example_input(version), indent=2)
+        example = request.POST.get("input") or json.dumps(example_input(version), indent=2)
         context: dict[str, Any] = {
             **self.admin_site.each_context(request),
             "title": f"402 preview: {model}",
@@ -132,11 +132,6 @@ class ModelAdmin(admin.ModelAdmin):
         except (ValueError, APIException) as exc:
             context["error"] = getattr(exc, "detail", None) or str(exc)
         return TemplateResponse(request, "admin/predictions/model/preview.html", context)
-
-
-def _example_input(version: ModelVersion | None) -> dict[str, Any]:
-    props = (version.input_schema or {}).get("properties", {}) if version else {}
-    return {k: v.get("default", "example" if v.get("type") == "string" else 1) for k, v in props.items()}
 
 
 @admin.register(Prediction)

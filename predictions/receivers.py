@@ -25,11 +25,11 @@ def on_payment_advanced(payment: Payment, previous: str, **kwargs: Any) -> None:
             status=P.SUCCEEDED, completed_at=timezone.now()
         )
         # before_run: the money is in, run it.
-        prediction_id = mine.filter(status=P.STARTING).values_list("id", flat=True).first()
-        if prediction_id:
-            from .tasks import run_prediction
+        waiting = mine.filter(status=P.STARTING).select_related("model__hardware").first()
+        if waiting is not None:
+            from .tasks import enqueue_run
 
-            transaction.on_commit(lambda: run_prediction.delay(prediction_id))
+            transaction.on_commit(lambda: enqueue_run(waiting.id, waiting.model))
     elif payment.status in (PaymentStatus.FAILED, PaymentStatus.EXPIRED):
         mine.filter(status__in=[P.STARTING, P.PROCESSING]).update(
             status=P.FAILED,

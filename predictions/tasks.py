@@ -23,6 +23,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from payments import ledger
+from payments.metrics import PREDICTION_SECONDS
 
 from . import webhooks
 from .models import Prediction, PredictionStatus, Runner, SettlementPolicy
@@ -33,11 +34,24 @@ log = logging.getLogger("predictions.tasks")
 P = PredictionStatus
 
 
+def queue_for(model: Any) -> str | None:
+    """The queue of the model's hardware tier (X402_TIER_QUEUES, by slug prefix), if routed."""
+    slug = model.hardware.slug if model.hardware_id else ""
+    for prefix, queue in settings.X402_TIER_QUEUES.items():
+        if slug.startswith(prefix):
+            return queue
+    return None
+
+
+def enqueue_run(prediction_id: str, model: Any) -> None:
+    run_prediction.apply_async(args=[prediction_id], queue=queue_for(model))
+
+
 def start_prediction(prediction: Prediction) -> None:
     """After commit: run now (free, or after_success) or settle first (before_run)."""
     policy = prediction.model.settlement_policy
     if prediction.payment_id is None or policy == SettlementPolicy.AFTER_SUCCESS:
-        run_prediction.delay(prediction.id)
+        enqueue_run(prediction.id, prediction.model)
     else:
         from payments.tasks import settle_payment
 
@@ -157,6 +171,7 @@ def finish(
             webhooks.send(prediction, "output")
         if prediction.is_terminal:
             webhooks.send(prediction, "completed")
+    PREDICTION_SECONDS.labels(model=str(prediction.model)).observe(prediction.predict_time)
     log.info("prediction %s %s", prediction_id, prediction.status)
     return prediction.status
 

@@ -12,6 +12,7 @@ from typing import Any
 import jsonschema
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema
 from rest_framework import status
 from rest_framework.exceptions import APIException, NotFound, ParseError
 from rest_framework.pagination import CursorPagination
@@ -22,11 +23,13 @@ from rest_framework.views import APIView
 from payments.exceptions import InvalidInput
 from payments.idempotency import IdempotencyConflict
 from payments.ledger import request_fingerprint
-from payments.permissions import Charge, X402Payment, honour_window_seconds, is_operator
+from payments.permissions import Charge, X402Payment, challenge_for, honour_window_seconds, is_operator
 from payments.pricing import PricingError, pricing_state, quote
+from payments.x402 import bazaar
 from payments.x402.codec import encode_header
 from payments.x402.types import Resource, settle_response
 
+from . import schema
 from .auth import AuthenticationRequired, payer_of
 from .models import Model, ModelVersion, Prediction, Runner
 from .runners import cog
@@ -76,6 +79,36 @@ def check_runner(version: ModelVersion) -> None:
             raise ModelUnavailable(f"The model is {state.lower()}; retry shortly.")
 
 
+def example_input(version: ModelVersion | None) -> dict[str, Any]:
+    """An input that fits the version's schema, from its defaults and examples."""
+    props = (version.input_schema or {}).get("properties", {}) if version else {}
+    example: dict[str, Any] = {}
+    for name, spec in props.items():
+        if "default" in spec or "examples" in spec:
+            example[name] = spec.get("default", (spec.get("examples") or [None])[0])
+        elif spec.get("type") == "string":
+            example[name] = "hello"
+        elif spec.get("type") in ("number", "integer"):
+            example[name] = spec.get("minimum", 1)
+    return example
+
+
+def discovery_extension(version: ModelVersion) -> dict[str, Any]:
+    return bazaar.post_json({"input": example_input(version)})
+
+
+def v1_output_schema(version: ModelVersion) -> dict[str, Any]:
+    return {
+        "input": {
+            "type": "http",
+            "method": "POST",
+            "bodyType": "json",
+            "body": {"type": "object", "properties": {"input": version.input_schema}, "required": ["input"]},
+        },
+        "output": version.output_schema or {},
+    }
+
+
 def charge_for(version: ModelVersion, inputs: dict[str, Any], url: str, path: str) -> Charge:
     """What running ``version`` on ``inputs`` costs (the gate and the admin preview share it)."""
     model = version.model
@@ -86,6 +119,9 @@ def charge_for(version: ModelVersion, inputs: dict[str, Any], url: str, path: st
     except PricingError as exc:
         raise InvalidInput(str(exc), {state.current.get("unit_field") or "input": str(exc)}) from None
     return Charge(
+        extensions=discovery_extension(version),
+        example_input=example_input(version),
+        output_schema=v1_output_schema(version),
         price=price,
         honoured=honoured,
         resource=Resource(url=url, description=f"One prediction of {model}", mime_type="application/json"),
@@ -164,6 +200,7 @@ class PaidPredictionCreate(APIView):
         check_runner(version)
         return charge_for(version, self.inputs, request.build_absolute_uri(request.path), request.path)
 
+    @schema.create_schema
     def post(self, request: Request, **kwargs: Any) -> Response:
         replay_of = getattr(request, "x402_replay_of", None)
         if replay_of is not None:
@@ -235,6 +272,7 @@ class PredictionCreate(PaidPredictionCreate):  # noqa: D101 (see PredictionList 
 class PredictionDetail(APIView):
     """GET /v1/predictions/{id}: no payment needed; the unguessable id is the capability."""
 
+    @schema.prediction_schema
     def get(self, request: Request, prediction_id: str) -> Response:
         prediction = get_object_or_404(
             Prediction.objects.select_related("payment", "model"), pk=prediction_id
@@ -245,6 +283,7 @@ class PredictionDetail(APIView):
 class ModelList(APIView):
     """GET /v1/models: the catalogue with prices, so an agent can budget before it calls."""
 
+    @schema.models_list_schema
     def get(self, request: Request) -> Response:
         paginator = CursorPagination()
         paginator.ordering = ("owner", "name")
@@ -256,6 +295,7 @@ class ModelList(APIView):
 class ModelDetail(APIView):
     """GET /v1/models/{owner}/{name}."""
 
+    @schema.object_schema
     def get(self, request: Request, owner: str, name: str) -> Response:
         model = get_object_or_404(Model.objects.select_related("hardware"), owner=owner, name=name)
         return Response(model_json(model, request))
@@ -269,6 +309,7 @@ class PredictionList(PredictionCreate):
     ``X-Payer-Signature``: it sees the predictions its payments bought.
     """
 
+    @schema.list_schema
     def get(self, request: Request) -> Response:
         queryset = Prediction.objects.select_related("payment", "model")
         if not is_operator(request):
@@ -284,6 +325,7 @@ class PredictionList(PredictionCreate):
 class PredictionCancel(APIView):
     """POST /v1/predictions/{id}/cancel: the id is the capability, as for reading."""
 
+    @schema.cancel_schema
     def post(self, request: Request, prediction_id: str) -> Response:
         prediction = cancel(get_object_or_404(Prediction, pk=prediction_id))
         prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
@@ -293,6 +335,7 @@ class PredictionCancel(APIView):
 class WebhookSecret(APIView):
     """GET /v1/webhooks/default/secret: the signing secret, for operators (as Replicate does)."""
 
+    @schema.object_schema
     def get(self, request: Request) -> Response:
         if not is_operator(request):
             raise AuthenticationRequired("An operator token is required.")
@@ -306,6 +349,7 @@ class CogWebhook(APIView):
     report. Progress updates the logs; a terminal status finishes the prediction once.
     """
 
+    @extend_schema(exclude=True)
     def post(self, request: Request, prediction_id: str, token: str) -> Response:
         if not hmac.compare_digest(token, cog.callback_token(prediction_id)):
             raise NotFound()
@@ -327,3 +371,51 @@ class CogWebhook(APIView):
         elif logs is not None:
             Prediction.objects.filter(pk=prediction_id, status="processing").update(logs=logs)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class DiscoveryResources(APIView):
+    """GET /discovery/resources: every paid resource, its price per option, and how to call it,
+    in the shape x402 discovery services list (items with ``accepts`` and the ``bazaar`` info)."""
+
+    @schema.object_schema
+    def get(self, request: Request) -> Response:
+        base = base_url(request)
+        items = []
+        for model in Model.objects.select_related("hardware").prefetch_related("versions"):
+            version = model.latest_version
+            if version is None:
+                continue
+            url = f"{base}/v1/models/{model.owner}/{model.name}/predictions"
+            try:
+                charge = charge_for(version, example_input(version), url, f"/v1/models/{model}/predictions")
+            except InvalidInput:
+                continue
+            if charge.price <= 0:
+                continue
+            items.append(
+                {
+                    "resource": url,
+                    "type": "http",
+                    "x402Version": 2,
+                    "accepts": [r.v2() for r in challenge_for(charge).requirements],
+                    "lastUpdated": (
+                        model.price_changes.values_list("changed_at", flat=True).first() or model.created_at
+                    ).isoformat(),
+                    "metadata": {
+                        "name": str(model),
+                        "description": model.description,
+                        "price_per_run": f"{charge.price.normalize():f}",
+                        "currency": "USDC",
+                        "inputSchema": version.input_schema,
+                        "outputSchema": version.output_schema,
+                    },
+                    "extensions": charge.extensions,
+                }
+            )
+        return Response(
+            {
+                "x402Version": 2,
+                "items": items,
+                "pagination": {"limit": len(items), "offset": 0, "total": len(items)},
+            }
+        )

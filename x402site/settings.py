@@ -28,11 +28,14 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "payments",
     "predictions",
 ]
 
 MIDDLEWARE = [
+    "x402site.logging.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "payments.middleware.X402CorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -90,6 +93,18 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "EXCEPTION_HANDLER": "payments.exceptions.api_exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "x402 predictions",
+    "DESCRIPTION": "Machine-learning predictions sold per run to AI agents, paid in USDC with x402 "
+    "(HTTP 402). Replicate-compatible shapes.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SCHEMA_PATH_PREFIX": "/v1",
 }
 
 # --- Celery ------------------------------------------------------------------------------------
@@ -169,6 +184,9 @@ X402_PREDICTION_TIME_LIMIT = env.int("X402_PREDICTION_TIME_LIMIT", default=600)
 #: A prediction still PROCESSING this long after it started lost its worker: the sweep fails it.
 X402_PREDICTION_LOST_AFTER = env.int("X402_PREDICTION_LOST_AFTER", default=X402_PREDICTION_TIME_LIMIT + 60)
 
+#: Readiness fails when the relayer holds less gas money than this (wei; default 0.001 ETH).
+X402_RELAYER_MIN_BALANCE_WEI = env.int("X402_RELAYER_MIN_BALANCE_WEI", default=10**15)
+
 #: Bearer tokens that run predictions without payment (operators, integrations).
 X402_OPERATOR_TOKENS = env.list("X402_OPERATOR_TOKENS", default=[])
 
@@ -177,13 +195,38 @@ X402_FACILITATOR_TOKENS = env.list("X402_FACILITATOR_TOKENS", default=[])
 #: Seconds /facilitator/settle waits for the receipt before answering settlement_pending.
 X402_FACILITATOR_SETTLE_WAIT = env.float("X402_FACILITATOR_SETTLE_WAIT", default=20.0)
 
+LOG_LEVEL = env.str("X402_LOG_LEVEL", default="INFO")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "x402site.logging.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if env.bool("X402_LOG_JSON", default=not DEBUG) else "plain",
+        }
+    },
     "loggers": {
-        "payments": {"handlers": ["console"], "level": env.str("X402_LOG_LEVEL", default="INFO")},
-        "predictions": {"handlers": ["console"], "level": env.str("X402_LOG_LEVEL", default="INFO")},
+        "payments": {"handlers": ["console"], "level": LOG_LEVEL},
+        "predictions": {"handlers": ["console"], "level": LOG_LEVEL},
+        "django.request": {"handlers": ["console"], "level": "ERROR", "propagate": False},
     },
 }
+
+# --- production hardening (all on when DJANGO_DEBUG is false; `manage.py check --deploy` clean) ---
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=not DEBUG)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = not DEBUG
+SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=0 if DEBUG else 31536000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_PRELOAD = not DEBUG
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+# --- queues: settlement on its own queue (one nonce sequence per relayer), GPU tiers on GPU workers
+X402_SETTLEMENT_QUEUE = env.str("X402_SETTLEMENT_QUEUE", default="")
+#: Hardware tier slug prefix -> queue, e.g. "gpu=gpu"; predictions of other tiers use the default queue.
+X402_TIER_QUEUES = env.dict("X402_TIER_QUEUES", default={})
+CELERY_TASK_ROUTES = {"payments.tasks.*": {"queue": X402_SETTLEMENT_QUEUE}} if X402_SETTLEMENT_QUEUE else {}

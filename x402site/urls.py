@@ -1,12 +1,23 @@
 from django.contrib import admin
 from django.urls import include, path
+from drf_spectacular.renderers import OpenApiJsonRenderer
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from predictions.views import CogWebhook
+from predictions.views import CogWebhook, DiscoveryResources
+
+from . import ops
 
 urlpatterns = [
+    path("openapi.json", SpectacularAPIView.as_view(renderer_classes=[OpenApiJsonRenderer]), name="openapi"),
+    path("docs", SpectacularSwaggerView.as_view(url_name="openapi"), name="swagger-ui"),
+    path("redoc", SpectacularRedocView.as_view(url_name="openapi"), name="redoc"),
+    path("healthz", ops.healthz, name="healthz"),
+    path("readyz", ops.readyz, name="readyz"),
+    path("metrics", ops.metrics, name="metrics"),
     path("admin/", admin.site.urls),
     path("v1/", include("predictions.urls")),
     path("facilitator/", include("payments.urls")),
+    path("discovery/resources", DiscoveryResources.as_view(), name="discovery-resources"),
     path(
         "internal/cog/<str:prediction_id>/<str:token>",
         CogWebhook.as_view(),

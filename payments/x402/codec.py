@@ -9,8 +9,8 @@ from typing import Any
 
 #: Headers above this size are refused before any decoding work (an 8 KiB cap, as in security.md).
 MAX_HEADER_BYTES = 8 * 1024
-#: JSON nesting deeper than this is refused: x402 payloads are at most four levels deep.
-MAX_JSON_DEPTH = 8
+#: JSON nesting deeper than this is refused (clients echo extension schemas, about ten levels deep).
+MAX_JSON_DEPTH = 16
 
 
 class DecodeError(ValueError):

@@ -115,8 +115,17 @@ def payment_required_v2(
     return body
 
 
-def payment_required_v1(requirements: list[Requirement], resource: Resource, error: str) -> dict[str, Any]:
-    return {"x402Version": 1, "error": error, "accepts": [r.v1(resource) for r in requirements]}
+def payment_required_v1(
+    requirements: list[Requirement],
+    resource: Resource,
+    error: str,
+    output_schema: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "x402Version": 1,
+        "error": error,
+        "accepts": [r.v1(resource, output_schema) for r in requirements],
+    }
 
 
 def settle_response(
