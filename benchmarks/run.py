@@ -205,6 +205,7 @@ class Stack:
             "X402_OPERATOR_TOKENS": "bench-operator-token",
             "X402_LOG_LEVEL": "WARNING",
             "DJANGO_DEBUG": "false",
+            "DJANGO_SECURE_SSL_REDIRECT": "false",  # plain HTTP on loopback
             "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
         }
         os.environ.update(
