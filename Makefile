@@ -55,7 +55,7 @@ $(NODE): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-$(TOKEN): contracts/TestUSDC.sol contracts/compile.js $(NODE)
+$(TOKEN): $(wildcard contracts/*.sol) contracts/compile.js $(NODE)
 	node contracts/compile.js
 
 clean:

@@ -206,6 +206,8 @@ class Stack:
             "X402_LOG_LEVEL": "WARNING",
             "DJANGO_DEBUG": "false",
             "DJANGO_SECURE_SSL_REDIRECT": "false",  # plain HTTP on loopback
+            "X402_RATE_CHALLENGES": "",  # the load generator is one client: no per-client limits
+            "X402_RATE_FAILED_PAYMENTS": "",
             "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
         }
         os.environ.update(

@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: MIT
 pragma solidity ^0.8.20;
 
+interface IERC1271 {
+    function isValidSignature(bytes32 hash, bytes memory signature) external view returns (bytes4);
+}
+
 /// @title TestUSDC: a 6-decimal ERC-20 with EIP-3009 for local development and tests.
 /// @notice The EIP-712 domain name and version are constructor arguments so tests can mirror
 ///         Base ("USD Coin", "2") and Base Sepolia ("USDC", "2"). Signatures are checked the way
@@ -131,10 +135,21 @@ contract TestUSDC {
         bytes32 digest = _digest(
             keccak256(abi.encode(typeHash, from, to, value, validAfter, validBefore, nonce))
         );
-        require(_recover(digest, signature) == from, "FiatTokenV2: invalid signature");
+        require(_isValidSignature(from, digest, signature), "FiatTokenV2: invalid signature");
         _authorizationStates[from][nonce] = true;
         emit AuthorizationUsed(from, nonce);
         _transfer(from, to, value);
+    }
+
+    /// EOAs sign with ECDSA; contract wallets answer EIP-1271 (as FiatToken v2.2's SignatureChecker).
+    function _isValidSignature(address signer, bytes32 digest, bytes memory signature) internal view returns (bool) {
+        if (signer.code.length > 0) {
+            (bool ok, bytes memory answer) = signer.staticcall(
+                abi.encodeWithSelector(IERC1271.isValidSignature.selector, digest, signature)
+            );
+            return ok && answer.length >= 32 && abi.decode(answer, (bytes4)) == IERC1271.isValidSignature.selector;
+        }
+        return _recover(digest, signature) == signer;
     }
 
     function _digest(bytes32 structHash) internal view returns (bytes32) {

@@ -27,6 +27,21 @@ TOKEN_ABI = [
     },
     {
         "type": "function",
+        "name": "transferWithAuthorization",
+        "stateMutability": "nonpayable",
+        "inputs": [
+            {"name": "from", "type": "address"},
+            {"name": "to", "type": "address"},
+            {"name": "value", "type": "uint256"},
+            {"name": "validAfter", "type": "uint256"},
+            {"name": "validBefore", "type": "uint256"},
+            {"name": "nonce", "type": "bytes32"},
+            {"name": "signature", "type": "bytes"},
+        ],
+        "outputs": [],
+    },
+    {
+        "type": "function",
         "name": "balanceOf",
         "stateMutability": "view",
         "inputs": [{"name": "account", "type": "address"}],

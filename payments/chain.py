@@ -78,23 +78,51 @@ def rpc(url: str, method: str, params: list[Any], timeout: float | None = None) 
 class PayerState:
     balance: int
     nonce_used: bool
+    #: EIP-1271: None when not asked, else whether the payer is a contract approving the signature.
+    contract_approves: bool | None = None
+
+
+IS_VALID_SIGNATURE = bytes.fromhex("1626ba7e")
 
 
 def _word(value: bytes) -> str:
     return value.rjust(32, b"\x00").hex()
 
 
-def payer_state(url: str, asset: str, payer: bytes, nonce: bytes) -> PayerState:
-    """Balance of ``payer`` and whether its authorization ``nonce`` is used: one round trip."""
+def payer_state(
+    url: str, asset: str, payer: bytes, nonce: bytes, contract_signature: tuple[bytes, bytes] | None = None
+) -> PayerState:
+    """Balance of ``payer``, whether its authorization ``nonce`` is used and, given
+    ``(digest, signature)``, whether the payer is a contract wallet approving it: one round trip."""
     balance_call = {"to": asset, "data": "0x" + BALANCE_OF.hex() + _word(payer)}
     state_call = {"to": asset, "data": "0x" + AUTHORIZATION_STATE.hex() + _word(payer) + nonce.hex()}
+    calls: list[tuple[str, list[Any]]] = [
+        ("eth_call", [balance_call, "latest"]),
+        ("eth_call", [state_call, "latest"]),
+    ]
+    if contract_signature is not None:
+        from eth_abi import encode
+
+        data = IS_VALID_SIGNATURE + encode(["bytes32", "bytes"], list(contract_signature))
+        calls += [("eth_getCode", ["0x" + payer.hex(), "latest"])]
     try:
-        balance, used = rpc_batch(
-            url, [("eth_call", [balance_call, "latest"]), ("eth_call", [state_call, "latest"])]
-        )
+        answers = rpc_batch(url, calls)
     except RpcError as exc:
         raise ChainUnavailable(f"token call failed: {exc}") from exc
+    approves = None
+    if contract_signature is not None:
+        approves = False
+        if answers[2] not in (None, "0x", "0x0"):  # a contract: ask it (a revert is a no)
+            try:
+                answer = rpc(
+                    url, "eth_call", [{"to": "0x" + payer.hex(), "data": "0x" + data.hex()}, "latest"]
+                )
+                approves = isinstance(answer, str) and answer[2:10].lower() == IS_VALID_SIGNATURE.hex()
+            except RpcError:
+                approves = False
     try:
-        return PayerState(balance=int(balance, 16), nonce_used=int(used, 16) != 0)
+        return PayerState(
+            balance=int(answers[0], 16), nonce_used=int(answers[1], 16) != 0, contract_approves=approves
+        )
     except (TypeError, ValueError) as exc:
         raise ChainUnavailable("token answered garbage") from exc

@@ -152,4 +152,6 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     response.content_type = "application/problem+json"
     if response.status_code == status.HTTP_503_SERVICE_UNAVAILABLE:
         response.headers.setdefault("Retry-After", "5")
+    if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
+        response.headers["Retry-After"] = str(max(1, int(exc.wait + 0.999)))
     return response

@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from rest_framework import exceptions
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
-from . import idempotency, ledger
+from . import idempotency, ledger, ratelimit
 from .chain import ChainUnavailable
 from .exceptions import Challenge, PaymentRequired
 from .facilitator import FacilitatorClient, FacilitatorUnavailable
@@ -33,6 +34,7 @@ from .x402.verify import PaymentRejected, VerifiedPayment, verify_exact
 log = logging.getLogger("payments.gate")
 
 V2_HEADER = "PAYMENT-SIGNATURE"
+RESOURCE_MISMATCH = "invalid_payment_resource_mismatch"
 V1_HEADER = "X-PAYMENT"
 
 
@@ -114,12 +116,28 @@ class X402Payment(BasePermission):
         request.x402_charge = charge
         header = request.headers.get(V2_HEADER) or request.headers.get(V1_HEADER)
         if not header:
+            ratelimit.hit(request, "challenge")
             raise challenge.reject(f"{V2_HEADER} header is required")
+        try:
+            return self._check_payment(request, header, challenge)
+        except PaymentRequired:
+            ratelimit.hit(request, "failed")
+            raise
+
+    def _check_payment(self, request, header: str, challenge: Challenge) -> bool:  # type: ignore[no-untyped-def]
         try:
             payload = parse_payload(decode_header(header))
         except DecodeError as exc:
             log.info("payment header refused: invalid_payload (%s)", exc)
             raise challenge.reject(DecodeError.reason, str(exc)) from None
+        # A v2 payload names the resource it was made for: it must be this one (the EIP-3009
+        # signature itself does not bind the URL).
+        resource = payload.raw.get("resource") if payload.x402_version >= 2 else None
+        paid_for = (
+            urlsplit(str(resource["url"])).path if isinstance(resource, dict) and "url" in resource else None
+        )
+        if paid_for is not None and paid_for.rstrip("/") != request.path.rstrip("/"):
+            raise challenge.reject(RESOURCE_MISMATCH, "this payment was made for another resource")
         # An idempotent retry is answered before verification: once settled, a resent payload
         # would no longer verify, and its payload is byte-identical to one that did.
         request.x402_replay_of = idempotency.lookup(payload)
@@ -133,6 +151,7 @@ class X402Payment(BasePermission):
                 int(time.time()),
                 settle_margin=settings.X402_SETTLE_MARGIN_SECONDS,
                 clock_skew=settings.X402_CLOCK_SKEW_SECONDS,
+                contract_signers=True,  # EIP-1271 wallets are checked on chain (verification.py)
             )
         except PaymentRejected as exc:
             log.info("payment refused: %s (%s)", exc.reason, exc.message)

@@ -56,20 +56,26 @@ def _token_contract() -> Any:
 
 
 def _calldata(p: Payment) -> str:
+    """transferWithAuthorization with (v, r, s) for a 65-byte signature, else the ``bytes``
+    overload (contract wallets: EIP-1271)."""
     sig = bytes.fromhex(p.signature[2:])
-    return _token_contract().encode_abi(
-        "transferWithAuthorization",
-        [
-            to_checksum_address(p.payer),
-            to_checksum_address(p.pay_to),
-            int(p.amount),
-            p.valid_after,
-            p.valid_before,
-            bytes.fromhex(p.nonce[2:]),
-            sig[64] if sig[64] >= 27 else sig[64] + 27,
-            sig[:32],
-            sig[32:64],
-        ],
+    head = [
+        to_checksum_address(p.payer),
+        to_checksum_address(p.pay_to),
+        int(p.amount),
+        p.valid_after,
+        p.valid_before,
+        bytes.fromhex(p.nonce[2:]),
+    ]
+    contract = _token_contract()
+    if len(sig) != 65:
+        signature = "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"
+        return contract.encode_abi(signature, [*head, sig])
+    signature = (
+        "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
+    )
+    return contract.encode_abi(
+        signature, [*head, sig[64] if sig[64] >= 27 else sig[64] + 27, sig[:32], sig[32:64]]
     )
 
 

@@ -97,6 +97,7 @@ def _parse(body: Any) -> tuple[VerifiedPayment, ConfiguredOption, dict[str, Any]
             int(time.time()),
             settle_margin=settings.X402_SETTLE_MARGIN_SECONDS,
             clock_skew=settings.X402_CLOCK_SKEW_SECONDS,
+            contract_signers=True,  # EIP-1271 wallets are checked on chain (verification.py)
         )
     except PaymentRejected as exc:
         raise _Invalid(exc.reason, exc.message, payer) from None

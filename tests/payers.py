@@ -26,12 +26,16 @@ def sign_authorization(
     valid_before: int | None = None,
     nonce: str | None = None,
     domain: dict[str, Any] | None = None,
+    from_: str | None = None,
 ) -> dict[str, Any]:
-    """The ``payload`` object ({signature, authorization}) for ``req``, overridable per field."""
+    """The ``payload`` object ({signature, authorization}) for ``req``, overridable per field.
+
+    ``from_`` names another payer than the signer (a contract wallet whose owner signs).
+    """
     account = Account.from_key(key)
     opt = req.option
     message = {
-        "from": account.address,
+        "from": from_ or account.address,
         "to": to or opt.pay_to,
         "value": req.amount if value is None else value,
         "validAfter": valid_after,
@@ -59,7 +63,7 @@ def sign_authorization(
     return {
         "signature": "0x" + bytes(signed.signature).hex(),
         "authorization": {
-            "from": account.address,
+            "from": message["from"],
             "to": message["to"],
             "value": str(message["value"]),
             "validAfter": str(message["validAfter"]),
@@ -69,13 +73,11 @@ def sign_authorization(
     }
 
 
-def v2_payload(req: Requirement, payload: dict[str, Any], resource_url: str = "http://testserver/") -> dict:
-    return {
-        "x402Version": 2,
-        "resource": {"url": resource_url, "description": "", "mimeType": "application/json"},
-        "accepted": req.v2(),
-        "payload": payload,
-    }
+def v2_payload(req: Requirement, payload: dict[str, Any], resource_url: str | None = None) -> dict:
+    body: dict[str, Any] = {"x402Version": 2, "accepted": req.v2(), "payload": payload}
+    if resource_url is not None:
+        body["resource"] = {"url": resource_url, "description": "", "mimeType": "application/json"}
+    return body
 
 
 def v1_payload(req: Requirement, payload: dict[str, Any]) -> dict:

@@ -75,7 +75,8 @@ def test_official_client_pays_and_worker_settles(
 def test_replayed_header_against_the_worker_runs_once(
     chain_settings, demo_model, live_server, celery_worker_process
 ) -> None:
-    """The same signed header sent again (sequentially and at once) buys nothing more."""
+    """The same signed header sent 100 times (32 at once) buys one prediction, one transfer."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from x402.http import x402HTTPClientSync
@@ -100,10 +101,15 @@ def test_replayed_header_against_the_worker_runs_once(
     headers = http.encode_payment_signature_header(client.create_payment_payload(required))
     transfers_before = transfer_count(chain, chain.pay_to)
 
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(
-            pool.map(lambda _: requests.post(url, json=body, headers=headers, timeout=30), range(16))
-        )
+    barrier = threading.Barrier(32)
+
+    def send(i: int) -> requests.Response:
+        if i < 32:
+            barrier.wait(10)  # the first 32 leave together
+        return requests.post(url, json=body, headers=headers, timeout=60)
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(send, range(100)))
     assert sorted({a.status_code for a in answers}) in ([200, 201], [201])
     assert [a.status_code for a in answers].count(201) == 1
     ids = {a.json()["id"] for a in answers}

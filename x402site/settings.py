@@ -187,6 +187,14 @@ X402_PREDICTION_LOST_AFTER = env.int("X402_PREDICTION_LOST_AFTER", default=X402_
 #: Readiness fails when the relayer holds less gas money than this (wei; default 0.001 ETH).
 X402_RELAYER_MIN_BALANCE_WEI = env.int("X402_RELAYER_MIN_BALANCE_WEI", default=10**15)
 
+#: Per-client limits, "count/seconds" ("" turns one off): 402 challenges, and refused payments.
+X402_RATE_LIMITS = {
+    "challenge": env.str("X402_RATE_CHALLENGES", default="600/60"),
+    "failed": env.str("X402_RATE_FAILED_PAYMENTS", default="60/60"),
+}
+#: Take the client address from X-Forwarded-For (only behind a proxy that sets it).
+X402_TRUST_X_FORWARDED_FOR = env.bool("X402_TRUST_X_FORWARDED_FOR", default=False)
+
 #: Bearer tokens that run predictions without payment (operators, integrations).
 X402_OPERATOR_TOKENS = env.list("X402_OPERATOR_TOKENS", default=[])
 

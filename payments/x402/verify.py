@@ -41,6 +41,9 @@ class PaymentRejected(Exception):
 class VerifiedPayment:
     requirement: Requirement
     payload: PaymentPayload
+    #: The signature is not an EOA's: the payer must be a contract wallet that approves it
+    #: (EIP-1271), which only the chain can tell. The caller must check before accepting.
+    contract_signature: bool = False
 
     @property
     def payer(self) -> bytes:
@@ -75,8 +78,21 @@ def _check_accepted(payload: PaymentPayload, req: Requirement) -> None:
             raise PaymentRejected(TOKEN_VERSION_MISMATCH)
 
 
+def digest_of(verified: VerifiedPayment) -> bytes:
+    """The EIP-712 digest the payer signed (what an EIP-1271 wallet is asked to approve)."""
+    o = verified.requirement.option
+    return authorization_digest(
+        _separator(o.asset_name, o.asset_version, o.chain_id, o.asset), verified.payload.authorization
+    )
+
+
 def _check_one(
-    payload: PaymentPayload, req: Requirement, now: int, settle_margin: int, clock_skew: int
+    payload: PaymentPayload,
+    req: Requirement,
+    now: int,
+    settle_margin: int,
+    clock_skew: int,
+    contract_signers: bool,
 ) -> VerifiedPayment:
     _check_accepted(payload, req)
     auth = payload.authorization
@@ -98,10 +114,13 @@ def _check_one(
     )
     try:
         signer = recover(authorization_digest(separator, auth), payload.signature)
+        problem = "" if signer == auth.from_ else "signature does not recover to authorization.from"
     except SignatureError as exc:
-        raise PaymentRejected(INVALID_SIGNATURE, str(exc)) from None
-    if signer != auth.from_:
-        raise PaymentRejected(INVALID_SIGNATURE, "signature does not recover to authorization.from")
+        problem = str(exc)
+    if problem:
+        if contract_signers:
+            return VerifiedPayment(requirement=req, payload=payload, contract_signature=True)
+        raise PaymentRejected(INVALID_SIGNATURE, problem)
     return VerifiedPayment(requirement=req, payload=payload)
 
 
@@ -112,11 +131,14 @@ def verify_exact(
     *,
     settle_margin: int = 6,
     clock_skew: int = 30,
+    contract_signers: bool = False,
 ) -> VerifiedPayment:
     """Return the requirement this payload validly pays, or raise PaymentRejected.
 
     ``settle_margin``: seconds ``validBefore`` must still leave for the settlement to land.
     ``clock_skew``: tolerance for the payer's clock on ``validAfter`` and the window length.
+    ``contract_signers``: a signature that is not ``from``'s ECDSA signature is passed on as
+    ``contract_signature`` (to be checked with EIP-1271 on chain) instead of refused.
     """
     if payload.scheme != SCHEME_EXACT:
         raise PaymentRejected(UNSUPPORTED_SCHEME, f"scheme {payload.scheme!r} is not offered")
@@ -126,7 +148,7 @@ def verify_exact(
     first_error: PaymentRejected | None = None
     for req in candidates:
         try:
-            return _check_one(payload, req, now, settle_margin, clock_skew)
+            return _check_one(payload, req, now, settle_margin, clock_skew, contract_signers)
         except PaymentRejected as exc:
             first_error = first_error or exc
     assert first_error is not None

@@ -1,0 +1,49 @@
+"""Per-client limits on challenges and on failed payments (fixed windows in the cache).
+
+An anonymous client that asks for challenges in a loop, or sends payment after bad payment,
+gets 429 with ``Retry-After`` instead of costing us a chain read or a signature check each time.
+Limits are ``"count/seconds"`` settings; ``""`` turns one off.
+"""
+
+from __future__ import annotations
+
+import time
+
+from django.conf import settings
+from django.core.cache import cache
+from rest_framework.exceptions import Throttled
+
+
+def _client(request) -> str:  # type: ignore[no-untyped-def]
+    if settings.X402_TRUST_X_FORWARDED_FOR:
+        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+        if forwarded:
+            return forwarded.split(",")[0].strip()
+    return request.META.get("REMOTE_ADDR", "")
+
+
+def _parse(limit: str) -> tuple[int, int] | None:
+    if not limit:
+        return None
+    count, _, seconds = limit.partition("/")
+    return int(count), int(seconds or 60)
+
+
+def hit(request, kind: str) -> None:  # type: ignore[no-untyped-def]
+    """Count one ``kind`` event ("challenge" or "failed") for this client; 429 over the limit."""
+    rule = _parse(settings.X402_RATE_LIMITS.get(kind, ""))
+    if rule is None:
+        return
+    count, seconds = rule
+    window = int(time.time() // seconds)
+    key = f"x402:rate:{kind}:{_client(request)}:{window}"
+    if cache.add(key, 1, seconds + 1):
+        used = 1
+    else:
+        try:
+            used = cache.incr(key)
+        except ValueError:  # expired between add and incr
+            cache.add(key, 1, seconds + 1)
+            used = 1
+    if used > count:
+        raise Throttled(wait=seconds - time.time() % seconds, detail=f"Too many {kind} requests; slow down.")
