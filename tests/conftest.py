@@ -158,8 +158,15 @@ def transfer_count(dev: DevChain, to: str) -> int:
     return len(logs)
 
 
-def fresh_nonce() -> str:
-    return "0x" + secrets.token_hex(32)
+def send_as_mint(dev: DevChain, to: str, amount: int) -> None:
+    """Mint test USDC to ``to`` (the deployer owns the token) and wait for it."""
+    data = "0x40c10f19" + to[2:].lower().rjust(64, "0") + hex(amount)[2:].rjust(64, "0")
+    tx = rpc(
+        dev.rpc_url, "eth_sendTransaction", [{"from": dev.relayer_address, "to": dev.asset, "data": data}]
+    )
+    deadline = time.monotonic() + 10
+    while rpc(dev.rpc_url, "eth_getTransactionReceipt", [tx]) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def start_worker(
