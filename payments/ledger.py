@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 from eth_utils import to_checksum_address
+from kombu.exceptions import OperationalError
 
 from . import idempotency
 from .metrics import ACCEPTED
@@ -81,7 +83,13 @@ def request_settlement(payment: Payment) -> None:
     from .tasks import settle_payment
 
     Payment.objects.filter(pk=payment.pk, settle_requested_at=None).update(settle_requested_at=timezone.now())
-    transaction.on_commit(lambda: settle_payment.delay(str(payment.pk)))
+
+    def enqueue() -> None:
+        # With the broker down, the reconciler's sweep enqueues it later.
+        with contextlib.suppress(OperationalError, OSError):
+            settle_payment.delay(str(payment.pk))
+
+    transaction.on_commit(enqueue)
 
 
 def release(payment: Payment, reason: str) -> None:

@@ -20,7 +20,9 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
+from kombu.exceptions import OperationalError
 
 from payments import ledger
 from payments.metrics import PREDICTION_SECONDS
@@ -48,14 +50,21 @@ def enqueue_run(prediction_id: str, model: Any) -> None:
 
 
 def start_prediction(prediction: Prediction) -> None:
-    """After commit: run now (free, or after_success) or settle first (before_run)."""
-    policy = prediction.model.settlement_policy
-    if prediction.payment_id is None or policy == SettlementPolicy.AFTER_SUCCESS:
-        enqueue_run(prediction.id, prediction.model)
-    else:
-        from payments.tasks import settle_payment
+    """After commit: run now (free, or after_success) or settle first (before_run).
 
-        settle_payment.delay(str(prediction.payment_id))
+    With the broker down the request still succeeds (the payment and prediction are committed);
+    the sweeps (payments.tasks.reconcile, sweep below) enqueue the work once it is back.
+    """
+    policy = prediction.model.settlement_policy
+    try:
+        if prediction.payment_id is None or policy == SettlementPolicy.AFTER_SUCCESS:
+            enqueue_run(prediction.id, prediction.model)
+        else:
+            from payments.tasks import settle_payment
+
+            settle_payment.delay(str(prediction.payment_id))
+    except (OperationalError, OSError) as exc:
+        log.error("broker unavailable, prediction %s left for the sweep: %s", prediction.id, exc)
 
 
 def _claim(prediction_id: str) -> Prediction | None:
@@ -200,6 +209,17 @@ def sweep() -> dict[str, int]:
                 ledger.release(prediction.payment, "the prediction's worker was lost")
             webhooks.send(prediction, "completed")
             lost += 1
+    # Runs whose task was lost (a broker outage): due now, still STARTING after a minute.
+    stale = Prediction.objects.filter(
+        status=P.STARTING, created_at__lt=timezone.now() - timedelta(seconds=60)
+    )
+    due = stale.filter(
+        Q(payment=None)
+        | Q(model__settlement_policy=SettlementPolicy.AFTER_SUCCESS)
+        | Q(payment__status="confirmed")
+    ).select_related("model__hardware")
+    for prediction in due:
+        enqueue_run(prediction.id, prediction.model)
     aborted = 0
     overdue = Prediction.objects.filter(status=P.STARTING, cancel_after_at__lt=timezone.now())
     for prediction_id in overdue.values_list("id", flat=True):
@@ -212,4 +232,4 @@ def sweep() -> dict[str, int]:
             if prediction.status == P.STARTING:
                 _abort(prediction)
                 aborted += 1
-    return {"lost": lost, "aborted": aborted}
+    return {"lost": lost, "aborted": aborted, "requeued": len(due)}

@@ -328,3 +328,33 @@ def test_operator_token_runs_without_payment(chain_settings, demo_model, eager_c
     body = Client().get(f"/v1/predictions/{response.json()['id']}").json()
     assert body["status"] == "succeeded" and body["payment"] is None
     assert Payment.objects.count() == 0
+
+
+def test_broker_down_after_the_payment_is_recorded(
+    chain_settings, demo_model, eager_celery, monkeypatch
+) -> None:
+    """The paid request still succeeds; once the broker is back the sweep settles and runs it."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+    from kombu.exceptions import OperationalError
+
+    from payments.tasks import reconcile, settle_payment
+
+    def down(*args, **kwargs):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(settle_payment, "delay", down)
+    response = post(
+        Client(),
+        {"input": {"text": "later"}},
+        **{"PAYMENT-SIGNATURE": v2_header(chain_settings.payers[4]["private_key"], requirement())},
+    )
+    assert response.status_code == 201
+    payment = Payment.objects.get()
+    assert payment.status == "verified"
+    monkeypatch.undo()  # the broker is back
+    Payment.objects.filter(pk=payment.pk).update(settle_requested_at=timezone.now() - timedelta(minutes=5))
+    assert reconcile()["swept"] == 1
+    done = Client().get(f"/v1/predictions/{response.json()['id']}").json()
+    assert done["status"] == "succeeded" and done["payment"]["status"] == "confirmed"
