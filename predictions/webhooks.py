@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import requests
 from celery import shared_task
 from django.conf import settings
+from kombu.exceptions import OperationalError
 
 log = logging.getLogger("predictions.webhooks")
 
@@ -79,7 +80,14 @@ def send(prediction: Any, event: str) -> None:
     from django.db import transaction
 
     webhook_id = f"msg_{uuid.uuid4().hex}"
-    transaction.on_commit(lambda: deliver.delay(prediction.id, event, webhook_id))
+
+    def enqueue() -> None:
+        try:
+            deliver.delay(prediction.id, event, webhook_id)
+        except (OperationalError, OSError) as exc:  # never fail the request for a webhook
+            log.error("webhook %s (%s) for %s not queued: %s", webhook_id, event, prediction.id, exc)
+
+    transaction.on_commit(enqueue)
 
 
 @shared_task(bind=True, acks_late=True, max_retries=MAX_ATTEMPTS - 1)
