@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
+import requests
 from django.test import Client, override_settings
+from eth_account import Account
 
 from payments.models import Payment
 from payments.options import payment_options
@@ -152,3 +156,96 @@ def test_facilitator_down_is_503(chain, demo_model) -> None:
         )
     assert response.status_code == 503 and response["Retry-After"]
     assert Payment.objects.count() == 0
+
+
+@pytest.fixture
+def our_facilitator_process(chain, tmp_path):
+    """This project run as a separate facilitator service (own database, own relayer key)."""
+    import os
+    import subprocess
+    import sys
+
+    import psycopg
+
+    from payments import devchain
+    from tests.conftest import free_port
+
+    name = "test_x402_facilitator"
+    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    port = free_port()
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{name}",
+        "X402_DEVCHAIN_FILE": str(chain.path),
+        "X402_RELAYER_KEY": chain.spare_keys[1],
+        "X402_FACILITATOR_TOKENS": TOKEN,
+        "CACHE_URL": "redis://127.0.0.1:6379/12",
+        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/12",
+        "DJANGO_DEBUG": "true",
+    }
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=root, env=env, check=True)
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
+        cwd=root,
+        env=env,
+        stdout=open(tmp_path / "facilitator.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/facilitator"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(url + "/supported", timeout=1)
+                break
+            except requests.RequestException:
+                assert time.monotonic() < deadline and proc.poll() is None, (
+                    tmp_path / "facilitator.log"
+                ).read_text()
+                time.sleep(0.1)
+        yield url
+    finally:
+        devchain.stop(proc)
+        with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.e2e
+def test_gate_delegates_to_our_own_facilitator_service(
+    chain, our_facilitator_process, demo_model, eager_celery
+):
+    with override_settings(
+        **option_settings(chain, facilitator_url=our_facilitator_process, facilitator_auth=f"Bearer {TOKEN}")
+    ):
+        req = Requirement(payment_options()[0], PRICE)
+        payer = chain.payers[4]
+        before = token_balance(chain, payer["address"])
+        response = Client().post(
+            "/v1/models/demo/echo-text/predictions",
+            data=json.dumps({"input": {"text": "via our facilitator"}}),
+            content_type="application/json",
+            headers={"PAYMENT-SIGNATURE": v2_header(payer["private_key"], req)},
+        )
+        assert response.status_code == 201, response.content
+        prediction = Client().get(f"/v1/predictions/{response.json()['id']}").json()
+    assert prediction["status"] == "succeeded" and prediction["output"] == "via our facilitator"
+    payment = Payment.objects.get()
+    assert payment.verification == "facilitator" and payment.status == "confirmed"
+    receipt = requests.post(
+        chain.rpc_url,
+        json={
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "eth_getTransactionReceipt",
+            "params": [payment.settle_tx_hash],
+        },
+        timeout=5,
+    ).json()["result"]
+    assert (
+        receipt["from"].lower() == Account.from_key(chain.spare_keys[1]).address.lower()
+    )  # their relayer paid gas
+    assert token_balance(chain, payer["address"]) == before - PRICE
