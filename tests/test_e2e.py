@@ -184,3 +184,57 @@ def wait_for_prediction(prediction_id: str, timeout: float = 20.0) -> Prediction
         if prediction.is_terminal or time.monotonic() > deadline:
             return prediction
         time.sleep(0.1)
+
+
+def test_two_worker_processes_settle_many_payments_without_nonce_collisions(
+    chain_settings, demo_model, celery_worker_process, tmp_path
+) -> None:
+    """Two more worker processes (four slots) and the module's worker settle 24 payments sharing
+    one relayer: all confirmed, relayer nonces contiguous."""
+    from django.db import transaction
+    from eth_account import Account
+
+    from payments import devchain, ledger
+    from payments.options import payment_options
+    from payments.tasks import settle_payment
+    from payments.x402.types import Requirement, Resource, parse_payload
+    from payments.x402.verify import verify_exact
+    from tests.conftest import rpc, send_as_mint, start_worker
+    from tests.payers import sign_authorization, v2_payload
+
+    chain = chain_settings
+    req = Requirement(payment_options()[0], PRICE)
+    payments = []
+    for _ in range(24):
+        account = Account.create()
+        send_as_mint(chain, account.address, PRICE)
+        verified = verify_exact(
+            parse_payload(v2_payload(req, sign_authorization(account.key.hex(), req))),
+            [req],
+            int(time.time()),
+        )
+        with transaction.atomic():
+            payments.append(ledger.record(verified, resource=Resource("http://test/"), fingerprint="two"))
+    start = int(rpc(chain.rpc_url, "eth_getTransactionCount", [chain.relayer_address, "latest"]), 16)
+    queue = celery_worker_process["queue"]
+    workers = [start_worker(chain, tmp_path / f"w{i}.log", queue, beat=False) for i in range(2)]
+    try:
+        for p in payments:
+            settle_payment.delay(str(p.pk))
+        deadline = time.monotonic() + 60
+        while Payment.objects.filter(pk__in=[p.pk for p in payments]).exclude(status="confirmed").exists():
+            assert time.monotonic() < deadline, "settlements did not finish"
+            time.sleep(0.2)
+    finally:
+        for w in workers:
+            devchain.stop(w)
+    nonces = sorted(
+        Payment.objects.filter(pk__in=[p.pk for p in payments]).values_list("relayer_nonce", flat=True)
+    )
+    assert nonces == list(range(start, start + 24))
+    assert (
+        int(rpc(chain.rpc_url, "eth_getTransactionCount", [chain.relayer_address, "latest"]), 16)
+        == start + 24
+    )
+    logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
+    assert all("Task payments.tasks.settle_payment[" in log for log in logs)  # both did some
