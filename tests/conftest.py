@@ -284,3 +284,33 @@ def cog_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         yield {"url": url, "log": log_path}
     finally:
         devchain.stop(proc)
+
+
+@pytest.fixture
+def staff(db: None) -> dict[str, Any]:
+    """Logged-in clients: an operator, a finance user (in their groups), and an anonymous one."""
+    from django.contrib.auth.models import Group, User
+    from django.test import Client
+
+    from payments.roles import FINANCE, OPERATORS, ensure_roles
+
+    ensure_roles()
+
+    def make(name: str, group: str) -> Client:
+        user = User.objects.create_user(name, password="pw", is_staff=True)
+        user.groups.add(Group.objects.get(name=group))
+        client = Client()
+        client.force_login(user)
+        return client
+
+    return {"operator": make("olga", OPERATORS), "finance": make("finn", FINANCE), "anonymous": Client()}
+
+
+def poll_until_done(url: str, timeout: float = 20.0) -> dict[str, Any]:
+    """GET a prediction until it is terminal (or the time is up); its last JSON."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = requests.get(url, timeout=5).json()
+        if body["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
+            return body
+        time.sleep(0.1)

@@ -11,7 +11,7 @@ from payments.options import payment_options
 from payments.x402.types import Requirement
 from predictions.models import Model, ModelVersion, Prediction
 from predictions.runners import cog
-from tests.conftest import free_port, token_balance
+from tests.conftest import free_port, poll_until_done, token_balance
 from tests.payers import v2_header
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chain, pytest.mark.django_db(transaction=True)]
@@ -36,15 +36,6 @@ def pay(chain, payer: int, url: str, body: dict, **headers) -> requests.Response
     return requests.post(url, json=body, headers={"PAYMENT-SIGNATURE": header, **headers}, timeout=30)
 
 
-def finished(url: str, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        body = requests.get(url, timeout=5).json()
-        if body["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
-            return body
-        time.sleep(0.1)
-
-
 def test_paid_prediction_runs_on_the_cog_server(
     chain_settings, cog_server, live_server, celery_worker_process
 ) -> None:
@@ -54,7 +45,7 @@ def test_paid_prediction_runs_on_the_cog_server(
     url = f"{live_server.url}/v1/models/demo/shout/predictions"
     created = pay(chain_settings, 0, url, {"input": {"text": "hello cog"}})
     assert created.status_code == 201, created.text
-    done = finished(created.json()["urls"]["get"])
+    done = poll_until_done(created.json()["urls"]["get"])
     assert done["status"] == "succeeded" and done["output"] == "HELLO COG", done
     assert "shouting 'hello cog'" in done["logs"]
     assert done["metrics"]["predict_time"] >= 0

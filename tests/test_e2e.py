@@ -14,7 +14,7 @@ from x402.mechanisms.evm.exact import register_exact_evm_client
 
 from payments.models import Payment
 from predictions.models import Prediction
-from tests.conftest import token_balance, transfer_count
+from tests.conftest import poll_until_done, token_balance, transfer_count
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chain, pytest.mark.django_db(transaction=True)]
 
@@ -34,15 +34,6 @@ def paying_session(chain, payer: dict) -> requests.Session:
     return wrapRequestsWithPayment(requests.Session(), client)
 
 
-def wait_for(url: str, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        body = requests.get(url, timeout=5).json()
-        if body["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
-            return body
-        time.sleep(0.1)
-
-
 def test_official_client_pays_and_worker_settles(
     chain_settings, demo_model, live_server, celery_worker_process
 ) -> None:
@@ -55,7 +46,7 @@ def test_official_client_pays_and_worker_settles(
     started = time.monotonic()
     response = paying_session(chain, payer).post(url, json={"input": {"text": "end to end"}}, timeout=30)
     assert response.status_code == 201, response.text
-    prediction = wait_for(response.json()["urls"]["get"])
+    prediction = poll_until_done(response.json()["urls"]["get"])
     elapsed = time.monotonic() - started
 
     assert prediction["status"] == "succeeded", prediction
@@ -114,7 +105,7 @@ def test_replayed_header_against_the_worker_runs_once(
     assert [a.status_code for a in answers].count(201) == 1
     ids = {a.json()["id"] for a in answers}
     assert len(ids) == 1
-    prediction = wait_for(answers[0].json()["urls"]["get"])
+    prediction = poll_until_done(answers[0].json()["urls"]["get"])
     assert prediction["status"] == "succeeded"
     assert Payment.objects.count() == 1 and Prediction.objects.count() == 1
     assert transfer_count(chain, chain.pay_to) == transfers_before + 1

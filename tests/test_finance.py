@@ -9,14 +9,11 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from django.contrib.auth.models import Group, User
 from django.core.management import call_command
-from django.test import Client
 from django.utils import timezone
 
 from payments.exports import COLUMNS
 from payments.models import LedgerExport, Payment
-from payments.roles import FINANCE, OPERATORS, ensure_roles
 from predictions.models import Prediction
 
 pytestmark = pytest.mark.django_db
@@ -141,20 +138,6 @@ def test_xlsx_is_typed_with_frozen_header_and_summary(ledger_rows, tmp_path) -> 
     assert summary[("confirmed", "eip155:31337")] == pytest.approx(0.020001)
 
 
-@pytest.fixture
-def staff(db):
-    ensure_roles()
-
-    def make(name: str, group: str) -> Client:
-        user = User.objects.create_user(name, password="pw", is_staff=True)
-        user.groups.add(Group.objects.get(name=group))
-        client = Client()
-        client.force_login(user)
-        return client
-
-    return {"finance": make("fiona", FINANCE), "operator": make("otto", OPERATORS), "anonymous": Client()}
-
-
 def test_admin_exports_stream_and_are_audited(ledger_rows, staff) -> None:
     response = staff["finance"].get("/admin/payments/payment/export/csv/?status__exact=confirmed")
     assert response.status_code == 200 and response.streaming
@@ -162,7 +145,7 @@ def test_admin_exports_stream_and_are_audited(ledger_rows, staff) -> None:
     assert [r["status"] for r in rows] == ["confirmed", "confirmed"]
     audit = LedgerExport.objects.get()
     assert (
-        audit.user.username == "fiona"
+        audit.user.username == "finn"
         and audit.rows == 2
         and "status__exact=confirmed" in audit.filters["changelist"]
     )

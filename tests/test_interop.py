@@ -6,7 +6,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from x402 import x402Client, x402ClientSync
 from x402.http.clients import wrapRequestsWithPayment, x402HttpxClient
 from x402.mechanisms.evm.exact import register_exact_evm_client
 
-from tests.conftest import token_balance
+from tests.conftest import poll_until_done, token_balance
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chain, pytest.mark.django_db(transaction=True)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,15 +32,6 @@ def _controls(chain) -> dict:
     }
 
 
-def _finish(url: str) -> dict:
-    deadline = time.monotonic() + 20
-    body = requests.get(url, timeout=5).json()
-    while body["status"] not in ("succeeded", "failed") and time.monotonic() < deadline:
-        time.sleep(0.1)
-        body = requests.get(url, timeout=5).json()
-    return body
-
-
 def test_sdk_httpx_async_client(chain_settings, demo_model, live_server, celery_worker_process) -> None:
     chain, payer = chain_settings, chain_settings.payers[6]
     client = x402Client()
@@ -56,7 +46,7 @@ def test_sdk_httpx_async_client(chain_settings, demo_model, live_server, celery_
 
     status, body = asyncio.run(pay())
     assert status == 201, body
-    assert _finish(body["urls"]["get"])["output"] == "httpx"
+    assert poll_until_done(body["urls"]["get"])["output"] == "httpx"
     assert token_balance(chain, payer["address"]) == before - PRICE
 
 
@@ -94,7 +84,7 @@ def test_sdk_v1_client(
     r = session.post(f"{live_server.url}{PATH}", json={"input": {"text": "v1"}}, timeout=30)
     assert r.status_code == 201, r.text
     assert "X-PAYMENT-RESPONSE" in r.headers and "PAYMENT-RESPONSE" not in r.headers
-    assert _finish(r.json()["urls"]["get"])["output"] == "v1"
+    assert poll_until_done(r.json()["urls"]["get"])["output"] == "v1"
     assert token_balance(chain, payer["address"]) == before - PRICE
 
 

@@ -7,7 +7,6 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.contrib.auth.models import Group, User
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.test import Client
@@ -15,7 +14,6 @@ from django.test import Client
 from payments.models import HardwareTier, PriceChange
 from payments.options import payment_options
 from payments.pricing import atomic_amount, quote
-from payments.roles import FINANCE, OPERATORS
 from payments.x402.codec import decode_header
 from payments.x402.types import Requirement
 from tests.payers import v2_header
@@ -91,23 +89,6 @@ def test_validation_messages(db, demo_model) -> None:
         with pytest.raises(ValidationError) as info:
             demo_model.full_clean()
         assert field in info.value.message_dict, (changes, info.value.message_dict)
-
-
-@pytest.fixture
-def staff(db):
-    """An operator and a finance user, in their groups (created on migrate)."""
-    from payments.roles import ensure_roles
-
-    ensure_roles()
-
-    def make(name: str, group: str) -> Client:
-        user = User.objects.create_user(name, password="pw", is_staff=True)
-        user.groups.add(Group.objects.get(name=group))
-        client = Client()
-        client.force_login(user)
-        return client
-
-    return {"operator": make("olga", OPERATORS), "finance": make("finn", FINANCE), "anonymous": Client()}
 
 
 def _change_form(model, **changes) -> dict:
