@@ -14,13 +14,13 @@ from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import status
-from rest_framework.exceptions import APIException, NotFound, ParseError
+from rest_framework.exceptions import APIException, MethodNotAllowed, NotFound, ParseError
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from payments.exceptions import InvalidInput
+from payments.exceptions import InvalidInput, payment_required_response, paywall_response, wants_html
 from payments.idempotency import IdempotencyConflict
 from payments.ledger import request_fingerprint
 from payments.permissions import Charge, X402Payment, challenge_for, honour_window_seconds, is_operator
@@ -254,6 +254,20 @@ class ModelPredictionCreate(PaidPredictionCreate):
         if version is None:
             raise NotFound(f"Model {model} has no version.")
         return version
+
+    @extend_schema(exclude=True)
+    def get(self, request: Request, **kwargs: Any) -> Any:
+        """A browser opening the endpoint gets the paywall page (the 402 an agent would get)."""
+        if not wants_html(request):
+            raise MethodNotAllowed("GET")
+        version = self.resolve_version(request)
+        charge = charge_for(
+            version, example_input(version), request.build_absolute_uri(request.path), request.path
+        )
+        if charge.price <= 0:
+            raise MethodNotAllowed("GET", detail="This model is free: POST to run it.")
+        exc = challenge_for(charge).reject("PAYMENT-SIGNATURE header is required")
+        return paywall_response(exc, payment_required_response(exc))
 
 
 class PredictionCreate(PaidPredictionCreate):  # noqa: D101 (see PredictionList for GET)

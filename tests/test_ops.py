@@ -174,3 +174,9 @@ def test_two_workers_on_separate_queues(chain_settings, demo_model, live_server,
     assert "Task predictions.tasks.run_prediction[" not in main_log
     assert "Task predictions.tasks.run_prediction[" in gpu_log
     assert "Task payments.tasks.settle_payment[" not in gpu_log
+
+
+def test_a_browser_opening_the_endpoint_gets_the_paywall(chain_settings, demo_model) -> None:
+    page = Client().get(URL, headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert page.status_code == 402 and b"0.01 USDC" in page.content and page["PAYMENT-REQUIRED"]
+    assert Client().get(URL, headers={"Accept": "application/json"}).status_code == 405
