@@ -12,7 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Count, QuerySet, Sum
 from django.db.models.functions import TruncDate
 
 from .models import Payment, PaymentStatus
@@ -65,7 +65,8 @@ def ledger(payments: QuerySet[Payment], chunk: int = 2000) -> Iterator[Payment]:
     while True:
         qs = base
         if last is not None:
-            qs = qs.filter(Q(created_at__gt=last[0]) | Q(created_at=last[0], id__gt=last[1]))
+            # (created_at, id) > last, written so PostgreSQL range-scans the created_at index.
+            qs = qs.filter(created_at__gte=last[0]).exclude(created_at=last[0], id__lte=last[1])
         rows = list(qs[:chunk])
         yield from rows
         if len(rows) < chunk:
