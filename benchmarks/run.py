@@ -540,14 +540,16 @@ def bench_reconciliation(sizes: list[int]) -> list[dict[str, Any]]:
 
 
 EXPORT_PROBE = """
-import os, resource, sys, time
+import os, sys, time
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "x402site.settings")
 import django
 django.setup()
 from django.core.management import call_command
 t0 = time.perf_counter()
 call_command("export_ledger", "--format", sys.argv[1], "--output", sys.argv[2], "--network", sys.argv[3])
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: the latter keeps the forking parent's high-water mark across exec.
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]
+print(time.perf_counter() - t0, hwm)
 """
 
 
