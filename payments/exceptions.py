@@ -8,10 +8,12 @@ shape Replicate uses (``title``, ``detail``, ``status``).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from django import db
 from django.http import Http404, HttpResponse
 from django.template.loader import render_to_string
 from rest_framework import exceptions, status
@@ -21,6 +23,8 @@ from rest_framework.views import exception_handler
 from . import idempotency
 from .x402.codec import encode_header
 from .x402.types import Requirement, Resource, payment_required_v1, payment_required_v2
+
+log = logging.getLogger("payments.api")
 
 PAYMENT_REQUIRED_HEADER = "PAYMENT-REQUIRED"
 
@@ -52,6 +56,11 @@ class PaymentRequired(exceptions.APIException):
         self.challenge = challenge
         self.error = error
         self.message = message or error
+
+
+class DatabaseUnavailable(exceptions.APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "The service is briefly unavailable; retry shortly."
 
 
 class InvalidInput(exceptions.APIException):
@@ -132,6 +141,11 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         return paywall_response(exc, response) if wants_html(request) else response
     if isinstance(exc, Http404):
         exc = exceptions.NotFound(str(exc) or "Not found.")
+    if isinstance(exc, (db.OperationalError, db.InterfaceError)):
+        # The database is down or out of connections: nothing was written that is not
+        # rolled back; the client may retry.
+        log.error("database unavailable: %s", exc)
+        exc = DatabaseUnavailable()
     response = exception_handler(exc, context)
     if response is None:
         return None

@@ -42,6 +42,15 @@ def celery_test_broker() -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def short_db_connections() -> None:
+    """The live server starts a thread per connection: close each one's database connection at
+    the end of its request, or a hundred concurrent requests exhaust PostgreSQL's slots."""
+    from django.db import connections
+
+    connections["default"].settings_dict["CONN_MAX_AGE"] = 0
+
+
+@pytest.fixture(scope="session", autouse=True)
 def test_cache() -> Iterator[None]:
     """A cache of this session's own (Redis database 14, a fresh key prefix)."""
     location = os.environ.get("TEST_CACHE_URL", "redis://127.0.0.1:6379/14")
