@@ -358,3 +358,15 @@ def test_broker_down_after_the_payment_is_recorded(
     assert reconcile()["swept"] == 1
     done = Client().get(f"/v1/predictions/{response.json()['id']}").json()
     assert done["status"] == "succeeded" and done["payment"]["status"] == "confirmed"
+
+
+def test_database_unavailable_is_a_clean_503(chain_settings, demo_model, monkeypatch) -> None:
+    from django import db
+
+    def down(*args, **kwargs):
+        raise db.OperationalError("connection failed: FATAL: sorry, too many clients already")
+
+    monkeypatch.setattr("predictions.views.get_object_or_404", down)
+    response = post(Client(), {"input": {"text": "x"}})
+    assert response.status_code == 503 and response["Retry-After"] == "5"
+    assert response.json()["status"] == 503 and "too many" not in response.json()["detail"]
