@@ -43,19 +43,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 30) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.RequestException:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing answers at {url}")
-
-
 # --- load generation ---------------------------------------------------------------------------
 
 LUA_POST = """
@@ -253,7 +240,7 @@ class Stack:
         )
         self.procs.append(proc)
         url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/")
+        self.devchain.wait_http(url + "/")
         return url
 
     def fund(self, n: int) -> list[Any]:

@@ -77,6 +77,19 @@ def wait_for_rpc(url: str, timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    """Wait until something answers HTTP at ``url`` (any status)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.RequestException:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing answers at {url} after {timeout}s") from None
+            time.sleep(0.1)
+
+
 def start_anvil(
     port: int,
     *,

@@ -107,7 +107,7 @@ class Command(BaseCommand):
                 )
             )
             devchain.wait_for_rpc(chain.rpc_url)
-            self._wait_http(f"http://127.0.0.1:{opts['port']}/v1/predictions/none")
+            devchain.wait_http(f"http://127.0.0.1:{opts['port']}/v1/predictions/none")
             self.stdout.write(
                 self.style.SUCCESS(
                     f"\nReady in {time.monotonic() - started:.1f}s: http://127.0.0.1:{opts['port']}\n"
@@ -140,16 +140,3 @@ class Command(BaseCommand):
         User = get_user_model()  # noqa: N806
         if not User.objects.filter(username="admin").exists():
             User.objects.create_superuser("admin", "admin@localhost", "admin")
-
-    @staticmethod
-    def _wait_http(url: str, timeout: float = 30.0) -> None:
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                requests.get(url, timeout=1)
-                return
-            except requests.RequestException:
-                time.sleep(0.1)
-        raise CommandError(f"the web server did not answer at {url}")
