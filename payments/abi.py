@@ -7,18 +7,23 @@ AUTHORIZATION_STATE = function_signature_to_4byte_selector("authorizationState(a
 TRANSFER_TOPIC = "0x" + keccak(text="Transfer(address,address,uint256)").hex()
 AUTHORIZATION_USED_TOPIC = "0x" + keccak(text="AuthorizationUsed(address,bytes32)").hex()
 
+#: The signed EIP-3009 fields, the head of both transferWithAuthorization overloads.
+_AUTHORIZATION = [
+    {"name": "from", "type": "address"},
+    {"name": "to", "type": "address"},
+    {"name": "value", "type": "uint256"},
+    {"name": "validAfter", "type": "uint256"},
+    {"name": "validBefore", "type": "uint256"},
+    {"name": "nonce", "type": "bytes32"},
+]
+
 TOKEN_ABI = [
     {
         "type": "function",
         "name": "transferWithAuthorization",
         "stateMutability": "nonpayable",
         "inputs": [
-            {"name": "from", "type": "address"},
-            {"name": "to", "type": "address"},
-            {"name": "value", "type": "uint256"},
-            {"name": "validAfter", "type": "uint256"},
-            {"name": "validBefore", "type": "uint256"},
-            {"name": "nonce", "type": "bytes32"},
+            *_AUTHORIZATION,
             {"name": "v", "type": "uint8"},
             {"name": "r", "type": "bytes32"},
             {"name": "s", "type": "bytes32"},
@@ -29,15 +34,7 @@ TOKEN_ABI = [
         "type": "function",
         "name": "transferWithAuthorization",
         "stateMutability": "nonpayable",
-        "inputs": [
-            {"name": "from", "type": "address"},
-            {"name": "to", "type": "address"},
-            {"name": "value", "type": "uint256"},
-            {"name": "validAfter", "type": "uint256"},
-            {"name": "validBefore", "type": "uint256"},
-            {"name": "nonce", "type": "bytes32"},
-            {"name": "signature", "type": "bytes"},
-        ],
+        "inputs": [*_AUTHORIZATION, {"name": "signature", "type": "bytes"}],
         "outputs": [],
     },
     {

@@ -155,6 +155,19 @@ class FacilitatorVerify(APIView):
         return Response({"isValid": True, "payer": to_checksum_address(verified.payer)})
 
 
+def _settle_failure(reason: str, message: str, network: str, payer: str | None) -> dict[str, Any]:
+    answer = {
+        "success": False,
+        "errorReason": reason,
+        "errorMessage": message,
+        "transaction": "",
+        "network": network,
+    }
+    if payer:
+        answer["payer"] = payer
+    return answer
+
+
 class FacilitatorSettle(APIView):
     permission_classes = [FacilitatorToken]
 
@@ -172,37 +185,19 @@ class FacilitatorSettle(APIView):
                 verify_on_chain(conf, verified)
                 payment = self._record(verified, request.data["paymentPayload"], raw_req)
         except _Invalid as exc:
-            return Response(
-                {
-                    "success": False,
-                    "errorReason": exc.reason,
-                    "errorMessage": exc.message,
-                    "transaction": "",
-                    "network": network,
-                    "payer": exc.payer,
-                }
-            )
+            return Response(_settle_failure(exc.reason, exc.message, network, exc.payer))
         except PaymentRejected as exc:
-            return Response(
-                {
-                    "success": False,
-                    "errorReason": exc.reason,
-                    "errorMessage": exc.message,
-                    "transaction": "",
-                    "network": network,
-                }
-            )
+            return Response(_settle_failure(exc.reason, exc.message, network, None))
         except ChainUnavailable:
             return Response({"detail": "chain node unavailable"}, status=503, headers={"Retry-After": "5"})
         if payment.signature != "0x" + verified.payload.signature.hex():
             return Response(
-                {
-                    "success": False,
-                    "errorReason": "invalid_exact_evm_nonce_already_used",
-                    "transaction": "",
-                    "network": network,
-                    "payer": payment.payer,
-                }
+                _settle_failure(
+                    "invalid_exact_evm_nonce_already_used",
+                    "this authorization was recorded with another signature",
+                    network,
+                    payment.payer,
+                )
             )
         try:
             payment = settlement.settle(payment.pk, wait_seconds=settings.X402_FACILITATOR_SETTLE_WAIT)

@@ -84,12 +84,18 @@ def cancel(prediction: Prediction) -> Prediction:
         if locked.status == PredictionStatus.PROCESSING and locked.version.runner == Runner.COG:
             url, pk = locked.version.cog_url, locked.pk
             transaction.on_commit(lambda: cog.cancel(url, pk))
-        locked.status = PredictionStatus.CANCELED
-        locked.error = "canceled"
-        locked.output = None
-        locked.completed_at = timezone.now()
-        locked.save(update_fields=["status", "error", "output", "completed_at"])
-        if locked.payment is not None:
-            ledger.release(locked.payment, "the prediction was canceled")
-        webhooks.send(locked, "completed")
+        end(locked, PredictionStatus.CANCELED, "canceled", "the prediction was canceled")
         return locked
+
+
+def end(prediction: Prediction, status: str, error: str, release_reason: str) -> None:
+    """End a locked prediction without output (canceled, aborted, lost): release a payment not
+    yet being settled, and tell the webhook."""
+    prediction.status = status
+    prediction.error = error
+    prediction.output = None
+    prediction.completed_at = timezone.now()
+    prediction.save(update_fields=["status", "error", "output", "completed_at"])
+    if prediction.payment is not None:
+        ledger.release(prediction.payment, release_reason)
+    webhooks.send(prediction, "completed")

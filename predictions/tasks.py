@@ -31,6 +31,7 @@ from . import webhooks
 from .models import Prediction, PredictionStatus, Runner, SettlementPolicy
 from .runners import cog
 from .runners.python import run_python
+from .services import end
 
 log = logging.getLogger("predictions.tasks")
 P = PredictionStatus
@@ -90,13 +91,12 @@ def _claim(prediction_id: str) -> Prediction | None:
 
 def _abort(prediction: Prediction) -> None:
     """Cancel-After passed before the run started: canceled, and not charged if still possible."""
-    prediction.status = P.CANCELED
-    prediction.error = "aborted: the Cancel-After deadline passed before the prediction started"
-    prediction.completed_at = timezone.now()
-    prediction.save(update_fields=["status", "error", "completed_at"])
-    if prediction.payment is not None:
-        ledger.release(prediction.payment, "aborted before start (Cancel-After)")
-    webhooks.send(prediction, "completed")
+    end(
+        prediction,
+        P.CANCELED,
+        "aborted: the Cancel-After deadline passed before the prediction started",
+        "aborted before start (Cancel-After)",
+    )
 
 
 @shared_task(bind=True, acks_late=True, soft_time_limit=settings.X402_PREDICTION_TIME_LIMIT, max_retries=120)
@@ -201,13 +201,12 @@ def sweep() -> dict[str, int]:
             )
             if prediction.status != P.PROCESSING:
                 continue
-            prediction.status = P.FAILED
-            prediction.error = "the worker running this prediction was lost; it was not run again"
-            prediction.completed_at = timezone.now()
-            prediction.save(update_fields=["status", "error", "completed_at"])
-            if prediction.payment is not None:
-                ledger.release(prediction.payment, "the prediction's worker was lost")
-            webhooks.send(prediction, "completed")
+            end(
+                prediction,
+                P.FAILED,
+                "the worker running this prediction was lost; it was not run again",
+                "the prediction's worker was lost",
+            )
             lost += 1
     # Runs whose task was lost (a broker outage): due now, still STARTING after a minute.
     stale = Prediction.objects.filter(

@@ -196,7 +196,7 @@ class PaidPredictionCreate(APIView):
         version = self.resolve_version(request)
         self.version = version
         self.inputs = validate_input(version, request.data)
-        creation_options(request)  # refuse a bad webhook or Cancel-After before any payment
+        self.options = creation_options(request)  # a bad webhook or Cancel-After: refused before payment
         check_runner(version)
         return charge_for(version, self.inputs, request.build_absolute_uri(request.path), request.path)
 
@@ -218,7 +218,7 @@ class PaidPredictionCreate(APIView):
         return create_prediction(
             self.version,
             self.inputs,
-            options=creation_options(request),
+            options=self.options,
             verified=request.x402,
             charge=getattr(request, "x402_charge", None),
             challenge=getattr(request, "x402_challenge", None),
