@@ -24,6 +24,16 @@ PRICE = 10_000
 TOKEN = "facilitator-test-token"
 
 
+def pay_echo(key: str, req: Requirement, text: str):
+    """A paid POST to the demo model, through the gate."""
+    return Client().post(
+        "/v1/models/demo/echo-text/predictions",
+        data=json.dumps({"input": {"text": text}}),
+        content_type="application/json",
+        headers={"PAYMENT-SIGNATURE": v2_header(key, req)},
+    )
+
+
 @pytest.fixture
 def facilitator_api(chain_settings):
     with override_settings(X402_FACILITATOR_TOKENS=[TOKEN], X402_FACILITATOR_SETTLE_WAIT=10):
@@ -113,12 +123,7 @@ def test_gate_delegates_to_the_sdk_facilitator(chain, via_sdk_facilitator, demo_
     req = Requirement(payment_options()[0], PRICE)
     payer = chain.payers[2]
     before = token_balance(chain, payer["address"])
-    response = Client().post(
-        "/v1/models/demo/echo-text/predictions",
-        data=json.dumps({"input": {"text": "via sdk"}}),
-        content_type="application/json",
-        headers={"PAYMENT-SIGNATURE": v2_header(payer["private_key"], req)},
-    )
+    response = pay_echo(payer["private_key"], req, "via sdk")
     assert response.status_code == 201, response.content
     prediction = Client().get(f"/v1/predictions/{response.json()['id']}").json()
     assert calls == ["/verify", "/settle"]
@@ -132,12 +137,7 @@ def test_sdk_facilitator_refusal_is_a_402_with_its_reason(chain, via_sdk_facilit
     from eth_account import Account
 
     req = Requirement(payment_options()[0], PRICE)
-    response = Client().post(
-        "/v1/models/demo/echo-text/predictions",
-        data=json.dumps({"input": {"text": "x"}}),
-        content_type="application/json",
-        headers={"PAYMENT-SIGNATURE": v2_header(Account.create().key.hex(), req)},
-    )
+    response = pay_echo(Account.create().key.hex(), req, "x")
     assert response.status_code == 402
     assert decode_header(response["PAYMENT-REQUIRED"])["error"] == "invalid_exact_evm_insufficient_balance"
     assert Payment.objects.count() == 0
@@ -148,12 +148,7 @@ def test_facilitator_down_is_503(chain, demo_model) -> None:
 
     with override_settings(**option_settings(chain, facilitator_url=f"http://127.0.0.1:{free_port()}")):
         req = Requirement(payment_options()[0], PRICE)
-        response = Client().post(
-            "/v1/models/demo/echo-text/predictions",
-            data=json.dumps({"input": {"text": "x"}}),
-            content_type="application/json",
-            headers={"PAYMENT-SIGNATURE": v2_header(chain.payers[3]["private_key"], req)},
-        )
+        response = pay_echo(chain.payers[3]["private_key"], req, "x")
     assert response.status_code == 503 and response["Retry-After"]
     assert Payment.objects.count() == 0
 
@@ -224,12 +219,7 @@ def test_gate_delegates_to_our_own_facilitator_service(
         req = Requirement(payment_options()[0], PRICE)
         payer = chain.payers[4]
         before = token_balance(chain, payer["address"])
-        response = Client().post(
-            "/v1/models/demo/echo-text/predictions",
-            data=json.dumps({"input": {"text": "via our facilitator"}}),
-            content_type="application/json",
-            headers={"PAYMENT-SIGNATURE": v2_header(payer["private_key"], req)},
-        )
+        response = pay_echo(payer["private_key"], req, "via our facilitator")
         assert response.status_code == 201, response.content
         prediction = Client().get(f"/v1/predictions/{response.json()['id']}").json()
     assert prediction["status"] == "succeeded" and prediction["output"] == "via our facilitator"
