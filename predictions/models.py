@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import math
 import secrets
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models, transaction
@@ -128,6 +130,16 @@ class Model(models.Model):
             "unit_field": self.unit_field,
             "unit_price": str(self.unit_price),
         }
+
+    @property
+    def time_limit_seconds(self) -> int:
+        """How long one run may take: what a per-second price paid for (expected seconds times
+        ``X402_PER_SECOND_OVERRUN_FACTOR``), and never more than ``X402_PREDICTION_TIME_LIMIT``."""
+        cap = settings.X402_PREDICTION_TIME_LIMIT
+        if self.pricing_mode != PricingMode.PER_SECOND or self.is_free:
+            return cap
+        paid_for = self.expected_seconds * Decimal(str(settings.X402_PER_SECOND_OVERRUN_FACTOR))
+        return max(1, min(cap, math.ceil(paid_for)))
 
     @property
     def price_per_run(self) -> Decimal:

@@ -181,6 +181,9 @@ X402_WEBHOOK_SECRET = env.str("X402_WEBHOOK_SECRET", default="")
 X402_WEBHOOK_ALLOW_PRIVATE = env.bool("X402_WEBHOOK_ALLOW_PRIVATE", default=False)
 #: Seconds a prediction may run before it is failed (also the Celery soft time limit).
 X402_PREDICTION_TIME_LIMIT = env.int("X402_PREDICTION_TIME_LIMIT", default=600)
+#: Per-second models: a run may take at most this multiple of the expected seconds it was priced
+#: for (its time limit follows from what was paid), and never more than X402_PREDICTION_TIME_LIMIT.
+X402_PER_SECOND_OVERRUN_FACTOR = env.float("X402_PER_SECOND_OVERRUN_FACTOR", default=2.0)
 #: A prediction still PROCESSING this long after it started lost its worker: the sweep fails it.
 X402_PREDICTION_LOST_AFTER = env.int("X402_PREDICTION_LOST_AFTER", default=X402_PREDICTION_TIME_LIMIT + 60)
 
