@@ -161,11 +161,12 @@ def our_facilitator_process(chain, tmp_path):
     import sys
 
     import psycopg
+    from django.conf import settings
 
     from payments import devchain
     from tests.conftest import free_port
 
-    name = "test_x402_facilitator"
+    name = settings.DATABASES["default"]["NAME"] + "_facilitator"  # this run's own (parallel runs)
     with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
