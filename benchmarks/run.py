@@ -392,12 +392,14 @@ def record_payments(stack: Stack, payers: list[Any], per_payer: int) -> list[Any
     from django.db import transaction
 
     from payments import ledger
-    from payments.options import payment_options
+    from payments.options import configured
+    from payments.verification import Verification
     from payments.x402.types import Requirement, Resource, parse_payload
     from payments.x402.verify import verify_exact
     from tests.payers import sign_authorization, v2_payload
 
-    req = Requirement(payment_options()[0], PRICE)
+    conf = configured()[0]
+    req = Requirement(conf.option, PRICE)
     out = []
     for account in payers:
         for _ in range(per_payer):
@@ -406,8 +408,13 @@ def record_payments(stack: Stack, payers: list[Any], per_payer: int) -> list[Any
                 [req],
                 int(time.time()),
             )
+            # Fresh payers, fresh nonces: the chain check is skipped to fill the queue fast.
             with transaction.atomic():
-                out.append(ledger.record(verified, resource=Resource("http://bench/"), fingerprint="bench"))
+                out.append(
+                    ledger.record(
+                        Verification(verified, conf, "local"), resource=Resource("http://bench/"), fingerprint="bench"
+                    )
+                )
     return out
 
 

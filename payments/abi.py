@@ -6,6 +6,7 @@ BALANCE_OF = function_signature_to_4byte_selector("balanceOf(address)")
 AUTHORIZATION_STATE = function_signature_to_4byte_selector("authorizationState(address,bytes32)")
 TRANSFER_TOPIC = "0x" + keccak(text="Transfer(address,address,uint256)").hex()
 AUTHORIZATION_USED_TOPIC = "0x" + keccak(text="AuthorizationUsed(address,bytes32)").hex()
+AUTHORIZATION_CANCELED_TOPIC = "0x" + keccak(text="AuthorizationCanceled(address,bytes32)").hex()
 
 #: The signed EIP-3009 fields, the head of both transferWithAuthorization overloads.
 _AUTHORIZATION = [

@@ -15,7 +15,7 @@ from typing import Any
 import requests
 from django.conf import settings
 
-from .abi import AUTHORIZATION_STATE, BALANCE_OF
+from .abi import AUTHORIZATION_CANCELED_TOPIC, AUTHORIZATION_STATE, AUTHORIZATION_USED_TOPIC, BALANCE_OF
 
 
 class ChainUnavailable(Exception):
@@ -42,11 +42,18 @@ def _session() -> requests.Session:
     return session
 
 
-def rpc_batch(url: str, calls: list[tuple[str, list[Any]]], timeout: float | None = None) -> list[Any]:
+def rpc_batch(
+    url: str,
+    calls: list[tuple[str, list[Any]]],
+    timeout: float | None = None,
+    *,
+    errors_inline: bool = False,
+) -> list[Any]:
     """Send several JSON-RPC calls in one HTTP request; results in call order.
 
-    Raises ChainUnavailable for transport failures and RpcError for the first call the node
-    answered with an error.
+    Raises ChainUnavailable for transport failures. A call the node answered with an error
+    raises RpcError, or with ``errors_inline`` stands in the results as an RpcError, so one bad
+    item (a malformed hash, say) does not sink the rest of a batch.
     """
     timeout = timeout or settings.X402_RPC_TIMEOUT_SECONDS
     batch = [{"jsonrpc": "2.0", "id": next(_ids), "method": m, "params": p} for m, p in calls]
@@ -65,7 +72,11 @@ def rpc_batch(url: str, calls: list[tuple[str, list[Any]]], timeout: float | Non
         if answer is None:
             raise ChainUnavailable(f"RPC {url}: no answer for {call['method']}")
         if "error" in answer:
-            raise RpcError(answer["error"])
+            error = RpcError(answer["error"] if isinstance(answer["error"], dict) else {"message": str(answer)})
+            if not errors_inline:
+                raise error
+            results.append(error)
+            continue
         results.append(answer.get("result"))
     return results
 
@@ -80,9 +91,13 @@ class PayerState:
     nonce_used: bool
     #: EIP-1271: None when not asked, else whether the payer is a contract approving the signature.
     contract_approves: bool | None = None
+    #: The chain head these answers are from (where to start looking for the authorization's use).
+    block: int | None = None
 
 
 IS_VALID_SIGNATURE = bytes.fromhex("1626ba7e")
+#: EIP-1271's answer for "valid": the bytes4 magic value, ABI-encoded as a whole 32-byte word.
+EIP1271_VALID_WORD = "0x" + IS_VALID_SIGNATURE.hex() + "00" * 28
 
 
 def _word(value: bytes) -> str:
@@ -99,6 +114,7 @@ def payer_state(
     calls: list[tuple[str, list[Any]]] = [
         ("eth_call", [balance_call, "latest"]),
         ("eth_call", [state_call, "latest"]),
+        ("eth_blockNumber", []),
     ]
     if contract_signature is not None:
         from eth_abi import encode
@@ -112,17 +128,87 @@ def payer_state(
     approves = None
     if contract_signature is not None:
         approves = False
-        if answers[2] not in (None, "0x", "0x0"):  # a contract: ask it (a revert is a no)
+        if answers[3] not in (None, "0x", "0x0"):  # a contract: ask it (a revert is a no)
             try:
                 answer = rpc(
                     url, "eth_call", [{"to": "0x" + payer.hex(), "data": "0x" + data.hex()}, "latest"]
                 )
-                approves = isinstance(answer, str) and answer[2:10].lower() == IS_VALID_SIGNATURE.hex()
+                approves = isinstance(answer, str) and answer.lower() == EIP1271_VALID_WORD
             except RpcError:
                 approves = False
     try:
         return PayerState(
-            balance=int(answers[0], 16), nonce_used=int(answers[1], 16) != 0, contract_approves=approves
+            balance=int(answers[0], 16),
+            nonce_used=int(answers[1], 16) != 0,
+            contract_approves=approves,
+            block=int(answers[2], 16),
         )
     except (TypeError, ValueError) as exc:
         raise ChainUnavailable("token answered garbage") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationUse:
+    """What the chain says about one EIP-3009 authorization: the evidence behind a terminal state."""
+
+    #: ``authorizationState``: used or canceled (it can never move money again).
+    used: bool
+    #: The transaction that used it (``AuthorizationUsed``), or canceled it (``AuthorizationCanceled``).
+    used_in: str | None
+    canceled_in: str | None
+    head_block: int
+    head_timestamp: int
+    searched_from: int
+
+    def as_detail(self) -> dict[str, Any]:
+        return {
+            "authorization_used": self.used,
+            "used_in": self.used_in,
+            "canceled_in": self.canceled_in,
+            "head_block": self.head_block,
+            "head_timestamp": self.head_timestamp,
+            "searched_from_block": self.searched_from,
+        }
+
+
+def _topic_word(address: str) -> str:
+    return "0x" + address[2:].lower().rjust(64, "0")
+
+
+def authorization_use(
+    url: str, asset: str, payer: str, nonce: str, *, from_block: int | None, lookback: int, span: int
+) -> AuthorizationUse:
+    """Ask the chain whether ``payer``'s authorization ``nonce`` was used, and by which transaction.
+
+    One batch reads the head block and ``authorizationState``; only a used authorization costs a
+    search of ``AuthorizationUsed``/``AuthorizationCanceled`` logs, newest first, in ranges of
+    ``span`` blocks (providers cap ``eth_getLogs`` spans) back to ``from_block`` (else ``lookback``
+    blocks before the head).
+    """
+    state_call = {
+        "to": asset,
+        "data": "0x" + AUTHORIZATION_STATE.hex() + _topic_word(payer)[2:] + nonce[2:].lower(),
+    }
+    try:
+        head, state = rpc_batch(url, [("eth_getBlockByNumber", ["latest", False]), ("eth_call", [state_call, "latest"])])
+        head_block, head_ts, used = int(head["number"], 16), int(head["timestamp"], 16), int(state, 16) != 0
+    except (RpcError, TypeError, KeyError, ValueError) as exc:
+        raise ChainUnavailable(f"authorization state unreadable: {exc}") from exc
+    start = max(0, head_block - lookback) if from_block is None else max(0, from_block - 5)
+    used_in = canceled_in = None
+    if used:
+        topics = [[AUTHORIZATION_USED_TOPIC, AUTHORIZATION_CANCELED_TOPIC], _topic_word(payer), nonce.lower()]
+        high = head_block
+        while high >= start and not (used_in or canceled_in):
+            low = max(start, high - span + 1)
+            try:
+                logs = rpc(url, "eth_getLogs", [{"address": asset, "fromBlock": hex(low), "toBlock": hex(high), "topics": topics}])
+            except RpcError as exc:
+                raise ChainUnavailable(f"eth_getLogs {low}-{high}: {exc}") from exc
+            for entry in logs:
+                if entry["topics"][0].lower() == AUTHORIZATION_USED_TOPIC:
+                    used_in = entry["transactionHash"]
+                else:
+                    canceled_in = entry["transactionHash"]
+            high = low - 1
+    return AuthorizationUse(used, used_in, canceled_in, head_block, head_ts, start)

@@ -14,7 +14,8 @@ from kombu.exceptions import OperationalError
 
 from . import idempotency
 from .metrics import ACCEPTED
-from .models import Payment, PaymentEvent, PaymentStatus
+from .models import Payment, PaymentEvent, PaymentStatus, UnpaidReason
+from .verification import Verification
 from .x402.types import Resource, wire_requirement
 from .x402.verify import VerifiedPayment
 
@@ -26,18 +27,19 @@ def request_fingerprint(resource: str, body: Any) -> str:
 
 
 def record(
-    verified: VerifiedPayment,
+    verification: Verification,
     *,
     resource: Resource,
     fingerprint: str,
-    verification: str = "local",
     settle_now: bool = True,
+    method: str | None = None,
 ) -> Payment:
     """Insert the ledger row of a verified payment (call inside ``transaction.atomic()``).
 
     The database's unique (network, asset, payer, nonce) constraint makes a second insert of
     the same authorization raise IntegrityError, whatever process attempts it.
     """
+    verified = verification.payment
     req, payload = verified.requirement, verified.payload
     auth = payload.authorization
     payment = Payment.objects.create(
@@ -56,8 +58,9 @@ def record(
         signature="0x" + payload.signature.hex(),
         payload=payload.raw,
         requirement=wire_requirement(req, payload.x402_version, resource),
-        verification=verification,
-        resource=resource.url,
+        verification=method or verification.method,
+        search_from_block=verification.block,
+        resource=resource.url[:512],
         request_fingerprint=fingerprint,
         settle_requested_at=timezone.now() if settle_now else None,
     )
@@ -67,15 +70,29 @@ def record(
     return payment
 
 
-def find(verified: VerifiedPayment) -> Payment | None:
-    """The ledger row of this authorization, if one exists."""
+def same_proof(verified: VerifiedPayment) -> Payment | None:
+    """The ledger row holding exactly this proof (same authorization fields and signature), if any.
+
+    Only a caller that has just verified the proof may use this: a row found by payer and nonce
+    alone proves nothing, since both are public once a payment settles.
+    """
     auth = verified.payload.authorization
-    return Payment.objects.filter(
-        network=verified.requirement.option.network,
-        asset=verified.requirement.option.asset,
-        payer=to_checksum_address(auth.from_),
-        nonce="0x" + auth.nonce.hex(),
-    ).first()
+    return (
+        Payment.objects.of_authorization(
+            verified.requirement.option.network,
+            verified.requirement.option.asset,
+            to_checksum_address(auth.from_),
+            "0x" + auth.nonce.hex(),
+        )
+        .filter(
+            pay_to=verified.requirement.option.pay_to,
+            amount=auth.value,
+            valid_after=auth.valid_after,
+            valid_before=auth.valid_before,
+            signature="0x" + verified.payload.signature.hex(),
+        )
+        .first()
+    )
 
 
 def request_settlement(payment: Payment) -> None:
@@ -93,7 +110,15 @@ def request_settlement(payment: Payment) -> None:
 
 
 def release(payment: Payment, reason: str) -> None:
-    """Leave a VERIFIED authorization unsettled for good (it expires; the agent pays nothing)."""
+    """We will not settle this VERIFIED authorization (the agent is not charged).
+
+    It goes LAPSING, not EXPIRED: anyone holding it may still submit it until it lapses, and
+    only the chain can say afterwards that it was never used (``settlement.resolve_lapsing``).
+    """
     locked = Payment.objects.select_for_update().get(pk=payment.pk)
     if locked.status == PaymentStatus.VERIFIED:
-        locked.advance(PaymentStatus.EXPIRED, failure_reason=f"released unsettled: {reason}")
+        locked.advance(
+            PaymentStatus.LAPSING,
+            unpaid_reason=UnpaidReason.RELEASED,
+            failure_reason=f"released unsettled: {reason}",
+        )

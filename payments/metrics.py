@@ -24,6 +24,9 @@ SETTLEMENT_SECONDS = Histogram(
     "From payment recorded to settlement confirmed",
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900),
 )
+RECONCILE_ERRORS = Counter(
+    "x402_reconcile_errors_total", "Ledger rows whose reconciliation raised (retried with backoff)", ["step"]
+)
 PREDICTION_SECONDS = Histogram(
     "x402_prediction_seconds",
     "Prediction run time",
@@ -39,7 +42,7 @@ class LedgerCollector(Collector):
         from django.db.models import Count, Min, Sum
         from django.utils import timezone
 
-        from .models import Payment, PaymentStatus
+        from .models import OPEN_STATUSES, Payment, PaymentStatus
 
         by_status = GaugeMetricFamily("x402_payments", "Payments in the ledger by status", labels=["status"])
         for row in Payment.objects.values("status").annotate(n=Count("id")):
@@ -47,9 +50,8 @@ class LedgerCollector(Collector):
         yield by_status
         pending = GaugeMetricFamily("x402_pending_settlement_usd", "Value verified but not yet confirmed")
         total = Decimal(0)
-        open_states = [PaymentStatus.VERIFIED, PaymentStatus.SETTLING, PaymentStatus.SETTLED]
         for row in (
-            Payment.objects.filter(status__in=open_states).values("decimals").annotate(a=Sum("amount"))
+            Payment.objects.filter(status__in=OPEN_STATUSES).values("decimals").annotate(a=Sum("amount"))
         ):
             total += Decimal(row["a"]).scaleb(-row["decimals"])
         pending.add_metric([], float(total))
@@ -73,5 +75,7 @@ def render() -> bytes:
 
 
 def on_payment_advanced(payment, previous: str, **kwargs) -> None:  # type: ignore[no-untyped-def]
-    if payment.status == "confirmed" and payment.confirmed_at and payment.created_at:
+    from .models import PaymentStatus
+
+    if payment.status == PaymentStatus.CONFIRMED and payment.confirmed_at and payment.created_at:
         SETTLEMENT_SECONDS.observe((payment.confirmed_at - payment.created_at).total_seconds())

@@ -6,6 +6,7 @@ State changes go through :meth:`Payment.advance` only, which checks the transiti
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -15,6 +16,7 @@ from django.core.validators import MinValueValidator
 from django.db import models, transaction
 from django.utils import timezone
 
+from .pricing import PER_SECOND, PriceRule, PricingError
 from .signals import payment_advanced
 
 
@@ -23,23 +25,60 @@ class PaymentStatus(models.TextChoices):
     SETTLING = "settling", "Settling"  # settlement transaction signed and stored, maybe broadcast
     SETTLED = "settled", "Settled"  # mined with status 1 and our Transfer log, not yet confirmed
     CONFIRMED = "confirmed", "Confirmed"
+    # Not settled (released, reverted, refused, not mined), but the authorization may still be
+    # used by anyone until it lapses: the chain decides between paid and failed/expired.
+    LAPSING = "lapsing", "Lapsing"
     FAILED = "failed", "Failed"
     EXPIRED = "expired", "Expired"
 
 
 S = PaymentStatus
 
-#: The one state machine of the ledger.
+#: The one state machine of the ledger. FAILED and EXPIRED are reached only from LAPSING, and
+#: only by ``settlement.resolve_lapsing`` once the chain says the authorization was never used.
 TRANSITIONS: dict[str, frozenset[str]] = {
-    S.VERIFIED: frozenset({S.SETTLING, S.FAILED, S.EXPIRED}),
+    S.VERIFIED: frozenset({S.SETTLING, S.LAPSING}),
     # A signed transaction that never reached a block may be re-signed (SETTLING -> SETTLING).
-    S.SETTLING: frozenset({S.SETTLING, S.SETTLED, S.CONFIRMED, S.FAILED, S.EXPIRED}),
+    S.SETTLING: frozenset({S.SETTLING, S.SETTLED, S.CONFIRMED, S.LAPSING}),
     # A reorg can drop a mined settlement: back to SETTLING to rebroadcast the stored transaction.
     S.SETTLED: frozenset({S.CONFIRMED, S.SETTLING}),
+    # The chain shows the authorization used (by anyone): SETTLING with the transaction that did it.
+    S.LAPSING: frozenset({S.SETTLING, S.FAILED, S.EXPIRED}),
     S.CONFIRMED: frozenset(),
     S.FAILED: frozenset(),
     S.EXPIRED: frozenset(),
 }
+
+#: Status sets, defined once.
+OPEN_STATUSES = frozenset({S.VERIFIED, S.SETTLING, S.SETTLED, S.LAPSING})
+PAID_STATUSES = frozenset({S.SETTLED, S.CONFIRMED})
+UNPAID_STATUSES = frozenset({S.FAILED, S.EXPIRED})
+
+
+class VerificationMethod(models.TextChoices):
+    LOCAL = "local", "Our node"
+    FACILITATOR = "facilitator", "A remote facilitator"
+    #: Recorded by our facilitator API for another merchant (its pay-to is theirs, not ours).
+    FACILITATOR_API = "facilitator-api", "Our facilitator API"
+
+
+class UnpaidReason(models.TextChoices):
+    """Why a payment went LAPSING; the terminal state it reaches if the chain agrees it is unused."""
+
+    RELEASED = "released", "Released unsettled (nothing to charge)"
+    NOT_SETTLED_IN_TIME = "not_settled_in_time", "Lapsed before settlement"
+    SIMULATION_REVERTED = "simulation_reverted", "Settlement simulation reverted"
+    SETTLEMENT_REVERTED = "settlement_reverted", "Settlement transaction reverted"
+    NOT_MINED = "not_mined", "Settlement not mined before validBefore"
+    FACILITATOR_REFUSED = "facilitator_refused", "The facilitator refused to settle"
+    PAYER_CANCELED = "payer_canceled", "The payer canceled the authorization"
+
+    @property
+    def final_status(self) -> str:
+        """FAILED when a settlement was tried and did not pay; EXPIRED when none was wanted or made."""
+        tried = {self.SIMULATION_REVERTED, self.SETTLEMENT_REVERTED, self.FACILITATOR_REFUSED, self.PAYER_CANCELED}
+        return S.FAILED if self in tried else S.EXPIRED
+
 
 #: Timestamp column stamped when a payment enters a state.
 _STAMPS = {
@@ -49,6 +88,15 @@ _STAMPS = {
     S.FAILED: "failed_at",
     S.EXPIRED: "failed_at",
 }
+
+
+class PaymentQuerySet(models.QuerySet["Payment"]):
+    def due_for_reconcile(self) -> PaymentQuerySet:
+        """Rows the reconciler may look at now (not backing off after an error)."""
+        return self.filter(models.Q(reconcile_after=None) | models.Q(reconcile_after__lte=timezone.now()))
+
+    def of_authorization(self, network: str, asset: str, payer: str, nonce: str) -> PaymentQuerySet:
+        return self.filter(network=network, asset=asset, payer=payer, nonce=nonce)
 
 
 class IllegalTransition(Exception):
@@ -79,7 +127,12 @@ class Payment(models.Model):
     signature = models.CharField(max_length=8194)
     payload = models.JSONField(help_text="The payment header as received (decoded)")
     requirement = models.JSONField(help_text="The requirement (v2 shape) this payment answered")
-    verification = models.CharField(max_length=16, default="local")
+    verification = models.CharField(
+        max_length=16, choices=VerificationMethod.choices, default=VerificationMethod.LOCAL
+    )
+    search_from_block = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Chain head when first seen: where to look for the authorization's use"
+    )
 
     # What it paid for.
     resource = models.CharField(max_length=512)
@@ -91,7 +144,8 @@ class Payment(models.Model):
     settle_requested_at = models.DateTimeField(
         null=True, blank=True, help_text="When settlement was asked for (at once, or after a successful run)"
     )
-    settle_tx_hash = models.CharField(max_length=66, null=True, blank=True, unique=True)
+    # Not unique: one transaction may settle several payments (a batch, or a third party's).
+    settle_tx_hash = models.CharField(max_length=66, null=True, blank=True, db_index=True)
     settle_raw_tx = models.TextField(blank=True, help_text="Signed before broadcast, for rebroadcast")
     replaced_tx_hashes = models.JSONField(
         default=list, blank=True, help_text="Earlier signed settlements (same nonce) that may still be mined"
@@ -104,6 +158,12 @@ class Payment(models.Model):
     gas_used = models.PositiveBigIntegerField(null=True, blank=True)
     gas_cost_wei = models.DecimalField(max_digits=78, decimal_places=0, null=True, blank=True)
     failure_reason = models.TextField(blank=True)
+    unpaid_reason = models.CharField(max_length=32, choices=UnpaidReason.choices, blank=True)
+    # The reconciler's per-row backoff: a row that raised is retried later, the others go on.
+    reconcile_failures = models.PositiveIntegerField(default=0)
+    reconcile_after = models.DateTimeField(null=True, blank=True)
+
+    objects = PaymentQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]
@@ -134,6 +194,10 @@ class Payment(models.Model):
     def is_terminal(self) -> bool:
         return not TRANSITIONS[self.status]
 
+    @property
+    def is_paid(self) -> bool:
+        return self.status in PAID_STATUSES
+
     def advance(self, to: str, *, detail: dict[str, Any] | None = None, **fields: Any) -> None:
         """Move to state ``to``, setting ``fields``, and append the event.
 
@@ -141,6 +205,8 @@ class Payment(models.Model):
         """
         if to not in TRANSITIONS[self.status]:
             raise IllegalTransition(f"{self.status} -> {to} for payment {self.pk}")
+        if to in UNPAID_STATUSES and "chain" not in (detail or {}):
+            raise IllegalTransition(f"{to} for payment {self.pk} needs the chain's word (detail['chain'])")
         previous = self.status
         now = timezone.now()
         self.status = to
@@ -231,11 +297,15 @@ class HardwareTier(models.Model):
         affected = []
         for model in self.models.all():
             new_rule = model.pricing_rule()
-            if new_rule.get("mode") != "per_second":
+            if new_rule.mode != PER_SECOND:
                 continue
-            old_rule = {**new_rule, "tier_price_per_second": str(previous.price_per_second)}
+            old_rule = dataclasses.replace(new_rule, tier_price_per_second=previous.price_per_second)
             PriceChange.objects.create(
-                model=model, tier=self, changed_by=changed_by, old_rule=old_rule, new_rule=new_rule
+                model=model,
+                tier=self,
+                changed_by=changed_by,
+                old_rule=old_rule.snapshot(),
+                new_rule=new_rule.snapshot(),
             )
             affected.append(model.pk)
         transaction.on_commit(lambda: invalidate(affected))
@@ -260,16 +330,20 @@ class PriceChange(models.Model):
         return f"{self.model}: {self.old_price} -> {self.new_price}"
 
     @property
-    def old_price(self) -> Decimal:
-        from .pricing import quote
-
-        return quote(self.old_rule)
+    def old_price(self) -> Decimal | None:
+        return _price_of(self.old_rule)
 
     @property
-    def new_price(self) -> Decimal:
-        from .pricing import quote
+    def new_price(self) -> Decimal | None:
+        return _price_of(self.new_rule)
 
-        return quote(self.new_rule)
+
+def _price_of(snapshot: dict[str, Any]) -> Decimal | None:
+    """A snapshot's price per run with default inputs (None if it prices nothing)."""
+    try:
+        return PriceRule.from_snapshot(snapshot).quote()
+    except PricingError:
+        return None
 
 
 class PaymentIdentifier(models.Model):

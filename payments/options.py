@@ -8,14 +8,22 @@ and rebuilds them when a test overrides the setting.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 
 from django.conf import settings
 from django.core.signals import setting_changed
 from eth_utils import to_checksum_address
 
-from .x402.networks import chain_id_of
+from .x402.networks import chain_id_of, default_confirmations
 from .x402.types import PaymentOption
+
+
+class SettlementMode(StrEnum):
+    """Who verifies and settles an option's payments (verifiers and settlers are registered by it)."""
+
+    RELAYER = "relayer"  # our node and our relayer account
+    FACILITATOR = "facilitator"  # a remote x402 facilitator
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,13 +37,19 @@ class ConfiguredOption:
     #: Optional ``Authorization`` header value for the facilitator.
     facilitator_auth: str = ""
 
+    @property
+    def mode(self) -> SettlementMode:
+        return SettlementMode.FACILITATOR if self.facilitator_url else SettlementMode.RELAYER
+
 
 @lru_cache(maxsize=1)
 def configured() -> tuple[ConfiguredOption, ...]:
     result = []
     for raw in settings.X402_PAYMENT_OPTIONS:
+        chain_id = chain_id_of(raw["network"])
+        confirmations = raw.get("confirmations")
         option = PaymentOption(
-            chain_id=chain_id_of(raw["network"]),
+            chain_id=chain_id,
             asset=to_checksum_address(raw["asset"]),
             asset_name=raw["asset_name"],
             asset_version=raw["asset_version"],
@@ -43,7 +57,7 @@ def configured() -> tuple[ConfiguredOption, ...]:
             decimals=int(raw.get("decimals", 6)),
             symbol=raw.get("symbol", "USDC"),
             max_timeout_seconds=int(raw.get("max_timeout_seconds", 300)),
-            confirmations=int(raw.get("confirmations", 1)),
+            confirmations=default_confirmations(chain_id) if confirmations is None else int(confirmations),
         )
         result.append(
             ConfiguredOption(

@@ -10,26 +10,22 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit
 
 from django.conf import settings
 from rest_framework import exceptions
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
-from . import idempotency, ledger, ratelimit
-from .chain import ChainUnavailable
+from . import idempotency, ratelimit, verification
 from .exceptions import Challenge, PaymentRequired
-from .facilitator import FacilitatorClient, FacilitatorUnavailable
-from .options import ConfiguredOption, configured, for_option
+from .options import configured
 from .pricing import atomic_amount
-from .verification import verify_on_chain
+from .verification import VerificationUnavailable
 from .x402.codec import DecodeError, decode_header
-from .x402.types import Requirement, Resource, parse_payload, wire_requirement
-from .x402.verify import PaymentRejected, VerifiedPayment, verify_exact
+from .x402.types import HOLD_SLACK_SECONDS, Requirement, Resource, parse_payload
+from .x402.verify import PaymentRejected
 
 log = logging.getLogger("payments.gate")
 
@@ -50,10 +46,20 @@ class Charge:
     resource: Resource
     fingerprint: str
     honoured: tuple[Decimal, ...] = ()
+    #: Runs without payment. Only this makes a request free: a paid model whose price for some
+    #: input comes to 0 is a pricing error (refused as input), never a free run.
+    free: bool = False
+    #: Seconds the authorization must stay settleable after acceptance (the run, when the
+    #: payment is settled only after it); see Requirement.hold_seconds.
+    hold_seconds: int = 0
     #: x402 extensions for the challenge (e.g. ``bazaar`` discovery info) and the v1 outputSchema.
     extensions: dict[str, Any] = field(default_factory=dict)
     output_schema: dict[str, Any] | None = None
     example_input: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.free and self.price <= 0:
+            raise ValueError("a paid charge must cost more than 0")
 
 
 class ServiceUnavailable(exceptions.APIException):
@@ -67,7 +73,10 @@ def challenge_for(charge: Charge) -> Challenge:
         raise ServiceUnavailable("No payment option is configured on this server.")
 
     def requirements(price: Decimal) -> list[Requirement]:
-        return [Requirement(c.option, atomic_amount(price, c.option.decimals)) for c in options]
+        return [
+            Requirement(c.option, atomic_amount(price, c.option.decimals), hold_seconds=charge.hold_seconds)
+            for c in options
+        ]
 
     offered = requirements(charge.price)
     honoured = [r for old in charge.honoured for r in requirements(old) if r not in offered]
@@ -82,10 +91,11 @@ def challenge_for(charge: Charge) -> Challenge:
     )
 
 
-def honour_window_seconds() -> int:
-    """How long a challenge's price is honoured after it changes: its longest validity."""
+def honour_window_seconds(hold_seconds: int = 0) -> int:
+    """How long a challenge's price is honoured after it changes: its longest validity (longer
+    for a payment held through a run, see Requirement.max_timeout_seconds)."""
     longest = max((c.option.max_timeout_seconds for c in configured()), default=0)
-    return longest + settings.X402_CLOCK_SKEW_SECONDS
+    return max(longest, hold_seconds + HOLD_SLACK_SECONDS) + settings.X402_CLOCK_SKEW_SECONDS
 
 
 def is_operator(request) -> bool:  # type: ignore[no-untyped-def]
@@ -108,7 +118,7 @@ class X402Payment(BasePermission):
         if request.method in SAFE_METHODS:
             return True
         charge: Charge | None = view.get_charge(request)
-        if charge is None or charge.price <= 0 or is_operator(request):
+        if charge is None or charge.free or is_operator(request):
             request.x402 = None
             return True
         challenge = challenge_for(charge)
@@ -132,67 +142,23 @@ class X402Payment(BasePermission):
             raise challenge.reject(DecodeError.reason, str(exc)) from None
         # A v2 payload names the resource it was made for: it must be this one (the EIP-3009
         # signature itself does not bind the URL).
-        resource = payload.raw.get("resource") if payload.x402_version >= 2 else None
-        paid_for = (
-            urlsplit(str(resource["url"])).path if isinstance(resource, dict) and "url" in resource else None
-        )
+        paid_for = payload.resource_path
         if paid_for is not None and paid_for.rstrip("/") != request.path.rstrip("/"):
             raise challenge.reject(RESOURCE_MISMATCH, "this payment was made for another resource")
-        # An idempotent retry is answered before verification: once settled, a resent payload
-        # would no longer verify, and its payload is byte-identical to one that did.
+        # An idempotent retry (same payment-identifier, same payload) is answered before
+        # verification: once settled, a resent payload would no longer verify. Nothing else in
+        # a payload is secret once it settles, so nothing else identifies a retry.
         request.x402_replay_of = idempotency.lookup(payload)
         if request.x402_replay_of is not None:
             request.x402 = None
             return True
         try:
-            verified = verify_exact(
-                payload,
-                [*challenge.requirements, *challenge.honoured],
-                int(time.time()),
-                settle_margin=settings.X402_SETTLE_MARGIN_SECONDS,
-                clock_skew=settings.X402_CLOCK_SKEW_SECONDS,
-                contract_signers=True,  # EIP-1271 wallets are checked on chain (verification.py)
+            request.x402 = verification.verify(
+                payload, [*challenge.requirements, *challenge.honoured], challenge.resource
             )
         except PaymentRejected as exc:
             log.info("payment refused: %s (%s)", exc.reason, exc.message)
             raise challenge.reject(exc.reason, exc.message) from None
-        # The chain (or the option's facilitator) must confirm the payment can still be settled.
-        conf = for_option(verified.requirement.option)
-        try:
-            if conf.facilitator_url:
-                self._check_facilitator(conf, verified, challenge)
-                request.x402_verification = "facilitator"
-            else:
-                self._check_chain(conf, verified, challenge)
-        except PaymentRequired:
-            # A payment we already recorded (a retry, maybe settled since) is not refused here:
-            # the view answers it with the prediction it bought, or refuses a reuse elsewhere.
-            if ledger.find(verified) is None:
-                raise
-        request.x402 = verified
+        except VerificationUnavailable:
+            raise ServiceUnavailable() from None
         return True
-
-    @staticmethod
-    def _check_chain(conf: ConfiguredOption, verified: VerifiedPayment, challenge: Challenge) -> None:
-        try:
-            verify_on_chain(conf, verified)
-        except ChainUnavailable as exc:
-            log.warning("chain check failed for %s: %s", conf.option.network, exc)
-            raise ServiceUnavailable() from None
-        except PaymentRejected as exc:
-            raise challenge.reject(exc.reason, exc.message) from None
-
-    @staticmethod
-    def _check_facilitator(conf: ConfiguredOption, verified: VerifiedPayment, challenge: Challenge) -> None:
-        payload = verified.payload
-        requirement = wire_requirement(verified.requirement, payload.x402_version, challenge.resource)
-        try:
-            answer = FacilitatorClient(conf.facilitator_url, conf.facilitator_auth).verify(
-                payload.x402_version, payload.raw, requirement
-            )
-        except FacilitatorUnavailable as exc:
-            log.warning("facilitator verify failed for %s: %s", conf.option.network, exc)
-            raise ServiceUnavailable() from None
-        if answer.get("isValid") is not True:
-            reason = str(answer.get("invalidReason") or "invalid_payment")
-            raise challenge.reject(reason, str(answer.get("invalidMessage") or reason))

@@ -1,21 +1,23 @@
-"""What one run costs: pricing rules evaluated on a snapshot, cached, with old quotes honoured.
+"""What one run costs: typed pricing rules, cached, with old quotes honoured.
 
-A rule is a plain dict (its *snapshot*) so the same function prices the current rule, an old
-one from the audit history, and the admin's preview:
+A :class:`PriceRule` is a frozen value. The same rule prices the current model, an old one from
+the audit history (``PriceChange`` keeps rules as JSON snapshots) and the admin's preview:
 
 - ``flat``: ``price`` per run;
 - ``per_second``: the hardware tier's per-second price times ``expected_seconds``;
 
 then ``+ unit_price * input[unit_field]`` when the rule prices by an input (e.g. per requested
-output), ``* (1 + markup_percent/100)``, and at least ``minimum``. A free model costs 0; a paid
-one never rounds to 0 atomic units (amounts round up).
+output), ``* (1 + markup_percent/100)``, and at least ``minimum``. The caller prices the input
+the run will get (schema defaults filled in). A free model costs 0; a paid one never costs 0
+(a quote of 0 is refused as a PricingError, never run unpaid) and never rounds to 0 atomic
+units (amounts round up).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
-from decimal import ROUND_CEILING, Decimal
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
 from django.core.cache import cache
@@ -24,6 +26,9 @@ from django.utils import timezone
 FLAT = "flat"
 PER_SECOND = "per_second"
 CACHE_SECONDS = 300
+#: The largest unit count a request may ask for (a bound on what a hostile input can make us price).
+MAX_UNITS = 10**6
+_DECIMALS = ("price", "tier_price_per_second", "expected_seconds", "minimum", "markup_percent", "unit_price")
 
 
 class PricingError(ValueError):
@@ -31,25 +36,61 @@ class PricingError(ValueError):
 
 
 def _dec(value: Any) -> Decimal:
-    return Decimal(str(value)) if value not in (None, "") else Decimal(0)
+    try:
+        return Decimal(str(value)) if value not in (None, "") else Decimal(0)
+    except InvalidOperation:
+        raise PricingError(f"not a number: {value!r}") from None
 
 
-def quote(rule: dict[str, Any], inputs: dict[str, Any] | None = None) -> Decimal:
-    """Price in USD(C) of one run under ``rule`` for ``inputs``."""
-    if rule.get("is_free"):
-        return Decimal(0)
-    if rule.get("mode") == PER_SECOND:
-        price = _dec(rule.get("tier_price_per_second")) * _dec(rule.get("expected_seconds"))
-    else:
-        price = _dec(rule.get("price"))
-    unit_field = rule.get("unit_field")
-    if unit_field:
-        value = (inputs or {}).get(unit_field, rule.get("unit_default", 1))
-        if isinstance(value, bool) or not isinstance(value, (int, Decimal)) or value < 0:
-            raise PricingError(f"`{unit_field}` must be a non-negative integer to price this run")
-        price += _dec(rule.get("unit_price")) * Decimal(value)
-    price *= 1 + _dec(rule.get("markup_percent")) / 100
-    return max(price, _dec(rule.get("minimum")))
+@dataclass(frozen=True, slots=True)
+class PriceRule:
+    """How one model is priced; see the module docstring for the formula."""
+
+    is_free: bool = False
+    mode: str = FLAT
+    price: Decimal = Decimal(0)
+    tier: str | None = None
+    tier_price_per_second: Decimal = Decimal(0)
+    expected_seconds: Decimal = Decimal(1)
+    minimum: Decimal = Decimal(0)
+    markup_percent: Decimal = Decimal(0)
+    unit_field: str = ""
+    unit_price: Decimal = Decimal(0)
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any]) -> PriceRule:
+        """A rule from its JSON snapshot (as stored in the price history); unknown keys ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for name in _DECIMALS:
+            if name in values:
+                values[name] = _dec(values[name])
+        return cls(**values)
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-safe form, for the price history."""
+        return {k: str(v) if isinstance(v, Decimal) else v for k, v in asdict(self).items()}
+
+    def units(self, inputs: dict[str, Any]) -> int:
+        """The count the unit field asks for (1 when the input and its schema say nothing)."""
+        value = inputs.get(self.unit_field, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_UNITS:
+            raise PricingError(f"`{self.unit_field}` must be an integer from 0 to {MAX_UNITS} to price this run")
+        return value
+
+    def quote(self, inputs: dict[str, Any] | None = None) -> Decimal:
+        """Price in USD(C) of one run on ``inputs``; a paid rule that comes to 0 is a PricingError."""
+        if self.is_free:
+            return Decimal(0)
+        price = self.tier_price_per_second * self.expected_seconds if self.mode == PER_SECOND else self.price
+        if self.unit_field:
+            price += self.unit_price * self.units(inputs or {})
+        price *= 1 + self.markup_percent / 100
+        price = max(price, self.minimum)
+        if price <= 0:
+            field = f"`{self.unit_field}`" if self.unit_field else "this input"
+            raise PricingError(f"{field} would make this paid run cost nothing; ask for at least one unit")
+        return price
 
 
 def atomic_amount(price: Decimal, decimals: int) -> int:
@@ -61,8 +102,8 @@ def atomic_amount(price: Decimal, decimals: int) -> int:
 class PricingState:
     """A model's current rule and the rules still honoured for challenges already issued."""
 
-    current: dict[str, Any]
-    honoured: tuple[dict[str, Any], ...]
+    current: PriceRule
+    honoured: tuple[PriceRule, ...]
 
 
 def _cache_key(model_id: int) -> str:
@@ -80,7 +121,9 @@ def pricing_state(model: Any, honour_seconds: int) -> PricingState:
         old = PriceChange.objects.filter(model_id=model.pk, changed_at__gte=since).values_list(
             "old_rule", "changed_at"
         )
-        state = PricingState(current=model.pricing_rule(), honoured=tuple(rule for rule, _ in old))
+        state = PricingState(
+            current=model.pricing_rule(), honoured=tuple(PriceRule.from_snapshot(rule) for rule, _ in old)
+        )
         # Expire no later than the oldest honoured quote's window.
         ttl = CACHE_SECONDS
         for _, changed_at in old:

@@ -6,35 +6,48 @@ the signed transaction is stored before it is broadcast, and only that stored tr
 ever rebroadcast.
 
 Paid means: a receipt with status 1 that carries the token's ``Transfer(from, payTo, value)``.
+Unpaid is never decided from our side alone: a payment we cannot or will not settle goes
+LAPSING, and only :func:`resolve_lapsing`, after asking the chain whether the authorization was
+used (by anyone, in any transaction), writes FAILED or EXPIRED, or adopts the transaction that
+paid.
+
+How a payment is settled depends on its option's mode (our relayer, or a remote facilitator):
+the settlers are registered in :data:`SETTLERS`, and nothing else branches on the mode.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
-from .abi import AUTHORIZATION_USED_TOPIC, TOKEN_ABI, TRANSFER_TOPIC
-from .chain import ChainUnavailable, RpcError, rpc, rpc_batch
+from .abi import TOKEN_ABI, TRANSFER_TOPIC
+from .chain import AuthorizationUse, ChainUnavailable, RpcError, authorization_use, rpc, rpc_batch
 from .facilitator import FacilitatorClient, FacilitatorUnavailable
-from .models import Payment, PaymentStatus, RelayerNonce
-from .options import ConfiguredOption, for_payment
+from .metrics import RECONCILE_ERRORS
+from .models import Payment, PaymentStatus, RelayerNonce, UnpaidReason
+from .options import ConfiguredOption, SettlementMode, for_payment
 
 log = logging.getLogger("payments.settlement")
 S = PaymentStatus
 
 #: Gas limit for one transferWithAuthorization (82,900 measured on anvil; USDC needs a little more).
 GAS_LIMIT = 150_000
-#: How far back to look for a third party's use of an authorization.
-PREEMPTION_LOOKBACK_BLOCKS = 5_000
+#: A payment is taken as lapsed this long after validBefore by our clock, even if no block has
+#: been stamped past it yet (a quiet dev chain mines no blocks; real chains stamp wall time).
+LAPSE_MARGIN_SECONDS = 60
 
 
 @lru_cache(maxsize=4)
@@ -123,22 +136,65 @@ def _revert_message(exc: RpcError) -> str:
     return str(exc)[:500]
 
 
-def _find_preemption(conf: ConfiguredOption, p: Payment) -> str | None:
-    """Hash of a transaction by someone else that used this authorization, if any."""
-    latest = int(rpc(conf.rpc_url, "eth_blockNumber", []), 16)
-    logs = rpc(
+def chain_use(p: Payment) -> AuthorizationUse:
+    """The chain's word on this payment's authorization: used (by which transaction) or not."""
+    conf = for_payment(p.network, p.asset)
+    return authorization_use(
         conf.rpc_url,
-        "eth_getLogs",
-        [
-            {
-                "address": p.asset,
-                "fromBlock": hex(max(0, latest - PREEMPTION_LOOKBACK_BLOCKS)),
-                "toBlock": "latest",
-                "topics": [AUTHORIZATION_USED_TOPIC, _word(p.payer), p.nonce.lower()],
-            }
-        ],
+        p.asset,
+        p.payer,
+        p.nonce,
+        from_block=p.search_from_block,
+        lookback=settings.X402_LOG_LOOKBACK_BLOCKS,
+        span=settings.X402_LOG_SPAN_BLOCKS,
     )
-    return logs[0]["transactionHash"] if logs else None
+
+
+def has_lapsed(p: Payment, use: AuthorizationUse | None = None) -> bool:
+    """No block can use the authorization any more (the token requires timestamp < validBefore)."""
+    head_past = use is not None and use.head_timestamp >= p.valid_before
+    return head_past or time.time() >= p.valid_before + LAPSE_MARGIN_SECONDS
+
+
+def _lapse(p: Payment, reason: UnpaidReason, message: str, **fields: Any) -> None:
+    """Move a locked payment to LAPSING: not settled by us; the chain will say what it became."""
+    p.advance(S.LAPSING, unpaid_reason=reason, failure_reason=message[:1000], **fields)
+
+
+def resolve_lapsing(payment_id: Any) -> Payment:
+    """The only writer of FAILED and EXPIRED: ask the chain whether the authorization was used.
+
+    Used by some transaction: SETTLING with that hash (its receipt then decides SETTLED or
+    CONFIRMED), so money that moved is always on the books and its prediction is served.
+    Canceled by the payer: FAILED. Unused and lapsed: the reason's terminal state. Otherwise it
+    may still be used: nothing changes.
+    """
+    p = Payment.objects.get(pk=payment_id)
+    if p.status != S.LAPSING:
+        return p
+    use = chain_use(p)
+    with transaction.atomic():
+        p = _lock(payment_id)
+        if p.status != S.LAPSING:
+            return p
+        chain = use.as_detail()
+        if use.used_in:
+            p.advance(S.SETTLING, settle_tx_hash=use.used_in, detail={"found_on_chain": use.used_in, "chain": chain})
+        elif use.canceled_in:
+            p.advance(
+                S.FAILED,
+                unpaid_reason=UnpaidReason.PAYER_CANCELED,
+                failure_reason=f"the payer canceled the authorization ({use.canceled_in})",
+                detail={"chain": chain},
+            )
+        elif use.used:
+            # Used, but the transaction lies outside the searched blocks: never call it unpaid.
+            log.error("payment %s: authorization used on chain, transaction not found since block %s", p.pk, use.searched_from)
+        elif has_lapsed(p, use):
+            p.advance(UnpaidReason(p.unpaid_reason).final_status, detail={"chain": chain})
+    if p.status == S.SETTLING:
+        p = track(p.pk)
+    return p
 
 
 def _allocate_nonce(conf: ConfiguredOption, network: str, relayer: str) -> int:
@@ -178,17 +234,13 @@ def prepare(payment_id: Any) -> Payment:
             [("eth_getBlockByNumber", ["latest", False]), ("eth_estimateGas", [call, "latest"])],
         )
     except RpcError as exc:
-        # The transfer would revert: maybe someone already settled it for us (front-running).
-        preempted = _find_preemption(conf, p)
+        # The transfer would revert: maybe someone already settled it (front-running), maybe
+        # the payer moved the funds. The chain decides which (resolve_lapsing).
         with transaction.atomic():
             p = _lock(payment_id)
-            if p.status != S.VERIFIED:
-                return p
-            if preempted:
-                p.advance(S.SETTLING, settle_tx_hash=preempted, detail={"preempted_by": preempted})
-            else:
-                p.advance(S.FAILED, failure_reason=f"simulation reverted: {_revert_message(exc)}")
-        return p
+            if p.status == S.VERIFIED:
+                _lapse(p, UnpaidReason.SIMULATION_REVERTED, f"simulation reverted: {_revert_message(exc)}")
+        return resolve_lapsing(payment_id)
     base_fee = int(block.get("baseFeePerGas") or "0x0", 16)
     priority = 10**6  # 0.001 gwei: ample on Base and on anvil
     with transaction.atomic():
@@ -206,6 +258,7 @@ def prepare(payment_id: Any) -> Payment:
             settle_raw_tx="0x" + signed.raw_transaction.hex().removeprefix("0x"),
             relayer=relayer.address,
             relayer_nonce=nonce,
+            search_from_block=p.search_from_block or int(block["number"], 16),
         )
         row.next_nonce = nonce + 1
         row.save(update_fields=["next_nonce"])
@@ -246,9 +299,10 @@ def _apply_receipts(p: Payment, receipts: dict[str, Any], latest: int, conf: Con
                 confirmations=0,
                 detail={"reorg": f"receipt of {p.settle_tx_hash} disappeared"},
             )
-        elif p.valid_before < time.time() - 60:
-            # Never mined and no longer minable: the authorization lapsed unpaid.
-            p.advance(S.EXPIRED, failure_reason="settlement not mined before validBefore")
+        elif has_lapsed(p):
+            # Not mined, and no longer minable: unless another transaction used the
+            # authorization (a replaced facilitator transaction, a third party).
+            _lapse(p, UnpaidReason.NOT_MINED, "settlement not mined before validBefore")
         return
     tx_hash, receipt = mined
     block_number = int(receipt["blockNumber"], 16)
@@ -264,12 +318,12 @@ def _apply_receipts(p: Payment, receipts: dict[str, Any], latest: int, conf: Con
         fields["gas_used"] = int(receipt["gasUsed"], 16)
         fields["gas_cost_wei"] = fields["gas_used"] * int(receipt.get("effectiveGasPrice", "0x0"), 16)
     if not transfer_matches(receipt, p):
+        # Reverted, maybe because someone else used the authorization first in the same block.
         reverted = int(receipt.get("status", "0x0"), 16) != 1
-        p.advance(
-            S.FAILED,
-            failure_reason="settlement transaction reverted"
-            if reverted
-            else "settlement moved no matching Transfer",
+        _lapse(
+            p,
+            UnpaidReason.SETTLEMENT_REVERTED,
+            "settlement transaction reverted" if reverted else "settlement moved no matching Transfer",
             detail={"tx": tx_hash, "status": receipt.get("status")},
             **fields,
         )
@@ -284,9 +338,26 @@ def _apply_receipts(p: Payment, receipts: dict[str, Any], latest: int, conf: Con
 
 
 def _read_receipts(url: str, hashes: list[str]) -> tuple[dict[str, Any], int]:
-    """Receipts of ``hashes`` and the latest block number, in one JSON-RPC batch."""
-    answers = rpc_batch(url, [("eth_blockNumber", [])] + [("eth_getTransactionReceipt", [h]) for h in hashes])
+    """Receipts of ``hashes`` and the latest block number, in one JSON-RPC batch.
+
+    A hash the node refuses maps to its RpcError (raised for that payment alone, see
+    :func:`_mine`), so one malformed row cannot sink the batch.
+    """
+    answers = rpc_batch(
+        url, [("eth_blockNumber", [])] + [("eth_getTransactionReceipt", [h]) for h in hashes], errors_inline=True
+    )
+    if isinstance(answers[0], RpcError):
+        raise ChainUnavailable(f"eth_blockNumber: {answers[0]}")
     return dict(zip(hashes, answers[1:], strict=True)), int(answers[0], 16)
+
+
+def _mine(p: Payment, receipts: dict[str, Any]) -> dict[str, Any]:
+    """This payment's receipts; raises the node's error about one of its hashes."""
+    mine = {h: receipts.get(h) for h in _hashes(p)}
+    for answer in mine.values():
+        if isinstance(answer, RpcError):
+            raise answer
+    return mine
 
 
 def track(payment_id: Any) -> Payment:
@@ -299,21 +370,46 @@ def track(payment_id: Any) -> Payment:
     with transaction.atomic():
         p = _lock(payment_id)
         if p.status in (S.SETTLING, S.SETTLED):
-            _apply_receipts(p, receipts, latest, conf)
+            _apply_receipts(p, _mine(p, receipts), latest, conf)
     return p
 
 
 #: Receipts read per JSON-RPC batch by the reconciler.
 RECONCILE_BATCH = 200
+#: Longest wait before a row that raised is tried again.
+MAX_BACKOFF_SECONDS = 300
 
 
-def reconcile_batch(payment_ids: list[Any]) -> dict[str, int]:
+def isolated(stats: Counter[str], payment_id: Any, step: str, fn: Callable[..., object], *args: Any) -> None:
+    """Run one row's step so that its failure is logged, counted and backed off, and the others
+    go on. A node that cannot be reached at all (ChainUnavailable) ends the pass instead."""
+    try:
+        fn(*args)
+    except ChainUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one bad row must not stop the reconciler
+        stats["errors"] += 1
+        RECONCILE_ERRORS.labels(step=step).inc()
+        failures = Payment.objects.filter(pk=payment_id).values_list("reconcile_failures", flat=True).first() or 0
+        delay = min(2 ** min(failures, 16), MAX_BACKOFF_SECONDS)
+        Payment.objects.filter(pk=payment_id).update(
+            reconcile_failures=F("reconcile_failures") + 1, reconcile_after=timezone.now() + timedelta(seconds=delay)
+        )
+        log.exception("reconcile %s of payment %s failed (retry in %ss): %s", step, payment_id, delay, exc)
+    else:
+        Payment.objects.filter(pk=payment_id, reconcile_failures__gt=0).update(
+            reconcile_failures=0, reconcile_after=None
+        )
+
+
+def reconcile_batch(payment_ids: list[Any], stats: Counter[str] | None = None) -> Counter[str]:
     """Track many SETTLING/SETTLED payments with one RPC batch per chunk; rebroadcast the unmined.
 
     A transaction not mined ``X402_STUCK_AFTER_SECONDS`` after it was signed is replaced (same
     nonce, higher fees); every replaced hash is still watched, since any of them may be mined.
+    Each row is handled in isolation (:func:`isolated`).
     """
-    stats = {"payments": 0, "rpc_batches": 0, "rebroadcast": 0, "replaced": 0}
+    stats = Counter() if stats is None else stats
     payments = list(
         Payment.objects.filter(pk__in=payment_ids, status__in=[S.SETTLING, S.SETTLED]).exclude(
             settle_tx_hash=None
@@ -323,24 +419,35 @@ def reconcile_batch(payment_ids: list[Any]) -> dict[str, int]:
     for p in payments:
         by_option.setdefault((p.network, p.asset), []).append(p)
     for (network, asset), group in by_option.items():
-        conf = for_payment(network, asset)
+        try:
+            conf = for_payment(network, asset)
+        except LookupError:
+            for p in group:
+                isolated(stats, p.pk, "receipt", for_payment, network, asset)
+            continue
         for i in range(0, len(group), RECONCILE_BATCH):
             chunk = group[i : i + RECONCILE_BATCH]
             receipts, latest = _read_receipts(conf.rpc_url, [h for p in chunk for h in _hashes(p)])
             stats["rpc_batches"] += 1
             for p in chunk:
-                with transaction.atomic():
-                    p = _lock(p.pk)
-                    if p.status in (S.SETTLING, S.SETTLED):
-                        _apply_receipts(p, receipts, latest, conf)
-                stats["payments"] += 1
-                if p.status == S.SETTLING and p.settle_raw_tx:
-                    if _is_stuck(p):
-                        p = replace_stuck(p.pk)
-                        stats["replaced"] += 1
-                    broadcast(p)
-                    stats["rebroadcast"] += 1
+                isolated(stats, p.pk, "receipt", _reconcile_one, p, receipts, latest, conf, stats)
     return stats
+
+
+def _reconcile_one(
+    p: Payment, receipts: dict[str, Any], latest: int, conf: ConfiguredOption, stats: Counter[str]
+) -> None:
+    with transaction.atomic():
+        p = _lock(p.pk)
+        if p.status in (S.SETTLING, S.SETTLED):
+            _apply_receipts(p, _mine(p, receipts), latest, conf)
+    stats["payments"] += 1
+    if p.status == S.SETTLING and p.settle_raw_tx:
+        if _is_stuck(p):
+            p = replace_stuck(p.pk)
+            stats["replaced"] += 1
+        broadcast(p)
+        stats["rebroadcast"] += 1
 
 
 def _is_stuck(p: Payment) -> bool:
@@ -386,94 +493,160 @@ def _decode_fees(raw: str) -> tuple[int, int]:
 
 
 def expire_if_lapsed(payment_id: Any) -> Payment | None:
-    """Mark a VERIFIED payment EXPIRED when its authorization can no longer be settled."""
+    """A VERIFIED payment whose authorization lapsed before we settled it goes LAPSING, and the
+    chain is asked at once whether someone else used it (then it is paid, not expired)."""
     p = Payment.objects.get(pk=payment_id)
     if p.status != S.VERIFIED or p.valid_before > time.time() + 2:
         return None
     with transaction.atomic():
         p = _lock(payment_id)
-        if p.status == S.VERIFIED:
-            p.advance(S.EXPIRED, failure_reason="authorization expired before settlement")
-    return p
-
-
-def settle_via_facilitator(payment_id: Any) -> Payment:
-    """Ask the option's facilitator to settle; an unknown outcome stays SETTLING for the reconciler.
-
-    The payment is claimed (VERIFIED -> SETTLING) before the call, so only one worker ever asks.
-    """
-    lapsed = expire_if_lapsed(payment_id)
-    if lapsed is not None:
-        return lapsed
-    with transaction.atomic():
-        p = _lock(payment_id)
         if p.status != S.VERIFIED:
             return p
-        conf = for_payment(p.network, p.asset)
-        p.advance(S.SETTLING, detail={"facilitator": conf.facilitator_url})
-    return _ask_facilitator(p, conf)
+        _lapse(p, UnpaidReason.NOT_SETTLED_IN_TIME, "authorization expired before settlement")
+    return resolve_lapsing(payment_id)
 
 
-def _ask_facilitator(p: Payment, conf: ConfiguredOption) -> Payment:
-    client = FacilitatorClient(conf.facilitator_url, conf.facilitator_auth)
-    try:
-        answer = client.settle(p.x402_version, p.payload, p.requirement)
-    except FacilitatorUnavailable as exc:
-        log.warning("facilitator settle for payment %s: unknown outcome (%s)", p.pk, exc)
+class Settler(Protocol):
+    """How one option's payments are settled (registered by SettlementMode in SETTLERS)."""
+
+    def start(self, payment_id: Any) -> Payment:
+        """VERIFIED -> SETTLING (or LAPSING), at most once whatever the concurrency."""
+        ...
+
+    def retry_unknown(self, p: Payment, conf: ConfiguredOption) -> Payment:
+        """A SETTLING payment with no transaction hash, not yet lapsed: try to learn or finish it."""
+        ...
+
+
+class RelayerSettler:
+    """Our relayer signs transferWithAuthorization, stores it, then broadcasts it."""
+
+    def start(self, payment_id: Any) -> Payment:
+        p = prepare(payment_id)
+        broadcast(p)
         return p
-    tx = answer.get("transaction") or ""
-    with transaction.atomic():
-        p = _lock(p.pk)
-        if p.status != S.SETTLING or p.settle_tx_hash:
+
+    def retry_unknown(self, p: Payment, conf: ConfiguredOption) -> Payment:
+        return p  # our own settlements always carry their hash; the chain search decides
+
+
+class FacilitatorSettler:
+    """The option's x402 facilitator settles; an unknown outcome stays SETTLING for the reconciler."""
+
+    def start(self, payment_id: Any) -> Payment:
+        """The payment is claimed (VERIFIED -> SETTLING) before the call, so only one worker asks."""
+        lapsed = expire_if_lapsed(payment_id)
+        if lapsed is not None:
+            return lapsed
+        with transaction.atomic():
+            p = _lock(payment_id)
+            if p.status != S.VERIFIED:
+                return p
+            conf = for_payment(p.network, p.asset)
+            p.advance(S.SETTLING, detail={"facilitator": conf.facilitator_url})
+        return self.retry_unknown(p, conf)
+
+    def retry_unknown(self, p: Payment, conf: ConfiguredOption) -> Payment:
+        """Ask (again): sending the identical payload is safe, one authorization moves money once."""
+        client = FacilitatorClient(conf.facilitator_url, conf.facilitator_auth)
+        try:
+            answer = client.settle(p.x402_version, p.payload, p.requirement)
+        except FacilitatorUnavailable as exc:
+            log.warning("facilitator settle for payment %s: unknown outcome (%s)", p.pk, exc)
             return p
-        if tx:
-            # Success or "settlement_pending" with a hash: the receipt decides either way.
-            p.advance(S.SETTLING, settle_tx_hash=tx, detail={"facilitator_answer": answer})
-        elif answer.get("success") is False and answer.get("errorReason") != "settlement_pending":
-            p.advance(
-                S.FAILED, failure_reason=str(answer.get("errorReason")), detail={"facilitator_answer": answer}
-            )
-    return p
+        tx = answer.get("transaction") or ""
+        with transaction.atomic():
+            p = _lock(p.pk)
+            if p.status != S.SETTLING or p.settle_tx_hash:
+                return p
+            if tx:
+                # Success or "settlement_pending" with a hash: the receipt decides either way.
+                p.advance(S.SETTLING, settle_tx_hash=tx, detail={"facilitator_answer": answer})
+            elif answer.get("success") is False and answer.get("errorReason") != "settlement_pending":
+                # A refusal is the facilitator's word, not the chain's: it may still have landed.
+                _lapse(
+                    p,
+                    UnpaidReason.FACILITATOR_REFUSED,
+                    f"facilitator refused: {answer.get('errorReason')}",
+                    detail={"facilitator_answer": answer},
+                )
+        return resolve_lapsing(p.pk) if p.status == S.LAPSING else p
+
+
+SETTLERS: dict[str, Settler] = {
+    SettlementMode.RELAYER: RelayerSettler(),
+    SettlementMode.FACILITATOR: FacilitatorSettler(),
+}
 
 
 def resolve_unknown(payment_id: Any) -> Payment:
-    """A SETTLING payment with no transaction hash: find its settlement on chain, or ask again.
-
-    Sending the identical payload again is safe: one authorization moves money at most once.
-    """
+    """A SETTLING payment with no transaction hash: find its settlement on chain, or ask again."""
     p = Payment.objects.get(pk=payment_id)
     if p.status != S.SETTLING or p.settle_tx_hash:
         return p
+    use = chain_use(p)
+    with transaction.atomic():
+        p = _lock(payment_id)
+        if p.status != S.SETTLING or p.settle_tx_hash:
+            return p
+        if use.used_in:
+            p.advance(S.SETTLING, settle_tx_hash=use.used_in, detail={"found_on_chain": use.used_in})
+        elif use.canceled_in or has_lapsed(p, use):
+            _lapse(p, UnpaidReason.NOT_MINED, "no settlement found on chain before validBefore")
+    if p.status == S.LAPSING:
+        return resolve_lapsing(payment_id)
+    if p.settle_tx_hash:
+        return track(payment_id)
     conf = for_payment(p.network, p.asset)
-    used_by = _find_preemption(conf, p)
-    if used_by:
-        with transaction.atomic():
-            p = _lock(payment_id)
-            if p.status == S.SETTLING and not p.settle_tx_hash:
-                p.advance(S.SETTLING, settle_tx_hash=used_by, detail={"found_on_chain": used_by})
-        return p
-    if p.valid_before < time.time() - 60:
-        with transaction.atomic():
-            p = _lock(payment_id)
-            if p.status == S.SETTLING and not p.settle_tx_hash:
-                p.advance(S.EXPIRED, failure_reason="authorization lapsed with no settlement on chain")
-        return p
-    if conf.facilitator_url:
-        return _ask_facilitator(p, conf)
-    return p
+    return SETTLERS[conf.mode].retry_unknown(p, conf)
+
+
+def reconcile_all() -> Counter[str]:
+    """One reconciliation pass (:func:`reconcile_open`), then re-enqueue VERIFIED payments whose
+    settle task was lost."""
+    from .tasks import SWEEP_AFTER, settle_payment
+
+    stats = reconcile_open()
+    stale = timezone.now() - SWEEP_AFTER
+    for pk in Payment.objects.filter(status=S.VERIFIED, settle_requested_at__lt=stale).values_list("pk", flat=True):
+        settle_payment.delay(str(pk))
+        stats["swept"] += 1
+    return stats
+
+
+def reconcile_open() -> Counter[str]:
+    """Re-derive every open payment from the chain, each row in isolation: finish unknown
+    outcomes, track receipts in batches (rebroadcasting or replacing the unmined), and ask the
+    chain about LAPSING payments and lapsed VERIFIED ones."""
+    stats: Counter[str] = Counter()
+    due = Payment.objects.due_for_reconcile()
+    try:
+        for pk in due.filter(status=S.SETTLING, settle_tx_hash=None).values_list("pk", flat=True):
+            isolated(stats, pk, "unknown", resolve_unknown, pk)
+            stats["unknown"] += 1
+        open_ids = list(due.filter(status__in=[S.SETTLING, S.SETTLED]).values_list("pk", flat=True))
+        reconcile_batch(open_ids, stats)
+        for pk in due.filter(status=S.LAPSING).values_list("pk", flat=True):
+            isolated(stats, pk, "lapsing", resolve_lapsing, pk)
+            stats["lapsing"] += 1
+        for pk in due.filter(status=S.VERIFIED, valid_before__lt=time.time()).values_list("pk", flat=True):
+            isolated(stats, pk, "expire", expire_if_lapsed, pk)
+            stats["expired"] += 1
+    except ChainUnavailable as exc:
+        stats["errors"] += 1
+        stats["chain_unavailable"] += 1
+        log.warning("reconcile: RPC unavailable (%s); will retry next pass", exc)
+    return stats
 
 
 def settle(payment_id: Any, wait_seconds: float = 30.0) -> Payment:
     """Drive one payment as far as it goes now; the reconciler finishes anything left."""
     p = Payment.objects.get(pk=payment_id)
-    if p.status == S.VERIFIED and for_payment(p.network, p.asset).facilitator_url:
-        p = settle_via_facilitator(payment_id)
-    else:
-        p = prepare(payment_id)
-        broadcast(p)
+    if p.status == S.VERIFIED:
+        p = SETTLERS[for_payment(p.network, p.asset).mode].start(payment_id)
     deadline = time.monotonic() + wait_seconds
     delay = 0.05
-    while p.status in (S.SETTLING, S.SETTLED):
+    while p.status in (S.SETTLING, S.SETTLED) and p.settle_tx_hash:
         try:
             p = track(p.pk)
         except ChainUnavailable:

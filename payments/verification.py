@@ -1,9 +1,29 @@
-"""The chain half of verification, shared by the payment gate and our facilitator API."""
+"""The one verification service: the payment gate and our facilitator API both call :func:`verify`.
+
+A proof is valid only when its signature verifies for exactly these fields (the pure checks in
+``payments.x402.verify``) and the chain, or the option's facilitator, says it can still be
+settled: nonce unused, balance sufficient, a contract wallet approving its signature. Nothing
+here consults the ledger: payer and nonce are public once a payment settles, so knowing them
+proves nothing.
+
+Verifiers are registered by the option's mode (our own chain reads, or a remote facilitator);
+callers never branch on it.
+"""
 
 from __future__ import annotations
 
-from .chain import payer_state
-from .options import ConfiguredOption
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from django.conf import settings
+
+from .chain import ChainUnavailable, payer_state
+from .facilitator import FacilitatorClient, FacilitatorUnavailable
+from .models import VerificationMethod
+from .options import ConfiguredOption, SettlementMode, for_payment
+from .x402.types import PaymentPayload, Requirement, Resource, wire_requirement
 from .x402.verify import (
     INSUFFICIENT_BALANCE,
     INVALID_SIGNATURE,
@@ -11,22 +31,104 @@ from .x402.verify import (
     PaymentRejected,
     VerifiedPayment,
     digest_of,
+    verify_exact,
 )
 
+log = logging.getLogger("payments.verification")
 
-def verify_on_chain(conf: ConfiguredOption, verified: VerifiedPayment) -> None:
-    """Nonce unused and balance sufficient, in one round trip.
 
-    Raises PaymentRejected for a no, and ChainUnavailable when the node cannot say.
+class VerificationUnavailable(Exception):
+    """The chain or the facilitator could not say: the caller answers 503, never a pass."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """A payment proven settleable now, and how it was proven."""
+
+    payment: VerifiedPayment
+    conf: ConfiguredOption
+    method: str
+    #: The chain head the proof was checked at, when we read the chain ourselves.
+    block: int | None = None
+
+
+class Verifier(Protocol):
+    method: str
+
+    def check(self, conf: ConfiguredOption, verified: VerifiedPayment, resource: Resource) -> int | None:
+        """Raise PaymentRejected for a no, VerificationUnavailable when it cannot say; else
+        return the chain head the answer is from (None if unknown)."""
+        ...
+
+
+class ChainVerifier:
+    """Our own node: nonce unused, balance sufficient, EIP-1271 approval, in one batch."""
+
+    method = VerificationMethod.LOCAL
+
+    def check(self, conf: ConfiguredOption, verified: VerifiedPayment, resource: Resource) -> int | None:
+        auth = verified.payload.authorization
+        contract = (digest_of(verified), verified.payload.signature) if verified.contract_signature else None
+        try:
+            state = payer_state(conf.rpc_url, conf.option.asset, auth.from_, auth.nonce, contract)
+        except ChainUnavailable as exc:
+            log.warning("chain check failed for %s: %s", conf.option.network, exc)
+            raise VerificationUnavailable(str(exc)) from None
+        if contract is not None and not state.contract_approves:
+            raise PaymentRejected(
+                INVALID_SIGNATURE, "not from's signature, and from is no contract wallet approving it"
+            )
+        if state.nonce_used:
+            raise PaymentRejected(NONCE_ALREADY_USED, "this authorization was already used on chain")
+        if state.balance < auth.value:
+            raise PaymentRejected(INSUFFICIENT_BALANCE, "the payer's balance does not cover the price")
+        return state.block
+
+
+class FacilitatorVerifier:
+    """The option's x402 facilitator answers ``/verify``."""
+
+    method = VerificationMethod.FACILITATOR
+
+    def check(self, conf: ConfiguredOption, verified: VerifiedPayment, resource: Resource) -> int | None:
+        payload = verified.payload
+        requirement = wire_requirement(verified.requirement, payload.x402_version, resource)
+        try:
+            answer = FacilitatorClient(conf.facilitator_url, conf.facilitator_auth).verify(
+                payload.x402_version, payload.raw, requirement
+            )
+        except FacilitatorUnavailable as exc:
+            log.warning("facilitator verify failed for %s: %s", conf.option.network, exc)
+            raise VerificationUnavailable(str(exc)) from None
+        if answer.get("isValid") is not True:
+            reason = str(answer.get("invalidReason") or "invalid_payment")[:100]
+            raise PaymentRejected(reason, str(answer.get("invalidMessage") or reason)[:500])
+        return None
+
+
+VERIFIERS: dict[str, Verifier] = {
+    SettlementMode.RELAYER: ChainVerifier(),
+    SettlementMode.FACILITATOR: FacilitatorVerifier(),
+}
+
+
+def verify(
+    payload: PaymentPayload, requirements: list[Requirement], resource: Resource, now: int | None = None
+) -> Verification:
+    """Verify ``payload`` against the requirements we offered, in pure code and then on chain.
+
+    Raises PaymentRejected (with the x402 reason code) or VerificationUnavailable.
     """
-    auth = verified.payload.authorization
-    contract = (digest_of(verified), verified.payload.signature) if verified.contract_signature else None
-    state = payer_state(conf.rpc_url, conf.option.asset, auth.from_, auth.nonce, contract)
-    if contract is not None and not state.contract_approves:
-        raise PaymentRejected(
-            INVALID_SIGNATURE, "not from's signature, and from is no contract wallet approving it"
-        )
-    if state.nonce_used:
-        raise PaymentRejected(NONCE_ALREADY_USED, "this authorization was already used on chain")
-    if state.balance < auth.value:
-        raise PaymentRejected(INSUFFICIENT_BALANCE, "the payer's balance does not cover the price")
+    verified = verify_exact(
+        payload,
+        requirements,
+        int(time.time()) if now is None else now,
+        settle_margin=settings.X402_SETTLE_MARGIN_SECONDS,
+        clock_skew=settings.X402_CLOCK_SKEW_SECONDS,
+        contract_signers=True,  # a non-ECDSA signature is checked on chain (EIP-1271)
+    )
+    option = verified.requirement.option
+    conf = for_payment(option.network, option.asset)
+    verifier = VERIFIERS[conf.mode]
+    block = verifier.check(conf, verified, resource)
+    return Verification(payment=verified, conf=conf, method=verifier.method, block=block)

@@ -12,7 +12,8 @@ import hashlib
 import hmac
 import json
 import logging
-import time
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -26,15 +27,15 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import ledger, settlement
+from . import ledger, settlement, verification
 from .chain import ChainUnavailable
-from .models import Payment, PaymentStatus
-from .options import ConfiguredOption, configured
+from .models import Payment, PaymentStatus, VerificationMethod
+from .options import configured
 from .settlement import relayer_account
-from .verification import verify_on_chain
+from .verification import Verification, VerificationUnavailable
 from .x402.codec import DecodeError
-from .x402.types import Requirement, Resource, parse_payload
-from .x402.verify import PaymentRejected, VerifiedPayment, verify_exact
+from .x402.types import PaymentPayload, Requirement, Resource, parse_payload
+from .x402.verify import NONCE_ALREADY_USED, PaymentRejected
 
 log = logging.getLogger("payments.facilitator_api")
 S = PaymentStatus
@@ -55,8 +56,27 @@ class _Invalid(Exception):
         self.reason, self.message, self.payer = reason, message, payer
 
 
-def _parse(body: Any) -> tuple[VerifiedPayment, ConfiguredOption, dict[str, Any]]:
-    """Verify a facilitator request body in pure code; the chain checks come after."""
+_AMOUNT = re.compile(r"[0-9]{1,78}")
+#: The longest authorization window a facilitator client may ask us to accept.
+MAX_TIMEOUT_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class FacilitatorRequest:
+    """A /verify or /settle body, type-checked: the payload and the requirement it answers."""
+
+    payload: PaymentPayload
+    requirement: Requirement
+    resource: Resource
+    network: str
+
+    @property
+    def payer(self) -> str:
+        return to_checksum_address(self.payload.authorization.from_)
+
+
+def _parse(body: Any) -> FacilitatorRequest:
+    """Type-check a facilitator request body; it is verified by the one verification service."""
     if not isinstance(body, dict):
         raise _Invalid("invalid_payload", "body must be a JSON object")
     raw_payload, raw_req = body.get("paymentPayload"), body.get("paymentRequirements")
@@ -72,7 +92,7 @@ def _parse(body: Any) -> tuple[VerifiedPayment, ConfiguredOption, dict[str, Any]
     amount = raw_req.get("amount") if version >= 2 else raw_req.get("maxAmountRequired")
     if not (isinstance(asset, str) and is_address(asset) and isinstance(pay_to, str) and is_address(pay_to)):
         raise _Invalid("invalid_payment_requirements", "asset and payTo must be addresses", payer)
-    if not isinstance(amount, str) or not amount.isdigit():
+    if not isinstance(amount, str) or not _AMOUNT.fullmatch(amount):
         raise _Invalid("invalid_payment_requirements", "amount must be a decimal string", payer)
     conf = next(
         (
@@ -83,31 +103,26 @@ def _parse(body: Any) -> tuple[VerifiedPayment, ConfiguredOption, dict[str, Any]
         None,
     )
     if conf is None:
-        raise _Invalid("network_mismatch", f"{network} {asset} is not supported here", payer)
-    timeout = raw_req.get("maxTimeoutSeconds", conf.option.max_timeout_seconds)
-    option = dataclasses.replace(
-        conf.option,
-        pay_to=to_checksum_address(pay_to),
-        max_timeout_seconds=int(timeout) if isinstance(timeout, int) else conf.option.max_timeout_seconds,
+        raise _Invalid("network_mismatch", f"{str(network)[:80]} {asset} is not supported here", payer)
+    timeout = raw_req.get("maxTimeoutSeconds")
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 < timeout <= MAX_TIMEOUT_SECONDS:
+        timeout = conf.option.max_timeout_seconds
+    option = dataclasses.replace(conf.option, pay_to=to_checksum_address(pay_to), max_timeout_seconds=timeout)
+    resource = raw_payload.get("resource")
+    url = resource.get("url") if isinstance(resource, dict) else raw_req.get("resource")
+    return FacilitatorRequest(
+        payload=payload,
+        requirement=Requirement(option, int(amount)),
+        resource=Resource(url=str(url or "")[:512]),
+        network=conf.option.network if version >= 2 else conf.option.v1_network,
     )
+
+
+def _verify(request: FacilitatorRequest) -> Verification:
     try:
-        verified = verify_exact(
-            payload,
-            [Requirement(option, int(amount))],
-            int(time.time()),
-            settle_margin=settings.X402_SETTLE_MARGIN_SECONDS,
-            clock_skew=settings.X402_CLOCK_SKEW_SECONDS,
-            contract_signers=True,  # EIP-1271 wallets are checked on chain (verification.py)
-        )
+        return verification.verify(request.payload, [request.requirement], request.resource)
     except PaymentRejected as exc:
-        raise _Invalid(exc.reason, exc.message, payer) from None
-    return verified, conf, raw_req
-
-
-def _resource(payload: dict[str, Any], raw_req: dict[str, Any]) -> Resource:
-    res = payload.get("resource")
-    url = res.get("url") if isinstance(res, dict) else raw_req.get("resource")
-    return Resource(url=str(url or "")[:512])
+        raise _Invalid(exc.reason, exc.message, request.payer) from None
 
 
 FACILITATOR_BODY = inline_serializer(
@@ -130,29 +145,26 @@ facilitator_schema = extend_schema(
 )
 
 
+def _unavailable() -> Response:
+    return Response({"detail": "chain node or facilitator unavailable"}, status=503, headers={"Retry-After": "5"})
+
+
 class FacilitatorVerify(APIView):
+    """POST /facilitator/verify: the same verification the payment gate runs, nothing less."""
+
     permission_classes = [FacilitatorToken]
 
     @facilitator_schema
     def post(self, request: Request) -> Response:
         try:
-            verified, conf, _ = _parse(request.data)
-            if ledger.find(verified) is None:
-                verify_on_chain(conf, verified)
+            verified = _verify(_parse(request.data))
         except _Invalid as exc:
             return Response(
-                {
-                    "isValid": False,
-                    "invalidReason": exc.reason,
-                    "invalidMessage": exc.message,
-                    "payer": exc.payer,
-                }
+                {"isValid": False, "invalidReason": exc.reason, "invalidMessage": exc.message, "payer": exc.payer}
             )
-        except PaymentRejected as exc:
-            return Response({"isValid": False, "invalidReason": exc.reason, "invalidMessage": exc.message})
-        except ChainUnavailable:
-            return Response({"detail": "chain node unavailable"}, status=503, headers={"Retry-After": "5"})
-        return Response({"isValid": True, "payer": to_checksum_address(verified.payer)})
+        except VerificationUnavailable:
+            return _unavailable()
+        return Response({"isValid": True, "payer": to_checksum_address(verified.payment.payer)})
 
 
 def _settle_failure(reason: str, message: str, network: str, payer: str | None) -> dict[str, Any]:
@@ -169,36 +181,27 @@ def _settle_failure(reason: str, message: str, network: str, payer: str | None) 
 
 
 class FacilitatorSettle(APIView):
+    """POST /facilitator/settle: verify (as /verify), record, settle with our relayer.
+
+    A proof already used on chain is refused like any other (the old hash is not an answer to
+    a new request); a retry of a proof we are still settling gets that settlement's state.
+    """
+
     permission_classes = [FacilitatorToken]
 
     @facilitator_schema
     def post(self, request: Request) -> Response:
-        network = (
-            str(request.data.get("paymentRequirements", {}).get("network", ""))
-            if isinstance(request.data, dict)
-            else ""
-        )
+        data = request.data if isinstance(request.data, dict) else {}
+        requirements = data.get("paymentRequirements")
+        network = str(requirements.get("network", ""))[:80] if isinstance(requirements, dict) else ""
         try:
-            verified, conf, raw_req = _parse(request.data)
-            payment = ledger.find(verified)
-            if payment is None:
-                verify_on_chain(conf, verified)
-                payment = self._record(verified, request.data["paymentPayload"], raw_req)
+            parsed = _parse(request.data)
+            network = parsed.network
+            payment = self._record(_verify(parsed), parsed)
         except _Invalid as exc:
             return Response(_settle_failure(exc.reason, exc.message, network, exc.payer))
-        except PaymentRejected as exc:
-            return Response(_settle_failure(exc.reason, exc.message, network, None))
-        except ChainUnavailable:
-            return Response({"detail": "chain node unavailable"}, status=503, headers={"Retry-After": "5"})
-        if payment.signature != "0x" + verified.payload.signature.hex():
-            return Response(
-                _settle_failure(
-                    "invalid_exact_evm_nonce_already_used",
-                    "this authorization was recorded with another signature",
-                    network,
-                    payment.payer,
-                )
-            )
+        except VerificationUnavailable:
+            return _unavailable()
         try:
             payment = settlement.settle(payment.pk, wait_seconds=settings.X402_FACILITATOR_SETTLE_WAIT)
         except ChainUnavailable:
@@ -206,18 +209,25 @@ class FacilitatorSettle(APIView):
         return Response(self._answer(payment, network))
 
     @staticmethod
-    def _record(verified: VerifiedPayment, raw_payload: dict[str, Any], raw_req: dict[str, Any]) -> Payment:
-        blob = json.dumps(raw_payload, sort_keys=True, separators=(",", ":")).encode()
+    def _record(verified: Verification, parsed: FacilitatorRequest) -> Payment:
+        blob = json.dumps(parsed.payload.raw, sort_keys=True, separators=(",", ":")).encode()
         try:
             with transaction.atomic():
                 return ledger.record(
                     verified,
-                    resource=_resource(raw_payload, raw_req),
+                    resource=parsed.resource,
                     fingerprint=hashlib.sha256(blob).hexdigest(),
-                    verification="facilitator-api",
+                    method=VerificationMethod.FACILITATOR_API,
                 )
         except IntegrityError:
-            return ledger.find(verified)  # type: ignore[return-value]
+            # The nonce is unused on chain (we just checked) and already in our ledger: only
+            # the very same proof, still being settled, is answered with its settlement.
+            same = ledger.same_proof(verified.payment)
+            if same is None:
+                raise _Invalid(
+                    NONCE_ALREADY_USED, "this authorization is already being settled", parsed.payer
+                ) from None
+            return same
 
     @staticmethod
     def _answer(p: Payment, network: str) -> dict[str, Any]:
@@ -227,7 +237,7 @@ class FacilitatorSettle(APIView):
             "payer": p.payer,
             "amount": str(p.amount),
         }
-        if p.status in (S.SETTLED, S.CONFIRMED):
+        if p.is_paid:
             return {"success": True, **base}
         if p.status in (S.VERIFIED, S.SETTLING):
             return {"success": False, "errorReason": "settlement_pending", **base}

@@ -15,7 +15,7 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from payments.models import HardwareTier, Payment, PriceChange
-from payments.pricing import invalidate, quote
+from payments.pricing import PriceRule, PricingError, invalidate
 
 _slug = RegexValidator(r"^[a-z0-9][a-z0-9_.-]*$", "lowercase letters, digits, '-', '_' and '.'")
 
@@ -110,26 +110,26 @@ class Model(models.Model):
                 model=self,
                 tier=self.hardware,
                 changed_by=getattr(self, "_changed_by", None),
-                old_rule=old_rule,
-                new_rule=new_rule,
+                old_rule=old_rule.snapshot(),
+                new_rule=new_rule.snapshot(),
             )
         pk = self.pk
         transaction.on_commit(lambda: invalidate([pk]))
 
-    def pricing_rule(self) -> dict[str, Any]:
-        """The rule as a snapshot (see payments.pricing)."""
-        return {
-            "is_free": self.is_free,
-            "mode": self.pricing_mode,
-            "price": str(self.price),
-            "tier": self.hardware.slug if self.hardware else None,
-            "tier_price_per_second": str(self.hardware.price_per_second) if self.hardware else "0",
-            "expected_seconds": str(self.expected_seconds),
-            "minimum": str(self.minimum_price),
-            "markup_percent": str(self.markup_percent),
-            "unit_field": self.unit_field,
-            "unit_price": str(self.unit_price),
-        }
+    def pricing_rule(self) -> PriceRule:
+        """The model's pricing rule (see payments.pricing)."""
+        return PriceRule(
+            is_free=self.is_free,
+            mode=self.pricing_mode,
+            price=Decimal(self.price),
+            tier=self.hardware.slug if self.hardware else None,
+            tier_price_per_second=Decimal(self.hardware.price_per_second) if self.hardware else Decimal(0),
+            expected_seconds=Decimal(self.expected_seconds),
+            minimum=Decimal(self.minimum_price),
+            markup_percent=Decimal(self.markup_percent),
+            unit_field=self.unit_field,
+            unit_price=Decimal(self.unit_price),
+        )
 
     @property
     def time_limit_seconds(self) -> int:
@@ -143,8 +143,12 @@ class Model(models.Model):
 
     @property
     def price_per_run(self) -> Decimal:
-        """The price of a run with default inputs."""
-        return quote(self.pricing_rule())
+        """The price of a run with the latest version's default inputs (0 if it cannot be priced)."""
+        version = self.latest_version
+        try:
+            return self.pricing_rule().quote(version.defaults() if version else {})
+        except PricingError:
+            return Decimal(0)
 
     def clean(self) -> None:
         errors: dict[str, str] = {}
@@ -199,6 +203,13 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model}:{self.id[:12]}"
+
+    def defaults(self) -> dict[str, Any]:
+        """The input schema's defaults: what a run gets for the fields its input leaves out."""
+        props = self.input_schema.get("properties") if isinstance(self.input_schema, dict) else None
+        if not isinstance(props, dict):
+            return {}
+        return {name: spec["default"] for name, spec in props.items() if isinstance(spec, dict) and "default" in spec}
 
 
 class PredictionStatus(models.TextChoices):

@@ -11,6 +11,8 @@ from drf_spectacular.utils import (
 )
 from rest_framework import serializers
 
+from payments.models import PaymentStatus
+
 PAYMENT = {
     "type": "object",
     "nullable": True,
@@ -19,7 +21,7 @@ PAYMENT = {
         "id": {"type": "string"},
         "status": {
             "type": "string",
-            "enum": ["verified", "settling", "settled", "confirmed", "failed", "expired"],
+            "enum": PaymentStatus.values,
         },
         "amount": {"type": "string", "description": "USDC, decimal"},
         "amount_atomic": {"type": "string"},

@@ -66,11 +66,11 @@ def prediction_json(prediction: Prediction, base: str) -> dict[str, Any]:
 def model_json(model: Model, request: Request) -> dict[str, Any]:
     """Replicate's model object plus ``pricing``: what one run costs through each option."""
     from payments.options import configured
-    from payments.pricing import atomic_amount, quote
+    from payments.pricing import atomic_amount
 
     version = model.latest_version
     rule = model.pricing_rule()
-    price = quote(rule)
+    price = model.price_per_run
     return {
         "url": request.build_absolute_uri(f"/v1/models/{model.owner}/{model.name}"),
         "owner": model.owner,
@@ -87,12 +87,12 @@ def model_json(model: Model, request: Request) -> dict[str, Any]:
         else None,
         "hardware": model.hardware.slug if model.hardware else None,
         "pricing": {
-            "free": price <= 0,
+            "free": rule.is_free,
             "price_per_run": f"{price.normalize():f}",
             "currency": "USDC",
-            "mode": rule["mode"],
-            "unit_field": rule["unit_field"] or None,
-            "unit_price": rule["unit_price"] if rule["unit_field"] else None,
+            "mode": rule.mode,
+            "unit_field": rule.unit_field or None,
+            "unit_price": f"{rule.unit_price.normalize():f}" if rule.unit_field else None,
             "accepts": []
             if price <= 0
             else [

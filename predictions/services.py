@@ -7,10 +7,13 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from payments import ledger
+from payments import idempotency, ledger
 from payments.exceptions import Challenge
+from payments.idempotency import IdempotencyConflict
+from payments.models import Payment
 from payments.permissions import Charge
-from payments.x402.verify import NONCE_ALREADY_USED, VerifiedPayment
+from payments.verification import Verification
+from payments.x402.verify import NONCE_ALREADY_USED
 
 from . import webhooks
 from .models import ModelVersion, Prediction, PredictionStatus, Runner, SettlementPolicy
@@ -21,30 +24,29 @@ def create_prediction(
     version: ModelVersion,
     inputs: dict[str, Any],
     *,
-    verified: VerifiedPayment | None,
+    paid: Verification | None,
     charge: Charge | None,
     challenge: Challenge | None,
-    verification: str = "local",
     options: dict[str, Any] | None = None,
 ) -> tuple[Prediction, bool]:
     """Record the payment (if any) and create its prediction in one transaction.
 
-    Returns ``(prediction, created)``. The same authorization presented again for the same
-    resource and input returns the prediction it already bought (``created`` False); presented
-    for anything else, it is refused with ``invalid_exact_evm_nonce_already_used``.
+    Returns ``(prediction, created)``. An authorization already in the ledger buys nothing
+    more: only an idempotent retry (the same ``payment-identifier`` and payload, for the same
+    request) that lost the race with its first attempt gets that prediction back; anything
+    else is refused with ``invalid_exact_evm_nonce_already_used`` and learns nothing of it.
     """
     from .tasks import start_prediction  # late: tasks import this module's models
 
     try:
         with transaction.atomic():
             payment = None
-            if verified is not None:
+            if paid is not None:
                 assert charge is not None
                 payment = ledger.record(
-                    verified,
+                    paid,
                     resource=charge.resource,
                     fingerprint=charge.fingerprint,
-                    verification=verification,
                     settle_now=version.model.settlement_policy == SettlementPolicy.BEFORE_RUN,
                 )
             prediction = Prediction.objects.create(
@@ -53,17 +55,21 @@ def create_prediction(
             transaction.on_commit(lambda: start_prediction(prediction))
             return prediction, True
     except IntegrityError:
-        if verified is None:
+        if paid is None:
             raise
-    existing = ledger.find(verified)
     assert charge is not None and challenge is not None
-    if (
-        existing is not None
-        and existing.request_fingerprint == charge.fingerprint
-        and existing.signature == "0x" + verified.payload.signature.hex()
-    ):
-        return Prediction.objects.select_related("payment", "model").get(payment=existing), False
-    raise challenge.reject(NONCE_ALREADY_USED, "this authorization already paid for another request")
+    first = idempotency.lookup(paid.payment.payload)
+    if first is not None:
+        return replayed(first, charge), False
+    raise challenge.reject(NONCE_ALREADY_USED, "this authorization was already presented")
+
+
+def replayed(payment: Payment, charge: Charge) -> Prediction:
+    """The prediction an idempotent retry's first attempt bought (409 if it bought another request)."""
+    prediction = Prediction.objects.select_related("payment", "model").filter(payment=payment).first()
+    if prediction is None or payment.request_fingerprint != charge.fingerprint:
+        raise IdempotencyConflict("This payment-identifier was already used for another request.")
+    return prediction
 
 
 def cancel(prediction: Prediction) -> Prediction:

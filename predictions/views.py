@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import re
 import time
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import jsonschema
@@ -21,20 +23,19 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from payments.exceptions import InvalidInput, payment_required_response, paywall_response, wants_html
-from payments.idempotency import IdempotencyConflict
 from payments.ledger import request_fingerprint
 from payments.permissions import Charge, X402Payment, challenge_for, honour_window_seconds, is_operator
-from payments.pricing import PricingError, pricing_state, quote
+from payments.pricing import PriceRule, PricingError, pricing_state
 from payments.x402 import bazaar
 from payments.x402.codec import encode_header
 from payments.x402.types import Resource, settle_response
 
 from . import schema
 from .auth import AuthenticationRequired, payer_of
-from .models import Model, ModelVersion, Prediction, Runner
+from .models import Model, ModelVersion, Prediction, Runner, SettlementPolicy
 from .runners import cog
 from .serializers import base_url, model_json, prediction_json
-from .services import cancel, create_prediction
+from .services import cancel, create_prediction, replayed
 from .tasks import finish
 from .webhooks import EVENTS, UnsafeWebhook, check_url
 from .webhooks import secret as webhook_secret
@@ -109,21 +110,38 @@ def v1_output_schema(version: ModelVersion) -> dict[str, Any]:
     }
 
 
+def _honoured_prices(rules: tuple[PriceRule, ...], inputs: dict[str, Any], price: Decimal) -> tuple[Decimal, ...]:
+    prices = set()
+    for rule in rules:
+        with contextlib.suppress(PricingError):  # an old rule that cannot price this input honours nothing
+            prices.add(rule.quote(inputs))
+    return tuple(prices - {price})
+
+
 def charge_for(version: ModelVersion, inputs: dict[str, Any], url: str, path: str) -> Charge:
-    """What running ``version`` on ``inputs`` costs (the gate and the admin preview share it)."""
+    """What running ``version`` on ``inputs`` costs (the gate and the admin preview share it).
+
+    The input is priced as the run will get it (schema defaults filled in). A payment settled
+    only after the run (``after_success``) must stay settleable for the run's time limit.
+    """
     model = version.model
-    state = pricing_state(model, honour_window_seconds())
+    settled_after_run = model.settlement_policy == SettlementPolicy.AFTER_SUCCESS
+    hold = model.time_limit_seconds if settled_after_run and not model.is_free else 0
+    state = pricing_state(model, honour_window_seconds(hold))
+    priced = {**version.defaults(), **inputs}
     try:
-        price = quote(state.current, inputs)
-        honoured = tuple({quote(rule, inputs) for rule in state.honoured} - {price})
+        price = state.current.quote(priced)
     except PricingError as exc:
-        raise InvalidInput(str(exc), {state.current.get("unit_field") or "input": str(exc)}) from None
+        raise InvalidInput(str(exc), {state.current.unit_field or "input": str(exc)}) from None
+    free = state.current.is_free
     return Charge(
         extensions=discovery_extension(version),
         example_input=example_input(version),
         output_schema=v1_output_schema(version),
         price=price,
-        honoured=honoured,
+        free=free,
+        hold_seconds=0 if free else hold,
+        honoured=_honoured_prices(state.honoured, priced, price),
         resource=Resource(url=url, description=f"One prediction of {model}", mime_type="application/json"),
         fingerprint=request_fingerprint(path, {"version": version.id, "input": inputs}),
     )
@@ -204,12 +222,7 @@ class PaidPredictionCreate(APIView):
     def post(self, request: Request, **kwargs: Any) -> Response:
         replay_of = getattr(request, "x402_replay_of", None)
         if replay_of is not None:
-            prediction = (
-                Prediction.objects.select_related("payment", "model").filter(payment=replay_of).first()
-            )
-            created = False
-            if prediction is None:  # the key paid for something else (our facilitator API)
-                raise IdempotencyConflict()
+            prediction, created = replayed(replay_of, request.x402_charge), False
         else:
             prediction, created = self._create(request)
         return self._respond(request, prediction, created)
@@ -219,10 +232,9 @@ class PaidPredictionCreate(APIView):
             self.version,
             self.inputs,
             options=self.options,
-            verified=request.x402,
+            paid=request.x402,
             charge=getattr(request, "x402_charge", None),
             challenge=getattr(request, "x402_challenge", None),
-            verification=getattr(request, "x402_verification", "local"),
         )
 
     def _respond(self, request: Request, prediction: Prediction, created: bool) -> Response:
@@ -264,7 +276,7 @@ class ModelPredictionCreate(PaidPredictionCreate):
         charge = charge_for(
             version, example_input(version), request.build_absolute_uri(request.path), request.path
         )
-        if charge.price <= 0:
+        if charge.free:
             raise MethodNotAllowed("GET", detail="This model is free: POST to run it.")
         exc = challenge_for(charge).reject("PAYMENT-SIGNATURE header is required")
         return paywall_response(exc, payment_required_response(exc))
@@ -404,7 +416,7 @@ class DiscoveryResources(APIView):
                 charge = charge_for(version, example_input(version), url, f"/v1/models/{model}/predictions")
             except InvalidInput:
                 continue
-            if charge.price <= 0:
+            if charge.free:
                 continue
             items.append(
                 {

@@ -85,6 +85,18 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
         devchain.stop(proc)
 
 
+@pytest.fixture(autouse=True)
+def _ledger_agrees_with_chain(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test on the chain with a database: the reconciler finishes what it can, then
+    no ledger row may be contradicted by the chain (tests/invariants.py)."""
+    yield
+    if "chain" not in request.fixturenames or request.node.get_closest_marker("django_db") is None:
+        return
+    from tests.invariants import assert_ledger_agrees_with_chain
+
+    assert_ledger_agrees_with_chain(request.getfixturevalue("chain").rpc_url)
+
+
 @pytest.fixture(scope="session")
 def second_token(chain: DevChain) -> DevChain:
     """A second EIP-3009 token on the same chain, with Base Sepolia's domain ("USDC"/"2")."""
@@ -176,6 +188,18 @@ def send_as_mint(dev: DevChain, to: str, amount: int) -> None:
     deadline = time.monotonic() + 10
     while rpc(dev.rpc_url, "eth_getTransactionReceipt", [tx]) is None and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def fresh_payer(dev: DevChain, amount: int = 10**9) -> dict[str, str]:
+    """A new account holding ``amount`` test USDC (tests that drain or spend one use their own)."""
+    from eth_account import Account
+
+    account = Account.create()
+    send_as_mint(dev, account.address, amount)
+    # Unlocked, with gas money, so a test can also send from it (eth_sendTransaction).
+    rpc(dev.rpc_url, "anvil_impersonateAccount", [account.address])
+    rpc(dev.rpc_url, "anvil_setBalance", [account.address, hex(10**18)])
+    return {"address": account.address, "private_key": "0x" + account.key.hex().removeprefix("0x")}
 
 
 def start_worker(

@@ -90,3 +90,38 @@ def v2_header(key: str, req: Requirement, **kw: Any) -> str:
 
 def v1_header(key: str, req: Requirement, **kw: Any) -> str:
     return encode_header(v1_payload(req, sign_authorization(key, req, **kw)))
+
+
+def record(key: str, req: Requirement, fingerprint: str = "test", **sign: Any):  # type: ignore[no-untyped-def]
+    """Sign, verify (pure and on chain, as the gate does) and record a payment in the ledger."""
+    from django.db import transaction
+
+    from payments import ledger, verification
+    from payments.x402.types import Resource, parse_payload
+
+    payload = parse_payload(v2_payload(req, sign_authorization(key, req, **sign)))
+    resource = Resource("http://test/")
+    verified = verification.verify(payload, [req], resource)
+    with transaction.atomic():
+        return ledger.record(verified, resource=resource, fingerprint=fingerprint)
+
+
+def v2_header_for(key: str, payment_required: str, **sign: Any) -> str:
+    """Pay the first requirement of a ``PAYMENT-REQUIRED`` header as the official v2 clients do:
+    echo it as ``accepted`` and sign ``validBefore = now + maxTimeoutSeconds``."""
+    from payments.x402.codec import decode_header
+    from payments.x402.networks import chain_id_of
+    from payments.x402.types import PaymentOption
+
+    accepted = decode_header(payment_required)["accepts"][0]
+    option = PaymentOption(
+        chain_id=chain_id_of(accepted["network"]),
+        asset=accepted["asset"],
+        asset_name=accepted["extra"]["name"],
+        asset_version=accepted["extra"]["version"],
+        pay_to=accepted["payTo"],
+    )
+    req = Requirement(option, int(accepted["amount"]))
+    sign.setdefault("valid_before", int(time.time()) + accepted["maxTimeoutSeconds"])
+    body = {"x402Version": 2, "accepted": accepted, "payload": sign_authorization(key, req, **sign)}
+    return encode_header(body)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -15,8 +15,14 @@ from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.exact import register_exact_evm_facilitator
 from x402.schemas import parse_payment_payload, parse_payment_requirements
 
+#: Rewrites the SDK facilitator's settle answer (dict) before it is sent: a facilitator that lies,
+#: times out after landing, or reports another hash than the one it mined.
+SettleRewrite = Callable[[dict[str, Any]], dict[str, Any]]
 
-def _handler(facilitator: x402FacilitatorSync, calls: list[str]) -> type[BaseHTTPRequestHandler]:
+
+def _handler(
+    facilitator: x402FacilitatorSync, calls: list[str], rewrite: SettleRewrite | None
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
             pass
@@ -42,13 +48,18 @@ def _handler(facilitator: x402FacilitatorSync, calls: list[str]) -> type[BaseHTT
                 result = facilitator.verify(payload, requirements)
             else:
                 result = facilitator.settle(payload, requirements)
-            self._send(200, result.model_dump(mode="json", by_alias=True, exclude_none=True))
+            answer = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if rewrite is not None and self.path.endswith("/settle"):
+                answer = rewrite(answer)
+            self._send(200, answer)
 
     return Handler
 
 
 @contextmanager
-def serve_sdk_facilitator(rpc_url: str, key: str, network: str) -> Iterator[tuple[str, list[str]]]:
+def serve_sdk_facilitator(
+    rpc_url: str, key: str, network: str, rewrite_settle: SettleRewrite | None = None
+) -> Iterator[tuple[str, list[str]]]:
     facilitator = x402FacilitatorSync()
     register_exact_evm_facilitator(
         facilitator,
@@ -57,7 +68,7 @@ def serve_sdk_facilitator(rpc_url: str, key: str, network: str) -> Iterator[tupl
         simulate_in_settle=True,
     )
     calls: list[str] = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(facilitator, calls))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(facilitator, calls, rewrite_settle))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -16,7 +16,7 @@ from payments.options import payment_options
 from payments.x402.codec import decode_header
 from payments.x402.types import Requirement
 from predictions.models import Prediction
-from tests.conftest import free_port, option_settings, token_balance, transfer_count
+from tests.conftest import free_port, option_settings, rpc, token_balance, transfer_count
 from tests.payers import v1_header, v2_header
 
 URL = "/v1/models/demo/echo-text/predictions"
@@ -28,8 +28,16 @@ def post(client: Client, body: object, **headers: str):
     return client.post(URL, data=data, content_type="application/json", headers=headers)
 
 
-def requirement() -> Requirement:
-    return Requirement(payment_options()[0], PRICE)
+def requirement(hold_seconds: int = 0) -> Requirement:
+    return Requirement(payment_options()[0], PRICE, hold_seconds=hold_seconds)
+
+
+def held_header(key: str) -> str:
+    """A payment for the demo model under after_success: valid through its 600 s time limit."""
+    import time
+
+    req = requirement(hold_seconds=600)
+    return v2_header(key, req, valid_before=int(time.time()) + req.max_timeout_seconds)
 
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
@@ -135,23 +143,59 @@ def test_paid_request_settles_runs_and_moves_exactly_the_price(
     assert payment.gas_used and payment.block_number
 
 
-def test_replayed_header_returns_the_same_prediction_and_moves_money_once(
-    chain_settings, demo_model, eager_celery
-) -> None:
+def test_a_replayed_header_buys_nothing_and_reveals_nothing(chain_settings, demo_model, eager_celery) -> None:
+    """Everything in a payment header is public once it settles (the calldata carries it): a
+    header replayed without its payment-identifier must not return the first prediction (its
+    id is the capability to read the output and to cancel)."""
     payer = chain_settings.payers[1]
     header = v2_header(payer["private_key"], requirement())
     transfers_before = transfer_count(chain_settings, chain_settings.pay_to)
     first = post(Client(), {"input": {"text": "once"}}, **{"PAYMENT-SIGNATURE": header})
     assert first.status_code == 201
-    for _ in range(3):
-        again = post(Client(), {"input": {"text": "once"}}, **{"PAYMENT-SIGNATURE": header})
-        assert again.status_code == 200
-        assert again.json()["id"] == first.json()["id"]
-    other = post(Client(), {"input": {"text": "something else"}}, **{"PAYMENT-SIGNATURE": header})
-    assert other.status_code == 402
-    assert other.json()["error"] == "invalid_exact_evm_nonce_already_used"
+    secret_id = first.json()["id"]
+    for body in ({"input": {"text": "once"}}, {"input": {"text": "something else"}}):
+        again = post(Client(), body, **{"PAYMENT-SIGNATURE": header})
+        assert again.status_code == 402
+        assert again.json()["error"] == "invalid_exact_evm_nonce_already_used"
+        assert secret_id not in again.content.decode() and "Location" not in again
     assert Payment.objects.count() == 1 and Prediction.objects.count() == 1
     assert transfer_count(chain_settings, chain_settings.pay_to) == transfers_before + 1
+
+
+def test_a_v1_header_rebuilt_from_settled_calldata_is_refused(chain_settings, demo_model, eager_celery) -> None:
+    """The attack: watch the chain, decode a settled transferWithAuthorization, wrap it in an
+    X-PAYMENT header with the same input, and read the victim's prediction."""
+    from eth_abi import decode
+
+    from payments.x402.codec import encode_header
+
+    payer = chain_settings.payers[1]
+    first = post(Client(), {"input": {"text": "private"}}, **{"X-PAYMENT": v1_header(payer["private_key"], requirement())})
+    assert first.status_code == 201
+    tx = Payment.objects.get().settle_tx_hash
+    calldata = rpc(chain_settings.rpc_url, "eth_getTransactionByHash", [tx])["input"]
+    types = ["address", "address", "uint256", "uint256", "uint256", "bytes32", "uint8", "bytes32", "bytes32"]
+    frm, to, value, after, before, nonce, v, r, s_ = decode(types, bytes.fromhex(calldata[10:]))
+    rebuilt = {
+        "x402Version": 1,
+        "scheme": "exact",
+        "network": requirement().option.v1_network,
+        "payload": {
+            "signature": "0x" + (r + s_ + bytes([v])).hex(),
+            "authorization": {
+                "from": frm,
+                "to": to,
+                "value": str(value),
+                "validAfter": str(after),
+                "validBefore": str(before),
+                "nonce": "0x" + nonce.hex(),
+            },
+        },
+    }
+    stolen = post(Client(), {"input": {"text": "private"}}, **{"X-PAYMENT": encode_header(rebuilt)})
+    assert stolen.status_code == 402, stolen.content
+    assert stolen.json()["error"] == "invalid_exact_evm_nonce_already_used"
+    assert first.json()["id"] not in stolen.content.decode()
 
 
 def test_v1_x_payment_header_is_accepted(chain_settings, demo_model, eager_celery) -> None:
@@ -241,11 +285,7 @@ def test_after_success_policy_settles_only_successful_runs(chain_settings, demo_
     payer = chain_settings.payers[6]
     before = token_balance(chain_settings, payer["address"])
 
-    ok = post(
-        Client(),
-        {"input": {"text": "good"}},
-        **{"PAYMENT-SIGNATURE": v2_header(payer["private_key"], requirement())},
-    )
+    ok = post(Client(), {"input": {"text": "good"}}, **{"PAYMENT-SIGNATURE": held_header(payer["private_key"])})
     assert ok.status_code == 201
     done = Client().get(f"/v1/predictions/{ok.json()['id']}").json()
     assert done["status"] == "succeeded" and done["output"] == "good"
@@ -256,16 +296,33 @@ def test_after_success_policy_settles_only_successful_runs(chain_settings, demo_
     ModelVersion.objects.create(
         id="f" * 64, model=demo_model, predictor="tests.predictors.Boom", input_schema=version.input_schema
     )
-    bad = post(
-        Client(),
-        {"input": {"text": "bad"}},
-        **{"PAYMENT-SIGNATURE": v2_header(payer["private_key"], requirement())},
-    )
+    bad = post(Client(), {"input": {"text": "bad"}}, **{"PAYMENT-SIGNATURE": held_header(payer["private_key"])})
     assert bad.status_code == 201
     failed = Client().get(f"/v1/predictions/{bad.json()['id']}").json()
     assert failed["status"] == "failed" and "cannot handle" in failed["error"]
-    assert failed["payment"]["status"] == "expired" and failed["payment"]["transaction"] is None
+    # Released: not settled by us, but only final once the chain says it was never used.
+    assert failed["payment"]["status"] == "lapsing" and failed["payment"]["transaction"] is None
     assert token_balance(chain_settings, payer["address"]) == before - PRICE  # charged nothing more
+
+
+def test_after_success_refuses_a_payment_that_would_lapse_before_the_run_ends(
+    chain_settings, demo_model
+) -> None:
+    """Settled only after the run, a payment must stay valid for the run's time limit: the
+    challenge says so (maxTimeoutSeconds), and a short validBefore is refused up front."""
+    demo_model.settlement_policy = "after_success"
+    demo_model.save()
+    challenge = decode_header(post(Client(), {"input": {"text": "x"}})["PAYMENT-REQUIRED"])
+    assert challenge["accepts"][0]["maxTimeoutSeconds"] >= demo_model.time_limit_seconds + 6
+    short = post(
+        Client(),
+        {"input": {"text": "x"}},
+        **{"PAYMENT-SIGNATURE": v2_header(chain_settings.payers[6]["private_key"], requirement())},
+    )
+    assert short.status_code == 402
+    assert short.json()["error"] == "invalid_exact_evm_payload_authorization_valid_before"
+    assert "600s" in short.json()["message"]
+    assert Payment.objects.count() == 0
 
 
 def test_paid_output_is_withheld_until_the_payment_is_confirmed(
@@ -275,11 +332,7 @@ def test_paid_output_is_withheld_until_the_payment_is_confirmed(
     demo_model.settlement_policy = "after_success"
     demo_model.save()
     payer = chain_settings.payers[7]
-    response = post(
-        Client(),
-        {"input": {"text": "secret"}},
-        **{"PAYMENT-SIGNATURE": v2_header(payer["private_key"], requirement())},
-    )
+    response = post(Client(), {"input": {"text": "secret"}}, **{"PAYMENT-SIGNATURE": held_header(payer["private_key"])})
     Prediction.objects.filter(pk=response.json()["id"]).update(
         status="processing", output="secret", predict_time=0.1
     )

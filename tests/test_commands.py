@@ -44,6 +44,8 @@ def test_settle_pending_then_reconcile_and_report(chain_settings) -> None:
         run("ledger_report", "--from-block", str(first_block))
 
     # A confirmed payment whose transaction the chain does not know is reported.
+    real_hash = Payment.objects.get(pk=payments[0].pk).settle_tx_hash
     Payment.objects.filter(pk=payments[0].pk).update(settle_tx_hash="0x" + "ab" * 32)
     with pytest.raises(CommandError, match="disagree"):
         run("reconcile")
+    Payment.objects.filter(pk=payments[0].pk).update(settle_tx_hash=real_hash)  # undo the forgery

@@ -15,6 +15,7 @@ from x402.mechanisms.evm.exact import register_exact_evm_client
 from payments.models import Payment
 from predictions.models import Prediction
 from tests.conftest import poll_until_done, token_balance, transfer_count
+from tests.payers import record
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chain, pytest.mark.django_db(transaction=True)]
 
@@ -106,14 +107,36 @@ def test_replayed_header_against_the_worker_runs_once(
 
     with ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(send, range(100)))
-    assert sorted({a.status_code for a in answers}) in ([200, 201], [201])
+    # Without a payment-identifier nothing tells a retry from a thief replaying a public
+    # authorization: one 201, and every other answer a 402 that reveals nothing of it.
     assert [a.status_code for a in answers].count(201) == 1
-    ids = {a.json()["id"] for a in answers}
-    assert len(ids) == 1
-    prediction = poll_until_done(answers[0].json()["urls"]["get"])
+    [first] = [a for a in answers if a.status_code == 201]
+    for refused in (a for a in answers if a.status_code != 201):
+        assert refused.status_code == 402, refused.text
+        assert refused.json()["error"] == "invalid_exact_evm_nonce_already_used"
+        assert first.json()["id"] not in refused.text
+    prediction = poll_until_done(first.json()["urls"]["get"])
     assert prediction["status"] == "succeeded"
     assert Payment.objects.count() == 1 and Prediction.objects.count() == 1
     assert transfer_count(chain, chain.pay_to) == transfers_before + 1
+
+    # With a payment-identifier (x402's idempotency key), every retry gets the one prediction.
+    from payments.x402.codec import decode_header, encode_header
+
+    fresh = http.encode_payment_signature_header(client.create_payment_payload(required))
+    name = next(iter(fresh))
+    payload = decode_header(fresh[name])
+    payload["extensions"] = {"payment-identifier": {"info": {"required": False, "id": "retry_" + "a1b2" * 6}}}
+    headers = {name: encode_header(payload)}
+    barrier.reset()
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(send, range(100)))
+    assert [a.status_code for a in answers].count(201) == 1, [a.status_code for a in answers]
+    assert {a.status_code for a in answers} == {200, 201}
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert Payment.objects.count() == 2 and Prediction.objects.count() == 2
+    poll_until_done(answers[0].json()["urls"]["get"])
+    assert transfer_count(chain, chain.pay_to) == transfers_before + 2
 
 
 def test_worker_killed_between_signing_and_broadcast_settles_once(
@@ -127,22 +150,16 @@ def test_worker_killed_between_signing_and_broadcast_settles_once(
 
     from django.db import transaction
 
-    from payments import ledger
     from payments.options import payment_options
     from payments.tasks import settle_payment
-    from payments.x402.types import Requirement, Resource, parse_payload
-    from payments.x402.verify import verify_exact
+    from payments.x402.types import Requirement
     from tests.conftest import rpc, start_worker
-    from tests.payers import sign_authorization, v2_payload
 
     chain = chain_settings
     payer = chain.payers[3]
     req = Requirement(payment_options()[0], PRICE)
-    verified = verify_exact(
-        parse_payload(v2_payload(req, sign_authorization(payer["private_key"], req))), [req], int(time.time())
-    )
+    payment = record(payer["private_key"], req, fingerprint="kill")
     with transaction.atomic():
-        payment = ledger.record(verified, resource=Resource("http://test/"), fingerprint="kill")
         prediction = Prediction.objects.create(
             model=demo_model, version=demo_model.latest_version, input={"text": "survives"}, payment=payment
         )
@@ -187,16 +204,13 @@ def test_two_worker_processes_settle_many_payments_without_nonce_collisions(
 ) -> None:
     """Two more worker processes (four slots) and the module's worker settle 24 payments sharing
     one relayer: all confirmed, relayer nonces contiguous."""
-    from django.db import transaction
     from eth_account import Account
 
-    from payments import devchain, ledger
+    from payments import devchain
     from payments.options import payment_options
     from payments.tasks import settle_payment
-    from payments.x402.types import Requirement, Resource, parse_payload
-    from payments.x402.verify import verify_exact
+    from payments.x402.types import Requirement
     from tests.conftest import rpc, send_as_mint, start_worker
-    from tests.payers import sign_authorization, v2_payload
 
     chain = chain_settings
     req = Requirement(payment_options()[0], PRICE)
@@ -204,13 +218,7 @@ def test_two_worker_processes_settle_many_payments_without_nonce_collisions(
     for _ in range(24):
         account = Account.create()
         send_as_mint(chain, account.address, PRICE)
-        verified = verify_exact(
-            parse_payload(v2_payload(req, sign_authorization(account.key.hex(), req))),
-            [req],
-            int(time.time()),
-        )
-        with transaction.atomic():
-            payments.append(ledger.record(verified, resource=Resource("http://test/"), fingerprint="two"))
+        payments.append(record(account.key.hex(), req, fingerprint="two"))
     start = int(rpc(chain.rpc_url, "eth_getTransactionCount", [chain.relayer_address, "latest"]), 16)
     queue = celery_worker_process["queue"]
     workers = [start_worker(chain, tmp_path / f"w{i}.log", queue, beat=False) for i in range(2)]

@@ -13,9 +13,11 @@ from eth_account import Account
 
 from payments.models import Payment
 from payments.options import payment_options
+from payments.tasks import reconcile
 from payments.x402.codec import decode_header
 from payments.x402.types import Requirement
-from tests.conftest import option_settings, token_balance
+from predictions.models import Prediction
+from tests.conftest import fresh_payer, option_settings, token_balance
 from tests.payers import sign_authorization, v2_header, v2_payload
 from tests.sdk_facilitator import serve_sdk_facilitator
 
@@ -76,10 +78,87 @@ def test_our_facilitator_api_verifies_and_settles_once(facilitator_api) -> None:
     settled = _post("settle", body).json()
     assert settled["success"] is True and settled["transaction"].startswith("0x"), settled
     assert token_balance(chain, chain.pay_to) == before + PRICE
+    # Once used on chain, the same proof is no longer valid: a replay neither verifies nor is
+    # answered with the old hash (its client would take it as a new payment).
+    assert _post("verify", body).json()["invalidReason"] == "invalid_exact_evm_nonce_already_used"
     again = _post("settle", body).json()
-    assert again["success"] is True and again["transaction"] == settled["transaction"]
+    assert again["success"] is False and again["errorReason"] == "invalid_exact_evm_nonce_already_used"
+    assert again["transaction"] == ""
     assert token_balance(chain, chain.pay_to) == before + PRICE
     assert Payment.objects.get().verification == "facilitator-api"
+
+
+def test_a_forged_proof_for_a_known_payer_and_nonce_is_invalid(facilitator_api) -> None:
+    """Payer and nonce are public once a payment settles. A body that reuses them with another
+    recipient and amount, and a signature nobody made, used to be answered isValid: true."""
+    chain = facilitator_api
+    body = _body(chain, 0)
+    assert _post("settle", body).json()["success"] is True
+    forged = json.loads(json.dumps(body))
+    auth = forged["paymentPayload"]["payload"]["authorization"]
+    thief = Account.create().address
+    auth["to"], auth["value"] = thief, "1000000"
+    forged["paymentPayload"]["payload"]["signature"] = "0x" + "11" * 65
+    forged["paymentPayload"]["accepted"].update(payTo=thief, amount="1000000")
+    forged["paymentRequirements"].update(payTo=thief, amount="1000000")
+    verdict = _post("verify", forged).json()
+    assert verdict["isValid"] is False, verdict
+    assert verdict["invalidReason"] == "invalid_exact_evm_payload_signature"
+    settle = _post("settle", forged).json()
+    assert settle["success"] is False and settle["transaction"] == ""
+    assert Payment.objects.count() == 1
+
+
+def test_a_facilitator_failure_answer_does_not_outvote_the_chain(chain, demo_model, eager_celery) -> None:
+    """The facilitator mined the settlement but answered failure (a timeout on its side): the
+    ledger must book the payment as paid, with the hash that moved the money."""
+
+    def lost_answer(answer: dict) -> dict:
+        return {"success": False, "errorReason": "unexpected_settle_error", "transaction": "", "network": chain.network}
+
+    with (
+        serve_sdk_facilitator(chain.rpc_url, chain.spare_keys[0], chain.network, lost_answer) as (url, _),
+        override_settings(**option_settings(chain, facilitator_url=url)),
+    ):
+        payer = fresh_payer(chain)
+        before = token_balance(chain, payer["address"])
+        response = pay_echo(payer["private_key"], Requirement(payment_options()[0], PRICE), "lost answer")
+        assert response.status_code == 201, response.content
+        prediction = Client().get(f"/v1/predictions/{response.json()['id']}").json()
+        payment = Payment.objects.get()
+    assert token_balance(chain, payer["address"]) == before - PRICE
+    assert payment.status == "confirmed" and payment.settle_tx_hash
+    assert prediction["status"] == "succeeded" and prediction["output"] == "lost answer"
+
+
+def test_a_facilitator_hash_that_never_mines_is_resolved_from_the_chain(chain, demo_model, monkeypatch) -> None:
+    """The facilitator reports one hash, but the transaction that lands is another (it replaced
+    its own): when the reported one never mines, the chain shows what did."""
+    from payments import settlement
+
+    def other_hash(answer: dict) -> dict:
+        return {**answer, "transaction": "0x" + "ee" * 32}
+
+    with (
+        serve_sdk_facilitator(chain.rpc_url, chain.spare_keys[0], chain.network, other_hash) as (url, _),
+        override_settings(**option_settings(chain, facilitator_url=url)),
+    ):
+        payer = fresh_payer(chain)
+        response = pay_echo(payer["private_key"], Requirement(payment_options()[0], PRICE), "replaced")
+        assert response.status_code == 201, response.content
+        payment = settlement.settle(Payment.objects.get().pk, wait_seconds=0.2)
+        assert payment.status == "settling" and payment.settle_tx_hash == "0x" + "ee" * 32
+        monkeypatch.setattr(time, "time", lambda: payment.valid_before + settlement.LAPSE_MARGIN_SECONDS + 1)
+        from x402site.celery import app
+
+        app.conf.task_always_eager = True  # the run the payment bought, inline
+        try:
+            reconcile()
+        finally:
+            app.conf.task_always_eager = False
+        payment.refresh_from_db()
+    assert payment.status == "confirmed" and payment.settle_tx_hash != "0x" + "ee" * 32
+    assert "replaced" in Prediction.objects.get().output
 
 
 def test_official_facilitator_client_against_our_api(facilitator_api, live_server) -> None:

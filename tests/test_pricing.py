@@ -13,7 +13,7 @@ from django.test import Client
 
 from payments.models import HardwareTier, PriceChange
 from payments.options import payment_options
-from payments.pricing import atomic_amount, quote
+from payments.pricing import PriceRule, PricingError, atomic_amount
 from payments.x402.codec import decode_header
 from payments.x402.types import Requirement
 from tests.payers import v2_header
@@ -39,23 +39,64 @@ D = Decimal
             {"num_outputs": 3},
             D("0.07"),
         ),
-        (
-            {"mode": "flat", "price": "0", "unit_field": "n", "unit_price": "0.5", "unit_default": 1},
-            {},
-            D("0.5"),
-        ),
+        ({"mode": "flat", "price": "0", "unit_field": "n", "unit_price": "0.5"}, {}, D("0.5")),
     ],
 )
 def test_rules(rule, inputs, expected) -> None:
-    assert quote(rule, inputs) == expected
+    parsed = PriceRule.from_snapshot(rule)
+    assert parsed.quote(inputs) == expected
+    assert PriceRule.from_snapshot(parsed.snapshot()) == parsed  # the history's JSON round-trips
 
 
-@pytest.mark.parametrize("value", [-1, "3", 1.5, True])
+@pytest.mark.parametrize("value", [-1, "3", 1.5, True, 10**5000], ids=["neg", "str", "float", "bool", "huge"])
 def test_unit_pricing_refuses_bad_counts(value) -> None:
-    from payments.pricing import PricingError
-
     with pytest.raises(PricingError):
-        quote({"mode": "flat", "price": "0", "unit_field": "n", "unit_price": "1"}, {"n": value})
+        PriceRule.from_snapshot({"mode": "flat", "price": "0", "unit_field": "n", "unit_price": "1"}).quote(
+            {"n": value}
+        )
+
+
+def test_a_paid_rule_never_quotes_zero() -> None:
+    rule = PriceRule.from_snapshot({"mode": "flat", "price": "0", "unit_field": "n", "unit_price": "0.5"})
+    with pytest.raises(PricingError):
+        rule.quote({"n": 0})
+    assert PriceRule(is_free=True).quote({"n": 0}) == 0
+
+
+def _unit_priced(model, default: int | None) -> None:
+    """Price the demo model per ``n`` (0.01 USDC each, nothing flat), ``n`` defaulting to ``default``."""
+    version = model.latest_version
+    spec: dict = {"type": "integer", "minimum": 0}
+    if default is not None:
+        spec["default"] = default
+    version.input_schema = {**version.input_schema, "properties": {**version.input_schema["properties"], "n": spec}}
+    version.save()
+    model.price, model.unit_field, model.unit_price = D(0), "n", D("0.01")
+    model.save()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_omitted_unit_field_is_priced_at_its_schema_default(chain_settings, demo_model) -> None:
+    """The run gets the schema's default (4 outputs): the price must be for 4, not 1."""
+    _unit_priced(demo_model, default=4)
+    challenge = Client().post(URL, data={"input": {"text": "x"}}, content_type="application/json")
+    assert challenge.status_code == 402
+    assert decode_header(challenge["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == "40000"
+    explicit = Client().post(URL, data={"input": {"text": "x", "n": 2}}, content_type="application/json")
+    assert decode_header(explicit["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == "20000"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_zero_unit_count_never_makes_a_paid_model_free(chain_settings, demo_model, eager_celery) -> None:
+    """0 outputs on a model priced only per output used to price at 0, and the gate then ran it
+    without asking for payment."""
+    from predictions.models import Prediction
+
+    _unit_priced(demo_model, default=1)
+    response = Client().post(URL, data={"input": {"text": "free?", "n": 0}}, content_type="application/json")
+    assert response.status_code == 422, response.content
+    assert "n" in response.json()["invalid_fields"]
+    assert Prediction.objects.count() == 0
 
 
 @pytest.mark.parametrize(

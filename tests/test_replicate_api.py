@@ -23,7 +23,7 @@ from payments.x402.types import Requirement
 from predictions.models import Prediction
 from predictions.webhooks import sign
 from tests.conftest import token_balance
-from tests.payers import v2_header
+from tests.payers import v2_header, v2_header_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
@@ -38,10 +38,11 @@ def post(body: dict, **headers: str):
 
 
 def paid(chain, payer: int, body: dict, **headers: str):
+    """Ask for the challenge, then pay it as the official clients do."""
+    challenge = post(body, **headers)
+    assert challenge.status_code == 402, challenge.content
     key = chain.payers[payer]["private_key"]
-    return post(
-        body, **{"PAYMENT-SIGNATURE": v2_header(key, Requirement(payment_options()[0], PRICE)), **headers}
-    )
+    return post(body, **{"PAYMENT-SIGNATURE": v2_header_for(key, challenge["PAYMENT-REQUIRED"]), **headers})
 
 
 @pytest.fixture
@@ -85,7 +86,7 @@ def test_list_by_operator_token_or_payer_proof(chain_settings, demo_model, no_ta
 def test_cancel_before_the_run_releases_the_payment(chain_settings, demo_model, no_tasks) -> None:
     created = paid(chain_settings, 2, {"input": {"text": "never"}}).json()
     canceled = Client().post(created["urls"]["cancel"].replace("http://testserver", "")).json()
-    assert canceled["status"] == "canceled" and canceled["payment"]["status"] == "expired"
+    assert canceled["status"] == "canceled" and canceled["payment"]["status"] == "lapsing"  # released
     from predictions.tasks import run_prediction
 
     assert run_prediction(created["id"]) == "skipped"  # a late task runs nothing
@@ -102,7 +103,7 @@ def test_cancel_after_aborts_a_prediction_that_has_not_started(chain_settings, d
     run_prediction(created["id"])
     aborted = Client().get(f"/v1/predictions/{created['id']}").json()
     assert aborted["status"] == "canceled" and aborted["error"].startswith("aborted")
-    assert Payment.objects.get().status == "expired"  # not charged
+    assert Payment.objects.get().status == "lapsing"  # released: not charged
     assert post({"input": {"text": "x"}}, **{"Cancel-After": "soon"}).status_code == 400
 
 
@@ -119,7 +120,7 @@ def test_sweep_fails_a_run_whose_worker_died(chain_settings, demo_model, no_task
     assert sweep()["lost"] == 1
     body = Client().get(f"/v1/predictions/{created['id']}").json()
     assert body["status"] == "failed" and "lost" in body["error"]
-    assert body["payment"]["status"] == "expired"  # after_success: no success, no charge
+    assert body["payment"]["status"] == "lapsing"  # after_success: no success, released
 
 
 @pytest.mark.parametrize(
@@ -308,5 +309,5 @@ def test_worker_killed_mid_run_never_runs_twice(
     settings.X402_PREDICTION_LOST_AFTER = 0
     assert sweep()["lost"] == 1
     body = Client().get(f"/v1/predictions/{prediction_id}").json()
-    assert body["status"] == "failed" and body["payment"]["status"] == "expired"
+    assert body["status"] == "failed" and body["payment"]["status"] == "lapsing"
     assert runs.read_text().splitlines() == ["once"]

@@ -148,7 +148,8 @@ def _payment_options() -> tuple[list[dict], str]:
             "asset_version": env.str("X402_ASSET_VERSION", default="2"),
             "pay_to": env.str("X402_PAY_TO"),
             "decimals": env.int("X402_ASSET_DECIMALS", default=6),
-            "confirmations": env.int("X402_CONFIRMATIONS", default=1),
+            # Unset: a safe depth for the network (payments.x402.networks.DEFAULT_CONFIRMATIONS).
+            "confirmations": env.int("X402_CONFIRMATIONS", default=None),
             "max_timeout_seconds": env.int("X402_MAX_TIMEOUT_SECONDS", default=300),
         }
         return [option], relayer_key
@@ -166,6 +167,11 @@ X402_SETTLE_MARGIN_SECONDS = env.int("X402_SETTLE_MARGIN_SECONDS", default=6)
 X402_CLOCK_SKEW_SECONDS = env.int("X402_CLOCK_SKEW_SECONDS", default=30)
 #: Timeout for each JSON-RPC call made while a request waits.
 X402_RPC_TIMEOUT_SECONDS = env.float("X402_RPC_TIMEOUT_SECONDS", default=5.0)
+
+#: Where to look for an authorization's use when its first block is unknown, and the widest
+#: eth_getLogs span to ask for (providers cap it).
+X402_LOG_LOOKBACK_BLOCKS = env.int("X402_LOG_LOOKBACK_BLOCKS", default=50_000)
+X402_LOG_SPAN_BLOCKS = env.int("X402_LOG_SPAN_BLOCKS", default=2_000)
 
 #: A settlement not mined this long after it was signed is re-signed with higher fees.
 X402_STUCK_AFTER_SECONDS = env.int("X402_STUCK_AFTER_SECONDS", default=120)

@@ -15,6 +15,28 @@ V1_NAMES: dict[int, str] = {
 }
 
 
+#: Blocks a settlement must be buried under before it counts as confirmed, when an option does
+#: not say (docs/deploy.md explains the choice). Ethereum: 12 blocks (~2.4 min; finality is ~2
+#: epochs). OP-stack L2s (Base): a few sequencer blocks. Polygon PoS: deep enough for its past
+#: reorgs. Avalanche: single-slot finality. anvil: a dev chain reorgs only when told to.
+DEFAULT_CONFIRMATIONS: dict[int, int] = {
+    1: 12,
+    8453: 5,
+    84532: 2,
+    137: 32,
+    80002: 8,
+    43114: 1,
+    43113: 1,
+    31337: 1,
+}
+#: For a chain not listed above.
+UNKNOWN_CHAIN_CONFIRMATIONS = 5
+
+
+def default_confirmations(chain_id: int) -> int:
+    return DEFAULT_CONFIRMATIONS.get(chain_id, UNKNOWN_CHAIN_CONFIRMATIONS)
+
+
 def caip2(chain_id: int) -> str:
     return f"eip155:{chain_id}"
 

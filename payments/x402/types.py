@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .codec import DecodeError
 from .eip712 import Authorization
@@ -16,6 +17,8 @@ _NONCE = re.compile(r"0x[0-9a-fA-F]{64}")
 _HEX = re.compile(r"0x(?:[0-9a-fA-F]{2})+")
 _UINT = re.compile(r"[0-9]{1,78}")
 UINT256_MAX = 2**256 - 1
+#: Room a held payment's ``maxTimeoutSeconds`` leaves beyond the hold (queueing, settlement).
+HOLD_SLACK_SECONDS = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +59,20 @@ class Resource:
 
 @dataclass(frozen=True, slots=True)
 class Requirement:
-    """What one request costs through one payment option."""
+    """What one request costs through one payment option.
+
+    ``hold_seconds``: how long after acceptance the authorization must still be settleable
+    beyond the settle margin (a run that is settled only after it finishes); the challenge's
+    ``maxTimeoutSeconds`` grows to leave the payer room for it.
+    """
 
     option: PaymentOption
     amount: int
+    hold_seconds: int = 0
+
+    @property
+    def max_timeout_seconds(self) -> int:
+        return max(self.option.max_timeout_seconds, self.hold_seconds + HOLD_SLACK_SECONDS)
 
     def extra(self) -> dict[str, str]:
         return {"name": self.option.asset_name, "version": self.option.asset_version}
@@ -71,7 +84,7 @@ class Requirement:
             "amount": str(self.amount),
             "asset": self.option.asset,
             "payTo": self.option.pay_to,
-            "maxTimeoutSeconds": self.option.max_timeout_seconds,
+            "maxTimeoutSeconds": self.max_timeout_seconds,
             "extra": self.extra(),
         }
 
@@ -84,7 +97,7 @@ class Requirement:
             "description": resource.description,
             "mimeType": resource.mime_type,
             "payTo": self.option.pay_to,
-            "maxTimeoutSeconds": self.option.max_timeout_seconds,
+            "maxTimeoutSeconds": self.max_timeout_seconds,
             "asset": self.option.asset,
             "extra": self.extra(),
         }
@@ -157,6 +170,8 @@ class PaymentPayload:
     signature: bytes
     authorization: Authorization
     accepted: dict[str, Any] | None = None
+    #: v2: the path of the resource the payer says it paid for (None when it names none).
+    resource_path: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -186,6 +201,23 @@ def _uint(obj: dict[str, Any], key: str) -> int:
     return int(text)
 
 
+def _resource_path(obj: dict[str, Any]) -> str | None:
+    resource = obj.get("resource")
+    if resource is None:
+        return None
+    if not isinstance(resource, dict):
+        raise DecodeError("resource must be an object")
+    url = resource.get("url")
+    if url is None:
+        return None
+    if not isinstance(url, str) or len(url) > 2048:
+        raise DecodeError("resource.url must be a URL")
+    try:
+        return urlsplit(url).path
+    except ValueError:
+        raise DecodeError("resource.url is not a URL") from None
+
+
 def parse_payload(obj: dict[str, Any]) -> PaymentPayload:
     """Type-check a decoded payment header of either generation."""
     version = obj.get("x402Version")
@@ -212,6 +244,7 @@ def parse_payload(obj: dict[str, Any]) -> PaymentPayload:
     if not _NONCE.fullmatch(nonce):
         raise DecodeError("authorization.nonce must be 0x-prefixed 32-byte hex")
     return PaymentPayload(
+        resource_path=_resource_path(obj) if version == 2 else None,
         x402_version=version,
         scheme=scheme,
         network=network,

@@ -100,14 +100,16 @@ def _check_one(
         raise PaymentRejected(RECIPIENT_MISMATCH, "authorization.to is not our pay-to address")
     if auth.value != req.amount:
         raise PaymentRejected(VALUE_MISMATCH, f"authorization.value must be exactly {req.amount}")
-    if auth.valid_before < now + settle_margin:
-        raise PaymentRejected(VALID_BEFORE, f"validBefore must leave at least {settle_margin}s to settle")
-    if auth.valid_after > now + clock_skew:
+    if auth.valid_before < now + settle_margin + req.hold_seconds:
+        needed = settle_margin + req.hold_seconds
+        why = f" (the run may take {req.hold_seconds}s and is settled after it)" if req.hold_seconds else ""
+        raise PaymentRejected(VALID_BEFORE, f"validBefore must leave at least {needed}s to settle{why}")
+    if auth.valid_after > now:  # as the reference facilitator: it could not be settled yet
         raise PaymentRejected(VALID_AFTER, "validAfter is in the future")
-    if auth.valid_before > now + req.option.max_timeout_seconds + clock_skew:
+    if auth.valid_before > now + req.max_timeout_seconds + clock_skew:
         raise PaymentRejected(
             VALIDITY_TOO_LONG,
-            f"validBefore may be at most maxTimeoutSeconds ({req.option.max_timeout_seconds}s) ahead",
+            f"validBefore may be at most maxTimeoutSeconds ({req.max_timeout_seconds}s) ahead",
         )
     separator = _separator(
         req.option.asset_name, req.option.asset_version, req.option.chain_id, req.option.asset
@@ -136,9 +138,13 @@ def verify_exact(
     """Return the requirement this payload validly pays, or raise PaymentRejected.
 
     ``settle_margin``: seconds ``validBefore`` must still leave for the settlement to land.
-    ``clock_skew``: tolerance for the payer's clock on ``validAfter`` and the window length.
+    ``clock_skew``: tolerance for the payer's clock on the window length.
     ``contract_signers``: a signature that is not ``from``'s ECDSA signature is passed on as
     ``contract_signature`` (to be checked with EIP-1271 on chain) instead of refused.
+
+    Several requirements may share the payload's network (a v1 payload names no asset): the one
+    whose EIP-712 domain the signature recovers under wins; a contract signature must be
+    unambiguous, since only the chain can say which domain it approves.
     """
     if payload.scheme != SCHEME_EXACT:
         raise PaymentRejected(UNSUPPORTED_SCHEME, f"scheme {payload.scheme!r} is not offered")
@@ -146,10 +152,22 @@ def verify_exact(
     if not candidates:
         raise PaymentRejected(NETWORK_MISMATCH, f"network {payload.network!r} is not offered")
     first_error: PaymentRejected | None = None
+    contract: list[VerifiedPayment] = []
     for req in candidates:
         try:
-            return _check_one(payload, req, now, settle_margin, clock_skew, contract_signers)
+            verified = _check_one(payload, req, now, settle_margin, clock_skew, contract_signers)
         except PaymentRejected as exc:
             first_error = first_error or exc
+            continue
+        if not verified.contract_signature:
+            return verified
+        contract.append(verified)
+    if len(contract) == 1:
+        return contract[0]
+    if contract:
+        raise PaymentRejected(
+            INVALID_SIGNATURE,
+            "not from's ECDSA signature, and several assets on this network could be meant: pay with x402 v2",
+        )
     assert first_error is not None
     raise first_error

@@ -83,9 +83,23 @@ def test_valid_before_must_leave_the_settle_margin() -> None:
 
 
 def test_valid_after_in_the_future() -> None:
+    """As the reference facilitator: a payment that could not be settled yet is refused now, not
+    accepted and then failed at simulation."""
     now = int(time.time())
-    rejected(v2_payload(REQ, sign_authorization(KEY, REQ, valid_after=now + 31)), V.VALID_AFTER, now=now)
-    check(v2_payload(REQ, sign_authorization(KEY, REQ, valid_after=now + 30)), now=now)
+    rejected(v2_payload(REQ, sign_authorization(KEY, REQ, valid_after=now + 1)), V.VALID_AFTER, now=now)
+    check(v2_payload(REQ, sign_authorization(KEY, REQ, valid_after=now)), now=now)
+
+
+def test_a_held_payment_must_stay_valid_through_the_run() -> None:
+    """A payment settled after the run (after_success) must outlive the run's time limit: the
+    challenge's maxTimeoutSeconds grows to allow it, and a shorter validBefore is refused."""
+    now = int(time.time())
+    held = Requirement(OPTION, 10_000, hold_seconds=600)
+    assert held.v2()["maxTimeoutSeconds"] == held.max_timeout_seconds >= 600 + 6
+    rejected(
+        v2_payload(held, sign_authorization(KEY, held, valid_before=now + 300)), V.VALID_BEFORE, now=now, reqs=[held]
+    )
+    check(v2_payload(held, sign_authorization(KEY, held, valid_before=now + 700)), now=now, reqs=[held])
 
 
 def test_window_longer_than_offered() -> None:
@@ -127,6 +141,32 @@ def test_second_option_on_same_network_is_found() -> None:
         10_000,
     )
     check(v2_payload(REQ, sign_authorization(KEY, REQ)), reqs=[other, REQ])
+
+
+def test_v1_payment_on_several_options_picks_the_domain_it_was_signed_for() -> None:
+    """A v1 payload names no asset. With contract wallets allowed, the first option with the
+    right amount used to be taken as a contract signature for the wrong token."""
+    other = Requirement(
+        PaymentOption(**{**{f: getattr(OPTION, f) for f in OPTION.__slots__}, "asset": "0x" + "55" * 20}),
+        10_000,
+    )
+    payload = parse_payload(v1_payload(REQ, sign_authorization(KEY, REQ)))
+    verified = V.verify_exact(payload, [other, REQ], int(time.time()), contract_signers=True)
+    assert verified.requirement == REQ and not verified.contract_signature
+    # A signature neither domain recovers could be a contract wallet's for either: refused.
+    stranger = sign_authorization(KEY, REQ, domain={"name": "Other"})
+    with pytest.raises(V.PaymentRejected) as info:
+        V.verify_exact(parse_payload(v1_payload(REQ, stranger)), [other, REQ], int(time.time()), contract_signers=True)
+    assert info.value.reason == V.INVALID_SIGNATURE
+
+
+def test_an_unparsable_resource_url_is_a_decode_error() -> None:
+    obj = v2_payload(REQ, sign_authorization(KEY, REQ), resource_url="http://[::1")
+    with pytest.raises(DecodeError):
+        parse_payload(obj)
+    obj["resource"] = "not an object"
+    with pytest.raises(DecodeError):
+        parse_payload(obj)
 
 
 @pytest.mark.parametrize(

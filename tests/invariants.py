@@ -1,0 +1,105 @@
+"""The ledger-versus-chain invariant, checked the way an auditor would: from raw chain reads,
+with none of the settlement code's helpers.
+
+For every ledger row:
+- its authorization used on chain (``authorizationState``) => the row is SETTLED or CONFIRMED,
+  or was canceled by the payer (then FAILED, with an ``AuthorizationCanceled`` log);
+- the row SETTLED or CONFIRMED => the receipt of its ``settle_tx_hash`` has status 1 and a
+  ``Transfer(payer, pay_to, amount)`` log of its token, and the authorization is used;
+- the row FAILED or EXPIRED => the authorization was never used to move money.
+Nothing else passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+from eth_utils import keccak
+
+TRANSFER = "0x" + keccak(text="Transfer(address,address,uint256)").hex()
+CANCELED = "0x" + keccak(text="AuthorizationCanceled(address,bytes32)").hex()
+STATE = "0x" + keccak(text="authorizationState(address,bytes32)").hex()[:8]
+PAID = {"settled", "confirmed"}
+UNPAID = {"failed", "expired"}
+
+
+def _call(url: str, method: str, params: list[Any]) -> Any:
+    body = requests.post(url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, timeout=10).json()
+    if "error" in body:
+        raise RuntimeError(f"{method}: {body['error']}")
+    return body["result"]
+
+
+def _word(address: str) -> str:
+    return "0x" + address[2:].lower().rjust(64, "0")
+
+
+def authorization_used(url: str, asset: str, payer: str, nonce: str) -> bool:
+    data = STATE + _word(payer)[2:] + nonce[2:].lower()
+    return int(_call(url, "eth_call", [{"to": asset, "data": data}, "latest"]), 16) != 0
+
+
+def pays(url: str, tx_hash: str | None, asset: str, payer: str, pay_to: str, amount: int) -> bool:
+    """The transaction succeeded and moved exactly ``amount`` of ``asset`` from payer to pay_to."""
+    if not tx_hash or len(tx_hash) != 66:
+        return False
+    try:
+        receipt = _call(url, "eth_getTransactionReceipt", [tx_hash])
+    except RuntimeError:
+        return False
+    if not receipt or int(receipt["status"], 16) != 1:
+        return False
+    return any(
+        log["address"].lower() == asset.lower()
+        and [t.lower() for t in log["topics"]] == [TRANSFER, _word(payer), _word(pay_to)]
+        and int(log["data"], 16) == amount
+        for log in receipt["logs"]
+    )
+
+
+def canceled(url: str, asset: str, payer: str, nonce: str) -> bool:
+    logs = _call(
+        url,
+        "eth_getLogs",
+        [{"address": asset, "fromBlock": "0x0", "toBlock": "latest", "topics": [CANCELED, _word(payer), nonce.lower()]}],
+    )
+    return bool(logs)
+
+
+def violations(url: str) -> list[str]:
+    """Every ledger row that the chain contradicts, described."""
+    from payments.models import Payment
+
+    found = []
+    for p in Payment.objects.all():
+        amount = int(p.amount)
+        used = authorization_used(url, p.asset, p.payer, p.nonce)
+        paid = pays(url, p.settle_tx_hash, p.asset, p.payer, p.pay_to, amount)
+        if p.status in PAID and not (paid and used):
+            found.append(f"{p.pk} is {p.status} but {p.settle_tx_hash} carries no Transfer of {amount} to pay-to")
+        if used and p.status not in PAID and not (p.status == "failed" and canceled(url, p.asset, p.payer, p.nonce)):
+            found.append(f"{p.pk} is {p.status} but its authorization was used on chain")
+        if p.status in UNPAID and paid:
+            found.append(f"{p.pk} is {p.status} but {p.settle_tx_hash} paid it")
+    return found
+
+
+def settle_the_ledger(passes: int = 6) -> None:
+    """Let the reconciler finish what it can (as its beat would), until nothing changes."""
+    from payments.models import Payment
+    from payments.settlement import reconcile_open
+
+    before = None
+    for _ in range(passes):
+        reconcile_open()
+        now = list(Payment.objects.order_by("pk").values_list("pk", "status", "settle_tx_hash"))
+        if now == before:
+            return
+        before = now
+
+
+def assert_ledger_agrees_with_chain(url: str) -> None:
+    settle_the_ledger()
+    found = violations(url)
+    assert not found, "the ledger contradicts the chain:\n" + "\n".join(found)
