@@ -40,8 +40,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     S.VERIFIED: frozenset({S.SETTLING, S.LAPSING}),
     # A signed transaction that never reached a block may be re-signed (SETTLING -> SETTLING).
     S.SETTLING: frozenset({S.SETTLING, S.SETTLED, S.CONFIRMED, S.LAPSING}),
-    # A reorg can drop a mined settlement: back to SETTLING to rebroadcast the stored transaction.
-    S.SETTLED: frozenset({S.CONFIRMED, S.SETTLING}),
+    # A reorg can drop a mined settlement: back to SETTLING to rebroadcast the stored transaction;
+    # re-mined on the new fork, it may revert (someone else's use got in first): LAPSING.
+    S.SETTLED: frozenset({S.CONFIRMED, S.SETTLING, S.LAPSING}),
     # The chain shows the authorization used (by anyone): SETTLING with the transaction that did it.
     S.LAPSING: frozenset({S.SETTLING, S.FAILED, S.EXPIRED}),
     S.CONFIRMED: frozenset(),

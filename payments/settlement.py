@@ -136,6 +136,10 @@ def _revert_message(exc: RpcError) -> str:
     return str(exc)[:500]
 
 
+class UseNotFound(RuntimeError):
+    """The chain says the authorization was used, but not (within the searched blocks) by what."""
+
+
 def chain_use(p: Payment) -> AuthorizationUse:
     """The chain's word on this payment's authorization: used (by which transaction) or not."""
     conf = for_payment(p.network, p.asset)
@@ -189,7 +193,11 @@ def resolve_lapsing(payment_id: Any) -> Payment:
             )
         elif use.used:
             # Used, but the transaction lies outside the searched blocks: never call it unpaid.
-            log.error("payment %s: authorization used on chain, transaction not found since block %s", p.pk, use.searched_from)
+            # Raised, so the reconciler counts it, backs off and keeps it in sight.
+            raise UseNotFound(
+                f"payment {p.pk}: authorization used on chain, no log of it since block {use.searched_from} "
+                "(raise X402_LOG_LOOKBACK_BLOCKS or set search_from_block)"
+            )
         elif has_lapsed(p, use):
             p.advance(UnpaidReason(p.unpaid_reason).final_status, detail={"chain": chain})
     if p.status == S.SETTLING:
