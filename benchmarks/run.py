@@ -474,10 +474,10 @@ def bench_reconciliation(sizes: list[int]) -> list[dict[str, Any]]:
     calls = {"batches": 0, "calls": 0}
     real_batch = chain_module.rpc_batch
 
-    def counting(url: str, batch: list, timeout: float | None = None) -> list:
+    def counting(url: str, batch: list, timeout: float | None = None, **kw: object) -> list:
         calls["batches"] += 1
         calls["calls"] += len(batch)
-        return real_batch(url, batch, timeout)
+        return real_batch(url, batch, timeout, **kw)
 
     settlement.rpc_batch = counting  # type: ignore[assignment]
     try:
