@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -20,6 +21,7 @@ from . import reports
 from .chain import ChainUnavailable, rpc
 from .charts import bar_chart
 from .exports import Export
+from .idempotency import redact_payload
 from .models import HardwareTier, LedgerExport, Payment, PaymentEvent, PriceChange
 from .options import configured
 from .reports import LedgerFilter
@@ -66,12 +68,18 @@ class PaymentAdmin(ReadOnlyAdmin):
     search_fields = ("id", "payer", "settle_tx_hash", "nonce")
     date_hierarchy = "created_at"
     inlines = [PaymentEventInline]
-    exclude = ("settle_raw_tx",)
+    #: Not shown: the raw transaction, and the payload as received (its payment-identifier is
+    #: the payer's idempotency key: with it, anyone could fetch the prediction it bought).
+    exclude = ("settle_raw_tx", "payload")
     actions = ["export_csv", "export_xlsx"]
     change_list_template = "admin/payments/payment/change_list.html"
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
-        return [f.name for f in Payment._meta.fields if f.name != "settle_raw_tx"]
+        return [f.name for f in Payment._meta.fields if f.name not in self.exclude] + ["payload_redacted"]
+
+    @admin.display(description="Payload (payment-identifier redacted)")
+    def payload_redacted(self, obj: Payment) -> str:
+        return json.dumps(redact_payload(obj.payload), indent=2, sort_keys=True)
 
     def has_export_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("payments.export_payment")

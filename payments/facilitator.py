@@ -11,10 +11,10 @@ import time
 from typing import Any
 
 import requests
+from django.conf import settings
 
 log = logging.getLogger("payments.facilitator")
 
-TIMEOUT_SECONDS = 10.0
 RETRIES = 2
 
 
@@ -23,12 +23,12 @@ class FacilitatorUnavailable(Exception):
 
 
 class FacilitatorClient:
-    def __init__(self, url: str, auth: str = "", timeout: float = TIMEOUT_SECONDS, retries: int = RETRIES):
+    def __init__(self, url: str, auth: str = "", timeout: float | None = None, retries: int = RETRIES):
         self.url = url.rstrip("/")
         self.headers = {"Content-Type": "application/json"}
         if auth:
             self.headers["Authorization"] = auth
-        self.timeout = timeout
+        self.timeout = timeout or settings.X402_FACILITATOR_TIMEOUT_SECONDS
         self.retries = retries
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None, retry: bool) -> dict[str, Any]:

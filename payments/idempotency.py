@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 from datetime import timedelta
+from typing import Any
 
 from django.utils import timezone
 from eth_utils import to_checksum_address
@@ -58,6 +59,17 @@ def identifier_of(payload: PaymentPayload) -> str | None:
             {"payment-identifier": "id must be 16-128 characters of letters, digits, '-' and '_'"}
         )
     return value
+
+
+def redact_payload(raw: Any) -> Any:
+    """A stored payload fit to show staff: the payment-identifier id (a replay key) removed."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("extensions"), dict):
+        return raw
+    extension = raw["extensions"].get(EXTENSION)
+    if not isinstance(extension, dict) or not isinstance(extension.get("info"), dict):
+        return raw
+    info = {**extension["info"], "id": "[redacted]"} if "id" in extension["info"] else extension["info"]
+    return {**raw, "extensions": {**raw["extensions"], EXTENSION: {**extension, "info": info}}}
 
 
 def payload_digest(payload: PaymentPayload) -> str:

@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 from eth_utils import to_checksum_address
 from kombu.exceptions import OperationalError
@@ -18,6 +18,9 @@ from .models import Payment, PaymentEvent, PaymentStatus, UnpaidReason
 from .verification import Verification
 from .x402.types import Resource, wire_requirement
 from .x402.verify import VerifiedPayment
+
+#: PostgreSQL's SQLSTATE for a unique-constraint violation.
+UNIQUE_VIOLATION = "23505"
 
 
 def request_fingerprint(resource: str, body: Any) -> str:
@@ -107,6 +110,33 @@ def request_settlement(payment: Payment) -> None:
             settle_payment.delay(str(payment.pk))
 
     transaction.on_commit(enqueue)
+
+
+def is_duplicate(exc: IntegrityError) -> bool:
+    """The insert broke a uniqueness constraint (the same authorization, or its prediction), not
+    another constraint (a check, a foreign key): only the former is a replay."""
+    return getattr(exc.__cause__, "sqlstate", None) == UNIQUE_VIOLATION
+
+
+def retry(payment: Payment) -> Payment:
+    """A failed attempt whose identical proof was just verified again (nonce unused, balance
+    sufficient) is settled again: LAPSING -> VERIFIED. Our own decision not to settle (a
+    release) is never undone."""
+    with transaction.atomic():
+        locked = Payment.objects.select_for_update().get(pk=payment.pk)
+        if locked.status == PaymentStatus.LAPSING and UnpaidReason(locked.unpaid_reason).retryable:
+            old = [h for h in [locked.settle_tx_hash, *locked.replaced_tx_hashes] if h]
+            locked.advance(
+                PaymentStatus.VERIFIED,
+                unpaid_reason="",
+                failure_reason="",
+                settle_requested_at=timezone.now(),
+                replaced_tx_hashes=old,
+                settle_tx_hash=None,
+                settle_raw_tx="",
+                detail={"retry": "the identical proof verified again"},
+            )
+        return locked
 
 
 def release(payment: Payment, reason: str) -> None:

@@ -44,7 +44,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     # re-mined on the new fork, it may revert (someone else's use got in first): LAPSING.
     S.SETTLED: frozenset({S.CONFIRMED, S.SETTLING, S.LAPSING}),
     # The chain shows the authorization used (by anyone): SETTLING with the transaction that did it.
-    S.LAPSING: frozenset({S.SETTLING, S.FAILED, S.EXPIRED}),
+    # A failed attempt whose identical proof verifies again may be tried again: VERIFIED.
+    S.LAPSING: frozenset({S.SETTLING, S.VERIFIED, S.FAILED, S.EXPIRED}),
     S.CONFIRMED: frozenset(),
     S.FAILED: frozenset(),
     S.EXPIRED: frozenset(),
@@ -73,12 +74,17 @@ class UnpaidReason(models.TextChoices):
     NOT_MINED = "not_mined", "Settlement not mined before validBefore"
     FACILITATOR_REFUSED = "facilitator_refused", "The facilitator refused to settle"
     PAYER_CANCELED = "payer_canceled", "The payer canceled the authorization"
+    NONCE_USED_ELSEWHERE = "nonce_used_elsewhere", "The payer used the nonce for another authorization"
 
     @property
     def final_status(self) -> str:
-        """FAILED when a settlement was tried and did not pay; EXPIRED when none was wanted or made."""
-        tried = {self.SIMULATION_REVERTED, self.SETTLEMENT_REVERTED, self.FACILITATOR_REFUSED, self.PAYER_CANCELED}
-        return S.FAILED if self in tried else S.EXPIRED
+        """EXPIRED when no settlement was wanted or made; FAILED when one was tried and did not pay."""
+        return S.EXPIRED if self in (self.RELEASED, self.NOT_SETTLED_IN_TIME, self.NOT_MINED) else S.FAILED
+
+    @property
+    def retryable(self) -> bool:
+        """A failed attempt (not a decision of ours) may be tried again if the proof verifies again."""
+        return self in (self.SIMULATION_REVERTED, self.SETTLEMENT_REVERTED, self.FACILITATOR_REFUSED)
 
 
 #: Timestamp column stamped when a payment enters a state.

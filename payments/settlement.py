@@ -168,27 +168,34 @@ def _lapse(p: Payment, reason: UnpaidReason, message: str, **fields: Any) -> Non
 def resolve_lapsing(payment_id: Any) -> Payment:
     """The only writer of FAILED and EXPIRED: ask the chain whether the authorization was used.
 
-    Used by some transaction: SETTLING with that hash (its receipt then decides SETTLED or
-    CONFIRMED), so money that moved is always on the books and its prediction is served.
-    Canceled by the payer: FAILED. Unused and lapsed: the reason's terminal state. Otherwise it
-    may still be used: nothing changes.
+    Used by a transaction that carries this payment's Transfer: SETTLING with that hash (its
+    receipt then decides SETTLED or CONFIRMED), so money that moved is always on the books and
+    its prediction is served. Used without that Transfer (the payer spent the nonce on another
+    authorization) or canceled by the payer: FAILED. Unused and lapsed: the reason's terminal
+    state. Otherwise it may still be used: nothing changes.
     """
     p = Payment.objects.get(pk=payment_id)
     if p.status != S.LAPSING:
         return p
     use = chain_use(p)
+    receipt = None
+    if use.used_in:
+        receipt = rpc(for_payment(p.network, p.asset).rpc_url, "eth_getTransactionReceipt", [use.used_in])
+        if receipt is None:
+            return p  # its block was just dropped: ask again next pass
     with transaction.atomic():
         p = _lock(payment_id)
         if p.status != S.LAPSING:
             return p
         chain = use.as_detail()
-        if use.used_in:
+        if receipt is not None and transfer_matches(receipt, p):
             p.advance(S.SETTLING, settle_tx_hash=use.used_in, detail={"found_on_chain": use.used_in, "chain": chain})
-        elif use.canceled_in:
+        elif receipt is not None or use.canceled_in:
+            reason = UnpaidReason.NONCE_USED_ELSEWHERE if receipt is not None else UnpaidReason.PAYER_CANCELED
             p.advance(
                 S.FAILED,
-                unpaid_reason=UnpaidReason.PAYER_CANCELED,
-                failure_reason=f"the payer canceled the authorization ({use.canceled_in})",
+                unpaid_reason=reason,
+                failure_reason=f"{reason.label} ({use.used_in or use.canceled_in})",
                 detail={"chain": chain},
             )
         elif use.used:
@@ -552,16 +559,22 @@ class FacilitatorSettler:
                 return p
             conf = for_payment(p.network, p.asset)
             p.advance(S.SETTLING, detail={"facilitator": conf.facilitator_url})
-        return self.retry_unknown(p, conf)
+        try:
+            return self.retry_unknown(p, conf)
+        except FacilitatorUnavailable:
+            return p  # unknown outcome: the reconciler finds it on chain or asks again
 
     def retry_unknown(self, p: Payment, conf: ConfiguredOption) -> Payment:
-        """Ask (again): sending the identical payload is safe, one authorization moves money once."""
+        """Ask (again): sending the identical payload is safe, one authorization moves money once.
+
+        A facilitator that cannot answer raises FacilitatorUnavailable, so the reconciler backs
+        this row off instead of waiting out its timeouts on every pass."""
         client = FacilitatorClient(conf.facilitator_url, conf.facilitator_auth)
         try:
             answer = client.settle(p.x402_version, p.payload, p.requirement)
         except FacilitatorUnavailable as exc:
             log.warning("facilitator settle for payment %s: unknown outcome (%s)", p.pk, exc)
-            return p
+            raise
         tx = answer.get("transaction") or ""
         with transaction.atomic():
             p = _lock(p.pk)

@@ -92,8 +92,8 @@ def _parse(body: Any) -> FacilitatorRequest:
     amount = raw_req.get("amount") if version >= 2 else raw_req.get("maxAmountRequired")
     if not (isinstance(asset, str) and is_address(asset) and isinstance(pay_to, str) and is_address(pay_to)):
         raise _Invalid("invalid_payment_requirements", "asset and payTo must be addresses", payer)
-    if not isinstance(amount, str) or not _AMOUNT.fullmatch(amount):
-        raise _Invalid("invalid_payment_requirements", "amount must be a decimal string", payer)
+    if not isinstance(amount, str) or not _AMOUNT.fullmatch(amount) or int(amount) == 0:
+        raise _Invalid("invalid_payment_requirements", "amount must be a positive decimal string", payer)
     conf = next(
         (
             c
@@ -219,15 +219,18 @@ class FacilitatorSettle(APIView):
                     fingerprint=hashlib.sha256(blob).hexdigest(),
                     method=VerificationMethod.FACILITATOR_API,
                 )
-        except IntegrityError:
+        except IntegrityError as exc:
+            if not ledger.is_duplicate(exc):
+                raise
             # The nonce is unused on chain (we just checked) and already in our ledger: only
-            # the very same proof, still being settled, is answered with its settlement.
+            # the very same proof is answered with its settlement (tried again if an earlier
+            # attempt failed and it now verifies).
             same = ledger.same_proof(verified.payment)
             if same is None:
                 raise _Invalid(
                     NONCE_ALREADY_USED, "this authorization is already being settled", parsed.payer
                 ) from None
-            return same
+            return ledger.retry(same) if same.status == S.LAPSING else same
 
     @staticmethod
     def _answer(p: Payment, network: str) -> dict[str, Any]:
@@ -239,7 +242,7 @@ class FacilitatorSettle(APIView):
         }
         if p.is_paid:
             return {"success": True, **base}
-        if p.status in (S.VERIFIED, S.SETTLING):
+        if not p.is_terminal:  # VERIFIED, SETTLING, LAPSING: the chain has not had its last word
             return {"success": False, "errorReason": "settlement_pending", **base}
         return {
             "success": False,

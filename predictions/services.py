@@ -54,8 +54,8 @@ def create_prediction(
             )
             transaction.on_commit(lambda: start_prediction(prediction))
             return prediction, True
-    except IntegrityError:
-        if paid is None:
+    except IntegrityError as exc:
+        if paid is None or not ledger.is_duplicate(exc):
             raise
     assert charge is not None and challenge is not None
     first = idempotency.lookup(paid.payment.payload)

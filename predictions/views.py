@@ -128,7 +128,7 @@ def charge_for(version: ModelVersion, inputs: dict[str, Any], url: str, path: st
     settled_after_run = model.settlement_policy == SettlementPolicy.AFTER_SUCCESS
     hold = model.time_limit_seconds if settled_after_run and not model.is_free else 0
     state = pricing_state(model, honour_window_seconds(hold))
-    priced = {**version.defaults(), **inputs}
+    priced = {**version.defaults(), **inputs}  # as the run gets it (the create path fills them in)
     try:
         price = state.current.quote(priced)
     except PricingError as exc:
@@ -213,7 +213,8 @@ class PaidPredictionCreate(APIView):
     def get_charge(self, request: Request) -> Charge | None:
         version = self.resolve_version(request)
         self.version = version
-        self.inputs = validate_input(version, request.data)
+        # The run gets, and the price covers, the input with the schema's defaults filled in.
+        self.inputs = {**version.defaults(), **validate_input(version, request.data)}
         self.options = creation_options(request)  # a bad webhook or Cancel-After: refused before payment
         check_runner(version)
         return charge_for(version, self.inputs, request.build_absolute_uri(request.path), request.path)

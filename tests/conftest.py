@@ -94,7 +94,9 @@ def _ledger_agrees_with_chain(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     from tests.invariants import assert_ledger_agrees_with_chain
 
-    assert_ledger_agrees_with_chain(request.getfixturevalue("chain").rpc_url)
+    chain = request.getfixturevalue("chain")
+    with override_settings(**option_settings(chain)):  # the test's own settings are gone by now
+        assert_ledger_agrees_with_chain(chain.rpc_url)
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,15 @@
 with none of the settlement code's helpers.
 
 For every ledger row:
-- its authorization used on chain (``authorizationState``) => the row is SETTLED or CONFIRMED,
-  or was canceled by the payer (then FAILED, with an ``AuthorizationCanceled`` log);
+- its authorization used on chain (``authorizationState``) => the row is SETTLED or CONFIRMED;
+  or it is FAILED and the chain shows its nonce consumed without its Transfer (the payer
+  canceled it, ``AuthorizationCanceled``, or spent the nonce on another authorization: an
+  ``AuthorizationUsed`` whose transaction moved no Transfer of this payment);
 - the row SETTLED or CONFIRMED => the receipt of its ``settle_tx_hash`` has status 1 and a
   ``Transfer(payer, pay_to, amount)`` log of its token, and the authorization is used;
-- the row FAILED or EXPIRED => the authorization was never used to move money.
+- the row FAILED or EXPIRED => the authorization was never used to move money;
+- no row is still open (verified, settling, lapsing) once its authorization has lapsed: the
+  reconciler must have finished it.
 Nothing else passes.
 """
 
@@ -19,9 +23,13 @@ from eth_utils import keccak
 
 TRANSFER = "0x" + keccak(text="Transfer(address,address,uint256)").hex()
 CANCELED = "0x" + keccak(text="AuthorizationCanceled(address,bytes32)").hex()
+USED = "0x" + keccak(text="AuthorizationUsed(address,bytes32)").hex()
+#: Seconds after validBefore by which the reconciler must have closed a row (its lapse margin, and slack).
+CLOSE_WITHIN_SECONDS = 120
 STATE = "0x" + keccak(text="authorizationState(address,bytes32)").hex()[:8]
 PAID = {"settled", "confirmed"}
 UNPAID = {"failed", "expired"}
+OPEN = {"verified", "settling", "lapsing"}
 
 
 def _call(url: str, method: str, params: list[Any]) -> Any:
@@ -58,17 +66,30 @@ def pays(url: str, tx_hash: str | None, asset: str, payer: str, pay_to: str, amo
     )
 
 
-def canceled(url: str, asset: str, payer: str, nonce: str) -> bool:
+def consumed_elsewhere(url: str, asset: str, payer: str, nonce: str, pay_to: str, amount: int) -> bool:
+    """The nonce was canceled, or used by a transaction that did not pay this payment."""
     logs = _call(
         url,
         "eth_getLogs",
-        [{"address": asset, "fromBlock": "0x0", "toBlock": "latest", "topics": [CANCELED, _word(payer), nonce.lower()]}],
+        [
+            {
+                "address": asset,
+                "fromBlock": "0x0",
+                "toBlock": "latest",
+                "topics": [[CANCELED, USED], _word(payer), nonce.lower()],
+            }
+        ],
     )
-    return bool(logs)
+    return bool(logs) and all(
+        log["topics"][0].lower() == CANCELED or not pays(url, log["transactionHash"], asset, payer, pay_to, amount)
+        for log in logs
+    )
 
 
 def violations(url: str) -> list[str]:
     """Every ledger row that the chain contradicts, described."""
+    import time
+
     from payments.models import Payment
 
     found = []
@@ -78,10 +99,16 @@ def violations(url: str) -> list[str]:
         paid = pays(url, p.settle_tx_hash, p.asset, p.payer, p.pay_to, amount)
         if p.status in PAID and not (paid and used):
             found.append(f"{p.pk} is {p.status} but {p.settle_tx_hash} carries no Transfer of {amount} to pay-to")
-        if used and p.status not in PAID and not (p.status == "failed" and canceled(url, p.asset, p.payer, p.nonce)):
+        if (
+            used
+            and p.status not in PAID
+            and not (p.status == "failed" and consumed_elsewhere(url, p.asset, p.payer, p.nonce, p.pay_to, amount))
+        ):
             found.append(f"{p.pk} is {p.status} but its authorization was used on chain")
         if p.status in UNPAID and paid:
             found.append(f"{p.pk} is {p.status} but {p.settle_tx_hash} paid it")
+        if p.status in OPEN and time.time() > p.valid_before + CLOSE_WITHIN_SECONDS:
+            found.append(f"{p.pk} is still {p.status} long after its authorization lapsed")
     return found
 
 

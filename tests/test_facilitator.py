@@ -17,9 +17,10 @@ from payments.tasks import reconcile
 from payments.x402.codec import decode_header
 from payments.x402.types import Requirement
 from predictions.models import Prediction
-from tests.conftest import fresh_payer, option_settings, token_balance
-from tests.payers import sign_authorization, v2_header, v2_payload
+from tests.conftest import fresh_payer, option_settings, send_as_mint, token_balance
+from tests.payers import record, sign_authorization, v2_header, v2_payload
 from tests.sdk_facilitator import serve_sdk_facilitator
+from tests.test_settlement import send_as
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
 PRICE = 10_000
@@ -319,3 +320,70 @@ def test_gate_delegates_to_our_own_facilitator_service(
         receipt["from"].lower() == Account.from_key(chain.spare_keys[1]).address.lower()
     )  # their relayer paid gas
     assert token_balance(chain, payer["address"]) == before - PRICE
+
+
+def test_a_zero_value_proof_is_invalid(facilitator_api) -> None:
+    chain = facilitator_api
+    req = Requirement(payment_options()[0], 0)
+    payload = v2_payload(req, sign_authorization(chain.payers[0]["private_key"], req, value=0))
+    body = {"x402Version": 2, "paymentPayload": payload, "paymentRequirements": req.v2()}
+    assert _post("verify", body).json()["invalidReason"] == "invalid_payment_requirements"
+    assert _post("settle", body).json()["errorReason"] == "invalid_payment_requirements"
+    assert Payment.objects.count() == 0
+
+
+def test_a_failed_attempt_is_pending_not_failed_and_the_same_proof_retries(facilitator_api, monkeypatch) -> None:
+    """The payer is short when we settle: the answer must not be a final "failed" (anyone may
+    still submit the authorization); once the payer has the funds, the same proof settles."""
+    from payments import verification
+
+    chain = facilitator_api
+    payer = fresh_payer(chain, amount=PRICE)
+    req = Requirement(payment_options()[0], PRICE)
+    body = {
+        "x402Version": 2,
+        "paymentPayload": v2_payload(req, sign_authorization(payer["private_key"], req)),
+        "paymentRequirements": req.v2(),
+    }
+    real = verification.verify
+    drain = "0xa9059cbb" + Account.create().address[2:].lower().rjust(64, "0") + hex(PRICE)[2:].rjust(64, "0")
+
+    def verify_then_drain(*args, **kwargs):  # the payer moves the funds between verify and settle
+        verified = real(*args, **kwargs)
+        send_as(chain, payer["address"], chain.asset, drain)
+        return verified
+
+    monkeypatch.setattr(verification, "verify", verify_then_drain)
+    first = _post("settle", body).json()
+    monkeypatch.setattr(verification, "verify", real)
+    assert first["success"] is False and first["errorReason"] == "settlement_pending", first
+    assert Payment.objects.get().status == "lapsing"
+    send_as_mint(chain, payer["address"], PRICE)
+    again = _post("settle", body).json()
+    assert again["success"] is True and again["transaction"].startswith("0x"), again
+    assert Payment.objects.get().status == "confirmed"
+
+
+def test_a_hanging_facilitator_is_backed_off(chain, demo_model) -> None:
+    """An unknown settlement whose facilitator never answers costs its timeouts once, then the
+    row backs off: the reconciler does not wait on it on every pass."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections, never answers
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        with override_settings(**option_settings(chain)):
+            p = record(fresh_payer(chain)["private_key"], Requirement(payment_options()[0], PRICE))
+        Payment.objects.filter(pk=p.pk).update(status="settling")  # asked the facilitator, the answer lost
+        with override_settings(**option_settings(chain, facilitator_url=url), X402_FACILITATOR_TIMEOUT_SECONDS=0.3):
+            started = time.monotonic()
+            first, second = reconcile(), reconcile()
+            elapsed = time.monotonic() - started
+        p.refresh_from_db()
+        assert first["errors"] == 1 and p.reconcile_failures == 1 and p.reconcile_after is not None
+        assert "errors" not in second and elapsed < 5
+    finally:
+        silent.close()
+        Payment.objects.filter(status="settling").update(status="verified")  # a consistent ledger again

@@ -297,3 +297,28 @@ def test_payment_option_checks(chain, settings) -> None:
     assert [e.id for e in check_assets_on_chain()] == ["payments.E006"]
     settings.X402_PAYMENT_OPTIONS = [{**good, "network": "base"}]
     assert [e.id for e in check_payment_options()] == ["payments.E004"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_run_gets_the_default_it_was_priced_for(chain_settings, demo_model, eager_celery) -> None:
+    """Priced at the schema's default, the run must get that default too, not its predictor's own."""
+    from predictions.models import ModelVersion
+
+    schema = {
+        "type": "object",
+        "properties": {"text": {"type": "string"}, "n": {"type": "integer", "minimum": 0, "default": 1}},
+        "required": ["text"],
+    }
+    ModelVersion.objects.create(id="d" * 64, model=demo_model, predictor="tests.predictors.Units", input_schema=schema)
+    demo_model.price, demo_model.unit_field, demo_model.unit_price = D(0), "n", D("0.01")
+    demo_model.save()
+    req = Requirement(payment_options()[0], 10_000)  # one unit, as the schema default says
+    created = Client().post(
+        URL,
+        data={"input": {"text": "x"}},
+        content_type="application/json",
+        headers={"PAYMENT-SIGNATURE": v2_header(chain_settings.payers[5]["private_key"], req)},
+    )
+    assert created.status_code == 201, created.content
+    body = Client().get(f"/v1/predictions/{created.json()['id']}").json()
+    assert body["output"] == 1 and body["input"] == {"text": "x", "n": 1}

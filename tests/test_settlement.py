@@ -394,3 +394,35 @@ def test_reconcile_passes_never_overlap(chain_settings) -> None:
         release.set()
         thread.join()
     assert "skipped" not in reconcile()
+
+
+@pytest.mark.parametrize("variant", ["to_someone_else", "one_unit_to_us"])
+def test_a_nonce_spent_on_another_authorization_is_failed_once(chain_settings, monkeypatch, variant) -> None:
+    """The payer signs a second authorization with the same nonce and has it mined first: ours
+    can never move money. It must end FAILED (the chain's word: used, without our Transfer),
+    not loop between settling and lapsing, and not be booked as paid."""
+    from tests.payers import sign_authorization
+
+    chain = chain_settings
+    payer = fresh_payer(chain)
+    req = Requirement(payment_options()[0], PRICE)
+    p = record(payer["private_key"], req)
+    other = {"to": Account.create().address} if variant == "to_someone_else" else {"value": 1}
+    spent = sign_authorization(payer["private_key"], req, nonce=p.nonce, **other)
+    twin = Payment(
+        payer=p.payer,
+        pay_to=spent["authorization"]["to"],
+        amount=int(spent["authorization"]["value"]),
+        valid_after=0,
+        valid_before=int(spent["authorization"]["validBefore"]),
+        nonce=p.nonce,
+        signature=spent["signature"],
+        asset=p.asset,
+    )
+    send_as(chain, Account.from_key(chain.spare_keys[1]).address, chain.asset, settlement._calldata(twin))
+    p = settlement.settle(p.pk)
+    for _ in range(3):
+        reconcile()
+    p.refresh_from_db()
+    assert p.status == "failed" and p.unpaid_reason == "nonce_used_elsewhere", (p.status, p.failure_reason)
+    assert PaymentEvent.objects.filter(payment=p).count() <= 5  # no settling/lapsing loop

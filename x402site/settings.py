@@ -209,6 +209,8 @@ X402_OPERATOR_TOKENS = env.list("X402_OPERATOR_TOKENS", default=[])
 
 #: Bearer tokens allowed to use our facilitator API (/facilitator/...); empty turns it off.
 X402_FACILITATOR_TOKENS = env.list("X402_FACILITATOR_TOKENS", default=[])
+#: Timeout of each call to a remote facilitator (verify, settle), retried twice.
+X402_FACILITATOR_TIMEOUT_SECONDS = env.float("X402_FACILITATOR_TIMEOUT_SECONDS", default=10.0)
 #: Seconds /facilitator/settle waits for the receipt before answering settlement_pending.
 X402_FACILITATOR_SETTLE_WAIT = env.float("X402_FACILITATOR_SETTLE_WAIT", default=20.0)
 

@@ -51,9 +51,13 @@ def decode_header(header: str) -> dict[str, Any]:
     except (binascii.Error, ValueError):
         raise DecodeError("header is not valid base64") from None
     try:
-        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        text = data.decode("utf-8")
+        obj = json.loads(text, parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise DecodeError("header is not valid JSON") from None
+    if "\x00" in text or "\\u0000" in text:
+        # PostgreSQL cannot store NUL in text or JSON: refuse it here, not with a 500 later.
+        raise DecodeError("header JSON contains a NUL character")
     if not isinstance(obj, dict):
         raise DecodeError("header JSON is not an object")
     _check_depth(obj)

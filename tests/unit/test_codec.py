@@ -38,3 +38,17 @@ def test_deeply_nested_json_never_recurses_out() -> None:
     raw = base64.b64encode(b"[" * 5000 + b"]" * 5000).decode()
     with pytest.raises(DecodeError):
         decode_header(raw)
+
+
+def test_a_nul_character_anywhere_in_the_header_json_is_refused() -> None:
+    """PostgreSQL cannot store NUL in text or JSON: the payload would reach the ledger insert and
+    fail there with a 500. It is an invalid payload, refused at decoding."""
+    import base64
+
+    import pytest
+
+    from payments.x402.codec import DecodeError, decode_header
+
+    for text in ('{"x402Version": 2, "resource": {"description": "a\\u0000b"}}', '{"k\\u0000": 1}'):
+        with pytest.raises(DecodeError):
+            decode_header(base64.b64encode(text.encode()).decode())
