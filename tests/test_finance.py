@@ -197,3 +197,16 @@ def test_dashboard_agrees_with_the_export(ledger_rows, staff, capsys) -> None:
     assert counts == {s: sum(1 for r in rows if r["status"] == s) for s in counts}
     assert [m for m, _, _ in page.context["by_model"]] == ["demo/echo-text"]
     assert len(page.context["attention"]) == 2  # the failed and the expired payment
+
+
+def test_the_admin_never_shows_a_payment_identifier(demo_model, staff) -> None:
+    """The stored payload with its payment-identifier is a replay key to the prediction it
+    bought: staff see the payload with the id redacted."""
+    p = make_payment(demo_model, status="confirmed", amount=10_000, created=timezone.now())
+    key = "idem_" + secrets.token_hex(12)
+    Payment.objects.filter(pk=p.pk).update(
+        payload={"x402Version": 2, "extensions": {"payment-identifier": {"info": {"required": False, "id": key}}}}
+    )
+    page = staff["finance"].get(f"/admin/payments/payment/{p.pk}/change/")
+    assert page.status_code == 200
+    assert b"payment-identifier" in page.content and key.encode() not in page.content
