@@ -39,9 +39,11 @@ def eip4361(fields: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def siwx_fields(key: str, origin: str, *, issued_at: datetime | None = None, **overrides: Any) -> dict[str, Any]:
-    """A signed proof for ``origin`` (``https://host``) with its fields; ``overrides`` are put
-    in after signing (a tampered or hostile proof)."""
+def siwx_fields(
+    key: str, origin: str, *, issued_at: datetime | None = None, nonce: str | None = None, **tampered: Any
+) -> dict[str, Any]:
+    """A signed proof for ``origin`` (``https://host``); ``tampered`` fields are put in after
+    signing (a forged or hostile proof)."""
     when = issued_at or datetime.now(UTC)
     fields: dict[str, Any] = {
         "domain": urlsplit(origin).netloc,
@@ -51,17 +53,17 @@ def siwx_fields(key: str, origin: str, *, issued_at: datetime | None = None, **o
         "version": "1",
         "chainId": "eip155:31337",
         "type": "eip191",
-        "nonce": secrets.token_hex(16),
+        "nonce": nonce or secrets.token_hex(16),
         "issuedAt": when.isoformat().replace("+00:00", "Z"),
         "expirationTime": (when + timedelta(minutes=5)).isoformat().replace("+00:00", "Z"),
         "resources": [origin + "/v1/predictions"],
     }
     signed = Account.sign_message(encode_defunct(text=eip4361(fields)), key)
     fields["signature"] = "0x" + bytes(signed.signature).hex()
-    fields.update(overrides)
+    fields.update(tampered)
     return fields
 
 
-def siwx_header(key: str, origin: str, **overrides: Any) -> str:
-    """The ``SIGN-IN-WITH-X`` header value, encoded by the x402 SDK."""
-    return encode_siwx_header(SIWxPayload.model_validate(siwx_fields(key, origin, **overrides)))
+def siwx_header(key: str, origin: str, **kwargs: Any) -> str:
+    """The ``SIGN-IN-WITH-X`` header value (``siwx_fields``), encoded by the x402 SDK."""
+    return encode_siwx_header(SIWxPayload.model_validate(siwx_fields(key, origin, **kwargs)))

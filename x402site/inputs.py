@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
 from payments.exceptions import problem_response
@@ -54,7 +55,8 @@ def unsafe_part(request: HttpRequest) -> str | None:
 
 
 class RefuseUnsafeInput:
-    """400 problem+json for a request whose path, query or headers are not clean UTF-8 text."""
+    """400 problem+json for a request whose path, query or headers are not clean UTF-8 text;
+    413 for a body declared larger than ``DATA_UPLOAD_MAX_MEMORY_SIZE``."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
@@ -63,6 +65,13 @@ class RefuseUnsafeInput:
         part = unsafe_part(request)
         if part is not None:
             return problem_response(400, f"{part} must be UTF-8 text without control characters")
+        declared = request.META.get("CONTENT_LENGTH") or "0"
+        length = ascii_uint(declared.strip(), 18)
+        if length is None:
+            return problem_response(400, "Content-Length must be a number of bytes")
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if limit is not None and length > limit:
+            return problem_response(413, f"The request body is larger than {limit} bytes.")
         return self.get_response(request)
 
 
