@@ -347,9 +347,9 @@ class ModelDetail(APIView):
 class PredictionList(PredictionCreate):
     """GET /v1/predictions: the predictions this caller may list, newest first, by cursor.
 
-    An operator token lists everything. An agent proves it is a payer by signing (EIP-191)
-    ``x402 predictions <timestamp>`` and sending ``X-Payer-Address``, ``X-Payer-Timestamp`` and
-    ``X-Payer-Signature``: it sees the predictions its payments bought.
+    An operator token lists everything. An agent proves it is a payer with a ``SIGN-IN-WITH-X``
+    proof (x402 sign-in-with-x, bound to this deployment, used once; ``predictions.auth``): it
+    sees the predictions its payments bought.
     """
 
     @schema.list_schema
