@@ -192,6 +192,7 @@ class Stack:
             "X402_OPERATOR_TOKENS": "bench-operator-token",
             "X402_LOG_LEVEL": "WARNING",
             "DJANGO_DEBUG": "false",
+            "DJANGO_SECRET_KEY": secrets.token_urlsafe(64),  # production mode refuses the dev key
             "DJANGO_SECURE_SSL_REDIRECT": "false",  # plain HTTP on loopback
             "X402_RATE_CHALLENGES": "",  # the load generator is one client: no per-client limits
             "X402_RATE_FAILED_PAYMENTS": "",

@@ -11,6 +11,7 @@ import itertools
 import threading
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from django.conf import settings
@@ -29,6 +30,17 @@ class RpcError(Exception):
         super().__init__(error.get("message", str(error)))
         self.code = error.get("code")
         self.data = error.get("data")
+
+
+def endpoint(url: str) -> str:
+    """``url`` without what may be secret (credentials, path, query: providers put API keys
+    there), for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return "<unparsable url>"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port else "")
 
 
 _local = threading.local()
@@ -62,15 +74,15 @@ def rpc_batch(
         response.raise_for_status()
         answers = response.json()
     except (requests.RequestException, ValueError) as exc:
-        raise ChainUnavailable(f"RPC {url}: {exc.__class__.__name__}") from exc
+        raise ChainUnavailable(f"RPC {endpoint(url)}: {exc.__class__.__name__}") from exc
     if not isinstance(answers, list):
-        raise ChainUnavailable(f"RPC {url}: batch not supported ({answers!r:.200})")
+        raise ChainUnavailable(f"RPC {endpoint(url)}: batch not supported ({answers!r:.200})")
     by_id = {a.get("id"): a for a in answers if isinstance(a, dict)}
     results = []
     for call in batch:
         answer = by_id.get(call["id"])
         if answer is None:
-            raise ChainUnavailable(f"RPC {url}: no answer for {call['method']}")
+            raise ChainUnavailable(f"RPC {endpoint(url)}: no answer for {call['method']}")
         if "error" in answer:
             error = RpcError(answer["error"] if isinstance(answer["error"], dict) else {"message": str(answer)})
             if not errors_inline:
@@ -124,7 +136,7 @@ def payer_state(
     try:
         answers = rpc_batch(url, calls)
     except RpcError as exc:
-        raise ChainUnavailable(f"token call failed: {exc}") from exc
+        raise ChainUnavailable(f"token call failed: {exc.code}") from exc
     approves = None
     if contract_signature is not None:
         approves = False

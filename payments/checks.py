@@ -53,7 +53,7 @@ def check_payment_options(app_configs: Any = None, **kwargs: Any) -> list[Error 
 @register("payments", deploy=True)
 def check_assets_on_chain(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     """With --deploy: every asset must be a contract on its chain (one call per option)."""
-    from .chain import ChainUnavailable, rpc
+    from .chain import ChainUnavailable, endpoint, rpc
 
     errors = []
     for i, option in enumerate(settings.X402_PAYMENT_OPTIONS):
@@ -61,7 +61,11 @@ def check_assets_on_chain(app_configs: Any = None, **kwargs: Any) -> list[Error]
             code = rpc(option["rpc_url"], "eth_getCode", [option["asset"], "latest"], timeout=5)
         except (ChainUnavailable, KeyError, Exception) as exc:  # noqa: BLE001 - reported as a check
             errors.append(
-                Error(f"payment option {i}: cannot reach {option.get('rpc_url')}: {exc}", id="payments.E005")
+                Error(
+                    f"payment option {i}: cannot reach {endpoint(str(option.get('rpc_url')))}: "
+                    f"{exc.__class__.__name__}",
+                    id="payments.E005",
+                )
             )
             continue
         if code in (None, "0x", "0x0"):

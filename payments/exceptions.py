@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from django import db
-from django.http import Http404, HttpResponse
+from django.http import Http404, HttpResponse, JsonResponse
 from django.template.loader import render_to_string
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -102,11 +102,22 @@ _TITLES = {
     404: "Not found",
     405: "Method not allowed",
     409: "Conflict",
+    413: "Payload too large",
     415: "Unsupported media type",
     422: "Invalid input",
     429: "Too many requests",
     503: "Service unavailable",
 }
+
+
+def problem(status_code: int, detail: str) -> dict[str, Any]:
+    """The problem-details body every error of this API has."""
+    return {"title": _TITLES.get(status_code, "Error"), "detail": detail, "status": status_code}
+
+
+def problem_response(status_code: int, detail: str) -> JsonResponse:
+    """A problem-details answer outside DRF (middleware, plain Django views)."""
+    return JsonResponse(problem(status_code, detail), status=status_code, content_type="application/problem+json")
 
 
 def wants_html(request: Any) -> bool:
@@ -150,11 +161,9 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     if response is None:
         return None
     detail = response.data.get("detail") if isinstance(response.data, dict) else response.data
-    body: dict[str, Any] = {
-        "title": _TITLES.get(response.status_code, "Error"),
-        "detail": str(detail) if detail is not None else str(response.data),
-        "status": response.status_code,
-    }
+    body = problem(response.status_code, str(detail) if detail is not None else str(response.data))
+    if extensions := getattr(exc, "extensions", None):
+        body["extensions"] = extensions  # e.g. the sign-in-with-x challenge of a 401
     if isinstance(exc, InvalidInput):
         body["invalid_fields"] = exc.fields
     elif isinstance(exc, exceptions.ValidationError) and isinstance(exc.detail, dict):

@@ -13,6 +13,8 @@ from typing import Any
 import requests
 from django.conf import settings
 
+from .chain import endpoint
+
 log = logging.getLogger("payments.facilitator")
 
 RETRIES = 2
@@ -48,8 +50,11 @@ class FacilitatorClient:
                     raise FacilitatorUnavailable(f"{path}: HTTP {response.status_code} {data!r:.200}")
                 return data
             except (requests.RequestException, ValueError, FacilitatorUnavailable) as exc:
-                last = exc
-                log.warning("facilitator %s%s attempt %d failed: %s", self.url, path, attempt + 1, exc)
+                # A transport error's text carries the URL (which may hold a key): its class only.
+                last = exc if isinstance(exc, FacilitatorUnavailable) else FacilitatorUnavailable(
+                    f"{path}: {exc.__class__.__name__}"
+                )
+                log.warning("facilitator %s%s attempt %d failed: %s", endpoint(self.url), path, attempt + 1, last)
                 if attempt + 1 < attempts:
                     time.sleep(0.2 * 2**attempt)
         raise FacilitatorUnavailable(str(last))

@@ -106,8 +106,9 @@ def is_operator(request) -> bool:  # type: ignore[no-untyped-def]
         return False
     given = request.headers.get("Authorization", "")
     scheme, _, token = given.partition(" ")
+    given_bytes = token.strip().encode("utf-8", "surrogatepass")  # compare_digest: str must be ASCII
     return scheme.lower() in ("bearer", "token") and any(
-        hmac.compare_digest(token.strip(), t) for t in tokens
+        hmac.compare_digest(given_bytes, t.encode()) for t in tokens
     )
 
 

@@ -12,14 +12,13 @@ import time
 from django.conf import settings
 from django.core.cache import cache
 from rest_framework.exceptions import Throttled
+from rest_framework.throttling import BaseThrottle
 
 
-def _client(request) -> str:  # type: ignore[no-untyped-def]
-    if settings.X402_TRUST_X_FORWARDED_FOR:
-        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
-        if forwarded:
-            return forwarded.split(",")[0].strip()
-    return request.META.get("REMOTE_ADDR", "")
+def client_address(request) -> str:  # type: ignore[no-untyped-def]
+    """The client's address: DRF's throttle identity, which honours only ``NUM_PROXIES``
+    (``X402_TRUSTED_PROXIES``) trusted proxies, counted from the right of X-Forwarded-For."""
+    return (BaseThrottle().get_ident(request) or "")[:64]
 
 
 def _parse(limit: str) -> tuple[int, int] | None:
@@ -36,7 +35,7 @@ def hit(request, kind: str) -> None:  # type: ignore[no-untyped-def]
         return
     count, seconds = rule
     window = int(time.time() // seconds)
-    key = f"x402:rate:{kind}:{_client(request)}:{window}"
+    key = f"x402:rate:{kind}:{client_address(request)}:{window}"
     if cache.add(key, 1, seconds + 1):
         used = 1
     else:

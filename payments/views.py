@@ -47,7 +47,8 @@ class FacilitatorToken(BasePermission):
         if not tokens:
             raise Http404("The facilitator API is not enabled on this server.")
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        return any(hmac.compare_digest(given, t) for t in tokens)
+        given_bytes = given.encode("utf-8", "surrogatepass")  # compare_digest: str must be ASCII
+        return any(hmac.compare_digest(given_bytes, t.encode()) for t in tokens)
 
 
 class _Invalid(Exception):

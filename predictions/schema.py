@@ -111,6 +111,9 @@ PAID_HEADERS = [
     OpenApiParameter("X-PAYMENT", str, OpenApiParameter.HEADER, description="x402 v1 payment header."),
     OpenApiParameter("Prefer", str, OpenApiParameter.HEADER, description="`wait` or `wait=N` (N <= 60)."),
     OpenApiParameter("Cancel-After", str, OpenApiParameter.HEADER, description="A duration: 30s, 5m, 1h30m."),
+    OpenApiParameter(
+        "Authorization", str, OpenApiParameter.HEADER, description="`Bearer <operator token>`: run without payment."
+    ),
 ]
 PAYMENT_REQUIRED = OpenApiResponse(
     response=CHALLENGE_V1,
@@ -153,10 +156,16 @@ list_schema = extend_schema(
     operation_id="predictions_list",
     parameters=[
         OpenApiParameter("cursor", str),
-        *[
-            OpenApiParameter(h, str, OpenApiParameter.HEADER)
-            for h in ("X-Payer-Address", "X-Payer-Timestamp", "X-Payer-Signature")
-        ],
+        OpenApiParameter(
+            "SIGN-IN-WITH-X",
+            str,
+            OpenApiParameter.HEADER,
+            description="x402 sign-in-with-x proof (base64 JSON, EIP-4361 message signed with EIP-191) "
+            "answering the declaration in a 401's `extensions`: lists the predictions this payer bought.",
+        ),
+        OpenApiParameter(
+            "Authorization", str, OpenApiParameter.HEADER, description="`Bearer <operator token>`: lists all."
+        ),
     ],
     responses={
         200: {

@@ -17,11 +17,11 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import status
 from rest_framework.exceptions import APIException, MethodNotAllowed, NotFound, ParseError
-from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from payments import ratelimit
 from payments.exceptions import InvalidInput, payment_required_response, paywall_response, wants_html
 from payments.ledger import request_fingerprint
 from payments.permissions import Charge, X402Payment, challenge_for, honour_window_seconds, is_operator
@@ -29,10 +29,12 @@ from payments.pricing import PriceRule, PricingError, pricing_state
 from payments.x402 import bazaar
 from payments.x402.codec import encode_header
 from payments.x402.types import Resource, settle_response
+from x402site.inputs import ascii_uint
 
 from . import schema
 from .auth import AuthenticationRequired, payer_of
 from .models import Model, ModelVersion, Prediction, Runner, SettlementPolicy
+from .pagination import CursorPagination
 from .runners import cog
 from .serializers import base_url, model_json, prediction_json
 from .services import cancel, create_prediction, replayed
@@ -147,19 +149,27 @@ def charge_for(version: ModelVersion, inputs: dict[str, Any], url: str, path: st
     )
 
 
-_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?")
+_DURATION = re.compile(r"(?:([0-9]{1,9})h)?(?:([0-9]{1,9})m(?!s))?(?:([0-9]{1,9})s)?(?:([0-9]{1,9})ms)?")
+#: The longest Cancel-After accepted (a longer deadline is no deadline).
+MAX_CANCEL_AFTER = timedelta(days=7)
 
 
 def parse_duration(text: str) -> timedelta:
-    """Replicate's durations: ``90``, ``30s``, ``5m``, ``1h30m``, ``500ms``."""
+    """Replicate's durations: ``90``, ``30s``, ``5m``, ``1h30m``, ``500ms`` (ASCII digits, at
+    most ``MAX_CANCEL_AFTER``)."""
     text = text.strip()
-    if text.isdigit():
-        return timedelta(seconds=int(text))
+    seconds = ascii_uint(text, 9)
     match = _DURATION.fullmatch(text)
-    if not text or match is None:
-        raise ParseError(f"Cancel-After: cannot read the duration {text!r} (try 30s, 5m, 1h30m)")
-    h, m, sec, ms = (int(g) if g else 0 for g in match.groups())
-    return timedelta(hours=h, minutes=m, seconds=sec, milliseconds=ms)
+    if seconds is not None:
+        duration = timedelta(seconds=seconds)
+    elif text and match is not None:
+        h, m, sec, ms = (int(g) if g else 0 for g in match.groups())
+        duration = timedelta(hours=h, minutes=m, seconds=sec, milliseconds=ms)
+    else:
+        raise ParseError(f"Cancel-After: cannot read the duration {text[:40]!r} (try 30s, 5m, 1h30m)")
+    if duration > MAX_CANCEL_AFTER:
+        raise ParseError(f"Cancel-After: at most {MAX_CANCEL_AFTER.days} days")
+    return duration
 
 
 def creation_options(request: Request) -> dict[str, Any]:
@@ -170,11 +180,12 @@ def creation_options(request: Request) -> dict[str, Any]:
     if not isinstance(webhook, str) or len(webhook) > 2000:
         raise InvalidInput("`webhook` must be a URL.", {"webhook": "must be a URL"})
     if webhook:
+        ratelimit.hit(request, "webhook")  # each check resolves a name: counted first
         try:
             check_url(webhook)
         except UnsafeWebhook as exc:
             raise InvalidInput(f"webhook refused: {exc}", {"webhook": str(exc)}) from None
-    if not isinstance(events, list) or not set(events) <= set(EVENTS):
+    if not isinstance(events, list) or not all(isinstance(e, str) and e in EVENTS for e in events):
         raise InvalidInput(
             f"`webhook_events_filter` must be a subset of {list(EVENTS)}",
             {"webhook_events_filter": "unknown event"},
@@ -185,13 +196,18 @@ def creation_options(request: Request) -> dict[str, Any]:
     return options
 
 
+#: RFC 7240 ``wait`` or ``wait=N`` among the preferences (a malformed value is no preference).
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait(?:=([0-9]+))?(?=$|[,;\s])", re.ASCII | re.IGNORECASE)
+MAX_WAIT = 60
+
+
 def wait_for(prediction: Prediction, request: Request) -> Prediction:
     """``Prefer: wait`` (60 s) or ``wait=N`` (N <= 60): hold the answer until the prediction ends."""
-    prefer = request.headers.get("Prefer", "")
-    match = re.search(r"\bwait(?:=(\d+))?\b", prefer)
+    match = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
     if match is None or prediction.is_terminal:
         return prediction
-    deadline = time.monotonic() + min(int(match.group(1) or 60), 60)
+    seconds = ascii_uint(match.group(1) or "", 2)
+    deadline = time.monotonic() + min(MAX_WAIT if seconds is None else seconds, MAX_WAIT)
     delay = 0.05
     while time.monotonic() < deadline:
         time.sleep(delay)
@@ -331,9 +347,9 @@ class ModelDetail(APIView):
 class PredictionList(PredictionCreate):
     """GET /v1/predictions: the predictions this caller may list, newest first, by cursor.
 
-    An operator token lists everything. An agent proves it is a payer by signing (EIP-191)
-    ``x402 predictions <timestamp>`` and sending ``X-Payer-Address``, ``X-Payer-Timestamp`` and
-    ``X-Payer-Signature``: it sees the predictions its payments bought.
+    An operator token lists everything. An agent proves it is a payer with a ``SIGN-IN-WITH-X``
+    proof (x402 sign-in-with-x, bound to this deployment, used once; ``predictions.auth``): it
+    sees the predictions its payments bought.
     """
 
     @schema.list_schema
@@ -378,7 +394,7 @@ class CogWebhook(APIView):
 
     @extend_schema(exclude=True)
     def post(self, request: Request, prediction_id: str, token: str) -> Response:
-        if not hmac.compare_digest(token, cog.callback_token(prediction_id)):
+        if not hmac.compare_digest(token.encode(), cog.callback_token(prediction_id).encode()):
             raise NotFound()
         body = request.data if isinstance(request.data, dict) else {}
         state = body.get("status")

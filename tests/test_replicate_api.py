@@ -7,7 +7,7 @@ import json
 import sys
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,7 +15,6 @@ import pytest
 from django.test import Client, override_settings
 from django.utils import timezone
 from eth_account import Account
-from eth_account.messages import encode_defunct
 
 from payments.models import Payment
 from payments.options import payment_options
@@ -24,6 +23,7 @@ from predictions.models import Prediction
 from predictions.webhooks import sign
 from tests.conftest import token_balance
 from tests.payers import v2_header, v2_header_for
+from tests.siwx import siwx_header
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
@@ -51,33 +51,26 @@ def no_tasks(monkeypatch):
     monkeypatch.setattr("predictions.tasks.start_prediction", lambda prediction: None)
 
 
-def payer_headers(key: str, when: int | None = None) -> dict[str, str]:
-    ts = when or int(time.time())
-    signed = Account.sign_message(encode_defunct(text=f"x402 predictions {ts}"), key)
-    return {
-        "X-Payer-Address": Account.from_key(key).address,
-        "X-Payer-Timestamp": str(ts),
-        "X-Payer-Signature": "0x" + bytes(signed.signature).hex(),
-    }
+def payer_headers(key: str, origin: str = "http://127.0.0.1:8000", **overrides) -> dict[str, str]:
+    """A sign-in-with-x proof for ``origin`` (X402_PUBLIC_URL's default)."""
+    return {"SIGN-IN-WITH-X": siwx_header(key, origin, **overrides)}
 
 
 def test_list_by_operator_token_or_payer_proof(chain_settings, demo_model, no_tasks, settings) -> None:
     settings.X402_OPERATOR_TOKENS = [TOKEN]
     mine = [paid(chain_settings, 0, {"input": {"text": f"a{i}"}}).json()["id"] for i in range(3)]
     theirs = paid(chain_settings, 1, {"input": {"text": "b"}}).json()["id"]
-    assert Client().get("/v1/predictions").status_code == 401
+    challenge = Client().get("/v1/predictions")
+    assert challenge.status_code == 401
+    info = challenge.json()["extensions"]["sign-in-with-x"]["info"]
+    assert info["domain"] == "127.0.0.1:8000" and len(info["nonce"]) >= 16
     key = chain_settings.payers[0]["private_key"]
-    listed = Client().get("/v1/predictions", headers=payer_headers(key)).json()
+    listed = Client().get("/v1/predictions", headers=payer_headers(key, nonce=info["nonce"])).json()
     assert [p["id"] for p in listed["results"]] == mine[::-1]
     assert listed["next"] is None
-    assert (
-        Client().get("/v1/predictions", headers=payer_headers(key, int(time.time()) - 3600)).status_code
-        == 403
-    )
-    forged = {
-        **payer_headers(chain_settings.payers[1]["private_key"]),
-        "X-Payer-Address": Account.from_key(key).address,
-    }
+    stale = payer_headers(key, issued_at=datetime.now(UTC) - timedelta(hours=1))
+    assert Client().get("/v1/predictions", headers=stale).status_code == 403
+    forged = payer_headers(chain_settings.payers[1]["private_key"], address=Account.from_key(key).address)
     assert Client().get("/v1/predictions", headers=forged).status_code == 403
     everything = Client().get("/v1/predictions", headers={"Authorization": f"Bearer {TOKEN}"}).json()
     assert {p["id"] for p in everything["results"]} == {*mine, theirs}

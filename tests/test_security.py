@@ -96,6 +96,110 @@ def test_fuzz_the_api_never_answers_5xx(chain_settings, demo_model, header: str)
     assert response.status_code in (400, 402), (response.status_code, response.content[:300])
 
 
+#: Text as an attacker writes it: any character (NUL and other controls too), digits of other
+#: scripts, numbers of thousands of digits, and the formats our headers expect.
+hostile_text = st.one_of(
+    st.text(max_size=60),
+    st.text(alphabet=st.characters(max_codepoint=0x7F), max_size=60),
+    st.sampled_from(["\x00", "\u00b2", "\u0663", "9" * 5000, "1e400", "wait=" + "9" * 400, "1h" * 300, "-1"]),
+    st.integers().map(str),
+    st.from_regex(r"(wait(=[0-9]{1,6})?|[0-9]{1,12}(h|m|s|ms)?|Bearer .{0,20})", fullmatch=True),
+)
+HEADERS = ["PAYMENT-SIGNATURE", "X-PAYMENT", "Prefer", "Cancel-After", "Authorization", "X-Forwarded-For"]
+hostile_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | hostile_text,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(hostile_text, children, max_size=3),
+    max_leaves=12,
+)
+OPERATOR = "fuzz-operator-token"
+
+
+def _fuzz_client(settings) -> Client:  # type: ignore[no-untyped-def]
+    from django.core.cache import cache
+
+    cache.clear()  # no rate limit between examples
+    settings.X402_OPERATOR_TOKENS = [OPERATOR]
+    return Client()
+
+
+def _no_5xx(response) -> None:  # type: ignore[no-untyped-def]
+    assert response.status_code < 500, (response.status_code, response.content[:300])
+    if 400 <= response.status_code < 500 and response.status_code != 402:
+        assert response["Content-Type"] == "application/problem+json", response.content[:300]
+
+
+@pytest.fixture
+def quiet_runs(monkeypatch):  # type: ignore[no-untyped-def]
+    """Accepted predictions are recorded, not run, and Prefer: wait does not wait."""
+    monkeypatch.setattr("predictions.tasks.start_prediction", lambda prediction: None)
+    monkeypatch.setattr("predictions.views.MAX_WAIT", 0, raising=False)
+
+
+@pytest.mark.django_db(transaction=True)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(headers=st.dictionaries(st.sampled_from(HEADERS), hostile_text, min_size=1), operator=st.booleans())
+def test_fuzz_every_header_we_read(chain_settings, demo_model, quiet_runs, settings, headers, operator) -> None:
+    client = _fuzz_client(settings)
+    if operator:
+        headers.setdefault("Authorization", f"Bearer {OPERATOR}")
+    body = json.dumps({"input": {"text": "x"}})
+    _no_5xx(client.post(URL, data=body, content_type="application/json", headers=headers))
+    listing = {"SIGN-IN-WITH-X": headers.get("PAYMENT-SIGNATURE", ""), **headers}
+    _no_5xx(client.get("/v1/predictions", headers=listing))
+
+
+@pytest.mark.django_db(transaction=True)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    field=st.sampled_from(["input", "text", "webhook", "webhook_events_filter", "stream", "version", "body"]),
+    value=hostile_json,
+    operator=st.booleans(),
+)
+def test_fuzz_every_body_field(chain_settings, demo_model, quiet_runs, settings, field, value, operator) -> None:
+    client = _fuzz_client(settings)
+    body: object = {"input": {"text": "x"}}
+    if field == "text":
+        body = {"input": {"text": value}}
+    elif field == "version":
+        body = {"version": value, "input": {"text": "x"}}
+    elif field == "body":
+        body = value
+    else:
+        body = {"input": {"text": "x"}, field: value}
+    path = "/v1/predictions" if field == "version" else URL
+    try:
+        data = json.dumps(body)
+    except ValueError:  # an integer beyond Python's 4,300 digits: json.dumps cannot write it
+        return
+    headers = {"Authorization": f"Bearer {OPERATOR}"} if operator else {}
+    _no_5xx(client.post(path, data=data, content_type="application/json", headers=headers))
+
+
+@pytest.mark.django_db(transaction=True)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(segment=hostile_text.filter(bool), cursor=hostile_text)
+def test_fuzz_path_parameters_and_cursors(chain_settings, demo_model, settings, segment, cursor) -> None:
+    from urllib.parse import quote
+
+    client = _fuzz_client(settings)
+    seg = quote(segment.encode("utf-8", "surrogatepass")[:2000], safe="")
+    for method, path in [
+        ("get", f"/v1/models/{seg}/echo-text"),
+        ("get", f"/v1/models/demo/{seg}"),
+        ("get", f"/v1/predictions/{seg}"),
+        ("post", f"/v1/predictions/{seg}/cancel"),
+        ("post", f"/v1/models/demo/{seg}/predictions"),
+        ("post", f"/internal/cog/{seg}/{seg}"),
+        ("get", f"/v1/models?cursor={quote(cursor.encode('utf-8', 'surrogatepass'), safe='')}"),
+        ("get", "/v1/models?cursor=" + quote(base64.b64encode(f"o=0&p={cursor}".encode("utf-8", "surrogatepass")))),
+    ]:
+        response = client.post(path, "{}", "application/json") if method == "post" else client.get(path)
+        _no_5xx(response)
+    headers = {"Authorization": f"Bearer {OPERATOR}"}
+    raw = base64.b64encode(f"o=1&r=1&p={cursor}".encode("utf-8", "surrogatepass")).decode()
+    _no_5xx(client.get("/v1/predictions", {"cursor": raw}, headers=headers))
+
+
 @pytest.mark.django_db(transaction=True)
 def test_huge_and_hostile_requests(chain_settings, demo_model) -> None:
     for header in [
@@ -113,11 +217,12 @@ def test_huge_and_hostile_requests(chain_settings, demo_model) -> None:
     big = Client().post(
         URL, data=json.dumps({"input": {"text": "x" * 3_000_000}}), content_type="application/json"
     )
-    assert big.status_code in (400, 413, 422)
-    weird = Client().post(
-        URL, data='{"input": {"text": "\\ud800 \\u202e evil"}}', content_type="application/json"
-    )
-    assert weird.status_code in (402, 422)
+    assert big.status_code == 413 and big["Content-Type"] == "application/problem+json"
+    weird = Client().post(URL, data='{"input": {"text": "\\u202e evil"}}', content_type="application/json")
+    assert weird.status_code == 402
+    for unstorable in ('{"input": {"text": "\\ud800"}}', '{"input": {"text": "a\\u0000"}}'):
+        refused = Client().post(URL, data=unstorable, content_type="application/json")
+        assert refused.status_code == 400 and refused.json()["status"] == 400
     floats = Client().post(URL, data='{"input": {"text": 1e400}}', content_type="application/json")
     assert floats.status_code in (400, 422)
 

@@ -1,7 +1,16 @@
-"""Liveness, readiness and metrics endpoints for operators and orchestrators."""
+"""Liveness, readiness and metrics endpoints for operators and orchestrators.
+
+``/healthz`` and ``/readyz`` answer anyone, ``/readyz`` naming only which dependency is down.
+``/metrics`` and the details of ``/readyz`` (latest blocks, the kind of failure) are for
+operators: a bearer token from ``X402_OPS_TOKENS`` or, with none configured, a client on this
+host (loopback, as seen through ``X402_TRUSTED_PROXIES``). Nothing here ever carries an RPC
+URL, a token or a key: failures are reported by the exception's class name only.
+"""
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 from decimal import Decimal
 from typing import Any
 
@@ -9,18 +18,41 @@ from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
+from payments.exceptions import problem_response
+from payments.ratelimit import client_address
+
 
 def healthz(request: HttpRequest) -> JsonResponse:
     """Liveness: the process serves requests."""
     return JsonResponse({"status": "ok"})
 
 
+def is_ops(request: HttpRequest) -> bool:
+    """An operator's request: a bearer token of X402_OPS_TOKENS, or (none configured) local."""
+    tokens = settings.X402_OPS_TOKENS
+    if tokens:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        given_bytes = given.strip().encode("utf-8", "surrogatepass")
+        return scheme.lower() == "bearer" and any(hmac.compare_digest(given_bytes, t.encode()) for t in tokens)
+    try:
+        return ipaddress.ip_address(client_address(request)).is_loopback
+    except ValueError:
+        return False
+
+
+class NotReady(RuntimeError):
+    """A failure described in our own words (safe to show an operator)."""
+
+
 def _check(fn: Any) -> dict[str, Any]:
     try:
         detail = fn()
         return {"ok": True, **(detail or {})}
+    except NotReady as exc:
+        return {"ok": False, "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - every failure is reported, none raised
-        return {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"[:300]}
+        # The class only: messages of transport errors carry URLs (and the keys in them).
+        return {"ok": False, "error": exc.__class__.__name__}
 
 
 def _database() -> None:
@@ -50,22 +82,30 @@ def _chains() -> dict[str, Any]:
             if wei < settings.X402_RELAYER_MIN_BALANCE_WEI:
                 low.append(f"{c.option.network}: {Decimal(wei).scaleb(-18)} ETH")
     if low:
-        raise RuntimeError(f"relayer {relayer} gas balance low ({'; '.join(low)})")
+        raise NotReady(f"relayer {relayer} gas balance low ({'; '.join(low)})")
     if not blocks:
-        raise RuntimeError("no payment option is configured")
+        raise NotReady("no payment option is configured")
     return {"latest_blocks": blocks}
 
 
 def readyz(request: HttpRequest) -> JsonResponse:
-    """Readiness: database, broker, chain RPC, relayer gas balance. 503 if any fails."""
+    """Readiness: database, broker, chain RPC, relayer gas balance. 503 if any fails.
+
+    Everyone learns which check failed; operators (``is_ops``) also get the details.
+    """
     checks = {"database": _check(_database), "broker": _check(_broker), "chain": _check(_chains)}
     ready = all(c["ok"] for c in checks.values())
+    if not is_ops(request):
+        checks = {name: {"ok": c["ok"]} for name, c in checks.items()}
     return JsonResponse(
         {"status": "ready" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
     )
 
 
 def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus metrics, for operators only (``is_ops``)."""
+    if not is_ops(request):
+        return problem_response(403, "Metrics need an operator token (X402_OPS_TOKENS).")
     from prometheus_client import CONTENT_TYPE_LATEST
 
     from payments.metrics import render

@@ -16,8 +16,12 @@ env = environ.Env()
 if (BASE_DIR / ".env").exists():
     env.read_env(BASE_DIR / ".env")
 
-DEBUG = env.bool("DJANGO_DEBUG", default=True)
-SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="dev-only-insecure-key-change-me-in-production-0123456789")
+#: Off unless asked for: the quick start (manage.py quickstart) and the tests turn it on.
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+#: The development key: with DEBUG off, the service refuses to start with it, with a key
+#: shorter than 50 characters, or one derived from a known default (x402site.checks).
+DEV_SECRET_KEY = "dev-only-insecure-key-change-me-in-production-0123456789"
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default=DEV_SECRET_KEY)
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "testserver"])
 
 INSTALLED_APPS = [
@@ -30,12 +34,14 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "x402site",
     "payments",
     "predictions",
 ]
 
 MIDDLEWARE = [
     "x402site.logging.RequestIdMiddleware",
+    "x402site.inputs.RefuseUnsafeInput",
     "django.middleware.security.SecurityMiddleware",
     "payments.middleware.X402CorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -45,6 +51,9 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+
+if not DEBUG:  # static files (admin, API docs) from STATIC_ROOT; runserver serves them in debug
+    MIDDLEWARE.insert(MIDDLEWARE.index("django.middleware.security.SecurityMiddleware") + 1, "whitenoise.middleware.WhiteNoiseMiddleware")
 
 ROOT_URLCONF = "x402site.urls"
 WSGI_APPLICATION = "x402site.wsgi.application"
@@ -84,16 +93,26 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "var" / "static"
+#: No uploads are served; a prefix all the same, or Django's test server takes every path for media.
+MEDIA_URL = "media/"
+#: `manage.py collectstatic` writes here; WhiteNoise serves it with DEBUG off.
+STATIC_ROOT = Path(env.str("DJANGO_STATIC_ROOT", default=str(BASE_DIR / "var" / "static")))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],
     "DEFAULT_PERMISSION_CLASSES": [],
     "UNAUTHENTICATED_USER": None,
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["x402site.parsers.JSONParser"],
     "EXCEPTION_HANDLER": "payments.exceptions.api_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # The client address (rate limits, /metrics access) is the X-Forwarded-For entry this many
+    # trusted proxies from the right; 0: REMOTE_ADDR, the header ignored (its left is forgeable).
+    "NUM_PROXIES": env.int("X402_TRUSTED_PROXIES", default=0),
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "x402 predictions",
@@ -196,16 +215,20 @@ X402_PREDICTION_LOST_AFTER = env.int("X402_PREDICTION_LOST_AFTER", default=X402_
 #: Readiness fails when the relayer holds less gas money than this (wei; default 0.001 ETH).
 X402_RELAYER_MIN_BALANCE_WEI = env.int("X402_RELAYER_MIN_BALANCE_WEI", default=10**15)
 
-#: Per-client limits, "count/seconds" ("" turns one off): 402 challenges, and refused payments.
+#: Per-client limits, "count/seconds" ("" turns one off): 402 challenges, refused payments,
+#: and webhook URL checks (each resolves a host name).
 X402_RATE_LIMITS = {
     "challenge": env.str("X402_RATE_CHALLENGES", default="600/60"),
     "failed": env.str("X402_RATE_FAILED_PAYMENTS", default="60/60"),
+    "webhook": env.str("X402_RATE_WEBHOOK_CHECKS", default="600/60"),
 }
-#: Take the client address from X-Forwarded-For (only behind a proxy that sets it).
-X402_TRUST_X_FORWARDED_FOR = env.bool("X402_TRUST_X_FORWARDED_FOR", default=False)
 
 #: Bearer tokens that run predictions without payment (operators, integrations).
 X402_OPERATOR_TOKENS = env.list("X402_OPERATOR_TOKENS", default=[])
+
+#: Bearer tokens that may read /metrics and the details of /readyz; with none, only clients on
+#: this host (loopback, counted through X402_TRUSTED_PROXIES) may.
+X402_OPS_TOKENS = env.list("X402_OPS_TOKENS", default=[])
 
 #: Bearer tokens allowed to use our facilitator API (/facilitator/...); empty turns it off.
 X402_FACILITATOR_TOKENS = env.list("X402_FACILITATOR_TOKENS", default=[])

@@ -24,3 +24,8 @@ urlpatterns = [
         name="cog-webhook",
     ),
 ]
+
+handler400 = "x402site.errors.bad_request"
+handler403 = "x402site.errors.permission_denied"
+handler404 = "x402site.errors.not_found"
+handler500 = "x402site.errors.server_error"

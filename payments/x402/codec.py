@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from typing import Any
 
 #: Headers above this size are refused before any decoding work (an 8 KiB cap, as in security.md).
@@ -19,19 +20,58 @@ class DecodeError(ValueError):
     reason = "invalid_payload"
 
 
-def _check_depth(value: Any, depth: int = 0) -> None:
-    if depth > MAX_JSON_DEPTH:
-        raise DecodeError("JSON nested too deeply")
-    if isinstance(value, dict):
-        for item in value.values():
-            _check_depth(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _check_depth(item, depth + 1)
+def _storable(text: str) -> bool:
+    """PostgreSQL stores neither NUL nor a lone surrogate (which UTF-8 cannot even encode)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_json(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse nesting deeper than ``max_depth`` and strings (keys too) the database cannot
+    store: NUL characters and lone surrogates (JSON escapes such as ``\\u0000``, ``\\ud800``)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not _storable(item):
+                raise DecodeError("JSON strings must not contain NUL characters or lone surrogates")
+        elif isinstance(item, dict | list):
+            if depth >= max_depth:
+                raise DecodeError(f"JSON nested deeper than {max_depth} levels")
+            if isinstance(item, dict):
+                stack.extend((key, depth + 1) for key in item)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
 
 
 def _reject_constant(name: str) -> None:
     raise DecodeError(f"JSON constant {name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e400: JSON allows it, no database column holds it
+        raise DecodeError(f"JSON number {text[:20]} is out of range")
+    return number
+
+
+def loads(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Strict JSON from bytes: UTF-8 only, no NaN/Infinity, finite numbers, integers of at most
+    Python's 4,300 digits, within ``max_depth`` and storable (see ``check_json``)."""
+    try:
+        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+    except DecodeError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSONDecodeError, huge ints
+        raise DecodeError("not valid JSON") from None
+    check_json(obj, max_depth)
+    return obj
 
 
 def decode_header(header: str) -> dict[str, Any]:
@@ -50,17 +90,9 @@ def decode_header(header: str) -> dict[str, Any]:
         data = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
         raise DecodeError("header is not valid base64") from None
-    try:
-        text = data.decode("utf-8")
-        obj = json.loads(text, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise DecodeError("header is not valid JSON") from None
-    if "\x00" in text or "\\u0000" in text:
-        # PostgreSQL cannot store NUL in text or JSON: refuse it here, not with a 500 later.
-        raise DecodeError("header JSON contains a NUL character")
+    obj = loads(data)
     if not isinstance(obj, dict):
         raise DecodeError("header JSON is not an object")
-    _check_depth(obj)
     return obj
 
 
