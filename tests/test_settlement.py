@@ -38,7 +38,14 @@ def chain_nonce(chain, address: str) -> int:
 
 
 def send_as(chain, sender: str, to: str, data: str, **extra) -> str:
-    return rpc(chain.rpc_url, "eth_sendTransaction", [{"from": sender, "to": to, "data": data, **extra}])
+    """Send a transaction from an unlocked account; with automine on, wait until it is mined
+    (anvil answers before the receipt exists)."""
+    tx = rpc(chain.rpc_url, "eth_sendTransaction", [{"from": sender, "to": to, "data": data, **extra}])
+    automine = rpc(chain.rpc_url, "anvil_getAutomine", [])
+    deadline = time.monotonic() + 10
+    while automine and rpc(chain.rpc_url, "eth_getTransactionReceipt", [tx]) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return tx
 
 
 def transfers_of(chain, payer: str) -> list[dict]:
