@@ -46,6 +46,13 @@ class Challenge:
     def reject(self, error: str, message: str = "") -> PaymentRequired:
         return PaymentRequired(self, error, message)
 
+    def payment_required(self, error: str) -> dict[str, Any]:
+        """The x402 v2 PaymentRequired object (the ``PAYMENT-REQUIRED`` header, the paywall
+        page's requirement, the MCP payment-required tool result)."""
+        return payment_required_v2(
+            self.requirements, self.resource, error, extensions={**idempotency.ADVERTISED, **self.extensions}
+        )
+
 
 class PaymentRequired(exceptions.APIException):
     status_code = status.HTTP_402_PAYMENT_REQUIRED
@@ -72,22 +79,23 @@ class InvalidInput(exceptions.APIException):
         self.fields = fields
 
 
-def payment_required_response(exc: PaymentRequired) -> Response:
+def count_refusal(exc: PaymentRequired) -> None:
+    """Count a 402 in the metrics: a challenge to an unpaid request, or a refused payment."""
     from .metrics import CHALLENGES, REJECTED
 
-    if exc.error.endswith("header is required"):
+    if exc.error.endswith(" is required"):
         CHALLENGES.inc()
     else:
         REJECTED.labels(reason=exc.error[:64]).inc()
+
+
+def payment_required_response(exc: PaymentRequired) -> Response:
+    count_refusal(exc)
     ch = exc.challenge
     body = payment_required_v1(ch.requirements, ch.resource, exc.error, ch.output_schema)
     if exc.message != exc.error:
         body["message"] = exc.message
-    header = encode_header(
-        payment_required_v2(
-            ch.requirements, ch.resource, exc.error, extensions={**idempotency.ADVERTISED, **ch.extensions}
-        )
-    )
+    header = encode_header(ch.payment_required(exc.error))
     return Response(
         body,
         status=status.HTTP_402_PAYMENT_REQUIRED,

@@ -20,9 +20,10 @@ from rest_framework.permissions import SAFE_METHODS, BasePermission
 
 from . import idempotency, ratelimit, verification
 from .exceptions import Challenge, PaymentRequired
+from .models import Payment
 from .options import configured
 from .pricing import atomic_amount
-from .verification import VerificationUnavailable
+from .verification import Verification, VerificationUnavailable
 from .x402.codec import DecodeError, decode_header
 from .x402.types import HOLD_SLACK_SECONDS, Requirement, Resource, parse_payload
 from .x402.verify import PaymentRejected
@@ -130,36 +131,49 @@ class X402Payment(BasePermission):
             ratelimit.hit(request, "challenge")
             raise challenge.reject(f"{V2_HEADER} header is required")
         try:
-            return self._check_payment(request, header, challenge)
+            accepted = check_payment(header, challenge, request.path)
         except PaymentRequired:
             ratelimit.hit(request, "failed")
             raise
-
-    def _check_payment(self, request, header: str, challenge: Challenge) -> bool:  # type: ignore[no-untyped-def]
-        try:
-            payload = parse_payload(decode_header(header))
-        except DecodeError as exc:
-            log.info("payment header refused: invalid_payload (%s)", exc)
-            raise challenge.reject(DecodeError.reason, str(exc)) from None
-        # A v2 payload names the resource it was made for: it must be this one (the EIP-3009
-        # signature itself does not bind the URL).
-        paid_for = payload.resource_path
-        if paid_for is not None and paid_for.rstrip("/") != request.path.rstrip("/"):
-            raise challenge.reject(RESOURCE_MISMATCH, "this payment was made for another resource")
-        # An idempotent retry (same payment-identifier, same payload) is answered before
-        # verification: once settled, a resent payload would no longer verify. Nothing else in
-        # a payload is secret once it settles, so nothing else identifies a retry.
-        request.x402_replay_of = idempotency.lookup(payload)
-        if request.x402_replay_of is not None:
-            request.x402 = None
-            return True
-        try:
-            request.x402 = verification.verify(
-                payload, [*challenge.requirements, *challenge.honoured], challenge.resource
-            )
-        except PaymentRejected as exc:
-            log.info("payment refused: %s (%s)", exc.reason, exc.message)
-            raise challenge.reject(exc.reason, exc.message) from None
-        except VerificationUnavailable:
-            raise ServiceUnavailable() from None
+        request.x402, request.x402_replay_of = accepted.verification, accepted.replay_of
         return True
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A payment the gate let through: newly verified, or the first payment of an idempotent retry."""
+
+    verification: Verification | None = None
+    replay_of: Payment | None = None
+
+
+def check_payment(header: str, challenge: Challenge, path: str) -> Accepted:
+    """The gate's checks of one payment (base64 JSON, as in ``PAYMENT-SIGNATURE``) for the
+    resource at ``path``: the DRF permission and the MCP tools both call this.
+
+    Raises PaymentRequired (a fresh challenge with the reason) or ServiceUnavailable.
+    """
+    try:
+        payload = parse_payload(decode_header(header))
+    except DecodeError as exc:
+        log.info("payment header refused: invalid_payload (%s)", exc)
+        raise challenge.reject(DecodeError.reason, str(exc)) from None
+    # A v2 payload names the resource it was made for: it must be this one (the EIP-3009
+    # signature itself does not bind the URL).
+    paid_for = payload.resource_path
+    if paid_for is not None and paid_for.rstrip("/") != path.rstrip("/"):
+        raise challenge.reject(RESOURCE_MISMATCH, "this payment was made for another resource")
+    # An idempotent retry (same payment-identifier, same payload) is answered before
+    # verification: once settled, a resent payload would no longer verify. Nothing else in
+    # a payload is secret once it settles, so nothing else identifies a retry.
+    replay_of = idempotency.lookup(payload)
+    if replay_of is not None:
+        return Accepted(replay_of=replay_of)
+    try:
+        verified = verification.verify(payload, [*challenge.requirements, *challenge.honoured], challenge.resource)
+    except PaymentRejected as exc:
+        log.info("payment refused: %s (%s)", exc.reason, exc.message)
+        raise challenge.reject(exc.reason, exc.message) from None
+    except VerificationUnavailable:
+        raise ServiceUnavailable() from None
+    return Accepted(verification=verified)

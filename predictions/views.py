@@ -204,17 +204,20 @@ MAX_WAIT = 60
 def wait_for(prediction: Prediction, request: Request) -> Prediction:
     """``Prefer: wait`` (60 s) or ``wait=N`` (N <= 60): hold the answer until the prediction ends."""
     match = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
-    if match is None or prediction.is_terminal:
+    if match is None:
         return prediction
     seconds = ascii_uint(match.group(1) or "", 2)
-    deadline = time.monotonic() + min(MAX_WAIT if seconds is None else seconds, MAX_WAIT)
+    return wait_until_done(prediction, min(MAX_WAIT if seconds is None else seconds, MAX_WAIT))
+
+
+def wait_until_done(prediction: Prediction, seconds: float) -> Prediction:
+    """The prediction once it has ended, or as it stands after ``seconds``."""
+    deadline = time.monotonic() + seconds
     delay = 0.05
-    while time.monotonic() < deadline:
+    while not prediction.is_terminal and time.monotonic() < deadline:
         time.sleep(delay)
         delay = min(delay * 1.5, 0.5)
         prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
-        if prediction.is_terminal:
-            break
     return prediction
 
 

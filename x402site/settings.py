@@ -211,6 +211,9 @@ X402_PREDICTION_TIME_LIMIT = env.int("X402_PREDICTION_TIME_LIMIT", default=600)
 X402_PER_SECOND_OVERRUN_FACTOR = env.float("X402_PER_SECOND_OVERRUN_FACTOR", default=2.0)
 #: A prediction still PROCESSING this long after it started lost its worker: the sweep fails it.
 X402_PREDICTION_LOST_AFTER = env.int("X402_PREDICTION_LOST_AFTER", default=X402_PREDICTION_TIME_LIMIT + 60)
+#: How long a paid MCP tool call waits for its prediction's output before answering with where
+#: it stands (the agent then reads it with the get_prediction tool).
+X402_MCP_WAIT_SECONDS = env.int("X402_MCP_WAIT_SECONDS", default=60)
 
 #: Readiness fails when the relayer holds less gas money than this (wei; default 0.001 ETH).
 X402_RELAYER_MIN_BALANCE_WEI = env.int("X402_RELAYER_MIN_BALANCE_WEI", default=10**15)

@@ -17,6 +17,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("v1/", include("predictions.urls")),
     path("facilitator/", include("payments.urls")),
+    path("mcp", include("mcpserver.urls")),
     path("discovery/resources", DiscoveryResources.as_view(), name="discovery-resources"),
     path(
         "internal/cog/<str:prediction_id>/<str:token>",

@@ -1,0 +1,160 @@
+"""The MCP server (Streamable HTTP at /mcp): tools from the catalogue, and paid tool calls that
+go through the same gate, ledger and settlement as the REST API, driven by the official SDKs
+(the ``mcp`` client and ``x402.mcp``) against a live server, a real Celery worker and anvil."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import requests
+from eth_account import Account
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from x402 import x402Client
+from x402.mcp import x402MCPSession
+from x402.mcp.constants import MCP_PAYMENT_META_KEY
+from x402.mcp.utils import _extract_payment_required_from_object
+from x402.mechanisms.evm.exact import register_exact_evm_client
+from x402.schemas import parse_payment_required
+
+from payments.models import Payment, PaymentStatus
+from payments.x402.codec import decode_header
+from predictions.models import Prediction
+from tests.conftest import rpc, token_balance
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+
+PRICE = 10_000  # demo/echo-text: 0.01 USDC
+TOOL = "demo__echo-text"
+
+
+@asynccontextmanager
+async def mcp_session(url: str):  # type: ignore[no-untyped-def]
+    """The official MCP client over Streamable HTTP."""
+    async with streamable_http_client(f"{url}/mcp") as (read, write, _), ClientSession(read, write) as session:
+        await session.initialize()
+        yield session
+
+
+def run(url: str, body: Callable[[ClientSession], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        async with mcp_session(url) as session:
+            return await body(session)
+
+    return asyncio.run(main())
+
+
+def payment_client(chain, payer: dict[str, str]) -> x402Client:  # type: ignore[no-untyped-def]
+    """The official x402 client, allowed to spend the test token."""
+    client = x402Client()
+    register_exact_evm_client(client, Account.from_key(payer["private_key"]))
+    client.set_spend_controls(
+        {
+            "allowed_assets": [
+                {"network": chain.network, "asset": chain.asset, "max_amount_per_payment": str(PRICE)}
+            ]
+        }
+    )
+    return client
+
+
+def test_one_tool_per_model_with_its_schema_and_price_and_free_catalogue_tools(
+    chain_settings, demo_model, live_server
+) -> None:
+    async def body(session: ClientSession) -> tuple[Any, Any, Any]:
+        listed = await session.list_tools()
+        models = await session.call_tool("list_models", {})
+        missing = await session.call_tool("get_prediction", {"id": "nope"})
+        return listed, models, missing
+
+    listed, models, missing = run(live_server.url, body)
+    tools = {t.name: t for t in listed.tools}
+    assert {"list_models", "get_prediction", TOOL} <= set(tools)
+    version = demo_model.latest_version
+    assert tools[TOOL].inputSchema == version.input_schema
+    assert "0.01 USDC per run" in tools[TOOL].description
+    assert not models.isError
+    [echo] = [m for m in models.structuredContent["models"] if m["tool"] == TOOL]
+    assert echo["pricing"]["accepts"][0]["amount"] == str(PRICE)
+    assert missing.isError and missing.structuredContent["status"] == 404
+
+
+def test_an_unpaid_call_gets_the_payment_requirements_of_the_rest_402(
+    chain_settings, demo_model, live_server
+) -> None:
+    result = run(live_server.url, lambda s: s.call_tool(TOOL, {"text": "unpaid"}))
+    assert result.isError
+    required = result.structuredContent
+    assert required == json.loads(result.content[0].text)
+    assert required["x402Version"] == 2 and required["resource"]["url"] == f"mcp://tool/{TOOL}"
+    # Our requirements, as the REST API's 402 for the same input carries them.
+    rest = requests.post(
+        f"{live_server.url}/v1/models/demo/echo-text/predictions", json={"input": {"text": "unpaid"}}, timeout=10
+    )
+    assert rest.status_code == 402
+    assert required["accepts"] == decode_header(rest.headers["PAYMENT-REQUIRED"])["accepts"]
+    assert required["accepts"][0]["amount"] == str(PRICE)
+    assert required["accepts"][0]["payTo"] == chain_settings.pay_to
+    # ...in the shape the x402 SDK's MCP client reads.
+    assert _extract_payment_required_from_object(required) is not None
+    # Bad input is refused before any payment is asked for, with the API's field errors.
+    invalid = run(live_server.url, lambda s: s.call_tool(TOOL, {"text": 5}))
+    assert invalid.isError and invalid.structuredContent["invalid_fields"] == {"text": "5 is not of type 'string'"}
+    assert Payment.objects.count() == 0 and Prediction.objects.count() == 0
+
+
+def test_the_official_x402_mcp_client_pays_a_tool_call_end_to_end(
+    chain_settings, demo_model, live_server, celery_worker_process
+) -> None:
+    chain = chain_settings
+    payer = chain.payers[6]
+    before = token_balance(chain, payer["address"])
+    before_pay_to = token_balance(chain, chain.pay_to)
+
+    async def body(session: ClientSession) -> Any:
+        return await x402MCPSession(session, payment_client(chain, payer)).call_tool(TOOL, {"text": "hello mcp"})
+
+    result = run(live_server.url, body)
+
+    assert result.payment_made and not result.is_error, result.content
+    assert result.content[0].text == "hello mcp"
+    settled = result.payment_response
+    assert settled.success and settled.payer == payer["address"]
+    receipt = rpc(chain.rpc_url, "eth_getTransactionReceipt", [settled.transaction])
+    assert int(receipt["status"], 16) == 1
+    assert token_balance(chain, payer["address"]) == before - PRICE
+    assert token_balance(chain, chain.pay_to) == before_pay_to + PRICE
+    [payment] = Payment.objects.all()
+    assert payment.status in (PaymentStatus.SETTLED, PaymentStatus.CONFIRMED)
+    assert payment.resource == f"mcp://tool/{TOOL}" and payment.settle_tx_hash == settled.transaction
+    [prediction] = Prediction.objects.all()
+    assert prediction.payment == payment and prediction.output == "hello mcp"
+    assert result.raw_result.structuredContent["id"] == prediction.id
+
+
+def test_a_replayed_payment_is_refused_and_reveals_nothing(
+    chain_settings, demo_model, live_server, celery_worker_process
+) -> None:
+    chain = chain_settings
+    client = payment_client(chain, chain.payers[7])
+
+    async def body(session: ClientSession) -> tuple[Any, Any]:
+        unpaid = await session.call_tool(TOOL, {"text": "once"})
+        payload = await client.create_payment_payload(parse_payment_required(unpaid.structuredContent))
+        meta = {MCP_PAYMENT_META_KEY: payload.model_dump(by_alias=True, exclude_none=True)}
+        first = await session.call_tool(TOOL, {"text": "once"}, meta=meta)
+        again = await session.call_tool(TOOL, {"text": "once"}, meta=meta)
+        return first, again
+
+    first, again = run(live_server.url, body)
+    assert not first.isError and first.content[0].text == "once"
+    assert again.isError
+    assert again.structuredContent["error"] == "invalid_exact_evm_nonce_already_used"
+    assert again.structuredContent["accepts"][0]["amount"] == str(PRICE)  # a fresh challenge
+    assert first.structuredContent["id"] not in json.dumps(again.structuredContent)
+    assert Payment.objects.count() == 1 and Prediction.objects.count() == 1
