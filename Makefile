@@ -24,9 +24,10 @@ bench: $(DEV) $(TOKEN) tools
 bench-quick: $(DEV) $(TOKEN) tools
 	$(PY) benchmarks/run.py --quick
 
-# Debian tools the suite drives: wrk (load generator).
+# Debian tools the suite drives: wrk (load generator) and chromium (the paywall paid in a
+# browser, driven by npm playwright-core: no browser is downloaded).
 tools:
-	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
+	@command -v wrk >/dev/null && test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk chromium)
 
 lint: $(DEV)
 	$(VENV)/bin/ruff check .

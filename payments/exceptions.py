@@ -135,7 +135,9 @@ def wants_html(request: Any) -> bool:
 
 
 def paywall_response(exc: PaymentRequired, json_response: Response) -> HttpResponse:
-    """The same challenge as a human-readable page, with the same 402 and headers."""
+    """The same challenge as a page a person pays with a browser wallet (``static/paywall/``),
+    with the same 402 and headers. The page prices the visitor's own input with this endpoint's
+    JSON 402 before it signs, so it pays exactly what an agent would."""
     ch = exc.challenge
     body = render_to_string(
         "paywall.html",
@@ -145,12 +147,24 @@ def paywall_response(exc: PaymentRequired, json_response: Response) -> HttpRespo
             "price": f"{ch.price_usd.normalize():f}",
             "requirements": [r.v2() for r in ch.requirements],
             "example": json.dumps(ch.example_input),
+            "example_input": ch.example_input,
+            "payment_required": ch.payment_required(exc.error),
+            "input_schema": _input_schema(ch),
+            "decimals": {r.option.asset: r.option.decimals for r in ch.requirements},
         },
     )
     response = HttpResponse(body, status=402, content_type="text/html; charset=utf-8")
     for name in (PAYMENT_REQUIRED_HEADER, "Cache-Control"):
         response[name] = json_response[name]
     return response
+
+
+def _input_schema(ch: Challenge) -> dict[str, Any]:
+    """The input's JSON Schema, as the challenge describes the request (its v1 outputSchema)."""
+    described = (ch.output_schema or {}).get("input", {})
+    body = described.get("body", {}) if isinstance(described, dict) else {}
+    schema = body.get("properties", {}).get("input") if isinstance(body, dict) else None
+    return schema if isinstance(schema, dict) else {"type": "object"}
 
 
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | HttpResponse | None:

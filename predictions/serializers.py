@@ -73,6 +73,8 @@ def model_json(model: Model, request: Request) -> dict[str, Any]:
     price = model.price_per_run
     return {
         "url": request.build_absolute_uri(f"/v1/models/{model.owner}/{model.name}"),
+        # "Try it": opened in a browser, the paid endpoint is a page to pay with a wallet and run.
+        "try_url": request.build_absolute_uri(f"/v1/models/{model.owner}/{model.name}/predictions"),
         "owner": model.owner,
         "name": model.name,
         "description": model.description,

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +18,6 @@ from eth_account import Account
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from x402 import x402Client
-from x402.mcp import x402MCPSession
 from x402.mcp.constants import MCP_PAYMENT_META_KEY
 from x402.mcp.utils import _extract_payment_required_from_object
 from x402.mechanisms.evm.exact import register_exact_evm_client
@@ -26,6 +27,9 @@ from payments.models import Payment, PaymentStatus
 from payments.x402.codec import decode_header
 from predictions.models import Prediction
 from tests.conftest import rpc, token_balance
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from mcp_agent import call_paid_tool, tool_of  # noqa: E402
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
 
@@ -111,15 +115,22 @@ def test_an_unpaid_call_gets_the_payment_requirements_of_the_rest_402(
 def test_the_official_x402_mcp_client_pays_a_tool_call_end_to_end(
     chain_settings, demo_model, live_server, celery_worker_process
 ) -> None:
+    """Through examples/mcp_agent.py: the SDK's x402MCPSession over Streamable HTTP."""
     chain = chain_settings
     payer = chain.payers[6]
     before = token_balance(chain, payer["address"])
     before_pay_to = token_balance(chain, chain.pay_to)
+    allowed = {"network": chain.network, "asset": chain.asset, "max_amount_per_payment": str(PRICE)}
 
-    async def body(session: ClientSession) -> Any:
-        return await x402MCPSession(session, payment_client(chain, payer)).call_tool(TOOL, {"text": "hello mcp"})
-
-    result = run(live_server.url, body)
+    result = asyncio.run(
+        call_paid_tool(
+            live_server.url,
+            tool_of("demo/echo-text"),
+            {"text": "hello mcp"},
+            Account.from_key(payer["private_key"]),
+            allowed,
+        )
+    )
 
     assert result.payment_made and not result.is_error, result.content
     assert result.content[0].text == "hello mcp"
