@@ -134,10 +134,13 @@ def wants_html(request: Any) -> bool:
     return "text/html" in accept
 
 
-def paywall_response(exc: PaymentRequired, json_response: Response) -> HttpResponse:
+def paywall_response(
+    exc: PaymentRequired, json_response: Response, fields: dict[str, Any] | None = None
+) -> HttpResponse:
     """The same challenge as a page a person pays with a browser wallet (``static/paywall/``),
     with the same 402 and headers. The page prices the visitor's own input with this endpoint's
-    JSON 402 before it signs, so it pays exactly what an agent would."""
+    JSON 402 before it signs, so it pays exactly what an agent would. ``fields``: the request's
+    other body fields (``version``, ``webhook``...), sent again with the input."""
     ch = exc.challenge
     body = render_to_string(
         "paywall.html",
@@ -151,6 +154,7 @@ def paywall_response(exc: PaymentRequired, json_response: Response) -> HttpRespo
             "payment_required": ch.payment_required(exc.error),
             "input_schema": _input_schema(ch),
             "decimals": {r.option.asset: r.option.decimals for r in ch.requirements},
+            "fields": fields or {},
         },
     )
     response = HttpResponse(body, status=402, content_type="text/html; charset=utf-8")
@@ -171,7 +175,11 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     if isinstance(exc, PaymentRequired):
         response = payment_required_response(exc)
         request = context.get("request")
-        return paywall_response(exc, response) if wants_html(request) else response
+        if not wants_html(request):
+            return response
+        data = getattr(request, "data", None)
+        fields = {k: v for k, v in data.items() if k != "input"} if isinstance(data, dict) else {}
+        return paywall_response(exc, response, fields)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound(str(exc) or "Not found.")
     if isinstance(exc, (db.OperationalError, db.InterfaceError)):

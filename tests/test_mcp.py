@@ -151,21 +151,62 @@ def test_the_official_x402_mcp_client_pays_a_tool_call_end_to_end(
 def test_a_replayed_payment_is_refused_and_reveals_nothing(
     chain_settings, demo_model, live_server, celery_worker_process
 ) -> None:
+    """As over REST: the same payment again buys nothing, unless it is an idempotent retry
+    (the same payment-identifier and payload for the same call), which gets the same prediction."""
     chain = chain_settings
     client = payment_client(chain, chain.payers[7])
 
-    async def body(session: ClientSession) -> tuple[Any, Any]:
-        unpaid = await session.call_tool(TOOL, {"text": "once"})
+    async def pay(session: ClientSession, text: str, identifier: str | None = None) -> dict[str, Any]:
+        unpaid = await session.call_tool(TOOL, {"text": text})
         payload = await client.create_payment_payload(parse_payment_required(unpaid.structuredContent))
-        meta = {MCP_PAYMENT_META_KEY: payload.model_dump(by_alias=True, exclude_none=True)}
+        body = payload.model_dump(by_alias=True, exclude_none=True)
+        if identifier:
+            body["extensions"] = {"payment-identifier": {"info": {"id": identifier}}}
+        return {MCP_PAYMENT_META_KEY: body}
+
+    async def body(session: ClientSession) -> list[Any]:
+        meta = await pay(session, "once")
         first = await session.call_tool(TOOL, {"text": "once"}, meta=meta)
         again = await session.call_tool(TOOL, {"text": "once"}, meta=meta)
-        return first, again
+        keyed = await pay(session, "retried", identifier="mcp-retry-0123456789")
+        retried = [await session.call_tool(TOOL, {"text": "retried"}, meta=keyed) for _ in range(2)]
+        return [first, again, *retried]
 
-    first, again = run(live_server.url, body)
+    first, again, *retried = run(live_server.url, body)
     assert not first.isError and first.content[0].text == "once"
     assert again.isError
     assert again.structuredContent["error"] == "invalid_exact_evm_nonce_already_used"
     assert again.structuredContent["accepts"][0]["amount"] == str(PRICE)  # a fresh challenge
     assert first.structuredContent["id"] not in json.dumps(again.structuredContent)
-    assert Payment.objects.count() == 1 and Prediction.objects.count() == 1
+    assert [r.content[0].text for r in retried] == ["retried", "retried"]
+    assert retried[0].structuredContent["id"] == retried[1].structuredContent["id"]
+    assert Payment.objects.count() == 2 and Prediction.objects.count() == 2
+
+
+def test_hostile_or_misdirected_payments_get_a_fresh_challenge(chain_settings, demo_model, live_server) -> None:
+    """A payment in _meta meets the REST gate's checks: undecodable or mistyped payloads are
+    invalid_payload, and a payment made for another resource (here the REST endpoint) is refused."""
+    from payments.options import configured
+    from payments.x402.types import Requirement
+    from tests.payers import sign_authorization, v2_payload
+
+    requirement = Requirement(configured()[0].option, PRICE)
+    rest_url = f"{live_server.url}/v1/models/demo/echo-text/predictions"
+    for_rest = v2_payload(
+        requirement, sign_authorization(chain_settings.payers[2]["private_key"], requirement), rest_url
+    )
+    payments = ["not json", {"x402Version": 2}, [1, 2], "x" * 20_000, for_rest]
+
+    async def body(session: ClientSession) -> list[Any]:
+        return [
+            await session.call_tool(TOOL, {"text": "x"}, meta={MCP_PAYMENT_META_KEY: payment})
+            for payment in payments
+        ]
+
+    results = run(live_server.url, body)
+    assert all(r.isError and r.structuredContent["accepts"] for r in results)
+    assert [r.structuredContent["error"] for r in results] == [
+        *["invalid_payload"] * 4,
+        "invalid_payment_resource_mismatch",
+    ]
+    assert Payment.objects.count() == 0 and Prediction.objects.count() == 0

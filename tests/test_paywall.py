@@ -87,3 +87,29 @@ def test_a_person_pays_with_a_browser_wallet_and_sees_the_output(
     assert payment.requirement == decode_header(agent.headers["PAYMENT-REQUIRED"])["accepts"][0]
     if policy == SettlementPolicy.AFTER_SUCCESS:
         assert payment.requirement["maxTimeoutSeconds"] > 300
+
+
+def _json_script(html: str, element_id: str) -> object:
+    start = html.index(f'<script id="{element_id}" type="application/json">')
+    start = html.index(">", start) + 1
+    return json.loads(html[start : html.index("</script>", start)])
+
+
+def test_the_page_pays_what_the_402_asks_and_resends_the_request_fields(chain_settings, demo_model) -> None:
+    """The page's requirement is the PAYMENT-REQUIRED header itself; a POST to /v1/predictions
+    keeps its version when the page sends it again with the visitor's input."""
+    from django.test import Client
+
+    version = demo_model.latest_version
+    page = Client().post(
+        "/v1/predictions",
+        data=json.dumps({"version": version.id, "input": {"text": "hi"}}),
+        content_type="application/json",
+        headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"},
+    )
+    assert page.status_code == 402 and page["Content-Type"].startswith("text/html")
+    html = page.content.decode()
+    assert _json_script(html, "x402-payment-required") == decode_header(page["PAYMENT-REQUIRED"])
+    assert _json_script(html, "x402-request-fields") == {"version": version.id}
+    assert _json_script(html, "x402-input-schema") == version.input_schema
+    assert "/static/paywall/paywall.js" in html and "https://cdn" not in html

@@ -15,6 +15,7 @@
   const schema = data("x402-input-schema") || {};
   const example = data("x402-example-input") || {};
   const decimals = data("x402-asset-decimals") || {};
+  const requestFields = data("x402-request-fields") || {}; // e.g. the version for /v1/predictions
   const endpoint = new URL(required.resource.url).pathname;
   const $ = (id) => document.getElementById(id);
   const TERMINAL = ["succeeded", "failed", "canceled"];
@@ -277,7 +278,7 @@
   async function post(input, paymentHeader) {
     const headers = { "Content-Type": "application/json", Accept: "application/json" };
     if (paymentHeader) headers["PAYMENT-SIGNATURE"] = paymentHeader;
-    return fetch(endpoint, { method: "POST", headers, body: JSON.stringify({ input }) });
+    return fetch(endpoint, { method: "POST", headers, body: JSON.stringify({ ...requestFields, input }) });
   }
 
   async function problem(response) {
