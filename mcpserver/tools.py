@@ -21,6 +21,7 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit
 
+from django import db
 from django.conf import settings
 from django.db.models import Q
 from django.http import HttpRequest
@@ -29,7 +30,13 @@ from rest_framework.exceptions import APIException, NotFound
 from x402.mcp.constants import MCP_PAYMENT_META_KEY, MCP_PAYMENT_RESPONSE_META_KEY
 
 from payments import ratelimit
-from payments.exceptions import Challenge, PaymentRequired, api_exception_handler, count_refusal
+from payments.exceptions import (
+    Challenge,
+    DatabaseUnavailable,
+    PaymentRequired,
+    api_exception_handler,
+    count_refusal,
+)
 from payments.models import Payment
 from payments.permissions import challenge_for, check_payment
 from payments.x402.codec import DecodeError
@@ -140,6 +147,13 @@ def call(name: str, arguments: dict[str, Any], payment: Any, request: HttpReques
         return payment_required_result(exc)
     except APIException as exc:
         return error_result(exc)
+    except (db.OperationalError, db.InterfaceError) as exc:
+        log.error("database unavailable during MCP tool %s: %s", name, exc)
+        return error_result(DatabaseUnavailable())
+    except Exception:
+        # The SDK would put the exception's text in the result: log it here, tell the caller nothing.
+        log.exception("MCP tool %s failed", name)
+        return error_result(APIException())
 
 
 def _list_models(request: HttpRequest) -> dict[str, Any]:

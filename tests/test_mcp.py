@@ -210,3 +210,17 @@ def test_hostile_or_misdirected_payments_get_a_fresh_challenge(chain_settings, d
         "invalid_payment_resource_mismatch",
     ]
     assert Payment.objects.count() == 0 and Prediction.objects.count() == 0
+
+
+def test_a_server_fault_is_an_error_result_that_reveals_nothing(
+    chain_settings, demo_model, live_server, monkeypatch
+) -> None:
+    from mcpserver import tools
+
+    def broken(name: str) -> None:
+        raise RuntimeError("postgres://secret@db-7/ledger")
+
+    monkeypatch.setattr(tools, "model_of", broken)
+    result = run(live_server.url, lambda s: s.call_tool(TOOL, {"text": "x"}))
+    assert result.isError and result.structuredContent["status"] == 500
+    assert "secret" not in result.content[0].text
