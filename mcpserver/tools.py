@@ -38,7 +38,7 @@ from payments.exceptions import (
     count_refusal,
 )
 from payments.models import Payment
-from payments.permissions import challenge_for, check_payment
+from payments.permissions import challenge_for, check_payment, is_operator
 from payments.x402.codec import DecodeError
 from payments.x402.types import settle_response
 from predictions.models import Model, ModelVersion, Prediction, PredictionStatus
@@ -142,7 +142,7 @@ def call(name: str, arguments: dict[str, Any], payment: Any, request: HttpReques
         model = model_of(name)
         if model is None:
             raise NotFound(f"No tool named {name!r}: call {LIST_MODELS} to see the models.")
-        return _run_model(model, name, arguments, payment, request)
+        return _run_model(model, arguments, payment, request)
     except PaymentRequired as exc:
         return payment_required_result(exc)
     except APIException as exc:
@@ -176,9 +176,7 @@ def _get_prediction(arguments: dict[str, Any], request: HttpRequest) -> dict[str
     return prediction_json(prediction, base_url(request))
 
 
-def _run_model(
-    model: Model, name: str, arguments: dict[str, Any], payment: Any, request: HttpRequest
-) -> types.CallToolResult:
+def _run_model(model: Model, arguments: dict[str, Any], payment: Any, request: HttpRequest) -> types.CallToolResult:
     """The REST create (``PaidPredictionCreate``) as a tool call: validate, price, take the
     payment through the gate, create, then wait (bounded) for the output."""
     version = model.latest_version
@@ -186,10 +184,11 @@ def _run_model(
         raise NotFound(f"Model {model} has no version.")
     inputs = validate_input(version, {"input": arguments})
     check_runner(version)
-    url = resource_url(name)
+    url = resource_url(tool_name(model))
     charge = charge_for(version, inputs, url, url)
     paid, challenge = None, None
-    if not charge.free:
+    # As over REST: free models, and operators (a bearer token from X402_OPERATOR_TOKENS), run unpaid.
+    if not charge.free and not is_operator(request):
         challenge = challenge_for(charge)
         if payment is None:
             ratelimit.hit(request, "challenge")
@@ -203,7 +202,7 @@ def _run_model(
             return prediction_result(replayed(accepted.replay_of, charge), request)
         paid = accepted.verification
     prediction, _ = create_prediction(version, inputs, paid=paid, charge=charge, challenge=challenge)
-    log.info("mcp tool %s created prediction %s", name, prediction.id)
+    log.info("mcp tool %s created prediction %s", tool_name(model), prediction.id)
     done = wait_until_done(prediction, min(settings.X402_MCP_WAIT_SECONDS, model.time_limit_seconds))
     return prediction_result(done, request)
 

@@ -224,3 +224,31 @@ def test_a_server_fault_is_an_error_result_that_reveals_nothing(
     result = run(live_server.url, lambda s: s.call_tool(TOOL, {"text": "x"}))
     assert result.isError and result.structuredContent["status"] == 500
     assert "secret" not in result.content[0].text
+
+
+def test_operators_run_paid_tools_without_payment(chain_settings, demo_model, live_server, settings) -> None:
+    """As over REST, a bearer token from X402_OPERATOR_TOKENS runs without payment; the call
+    answers after at most X402_MCP_WAIT_SECONDS, with the output or where the prediction stands."""
+    import httpx
+
+    settings.X402_OPERATOR_TOKENS = ["op-mcp-token"]
+    settings.X402_MCP_WAIT_SECONDS = 1
+
+    async def main() -> Any:
+        headers = {"Authorization": "Bearer op-mcp-token"}
+        async with (
+            httpx.AsyncClient(headers=headers) as http,
+            streamable_http_client(f"{live_server.url}/mcp", http_client=http) as (read, write, _),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            return await session.call_tool(TOOL, {"text": "staff"})
+
+    result = asyncio.run(main())
+    assert not result.isError, result.content
+    [prediction] = Prediction.objects.all()
+    assert prediction.payment is None and result.structuredContent["id"] == prediction.id
+    # The output if this module's worker ran it within the second, else where to read it later.
+    text = result.content[0].text
+    assert text == "staff" or text.endswith(f"; read it later with get_prediction(id={prediction.id!r}).")
+    assert Payment.objects.count() == 0
