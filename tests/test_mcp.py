@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -122,6 +123,7 @@ def test_the_official_x402_mcp_client_pays_a_tool_call_end_to_end(
     before_pay_to = token_balance(chain, chain.pay_to)
     allowed = {"network": chain.network, "asset": chain.asset, "max_amount_per_payment": str(PRICE)}
 
+    started = time.monotonic()
     result = asyncio.run(
         call_paid_tool(
             live_server.url,
@@ -132,6 +134,7 @@ def test_the_official_x402_mcp_client_pays_a_tool_call_end_to_end(
         )
     )
 
+    print(f"paid MCP tool call end to end (probe, sign, settle, run) in {time.monotonic() - started:.2f}s")
     assert result.payment_made and not result.is_error, result.content
     assert result.content[0].text == "hello mcp"
     settled = result.payment_response

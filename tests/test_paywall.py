@@ -68,7 +68,9 @@ def test_a_person_pays_with_a_browser_wallet_and_sees_the_output(
     assert url == f"{live_server.url}/v1/models/demo/echo-text/predictions"
     text = f"paid in the browser ({policy})"
 
+    started = time.monotonic()
     page = pay_in_browser(url, chain.rpc_url, payer, text, tmp_path / "paid.png")
+    print(f"paid in the browser ({policy}), from launch to output, in {time.monotonic() - started:.2f}s")
 
     assert page["state"] == "succeeded", page
     assert page["output"] == text
