@@ -10,9 +10,9 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from mcp import types
 from mcp.server.lowlevel import Server
-from x402.mcp.constants import MCP_PAYMENT_META_KEY
 
 from . import tools
+from .tools import MCP_PAYMENT_META_KEY
 
 #: Where the Django request travels in the ASGI scope (``request.state`` in the SDK's handlers).
 DJANGO_REQUEST = "django_request"

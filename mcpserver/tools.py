@@ -27,7 +27,6 @@ from django.db.models import Q
 from django.http import HttpRequest
 from mcp import types
 from rest_framework.exceptions import APIException, NotFound
-from x402.mcp.constants import MCP_PAYMENT_META_KEY, MCP_PAYMENT_RESPONSE_META_KEY
 
 from payments import ratelimit
 from payments.exceptions import (
@@ -48,6 +47,10 @@ from predictions.views import charge_for, check_runner, validate_input, wait_unt
 
 log = logging.getLogger("mcpserver")
 
+#: The x402 MCP convention's ``_meta`` keys (as ``x402.mcp.constants`` names them; the x402 SDK
+#: itself is a development dependency, never imported by the service).
+MCP_PAYMENT_META_KEY = "x402/payment"
+MCP_PAYMENT_RESPONSE_META_KEY = "x402/payment-response"
 LIST_MODELS = "list_models"
 GET_PREDICTION = "get_prediction"
 #: Between owner and name in a model's tool name (MCP tool names allow no "/").

@@ -12,10 +12,14 @@ from typing import Any
 
 import anyio
 from asgiref.sync import async_to_sync
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.types import PARSE_ERROR
+
+from payments.x402.codec import DecodeError, loads
+from x402site.parsers import MAX_BODY_DEPTH
 
 from .server import DJANGO_REQUEST, server
 
@@ -23,7 +27,15 @@ from .server import DJANGO_REQUEST, server
 @csrf_exempt
 @require_POST
 def endpoint(request: HttpRequest) -> HttpResponse:
-    return async_to_sync(_serve)(request, request.body)
+    body = request.body
+    try:
+        # The REST bodies' rules (x402site.parsers): strict UTF-8 JSON, finite numbers, bounded
+        # nesting, no NUL or lone surrogate (PostgreSQL would refuse the input with a 500).
+        loads(body, MAX_BODY_DEPTH)
+    except DecodeError as exc:
+        error = {"code": PARSE_ERROR, "message": f"Parse error: {exc}"}
+        return JsonResponse({"jsonrpc": "2.0", "id": None, "error": error}, status=400)
+    return async_to_sync(_serve)(request, body)
 
 
 async def _serve(request: HttpRequest, body: bytes) -> HttpResponse:

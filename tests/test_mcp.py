@@ -19,11 +19,12 @@ from eth_account import Account
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from x402 import x402Client
-from x402.mcp.constants import MCP_PAYMENT_META_KEY
+from x402.mcp.constants import MCP_PAYMENT_META_KEY, MCP_PAYMENT_RESPONSE_META_KEY
 from x402.mcp.utils import _extract_payment_required_from_object
 from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.schemas import parse_payment_required
 
+from mcpserver import tools
 from payments.models import Payment, PaymentStatus
 from payments.x402.codec import decode_header
 from predictions.models import Prediction
@@ -107,6 +108,10 @@ def test_an_unpaid_call_gets_the_payment_requirements_of_the_rest_402(
     assert required["accepts"][0]["payTo"] == chain_settings.pay_to
     # ...in the shape the x402 SDK's MCP client reads.
     assert _extract_payment_required_from_object(required) is not None
+    assert (tools.MCP_PAYMENT_META_KEY, tools.MCP_PAYMENT_RESPONSE_META_KEY) == (
+        MCP_PAYMENT_META_KEY,
+        MCP_PAYMENT_RESPONSE_META_KEY,
+    )
     # Bad input is refused before any payment is asked for, with the API's field errors.
     invalid = run(live_server.url, lambda s: s.call_tool(TOOL, {"text": 5}))
     assert invalid.isError and invalid.structuredContent["invalid_fields"] == {"text": "5 is not of type 'string'"}
@@ -218,8 +223,6 @@ def test_hostile_or_misdirected_payments_get_a_fresh_challenge(chain_settings, d
 def test_a_server_fault_is_an_error_result_that_reveals_nothing(
     chain_settings, demo_model, live_server, monkeypatch
 ) -> None:
-    from mcpserver import tools
-
     def broken(name: str) -> None:
         raise RuntimeError("postgres://secret@db-7/ledger")
 
@@ -255,3 +258,21 @@ def test_operators_run_paid_tools_without_payment(chain_settings, demo_model, li
     text = result.content[0].text
     assert text == "staff" or text.endswith(f"; read it later with get_prediction(id={prediction.id!r}).")
     assert Payment.objects.count() == 0
+
+
+def test_bodies_are_held_to_the_rest_rules(chain_settings, demo_model, live_server) -> None:
+    """NUL in a string (PostgreSQL stores none), lone surrogates, NaN, deep nesting: a JSON-RPC
+    parse error (400) before any tool runs, as the REST API refuses such bodies."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+    def call(arguments: str) -> requests.Response:
+        body = (
+            '{"jsonrpc": "2.0", "id": 1, "method": "tools/call", '
+            f'"params": {{"name": "get_prediction", "arguments": {arguments}}}}}'
+        )
+        return requests.post(f"{live_server.url}/mcp", data=body.encode(), headers=headers, timeout=10)
+
+    for arguments in ('{"id": "a\\u0000b"}', '{"id": "\\ud800"}', '{"id": NaN}', '{"id": ' + "[" * 40 + "]" * 40 + "}"):
+        answer = call(arguments)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == -32700, (arguments, answer.text)
+    assert call('{"id": "nope"}').json()["result"]["structuredContent"]["status"] == 404
