@@ -180,3 +180,12 @@ def test_a_browser_opening_the_endpoint_gets_the_paywall(chain_settings, demo_mo
     page = Client().get(URL, headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
     assert page.status_code == 402 and b"0.01 USDC" in page.content and page["PAYMENT-REQUIRED"]
     assert Client().get(URL, headers={"Accept": "application/json"}).status_code == 405
+
+
+def test_models_and_migrations_agree() -> None:
+    """Every model change has its migration (a missing one would fail the deploy's migrate)."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    call_command("makemigrations", "--check", "--dry-run", stdout=StringIO())
