@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import math
 import secrets
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+import jsonschema
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
@@ -16,6 +18,8 @@ from django.utils import timezone
 
 from payments.models import HardwareTier, Payment, PriceChange
 from payments.pricing import PriceRule, PricingError, invalidate
+
+from . import runners
 
 _slug = RegexValidator(r"^[a-z0-9][a-z0-9_.-]*$", "lowercase letters, digits, '-', '_' and '.'")
 
@@ -172,15 +176,10 @@ class Model(models.Model):
         return self.versions.order_by("-created_at").first()
 
 
-class Runner(models.TextChoices):
-    PYTHON = "python", "In-process Python predictor"
-    COG = "cog", "Cog model server (HTTP)"
-
-
 class ModelVersion(models.Model):
     id = models.CharField(max_length=64, primary_key=True)
     model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="versions")
-    runner = models.CharField(max_length=16, choices=Runner.choices, default=Runner.PYTHON)
+    runner = models.CharField(max_length=16, choices=runners.choices, default="python")
     predictor = models.CharField(
         max_length=255,
         blank=True,
@@ -193,13 +192,6 @@ class ModelVersion(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        constraints = [
-            models.CheckConstraint(
-                condition=(models.Q(runner="python") & ~models.Q(predictor=""))
-                | (models.Q(runner="cog") & ~models.Q(cog_url="")),
-                name="version_runner_configured",
-            )
-        ]
 
     def __str__(self) -> str:
         return f"{self.model}:{self.id[:12]}"
@@ -211,13 +203,74 @@ class ModelVersion(models.Model):
             return {}
         return {name: spec["default"] for name, spec in props.items() if isinstance(spec, dict) and "default" in spec}
 
+    @property
+    def runner_impl(self) -> runners.Runner:
+        return runners.get(self.runner)
+
+    def clean(self) -> None:
+        """The schemas must be JSON Schemas (input: an object), and the runner must accept the
+        configuration (a Cog server must answer; a predictor class must import)."""
+        errors: dict[str, str] = {}
+        for name in ("input_schema", "output_schema"):
+            schema = getattr(self, name)
+            try:
+                jsonschema.Draft202012Validator.check_schema(schema)
+            except jsonschema.SchemaError as exc:
+                errors[name] = f"Not a valid JSON Schema: {exc.message}"
+        if "input_schema" not in errors and (
+            not isinstance(self.input_schema, dict) or self.input_schema.get("type", "object") != "object"
+        ):
+            errors["input_schema"] = "The input schema must describe an object."
+        if errors:
+            raise ValidationError(errors)
+        self.runner_impl.validate(self)
+
 
 class PredictionStatus(models.TextChoices):
+    """Replicate's statuses. Only ``predictions.lifecycle`` moves a prediction between them."""
+
     STARTING = "starting"
     PROCESSING = "processing"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
+    #: Its Cancel-After deadline passed before it started (Replicate's word; not charged).
+    ABORTED = "aborted"
+
+
+#: Statuses a prediction never leaves.
+TERMINAL = frozenset(
+    {PredictionStatus.SUCCEEDED, PredictionStatus.FAILED, PredictionStatus.CANCELED, PredictionStatus.ABORTED}
+)
+
+
+def default_time_limit() -> int:
+    """The longest any run may take (lifecycle.create records the model's own limit)."""
+    return settings.X402_PREDICTION_TIME_LIMIT
+
+
+class PredictionQuerySet(models.QuerySet):
+    def running(self) -> PredictionQuerySet:
+        """Claimed and not yet reported back by its runner."""
+        return self.filter(status=PredictionStatus.PROCESSING, run_ended_at=None)
+
+    def overdue(self, grace: float = 0) -> PredictionQuerySet:
+        """Running more than ``grace`` seconds past its own time limit."""
+        limit = models.ExpressionWrapper(
+            models.F("time_limit_seconds") * timedelta(seconds=1), output_field=models.DurationField()
+        )
+        deadline = models.ExpressionWrapper(
+            models.F("started_at") + limit, output_field=models.DateTimeField()
+        )
+        return (
+            self.running()
+            .alias(deadline=deadline)
+            .filter(deadline__lt=timezone.now() - timedelta(seconds=grace))
+        )
+
+    def awaiting_payment(self) -> PredictionQuerySet:
+        """Ran successfully (``after_success``); its output is released once the payment is confirmed."""
+        return self.filter(status=PredictionStatus.PROCESSING, run_ended_at__isnull=False)
 
 
 class Prediction(models.Model):
@@ -233,26 +286,75 @@ class Prediction(models.Model):
     )
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
+    #: When the runner reported the outcome (a success under after_success then waits for payment).
+    run_ended_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     predict_time = models.FloatField(null=True, blank=True)
     webhook = models.URLField(max_length=2000, blank=True)
     webhook_events_filter = models.JSONField(default=list, blank=True, help_text="Empty: every event")
     cancel_after_at = models.DateTimeField(null=True, blank=True, help_text="Cancel-After deadline")
+    # Fixed at creation from the model, so what was agreed holds whatever the model says later.
+    settlement_policy = models.CharField(
+        max_length=16, choices=SettlementPolicy.choices, default=SettlementPolicy.BEFORE_RUN
+    )
+    time_limit_seconds = models.PositiveIntegerField(
+        default=default_time_limit, help_text="How long the run may take (what was paid for)"
+    )
     # One payment buys exactly one prediction (OneToOne), and a payment is never deleted.
     payment = models.OneToOneField(
         Payment, null=True, blank=True, on_delete=models.PROTECT, related_name="prediction"
     )
 
+    objects = PredictionQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at"]
+        permissions = [("cancel_prediction", "Can cancel a prediction")]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(status__in=PredictionStatus.values), name="prediction_status_valid"
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.id} ({self.status})"
 
     @property
     def is_terminal(self) -> bool:
-        return self.status in (
-            PredictionStatus.SUCCEEDED,
-            PredictionStatus.FAILED,
-            PredictionStatus.CANCELED,
-        )
+        return self.status in TERMINAL
+
+    @property
+    def output_released(self) -> bool:
+        """A paid output leaves only once its prediction succeeded (after_success: once paid)."""
+        return self.status == PredictionStatus.SUCCEEDED or self.payment_id is None
+
+
+class PredictionEvent(models.Model):
+    """Append-only: one row per status change, with what caused it."""
+
+    class Cause(models.TextChoices):
+        API = "api", "API request"
+        TASK = "task", "Run task"
+        CALLBACK = "callback", "Runner callback"
+        ADMIN = "admin", "Admin"
+        CANCEL = "cancel", "API cancel"
+        SWEEP = "sweep", "Sweep"
+        PAYMENT = "payment", "Payment"
+
+    prediction = models.ForeignKey(Prediction, on_delete=models.CASCADE, related_name="events")
+    created_at = models.DateTimeField(default=timezone.now)
+    from_status = models.CharField(max_length=16, blank=True)
+    to_status = models.CharField(max_length=16)
+    cause = models.CharField(max_length=16, choices=Cause.choices)
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["prediction", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.from_status or '-'} -> {self.to_status} ({self.cause})"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None:
+            raise ValueError("prediction events are append-only")
+        super().save(*args, **kwargs)

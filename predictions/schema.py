@@ -13,6 +13,8 @@ from rest_framework import serializers
 
 from payments.models import PaymentStatus
 
+from .models import PredictionStatus
+
 PAYMENT = {
     "type": "object",
     "nullable": True,
@@ -39,7 +41,7 @@ PREDICTION = {
         "id": {"type": "string"},
         "model": {"type": "string"},
         "version": {"type": "string"},
-        "status": {"type": "string", "enum": ["starting", "processing", "succeeded", "failed", "canceled"]},
+        "status": {"type": "string", "enum": PredictionStatus.values},
         "input": {"type": "object"},
         "output": {"nullable": True},
         "error": {"type": "string", "nullable": True},

@@ -47,9 +47,7 @@ def prediction_json(prediction: Prediction, base: str) -> dict[str, Any]:
         "version": prediction.version_id,
         "input": prediction.input,
         # A paid output is released only once its payment is confirmed (after_success policy).
-        "output": prediction.output
-        if prediction.status == "succeeded" or prediction.payment is None
-        else None,
+        "output": prediction.output if prediction.output_released else None,
         "logs": prediction.logs,
         "error": prediction.error or None,
         "status": prediction.status,

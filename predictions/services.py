@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.utils import timezone
 
 from payments import idempotency, ledger
 from payments.exceptions import Challenge
@@ -15,9 +14,8 @@ from payments.permissions import Charge
 from payments.verification import Verification
 from payments.x402.verify import NONCE_ALREADY_USED
 
-from . import webhooks
-from .models import ModelVersion, Prediction, PredictionStatus, Runner, SettlementPolicy
-from .runners import cog
+from . import lifecycle
+from .models import ModelVersion, Prediction, SettlementPolicy
 
 
 def create_prediction(
@@ -38,6 +36,7 @@ def create_prediction(
     """
     from .tasks import start_prediction  # late: tasks import this module's models
 
+    policy = version.model.settlement_policy  # read once: the prediction keeps it for good
     try:
         with transaction.atomic():
             payment = None
@@ -47,10 +46,10 @@ def create_prediction(
                     paid,
                     resource=charge.resource,
                     fingerprint=charge.fingerprint,
-                    settle_now=version.model.settlement_policy == SettlementPolicy.BEFORE_RUN,
+                    settle_now=policy == SettlementPolicy.BEFORE_RUN,
                 )
-            prediction = Prediction.objects.create(
-                model=version.model, version=version, input=inputs, payment=payment, **(options or {})
+            prediction = lifecycle.create(
+                version, inputs, payment=payment, settlement_policy=policy, options=options
             )
             transaction.on_commit(lambda: start_prediction(prediction))
             return prediction, True
@@ -71,37 +70,3 @@ def replayed(payment: Payment, charge: Charge) -> Prediction:
         raise IdempotencyConflict("This payment-identifier was already used for another request.")
     return prediction
 
-
-def cancel(prediction: Prediction) -> Prediction:
-    """Cancel a prediction that has not finished.
-
-    What the agent pays: before the run, nothing if its authorization was not yet being settled
-    (it is released); under ``before_run`` a settlement already under way is charged. During the
-    run, ``after_success`` releases the payment (no success, no charge); ``before_run`` was paid.
-    """
-    with transaction.atomic():
-        locked = (
-            Prediction.objects.select_for_update(of=("self",))
-            .select_related("payment", "version")
-            .get(pk=prediction.pk)
-        )
-        if locked.is_terminal:
-            return locked
-        if locked.status == PredictionStatus.PROCESSING and locked.version.runner == Runner.COG:
-            url, pk = locked.version.cog_url, locked.pk
-            transaction.on_commit(lambda: cog.cancel(url, pk))
-        end(locked, PredictionStatus.CANCELED, "canceled", "the prediction was canceled")
-        return locked
-
-
-def end(prediction: Prediction, status: str, error: str, release_reason: str) -> None:
-    """End a locked prediction without output (canceled, aborted, lost): release a payment not
-    yet being settled, and tell the webhook."""
-    prediction.status = status
-    prediction.error = error
-    prediction.output = None
-    prediction.completed_at = timezone.now()
-    prediction.save(update_fields=["status", "error", "output", "completed_at"])
-    if prediction.payment is not None:
-        ledger.release(prediction.payment, release_reason)
-    webhooks.send(prediction, "completed")

@@ -31,14 +31,13 @@ from payments.x402.codec import encode_header
 from payments.x402.types import Resource, settle_response
 from x402site.inputs import ascii_uint
 
-from . import schema
+from . import lifecycle, schema
 from .auth import AuthenticationRequired, payer_of
-from .models import Model, ModelVersion, Prediction, Runner, SettlementPolicy
+from .models import Model, ModelVersion, Prediction, SettlementPolicy
 from .pagination import CursorPagination
-from .runners import cog
+from .runners import READY, cog
 from .serializers import base_url, model_json, prediction_json
-from .services import cancel, create_prediction, replayed
-from .tasks import finish
+from .services import create_prediction, replayed
 from .webhooks import EVENTS, UnsafeWebhook, check_url
 from .webhooks import secret as webhook_secret
 
@@ -75,11 +74,10 @@ class ModelUnavailable(APIException):
 
 
 def check_runner(version: ModelVersion) -> None:
-    """A Cog model must be READY (set up, a slot free) before we ask for money."""
-    if version.runner == Runner.COG:
-        state = cog.health(version.cog_url)
-        if state != "READY":
-            raise ModelUnavailable(f"The model is {state.lower()}; retry shortly.")
+    """The model's runner must be ready (a Cog server set up, a slot free) before we ask for money."""
+    state = version.runner_impl.health(version)
+    if state != READY:
+        raise ModelUnavailable(f"The model is {state.lower()}; retry shortly.")
 
 
 def example_input(version: ModelVersion | None) -> dict[str, Any]:
@@ -373,7 +371,7 @@ class PredictionCancel(APIView):
 
     @schema.cancel_schema
     def post(self, request: Request, prediction_id: str) -> Response:
-        prediction = cancel(get_object_or_404(Prediction, pk=prediction_id))
+        prediction = lifecycle.cancel(get_object_or_404(Prediction, pk=prediction_id).pk)
         prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
         return Response(prediction_json(prediction, base_url(request)))
 
@@ -392,7 +390,8 @@ class CogWebhook(APIView):
     """POST /internal/cog/{id}/{token}: a Cog server reporting on a run we started.
 
     The token is an HMAC of the prediction id, so only the server we gave the URL to can
-    report. Progress updates the logs; a terminal status finishes the prediction once.
+    report. The prediction's runner reads the report (progress: logs; a terminal status: the
+    outcome, accepted once whenever it arrives).
     """
 
     @extend_schema(exclude=True)
@@ -400,22 +399,9 @@ class CogWebhook(APIView):
         if not hmac.compare_digest(token.encode(), cog.callback_token(prediction_id).encode()):
             raise NotFound()
         body = request.data if isinstance(request.data, dict) else {}
-        state = body.get("status")
-        log.info("cog webhook for %s: %s", prediction_id, state)
-        logs = body.get("logs") if isinstance(body.get("logs"), str) else None
-        if state in ("succeeded", "failed", "canceled"):
-            metrics = body.get("metrics") if isinstance(body.get("metrics"), dict) else {}
-            predict_time = metrics.get("predict_time")
-            finish(
-                prediction_id,
-                succeeded=state == "succeeded",
-                output=body.get("output") if state == "succeeded" else None,
-                error="" if state == "succeeded" else str(body.get("error") or f"Cog reported {state}"),
-                logs=logs,
-                predict_time=float(predict_time) if isinstance(predict_time, (int, float)) else None,
-            )
-        elif logs is not None:
-            Prediction.objects.filter(pk=prediction_id, status="processing").update(logs=logs)
+        log.info("cog webhook for %s: %s", prediction_id, body.get("status"))
+        version = get_object_or_404(ModelVersion, predictions__pk=prediction_id)
+        version.runner_impl.handle_callback(prediction_id, body)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

@@ -343,9 +343,10 @@ def staff(db: None) -> dict[str, Any]:
 
 def poll_until_done(url: str, timeout: float = 20.0) -> dict[str, Any]:
     """GET a prediction until it is terminal (or the time is up); its last JSON."""
+    from predictions.models import TERMINAL
     deadline = time.monotonic() + timeout
     while True:
         body = requests.get(url, timeout=5).json()
-        if body["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
+        if body["status"] in TERMINAL or time.monotonic() > deadline:
             return body
         time.sleep(0.1)

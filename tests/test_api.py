@@ -333,10 +333,14 @@ def test_paid_output_is_withheld_until_the_payment_is_confirmed(
     demo_model.save()
     payer = chain_settings.payers[7]
     response = post(Client(), {"input": {"text": "secret"}}, **{"PAYMENT-SIGNATURE": held_header(payer["private_key"])})
-    Prediction.objects.filter(pk=response.json()["id"]).update(
-        status="processing", output="secret", predict_time=0.1
-    )
-    shown = Client().get(f"/v1/predictions/{response.json()['id']}").json()
+    from predictions import lifecycle
+    from predictions.runners import Outcome
+
+    prediction_id = response.json()["id"]
+    assert lifecycle.claim(prediction_id) is not None
+    lifecycle.finish(prediction_id, Outcome(succeeded=True, output="secret"), cause=lifecycle.Cause.TASK)
+    assert Prediction.objects.get(pk=prediction_id).output == "secret"  # kept, not shown
+    shown = Client().get(f"/v1/predictions/{prediction_id}").json()
     assert shown["status"] == "processing" and shown["output"] is None
 
 

@@ -95,7 +95,7 @@ def test_cancel_after_aborts_a_prediction_that_has_not_started(chain_settings, d
 
     run_prediction(created["id"])
     aborted = Client().get(f"/v1/predictions/{created['id']}").json()
-    assert aborted["status"] == "canceled" and aborted["error"].startswith("aborted")
+    assert aborted["status"] == "aborted" and aborted["error"].startswith("aborted")
     assert Payment.objects.get().status == "lapsing"  # released: not charged
     assert post({"input": {"text": "x"}}, **{"Cancel-After": "soon"}).status_code == 400
 
@@ -104,11 +104,14 @@ def test_sweep_fails_a_run_whose_worker_died(chain_settings, demo_model, no_task
     demo_model.settlement_policy = "after_success"
     demo_model.save()
     created = paid(chain_settings, 4, {"input": {"text": "lost"}}).json()
-    Prediction.objects.filter(pk=created["id"]).update(
-        status="processing",
-        started_at=timezone.now() - timedelta(seconds=settings.X402_PREDICTION_LOST_AFTER + 60),
-    )
+    from predictions import lifecycle
     from predictions.tasks import sweep
+
+    assert lifecycle.claim(created["id"]) is not None  # claimed; its worker then dies
+    limit = Prediction.objects.get(pk=created["id"]).time_limit_seconds
+    Prediction.objects.filter(pk=created["id"]).update(
+        started_at=timezone.now() - timedelta(seconds=limit + settings.X402_PREDICTION_LOST_GRACE + 1)
+    )
 
     assert sweep()["lost"] == 1
     body = Client().get(f"/v1/predictions/{created['id']}").json()
@@ -299,7 +302,7 @@ def test_worker_killed_mid_run_never_runs_twice(
         doomed.wait(10)
     assert Prediction.objects.get(pk=prediction_id).status == "processing"
     assert run_prediction(prediction_id) == "skipped"  # a redelivered task runs nothing
-    settings.X402_PREDICTION_LOST_AFTER = 0
+    Prediction.objects.filter(pk=prediction_id).update(started_at=timezone.now() - timedelta(hours=1))
     assert sweep()["lost"] == 1
     body = Client().get(f"/v1/predictions/{prediction_id}").json()
     assert body["status"] == "failed" and body["payment"]["status"] == "lapsing"

@@ -211,8 +211,12 @@ X402_PREDICTION_TIME_LIMIT = env.int("X402_PREDICTION_TIME_LIMIT", default=600)
 #: Per-second models: a run may take at most this multiple of the expected seconds it was priced
 #: for (its time limit follows from what was paid), and never more than X402_PREDICTION_TIME_LIMIT.
 X402_PER_SECOND_OVERRUN_FACTOR = env.float("X402_PER_SECOND_OVERRUN_FACTOR", default=2.0)
-#: A prediction still PROCESSING this long after it started lost its worker: the sweep fails it.
-X402_PREDICTION_LOST_AFTER = env.int("X402_PREDICTION_LOST_AFTER", default=X402_PREDICTION_TIME_LIMIT + 60)
+#: A run with no result this long past its own time limit is lost: the sweep fails it (and cancels
+#: it on its runner), never reruns it.
+X402_PREDICTION_LOST_GRACE = env.int("X402_PREDICTION_LOST_GRACE", default=60)
+#: Seconds to wait for a Cog server's answer to a request (a PUT whose answer is lost may still
+#: have started the run: it is not sent again; the callback brings the result).
+X402_COG_TIMEOUT = env.float("X402_COG_TIMEOUT", default=10.0)
 #: How long a paid MCP tool call waits for its prediction's output before answering with where
 #: it stands (the agent then reads it with the get_prediction tool).
 X402_MCP_WAIT_SECONDS = env.int("X402_MCP_WAIT_SECONDS", default=60)

@@ -1,34 +1,50 @@
 """The Cog runner: a Cog model server's HTTP API.
 
-``PUT /predictions/{our id}`` with ``Prefer: respond-async`` starts a run idempotently (a retry
-starts nothing new); Cog reports progress only through the webhook we give it (it offers no
-polling). ``GET /health-check`` is asked before a payment is taken, and
-``POST /predictions/{id}/cancel`` stops a run.
+``PUT /predictions/{our id}`` with ``Prefer: respond-async`` starts a run idempotently; Cog
+reports progress only through the callback we give it (it offers no polling). ``GET
+/health-check`` is asked before a payment is taken, ``POST /predictions/{id}/cancel`` stops a
+run, and ``GET /openapi.json`` gives the model's input and output schemas (admin registration).
+
+A run is started once: when the PUT's answer is lost (a read timeout, a dropped connection, a
+gateway error) Cog may have started it, so it is not sent again; the outcome is accepted
+whenever Cog's callback brings it, and a run that never reports is ended (and canceled on Cog)
+by the time-limit watchdog or the lost-run sweep. Only a refusal that proves nothing started
+(connection refused, 409 busy, 503 not ready) is retried.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import jsonschema
 import requests
+import urllib3
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.urls import reverse
 from django.utils.crypto import salted_hmac
 
-TIMEOUT = 10.0
+from . import Outcome, RunnerBusy, RunnerRefused, register
+
+if TYPE_CHECKING:
+    from ..models import ModelVersion, Prediction
+
+log = logging.getLogger("predictions.runners.cog")
+
+CONNECT_TIMEOUT = 3.0
 #: Health answers are reused this long (the check sits on the paid-request path).
 HEALTH_TTL = 2.0
 _health: dict[str, tuple[float, str]] = {}
+#: Cog's words for a finished run.
+COG_SUCCEEDED = "succeeded"
+COG_TERMINAL = (COG_SUCCEEDED, "failed", "canceled")
 
 
-class CogError(Exception):
-    """Cog refused or could not be reached; ``retry`` says whether trying later can help."""
-
-    def __init__(self, message: str, *, retry: bool) -> None:
-        super().__init__(message)
-        self.retry = retry
+class SchemaError(ValueError):
+    """A Cog server's /openapi.json could not be read or holds no usable Input schema."""
 
 
 def health(base_url: str) -> str:
@@ -55,33 +71,140 @@ def callback_url(prediction_id: str) -> str:
     return settings.X402_PUBLIC_URL + path
 
 
-def start(base_url: str, prediction_id: str, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Start (or find) the run; raises CogError for 409 busy (retry) and 422 bad input (final)."""
+def _inline_refs(node: Any, components: dict[str, Any], depth: int = 0) -> Any:
+    """Replace ``{"$ref": "#/components/schemas/X"}`` by X (Cog puts enums there), so the
+    schema stands alone."""
+    if depth > 20:
+        raise SchemaError("the schema's references nest too deeply")
+    if isinstance(node, list):
+        return [_inline_refs(item, components, depth + 1) for item in node]
+    if not isinstance(node, dict):
+        return node
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        name = ref.removeprefix("#/components/schemas/")
+        if name == ref or name not in components:
+            raise SchemaError(f"unresolvable reference {ref!r}")
+        rest = {k: v for k, v in node.items() if k != "$ref"}
+        return {**_inline_refs(components[name], components, depth + 1), **rest}
+    return {key: _inline_refs(value, components, depth + 1) for key, value in node.items()}
+
+
+def read_schemas(base_url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (input, output) JSON Schemas a Cog server declares in its ``/openapi.json``
+    (``components.schemas.Input`` and ``.Output``), references inlined."""
     try:
-        response = requests.put(
-            f"{base_url}/predictions/{prediction_id}",
-            json={
-                "input": inputs,
-                "webhook": callback_url(prediction_id),
-                "webhook_events_filter": ["start", "output", "logs", "completed"],
-            },
-            headers={"Prefer": "respond-async"},
-            timeout=TIMEOUT,
-        )
+        response = requests.get(f"{base_url.rstrip('/')}/openapi.json", timeout=(CONNECT_TIMEOUT, 10))
     except requests.RequestException as exc:
-        raise CogError(f"Cog server unreachable: {exc}", retry=True) from None
-    if response.status_code == 409:
-        raise CogError("every Cog slot is busy", retry=True)
-    if response.status_code == 422:
-        raise CogError(f"Cog refused the input: {response.text[:500]}", retry=False)
-    if response.status_code == 503 or response.status_code >= 500:
-        raise CogError(f"Cog answered {response.status_code}: {response.text[:200]}", retry=True)
-    if response.status_code >= 400:
-        raise CogError(f"Cog answered {response.status_code}: {response.text[:500]}", retry=False)
-    return response.json()
+        raise SchemaError(f"cannot reach {base_url}: {exc.__class__.__name__}") from None
+    if response.status_code != 200:
+        raise SchemaError(
+            f"{base_url}/openapi.json answered HTTP {response.status_code}: {response.text[:200]}"
+        )
+    try:
+        document = response.json()
+        components = document["components"]["schemas"]
+        raw_input, raw_output = components["Input"], components.get("Output", {})
+    except (ValueError, KeyError, TypeError):
+        raise SchemaError(f"{base_url}/openapi.json has no components.schemas.Input") from None
+    if (
+        not isinstance(components, dict)
+        or not isinstance(raw_input, dict)
+        or not isinstance(raw_output, dict)
+    ):
+        raise SchemaError("components.schemas.Input and Output must be objects")
+    input_schema = _inline_refs(raw_input, components)
+    output_schema = _inline_refs(raw_output, components)
+    for name, schema in (("Input", input_schema), ("Output", output_schema)):
+        try:
+            jsonschema.Draft202012Validator.check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise SchemaError(f"{name} is not a valid JSON Schema: {exc.message}") from None
+    if input_schema.get("type") != "object":
+        raise SchemaError("Input must be an object schema")
+    return input_schema, output_schema
 
 
-def cancel(base_url: str, prediction_id: str) -> None:
-    # If this fails the run ends on its own; our prediction is already canceled.
-    with contextlib.suppress(requests.RequestException):
-        requests.post(f"{base_url}/predictions/{prediction_id}/cancel", timeout=TIMEOUT)
+def _never_sent(exc: requests.RequestException) -> bool:
+    """True when the request provably never reached the server (no connection was made)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0] if exc.args else None, "reason", None)
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
+
+
+class CogRunner:
+    kind = "cog"
+    label = "Cog model server (HTTP)"
+
+    def validate(self, version: ModelVersion) -> None:
+        if not version.cog_url:
+            raise ValidationError({"cog_url": "A cog runner needs the base URL of its Cog server."})
+        try:
+            read_schemas(version.cog_url)
+        except SchemaError as exc:
+            raise ValidationError({"cog_url": str(exc)}) from None
+
+    def health(self, version: ModelVersion) -> str:
+        return health(version.cog_url)
+
+    def task_options(self, prediction: Prediction) -> dict[str, Any]:
+        return {}  # the task only sends the PUT; the watchdog enforces the run's time limit
+
+    def start(self, prediction: Prediction) -> None:
+        base_url = prediction.version.cog_url
+        try:
+            response = requests.put(
+                f"{base_url}/predictions/{prediction.id}",
+                json={
+                    "input": prediction.input,
+                    "webhook": callback_url(prediction.id),
+                    "webhook_events_filter": ["start", "output", "logs", "completed"],
+                },
+                headers={"Prefer": "respond-async"},
+                timeout=(CONNECT_TIMEOUT, settings.X402_COG_TIMEOUT),
+            )
+        except requests.RequestException as exc:
+            if _never_sent(exc):
+                raise RunnerBusy(f"Cog server unreachable: {exc.__class__.__name__}") from None
+            log.warning("PUT of %s to Cog: no answer (%s); waiting for its callback", prediction.id, exc)
+            return None
+        status = response.status_code
+        if status in (409, 503):
+            raise RunnerBusy("every Cog slot is busy" if status == 409 else "the Cog server is not ready")
+        if 400 <= status < 500:
+            raise RunnerRefused(f"Cog refused the input (HTTP {status}): {response.text[:500]}")
+        if status >= 500:
+            log.warning("PUT of %s to Cog: HTTP %s; waiting for its callback", prediction.id, status)
+        return None
+
+    def cancel(self, prediction: Prediction) -> None:
+        # If this fails the run ends on its own; our prediction has already ended.
+        with contextlib.suppress(requests.RequestException):
+            requests.post(
+                f"{prediction.version.cog_url}/predictions/{prediction.id}/cancel",
+                timeout=(CONNECT_TIMEOUT, settings.X402_COG_TIMEOUT),
+            )
+
+    def handle_callback(self, prediction_id: str, body: dict[str, Any]) -> None:
+        from .. import lifecycle
+
+        state = body.get("status")
+        logs = body.get("logs") if isinstance(body.get("logs"), str) else None
+        if state in COG_TERMINAL:
+            metrics = body.get("metrics") if isinstance(body.get("metrics"), dict) else {}
+            predict_time = metrics.get("predict_time")
+            succeeded = state == COG_SUCCEEDED
+            outcome = Outcome(
+                succeeded=succeeded,
+                output=body.get("output") if succeeded else None,
+                error="" if succeeded else str(body.get("error") or f"Cog reported {state}"),
+                logs=logs,
+                predict_time=float(predict_time) if isinstance(predict_time, (int, float)) else None,
+            )
+            lifecycle.finish(prediction_id, outcome, cause=lifecycle.Cause.CALLBACK)
+        elif logs is not None:
+            lifecycle.record_logs(prediction_id, logs, cause=lifecycle.Cause.CALLBACK)
+
+
+register(CogRunner())

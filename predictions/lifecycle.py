@@ -1,0 +1,320 @@
+"""The prediction lifecycle: the only code that changes ``Prediction.status``.
+
+Every change is checked against :data:`TRANSITIONS` and written with an appended
+:class:`~predictions.models.PredictionEvent` (what caused it) in one transaction. From here,
+and only here, follow the consequences:
+
+- in the same transaction, the ledger writes that must not be lost or half-done: a success
+  under ``after_success`` asks for settlement (``ledger.request_settlement``), an end without
+  output releases an authorization not yet being settled (``ledger.release``);
+- after commit: the webhooks the prediction's filter asks for (``start``, ``logs``,
+  ``output``, ``completed``), metrics, enqueuing the run, and stopping a run on its runner.
+
+Locks are taken payment first, then prediction: the order in which the ledger reaches us
+(``Payment.advance`` holds the payment and sends ``payment_advanced``, see receivers.py), so the
+two never wait on each other crosswise.
+
+The settlement policy and the time limit are the prediction's own (copied from the model at
+creation): a model edited mid-run changes nothing about a run already paid for.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+from prometheus_client import Counter
+
+from payments import ledger
+from payments.metrics import PREDICTION_SECONDS
+from payments.models import Payment, PaymentStatus
+
+from . import webhooks
+from .models import (
+    TERMINAL,
+    ModelVersion,
+    Prediction,
+    PredictionEvent,
+    PredictionStatus,
+    SettlementPolicy,
+)
+from .runners import Outcome
+
+log = logging.getLogger("predictions.lifecycle")
+P = PredictionStatus
+Cause = PredictionEvent.Cause
+
+#: The one state machine of predictions (Replicate's statuses).
+TRANSITIONS: dict[str, frozenset[str]] = {
+    # Failed before the run: its payment failed or expired. Aborted: Cancel-After passed.
+    P.STARTING: frozenset({P.PROCESSING, P.FAILED, P.CANCELED, P.ABORTED}),
+    P.PROCESSING: frozenset({P.SUCCEEDED, P.FAILED, P.CANCELED}),
+    **{status: frozenset() for status in TERMINAL},
+}
+#: Ends without output: an authorization not yet being settled is released (nothing charged).
+ENDED_UNSERVED = frozenset({P.FAILED, P.CANCELED, P.ABORTED})
+
+ABORTED_ERROR = "aborted: the Cancel-After deadline passed before the prediction started"
+PREDICTIONS_ENDED = Counter("x402_predictions_total", "Predictions that ended, by status", ["status"])
+
+
+class IllegalTransition(Exception):
+    pass
+
+
+def _lock(prediction_id: str) -> Prediction | None:
+    """The prediction, locked (its payment locked first); None if there is no such prediction."""
+    payment_id = Prediction.objects.filter(pk=prediction_id).values_list("payment_id", flat=True).first()
+    if payment_id is not None:
+        list(Payment.objects.select_for_update().filter(pk=payment_id).values_list("pk", flat=True))
+    return (
+        Prediction.objects.select_for_update(of=("self",))
+        .select_related("model", "version", "payment")
+        .filter(pk=prediction_id)
+        .first()
+    )
+
+
+def _move(
+    prediction: Prediction,
+    to: str,
+    cause: str,
+    *,
+    detail: dict[str, Any] | None = None,
+    stop_run: bool = False,
+    **fields: Any,
+) -> None:
+    """Move a locked prediction to ``to``, set ``fields``, append the event, and arrange what
+    follows (see the module's docstring). ``stop_run``: the runner is told to cancel the run."""
+    if to not in TRANSITIONS[prediction.status]:
+        raise IllegalTransition(f"{prediction.status} -> {to} for prediction {prediction.pk}")
+    previous, now = prediction.status, timezone.now()
+    if to == P.PROCESSING:
+        fields.setdefault("started_at", now)
+    if to in TERMINAL:
+        fields.setdefault("completed_at", now)
+    if to in ENDED_UNSERVED:
+        fields["output"] = None
+    prediction.status = to
+    for name, value in fields.items():
+        setattr(prediction, name, value)
+    prediction.save(update_fields=["status", *fields])
+    event_detail = {**({"error": prediction.error} if to in ENDED_UNSERVED else {}), **(detail or {})}
+    PredictionEvent.objects.create(
+        prediction=prediction, from_status=previous, to_status=to, cause=cause, detail=event_detail
+    )
+    if to in ENDED_UNSERVED and prediction.payment is not None:
+        ledger.release(prediction.payment, f"the prediction ended {to}: {prediction.error}"[:500])
+    if stop_run:
+        runner, ended = prediction.version.runner_impl, prediction
+        transaction.on_commit(lambda: runner.cancel(ended))
+    if to == P.PROCESSING:
+        webhooks.send(prediction, "start")
+    if to == P.SUCCEEDED and prediction.output is not None:
+        webhooks.send(prediction, "output")
+    if to in TERMINAL:
+        webhooks.send(prediction, "completed")
+        transaction.on_commit(lambda: PREDICTIONS_ENDED.labels(status=to).inc())
+    log.info("prediction %s: %s -> %s (%s)", prediction.pk, previous, to, cause)
+
+
+def create(
+    version: ModelVersion,
+    inputs: dict[str, Any],
+    *,
+    payment: Payment | None,
+    settlement_policy: str,
+    options: dict[str, Any] | None = None,
+    cause: str = Cause.API,
+) -> Prediction:
+    """A new STARTING prediction with its first event (call inside the transaction that recorded
+    its payment). Its time limit and settlement policy are fixed here, for good."""
+    prediction = Prediction.objects.create(
+        model=version.model,
+        version=version,
+        input=inputs,
+        payment=payment,
+        settlement_policy=settlement_policy,
+        time_limit_seconds=version.model.time_limit_seconds,
+        **(options or {}),
+    )
+    PredictionEvent.objects.create(prediction=prediction, to_status=P.STARTING, cause=cause)
+    return prediction
+
+
+def claim(prediction_id: str) -> Prediction | None:
+    """STARTING -> PROCESSING, once: the prediction to run, or None when there is nothing to run
+    (already claimed, ended, not yet paid under ``before_run``, or past its Cancel-After)."""
+    with transaction.atomic():
+        prediction = _lock(prediction_id)
+        if prediction is None or prediction.status != P.STARTING:
+            return None  # delivered twice, canceled, or already claimed: never run a paid prediction twice
+        if prediction.cancel_after_at and timezone.now() > prediction.cancel_after_at:
+            _move(prediction, P.ABORTED, Cause.TASK, error=ABORTED_ERROR)
+            return None
+        payment = prediction.payment
+        if (
+            payment is not None
+            and prediction.settlement_policy == SettlementPolicy.BEFORE_RUN
+            and payment.status != PaymentStatus.CONFIRMED
+        ):
+            return None  # no compute before the money is in; the confirmation enqueues it again
+        _move(prediction, P.PROCESSING, Cause.TASK)
+        return prediction
+
+
+def running(prediction_id: str) -> Prediction | None:
+    """The prediction if it is claimed and its runner has not reported yet (a start retried)."""
+    return (
+        Prediction.objects.running()
+        .select_related("model", "version", "payment")
+        .filter(pk=prediction_id)
+        .first()
+    )
+
+
+def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
+    """Record a run's outcome (any runner), once, whenever it arrives: only a claimed run not yet
+    reported is written, so a cancel during the run, or a second report, changes nothing.
+
+    A success under ``after_success`` keeps its output back (status stays PROCESSING) and asks
+    for settlement; the payment's confirmation releases it (:func:`on_payment`).
+    """
+    with transaction.atomic():
+        prediction = _lock(prediction_id)
+        if prediction is None:
+            return "missing"
+        if prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
+            return prediction.status
+        now = timezone.now()
+        predict_time = outcome.predict_time
+        if predict_time is None:
+            predict_time = (now - (prediction.started_at or now)).total_seconds()
+        fields: dict[str, Any] = {"run_ended_at": now, "predict_time": predict_time, "error": outcome.error}
+        if outcome.logs is not None and outcome.logs != prediction.logs:
+            fields["logs"] = outcome.logs
+            webhooks.send(prediction, "logs")
+        if not outcome.succeeded:
+            _move(prediction, P.FAILED, cause, **fields)
+        elif (
+            prediction.payment is not None and prediction.settlement_policy == SettlementPolicy.AFTER_SUCCESS
+        ):
+            fields["output"] = outcome.output
+            for name, value in fields.items():
+                setattr(prediction, name, value)
+            prediction.save(update_fields=list(fields))
+            ledger.request_settlement(prediction.payment)
+        else:
+            _move(prediction, P.SUCCEEDED, cause, output=outcome.output, **fields)
+        model = str(prediction.model)
+        transaction.on_commit(lambda: PREDICTION_SECONDS.labels(model=model).observe(predict_time))
+        return prediction.status
+
+
+def record_logs(prediction_id: str, logs: str, *, cause: str) -> None:
+    """New logs of a running prediction (a runner's progress report)."""
+    with transaction.atomic():
+        prediction = Prediction.objects.select_for_update().filter(pk=prediction_id).first()
+        if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
+            return
+        if prediction.logs != logs:
+            prediction.logs = logs
+            prediction.save(update_fields=["logs"])
+            webhooks.send(prediction, "logs")
+            log.debug("prediction %s: logs from %s", prediction_id, cause)
+
+
+def cancel(
+    prediction_id: str, *, cause: str = Cause.CANCEL, detail: dict[str, Any] | None = None
+) -> Prediction:
+    """Cancel a prediction that has not finished (a finished run, even one whose output awaits
+    its payment, is left alone: its work is done and paid for).
+
+    What the agent pays: before the run, nothing if its authorization was not yet being settled
+    (it is released); under ``before_run`` a settlement already under way is charged. During the
+    run, ``after_success`` releases the payment (no success, no charge); ``before_run`` was paid.
+    """
+    with transaction.atomic():
+        prediction = _lock(prediction_id)
+        if prediction is None:
+            raise Prediction.DoesNotExist(prediction_id)
+        if prediction.is_terminal or prediction.run_ended_at is not None:
+            return prediction
+        _move(
+            prediction,
+            P.CANCELED,
+            cause,
+            detail=detail,
+            stop_run=prediction.status == P.PROCESSING,
+            error="canceled",
+        )
+        return prediction
+
+
+def abort_overdue(prediction_id: str, *, cause: str) -> bool:
+    """STARTING past its Cancel-After deadline -> ABORTED (nothing charged if still possible)."""
+    with transaction.atomic():
+        prediction = _lock(prediction_id)
+        if (
+            prediction is None
+            or prediction.status != P.STARTING
+            or not prediction.cancel_after_at
+            or prediction.cancel_after_at > timezone.now()
+        ):
+            return False
+        _move(prediction, P.ABORTED, cause, error=ABORTED_ERROR)
+        return True
+
+
+def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str) -> bool:
+    """Fail a run still going ``grace`` seconds past its time limit, and cancel it on its runner
+    (the time-limit watchdog with no grace; the lost-run sweep with some)."""
+    with transaction.atomic():
+        prediction = _lock(prediction_id)
+        if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
+            return False
+        limit = timedelta(seconds=prediction.time_limit_seconds + grace)
+        if prediction.started_at is None or prediction.started_at + limit > timezone.now():
+            return False
+        _move(
+            prediction,
+            P.FAILED,
+            cause,
+            stop_run=True,
+            error=error.format(limit=prediction.time_limit_seconds),
+        )
+        return True
+
+
+def on_payment(payment: Payment) -> None:
+    """The ledger moved ``payment`` (called inside its transaction, payment locked).
+
+    Confirmed: a finished ``after_success`` run is released (SUCCEEDED: ``output`` and
+    ``completed`` webhooks), a waiting ``before_run`` prediction is enqueued. Failed or expired:
+    an unfinished prediction fails (and a run in progress is canceled on its runner).
+    """
+    prediction_id = Prediction.objects.filter(payment=payment).values_list("pk", flat=True).first()
+    if prediction_id is None:
+        return
+    prediction = _lock(prediction_id)
+    if prediction is None or prediction.is_terminal:
+        return
+    if payment.status == PaymentStatus.CONFIRMED:
+        if prediction.status == P.PROCESSING and prediction.run_ended_at is not None:
+            _move(prediction, P.SUCCEEDED, Cause.PAYMENT, detail={"payment": str(payment.pk)})
+        elif prediction.status == P.STARTING and prediction.settlement_policy == SettlementPolicy.BEFORE_RUN:
+            from .tasks import enqueue_run
+
+            transaction.on_commit(lambda: enqueue_run(prediction))
+    elif payment.status in (PaymentStatus.FAILED, PaymentStatus.EXPIRED):
+        _move(
+            prediction,
+            P.FAILED,
+            Cause.PAYMENT,
+            detail={"payment": str(payment.pk)},
+            stop_run=prediction.status == P.PROCESSING and prediction.run_ended_at is None,
+            error=f"payment {payment.status}: {payment.failure_reason}",
+        )
