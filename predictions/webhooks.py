@@ -153,16 +153,22 @@ def wanted(prediction: Any, event: str) -> bool:
 
 
 def send(prediction: Any, event: str) -> None:
-    """Queue one event for delivery (after the current transaction commits)."""
+    """Queue one event for delivery (after the current transaction commits), with the
+    prediction as it stands then: a retried or late delivery carries the state of its event."""
     if not wanted(prediction, event):
         return
     from django.db import transaction
 
+    from .models import Prediction
+    from .serializers import prediction_json
+
     webhook_id = f"msg_{uuid.uuid4().hex}"
 
     def enqueue() -> None:
+        current = Prediction.objects.select_related("payment", "model").get(pk=prediction.id)
+        snapshot = prediction_json(current, settings.X402_PUBLIC_URL)
         try:
-            deliver.delay(prediction.id, event, webhook_id)
+            deliver.delay(prediction.id, event, webhook_id, snapshot)
         except (OperationalError, OSError) as exc:  # never fail the request for a webhook
             log.error("webhook %s (%s) for %s not queued: %s", webhook_id, event, prediction.id, exc)
 
@@ -170,12 +176,14 @@ def send(prediction: Any, event: str) -> None:
 
 
 @shared_task(bind=True, acks_late=True, max_retries=MAX_ATTEMPTS - 1)
-def deliver(self: Any, prediction_id: str, event: str, webhook_id: str) -> str:
+def deliver(
+    self: Any, prediction_id: str, event: str, webhook_id: str, snapshot: dict[str, Any] | None = None
+) -> str:
     from .models import Prediction
     from .serializers import prediction_json
 
     prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction_id)
-    body = json.dumps(prediction_json(prediction, settings.X402_PUBLIC_URL)).encode()
+    body = json.dumps(snapshot or prediction_json(prediction, settings.X402_PUBLIC_URL)).encode()
     timestamp = int(time.time())
     try:
         response = post(

@@ -33,3 +33,41 @@ class Units:
 
     def predict(self, text: str, n: int = 10) -> int:
         return n
+
+
+class Chatty:
+    """Prints (its logs) and returns its text."""
+
+    def setup(self) -> None:
+        pass
+
+    def predict(self, text: str) -> str:
+        print(f"chatting about {text!r}")
+        return text
+
+
+class Sleepy:
+    """Sleeps ``seconds`` (to overrun a time limit), then returns its text."""
+
+    def setup(self) -> None:
+        pass
+
+    def predict(self, text: str, seconds: float = 0) -> str:
+        import time
+
+        time.sleep(seconds)
+        return text
+
+
+class FlipPolicy:
+    """Sets every model's settlement policy to its input while it runs: an operator editing the
+    model in the middle of a paid run."""
+
+    def setup(self) -> None:
+        pass
+
+    def predict(self, text: str) -> str:
+        from predictions.models import Model
+
+        Model.objects.update(settlement_policy=text)
+        return text

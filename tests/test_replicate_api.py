@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from predictions.models import Prediction
 from predictions.webhooks import sign
 from tests.conftest import token_balance
 from tests.payers import v2_header, v2_header_for
+from tests.receiver import Receiver
 from tests.siwx import siwx_header
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -135,33 +134,6 @@ def test_webhooks_to_private_addresses_are_refused_before_payment(chain_settings
     response = post({"input": {"text": "x"}, "webhook": hook})
     assert response.status_code == 422 and "webhook" in response.json()["invalid_fields"]
     assert "PAYMENT-REQUIRED" not in response
-
-
-class Receiver:
-    """A local webhook receiver: records deliveries, fails the first ``fail_first`` of them."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.events: list[tuple[dict, dict]] = []
-        self.fail_first = fail_first
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if receiver.fail_first > 0:
-                    receiver.fail_first -= 1
-                    self.send_response(500)
-                else:
-                    receiver.events.append((dict(self.headers), json.loads(body) | {"_raw": body.decode()}))
-                    self.send_response(204)
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 def test_webhooks_are_signed_filtered_and_retried(chain_settings, demo_model, eager_celery, settings) -> None:
