@@ -215,12 +215,13 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
 
 
 def record_logs(prediction_id: str, logs: str, *, cause: str) -> None:
-    """New logs of a running prediction (a runner's progress report)."""
+    """New logs of a running prediction (a runner's progress report). Logs only grow: a report
+    that arrives after a later one (deliveries overtake each other) changes nothing."""
     with transaction.atomic():
         prediction = Prediction.objects.select_for_update().filter(pk=prediction_id).first()
         if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
             return
-        if prediction.logs != logs:
+        if len(logs) > len(prediction.logs):
             prediction.logs = logs
             prediction.save(update_fields=["logs"])
             webhooks.send(prediction, "logs")

@@ -327,7 +327,7 @@ def test_the_sweep_cancels_on_cog_a_run_it_gives_up_on(paid_api, cog_server, wor
 
     cog_ready(cog_server["url"])
     model = cog_model("forgotten", cog_server["url"], "after_success")
-    created = paid_api(model, {"input": {"text": "forgotten", "seconds": 20}}, payer=3)
+    created = paid_api(model, {"input": {"text": "forgotten", "seconds": 5}}, payer=3)
     deadline = time.monotonic() + 15
     while not cog_log_lines(cog_server, "shouting 'forgotten'"):
         assert time.monotonic() < deadline, "the run never reached Cog"
@@ -398,7 +398,8 @@ def test_a_cog_put_answered_too_late_runs_once_and_its_result_is_accepted(
     model = cog_model("slowput", proxy.url)
     payer = chain_settings.payers[4]
     before = token_balance(chain_settings, payer["address"])
-    created = paid_api(model, {"input": {"text": "only once"}}, payer=4)
+    # The run outlasts the client's wait: the PUT times out while Cog is still running it.
+    created = paid_api(model, {"input": {"text": "only once", "seconds": COG_TIMEOUT + 1}}, payer=4)
     done = poll_until_done(created["urls"]["get"], timeout=30)
     assert done["status"] == "succeeded" and done["output"] == "ONLY ONCE", done
     time.sleep(COG_TIMEOUT + 3)  # a retry, if any, would have reached Cog by now
@@ -440,11 +441,11 @@ def test_a_run_is_stopped_at_the_time_limit_it_paid_for(
     per_second(model, Decimal("0.5"))
     assert model.time_limit_seconds == 1
     started = time.monotonic()
-    created = paid_api(model, {"input": {"text": "overrun", "seconds": 15}}, payer=5)
+    created = paid_api(model, {"input": {"text": "overrun", "seconds": 6}}, payer=5)
     assert Prediction.objects.get(pk=created["id"]).time_limit_seconds == 1  # recorded at creation
     done = poll_until_done(created["urls"]["get"], timeout=12)
     assert done["status"] == "failed" and "time limit (1s)" in done["error"], done
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 6  # stopped, not run to its end
     assert done["payment"]["status"] == "expired"  # after_success: not charged
     if runner == "cog":
         deadline = time.monotonic() + 5
