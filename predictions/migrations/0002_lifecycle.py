@@ -14,7 +14,9 @@ def fix_terms_of_existing_predictions(apps, schema_editor):
     Prediction = apps.get_model("predictions", "Prediction")
     Model = apps.get_model("predictions", "Model")
     Prediction.objects.update(
-        settlement_policy=Subquery(Model.objects.filter(pk=OuterRef("model_id")).values("settlement_policy")[:1])
+        settlement_policy=Subquery(
+            Model.objects.filter(pk=OuterRef("model_id")).values("settlement_policy")[:1]
+        )
     )
     Prediction.objects.filter(status="processing", predict_time__isnull=False).update(
         run_ended_at=F("started_at")
@@ -22,68 +24,119 @@ def fix_terms_of_existing_predictions(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('payments', '0003_seed_hardware_tiers'),
-        ('predictions', '0001_initial'),
+        ("payments", "0003_seed_hardware_tiers"),
+        ("predictions", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='PredictionEvent',
+            name="PredictionEvent",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('from_status', models.CharField(blank=True, max_length=16)),
-                ('to_status', models.CharField(max_length=16)),
-                ('cause', models.CharField(choices=[('api', 'API request'), ('task', 'Run task'), ('callback', 'Runner callback'), ('admin', 'Admin'), ('cancel', 'API cancel'), ('sweep', 'Sweep'), ('payment', 'Payment')], max_length=16)),
-                ('detail', models.JSONField(blank=True, default=dict)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("from_status", models.CharField(blank=True, max_length=16)),
+                ("to_status", models.CharField(max_length=16)),
+                (
+                    "cause",
+                    models.CharField(
+                        choices=[
+                            ("api", "API request"),
+                            ("task", "Run task"),
+                            ("callback", "Runner callback"),
+                            ("admin", "Admin"),
+                            ("cancel", "API cancel"),
+                            ("sweep", "Sweep"),
+                            ("payment", "Payment"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                ("detail", models.JSONField(blank=True, default=dict)),
             ],
             options={
-                'ordering': ['prediction', 'id'],
+                "ordering": ["prediction", "id"],
             },
         ),
         migrations.AlterModelOptions(
-            name='prediction',
-            options={'ordering': ['-created_at'], 'permissions': [('cancel_prediction', 'Can cancel a prediction')]},
+            name="prediction",
+            options={
+                "ordering": ["-created_at"],
+                "permissions": [("cancel_prediction", "Can cancel a prediction")],
+            },
         ),
         migrations.RemoveConstraint(
-            model_name='modelversion',
-            name='version_runner_configured',
+            model_name="modelversion",
+            name="version_runner_configured",
         ),
         migrations.AddField(
-            model_name='prediction',
-            name='run_ended_at',
+            model_name="prediction",
+            name="run_ended_at",
             field=models.DateTimeField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name='prediction',
-            name='settlement_policy',
-            field=models.CharField(choices=[('before_run', 'Settle and confirm, then run'), ('after_success', 'Run, then settle only if it succeeded')], default='before_run', max_length=16),
+            model_name="prediction",
+            name="settlement_policy",
+            field=models.CharField(
+                choices=[
+                    ("before_run", "Settle and confirm, then run"),
+                    ("after_success", "Run, then settle only if it succeeded"),
+                ],
+                default="before_run",
+                max_length=16,
+            ),
         ),
         migrations.AddField(
-            model_name='prediction',
-            name='time_limit_seconds',
-            field=models.PositiveIntegerField(default=predictions.models.default_time_limit, help_text='How long the run may take (what was paid for)'),
+            model_name="prediction",
+            name="time_limit_seconds",
+            field=models.PositiveIntegerField(
+                default=predictions.models.default_time_limit,
+                help_text="How long the run may take (what was paid for)",
+            ),
         ),
         migrations.RunPython(fix_terms_of_existing_predictions, migrations.RunPython.noop),
         migrations.AlterField(
-            model_name='modelversion',
-            name='runner',
-            field=models.CharField(choices=predictions.runners.choices, default='python', max_length=16),
+            model_name="modelversion",
+            name="runner",
+            field=models.CharField(choices=predictions.runners.choices, default="python", max_length=16),
         ),
         migrations.AlterField(
-            model_name='prediction',
-            name='status',
-            field=models.CharField(choices=[('starting', 'Starting'), ('processing', 'Processing'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('canceled', 'Canceled'), ('aborted', 'Aborted')], default='starting', max_length=16),
+            model_name="prediction",
+            name="status",
+            field=models.CharField(
+                choices=[
+                    ("starting", "Starting"),
+                    ("processing", "Processing"),
+                    ("succeeded", "Succeeded"),
+                    ("failed", "Failed"),
+                    ("canceled", "Canceled"),
+                    ("aborted", "Aborted"),
+                ],
+                default="starting",
+                max_length=16,
+            ),
         ),
         migrations.AddConstraint(
-            model_name='prediction',
-            constraint=models.CheckConstraint(condition=models.Q(('status__in', ['starting', 'processing', 'succeeded', 'failed', 'canceled', 'aborted'])), name='prediction_status_valid'),
+            model_name="prediction",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    ("status__in", ["starting", "processing", "succeeded", "failed", "canceled", "aborted"])
+                ),
+                name="prediction_status_valid",
+            ),
         ),
         migrations.AddField(
-            model_name='predictionevent',
-            name='prediction',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='events', to='predictions.prediction'),
+            model_name="predictionevent",
+            name="prediction",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="events",
+                to="predictions.prediction",
+            ),
         ),
     ]
