@@ -14,7 +14,7 @@ ML := $(VENV)/.ml-installed
 run: $(RUNTIME) $(TOKEN)
 	$(PY) manage.py quickstart
 
-test: $(DEV) $(ML) $(TOKEN) tools
+test: $(DEV) $(ML) $(TOKEN) $(NODE) tools
 	$(PY) -m pytest
 
 # The benchmark suite (about 10 minutes) and its smoke run; results in benchmarks/results/.
@@ -25,7 +25,7 @@ bench-quick: $(DEV) $(TOKEN) tools
 	$(PY) benchmarks/run.py --quick
 
 # Debian tools the suite drives: wrk (load generator) and chromium (the paywall paid in a
-# browser, driven by npm playwright-core: no browser is downloaded).
+# browser and the admin's browser test, driven by npm playwright-core: no browser is downloaded).
 tools:
 	@command -v wrk >/dev/null && test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk chromium)
 

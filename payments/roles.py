@@ -1,7 +1,8 @@
 """Staff roles as permission groups, kept in step with the code after every migrate.
 
 - Operators run the catalogue: hardware tiers, models, versions, prices, and may look at the
-  (read-only) payment options. They get no access to the ledger.
+  (read-only) payment options. They see predictions (failed ones included, with their event
+  log) and may cancel one. They get no access to the ledger.
 - Finance reads the ledger and its events, exports it and sees the dashboard. They get no
   access to prices, keys, or predictions' inputs and outputs.
 """
@@ -26,6 +27,9 @@ ROLE_PERMISSIONS: dict[str, list[str]] = {
         "predictions.add_modelversion",
         "predictions.change_modelversion",
         "predictions.view_modelversion",
+        "predictions.view_prediction",
+        "predictions.view_predictionevent",
+        "predictions.cancel_prediction",
     ],
     FINANCE: [
         "payments.view_payment",

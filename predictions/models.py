@@ -8,6 +8,7 @@ import secrets
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 from django.conf import settings
@@ -22,6 +23,18 @@ from payments.pricing import PriceRule, PricingError, invalidate
 from . import runners
 
 _slug = RegexValidator(r"^[a-z0-9][a-z0-9_.-]*$", "lowercase letters, digits, '-', '_' and '.'")
+
+
+def validate_server_url(value: str) -> None:
+    """An http(s) base URL with a host; internal names without a domain (``http://gpu-1:5000``)
+    are fine, unlike Django's URLValidator."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValidationError("Enter an http(s) URL such as http://gpu-1:5000.")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValidationError("The port must be a number from 0 to 65535.") from None
 
 
 def new_prediction_id() -> str:
@@ -185,7 +198,12 @@ class ModelVersion(models.Model):
         blank=True,
         help_text="python: dotted path of a predictor class, e.g. predictions.runners.demo.EchoText",
     )
-    cog_url = models.URLField(blank=True, help_text="cog: base URL of the Cog server, e.g. http://gpu-1:5000")
+    cog_url = models.CharField(
+        max_length=200,
+        blank=True,
+        validators=[validate_server_url],
+        help_text="cog: base URL of the Cog server, e.g. http://gpu-1:5000",
+    )
     input_schema = models.JSONField(default=dict, help_text="JSON Schema of the input object")
     output_schema = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -208,8 +226,9 @@ class ModelVersion(models.Model):
         return runners.get(self.runner)
 
     def clean(self) -> None:
-        """The schemas must be JSON Schemas (input: an object), and the runner must accept the
-        configuration (a Cog server must answer; a predictor class must import)."""
+        """The schemas must be JSON Schemas, the input's an object. (Whether the runner accepts
+        the configuration, e.g. a Cog server answers, is asked by the admin when it changes:
+        ``runner_impl.validate``.)"""
         errors: dict[str, str] = {}
         for name in ("input_schema", "output_schema"):
             schema = getattr(self, name)
@@ -223,7 +242,6 @@ class ModelVersion(models.Model):
             errors["input_schema"] = "The input schema must describe an object."
         if errors:
             raise ValidationError(errors)
-        self.runner_impl.validate(self)
 
 
 class PredictionStatus(models.TextChoices):

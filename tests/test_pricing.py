@@ -138,6 +138,7 @@ def _change_form(model, **changes) -> dict:
         "name": model.name,
         "description": model.description,
         "hardware": model.hardware_id or "",
+        "settlement_policy": model.settlement_policy,
         "pricing_mode": model.pricing_mode,
         "price": str(model.price),
         "expected_seconds": str(model.expected_seconds),
