@@ -74,7 +74,7 @@ def errors_in(response) -> list[str]:
 
 
 def preview_on(page: bytes) -> dict:
-    match = re.search(rb'<pre id="preview-v2">(.*?)</pre>', page, re.S)
+    match = re.search(rb'<pre id="preview-v2"[^>]*>(.*?)</pre>', page, re.S)
     assert match, "no 402 preview on the page"
     return json.loads(html.unescape(match.group(1).decode()))
 
@@ -246,7 +246,7 @@ def test_the_change_form_shows_the_exact_402_of_the_next_request(chain_settings,
     assert {"bazaar", "payment-identifier"} <= set(shown["extensions"])
     page = staff["operator"].get(url).content
     v1 = json.loads(
-        html.unescape(re.search(rb'<pre id="preview-v1">(.*?)</pre>', page, re.S).group(1).decode())
+        html.unescape(re.search(rb'<pre id="preview-v1"[^>]*>(.*?)</pre>', page, re.S).group(1).decode())
     )
     assert v1["accepts"][0]["outputSchema"]["output"] == version.output_schema
 
