@@ -51,7 +51,7 @@ def preview_402(request: HttpRequest, model: Model, inputs: Any = None) -> dict[
         chosen = validate_input(version, {"input": example_input(version) if inputs is None else inputs})
         url_path = f"/v1/models/{model}/predictions"
         charge = charge_for(version, chosen, request.build_absolute_uri(url_path), url_path)
-        if charge.price <= 0:
+        if charge.free:
             return {"free": True, "input": chosen, "input_json": json.dumps(chosen)}
         response = payment_required_response(challenge_for(charge).reject(f"{V2_HEADER} header is required"))
     except APIException as exc:

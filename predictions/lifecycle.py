@@ -30,7 +30,7 @@ from prometheus_client import Counter
 
 from payments import ledger
 from payments.metrics import PREDICTION_SECONDS
-from payments.models import Payment, PaymentStatus
+from payments.models import UNPAID_STATUSES, Payment, PaymentStatus
 
 from . import webhooks
 from .models import (
@@ -310,7 +310,7 @@ def on_payment(payment: Payment) -> None:
             from .tasks import enqueue_run
 
             transaction.on_commit(lambda: enqueue_run(prediction))
-    elif payment.status in (PaymentStatus.FAILED, PaymentStatus.EXPIRED):
+    elif payment.status in UNPAID_STATUSES:
         _move(
             prediction,
             P.FAILED,

@@ -21,13 +21,10 @@ import requests
 from django.utils import timezone
 
 from payments.models import Payment
-from payments.options import payment_options
-from payments.pricing import atomic_amount
-from payments.x402.types import Requirement
 from predictions.models import Model, ModelVersion, Prediction
 from predictions.runners import cog
 from tests.conftest import TEST_QUEUE, poll_until_done, start_worker, token_balance
-from tests.payers import v2_header
+from tests.payers import v2_header_for
 from tests.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,20 +158,33 @@ def paid_api(chain_settings, live_server, settings):
     cog._health.clear()
 
     def pay(model: Model, body: dict, payer: int = 0, **headers: str) -> dict:
-        amount = atomic_amount(model.price_per_run, 6)
-        header = v2_header(
-            chain_settings.payers[payer]["private_key"], Requirement(payment_options()[0], amount)
+        """Ask for the challenge, then pay it as the official clients do."""
+        url = f"{live_server.url}/v1/models/{model}/predictions"
+        challenge = requests.post(url, json=body, headers=headers, timeout=30)
+        assert challenge.status_code == 402, challenge.text
+        header = v2_header_for(
+            chain_settings.payers[payer]["private_key"], challenge.headers["PAYMENT-REQUIRED"]
         )
-        response = requests.post(
-            f"{live_server.url}/v1/models/{model}/predictions",
-            json=body,
-            headers={"PAYMENT-SIGNATURE": header, **headers},
-            timeout=30,
-        )
+        response = requests.post(url, json=body, headers={"PAYMENT-SIGNATURE": header, **headers}, timeout=30)
         assert response.status_code == 201, response.text
         return response.json()
 
     return pay
+
+
+def pay_in_process(chain, model: Model, body: dict, payer: int) -> dict:
+    """Through Django's test client: ask for the challenge, pay it as the official clients do."""
+    from django.test import Client
+
+    url = f"/v1/models/{model}/predictions"
+    challenge = Client().post(url, data=body, content_type="application/json")
+    assert challenge.status_code == 402, challenge.content
+    header = v2_header_for(chain.payers[payer]["private_key"], challenge["PAYMENT-REQUIRED"])
+    response = Client().post(
+        url, data=body, content_type="application/json", headers={"PAYMENT-SIGNATURE": header}
+    )
+    assert response.status_code == 201, response.content
+    return response.json()
 
 
 def python_model(
@@ -293,17 +303,7 @@ def test_the_sweep_leaves_a_finished_run_waiting_for_its_settlement(chain_settin
     model = python_model("patient", "predictions.runners.demo.EchoText", "after_success")
     payer = chain_settings.payers[2]
     before = token_balance(chain_settings, payer["address"])
-    header = v2_header(payer["private_key"], Requirement(payment_options()[0], PRICE))
-    created = (
-        Client()
-        .post(
-            f"/v1/models/{model}/predictions",
-            data={"input": {"text": "keep me"}},
-            content_type="application/json",
-            headers={"PAYMENT-SIGNATURE": header},
-        )
-        .json()
-    )
+    created = pay_in_process(chain_settings, model, {"input": {"text": "keep me"}}, payer=2)
     run_prediction(created["id"])
     payment = Payment.objects.get()
     assert settlement.prepare(payment.pk).status == "settling"
@@ -313,6 +313,7 @@ def test_the_sweep_leaves_a_finished_run_waiting_for_its_settlement(chain_settin
     kept = Prediction.objects.get(pk=created["id"])
     assert kept.status == "processing" and kept.output == "keep me"
 
+    settlement.broadcast(Payment.objects.get(pk=payment.pk))  # the stored transaction goes out
     assert settlement.settle(payment.pk).status == "confirmed"
     done = Client().get(f"/v1/predictions/{created['id']}").json()
     assert done["status"] == "succeeded" and done["output"] == "keep me"
@@ -339,7 +340,7 @@ def test_the_sweep_cancels_on_cog_a_run_it_gives_up_on(paid_api, cog_server, wor
     assert sweep()["lost"] == 1
     body = requests.get(created["urls"]["get"], timeout=5).json()
     assert body["status"] == "failed" and "lost" in body["error"]
-    assert body["payment"]["status"] == "expired"  # after_success: no success, no charge
+    assert body["payment"]["status"] == "lapsing"  # after_success: no success, released unsettled
     assert any(created["id"] in line for line in cog_log_lines(cog_server, "Cancelling prediction"))
     cog_ready(cog_server["url"])
 
@@ -446,7 +447,7 @@ def test_a_run_is_stopped_at_the_time_limit_it_paid_for(
     done = poll_until_done(created["urls"]["get"], timeout=12)
     assert done["status"] == "failed" and "time limit (1s)" in done["error"], done
     assert time.monotonic() - started < 6  # stopped, not run to its end
-    assert done["payment"]["status"] == "expired"  # after_success: not charged
+    assert done["payment"]["status"] == "lapsing"  # after_success: released, not charged
     if runner == "cog":
         deadline = time.monotonic() + 5
         while not any(created["id"] in line for line in cog_log_lines(cog_server, "Cancelling prediction")):
@@ -499,17 +500,7 @@ def test_a_third_runner_is_one_class_and_a_registration(chain_settings, eager_ce
     version = ModelVersion(id="upper-v1", model=model, runner="upper", input_schema=TEXT)
     version.full_clean()
     version.save()
-    header = v2_header(chain_settings.payers[6]["private_key"], Requirement(payment_options()[0], PRICE))
-    created = (
-        Client()
-        .post(
-            f"/v1/models/{model}/predictions",
-            data={"input": {"text": "plug-in"}},
-            content_type="application/json",
-            headers={"PAYMENT-SIGNATURE": header},
-        )
-        .json()
-    )
+    created = pay_in_process(chain_settings, model, {"input": {"text": "plug-in"}}, payer=6)
     done = Client().get(f"/v1/predictions/{created['id']}").json()
     assert done["status"] == "succeeded" and done["output"] == "PLUG-IN" and done["logs"] == "upper-cased\n"
     assert done["payment"]["status"] == "confirmed"
