@@ -186,7 +186,8 @@ class Model(models.Model):
 
     @property
     def latest_version(self) -> ModelVersion | None:
-        return self.versions.order_by("-created_at").first()
+        """None for a model not saved yet (the admin validates one before it has versions)."""
+        return self.versions.order_by("-created_at").first() if self.pk else None
 
 
 class ModelVersion(models.Model):
@@ -219,7 +220,11 @@ class ModelVersion(models.Model):
         props = self.input_schema.get("properties") if isinstance(self.input_schema, dict) else None
         if not isinstance(props, dict):
             return {}
-        return {name: spec["default"] for name, spec in props.items() if isinstance(spec, dict) and "default" in spec}
+        return {
+            name: spec["default"]
+            for name, spec in props.items()
+            if isinstance(spec, dict) and "default" in spec
+        }
 
     @property
     def runner_impl(self) -> runners.Runner:

@@ -393,3 +393,15 @@ def test_in_a_browser_an_operator_registers_a_cog_model_and_reprices_it(
     assert decode_header(response.headers["PAYMENT-REQUIRED"]) == report["preview_after"]
     assert report["preview_after"]["accepts"][0]["amount"] == "50000"
     assert {"admin-register-cog.png", "admin-preview.png", "admin-prices.png"} <= set(os.listdir(shots))
+
+
+def test_the_plain_add_form_validates_a_new_model(chain_settings, staff) -> None:
+    """A model not saved yet has no versions to price: its form is validated, not a 500."""
+    data = {**_change_form(Model(owner="acme", name="plain"), ModelVersion()), "versions-TOTAL_FORMS": "0"}
+    data.update({"versions-INITIAL_FORMS": "0", "price": "0"})
+    refused = staff["operator"].post("/admin/predictions/model/add/", data)
+    assert refused.status_code == 200 and "A paid model must cost more than 0" in " ".join(errors_in(refused))
+    assert (
+        staff["operator"].post("/admin/predictions/model/add/", {**data, "price": "0.03"}).status_code == 302
+    )
+    assert Model.objects.get(name="plain").price_per_run == D("0.03")
