@@ -220,11 +220,7 @@ class ModelVersion(models.Model):
         props = self.input_schema.get("properties") if isinstance(self.input_schema, dict) else None
         if not isinstance(props, dict):
             return {}
-        return {
-            name: spec["default"]
-            for name, spec in props.items()
-            if isinstance(spec, dict) and "default" in spec
-        }
+        return {name: spec["default"] for name, spec in props.items() if isinstance(spec, dict) and "default" in spec}
 
     @property
     def runner_impl(self) -> runners.Runner:
