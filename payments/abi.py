@@ -53,3 +53,8 @@ TOKEN_ABI = [
         "outputs": [{"name": "", "type": "bool"}],
     },
 ]
+
+#: BatchSettler.settle(token, to, gasPerItem, items): items are the static struct below.
+BATCH_ITEM = "(address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
+BATCH_SETTLE_TYPES = ["address", "address", "uint256", f"{BATCH_ITEM}[]"]
+BATCH_SETTLE = function_signature_to_4byte_selector(f"settle({','.join(BATCH_SETTLE_TYPES)})")

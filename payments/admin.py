@@ -22,7 +22,7 @@ from .chain import ChainUnavailable, rpc
 from .charts import bar_chart
 from .exports import Export
 from .idempotency import redact_payload
-from .models import HardwareTier, LedgerExport, Payment, PaymentEvent, PriceChange
+from .models import HardwareTier, LedgerExport, Payment, PaymentEvent, PriceChange, SettlementTx
 from .options import configured
 from .reports import LedgerFilter
 
@@ -53,6 +53,17 @@ class PaymentEventInline(admin.TabularInline):
         return False
 
 
+@admin.register(SettlementTx)
+class SettlementTxAdmin(ReadOnlyAdmin):
+    """Our signed settlement transactions (a batch carries many payments); the raw bytes stay out."""
+
+    list_display = ("created_at", "kind", "items", "relayer", "nonce", "tx_hash", "block_number", "gas_used")
+    list_filter = ("kind", "network", "relayer")
+    search_fields = ("tx_hash", "relayer")
+    exclude = ("raw_tx",)
+    date_hierarchy = "created_at"
+
+
 @admin.register(Payment)
 class PaymentAdmin(ReadOnlyAdmin):
     list_display = (
@@ -68,9 +79,10 @@ class PaymentAdmin(ReadOnlyAdmin):
     search_fields = ("id", "payer", "settle_tx_hash", "nonce")
     date_hierarchy = "created_at"
     inlines = [PaymentEventInline]
-    #: Not shown: the raw transaction, and the payload as received (its payment-identifier is
-    #: the payer's idempotency key: with it, anyone could fetch the prediction it bought).
-    exclude = ("settle_raw_tx", "payload")
+    #: Not shown: the payload as received (its payment-identifier is the payer's idempotency
+    #: key: with it, anyone could fetch the prediction it bought). Raw transactions live in
+    #: SettlementTx, whose admin does not show them either.
+    exclude = ("payload",)
     actions = ["export_csv", "export_xlsx"]
     change_list_template = "admin/payments/payment/change_list.html"
 

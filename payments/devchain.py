@@ -20,7 +20,8 @@ import requests
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 ANVIL = BASE_DIR / "node_modules" / ".bin" / "anvil"
-TOKEN_BUILD = BASE_DIR / "contracts" / "build" / "TestUSDC.json"
+CONTRACTS = BASE_DIR / "contracts"
+TOKEN_BUILD = CONTRACTS / "build" / "TestUSDC.json"
 CHAIN_ID = 31337
 #: USDC (6 decimals) minted to every demo payer.
 PAYER_FUNDS = 1_000 * 10**6
@@ -40,6 +41,10 @@ class DevChain:
     payers: list[dict[str, str]] = field(default_factory=list)
     relayer_address: str = ""
     relayer_private_key: str = ""
+    #: Every relayer lane's key (the first is ``relayer_private_key``).
+    relayer_private_keys: list[str] = field(default_factory=list)
+    #: Our BatchSettler contract (batched settlement), if deployed.
+    batch_settler: str = ""
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,13 +57,43 @@ class DevChain:
         return cls(**json.loads(path.read_text()))
 
 
-def compile_token() -> dict[str, Any]:
-    if not TOKEN_BUILD.exists():
+def compile_contract(name: str) -> dict[str, Any]:
+    """``contracts/build/<name>.json`` ({abi, bytecode}), compiled first if missing or stale."""
+    build, source = CONTRACTS / "build" / f"{name}.json", CONTRACTS / f"{name}.sol"
+    if not build.exists() or build.stat().st_mtime < source.stat().st_mtime:
         node = shutil.which("node")
         if node is None:
-            raise RuntimeError("node is not installed: cannot compile contracts/TestUSDC.sol")
-        subprocess.run([node, str(BASE_DIR / "contracts" / "compile.js")], check=True, cwd=BASE_DIR)
-    return json.loads(TOKEN_BUILD.read_text())
+            raise RuntimeError(f"node is not installed: cannot compile contracts/{name}.sol")
+        subprocess.run([node, str(CONTRACTS / "compile.js")], check=True, cwd=BASE_DIR)
+    return json.loads(build.read_text())
+
+
+def compile_token() -> dict[str, Any]:
+    return compile_contract("TestUSDC")
+
+
+def deploy_contract(rpc_url: str, name: str, sender: str, *args: Any, private_key: str = "") -> str:
+    """Deploy ``contracts/<name>.sol``; its address. ``private_key`` signs (a real network),
+    else ``sender`` must be an account the node unlocks (anvil's)."""
+    from web3 import Web3
+
+    w3 = Web3(Web3.HTTPProvider(rpc_url))
+    build = compile_contract(name)
+    factory = w3.eth.contract(abi=build["abi"], bytecode=build["bytecode"])
+    if private_key:
+        from eth_account import Account
+
+        account = Account.from_key(private_key)
+        tx = factory.constructor(*args).build_transaction(
+            {"from": account.address, "nonce": w3.eth.get_transaction_count(account.address, "pending")}
+        )
+        tx_hash = w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
+    else:
+        tx_hash = factory.constructor(*args).transact({"from": sender})
+    receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=180)
+    if receipt["status"] != 1:
+        raise RuntimeError(f"deploying {name} reverted ({tx_hash.hex()})")
+    return receipt["contractAddress"]
 
 
 def wait_for_rpc(url: str, timeout: float = 15.0) -> None:
@@ -145,8 +180,10 @@ def deploy(
     asset_version: str = "2",
     payer_funds: int = PAYER_FUNDS,
     payer_count: int = 8,
+    extra_relayers: int = 0,
 ) -> DevChain:
-    """Deploy the test token, fund the payers; account 0 deploys and relays, 1 is paid."""
+    """Deploy the test token and the BatchSettler, fund the payers; account 0 deploys and relays,
+    1 is paid, the ``extra_relayers`` accounts after the payers are more relayer lanes."""
     from web3 import Web3
 
     w3 = Web3(Web3.HTTPProvider(rpc_url))
@@ -164,6 +201,7 @@ def deploy(
             token.functions.mint(address, payer_funds).transact({"from": deployer})
         )
         payers.append({"address": address, "private_key": key})
+    lanes = keys[2 + payer_count : 2 + payer_count + extra_relayers]
     return DevChain(
         rpc_url=rpc_url,
         chain_id=CHAIN_ID,
@@ -175,6 +213,8 @@ def deploy(
         payers=payers,
         relayer_address=deployer,
         relayer_private_key=keys[0],
+        relayer_private_keys=[keys[0], *lanes],
+        batch_settler=deploy_contract(rpc_url, "BatchSettler", deployer),
     )
 
 

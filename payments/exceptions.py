@@ -70,6 +70,17 @@ class DatabaseUnavailable(exceptions.APIException):
     default_detail = "The service is briefly unavailable; retry shortly."
 
 
+class SettlementBacklogged(exceptions.APIException):
+    """Settlement is behind: a payment accepted now could lapse before it is settled."""
+
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "Settlement is behind; this payment is not accepted now. Retry after the delay given."
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__()
+        self.retry_after = retry_after
+
+
 class InvalidInput(exceptions.APIException):
     status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
     default_detail = "Invalid input"
@@ -205,6 +216,8 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     response.content_type = "application/problem+json"
     if response.status_code == status.HTTP_503_SERVICE_UNAVAILABLE:
         response.headers.setdefault("Retry-After", "5")
+    if isinstance(exc, SettlementBacklogged):
+        response.headers["Retry-After"] = str(exc.retry_after)
     if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
         response.headers["Retry-After"] = str(max(1, int(exc.wait + 0.999)))
     return response

@@ -98,16 +98,28 @@ def same_proof(verified: VerifiedPayment) -> Payment | None:
     )
 
 
-def request_settlement(payment: Payment) -> None:
-    """Ask for a payment to be settled now (after_success: its prediction succeeded)."""
+def start_settlement(payment: Payment) -> None:
+    """Get a payment whose settlement was asked for on its way (after commit): the option's
+    batcher is kicked (one cache write per batch window), else the payment's own task is queued.
+    Raises the broker's error for the latter (the caller decides; the sweep retries)."""
+    from . import batching
+    from .options import for_payment
     from .tasks import settle_payment
 
+    if batching.is_batched(payment.network, payment.asset):
+        batching.kick(for_payment(payment.network, payment.asset))
+    else:
+        settle_payment.delay(str(payment.pk))
+
+
+def request_settlement(payment: Payment) -> None:
+    """Ask for a payment to be settled now (after_success: its prediction succeeded)."""
     Payment.objects.filter(pk=payment.pk, settle_requested_at=None).update(settle_requested_at=timezone.now())
 
     def enqueue() -> None:
         # With the broker down, the reconciler's sweep enqueues it later.
         with contextlib.suppress(OperationalError, OSError):
-            settle_payment.delay(str(payment.pk))
+            start_settlement(payment)
 
     transaction.on_commit(enqueue)
 

@@ -27,6 +27,19 @@ SETTLEMENT_SECONDS = Histogram(
 RECONCILE_ERRORS = Counter(
     "x402_reconcile_errors_total", "Ledger rows whose reconciliation raised (retried with backoff)", ["step"]
 )
+BATCH_SIZE = Histogram(
+    "x402_settlement_batch_size",
+    "Payments per batched settlement transaction",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+)
+EXPIRIES = Counter(
+    "x402_settlement_expiries_total",
+    "Payments whose authorization lapsed unsettled (EXPIRED), by why they went lapsing",
+    ["reason"],
+)
+BACKPRESSURE = Counter(
+    "x402_backpressure_rejections_total", "Paid requests answered 503 because the settlement backlog is too old"
+)
 PREDICTION_SECONDS = Histogram(
     "x402_prediction_seconds",
     "Prediction run time",
@@ -62,6 +75,18 @@ class LedgerCollector(Collector):
         oldest = Payment.objects.filter(status=PaymentStatus.SETTLED).aggregate(t=Min("settled_at"))["t"]
         lag.add_metric([], (timezone.now() - oldest).total_seconds() if oldest else 0.0)
         yield lag
+        from .backpressure import backlog
+
+        now = backlog()
+        size = GaugeMetricFamily("x402_settlement_backlog", "Payments ready to settle, not yet in a transaction")
+        size.add_metric([], now.ready)
+        yield size
+        age = GaugeMetricFamily(
+            "x402_settlement_oldest_unsettled_seconds",
+            "Since the oldest payment waiting for settlement (ready, or in an unmined transaction) asked for it",
+        )
+        age.add_metric([], now.oldest_age)
+        yield age
 
 
 def render() -> bytes:
@@ -79,3 +104,5 @@ def on_payment_advanced(payment, previous: str, **kwargs) -> None:  # type: igno
 
     if payment.status == PaymentStatus.CONFIRMED and payment.confirmed_at and payment.created_at:
         SETTLEMENT_SECONDS.observe((payment.confirmed_at - payment.created_at).total_seconds())
+    elif payment.status == PaymentStatus.EXPIRED:
+        EXPIRIES.labels(reason=payment.unpaid_reason or "unknown").inc()

@@ -153,15 +153,16 @@ class Payment(models.Model):
     )
     # Not unique: one transaction may settle several payments (a batch, or a third party's).
     settle_tx_hash = models.CharField(max_length=66, null=True, blank=True, db_index=True)
-    settle_raw_tx = models.TextField(blank=True, help_text="Signed before broadcast, for rebroadcast")
-    replaced_tx_hashes = models.JSONField(
-        default=list, blank=True, help_text="Earlier signed settlements (same nonce) that may still be mined"
+    #: Our signed transaction carrying this payment (None: settled by someone else, or a facilitator).
+    settlement_tx = models.ForeignKey(
+        "SettlementTx", null=True, blank=True, on_delete=models.PROTECT, related_name="payments"
     )
-    relayer = models.CharField(max_length=42, blank=True)
-    relayer_nonce = models.PositiveBigIntegerField(null=True, blank=True)
+    #: Position of this payment among the items of ``settlement_tx`` (0 for a single settlement).
+    settlement_index = models.PositiveIntegerField(null=True, blank=True)
     block_number = models.PositiveBigIntegerField(null=True, blank=True)
     block_hash = models.CharField(max_length=66, blank=True)
     confirmations = models.PositiveIntegerField(default=0)
+    #: This payment's share of our settlement transaction's gas (the transaction's / its items).
     gas_used = models.PositiveBigIntegerField(null=True, blank=True)
     gas_cost_wei = models.DecimalField(max_digits=78, decimal_places=0, null=True, blank=True)
     failure_reason = models.TextField(blank=True)
@@ -186,6 +187,13 @@ class Payment(models.Model):
         ]
         indexes = [
             models.Index(fields=["status", "created_at"]),
+            # The settlement backlog: ready payments in the order batches take them, and the
+            # oldest unsettled one (backpressure), without scanning the settled ledger.
+            models.Index(
+                fields=["settle_requested_at"],
+                condition=models.Q(status__in=["verified", "settling"], settle_requested_at__isnull=False),
+                name="payment_unsettled",
+            ),
             # Keyset pages of exports and reports walk (created_at, id).
             models.Index(fields=["created_at", "id"], name="payment_created_id"),
         ]
@@ -210,21 +218,45 @@ class Payment(models.Model):
 
         Call inside ``transaction.atomic()`` on a row read with ``select_for_update()``.
         """
+        previous = self._apply(to, fields, detail)
+        self.save(update_fields=["status", *fields])
+        PaymentEvent.objects.create(payment=self, from_status=previous, to_status=to, detail=detail or {})
+        payment_advanced.send(sender=Payment, payment=self, previous=previous)
+
+    def _apply(self, to: str, fields: dict[str, Any], detail: dict[str, Any] | None) -> str:
+        """Check the transition and set status, stamp and ``fields`` in memory; the old status."""
         if to not in TRANSITIONS[self.status]:
             raise IllegalTransition(f"{self.status} -> {to} for payment {self.pk}")
         if to in UNPAID_STATUSES and "chain" not in (detail or {}):
             raise IllegalTransition(f"{to} for payment {self.pk} needs the chain's word (detail['chain'])")
         previous = self.status
-        now = timezone.now()
         self.status = to
         stamp = _STAMPS.get(to)
         if stamp:
-            fields.setdefault(stamp, now)
+            fields.setdefault(stamp, timezone.now())
         for name, value in fields.items():
             setattr(self, name, value)
-        self.save(update_fields=["status", *fields])
-        PaymentEvent.objects.create(payment=self, from_status=previous, to_status=to, detail=detail or {})
-        payment_advanced.send(sender=Payment, payment=self, previous=previous)
+        return previous
+
+    @classmethod
+    def advance_many(
+        cls, changes: list[tuple[Payment, dict[str, Any]]], to: str, *, detail: dict[str, Any] | None = None
+    ) -> None:
+        """:meth:`advance` for many locked payments (a batch) at once: each transition checked and
+        evented as one, written with one UPDATE and one INSERT; signals sent per payment."""
+        if not changes:
+            return
+        previous = [p._apply(to, fields, detail) for p, fields in changes]
+        names = sorted({"status", *(name for _, fields in changes for name in fields)})
+        cls.objects.bulk_update([p for p, _ in changes], names)
+        PaymentEvent.objects.bulk_create(
+            [
+                PaymentEvent(payment=p, from_status=before, to_status=to, detail=detail or {})
+                for (p, _), before in zip(changes, previous, strict=True)
+            ]
+        )
+        for (p, _), before in zip(changes, previous, strict=True):
+            payment_advanced.send(sender=Payment, payment=p, previous=before)
 
 
 class PaymentEvent(models.Model):
@@ -248,12 +280,81 @@ class PaymentEvent(models.Model):
         super().save(*args, **kwargs)
 
 
-class RelayerNonce(models.Model):
-    """A relayer account on a chain: the row workers lock while they allocate a nonce and sign.
+class SettlementTxQuerySet(models.QuerySet["SettlementTx"]):
+    def holding_nonce(self) -> SettlementTxQuerySet:
+        """Signed, not (yet) mined, and still waited for by a SETTLING payment: its nonce is taken
+        (it is rebroadcast or replaced until mined), and it is its lane's load."""
+        return self.filter(block_number=None, payments__status=PaymentStatus.SETTLING).distinct()
 
-    Several workers share one relayer: each takes this row ``FOR UPDATE``, picks the nonce
-    (see ``settlement._allocate_nonce``), stores the signed transaction and commits, so nonces
-    neither collide nor skip. ``next_nonce`` records the last allocation, for operators.
+
+class SettlementTx(models.Model):
+    """One transaction our relayer signed to settle payments: a single transferWithAuthorization
+    or a batch through the BatchSettler contract. Stored before it is broadcast; the payments it
+    carries point to it. Replaced (same nonce, higher fees) while stuck: every hash it ever had
+    may be mined, so all are kept."""
+
+    class Kind(models.TextChoices):
+        SINGLE = "single", "One payment (the token's transferWithAuthorization)"
+        BATCH = "batch", "A batch (BatchSettler.settle)"
+
+    network = models.CharField(max_length=64)
+    relayer = models.CharField(max_length=42)
+    nonce = models.PositiveBigIntegerField()
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    #: The contract called: the token (single) or the batch settler.
+    to = models.CharField(max_length=42)
+    items = models.PositiveIntegerField(help_text="Payments carried (the gas is shared among them)")
+    tx_hash = models.CharField(max_length=66, unique=True, help_text="The current (or the mined) hash")
+    raw_tx = models.TextField(help_text="Signed before broadcast, for rebroadcast")
+    replaced_hashes = models.JSONField(
+        default=list, blank=True, help_text="Earlier signatures of this nonce that may still be mined"
+    )
+    gas_limit = models.PositiveBigIntegerField()
+    max_fee_per_gas = models.DecimalField(max_digits=78, decimal_places=0)
+    max_priority_fee_per_gas = models.DecimalField(max_digits=78, decimal_places=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    #: Last (re)signing: a transaction unmined X402_STUCK_AFTER_SECONDS after it is replaced.
+    signed_at = models.DateTimeField(default=timezone.now)
+    broadcast_at = models.DateTimeField(null=True, blank=True)
+    block_number = models.PositiveBigIntegerField(null=True, blank=True)
+    gas_used = models.PositiveBigIntegerField(null=True, blank=True)
+    gas_cost_wei = models.DecimalField(max_digits=78, decimal_places=0, null=True, blank=True)
+
+    objects = SettlementTxQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["network", "relayer", "nonce"], name="settlementtx_lane_nonce"),
+            models.Index(fields=["relayer"], condition=models.Q(block_number=None), name="settlementtx_unmined"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.tx_hash} ({self.items} payments, nonce {self.nonce})"
+
+    @property
+    def hashes(self) -> list[str]:
+        """Every signature of this transaction: any of them may be the one mined."""
+        return [self.tx_hash, *self.replaced_hashes]
+
+    def share(self, index: int) -> tuple[int | None, int | None]:
+        """(gas, cost in wei) of item ``index``: the transaction's divided by its items, the
+        remainder wei spread over the first items so that the shares add up exactly."""
+        if self.gas_used is None or self.gas_cost_wei is None:
+            return None, None
+        cost, items = int(self.gas_cost_wei), max(self.items, 1)
+        return self.gas_used // items, cost // items + (1 if index < cost % items else 0)
+
+
+class RelayerNonce(models.Model):
+    """A relayer account (a lane) on a chain: the row workers lock while they allocate a nonce
+    and sign.
+
+    Several workers share a lane: each takes this row ``FOR UPDATE``, picks the nonce (see
+    ``relayer.allocate_nonce``), stores the signed transaction and commits, so nonces neither
+    collide nor skip. With several lanes, a worker takes the least loaded row it can lock
+    (``SKIP LOCKED``), so workers sign in parallel. ``next_nonce`` records the last allocation,
+    for operators.
     """
 
     network = models.CharField(max_length=64)

@@ -22,7 +22,8 @@ from .x402.types import PaymentOption
 class SettlementMode(StrEnum):
     """Who verifies and settles an option's payments (verifiers and settlers are registered by it)."""
 
-    RELAYER = "relayer"  # our node and our relayer account
+    RELAYER = "relayer"  # our node and our relayer, one transaction per payment
+    BATCH = "batch"  # our node and our relayer, many payments per transaction (BatchSettler)
     FACILITATOR = "facilitator"  # a remote x402 facilitator
 
 
@@ -36,10 +37,16 @@ class ConfiguredOption:
     facilitator_url: str = ""
     #: Optional ``Authorization`` header value for the facilitator.
     facilitator_auth: str = ""
+    #: Our BatchSettler contract on this chain: settle many payments per transaction.
+    batch_settler: str = ""
 
     @property
     def mode(self) -> SettlementMode:
-        return SettlementMode.FACILITATOR if self.facilitator_url else SettlementMode.RELAYER
+        if self.facilitator_url:
+            return SettlementMode.FACILITATOR
+        if self.batch_settler and settings.X402_BATCH_SETTLEMENT:
+            return SettlementMode.BATCH
+        return SettlementMode.RELAYER
 
 
 @lru_cache(maxsize=1)
@@ -65,6 +72,7 @@ def configured() -> tuple[ConfiguredOption, ...]:
                 rpc_url=raw["rpc_url"],
                 facilitator_url=raw.get("facilitator_url", "").rstrip("/"),
                 facilitator_auth=raw.get("facilitator_auth", ""),
+                batch_settler=to_checksum_address(raw["batch_settler"]) if raw.get("batch_settler") else "",
             )
         )
     return tuple(result)

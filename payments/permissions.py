@@ -18,8 +18,8 @@ from django.conf import settings
 from rest_framework import exceptions
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
-from . import idempotency, ratelimit, verification
-from .exceptions import Challenge, PaymentRequired
+from . import backpressure, idempotency, ratelimit, verification
+from .exceptions import Challenge, PaymentRequired, SettlementBacklogged
 from .models import Payment
 from .options import configured
 from .pricing import atomic_amount
@@ -169,6 +169,9 @@ def check_payment(header: str, challenge: Challenge, path: str) -> Accepted:
     replay_of = idempotency.lookup(payload)
     if replay_of is not None:
         return Accepted(replay_of=replay_of)
+    if backpressure.overloaded():
+        # Refused before verification: the authorization stays unused, the agent may resend it.
+        raise SettlementBacklogged(settings.X402_BACKPRESSURE_RETRY_AFTER)
     try:
         verified = verification.verify(payload, [*challenge.requirements, *challenge.honoured], challenge.resource)
     except PaymentRejected as exc:

@@ -34,6 +34,7 @@ ROLE_PERMISSIONS: dict[str, list[str]] = {
     FINANCE: [
         "payments.view_payment",
         "payments.view_paymentevent",
+        "payments.view_settlementtx",
         "payments.export_payment",
         "payments.view_ledgerexport",
     ],

@@ -11,16 +11,21 @@ LAPSING, and only :func:`resolve_lapsing`, after asking the chain whether the au
 used (by anyone, in any transaction), writes FAILED or EXPIRED, or adopts the transaction that
 paid.
 
-How a payment is settled depends on its option's mode (our relayer, or a remote facilitator):
-the settlers are registered in :data:`SETTLERS`, and nothing else branches on the mode.
+How a payment is settled depends on its option's mode (our relayer one payment per
+transaction, our relayer in batches, or a remote facilitator): the settlers are registered in
+:data:`SETTLERS`, and nothing else branches on the mode. Our own transactions are
+:class:`~payments.models.SettlementTx` rows (one per signed transaction, several payments each
+when batched); receipts are read per transaction, and each payment is judged by its own logs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
 from typing import Any, Protocol
@@ -29,16 +34,18 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
-from .abi import TOKEN_ABI, TRANSFER_TOPIC
+from . import relayer as relayers
+from .abi import AUTHORIZATION_USED_TOPIC, TOKEN_ABI, TRANSFER_TOPIC
 from .chain import AuthorizationUse, ChainUnavailable, RpcError, authorization_use, rpc, rpc_batch
 from .facilitator import FacilitatorClient, FacilitatorUnavailable
 from .metrics import RECONCILE_ERRORS
-from .models import Payment, PaymentStatus, RelayerNonce, UnpaidReason
+from .models import Payment, PaymentStatus, SettlementTx, UnpaidReason
 from .options import ConfiguredOption, SettlementMode, for_payment
+from .relayer import relayer_account
+
+__all__ = ["relayer_account"]  # re-exported: views and ops name the relayer through this module
 
 log = logging.getLogger("payments.settlement")
 S = PaymentStatus
@@ -48,17 +55,8 @@ GAS_LIMIT = 150_000
 #: A payment is taken as lapsed this long after validBefore by our clock, even if no block has
 #: been stamped past it yet (a quiet dev chain mines no blocks; real chains stamp wall time).
 LAPSE_MARGIN_SECONDS = 60
-
-
-@lru_cache(maxsize=4)
-def relayer_account(key: str) -> LocalAccount:
-    return Account.from_key(key)
-
-
-def _relayer() -> LocalAccount:
-    if not settings.X402_RELAYER_KEY:
-        raise RuntimeError("X402_RELAYER_KEY is not set: cannot settle locally")
-    return relayer_account(settings.X402_RELAYER_KEY)
+#: A VERIFIED payment this close to validBefore is not signed any more: it lapses instead.
+SETTLE_SAFETY_SECONDS = 2
 
 
 @lru_cache(maxsize=1)
@@ -92,43 +90,41 @@ def _calldata(p: Payment) -> str:
     )
 
 
-def _tx_fields(conf: ConfiguredOption, p: Payment, nonce: int, max_fee: int, priority: int) -> dict[str, Any]:
-    return {
-        "chainId": conf.option.chain_id,
-        "nonce": nonce,
-        "to": p.asset,
-        "data": _calldata(p),
-        "gas": GAS_LIMIT,
-        "maxFeePerGas": max_fee,
-        "maxPriorityFeePerGas": priority,
-        "value": 0,
-        "type": 2,
-    }
-
-
 def _lock(payment_id: Any) -> Payment:
-    return Payment.objects.select_for_update().get(pk=payment_id)
+    return Payment.objects.select_for_update(of=("self",)).select_related("settlement_tx").get(pk=payment_id)
 
 
 def _word(address: str) -> str:
     return "0x" + address[2:].lower().rjust(64, "0")
 
 
+def _topics(entry: dict[str, Any]) -> list[str]:
+    return [t.lower() for t in entry.get("topics", [])]
+
+
 def transfer_matches(receipt: dict[str, Any], p: Payment) -> bool:
-    """True when the receipt succeeded and moved exactly ``amount`` from payer to pay-to."""
+    """True when the receipt succeeded and carries this payment's own transfer: the token's
+    ``AuthorizationUsed(payer, nonce)`` log, followed by its ``Transfer(payer, payTo, amount)``.
+
+    Matching the authorization, not just a Transfer of the right amount, matters in a batch: two
+    payments of one payer for the same price may share a transaction, and only the one whose
+    authorization was used is paid.
+    """
     if int(receipt.get("status", "0x0"), 16) != 1:
         return False
-    for entry in receipt.get("logs", []):
-        topics = [t.lower() for t in entry.get("topics", [])]
-        if (
-            entry.get("address", "").lower() == p.asset.lower()
-            and len(topics) == 3
-            and topics[0] == TRANSFER_TOPIC
-            and topics[1] == _word(p.payer)
-            and topics[2] == _word(p.pay_to)
-            and int(entry.get("data", "0x0"), 16) == int(p.amount)
-        ):
-            return True
+    logs = [_topics(e) + [e.get("data", "0x0")] for e in receipt.get("logs", []) if e.get("address", "").lower() == p.asset.lower()]
+    used = [AUTHORIZATION_USED_TOPIC, _word(p.payer), p.nonce.lower()]
+    transfer = [TRANSFER_TOPIC, _word(p.payer), _word(p.pay_to)]
+    for i, entry in enumerate(logs):
+        if entry[:3] == used:
+            # Its Transfer: after it, before the next authorization's use (the token emits
+            # AuthorizationUsed, then Transfer).
+            for later in logs[i + 1 :]:
+                if later[0] == AUTHORIZATION_USED_TOPIC:
+                    return False
+                if later[:3] == transfer and int(later[3], 16) == int(p.amount):
+                    return True
+            return False
     return False
 
 
@@ -189,7 +185,14 @@ def resolve_lapsing(payment_id: Any) -> Payment:
             return p
         chain = use.as_detail()
         if receipt is not None and transfer_matches(receipt, p):
-            p.advance(S.SETTLING, settle_tx_hash=use.used_in, detail={"found_on_chain": use.used_in, "chain": chain})
+            # Ours only if it is one of our transaction's hashes (a replaced signature mined late).
+            ours = p.settlement_tx if p.settlement_tx and use.used_in in p.settlement_tx.hashes else None
+            p.advance(
+                S.SETTLING,
+                settle_tx_hash=use.used_in,
+                settlement_tx=ours,
+                detail={"found_on_chain": use.used_in, "chain": chain},
+            )
         elif receipt is not None or use.canceled_in:
             reason = UnpaidReason.NONCE_USED_ELSEWHERE if receipt is not None else UnpaidReason.PAYER_CANCELED
             p.advance(
@@ -212,28 +215,15 @@ def resolve_lapsing(payment_id: Any) -> Payment:
     return p
 
 
-def _allocate_nonce(conf: ConfiguredOption, network: str, relayer: str) -> int:
-    """The lowest nonce the chain has not seen that no stored, unmined settlement holds.
-
-    Called with the relayer's RelayerNonce row locked, so allocations are serial across
-    workers. Signed transactions still SETTLING keep their nonces (the reconciler rebroadcasts
-    them); a nonce whose transaction was given up (expired, never mined) is reused, so no gap
-    is left that would block every later settlement.
-    """
-    pending = int(rpc(conf.rpc_url, "eth_getTransactionCount", [relayer, "pending"]), 16)
-    held = set(
-        Payment.objects.filter(
-            network=network, relayer=relayer, status=S.SETTLING, relayer_nonce__gte=pending
-        ).values_list("relayer_nonce", flat=True)
-    )
-    nonce = pending
-    while nonce in held:
-        nonce += 1
-    return nonce
+def _fault_pause() -> None:
+    if settings.X402_FAULT_PAUSE_AFTER_SIGN:
+        # Fault injection for the crash tests only: a window between store and broadcast.
+        time.sleep(settings.X402_FAULT_PAUSE_AFTER_SIGN)
 
 
 def prepare(payment_id: Any) -> Payment:
-    """VERIFIED -> SETTLING: simulate, then sign and store the transaction with a relayer nonce."""
+    """VERIFIED -> SETTLING, one transaction for this payment: simulate, then sign and store it
+    with a nonce of the least loaded relayer lane."""
     p = Payment.objects.get(pk=payment_id)
     if p.status != S.VERIFIED:
         return p
@@ -241,8 +231,7 @@ def prepare(payment_id: Any) -> Payment:
     if lapsed is not None:
         return lapsed
     conf = for_payment(p.network, p.asset)
-    relayer = _relayer()
-    call = {"from": relayer.address, "to": p.asset, "data": _calldata(p)}
+    call = {"from": relayers.lanes()[0].address, "to": p.asset, "data": _calldata(p)}
     try:
         block, _ = rpc_batch(
             conf.rpc_url,
@@ -256,69 +245,121 @@ def prepare(payment_id: Any) -> Payment:
             if p.status == S.VERIFIED:
                 _lapse(p, UnpaidReason.SIMULATION_REVERTED, f"simulation reverted: {_revert_message(exc)}")
         return resolve_lapsing(payment_id)
-    base_fee = int(block.get("baseFeePerGas") or "0x0", 16)
-    priority = 10**6  # 0.001 gwei: ample on Base and on anvil
     with transaction.atomic():
         p = _lock(payment_id)
         if p.status != S.VERIFIED:
             return p
-        row, _ = RelayerNonce.objects.select_for_update().get_or_create(
-            network=p.network, address=relayer.address, defaults={"next_nonce": 0}
+        tx = relayers.sign_and_store(
+            conf,
+            relayers.take_lane(p.network),
+            kind=SettlementTx.Kind.SINGLE,
+            to=p.asset,
+            data=_calldata(p),
+            gas_limit=GAS_LIMIT,
+            items=1,
+            block=block,
         )
-        nonce = _allocate_nonce(conf, p.network, relayer.address)
-        signed = relayer.sign_transaction(_tx_fields(conf, p, nonce, 2 * base_fee + priority, priority))
         p.advance(
             S.SETTLING,
-            settle_tx_hash="0x" + signed.hash.hex().removeprefix("0x"),
-            settle_raw_tx="0x" + signed.raw_transaction.hex().removeprefix("0x"),
-            relayer=relayer.address,
-            relayer_nonce=nonce,
+            settle_tx_hash=tx.tx_hash,
+            settlement_tx=tx,
+            settlement_index=0,
             search_from_block=p.search_from_block or int(block["number"], 16),
         )
-        row.next_nonce = nonce + 1
-        row.save(update_fields=["next_nonce"])
-    if settings.X402_FAULT_PAUSE_AFTER_SIGN:
-        # Fault injection for the crash tests only: a window between store and broadcast.
-        time.sleep(settings.X402_FAULT_PAUSE_AFTER_SIGN)
+    _fault_pause()
     return p
 
 
 def broadcast(p: Payment) -> None:
-    """Send the stored transaction (again). Safe to repeat: it is the same signed bytes."""
-    if p.status != S.SETTLING or not p.settle_raw_tx:
+    """Send the payment's stored transaction (again). Safe to repeat: the same signed bytes."""
+    if p.status != S.SETTLING or p.settlement_tx_id is None:
         return
-    conf = for_payment(p.network, p.asset)
-    try:
-        rpc(conf.rpc_url, "eth_sendRawTransaction", [p.settle_raw_tx])
-    except RpcError as exc:
-        # "already known", "nonce too low" (mined already) and the like: the receipt decides.
-        log.info("broadcast of %s for payment %s: %s", p.settle_tx_hash, p.pk, exc)
+    relayers.broadcast(for_payment(p.network, p.asset).rpc_url, p.settlement_tx)
+
+
+# --- receipts -------------------------------------------------------------------------------------
 
 
 def _hashes(p: Payment) -> list[str]:
-    """Every transaction that may settle this payment: the current one and those it replaced."""
-    return [h for h in [p.settle_tx_hash, *p.replaced_tx_hashes] if h]
+    """Every transaction that may settle this payment: our transaction's hashes (the current
+    one and those it replaced), or the one found on chain."""
+    if p.settlement_tx_id is not None:
+        return p.settlement_tx.hashes
+    return [p.settle_tx_hash] if p.settle_tx_hash else []
 
 
-def _apply_receipts(p: Payment, receipts: dict[str, Any], latest: int, conf: ConfiguredOption) -> None:
-    """Move a locked SETTLING/SETTLED payment by what the chain says (no RPC here)."""
+@dataclass
+class Move:
+    """What the chain says a locked payment becomes: a transition (or only new fields)."""
+
+    to: str | None
+    fields: dict[str, Any] = field(default_factory=dict)
+    detail: dict[str, Any] | None = None
+
+
+BlockClock = Callable[[dict[str, Any]], int]
+
+
+def block_clock(url: str) -> BlockClock:
+    """The timestamp of a receipt's block (read once per block, only for payments that failed)."""
+    seen: dict[str, int] = {}
+
+    def at(receipt: dict[str, Any]) -> int:
+        block_hash = receipt["blockHash"]
+        if block_hash not in seen:
+            block = rpc(url, "eth_getBlockByHash", [block_hash, False])
+            seen[block_hash] = int(block["timestamp"], 16) if block else 0
+        return seen[block_hash]
+
+    return at
+
+
+def _note_mined(tx: SettlementTx, receipts: dict[str, Any]) -> None:
+    """Record on our transaction which of its hashes was mined, where, and the gas it cost (or
+    that its block was dropped by a reorg)."""
+    mined = next(((h, receipts[h]) for h in tx.hashes if receipts.get(h)), None)
+    changes: dict[str, Any] = {}
+    if mined is None:
+        if tx.block_number is not None:
+            changes["block_number"] = None
+    else:
+        tx_hash, receipt = mined
+        if tx_hash != tx.tx_hash:  # an older, replaced signature was the one mined
+            changes.update(tx_hash=tx_hash, replaced_hashes=[h for h in tx.hashes if h != tx_hash])
+        block = int(receipt["blockNumber"], 16)
+        if tx.block_number != block:
+            changes["block_number"] = block
+        if receipt.get("from", "").lower() == tx.relayer.lower():
+            gas = int(receipt["gasUsed"], 16)
+            cost = gas * int(receipt.get("effectiveGasPrice", "0x0"), 16)
+            if (tx.gas_used, tx.gas_cost_wei) != (gas, cost):
+                changes.update(gas_used=gas, gas_cost_wei=cost)
+    if changes:
+        for name, value in changes.items():
+            setattr(tx, name, value)
+        SettlementTx.objects.filter(pk=tx.pk).update(**changes)
+
+
+def _decide(p: Payment, receipts: dict[str, Any], latest: int, conf: ConfiguredOption, clock: BlockClock) -> Move | None:
+    """What the receipts say about a SETTLING/SETTLED payment (no writes, no RPC but ``clock``)."""
     mined = next(((h, receipts[h]) for h in _hashes(p) if receipts.get(h)), None)
     if mined is None:
         if p.status == S.SETTLED:
             # Reorg: the block holding our settlement is gone. The stored transaction is
             # rebroadcast while the authorization is still valid.
-            p.advance(
+            return Move(
                 S.SETTLING,
-                block_number=None,
-                block_hash="",
-                confirmations=0,
-                detail={"reorg": f"receipt of {p.settle_tx_hash} disappeared"},
+                {"block_number": None, "block_hash": "", "confirmations": 0},
+                {"reorg": f"receipt of {p.settle_tx_hash} disappeared"},
             )
-        elif has_lapsed(p):
+        if has_lapsed(p):
             # Not mined, and no longer minable: unless another transaction used the
             # authorization (a replaced facilitator transaction, a third party).
-            _lapse(p, UnpaidReason.NOT_MINED, "settlement not mined before validBefore")
-        return
+            return Move(
+                S.LAPSING,
+                {"unpaid_reason": UnpaidReason.NOT_MINED, "failure_reason": "settlement not mined before validBefore"},
+            )
+        return None
     tx_hash, receipt = mined
     block_number = int(receipt["blockNumber"], 16)
     fields: dict[str, Any] = {
@@ -326,38 +367,58 @@ def _apply_receipts(p: Payment, receipts: dict[str, Any], latest: int, conf: Con
         "block_hash": receipt["blockHash"],
         "confirmations": max(0, latest - block_number + 1),
     }
-    if tx_hash != p.settle_tx_hash:  # an older, replaced transaction was the one mined
+    if tx_hash != p.settle_tx_hash:
         fields["settle_tx_hash"] = tx_hash
-        fields["replaced_tx_hashes"] = [h for h in _hashes(p) if h != tx_hash]
-    if p.relayer and receipt.get("from", "").lower() == p.relayer.lower():
-        fields["gas_used"] = int(receipt["gasUsed"], 16)
-        fields["gas_cost_wei"] = fields["gas_used"] * int(receipt.get("effectiveGasPrice", "0x0"), 16)
+    tx = p.settlement_tx
+    if tx is not None and tx.gas_used is not None and (p.gas_used is None or p.block_hash != receipt["blockHash"]):
+        fields["gas_used"], fields["gas_cost_wei"] = tx.share(p.settlement_index or 0)
     if not transfer_matches(receipt, p):
-        # Reverted, maybe because someone else used the authorization first in the same block.
+        # Reverted (maybe someone else used the authorization first in the same block), or our
+        # batch's call for it failed (used, expired, unfunded): the chain decides what it became.
         reverted = int(receipt.get("status", "0x0"), 16) != 1
-        _lapse(
-            p,
-            UnpaidReason.SETTLEMENT_REVERTED,
-            "settlement transaction reverted" if reverted else "settlement moved no matching Transfer",
-            detail={"tx": tx_hash, "status": receipt.get("status")},
-            **fields,
+        if clock(receipt) >= p.valid_before:
+            reason, message = UnpaidReason.NOT_SETTLED_IN_TIME, "the authorization expired before its settlement was mined"
+        elif reverted:
+            reason, message = UnpaidReason.SETTLEMENT_REVERTED, "settlement transaction reverted"
+        else:
+            reason, message = UnpaidReason.SETTLEMENT_REVERTED, "settlement moved no Transfer of this authorization"
+        return Move(
+            S.LAPSING,
+            {**fields, "unpaid_reason": reason, "failure_reason": message},
+            {"tx": tx_hash, "status": receipt.get("status")},
         )
-    elif fields["confirmations"] >= conf.option.confirmations:
-        p.advance(S.CONFIRMED, **fields)
-    elif p.status == S.SETTLING:
-        p.advance(S.SETTLED, **fields)
-    elif (p.block_hash, p.confirmations) != (fields["block_hash"], fields["confirmations"]):
-        for name, value in fields.items():
-            setattr(p, name, value)
-        p.save(update_fields=list(fields))
+    if fields["confirmations"] >= conf.option.confirmations:
+        return Move(S.CONFIRMED, fields)
+    if p.status == S.SETTLING:
+        return Move(S.SETTLED, fields)
+    if (p.block_hash, p.confirmations) != (fields["block_hash"], fields["confirmations"]):
+        return Move(None, fields)
+    return None
+
+
+def _write(moves: list[tuple[Payment, Move]]) -> None:
+    """Write the moves of locked payments: one ledger transaction, transitions in bulk."""
+    groups: dict[tuple[str | None, str], list[tuple[Payment, dict[str, Any]]]] = {}
+    for p, move in moves:
+        key = (move.to, json.dumps(move.detail or {}, sort_keys=True, default=str))
+        groups.setdefault(key, []).append((p, move.fields))
+    for (to, detail), changes in groups.items():
+        if to is None:
+            for p, fields in changes:
+                for name, value in fields.items():
+                    setattr(p, name, value)
+            Payment.objects.bulk_update([p for p, _ in changes], sorted({n for _, f in changes for n in f}))
+        else:
+            Payment.advance_many(changes, to, detail=json.loads(detail) or None)
 
 
 def _read_receipts(url: str, hashes: list[str]) -> tuple[dict[str, Any], int]:
     """Receipts of ``hashes`` and the latest block number, in one JSON-RPC batch.
 
-    A hash the node refuses maps to its RpcError (raised for that payment alone, see
+    A hash the node refuses maps to its RpcError (raised for its group alone, see
     :func:`_mine`), so one malformed row cannot sink the batch.
     """
+    hashes = list(dict.fromkeys(hashes))
     answers = rpc_batch(
         url, [("eth_blockNumber", [])] + [("eth_getTransactionReceipt", [h]) for h in hashes], errors_inline=True
     )
@@ -375,18 +436,65 @@ def _mine(p: Payment, receipts: dict[str, Any]) -> dict[str, Any]:
     return mine
 
 
+def _apply(payment_ids: list[Any], receipts: dict[str, Any], latest: int, conf: ConfiguredOption, clock: BlockClock) -> list[Payment]:
+    """Lock the payments (one transaction of ours, or one payment), record what the chain says
+    about the transaction, and move each payment by its own logs: one ledger transaction."""
+    with transaction.atomic():
+        locked = list(
+            Payment.objects.select_for_update(of=("self",))
+            .select_related("settlement_tx")
+            .filter(pk__in=payment_ids, status__in=[S.SETTLING, S.SETTLED])
+            .order_by("pk")
+        )
+        txs: dict[int, SettlementTx] = {}
+        for p in locked:
+            if p.settlement_tx_id is not None:
+                # One instance per transaction, so that every payment sees what _note_mined wrote.
+                p.settlement_tx = txs.setdefault(p.settlement_tx_id, p.settlement_tx)
+        for tx in txs.values():
+            _note_mined(tx, {h: receipts.get(h) for h in tx.hashes})
+        moves = []
+        for p in locked:
+            move = _decide(p, _mine(p, receipts), latest, conf, clock)
+            if move is not None:
+                moves.append((p, move))
+        _write(moves)
+    return locked
+
+
+def _group_of(p: Payment) -> list[Any]:
+    """The open payments tracked together with ``p``: those of its transaction, or itself."""
+    if p.settlement_tx_id is None:
+        return [p.pk]
+    return list(
+        Payment.objects.filter(settlement_tx_id=p.settlement_tx_id, status__in=[S.SETTLING, S.SETTLED]).values_list(
+            "pk", flat=True
+        )
+    )
+
+
 def track(payment_id: Any) -> Payment:
-    """Read the receipt and move SETTLING/SETTLED forward (or back, after a reorg)."""
-    p = Payment.objects.get(pk=payment_id)
+    """Read the receipt and move SETTLING/SETTLED forward (or back, after a reorg), together
+    with every payment its transaction carries."""
+    p = Payment.objects.select_related("settlement_tx").get(pk=payment_id)
     if p.status not in (S.SETTLING, S.SETTLED) or not p.settle_tx_hash:
         return p
     conf = for_payment(p.network, p.asset)
     receipts, latest = _read_receipts(conf.rpc_url, _hashes(p))
-    with transaction.atomic():
-        p = _lock(payment_id)
-        if p.status in (S.SETTLING, S.SETTLED):
-            _apply_receipts(p, _mine(p, receipts), latest, conf)
-    return p
+    _apply(_group_of(p), receipts, latest, conf, block_clock(conf.rpc_url))
+    return Payment.objects.get(pk=payment_id)
+
+
+def track_tx(tx_id: int) -> list[Payment]:
+    """Track every open payment of one of our transactions; the payments, as they are now."""
+    tx = SettlementTx.objects.get(pk=tx_id)
+    ids = list(tx.payments.filter(status__in=[S.SETTLING, S.SETTLED]).values_list("pk", flat=True))
+    if not ids:
+        return []
+    p = Payment.objects.get(pk=ids[0])
+    conf = for_payment(p.network, p.asset)
+    receipts, latest = _read_receipts(conf.rpc_url, tx.hashes)
+    return _apply(ids, receipts, latest, conf, block_clock(conf.rpc_url))
 
 
 #: Receipts read per JSON-RPC batch by the reconciler.
@@ -395,9 +503,11 @@ RECONCILE_BATCH = 200
 MAX_BACKOFF_SECONDS = 300
 
 
-def isolated(stats: Counter[str], payment_id: Any, step: str, fn: Callable[..., object], *args: Any) -> None:
-    """Run one row's step so that its failure is logged, counted and backed off, and the others
-    go on. A node that cannot be reached at all (ChainUnavailable) ends the pass instead."""
+def isolated(stats: Counter[str], payment_ids: Any, step: str, fn: Callable[..., object], *args: Any) -> None:
+    """Run one row's (or a list of rows': one transaction's) step so that its failure is logged,
+    counted and backed off, and the others go on. A node that cannot be reached at all
+    (ChainUnavailable) ends the pass instead."""
+    ids = list(payment_ids) if isinstance(payment_ids, list) else [payment_ids]
     try:
         fn(*args)
     except ChainUnavailable:
@@ -405,113 +515,111 @@ def isolated(stats: Counter[str], payment_id: Any, step: str, fn: Callable[..., 
     except Exception as exc:  # noqa: BLE001 - one bad row must not stop the reconciler
         stats["errors"] += 1
         RECONCILE_ERRORS.labels(step=step).inc()
-        failures = Payment.objects.filter(pk=payment_id).values_list("reconcile_failures", flat=True).first() or 0
+        failures = max(Payment.objects.filter(pk__in=ids).values_list("reconcile_failures", flat=True), default=0)
         delay = min(2 ** min(failures, 16), MAX_BACKOFF_SECONDS)
-        Payment.objects.filter(pk=payment_id).update(
+        Payment.objects.filter(pk__in=ids).update(
             reconcile_failures=F("reconcile_failures") + 1, reconcile_after=timezone.now() + timedelta(seconds=delay)
         )
-        log.exception("reconcile %s of payment %s failed (retry in %ss): %s", step, payment_id, delay, exc)
+        log.exception("reconcile %s of payments %s failed (retry in %ss): %s", step, ids[:5], delay, exc)
     else:
-        Payment.objects.filter(pk=payment_id, reconcile_failures__gt=0).update(
-            reconcile_failures=0, reconcile_after=None
-        )
+        Payment.objects.filter(pk__in=ids, reconcile_failures__gt=0).update(reconcile_failures=0, reconcile_after=None)
 
 
 def reconcile_batch(payment_ids: list[Any], stats: Counter[str] | None = None) -> Counter[str]:
     """Track many SETTLING/SETTLED payments with one RPC batch per chunk; rebroadcast the unmined.
 
-    A transaction not mined ``X402_STUCK_AFTER_SECONDS`` after it was signed is replaced (same
-    nonce, higher fees); every replaced hash is still watched, since any of them may be mined.
-    Each row is handled in isolation (:func:`isolated`).
+    Payments are taken together per transaction of ours (a batch moves as one ledger
+    transaction), else alone. A transaction not mined ``X402_STUCK_AFTER_SECONDS`` after it was
+    signed is replaced (same nonce, higher fees); every replaced hash is still watched, since any
+    of them may be mined. Each group is handled in isolation (:func:`isolated`).
     """
     stats = Counter() if stats is None else stats
     payments = list(
-        Payment.objects.filter(pk__in=payment_ids, status__in=[S.SETTLING, S.SETTLED]).exclude(
-            settle_tx_hash=None
-        )
+        Payment.objects.filter(pk__in=payment_ids, status__in=[S.SETTLING, S.SETTLED])
+        .exclude(settle_tx_hash=None)
+        .select_related("settlement_tx")
     )
-    by_option: dict[tuple[str, str], list[Payment]] = {}
+    by_option: dict[tuple[str, str], dict[Any, list[Payment]]] = {}
     for p in payments:
-        by_option.setdefault((p.network, p.asset), []).append(p)
-    for (network, asset), group in by_option.items():
+        key = ("tx", p.settlement_tx_id) if p.settlement_tx_id is not None else ("payment", p.pk)
+        by_option.setdefault((p.network, p.asset), {}).setdefault(key, []).append(p)
+    for (network, asset), groups in by_option.items():
         try:
             conf = for_payment(network, asset)
         except LookupError:
-            for p in group:
-                isolated(stats, p.pk, "receipt", for_payment, network, asset)
+            for group in groups.values():
+                isolated(stats, [p.pk for p in group], "receipt", for_payment, network, asset)
             continue
-        for i in range(0, len(group), RECONCILE_BATCH):
-            chunk = group[i : i + RECONCILE_BATCH]
-            receipts, latest = _read_receipts(conf.rpc_url, [h for p in chunk for h in _hashes(p)])
-            stats["rpc_batches"] += 1
-            for p in chunk:
-                isolated(stats, p.pk, "receipt", _reconcile_one, p, receipts, latest, conf, stats)
+        chunk: list[list[Payment]] = []
+        for group in [*groups.values(), None]:
+            if group is not None:
+                chunk.append(group)
+            hashes = sum(len(_hashes(g[0])) for g in chunk)
+            if chunk and (group is None or hashes >= RECONCILE_BATCH):
+                receipts, latest = _read_receipts(conf.rpc_url, [h for g in chunk for h in _hashes(g[0])])
+                stats["rpc_batches"] += 1
+                clock = block_clock(conf.rpc_url)
+                for g in chunk:
+                    isolated(stats, [p.pk for p in g], "receipt", _reconcile_group, g, receipts, latest, conf, clock, stats)
+                chunk = []
     return stats
 
 
-def _reconcile_one(
-    p: Payment, receipts: dict[str, Any], latest: int, conf: ConfiguredOption, stats: Counter[str]
+def _reconcile_group(
+    group: list[Payment],
+    receipts: dict[str, Any],
+    latest: int,
+    conf: ConfiguredOption,
+    clock: BlockClock,
+    stats: Counter[str],
 ) -> None:
-    with transaction.atomic():
-        p = _lock(p.pk)
-        if p.status in (S.SETTLING, S.SETTLED):
-            _apply_receipts(p, _mine(p, receipts), latest, conf)
-    stats["payments"] += 1
-    if p.status == S.SETTLING and p.settle_raw_tx:
-        if _is_stuck(p):
-            p = replace_stuck(p.pk)
-            stats["replaced"] += 1
-        broadcast(p)
-        stats["rebroadcast"] += 1
+    locked = _apply([p.pk for p in group], receipts, latest, conf, clock)
+    stats["payments"] += len(locked)
+    waiting = [p for p in locked if p.status == S.SETTLING and p.settlement_tx_id is not None]
+    if not waiting:
+        return
+    tx = SettlementTx.objects.get(pk=waiting[0].settlement_tx_id)
+    if tx.block_number is not None:
+        return
+    if relayers.is_stuck(tx):
+        tx = replace_tx(tx.pk, conf)
+        stats["replaced"] += 1
+    relayers.broadcast(conf.rpc_url, tx)
+    stats["rebroadcast"] += 1
 
 
-def _is_stuck(p: Payment) -> bool:
-    return (
-        bool(p.relayer and p.settling_at)
-        and (timezone.now() - p.settling_at).total_seconds() > settings.X402_STUCK_AFTER_SECONDS
-    )
-
-
-def replace_stuck(payment_id: Any) -> Payment:
-    """Re-sign a stuck settlement with the same nonce and fees raised past the node's bump rule."""
-    p = Payment.objects.get(pk=payment_id)
-    conf = for_payment(p.network, p.asset)
+def replace_tx(tx_id: int, conf: ConfiguredOption) -> SettlementTx:
+    """Re-sign a stuck transaction with the same nonce and fees raised past the node's bump rule;
+    its waiting payments follow the new hash (the old ones are still watched)."""
     block = rpc(conf.rpc_url, "eth_getBlockByNumber", ["latest", False])
-    base_fee = int(block.get("baseFeePerGas") or "0x0", 16)
-    old = _decode_fees(p.settle_raw_tx)
-    priority = max(old[1] * 2, 10**6)
-    max_fee = max(2 * base_fee + priority, old[0] * 2)
-    relayer = _relayer()
     with transaction.atomic():
-        p = _lock(payment_id)
-        if p.status != S.SETTLING or p.relayer != relayer.address:
-            return p
-        signed = relayer.sign_transaction(_tx_fields(conf, p, p.relayer_nonce, max_fee, priority))
-        new_hash = "0x" + signed.hash.hex().removeprefix("0x")
-        p.advance(
-            S.SETTLING,
-            replaced_tx_hashes=_hashes(p),
-            settle_tx_hash=new_hash,
-            settle_raw_tx="0x" + signed.raw_transaction.hex().removeprefix("0x"),
-            settling_at=timezone.now(),
-            detail={"replaced": p.settle_tx_hash, "by": new_hash, "max_fee": max_fee},
+        tx = SettlementTx.objects.select_for_update().get(pk=tx_id)
+        waiting = list(
+            Payment.objects.select_for_update().filter(settlement_tx=tx, status=S.SETTLING).order_by("pk")
         )
-    return p
-
-
-def _decode_fees(raw: str) -> tuple[int, int]:
-    """(maxFeePerGas, maxPriorityFeePerGas) of a signed EIP-1559 transaction."""
-    import rlp
-
-    fields = rlp.decode(bytes.fromhex(raw[4:]))  # skip "0x" and the type byte 0x02
-    return int.from_bytes(fields[3], "big"), int.from_bytes(fields[2], "big")
+        if not waiting or tx.block_number is not None:
+            return tx
+        new_hash, raw, max_fee = relayers.resign(tx, block)
+        old = tx.tx_hash
+        tx.replaced_hashes = tx.hashes
+        tx.tx_hash, tx.raw_tx, tx.signed_at = new_hash, raw, timezone.now()
+        tx.max_fee_per_gas = max_fee
+        tx.save(update_fields=["replaced_hashes", "tx_hash", "raw_tx", "signed_at", "max_fee_per_gas"])
+        for p in waiting:
+            p.settlement_tx = tx
+        Payment.advance_many(
+            [(p, {"settle_tx_hash": new_hash}) for p in waiting],
+            S.SETTLING,
+            detail={"replaced": old, "by": new_hash, "max_fee": max_fee},
+        )
+    return tx
 
 
 def expire_if_lapsed(payment_id: Any) -> Payment | None:
     """A VERIFIED payment whose authorization lapsed before we settled it goes LAPSING, and the
     chain is asked at once whether someone else used it (then it is paid, not expired)."""
     p = Payment.objects.get(pk=payment_id)
-    if p.status != S.VERIFIED or p.valid_before > time.time() + 2:
+    if p.status != S.VERIFIED or p.valid_before > time.time() + SETTLE_SAFETY_SECONDS:
         return None
     with transaction.atomic():
         p = _lock(payment_id)
@@ -540,6 +648,23 @@ class RelayerSettler:
         p = prepare(payment_id)
         broadcast(p)
         return p
+
+    def retry_unknown(self, p: Payment, conf: ConfiguredOption) -> Payment:
+        return p  # our own settlements always carry their hash; the chain search decides
+
+
+class BatchSettlement:
+    """Our relayer settles many payments per transaction through the option's BatchSettler.
+
+    ``start`` settles the payment now, in a batch with whatever else is ready (a payment a
+    batch cannot carry, a contract wallet's signature, goes alone); the batcher
+    (:mod:`payments.batching`) normally forms batches by size and age.
+    """
+
+    def start(self, payment_id: Any) -> Payment:
+        from . import batching
+
+        return batching.settle_now(payment_id)
 
     def retry_unknown(self, p: Payment, conf: ConfiguredOption) -> Payment:
         return p  # our own settlements always carry their hash; the chain search decides
@@ -596,6 +721,7 @@ class FacilitatorSettler:
 
 SETTLERS: dict[str, Settler] = {
     SettlementMode.RELAYER: RelayerSettler(),
+    SettlementMode.BATCH: BatchSettlement(),
     SettlementMode.FACILITATOR: FacilitatorSettler(),
 }
 
@@ -624,14 +750,27 @@ def resolve_unknown(payment_id: Any) -> Payment:
 
 def reconcile_all() -> Counter[str]:
     """One reconciliation pass (:func:`reconcile_open`), then re-enqueue VERIFIED payments whose
-    settle task was lost."""
+    settle task was lost: the batcher of a batched option (once), else the payment's own task."""
+    from . import batching
     from .tasks import SWEEP_AFTER, settle_payment
 
     stats = reconcile_open()
     stale = timezone.now() - SWEEP_AFTER
-    for pk in Payment.objects.filter(status=S.VERIFIED, settle_requested_at__lt=stale).values_list("pk", flat=True):
-        settle_payment.delay(str(pk))
-        stats["swept"] += 1
+    batched = timezone.now() - timedelta(seconds=2 * settings.X402_BATCH_MAX_AGE)
+    ready = Payment.objects.filter(status=S.VERIFIED, settle_requested_at__lt=max(stale, batched))
+    for network, asset in ready.values_list("network", "asset").distinct().order_by():
+        try:
+            conf = for_payment(network, asset)
+        except LookupError:
+            continue
+        if conf.mode == SettlementMode.BATCH:
+            batching.kick(conf, delay=0)
+            stats["swept"] += 1
+            continue
+        lost = ready.filter(network=network, asset=asset, settle_requested_at__lt=stale)
+        for pk in lost.values_list("pk", flat=True):
+            settle_payment.delay(str(pk))
+            stats["swept"] += 1
     return stats
 
 

@@ -34,6 +34,45 @@ def settle_payment(payment_id: str) -> str:
     return payment.status
 
 
+@shared_task(
+    acks_late=True,
+    autoretry_for=(ChainUnavailable,),
+    retry_backoff=True,
+    retry_backoff_max=30,
+    max_retries=None,
+)
+def settle_batches(network: str, asset: str, force: bool = False) -> int:
+    """Form, store and broadcast the due batches of one option (payments.batching), then follow
+    them for a moment; a transaction not confirmed by then is handed to ``track_settlements``."""
+    from . import batching
+    from .options import for_payment
+
+    sent = batching.run(for_payment(network, asset), force=force)
+    open_ids = batching.follow([tx.pk for tx in sent], wait_seconds=FOLLOW_SECONDS)
+    if open_ids:
+        track_settlements.apply_async(args=[open_ids], countdown=TRACK_EVERY_SECONDS)
+    return sum(tx.items for tx in sent)
+
+
+#: How long a batcher follows its own transactions before it hands them to track_settlements.
+FOLLOW_SECONDS = 2.0
+#: track_settlements polls this often, this many times; the reconciler finishes the rest.
+TRACK_EVERY_SECONDS = 2
+TRACK_TRIES = 150
+
+
+@shared_task(bind=True, acks_late=True, max_retries=TRACK_TRIES)
+def track_settlements(self, tx_ids: list[int]) -> int:  # type: ignore[no-untyped-def]
+    """Follow our transactions until their payments are confirmed (one receipt read per
+    transaction), without holding a worker slot while blocks are mined."""
+    from . import batching
+
+    open_ids = batching.follow(tx_ids, wait_seconds=0)
+    if open_ids and self.request.retries < TRACK_TRIES:
+        raise self.retry(args=[open_ids], countdown=TRACK_EVERY_SECONDS)
+    return len(open_ids)
+
+
 @shared_task(acks_late=True)
 def reconcile() -> dict[str, int]:
     """One reconciliation pass (settlement.reconcile_all); passes never overlap across workers:

@@ -108,6 +108,7 @@ class FacilitatorVerifier:
 
 VERIFIERS: dict[str, Verifier] = {
     SettlementMode.RELAYER: ChainVerifier(),
+    SettlementMode.BATCH: ChainVerifier(),
     SettlementMode.FACILITATOR: FacilitatorVerifier(),
 }
 

@@ -67,9 +67,7 @@ def start_prediction(prediction: Prediction) -> None:
         if prediction.payment_id is None or prediction.settlement_policy == SettlementPolicy.AFTER_SUCCESS:
             enqueue_run(prediction)
         else:
-            from payments.tasks import settle_payment
-
-            settle_payment.delay(str(prediction.payment_id))
+            ledger.start_settlement(prediction.payment)
     except (OperationalError, OSError) as exc:
         log.error("broker unavailable, prediction %s left for the sweep: %s", prediction.id, exc)
 

@@ -147,9 +147,14 @@ def option_settings(dev: DevChain, **extra: Any) -> dict[str, Any]:
         "asset_name": dev.asset_name,
         "asset_version": dev.asset_version,
         "pay_to": dev.pay_to,
+        "batch_settler": dev.batch_settler,
         **extra,
     }
-    return {"X402_PAYMENT_OPTIONS": [option], "X402_RELAYER_KEY": dev.relayer_private_key}
+    return {
+        "X402_PAYMENT_OPTIONS": [option],
+        "X402_RELAYER_KEY": dev.relayer_private_key,
+        "X402_RELAYER_KEYS": [dev.relayer_private_key],
+    }
 
 
 @pytest.fixture
@@ -234,9 +239,16 @@ def fresh_payer(dev: DevChain, amount: int = 10**9) -> dict[str, str]:
 
 
 def start_worker(
-    chain: DevChain, log_path: Path, queue: str, *, beat: bool, env: dict[str, str] | None = None
+    chain: DevChain,
+    log_path: Path,
+    queue: str,
+    *,
+    beat: bool,
+    env: dict[str, str] | None = None,
+    settlement: bool = True,
 ):
-    """Start a real Celery worker process against the test database, broker and chain."""
+    """Start a real Celery worker process against the test database, broker and chain; it also
+    takes ``queue``'s settlement tasks unless ``settlement`` is false (x402site.celery.route_task)."""
     import subprocess
     import sys
 
@@ -263,7 +275,7 @@ def start_worker(
         "-l",
         "info",
         "-Q",
-        queue,
+        f"{queue},{queue}-settlement" if settlement else queue,
         "--concurrency",
         "2",
         "-n",

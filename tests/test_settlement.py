@@ -224,7 +224,7 @@ def test_stuck_transaction_is_replaced(chain) -> None:
             rpc(chain.rpc_url, "anvil_dropTransaction", [stuck])  # it never gets mined
             settlement.reconcile_batch([p.pk])
             p.refresh_from_db()
-            assert p.settle_tx_hash != stuck and p.replaced_tx_hashes == [stuck]
+            assert p.settle_tx_hash != stuck and p.settlement_tx.replaced_hashes == [stuck]
             rpc(chain.rpc_url, "evm_mine", [])
         finally:
             rpc(chain.rpc_url, "anvil_setAutomine", [True])
@@ -232,8 +232,10 @@ def test_stuck_transaction_is_replaced(chain) -> None:
     assert p.status == "confirmed" and p.settle_tx_hash != stuck
 
 
-def test_many_payments_settled_concurrently_without_nonce_collisions(chain_settings) -> None:
+def test_many_payments_settled_concurrently_without_nonce_collisions(chain_settings, settings) -> None:
+    """One transaction per payment (batching off): six threads, contiguous nonces."""
     chain = chain_settings
+    settings.X402_BATCH_SETTLEMENT = False
     keys = [Account.create() for _ in range(24)]
     for acct in keys:  # fund fresh payers
         send_as(
@@ -265,7 +267,7 @@ def test_many_payments_settled_concurrently_without_nonce_collisions(chain_setti
     assert not errors
     settled = Payment.objects.filter(pk__in=[p.pk for p in payments])
     assert set(settled.values_list("status", flat=True)) == {"confirmed"}
-    nonces = sorted(settled.values_list("relayer_nonce", flat=True))
+    nonces = sorted(settled.values_list("settlement_tx__nonce", flat=True))
     assert nonces == list(range(start, start + len(payments)))  # contiguous, no collision, no gap
     assert chain_nonce(chain, chain.relayer_address) == start + len(payments)
 

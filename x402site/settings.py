@@ -149,17 +149,26 @@ CELERY_BEAT_SCHEDULE = {
 X402_DEVCHAIN_FILE = Path(env.str("X402_DEVCHAIN_FILE", default=str(BASE_DIR / "var" / "devchain.json")))
 
 
-def _payment_options() -> tuple[list[dict], str]:
-    """The accepted payment options and the relayer key: from the environment, else the dev chain."""
-    relayer_key = env.str("X402_RELAYER_KEY", default="")
+def _relayer_keys() -> list[str]:
+    """The relayer keys (one lane each): X402_RELAYER_KEYS (comma-separated), else
+    X402_RELAYER_KEY_FILE (one key per line), else X402_RELAYER_KEY."""
+    keys = env.list("X402_RELAYER_KEYS", default=[])
     key_file = env.str("X402_RELAYER_KEY_FILE", default="")
-    if key_file:
-        relayer_key = Path(key_file).read_text().strip()
+    if not keys and key_file:
+        keys = [line.strip() for line in Path(key_file).read_text().splitlines() if line.strip()]
+    if not keys and env.str("X402_RELAYER_KEY", default=""):
+        keys = [env.str("X402_RELAYER_KEY")]
+    return keys
+
+
+def _payment_options() -> tuple[list[dict], list[str]]:
+    """The accepted payment options and the relayer keys: from the environment, else the dev chain."""
+    relayer_keys = _relayer_keys()
     if env.str("X402_PAYMENT_OPTIONS", default=""):
         # Several options at once: a JSON list of objects with the keys below, or @path to one.
         raw = env.str("X402_PAYMENT_OPTIONS")
         text = Path(raw[1:]).read_text() if raw.startswith("@") else raw
-        return json.loads(text), relayer_key
+        return json.loads(text), relayer_keys
     if env.str("X402_ASSET", default=""):
         option = {
             "network": env.str("X402_NETWORK"),
@@ -172,16 +181,32 @@ def _payment_options() -> tuple[list[dict], str]:
             # Unset: a safe depth for the network (payments.x402.networks.DEFAULT_CONFIRMATIONS).
             "confirmations": env.int("X402_CONFIRMATIONS", default=None),
             "max_timeout_seconds": env.int("X402_MAX_TIMEOUT_SECONDS", default=300),
+            "batch_settler": env.str("X402_BATCH_SETTLER", default=""),
         }
-        return [option], relayer_key
+        return [option], relayer_keys
     if X402_DEVCHAIN_FILE.exists():
         dev = json.loads(X402_DEVCHAIN_FILE.read_text())
         option = {k: dev[k] for k in ("network", "rpc_url", "asset", "asset_name", "asset_version", "pay_to")}
-        return [option], relayer_key or dev.get("relayer_private_key", "")
-    return [], relayer_key
+        option["batch_settler"] = dev.get("batch_settler", "")
+        return [option], relayer_keys or dev.get("relayer_private_keys") or [dev.get("relayer_private_key", "")]
+    return [], relayer_keys
 
 
-X402_PAYMENT_OPTIONS, X402_RELAYER_KEY = _payment_options()
+X402_PAYMENT_OPTIONS, X402_RELAYER_KEYS = _payment_options()
+#: The first lane's key (what one-relayer deployments and older settings name).
+X402_RELAYER_KEY = X402_RELAYER_KEYS[0] if X402_RELAYER_KEYS else ""
+
+#: Settle many payments per transaction where an option has a ``batch_settler`` (BatchSettler
+#: contract): a batch closes at X402_BATCH_MAX payments, or when its oldest payment has waited
+#: X402_BATCH_MAX_AGE seconds. Off: one transaction per payment (as for contract-wallet
+#: signatures and facilitator options always).
+X402_BATCH_SETTLEMENT = env.bool("X402_BATCH_SETTLEMENT", default=True)
+X402_BATCH_MAX = env.int("X402_BATCH_MAX", default=100)
+X402_BATCH_MAX_AGE = env.float("X402_BATCH_MAX_AGE", default=1.0)
+#: Backpressure: paid requests get 503 + Retry-After while the oldest unsettled payment is older
+#: than this fraction of the shortest maxTimeoutSeconds (its authorization would lapse unsettled).
+X402_BACKPRESSURE_FRACTION = env.float("X402_BACKPRESSURE_FRACTION", default=0.5)
+X402_BACKPRESSURE_RETRY_AFTER = env.int("X402_BACKPRESSURE_RETRY_AFTER", default=10)
 #: Seconds validBefore must still leave when we accept a payment (the reference facilitator uses 6).
 X402_SETTLE_MARGIN_SECONDS = env.int("X402_SETTLE_MARGIN_SECONDS", default=6)
 #: Tolerance for the payer's clock.
@@ -276,8 +301,9 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_PRELOAD = not DEBUG
 SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
-# --- queues: settlement on its own queue (one nonce sequence per relayer), GPU tiers on GPU workers
+# --- queues: settlement on its own queue (a slow prediction never delays it), GPU tiers on GPU workers
+#: The settlement queue (payments.tasks.*); empty: the default queue's name + "-settlement".
 X402_SETTLEMENT_QUEUE = env.str("X402_SETTLEMENT_QUEUE", default="")
 #: Hardware tier slug prefix -> queue, e.g. "gpu=gpu"; predictions of other tiers use the default queue.
 X402_TIER_QUEUES = env.dict("X402_TIER_QUEUES", default={})
-CELERY_TASK_ROUTES = {"payments.tasks.*": {"queue": X402_SETTLEMENT_QUEUE}} if X402_SETTLEMENT_QUEUE else {}
+CELERY_TASK_ROUTES = ("x402site.celery.route_task",)

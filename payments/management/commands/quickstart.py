@@ -20,6 +20,8 @@ from django.core.management.base import BaseCommand, CommandError
 from payments import devchain
 
 BASE_DIR = Path(settings.BASE_DIR)
+#: Relayer lanes besides the first (anvil accounts 10 and up).
+EXTRA_LANES = 4
 
 
 def ensure_database(fresh: bool) -> None:
@@ -66,32 +68,44 @@ class Command(BaseCommand):
             ensure_database(fresh=embedded)
             self.stdout.write("starting anvil and deploying the test USDC...")
             try:
-                anvil, config = devchain.start_anvil(opts["chain_port"], log_path=var / "anvil.log")
+                # 0 deploys and relays, 1 is paid, 2-9 are demo payers, 10-13 more relayer lanes.
+                anvil, config = devchain.start_anvil(
+                    opts["chain_port"], accounts=10 + EXTRA_LANES, log_path=var / "anvil.log"
+                )
             except RuntimeError as exc:
                 raise CommandError(f"{exc} (is port {opts['chain_port']} already in use?)") from exc
             children.append(anvil)
-            chain = devchain.deploy(f"http://127.0.0.1:{opts['chain_port']}", config)
+            chain = devchain.deploy(
+                f"http://127.0.0.1:{opts['chain_port']}", config, extra_relayers=EXTRA_LANES
+            )
             chain.write(settings.X402_DEVCHAIN_FILE)
             manage = [sys.executable, str(BASE_DIR / "manage.py")]
             subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], check=True)
             subprocess.run([*manage, "seed_demo"], check=True)
             if embedded:
                 self._dev_admin()
+            # Two workers: settlement never waits behind a slow prediction (x402site.celery.route_task).
+            from x402site.celery import app, settlement_queue
+
+            celery = [sys.executable, "-m", "celery", "-A", "x402site", "worker", "-l", "info", "--concurrency", "2"]
             worker_log = open(var / "worker.log", "ab")
             children.append(
                 subprocess.Popen(
+                    [*celery, "-Q", settlement_queue(), "-n", "settlement@%h"],
+                    stdout=worker_log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+            children.append(
+                subprocess.Popen(
                     [
-                        sys.executable,
-                        "-m",
-                        "celery",
-                        "-A",
-                        "x402site",
-                        "worker",
+                        *celery,
+                        "-Q",
+                        app.conf.task_default_queue,
+                        "-n",
+                        "predictions@%h",
                         "-B",
-                        "-l",
-                        "info",
-                        "--concurrency",
-                        "2",
                         "-s",
                         str(var / "celerybeat-schedule"),
                     ],
@@ -115,6 +129,7 @@ class Command(BaseCommand):
             )
             self.stdout.write(
                 f"  chain      {chain.rpc_url} (chain id {chain.chain_id}), test USDC {chain.asset}\n"
+                f"  settlement BatchSettler {chain.batch_settler}, {len(chain.relayer_private_keys)} relayer lanes\n"
                 f"  pay-to     {chain.pay_to}\n"
                 f"  dev chain  {settings.X402_DEVCHAIN_FILE} ({len(chain.payers)} funded payers)\n"
                 f"  admin      http://127.0.0.1:{opts['port']}/admin/ (user admin, password admin: dev only)\n"

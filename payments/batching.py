@@ -1,0 +1,316 @@
+"""Batched settlement: many ready payments per transaction, through our BatchSettler contract.
+
+A payment is *ready* when it is VERIFIED and its settlement was asked for
+(``settle_requested_at``). A batcher claims up to ``X402_BATCH_MAX`` ready payments of one
+option with ``SELECT ... FOR UPDATE SKIP LOCKED`` (several batchers form disjoint batches in
+parallel), once the batch is full or its oldest payment has waited ``X402_BATCH_MAX_AGE``
+seconds. It simulates the batch with ``eth_call``: an item that would fail (used, expired,
+unfunded) is dropped and goes LAPSING, where the chain decides what it became
+(``settlement.resolve_lapsing``). The rest are signed as one transaction on the least loaded
+relayer lane, stored with every payment moved to SETTLING in **one** ledger transaction, then
+broadcast. Each payment is still judged by its own ``AuthorizationUsed`` and ``Transfer`` logs
+in the receipt (``settlement.transfer_matches``), so an item that fails on chain (front-run in
+the same block, say) is never booked as paid.
+
+Batches start from the paid request's commit: :func:`kick` (one cache write per batch window on
+the hot path) queues a batcher that runs after ``X402_BATCH_MAX_AGE``; the reconciler's sweep
+kicks again for anything left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from eth_abi import decode, encode
+from eth_utils import to_checksum_address
+
+from . import relayer as relayers
+from . import settlement
+from .abi import BATCH_SETTLE, BATCH_SETTLE_TYPES
+from .chain import ChainUnavailable, RpcError, rpc_batch
+from .metrics import BATCH_SIZE
+from .models import Payment, PaymentStatus, SettlementTx, UnpaidReason
+from .options import ConfiguredOption, SettlementMode, for_payment
+
+log = logging.getLogger("payments.batching")
+S = PaymentStatus
+
+#: Gas each item's transferWithAuthorization may use inside a batch (BatchSettler caps it, so a
+#: payer that burns gas cannot starve the other items). About 45,000 is used on the test token.
+ITEM_GAS = 120_000
+#: The transaction's gas limit covers every item at its cap: an item can never run the whole
+#: batch out of gas. Only the gas used is paid.
+BASE_GAS = 60_000
+ITEM_OVERHEAD_GAS = 10_000
+
+
+def gas_limit(items: int) -> int:
+    return BASE_GAS + items * (ITEM_GAS + ITEM_OVERHEAD_GAS)
+
+
+def batchable(p: Payment, conf: ConfiguredOption) -> bool:
+    """A batch carries 65-byte ECDSA signatures to the option's pay-to; a contract wallet's
+    signature (EIP-1271 bytes) or an older pay-to goes alone."""
+    return len(p.signature) == 132 and p.pay_to == conf.option.pay_to
+
+
+def _item(p: Payment) -> tuple[Any, ...]:
+    sig = bytes.fromhex(p.signature[2:])
+    v = sig[64] if sig[64] >= 27 else sig[64] + 27
+    return (
+        to_checksum_address(p.payer),
+        int(p.amount),
+        p.valid_after,
+        p.valid_before,
+        bytes.fromhex(p.nonce[2:]),
+        v,
+        sig[:32],
+        sig[32:64],
+    )
+
+
+def calldata(conf: ConfiguredOption, payments: list[Payment]) -> str:
+    args = [conf.option.asset, conf.option.pay_to, ITEM_GAS, [_item(p) for p in payments]]
+    return "0x" + BATCH_SETTLE.hex() + encode(BATCH_SETTLE_TYPES, args).hex()
+
+
+def simulate(conf: ConfiguredOption, payments: list[Payment]) -> tuple[dict[str, Any], list[bool]]:
+    """The head block and, per item, whether its transfer would succeed now (one RPC batch)."""
+    call = {"to": conf.batch_settler, "data": calldata(conf, payments), "gas": hex(gas_limit(len(payments)))}
+    try:
+        block, answer = rpc_batch(
+            conf.rpc_url, [("eth_getBlockByNumber", ["latest", False]), ("eth_call", [call, "latest"])]
+        )
+    except RpcError as exc:
+        raise ChainUnavailable(f"batch simulation failed as a whole: {exc}") from exc
+    try:
+        (ok,) = decode(["bool[]"], bytes.fromhex(answer[2:]))
+    except Exception as exc:  # noqa: BLE001 - "0x" from an address without code, or garbage
+        raise RuntimeError(f"no BatchSettler answers at {conf.batch_settler} ({answer!r:.80})") from exc
+    if len(ok) != len(payments):
+        raise RuntimeError(f"BatchSettler at {conf.batch_settler} answered {len(ok)} items for {len(payments)}")
+    return block, list(ok)
+
+
+def _why(conf: ConfiguredOption, payments: list[Payment]) -> list[str]:
+    """Why each dropped item would fail: the token's revert message for it alone (one batch)."""
+    calls = [
+        ("eth_call", [{"to": p.asset, "data": settlement._calldata(p)}, "latest"]) for p in payments
+    ]
+    try:
+        answers = rpc_batch(conf.rpc_url, calls, errors_inline=True)
+    except ChainUnavailable:
+        return ["unknown"] * len(payments)
+    return [str(a)[:300] if isinstance(a, RpcError) else "it succeeds alone" for a in answers]
+
+
+@dataclass
+class Formed:
+    """One batcher step: the transaction signed (if any) and the payments left to other paths."""
+
+    tx: SettlementTx | None = None
+    dropped: list[Any] = field(default_factory=list)  # LAPSING now: the chain decides
+    alone: list[Any] = field(default_factory=list)  # settled one per transaction
+    full: bool = False  # as many ready payments as a batch takes: there may be more
+
+
+def _claim(conf: ConfiguredOption, limit: int) -> list[Payment]:
+    return list(
+        Payment.objects.select_for_update(skip_locked=True)
+        .filter(
+            status=S.VERIFIED,
+            network=conf.option.network,
+            asset=conf.option.asset,
+            settle_requested_at__isnull=False,
+        )
+        .order_by("settle_requested_at")[:limit]
+    )
+
+
+def form(conf: ConfiguredOption, *, force: bool) -> Formed | None:
+    """Claim ready payments and, if the batch is due (or ``force``), sign and store it with every
+    payment moved to SETTLING in one ledger transaction. None: nothing ready, or not due yet."""
+    limit = settings.X402_BATCH_MAX
+    with transaction.atomic():
+        rows = _claim(conf, limit)
+        if not rows:
+            return None
+        age = (timezone.now() - rows[0].settle_requested_at).total_seconds()
+        if not force and len(rows) < limit and age < settings.X402_BATCH_MAX_AGE:
+            return None
+        formed = Formed(full=len(rows) == limit)
+        soon = time.time() + settlement.SETTLE_SAFETY_SECONDS
+        items = []
+        for p in rows:
+            if p.valid_before <= soon:
+                settlement._lapse(p, UnpaidReason.NOT_SETTLED_IN_TIME, "authorization expired before settlement")
+                formed.dropped.append(p.pk)
+            elif not batchable(p, conf):
+                formed.alone.append(p.pk)
+            else:
+                items.append(p)
+        if not items:
+            return formed
+        block, ok = simulate(conf, items)
+        head = int(block["timestamp"], 16)
+        failing = [p for p, good in zip(items, ok, strict=True) if not good]
+        for p, why in zip(failing, _why(conf, failing) if failing else [], strict=True):
+            if p.valid_before <= max(head, time.time()) + settlement.SETTLE_SAFETY_SECONDS:
+                settlement._lapse(p, UnpaidReason.NOT_SETTLED_IN_TIME, "authorization expired before settlement")
+            else:
+                settlement._lapse(p, UnpaidReason.SIMULATION_REVERTED, f"simulation reverted: {why}")
+            formed.dropped.append(p.pk)
+        items = [p for p, good in zip(items, ok, strict=True) if good]
+        if not items:
+            return formed
+        formed.tx = relayers.sign_and_store(
+            conf,
+            relayers.take_lane(conf.option.network),
+            kind=SettlementTx.Kind.BATCH,
+            to=conf.batch_settler,
+            data=calldata(conf, items),
+            gas_limit=gas_limit(len(items)),
+            items=len(items),
+            block=block,
+        )
+        number = int(block["number"], 16)
+        Payment.advance_many(
+            [
+                (
+                    p,
+                    {
+                        "settle_tx_hash": formed.tx.tx_hash,
+                        "settlement_tx": formed.tx,
+                        "settlement_index": i,
+                        "search_from_block": p.search_from_block or number,
+                    },
+                )
+                for i, p in enumerate(items)
+            ],
+            S.SETTLING,
+            detail={"batch": formed.tx.tx_hash, "items": len(items)},
+        )
+    BATCH_SIZE.observe(len(items))
+    return formed
+
+
+def _finish(conf: ConfiguredOption, formed: Formed) -> None:
+    """After the batch's commit: broadcast it, and send the others their way. A failure here
+    loses nothing: the reconciler rebroadcasts, resolves the lapsing, sweeps the ready."""
+    if formed.tx is not None:
+        settlement._fault_pause()
+        relayers.broadcast(conf.rpc_url, formed.tx)
+    for pk in formed.dropped:
+        try:
+            settlement.resolve_lapsing(pk)
+        except Exception as exc:  # noqa: BLE001 - the reconciler resolves it later
+            log.warning("payment %s dropped from a batch: resolving later (%s)", pk, exc)
+    for pk in formed.alone:
+        try:
+            settlement.RelayerSettler().start(pk)
+        except Exception as exc:  # noqa: BLE001 - swept and retried later
+            log.warning("payment %s (settled alone): retried later (%s)", pk, exc)
+
+
+def run(conf: ConfiguredOption, *, force: bool = False) -> list[SettlementTx]:
+    """Form, store and broadcast batches while some are due; the transactions sent.
+
+    ``force`` makes the first batch due whatever its size and age (the kick that queued this run
+    waited the age already). With a full batch taken and more ready, another batcher is kicked
+    so that workers share the backlog.
+    """
+    sent = []
+    while True:
+        formed = form(conf, force=force)
+        force = False
+        if formed is None:
+            break
+        if formed.full:
+            kick(conf, delay=0, force=False)
+        _finish(conf, formed)
+        if formed.tx is not None:
+            sent.append(formed.tx)
+        if not formed.full:
+            break
+    return sent
+
+
+def follow(tx_ids: list[int], wait_seconds: float) -> list[int]:
+    """Track our transactions until their payments are confirmed (or lapse), for at most
+    ``wait_seconds``; the ones still open."""
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.05
+    open_ids = list(tx_ids)
+    while open_ids:
+        still = []
+        for tx_id in open_ids:
+            try:
+                payments = settlement.track_tx(tx_id)
+            except ChainUnavailable as exc:
+                log.warning("RPC unavailable while tracking settlement %s (%s): the reconciler finishes", tx_id, exc)
+                return open_ids
+            if any(p.status in (S.SETTLING, S.SETTLED) for p in payments):
+                still.append(tx_id)
+        open_ids = still
+        if not open_ids or time.monotonic() > deadline:
+            break
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+    return open_ids
+
+
+def settle_now(payment_id: Any) -> Payment:
+    """Settle this payment now, in a batch with whatever else is ready (a payment a batch cannot
+    carry goes alone)."""
+    p = Payment.objects.get(pk=payment_id)
+    if p.status != S.VERIFIED:
+        return p
+    lapsed = settlement.expire_if_lapsed(payment_id)
+    if lapsed is not None:
+        return lapsed
+    conf = for_payment(p.network, p.asset)
+    if not batchable(p, conf):
+        return settlement.RelayerSettler().start(payment_id)
+    if p.settle_requested_at is None:
+        Payment.objects.filter(pk=p.pk, settle_requested_at=None).update(settle_requested_at=timezone.now())
+    for _ in range(10):  # older ready payments fill the first batches
+        formed = form(conf, force=True)
+        if formed is not None:
+            _finish(conf, formed)
+        p = Payment.objects.select_related("settlement_tx").get(pk=payment_id)
+        if p.status != S.VERIFIED or formed is None:
+            break
+    return p
+
+
+def kick(conf: ConfiguredOption, *, delay: float | None = None, force: bool = True) -> None:
+    """Make sure a batcher runs for this option within ``delay`` seconds (default
+    ``X402_BATCH_MAX_AGE``). On the paid request's hot path: one cache write per window; the
+    batcher it queues takes every payment ready by then. Best effort: the reconciler's sweep
+    kicks again for anything left."""
+    from django.core.cache import cache
+
+    from .tasks import settle_batches
+
+    delay = settings.X402_BATCH_MAX_AGE if delay is None else delay
+    network, asset = conf.option.network, conf.option.asset
+    key = f"x402:batch-kick:{network}:{asset}:{'now' if delay <= 0 else 'later'}"
+    try:
+        if cache.add(key, 1, timeout=max(1, math.ceil(delay))):
+            settle_batches.apply_async(args=[network, asset], kwargs={"force": force}, countdown=delay)
+    except Exception as exc:  # noqa: BLE001 - the sweep settles it; a request never fails for this
+        log.warning("could not kick the batcher for %s %s: %s", network, asset, exc)
+
+
+def is_batched(network: str, asset: str) -> bool:
+    try:
+        return for_payment(network, asset).mode == SettlementMode.BATCH
+    except LookupError:
+        return False
