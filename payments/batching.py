@@ -301,12 +301,30 @@ def kick(conf: ConfiguredOption, *, delay: float | None = None, force: bool = Tr
 
     delay = settings.X402_BATCH_MAX_AGE if delay is None else delay
     network, asset = conf.option.network, conf.option.asset
-    key = f"x402:batch-kick:{network}:{asset}:{'now' if delay <= 0 else 'later'}"
+    key = _kick_key(conf, delay)
     try:
         if cache.add(key, 1, timeout=max(1, math.ceil(delay))):
-            settle_batches.apply_async(args=[network, asset], kwargs={"force": force}, countdown=delay)
+            try:
+                settle_batches.apply_async(args=[network, asset], kwargs={"force": force}, countdown=delay)
+            except Exception:
+                cache.delete(key)  # not queued: the next payment kicks again
+                raise
     except Exception as exc:  # noqa: BLE001 - the sweep settles it; a request never fails for this
         log.warning("could not kick the batcher for %s %s: %s", network, asset, exc)
+
+
+def _kick_key(conf: ConfiguredOption, delay: float) -> str:
+    return f"x402:batch-kick:{conf.option.network}:{conf.option.asset}:{'now' if delay <= 0 else 'later'}"
+
+
+def started(conf: ConfiguredOption) -> None:
+    """A kicked batcher starts: payments recorded from now on need a kick of their own."""
+    from django.core.cache import cache
+
+    try:
+        cache.delete(_kick_key(conf, settings.X402_BATCH_MAX_AGE))
+    except Exception as exc:  # noqa: BLE001 - the key expires by itself
+        log.warning("could not clear the batcher's kick: %s", exc)
 
 
 def is_batched(network: str, asset: str) -> bool:

@@ -47,7 +47,10 @@ def settle_batches(network: str, asset: str, force: bool = False) -> int:
     from . import batching
     from .options import for_payment
 
-    sent = batching.run(for_payment(network, asset), force=force)
+    conf = for_payment(network, asset)
+    if force:
+        batching.started(conf)
+    sent = batching.run(conf, force=force)
     open_ids = batching.follow([tx.pk for tx in sent], wait_seconds=FOLLOW_SECONDS)
     if open_ids:
         track_settlements.apply_async(args=[open_ids], countdown=TRACK_EVERY_SECONDS)

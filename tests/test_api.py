@@ -167,6 +167,7 @@ def test_a_v1_header_rebuilt_from_settled_calldata_is_refused(chain_settings, de
     X-PAYMENT header with the same input, and read the victim's prediction."""
     from eth_abi import decode
 
+    from payments.abi import BATCH_SETTLE_TYPES
     from payments.x402.codec import encode_header
 
     payer = chain_settings.payers[1]
@@ -174,8 +175,8 @@ def test_a_v1_header_rebuilt_from_settled_calldata_is_refused(chain_settings, de
     assert first.status_code == 201
     tx = Payment.objects.get().settle_tx_hash
     calldata = rpc(chain_settings.rpc_url, "eth_getTransactionByHash", [tx])["input"]
-    types = ["address", "address", "uint256", "uint256", "uint256", "bytes32", "uint8", "bytes32", "bytes32"]
-    frm, to, value, after, before, nonce, v, r, s_ = decode(types, bytes.fromhex(calldata[10:]))
+    # Settled in a batch (BatchSettler.settle): the authorization is its first item.
+    _, to, _, [(frm, value, after, before, nonce, v, r, s_)] = decode(BATCH_SETTLE_TYPES, bytes.fromhex(calldata[10:]))
     rebuilt = {
         "x402Version": 1,
         "scheme": "exact",
@@ -396,12 +397,13 @@ def test_broker_down_after_the_payment_is_recorded(
     from django.utils import timezone
     from kombu.exceptions import OperationalError
 
-    from payments.tasks import reconcile, settle_payment
+    from payments.tasks import reconcile, settle_batches, settle_payment
 
     def down(*args, **kwargs):
         raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
     monkeypatch.setattr(settle_payment, "delay", down)
+    monkeypatch.setattr(settle_batches, "apply_async", down)
     response = post(
         Client(),
         {"input": {"text": "later"}},

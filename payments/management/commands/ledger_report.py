@@ -67,14 +67,18 @@ class Command(BaseCommand):
                 block_number__gte=first,
                 block_number__lte=last,
             )
-            in_ledger = {p.settle_tx_hash.lower(): int(p.amount) for p in paid}
+            in_ledger: dict[str, int] = {}  # per transaction: a batch settles many payments
+            payments = 0
+            for p in paid:
+                in_ledger[p.settle_tx_hash.lower()] = in_ledger.get(p.settle_tx_hash.lower(), 0) + int(p.amount)
+                payments += 1
             chain_only = sorted(set(on_chain) - set(in_ledger))
             ledger_only = sorted(h for h in in_ledger if on_chain.get(h) != in_ledger[h])
             scale = Decimal(10) ** option.decimals
             self.stdout.write(
                 f"{option.network} {option.symbol} {option.asset} -> {option.pay_to}, blocks {first}-{last}\n"
                 f"  on chain: {len(on_chain)} transfers, {Decimal(sum(on_chain.values())) / scale} {option.symbol}\n"
-                f"  in ledger (settled or confirmed): {len(in_ledger)} payments, "
+                f"  in ledger (settled or confirmed): {payments} payments, "
                 f"{Decimal(sum(in_ledger.values())) / scale} {option.symbol}"
             )
             for h in chain_only:
