@@ -40,7 +40,8 @@ class Command(BaseCommand):
                 else int(rpc(conf.rpc_url, "eth_blockNumber", []), 16)
             )
             first = opts["from_block"]
-            on_chain: dict[str, int] = {}
+            on_chain: dict[str, int] = {}  # per transaction
+            transfers = 0
             topic_to = "0x" + option.pay_to[2:].lower().rjust(64, "0")
             for start in range(first, last + 1, CHUNK):
                 logs = rpc(
@@ -55,6 +56,7 @@ class Command(BaseCommand):
                         }
                     ],
                 )
+                transfers += len(logs)
                 for log in logs:
                     on_chain[log["transactionHash"].lower()] = on_chain.get(
                         log["transactionHash"].lower(), 0
@@ -77,7 +79,7 @@ class Command(BaseCommand):
             scale = Decimal(10) ** option.decimals
             self.stdout.write(
                 f"{option.network} {option.symbol} {option.asset} -> {option.pay_to}, blocks {first}-{last}\n"
-                f"  on chain: {len(on_chain)} transfers, {Decimal(sum(on_chain.values())) / scale} {option.symbol}\n"
+                f"  on chain: {transfers} transfers, {Decimal(sum(on_chain.values())) / scale} {option.symbol}\n"
                 f"  in ledger (settled or confirmed): {payments} payments, "
                 f"{Decimal(sum(in_ledger.values())) / scale} {option.symbol}"
             )
