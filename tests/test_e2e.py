@@ -12,7 +12,7 @@ from x402 import x402ClientSync
 from x402.http.clients import wrapRequestsWithPayment
 from x402.mechanisms.evm.exact import register_exact_evm_client
 
-from payments.models import Payment
+from payments.models import Payment, SettlementTx
 from predictions.models import Prediction
 from tests.conftest import poll_until_done, token_balance, transfer_count
 from tests.payers import record
@@ -180,7 +180,7 @@ def test_worker_killed_between_signing_and_broadcast_settles_once(
         os.killpg(doomed.pid, signal.SIGKILL)
     finally:
         doomed.wait(10)
-    assert Payment.objects.get(pk=payment.pk).settle_raw_tx  # signed and stored before the kill
+    assert Payment.objects.get(pk=payment.pk).settlement_tx.raw_tx  # signed and stored before the kill
 
     finished = wait_for_prediction(prediction.pk)
     payment.refresh_from_db()
@@ -205,7 +205,8 @@ def test_two_worker_processes_settle_many_payments_without_nonce_collisions(
     chain_settings, demo_model, celery_worker_process, tmp_path
 ) -> None:
     """Two more worker processes (four slots) and the module's worker settle 24 payments sharing
-    one relayer: all confirmed, relayer nonces contiguous."""
+    one relayer, each task batching whatever is ready: every payment in exactly one transaction,
+    all confirmed, the relayer's nonces contiguous."""
     from eth_account import Account
 
     from payments import devchain
@@ -234,13 +235,10 @@ def test_two_worker_processes_settle_many_payments_without_nonce_collisions(
     finally:
         for w in workers:
             devchain.stop(w)
-    nonces = sorted(
-        Payment.objects.filter(pk__in=[p.pk for p in payments]).values_list("relayer_nonce", flat=True)
-    )
-    assert nonces == list(range(start, start + 24))
-    assert (
-        int(rpc(chain.rpc_url, "eth_getTransactionCount", [chain.relayer_address, "latest"]), 16)
-        == start + 24
-    )
+    txs = set(Payment.objects.filter(pk__in=[p.pk for p in payments]).values_list("settlement_tx", flat=True))
+    assert None not in txs
+    nonces = sorted(SettlementTx.objects.filter(pk__in=txs).values_list("nonce", flat=True))
+    assert nonces == list(range(start, start + len(txs)))
+    assert int(rpc(chain.rpc_url, "eth_getTransactionCount", [chain.relayer_address, "latest"]), 16) == start + len(txs)
     logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
     assert all("Task payments.tasks.settle_payment[" in log for log in logs)  # both did some

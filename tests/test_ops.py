@@ -149,7 +149,7 @@ def test_two_workers_on_separate_queues(chain_settings, demo_model, live_server,
     demo_model.hardware = tier
     demo_model.save()
     main = start_worker(chain_settings, tmp_path / "main.log", TEST_QUEUE, beat=True, env=routing)
-    gpu = start_worker(chain_settings, tmp_path / "gpu.log", gpu_queue, beat=False, env=routing)
+    gpu = start_worker(chain_settings, tmp_path / "gpu.log", gpu_queue, beat=False, env=routing, settlement=False)
     try:
         header = v2_header(chain_settings.payers[1]["private_key"], Requirement(payment_options()[0], 10_000))
         created = requests.post(
@@ -170,10 +170,10 @@ def test_two_workers_on_separate_queues(chain_settings, demo_model, live_server,
         devchain.stop(gpu)
     assert body["status"] == "succeeded" and body["output"] == "routed"
     main_log, gpu_log = (tmp_path / "main.log").read_text(), (tmp_path / "gpu.log").read_text()
-    assert "Task payments.tasks.settle_payment[" in main_log
+    assert "Task payments.tasks.settle_batches[" in main_log
     assert "Task predictions.tasks.run_prediction[" not in main_log
     assert "Task predictions.tasks.run_prediction[" in gpu_log
-    assert "Task payments.tasks.settle_payment[" not in gpu_log
+    assert "Task payments.tasks." not in gpu_log
 
 
 def test_a_browser_opening_the_endpoint_gets_the_paywall(chain_settings, demo_model) -> None:
