@@ -4,9 +4,12 @@
     .venv/bin/python benchmarks/run.py            # the full suite (about 10 minutes)
     .venv/bin/python benchmarks/run.py --quick    # a smoke run (under 2 minutes)
 
-Starts its own anvil, database (``x402_bench``), gunicorn servers and load generator (wrk),
-prints a table and writes ``benchmarks/results/latest.json`` and ``latest.md`` (machine, date,
-commit). Comparisons are ratios measured in the same run: these machines are noisy.
+Starts its own anvil, database (``x402_bench``, or ``X402_BENCH_DATABASE``), Redis database
+(13, or ``X402_BENCH_REDIS``), gunicorn servers, Celery workers and load generator (wrk), prints
+a table and writes ``benchmarks/results/latest.json`` and ``latest.md`` (machine, date, commit),
+plus the sustained run's backlog curve (``sustained.png``, ``sustained.csv``) and the profile of
+the paid create (``profile.txt``). Comparisons are ratios measured in the same run: these
+machines are noisy.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Relayer lanes (keys) the benchmark's settlement uses.
+LANES = 3
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 PRICE = 10_000
@@ -170,24 +175,29 @@ class Stack:
         self.quick = quick
         self.tmp = Path(tempfile.mkdtemp(prefix="x402-bench-"))
         self.procs: list[subprocess.Popen] = []
+        self.servers: dict[str, subprocess.Popen] = {}
 
     def start(self) -> None:
         from payments import devchain
 
         self.devchain = devchain
         port = free_port()
-        anvil, config = devchain.start_anvil(port, accounts=12, log_path=self.tmp / "anvil.log")
+        anvil, config = devchain.start_anvil(port, accounts=10 + 2 + LANES - 1, log_path=self.tmp / "anvil.log")
         self.procs.append(anvil)
         self.chain = devchain.deploy(f"http://127.0.0.1:{port}", config, payer_count=8)
-        self.spare_keys = config["private_keys"][10:]
+        # Accounts 10 and 11: the reference's facilitator; 12 and up: more relayer lanes.
+        self.spare_keys = config["private_keys"][10:12]
+        self.chain.relayer_private_keys = [config["private_keys"][0], *config["private_keys"][12:]]
         self.chain.write(self.tmp / "devchain.json")
+        redis_url = os.environ.get("X402_BENCH_REDIS", "redis://127.0.0.1:6379/13")
+        database = os.environ.get("X402_BENCH_DATABASE", "x402_bench")
         self.env = {
             **os.environ,
-            "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/x402_bench",
+            "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{database}",
             "X402_DEVCHAIN_FILE": str(self.tmp / "devchain.json"),
-            "CELERY_BROKER_URL": "redis://127.0.0.1:6379/13",
+            "CELERY_BROKER_URL": redis_url,
             "CELERY_TASK_DEFAULT_QUEUE": f"bench-{secrets.token_hex(3)}",
-            "CACHE_URL": "redis://127.0.0.1:6379/13",
+            "CACHE_URL": redis_url,
             "CACHE_KEY_PREFIX": f"bench-{secrets.token_hex(3)}",
             "X402_OPERATOR_TOKENS": "bench-operator-token",
             "X402_LOG_LEVEL": "WARNING",
@@ -242,6 +252,7 @@ class Stack:
         self.procs.append(proc)
         url = f"http://127.0.0.1:{port}"
         self.devchain.wait_http(url + "/")
+        self.servers[url] = proc
         return url
 
     def fund(self, n: int) -> list[Any]:
@@ -279,13 +290,31 @@ class Stack:
             time.sleep(0.05)
         return accounts
 
+    def worker(self, queue: str, concurrency: int, *, beat: bool = False) -> subprocess.Popen:
+        """A Celery worker on ``queue`` (with beat: the reconciler and its sweep)."""
+        name = queue.rsplit("-", 1)[-1]
+        command = [
+            sys.executable, "-m", "celery", "-A", "x402site", "worker", "-l", "warning",
+            "-Q", queue, "-c", str(concurrency), "-n", f"{name}-{secrets.token_hex(2)}@%h",
+        ]
+        if beat:
+            command += ["-B", "-s", str(self.tmp / "beat-schedule")]
+        log = self.tmp / f"worker-{name}.log"
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env={**self.env, "X402_LOG_LEVEL": "WARNING"}, stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
     def stop(self) -> None:
         import redis
 
         for proc in reversed(self.procs):
             self.devchain.stop(proc)
-        # Tasks the paid requests enqueued (no worker runs during the benchmark).
-        redis.Redis.from_url(self.env["CELERY_BROKER_URL"]).delete(self.env["CELERY_TASK_DEFAULT_QUEUE"])
+        # Tasks the paid requests enqueued and no worker took.
+        queue = self.env["CELERY_TASK_DEFAULT_QUEUE"]
+        redis.Redis.from_url(self.env["CELERY_BROKER_URL"]).delete(queue, f"{queue}-settlement")
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -419,15 +448,21 @@ def record_payments(stack: Stack, payers: list[Any], per_payer: int) -> list[Any
     return out
 
 
-def bench_settlement(stack: Stack, n: int) -> dict[str, Any]:
+def bench_settlement(stack: Stack, single_n: int, batched_n: int, workers: int = 2) -> dict[str, Any]:
+    """Settled-and-confirmed payments per second on anvil, one transaction per payment (one at a
+    time, and four concurrent workers) and batched (``workers`` batchers in parallel on the
+    relayer lanes), in the same run; gas per payment of each."""
+    from django.conf import settings
     from django.db import connection
 
-    from payments import settlement
-    from payments.models import Payment
+    from payments import batching, settlement
+    from payments.models import Payment, SettlementTx
+    from payments.options import configured
 
-    payers = stack.fund(n)
-    payments = record_payments(stack, payers, 1)
+    conf = configured()[0]
+    payments = record_payments(stack, stack.fund(single_n), 1)
     half = len(payments) // 2
+    settings.X402_BATCH_SETTLEMENT = False
     t0 = time.perf_counter()
     for p in payments[:half]:
         settlement.settle(p.pk)
@@ -435,26 +470,66 @@ def bench_settlement(stack: Stack, n: int) -> dict[str, Any]:
 
     rest = payments[half:]
 
-    def worker(chunk: list[Any]) -> None:
+    def single_worker(chunk: list[Any]) -> None:
         for p in chunk:
             settlement.settle(p.pk)
         connection.close()
 
-    threads = [threading.Thread(target=worker, args=(rest[i::4],)) for i in range(4)]
+    threads = [threading.Thread(target=single_worker, args=(rest[i::4],)) for i in range(4)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     concurrent = len(rest) / (time.perf_counter() - t0)
-    done = Payment.objects.filter(pk__in=[p.pk for p in payments])
-    gas = [g for g in done.values_list("gas_used", flat=True) if g]
+    settings.X402_BATCH_SETTLEMENT = True
+    singles = Payment.objects.filter(pk__in=[p.pk for p in payments])
+    single_gas = [g for g in singles.values_list("gas_used", flat=True) if g]
+
+    batched = record_payments(stack, stack.fund(batched_n), 1)
+    sent: list[Any] = []
+
+    def batcher() -> None:
+        while Payment.objects.filter(status="verified").exists():
+            mine = batching.run(conf, force=True)
+            sent.extend(mine)
+            batching.follow([tx.pk for tx in mine], wait_seconds=30)
+        connection.close()
+
+    real_kick = batching.kick
+    batching.kick = lambda *a, **k: None  # the batchers are these threads
+    try:
+        threads = [threading.Thread(target=batcher) for _ in range(workers)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        left = batching.follow([tx.pk for tx in sent], wait_seconds=60)
+        batched_seconds = time.perf_counter() - t0
+    finally:
+        batching.kick = real_kick
+    done = Payment.objects.filter(pk__in=[p.pk for p in batched])
+    txs = SettlementTx.objects.filter(pk__in=[tx.pk for tx in sent])
+    big = [tx.gas_used / tx.items for tx in txs if tx.items >= 50 and tx.gas_used]
     return {
         "payments": len(payments),
-        "confirmed": done.filter(status="confirmed").count(),
+        "confirmed": singles.filter(status="confirmed").count(),
         "sequential_per_s": round(sequential, 1),
         "four_workers_per_s": round(concurrent, 1),
-        "gas_per_payment": round(statistics.mean(gas)) if gas else None,
+        "gas_per_payment": round(statistics.mean(single_gas)) if single_gas else None,
+        "batched": {
+            "payments": len(batched),
+            "confirmed": done.filter(status="confirmed").count(),
+            "unconfirmed_transactions": len(left),
+            "workers": workers,
+            "lanes": LANES,
+            "batch_max": settings.X402_BATCH_MAX,
+            "transactions": len(sent),
+            "per_s": round(len(batched) / batched_seconds, 1),
+            "gas_per_payment_at_50_plus": round(statistics.mean(big)) if big else None,
+            "mean_items": round(statistics.mean(tx.items for tx in sent), 1) if sent else 0,
+        },
     }
 
 
@@ -532,6 +607,176 @@ def bench_reconciliation(sizes: list[int]) -> list[dict[str, Any]]:
     finally:
         settlement.rpc_batch = real_batch  # type: ignore[assignment]
     return results
+
+
+def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> dict[str, Any]:
+    """Paid requests at the saturating rate (wrk, closed loop) for ``seconds``, while real Celery
+    workers settle in batches (the settlement queue, with beat) and run the predictions: the
+    settlement backlog sampled every second, then drained; expiries; ledger against chain."""
+    from django.db.models import Count, Min, Sum
+    from django.utils import timezone
+
+    from payments.models import Payment
+    from x402site.celery import app
+
+    queue = stack.env["CELERY_TASK_DEFAULT_QUEUE"]
+    app.conf.task_default_queue = queue
+    stack.worker(f"{queue}-settlement", 2, beat=True)
+    stack.worker(queue, 1)
+    expected = int(rate_hint * seconds * 1.3) + 200
+    payers = stack.fund(100)
+    headers = signed_headers(stack, payers, expected // len(payers) + 1, url)
+    folder = write_header_files(headers, 2)
+    started_at = timezone.now()
+    pay_to_before = token_balance(stack, stack.chain.pay_to)
+    samples: list[dict[str, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        from django.db import connection
+
+        t0 = time.monotonic()
+        mine = Payment.objects.filter(created_at__gte=started_at)
+        while not stop.is_set():
+            ready = mine.filter(status="verified", settle_requested_at__isnull=False)
+            oldest = ready.aggregate(t=Min("settle_requested_at"))["t"]
+            samples.append(
+                {
+                    "t": round(time.monotonic() - t0, 1),
+                    "accepted": mine.count(),
+                    "ready": ready.count(),
+                    "settling": mine.filter(status__in=["settling", "settled"]).count(),
+                    "confirmed": mine.filter(status="confirmed").count(),
+                    "oldest_ready_s": round((timezone.now() - oldest).total_seconds(), 2) if oldest else 0.0,
+                }
+            )
+            stop.wait(1.0)
+        connection.close()
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        load = wrk(url, LUA_PAID % (BODY, folder, "PAYMENT-SIGNATURE"), seconds, 16)
+        load_ended = time.monotonic()
+        mine = Payment.objects.filter(created_at__gte=started_at)
+        deadline = time.monotonic() + 180
+        while mine.filter(status__in=["verified", "settling", "settled"]).exists() and time.monotonic() < deadline:
+            time.sleep(1)
+        drain_seconds = time.monotonic() - load_ended
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        sampler.join()
+    counts = dict(mine.values_list("status").annotate(n=Count("id")))
+    ledger = int(mine.filter(status__in=["settled", "confirmed"]).aggregate(a=Sum("amount"))["a"] or 0)
+    balance_change = token_balance(stack, stack.chain.pay_to) - pay_to_before
+    write_backlog_curve(samples, load["requests"] / seconds, seconds)
+    confirmed_at_load_end = max((s["confirmed"] for s in samples if s["t"] <= seconds), default=0)
+    return {
+        "seconds": seconds,
+        "load": load,
+        "statuses": counts,
+        "expired_or_failed": counts.get("expired", 0) + counts.get("failed", 0),
+        "max_ready_backlog": max((s["ready"] for s in samples), default=0),
+        "max_oldest_ready_s": max((s["oldest_ready_s"] for s in samples), default=0.0),
+        "settled_during_load_per_s": round(confirmed_at_load_end / seconds, 1),
+        "drain_seconds_after_load": round(drain_seconds, 1),
+        "ledger_atomic": ledger,
+        "pay_to_balance_change_atomic": balance_change,
+        "ledger_equals_chain": ledger == balance_change,
+    }
+
+
+def token_balance(stack: Stack, address: str) -> int:
+    from payments.chain import rpc
+
+    data = "0x70a08231" + address[2:].lower().rjust(64, "0")
+    return int(rpc(stack.chain.rpc_url, "eth_call", [{"to": stack.chain.asset, "data": data}, "latest"]), 16)
+
+
+def write_backlog_curve(samples: list[dict[str, float]], accept_rate: float, seconds: int) -> None:
+    """``sustained.csv`` and ``sustained.png``: the backlog over time (matplotlib, dev only)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    keys = list(samples[0]) if samples else []
+    lines = [",".join(keys)] + [",".join(str(s[k]) for k in keys) for s in samples]
+    (RESULTS / "sustained.csv").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (requirements-dev.txt): no sustained.png", file=sys.stderr)
+        return
+    t = [s["t"] for s in samples]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    top.plot(t, [s["ready"] for s in samples], label="ready (verified, not yet in a transaction)")
+    top.plot(t, [s["settling"] for s in samples], label="in a transaction, not yet confirmed")
+    top.set_ylabel("payments")
+    top.legend(loc="upper right", fontsize=8)
+    top.set_title(f"Sustained paid load ({accept_rate:.0f}/s accepted for {seconds} s) and the settlement backlog")
+    bottom.plot(t, [s["oldest_ready_s"] for s in samples], color="tab:red", label="age of the oldest ready payment")
+    bottom.axvline(seconds, color="grey", linestyle=":", label="load stops")
+    bottom.set_xlabel("seconds")
+    bottom.set_ylabel("seconds")
+    bottom.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "sustained.png", dpi=110)
+    plt.close(fig)
+
+
+#: Where a paid create's time goes: the first rule whose frame appears in a sampled stack.
+PROFILE_BUCKETS = [
+    ("chain read (balance + nonce, JSON-RPC to anvil)", ("payer_state",)),
+    ("settlement kick (cache add / task publish)", ("kick", "start_settlement")),
+    ("webhook / task publish", ("apply_async", "delay")),
+    ("ledger + prediction rows (PostgreSQL, commit)", ("ledger.py", "create_prediction", "commit", "atomic")),
+    ("signature verification (EIP-712, secp256k1)", ("verify_exact",)),
+    ("price lookup (cache)", ("pricing_state",)),
+    ("backpressure check", ("backpressure",)),
+    ("input validation (JSON Schema)", ("validate_input", "jsonschema")),
+    ("header decode and parse", ("decode_header", "parse_payload")),
+    ("response rendering", ("render", "prediction_json", "settle_response")),
+]
+
+
+def profile_paid(stack: Stack, url: str, headers: list[dict[str, str]], rate: float) -> dict[str, Any]:
+    """Sample the gunicorn workers with py-spy (wall time, idle included) while an open loop sends
+    paid requests; what share of the request threads' samples each part of the path takes."""
+    import shutil as sh
+
+    spy = sh.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
+    if not Path(spy).exists():
+        return {"error": "py-spy is not installed (requirements-dev.txt)"}
+    server = stack.servers[url.removesuffix(MODEL_PATH)]
+    out = stack.tmp / "profile.raw"
+    duration = max(3, int(len(headers) / rate) + 1)
+    spy_proc = subprocess.Popen(
+        [spy, "record", "--pid", str(server.pid), "--subprocesses", "--idle", "--nonblocking", "--rate", "250",
+         "--format", "raw", "--duration", str(duration), "-o", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)
+    result = open_loop(url, headers, rate)
+    spy_proc.wait(duration + 30)
+    counts: dict[str, int] = {}
+    total = 0
+    if out.exists():
+        for line in out.read_text().splitlines():
+            stack_text, _, n = line.rpartition(" ")
+            if "get_response" not in stack_text:
+                continue  # not a request thread (idle workers, the arbiter)
+            total += int(n)
+            bucket = next((name for name, keys in PROFILE_BUCKETS if any(k in stack_text for k in keys)), "Django, DRF and the rest")
+            counts[bucket] = counts.get(bucket, 0) + int(n)
+    (RESULTS / "profile.txt").write_text(
+        "\n".join(f"{100 * n / max(total, 1):5.1f}%  {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])) + "\n"
+    )
+    return {
+        "open_loop": result,
+        "samples": total,
+        "share_pct": {name: round(100 * n / max(total, 1), 1) for name, n in sorted(counts.items(), key=lambda kv: -kv[1])},
+    }
 
 
 EXPORT_PROBE = """
@@ -624,6 +869,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: small sizes, short loads")
+    parser.add_argument("--sustained", type=int, default=330, help="seconds of the sustained paid load (full run)")
     args = parser.parse_args()
     quick = args.quick
     if shutil.which("wrk") is None:
@@ -666,6 +912,9 @@ def main() -> int:
         half = max(5.0, results["paid"]["rps"] / 2)
         fresh = signed_headers(stack, stack.fund(20), int(half * duration / 20) + 1, url)
         results["paid_half_rate"] = open_loop(url, [{"PAYMENT-SIGNATURE": h} for h in fresh], half)
+        print("profile of the paid create at half rate...", flush=True)
+        fresh = signed_headers(stack, stack.fund(20), int(half * duration / 20) + 1, url)
+        results["profile"] = profile_paid(stack, url, [{"PAYMENT-SIGNATURE": h} for h in fresh], half)
 
         print("reference: the SDK's Flask middleware + the SDK facilitator...", flush=True)
         from tests.sdk_facilitator import serve_sdk_facilitator
@@ -688,8 +937,12 @@ def main() -> int:
                 ref + "/paid", LUA_PAID % (BODY, ref_folder, "PAYMENT-SIGNATURE"), duration, 16
             )
 
-        print("settlement and reconciliation...", flush=True)
-        results["settlement"] = bench_settlement(stack, 20 if quick else 200)
+        print("settlement: one at a time, then batched...", flush=True)
+        results["settlement"] = bench_settlement(stack, 20 if quick else 100, 400 if quick else 3000)
+        sustained = 15 if quick else args.sustained
+        print(f"sustained paid load with settlement workers ({sustained} s)...", flush=True)
+        results["sustained"] = bench_sustained(stack, url, results["paid"]["rps"], sustained)
+        print("reconciliation...", flush=True)
         results["reconciliation"] = bench_reconciliation([100, 1000] if quick else [1000, 10000, 100000])
         print("export...", flush=True)
         results["export"] = bench_export(stack, [2000, 20000] if quick else [100000, 1000000])
@@ -700,6 +953,10 @@ def main() -> int:
         "paid_vs_ungated": round(results["paid"]["rps"] / results["ungated"]["rps"], 2),
         "paid_vs_reference": round(results["paid"]["rps"] / results["reference_paid"]["rps"], 2),
         "verify_vs_raw_recover": results["verification"]["ratio"],
+        "batched_settle_vs_paid_accept": round(results["settlement"]["batched"]["per_s"] / results["paid"]["rps"], 2),
+        "batched_vs_one_at_a_time": round(
+            results["settlement"]["batched"]["per_s"] / results["settlement"]["sequential_per_s"], 1
+        ),
     }
     report = render(results)
     print(report)
@@ -732,6 +989,7 @@ def render(r: dict[str, Any]) -> str:
         f"{h['p50_ms']} | {h['p99_ms']} | {h['ok']}/{h['requests']} succeeded |"
     )
     v, s, c = r["verification"], r["settlement"], r["price_cache"]
+    b, u = s["batched"], r["sustained"]
     lines = [
         f"x402 benchmarks: {r['date']}, commit {r['commit']}, {r['machine']}{' (quick)' if r['quick'] else ''}",
         "",
@@ -742,8 +1000,24 @@ def render(r: dict[str, Any]) -> str:
         f"- verification alone: {v['verify_per_s']} payments/s in one process; raw secp256k1 recovery "
         f"{v['raw_recover_per_s']}/s (ratio {v['ratio']})",
         f"- price lookup on the paid path: {c['cached_us']} us cached, {c['uncached_us']} us from the database",
-        f"- settlement on anvil: {s['sequential_per_s']} payments/s one at a time, {s['four_workers_per_s']}/s with "
-        f"4 workers; {s['gas_per_payment']} gas per payment; {s['confirmed']}/{s['payments']} confirmed",
+        f"- settlement on anvil, one transaction per payment: {s['sequential_per_s']} payments/s one at a time, "
+        f"{s['four_workers_per_s']}/s with 4 workers; {s['gas_per_payment']} gas per payment; "
+        f"{s['confirmed']}/{s['payments']} confirmed",
+        f"- batched settlement (same run): **{b['per_s']} payments/s** settled and confirmed by {b['workers']} "
+        f"batchers on {b['lanes']} relayer lanes ({b['transactions']} transactions, {b['mean_items']} payments each "
+        f"on average, at most {b['batch_max']}); {b['gas_per_payment_at_50_plus']} gas per payment in batches of 50+; "
+        f"{b['confirmed']}/{b['payments']} confirmed",
+        f"- ratios (same run): batched settle / paid accept = **{r['ratios']['batched_settle_vs_paid_accept']}** "
+        f"(target >= 1.0); batched / one at a time = **{r['ratios']['batched_vs_one_at_a_time']}**",
+        f"- sustained: {u['load']['rps']:.0f} paid requests/s accepted for {u['seconds']} s "
+        f"({u['load']['requests']} requests, {u['load']['non_2xx']} non-2xx) with Celery workers settling in batches: "
+        f"{u['settled_during_load_per_s']} payments/s confirmed during the load; ready backlog at most "
+        f"{u['max_ready_backlog']}, oldest ready payment at most {u['max_oldest_ready_s']} s old; drained "
+        f"{u['drain_seconds_after_load']} s after the load; expired or failed: {u['expired_or_failed']}; ledger "
+        f"{u['ledger_atomic']} = pay-to balance change {u['pay_to_balance_change_atomic']}: {u['ledger_equals_chain']} "
+        f"(curve: results/sustained.png)",
+        "- where a paid create's time goes at half rate (py-spy, wall time of request threads): "
+        + ", ".join(f"{name} {pct}%" for name, pct in r["profile"].get("share_pct", {}).items()),
         "- reconciliation pass (receipts absent, every row moved):",
     ]
     for rec in r["reconciliation"]:

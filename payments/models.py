@@ -223,7 +223,7 @@ class Payment(models.Model):
         PaymentEvent.objects.create(payment=self, from_status=previous, to_status=to, detail=detail or {})
         payment_advanced.send(sender=Payment, payment=self, previous=previous)
 
-    def _apply(self, to: str, fields: dict[str, Any], detail: dict[str, Any] | None) -> str:
+    def _apply(self, to: str, fields: dict[str, Any], detail: dict[str, Any] | None, now: Any = None) -> str:
         """Check the transition and set status, stamp and ``fields`` in memory; the old status."""
         if to not in TRANSITIONS[self.status]:
             raise IllegalTransition(f"{self.status} -> {to} for payment {self.pk}")
@@ -233,10 +233,21 @@ class Payment(models.Model):
         self.status = to
         stamp = _STAMPS.get(to)
         if stamp:
-            fields.setdefault(stamp, timezone.now())
+            fields.setdefault(stamp, now or timezone.now())
         for name, value in fields.items():
             setattr(self, name, value)
         return previous
+
+    @classmethod
+    def update_many(cls, changes: list[tuple[Payment, dict[str, Any]]]) -> None:
+        """Write each payment's ``fields``: one UPDATE per distinct set of values (a batch's
+        payments mostly share theirs), not Django's bulk_update (a CASE per row and field)."""
+        groups: dict[str, tuple[list[Any], dict[str, Any]]] = {}
+        for p, fields in changes:
+            key = repr(sorted((name, getattr(v, "pk", v)) for name, v in fields.items()))
+            groups.setdefault(key, ([], fields))[0].append(p.pk)
+        for pks, fields in groups.values():
+            cls.objects.filter(pk__in=pks).update(**fields)
 
     @classmethod
     def advance_many(
@@ -246,9 +257,9 @@ class Payment(models.Model):
         evented as one, written with one UPDATE and one INSERT; signals sent per payment."""
         if not changes:
             return
-        previous = [p._apply(to, fields, detail) for p, fields in changes]
-        names = sorted({"status", *(name for _, fields in changes for name in fields)})
-        cls.objects.bulk_update([p for p, _ in changes], names)
+        now = timezone.now()  # one stamp for the batch: its rows share one UPDATE
+        previous = [p._apply(to, fields, detail, now) for p, fields in changes]
+        cls.update_many([(p, {"status": to, **fields}) for p, fields in changes])
         PaymentEvent.objects.bulk_create(
             [
                 PaymentEvent(payment=p, from_status=before, to_status=to, detail=detail or {})

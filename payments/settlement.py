@@ -407,7 +407,7 @@ def _write(moves: list[tuple[Payment, Move]]) -> None:
             for p, fields in changes:
                 for name, value in fields.items():
                     setattr(p, name, value)
-            Payment.objects.bulk_update([p for p, _ in changes], sorted({n for _, f in changes for n in f}))
+            Payment.update_many(changes)
         else:
             Payment.advance_many(changes, to, detail=json.loads(detail) or None)
 

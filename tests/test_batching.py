@@ -170,9 +170,13 @@ def test_two_lanes_one_stuck_transaction_the_other_keeps_settling(chain_settings
     stored: everything is paid once."""
     chain = chain_settings
     conf = configured()[0]
-    other = Account.create()
-    rpc(chain.rpc_url, "anvil_setBalance", [other.address, hex(10**20)])
-    settings.X402_RELAYER_KEYS = [chain.relayer_private_key, "0x" + other.key.hex().removeprefix("0x")]
+    # Two lanes of their own: the dev chain's first account also mints the test payers' tokens,
+    # and a mint would take the stuck transaction's nonce.
+    lanes = [Account.create() for _ in range(2)]
+    for lane in lanes:
+        rpc(chain.rpc_url, "anvil_setBalance", [lane.address, hex(10**20)])
+    settings.X402_RELAYER_KEYS = ["0x" + lane.key.hex().removeprefix("0x") for lane in lanes]
+    settings.X402_RELAYER_KEY = settings.X402_RELAYER_KEYS[0]
     stuck_payments = [record_payment(fresh_payer(chain)["private_key"]) for _ in range(2)]
     rpc(chain.rpc_url, "anvil_setAutomine", [False])
     try:
