@@ -35,6 +35,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 #: Relayer lanes (keys) the benchmark's settlement uses.
 LANES = 3
+#: Prefix of the extra result files: "" for the full run, "quick." for the smoke run (not committed).
+PREFIX = ""
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 PRICE = 10_000
@@ -699,7 +701,7 @@ def write_backlog_curve(samples: list[dict[str, float]], accept_rate: float, sec
     RESULTS.mkdir(parents=True, exist_ok=True)
     keys = list(samples[0]) if samples else []
     lines = [",".join(keys)] + [",".join(str(s[k]) for k in keys) for s in samples]
-    (RESULTS / "sustained.csv").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{PREFIX}sustained.csv").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -721,7 +723,7 @@ def write_backlog_curve(samples: list[dict[str, float]], accept_rate: float, sec
     bottom.set_ylabel("seconds")
     bottom.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "sustained.png", dpi=110)
+    fig.savefig(RESULTS / f"{PREFIX}sustained.png", dpi=110)
     plt.close(fig)
 
 
@@ -769,7 +771,7 @@ def profile_paid(stack: Stack, url: str, headers: list[dict[str, str]], rate: fl
             total += int(n)
             bucket = next((name for name, keys in PROFILE_BUCKETS if any(k in stack_text for k in keys)), "Django, DRF and the rest")
             counts[bucket] = counts.get(bucket, 0) + int(n)
-    (RESULTS / "profile.txt").write_text(
+    (RESULTS / f"{PREFIX}profile.txt").write_text(
         "\n".join(f"{100 * n / max(total, 1):5.1f}%  {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])) + "\n"
     )
     return {
@@ -872,6 +874,8 @@ def main() -> int:
     parser.add_argument("--sustained", type=int, default=330, help="seconds of the sustained paid load (full run)")
     args = parser.parse_args()
     quick = args.quick
+    global PREFIX
+    PREFIX = "quick." if quick else ""
     if shutil.which("wrk") is None:
         print("wrk is required (Debian package 'wrk'): apt-get install -y wrk", file=sys.stderr)
         return 2

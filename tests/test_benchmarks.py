@@ -24,4 +24,8 @@ def test_quick_benchmark_runs_and_reports() -> None:
     assert results["paid"]["requests"] > 0 and results["paid"]["non_2xx"] == 0
     assert results["reference_paid"]["non_2xx"] == 0
     assert results["settlement"]["confirmed"] == results["settlement"]["payments"]
+    batched, sustained = results["settlement"]["batched"], results["sustained"]
+    assert batched["confirmed"] == batched["payments"] and batched["transactions"] < batched["payments"]
+    assert sustained["expired_or_failed"] == 0 and sustained["ledger_equals_chain"]
+    assert (ROOT / "benchmarks" / "results" / "quick.sustained.png").exists()
     assert "paid / ungated" in done.stdout
