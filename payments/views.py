@@ -31,7 +31,7 @@ from . import ledger, settlement, verification
 from .chain import ChainUnavailable
 from .models import Payment, PaymentStatus, VerificationMethod
 from .options import configured
-from .settlement import relayer_account
+from .relayer import relayer_account, relayer_keys
 from .verification import Verification, VerificationUnavailable
 from .x402.codec import DecodeError
 from .x402.types import PaymentPayload, Requirement, Resource, parse_payload
@@ -262,5 +262,5 @@ class FacilitatorSupported(APIView):
         for c in configured():
             kinds.append({"x402Version": 2, "scheme": "exact", "network": c.option.network})
             kinds.append({"x402Version": 1, "scheme": "exact", "network": c.option.v1_network})
-        signers = [relayer_account(settings.X402_RELAYER_KEY).address] if settings.X402_RELAYER_KEY else []
+        signers = [relayer_account(key).address for key in relayer_keys()]  # every lane may submit
         return Response({"kinds": kinds, "extensions": [], "signers": {"eip155:*": signers}})
