@@ -871,9 +871,13 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: small sizes, short loads")
-    parser.add_argument("--sustained", type=int, default=330, help="seconds of the sustained paid load (full run)")
+    parser.add_argument("--sustained", type=int, default=300, help="seconds of the sustained paid load (full run)")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated sections not to run: reconciliation, export"
+    )
     args = parser.parse_args()
     quick = args.quick
+    skip = set(filter(None, args.skip.split(",")))
     global PREFIX
     PREFIX = "quick." if quick else ""
     if shutil.which("wrk") is None:
@@ -942,14 +946,19 @@ def main() -> int:
             )
 
         print("settlement: one at a time, then batched...", flush=True)
-        results["settlement"] = bench_settlement(stack, 20 if quick else 100, 400 if quick else 3000)
+        results["settlement"] = bench_settlement(stack, 20 if quick else 100, 400 if quick else 2000)
+        checkpoint(results, quick)
         sustained = 15 if quick else args.sustained
         print(f"sustained paid load with settlement workers ({sustained} s)...", flush=True)
         results["sustained"] = bench_sustained(stack, url, results["paid"]["rps"], sustained)
-        print("reconciliation...", flush=True)
-        results["reconciliation"] = bench_reconciliation([100, 1000] if quick else [1000, 10000, 100000])
-        print("export...", flush=True)
-        results["export"] = bench_export(stack, [2000, 20000] if quick else [100000, 1000000])
+        checkpoint(results, quick)
+        results["reconciliation"] = results["export"] = []
+        if "reconciliation" not in skip:
+            print("reconciliation...", flush=True)
+            results["reconciliation"] = bench_reconciliation([100, 1000] if quick else [1000, 10000, 100000])
+        if "export" not in skip:
+            print("export...", flush=True)
+            results["export"] = bench_export(stack, [2000, 20000] if quick else [100000, 1000000])
     finally:
         stack.stop()
     results["seconds"] = round(time.monotonic() - started, 1)
@@ -969,6 +978,12 @@ def main() -> int:
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(report + "\n")
     return 0
+
+
+def checkpoint(results: dict[str, Any], quick: bool) -> None:
+    """The results so far (a long run interrupted keeps what it measured)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{'quick' if quick else 'latest'}.partial.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 def render(r: dict[str, Any]) -> str:
@@ -1022,14 +1037,16 @@ def render(r: dict[str, Any]) -> str:
         f"(curve: results/sustained.png)",
         "- where a paid create's time goes at half rate (py-spy, wall time of request threads): "
         + ", ".join(f"{name} {pct}%" for name, pct in r["profile"].get("share_pct", {}).items()),
-        "- reconciliation pass (receipts absent, every row moved):",
     ]
+    if r["reconciliation"]:
+        lines.append("- reconciliation pass (receipts absent, every row moved):")
     for rec in r["reconciliation"]:
         lines.append(
             f"  - N = {rec['n']}: {rec['seconds']} s ({rec['per_payment_ms']} ms/payment), "
             f"{rec['rpc_http_requests']} RPC HTTP requests carrying {rec['rpc_calls_in_batches']} calls"
         )
-    lines.append("- ledger export (a separate process; peak RSS is that process's):")
+    if r["export"]:
+        lines.append("- ledger export (a separate process; peak RSS is that process's):")
     for e in r["export"]:
         lines.append(
             f"  - {e['rows']} rows to {e['format'].upper()}: {e['seconds']} s, {e['rows_per_s']} rows/s, "
