@@ -137,16 +137,18 @@ def retry(payment: Payment) -> Payment:
     with transaction.atomic():
         locked = Payment.objects.select_for_update().get(pk=payment.pk)
         if locked.status == PaymentStatus.LAPSING and UnpaidReason(locked.unpaid_reason).retryable:
-            old = [h for h in [locked.settle_tx_hash, *locked.replaced_tx_hashes] if h]
+            # The earlier attempt was mined without paying (or never signed): nothing of it is
+            # left to watch; its hash stays in the event. A third party's later use of the
+            # authorization is found by the next attempt's simulation and resolve_lapsing.
             locked.advance(
                 PaymentStatus.VERIFIED,
                 unpaid_reason="",
                 failure_reason="",
                 settle_requested_at=timezone.now(),
-                replaced_tx_hashes=old,
                 settle_tx_hash=None,
-                settle_raw_tx="",
-                detail={"retry": "the identical proof verified again"},
+                settlement_tx=None,
+                settlement_index=None,
+                detail={"retry": "the identical proof verified again", "earlier_tx": locked.settle_tx_hash},
             )
         return locked
 
