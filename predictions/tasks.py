@@ -24,6 +24,7 @@ from django.db.models import Q
 from django.utils import timezone
 from kombu.exceptions import OperationalError
 
+from payments import ledger
 from payments.models import PaymentStatus
 
 from . import lifecycle
