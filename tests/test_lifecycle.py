@@ -47,7 +47,7 @@ _WRITING_CALLS = {"update", "create", "get_or_create", "update_or_create", "bulk
 #: ledger records a new payment as VERIFIED: neither touches a prediction.
 _ALLOWED = {
     "predictions/lifecycle.py": None,  # the whole module
-    "payments/models.py": {"advance"},
+    "payments/models.py": {"advance", "_apply"},  # the ledger's state machine (one payment, or a batch)
     "payments/ledger.py": {"record"},
 }
 
