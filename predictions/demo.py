@@ -27,6 +27,35 @@ DEMO_MODELS: list[dict[str, Any]] = [
         },
         "output_schema": {"type": "string"},
     },
+    {
+        "owner": "demo",
+        "name": "stream-words",
+        "description": "Streams the words of the text it is given, one by one (try `stream: true`).",
+        "price": Decimal("0.01"),
+        "predictor": "predictions.runners.demo.StreamWords",
+        "input_schema": {
+            "type": "object",
+            "properties": {
+                "text": {"type": "string", "maxLength": 10000, "description": "Text to stream word by word"},
+                "delay": {
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": 1,
+                    "default": 0.1,
+                    "description": "Seconds between words",
+                },
+            },
+            "required": ["text"],
+            "additionalProperties": False,
+        },
+        # Cog's way of saying "an iterator of strings, shown concatenated" (Replicate's streams).
+        "output_schema": {
+            "type": "array",
+            "items": {"type": "string"},
+            "x-cog-array-type": "iterator",
+            "x-cog-array-display": "concatenate",
+        },
+    },
 ]
 
 

@@ -228,6 +228,24 @@ def record_logs(prediction_id: str, logs: str, *, cause: str) -> None:
             log.debug("prediction %s: logs from %s", prediction_id, cause)
 
 
+def record_output(prediction_id: str, output: list[Any], *, cause: str) -> None:
+    """The output so far of a running prediction that streams (the pieces a generator yielded,
+    a runner's progress report). It only grows: a shorter or late report changes nothing. An
+    ``output`` webhook goes out when the output may be shown (see ``Prediction.output_released``)."""
+    with transaction.atomic():
+        prediction = Prediction.objects.select_for_update().filter(pk=prediction_id).first()
+        if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
+            return
+        known = prediction.output if isinstance(prediction.output, list) else []
+        if not isinstance(output, list) or len(output) <= len(known):
+            return
+        prediction.output = output
+        prediction.save(update_fields=["output"])
+        if prediction.output_released:
+            webhooks.send(prediction, "output")
+        log.debug("prediction %s: %d output pieces from %s", prediction_id, len(output), cause)
+
+
 def cancel(
     prediction_id: str, *, cause: str = Cause.CANCEL, detail: dict[str, Any] | None = None
 ) -> Prediction:

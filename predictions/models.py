@@ -344,8 +344,14 @@ class Prediction(models.Model):
 
     @property
     def output_released(self) -> bool:
-        """A paid output leaves only once its prediction succeeded (after_success: once paid)."""
-        return self.status == PredictionStatus.SUCCEEDED or self.payment_id is None
+        """A paid output leaves only once its prediction succeeded (after_success: once paid),
+        or while it runs under ``before_run`` (a streaming run's pieces: it runs only once its
+        payment is confirmed)."""
+        return (
+            self.status == PredictionStatus.SUCCEEDED
+            or self.payment_id is None
+            or (self.status == PredictionStatus.PROCESSING and self.settlement_policy == SettlementPolicy.BEFORE_RUN)
+        )
 
 
 class PredictionEvent(models.Model):

@@ -71,3 +71,48 @@ class FlipPolicy:
 
         Model.objects.update(settlement_policy=text)
         return text
+
+
+class Talkative:
+    """Prints and logs (a warning, and an info its logger lets through), and a thread it starts
+    prints too (not the run's); waits for ``seconds`` so its logs are seen while it runs."""
+
+    def setup(self) -> None:
+        import logging
+
+        self.log = logging.getLogger("tests.predictors.talkative")
+        self.log.setLevel(logging.INFO)
+
+    def predict(self, text: str, seconds: float = 0) -> str:
+        import sys
+        import threading
+        import time
+
+        print(f"printed {text}")
+        self.log.info("info about %s", text)
+        self.log.warning("warning about %s", text)
+        print("to stderr", file=sys.stderr)
+        other = threading.Thread(target=lambda: print("from another thread"))
+        other.start()
+        other.join()
+        time.sleep(seconds)
+        print("done")
+        return text
+
+
+class Countdown:
+    """A generator: yields ``n`` numbers (a streaming model), printing before each, ``seconds``
+    apart; raises after the second one if asked to."""
+
+    def setup(self) -> None:
+        pass
+
+    def predict(self, n: int = 3, seconds: float = 0, fail: bool = False):  # noqa: ANN201
+        import time
+
+        for i in range(n, 0, -1):
+            print(f"counting {i}")
+            time.sleep(seconds)
+            if fail and i == n - 2:
+                raise ValueError("lost count")
+            yield i

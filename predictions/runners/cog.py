@@ -133,6 +133,16 @@ def _never_sent(exc: requests.RequestException) -> bool:
     return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
+def _streams(prediction_id: str) -> bool:
+    """The run's model declares an iterator output (Cog's ``x-cog-array-type: iterator``): only
+    then is a progress report's output a list of pieces so far (Cog also reports a plain
+    output as a one-item list before it ends)."""
+    from ..models import ModelVersion
+
+    schema = ModelVersion.objects.filter(predictions__pk=prediction_id).values_list("output_schema", flat=True).first()
+    return isinstance(schema, dict) and schema.get("type") == "array" and schema.get("x-cog-array-type") == "iterator"
+
+
 class CogRunner:
     kind = "cog"
     label = "Cog model server (HTTP)"
@@ -203,8 +213,11 @@ class CogRunner:
                 predict_time=float(predict_time) if isinstance(predict_time, (int, float)) else None,
             )
             lifecycle.finish(prediction_id, outcome, cause=lifecycle.Cause.CALLBACK)
-        elif logs is not None:
-            lifecycle.record_logs(prediction_id, logs, cause=lifecycle.Cause.CALLBACK)
+        else:  # progress: the logs so far, and a streaming model's output pieces so far
+            if logs is not None:
+                lifecycle.record_logs(prediction_id, logs, cause=lifecycle.Cause.CALLBACK)
+            if isinstance(body.get("output"), list) and _streams(prediction_id):
+                lifecycle.record_output(prediction_id, body["output"], cause=lifecycle.Cause.CALLBACK)
 
 
 register(CogRunner())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 
 class EchoText:
     """Returns its text input: the quick start's demo model ``demo/echo-text``."""
@@ -11,6 +14,21 @@ class EchoText:
 
     def predict(self, text: str) -> str:
         return text
+
+
+class StreamWords:
+    """Yields the words of its text one by one (a streaming model: ``demo/stream-words``),
+    ``delay`` seconds apart, saying how far it got in its logs."""
+
+    def setup(self) -> None:
+        pass
+
+    def predict(self, text: str, delay: float = 0.1) -> Iterator[str]:
+        words = text.split()
+        for number, word in enumerate(words, 1):
+            time.sleep(delay)
+            print(f"word {number} of {len(words)}")
+            yield word + (" " if number < len(words) else "")
 
 
 class EmbedText:
