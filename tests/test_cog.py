@@ -92,4 +92,3 @@ def test_cancel_during_a_cog_run_is_final_and_free(
     assert final["status"] == "canceled" and final["output"] is None
     assert final["payment"]["status"] == "lapsing"  # released unsettled; expires once it lapses
     assert token_balance(chain_settings, payer["address"]) == before
-
