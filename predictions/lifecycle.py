@@ -8,7 +8,8 @@ and only here, follow the consequences:
   under ``after_success`` asks for settlement (``ledger.request_settlement``), an end without
   output releases an authorization not yet being settled (``ledger.release``);
 - after commit: the webhooks the prediction's filter asks for (``start``, ``logs``,
-  ``output``, ``completed``), metrics, enqueuing the run, and stopping a run on its runner.
+  ``output``, ``completed``), the progress events its listeners wait for (``events``: logs,
+  output, end), metrics, enqueuing the run, and stopping a run on its runner.
 
 Locks are taken payment first, then prediction: the order in which the ledger reaches us
 (``Payment.advance`` holds the payment and sends ``payment_advanced``, see receivers.py), so the
@@ -32,7 +33,7 @@ from payments import ledger
 from payments.metrics import PREDICTION_SECONDS
 from payments.models import UNPAID_STATUSES, Payment, PaymentStatus
 
-from . import webhooks
+from . import events, webhooks
 from .models import (
     TERMINAL,
     ModelVersion,
@@ -116,6 +117,7 @@ def _move(
     if to == P.SUCCEEDED and prediction.output is not None:
         webhooks.send(prediction, "output")
     if to in TERMINAL:
+        events.publish(prediction.pk, events.END)
         webhooks.send(prediction, "completed")
         transaction.on_commit(lambda: PREDICTIONS_ENDED.labels(status=to).inc())
     log.info("prediction %s: %s -> %s (%s)", prediction.pk, previous, to, cause)
@@ -197,6 +199,7 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
         if outcome.logs is not None and outcome.logs != prediction.logs:
             fields["logs"] = outcome.logs
             webhooks.send(prediction, "logs")
+            events.publish(prediction.pk, events.LOGS)
         if not outcome.succeeded:
             _move(prediction, P.FAILED, cause, **fields)
         elif (
@@ -225,6 +228,7 @@ def record_logs(prediction_id: str, logs: str, *, cause: str) -> None:
             prediction.logs = logs
             prediction.save(update_fields=["logs"])
             webhooks.send(prediction, "logs")
+            events.publish(prediction_id, events.LOGS)
             log.debug("prediction %s: logs from %s", prediction_id, cause)
 
 
@@ -243,6 +247,7 @@ def record_output(prediction_id: str, output: list[Any], *, cause: str) -> None:
         prediction.save(update_fields=["output"])
         if prediction.output_released:
             webhooks.send(prediction, "output")
+            events.publish(prediction_id, events.OUTPUT)
         log.debug("prediction %s: %d output pieces from %s", prediction_id, len(output), cause)
 
 

@@ -1,19 +1,20 @@
 from django.urls import path
 
-from . import views
+from . import streams, views
 
 urlpatterns = [
     path("webhooks/default/secret", views.WebhookSecret.as_view(), name="webhook-secret"),
     path("models", views.ModelList.as_view(), name="model-list"),
     path("models/<str:owner>/<str:name>", views.ModelDetail.as_view(), name="model-detail"),
-    path("predictions", views.PredictionList.as_view(), name="prediction-create"),
+    path("predictions", streams.waits_asynchronously(views.PredictionList.as_view()), name="prediction-create"),
+    path("predictions/<str:prediction_id>/stream", streams.prediction_stream, name="prediction-stream"),
     path(
         "predictions/<str:prediction_id>/cancel", views.PredictionCancel.as_view(), name="prediction-cancel"
     ),
     path("predictions/<str:prediction_id>", views.PredictionDetail.as_view(), name="prediction-detail"),
     path(
         "models/<str:owner>/<str:name>/predictions",
-        views.ModelPredictionCreate.as_view(),
+        streams.waits_asynchronously(views.ModelPredictionCreate.as_view()),
         name="model-prediction-create",
     ),
 ]

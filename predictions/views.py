@@ -38,6 +38,7 @@ from .pagination import CursorPagination
 from .runners import READY, cog
 from .serializers import base_url, model_json, prediction_json
 from .services import create_prediction, replayed
+from .streams import WaitThenRespond
 from .webhooks import EVENTS, UnsafeWebhook, check_url
 from .webhooks import secret as webhook_secret
 
@@ -188,6 +189,8 @@ def creation_options(request: Request) -> dict[str, Any]:
             f"`webhook_events_filter` must be a subset of {list(EVENTS)}",
             {"webhook_events_filter": "unknown event"},
         )
+    if not isinstance(data.get("stream", False), bool):
+        raise InvalidInput("`stream` must be true or false.", {"stream": "must be a boolean"})
     options: dict[str, Any] = {"webhook": webhook, "webhook_events_filter": events}
     if "Cancel-After" in request.headers:
         options["cancel_after_at"] = timezone.now() + parse_duration(request.headers["Cancel-After"])
@@ -199,17 +202,19 @@ _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait(?:=([0-9]+))?(?=$|[,;\s])", re.ASCI
 MAX_WAIT = 60
 
 
-def wait_for(prediction: Prediction, request: Request) -> Prediction:
-    """``Prefer: wait`` (60 s) or ``wait=N`` (N <= 60): hold the answer until the prediction ends."""
+def wait_seconds(request: Request) -> int:
+    """``Prefer: wait`` (60 s) or ``wait=N`` (N <= 60): how long to hold the answer until the
+    prediction ends (0: answer at once). The wait itself is asynchronous (predictions.streams)."""
     match = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
     if match is None:
-        return prediction
+        return 0
     seconds = ascii_uint(match.group(1) or "", 2)
-    return wait_until_done(prediction, min(MAX_WAIT if seconds is None else seconds, MAX_WAIT))
+    return min(MAX_WAIT if seconds is None else seconds, MAX_WAIT)
 
 
 def wait_until_done(prediction: Prediction, seconds: float) -> Prediction:
-    """The prediction once it has ended, or as it stands after ``seconds``."""
+    """The prediction once it has ended, or as it stands after ``seconds`` (holding the thread:
+    for callers that are sync anyway, the MCP tools)."""
     deadline = time.monotonic() + seconds
     delay = 0.05
     while not prediction.is_terminal and time.monotonic() < deadline:
@@ -243,6 +248,14 @@ class PaidPredictionCreate(APIView):
             prediction, created = replayed(replay_of, request.x402_charge), False
         else:
             prediction, created = self._create(request)
+        seconds = wait_seconds(request)
+        if seconds and not prediction.is_terminal:
+
+            def respond() -> Response:
+                waited = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
+                return self.finalize_response(request, self._respond(request, waited, created))
+
+            return WaitThenRespond(prediction.pk, seconds, respond)
         return self._respond(request, prediction, created)
 
     def _create(self, request: Request) -> tuple[Prediction, bool]:
@@ -269,7 +282,7 @@ class PaidPredictionCreate(APIView):
                 )
             )
         return Response(
-            prediction_json(wait_for(prediction, request), base_url(request)),
+            prediction_json(prediction, base_url(request)),
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
             headers=headers,
         )

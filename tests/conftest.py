@@ -391,3 +391,47 @@ def poll_until_done(url: str, timeout: float = 20.0) -> dict[str, Any]:
         if body["status"] in TERMINAL or time.monotonic() > deadline:
             return body
         time.sleep(0.1)
+
+
+def start_asgi_server(chain: DevChain, log_path: Path, env: dict[str, str] | None = None):
+    """Serve the project with uvicorn (the ASGI application, as deployed: docs/deploy.md) against
+    the test database, broker, cache and chain. Returns (process, base URL)."""
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cache = settings.CACHES["default"]
+    full_env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
+        "CELERY_BROKER_URL": TEST_BROKER_URL,
+        "CELERY_TASK_DEFAULT_QUEUE": TEST_QUEUE,
+        "CACHE_URL": cache["LOCATION"],
+        "CACHE_KEY_PREFIX": cache.get("KEY_PREFIX", ""),
+        "X402_DEVCHAIN_FILE": str(chain.path),  # type: ignore[attr-defined]
+        "X402_PUBLIC_URL": url,
+        **(env or {}),
+    }
+    full_env.pop("X402_ASSET", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "x402site.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=full_env,
+        stdout=open(log_path, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            requests.get(f"{url}/healthz", timeout=1)
+            return proc, url
+        except requests.RequestException:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                devchain.stop(proc)
+                raise RuntimeError("uvicorn did not start:\n" + log_path.read_text()) from None
+            time.sleep(0.1)

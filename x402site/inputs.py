@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
@@ -58,10 +60,24 @@ class RefuseUnsafeInput:
     """400 problem+json for a request whose path, query or headers are not clean UTF-8 text;
     413 for a body declared larger than ``DATA_UPLOAD_MAX_MEMORY_SIZE``."""
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
-        self.get_response = get_response
+    sync_capable = async_capable = True  # under ASGI, async views stay on the event loop
 
-    def __call__(self, request: HttpRequest) -> HttpResponse:
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        refusal = self.refusal(request)
+        if iscoroutinefunction(self):
+            return self._acall(request, refusal)
+        return refusal or self.get_response(request)
+
+    async def _acall(self, request: HttpRequest, refusal: HttpResponse | None) -> HttpResponse:
+        return refusal or await self.get_response(request)
+
+    @staticmethod
+    def refusal(request: HttpRequest) -> HttpResponse | None:
         part = unsafe_part(request)
         if part is not None:
             return problem_response(400, f"{part} must be UTF-8 text without control characters")
@@ -72,7 +88,7 @@ class RefuseUnsafeInput:
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         if limit is not None and length > limit:
             return problem_response(413, f"The request body is larger than {limit} bytes.")
-        return self.get_response(request)
+        return None
 
 
 def ascii_uint(text: str, max_digits: int) -> int | None:

@@ -14,7 +14,9 @@ import re
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
@@ -22,19 +24,38 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class RequestIdMiddleware:
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
-        self.get_response = get_response
+    sync_capable = async_capable = True  # under ASGI, async views stay on the event loop
 
-    def __call__(self, request: HttpRequest) -> HttpResponse:
-        given = request.headers.get("X-Request-ID", "")
-        rid = given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
-        token = request_id.set(rid)
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if iscoroutinefunction(self):
+            return self._acall(request)
+        rid, token = self._enter(request)
         try:
             response = self.get_response(request)
         finally:
             request_id.reset(token)
         response["X-Request-ID"] = rid
         return response
+
+    async def _acall(self, request: HttpRequest) -> HttpResponse:
+        rid, token = self._enter(request)
+        try:
+            response = await self.get_response(request)
+        finally:
+            request_id.reset(token)
+        response["X-Request-ID"] = rid
+        return response
+
+    @staticmethod
+    def _enter(request: HttpRequest) -> tuple[str, contextvars.Token[str]]:
+        given = request.headers.get("X-Request-ID", "")
+        rid = given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
+        return rid, request_id.set(rid)
 
 
 class JsonFormatter(logging.Formatter):

@@ -88,6 +88,10 @@ CACHES = {
     }
 }
 
+#: Redis for the progress events of predictions (pub/sub: server-sent-event streams and
+#: Prefer: wait listen there; predictions.events). Channels span Redis databases.
+X402_EVENTS_URL = env.str("X402_EVENTS_URL", default=CACHES["default"]["LOCATION"])
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
