@@ -6,6 +6,7 @@
 
     .venv/bin/python examples/replicate_agent.py "hello"            # agent, against the quick start
     .venv/bin/python examples/replicate_agent.py --token TOKEN "hi" # operator
+    .venv/bin/python examples/replicate_agent.py --stream "a b c"   # replicate.stream, word by word
 """
 
 from __future__ import annotations
@@ -52,11 +53,17 @@ def main() -> int:
     parser.add_argument("--devchain", default=str(ROOT / "var" / "devchain.json"))
     parser.add_argument("--payer", type=int, default=1)
     parser.add_argument("--token", help="an operator token: run without payment")
+    parser.add_argument("--stream", action="store_true", help="stream demo/stream-words' output as it comes")
     args = parser.parse_args()
     if args.token:
         client = replicate.Client(api_token=args.token, base_url=args.base_url)
     else:
         client = agent_client(args.base_url, json.loads(Path(args.devchain).read_text()), args.payer)
+    if args.stream:
+        for event in client.stream("demo/stream-words", input={"text": args.text}):
+            print(str(event), end="", flush=True)  # output events print their text; others nothing
+        print()
+        return 0
     prediction = client.models.predictions.create(model="demo/echo-text", input={"text": args.text})
     prediction.wait()
     print(f"{prediction.id} {prediction.status}: {prediction.output!r}")

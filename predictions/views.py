@@ -202,7 +202,7 @@ _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait(?:=([0-9]+))?(?=$|[,;\s])", re.ASCI
 MAX_WAIT = 60
 
 
-def wait_seconds(request: Request) -> int:
+def wait_seconds(request: Request) -> float:
     """``Prefer: wait`` (60 s) or ``wait=N`` (N <= 60): how long to hold the answer until the
     prediction ends (0: answer at once). The wait itself is asynchronous (predictions.streams)."""
     match = _PREFER_WAIT.search(request.headers.get("Prefer", ""))

@@ -114,9 +114,12 @@ class Command(BaseCommand):
                     start_new_session=True,
                 )
             )
+            # One ASGI server for every route, as deployed (docs/deploy.md): the prediction
+            # streams and Prefer: wait wait on its event loop, not in a thread each.
+            asgi = [sys.executable, "-m", "uvicorn", "x402site.asgi:application"]
             children.append(
                 subprocess.Popen(
-                    [*manage, "runserver", f"127.0.0.1:{opts['port']}", "--noreload"],
+                    [*asgi, "--host", "127.0.0.1", "--port", str(opts["port"])],
                     start_new_session=True,
                 )
             )
@@ -135,7 +138,9 @@ class Command(BaseCommand):
                 f"  admin      http://127.0.0.1:{opts['port']}/admin/ (user admin, password admin: dev only)\n"
                 f"  logs       {var}/worker.log, {var}/anvil.log\n\n"
                 "Pay for a prediction as an agent would (in another terminal):\n"
-                '  .venv/bin/python examples/agent_pay.py "hello"\n\n'
+                '  .venv/bin/python examples/agent_pay.py "hello"\n'
+                "and watch a streaming model's words arrive one by one (replicate.stream):\n"
+                '  .venv/bin/python examples/replicate_agent.py --stream "streams arrive word by word"\n\n'
                 "Ctrl-C stops everything.\n"
             )
             while all(c.poll() is None for c in children):
