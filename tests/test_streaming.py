@@ -125,6 +125,21 @@ def test_the_stream_speaks_replicates_events(chain, asgi) -> None:
     assert sorted(again[:-1]) == sorted(kinds[:-1]) and again[-1] == ("done", "{}")
 
 
+def test_a_run_paid_after_success_streams_its_output_only_once_paid(chain, asgi) -> None:
+    """Its logs stream as they come; its pieces are kept back until the payment confirms."""
+    model = seed()[1]
+    assert str(model) == "demo/stream-words"
+    model.settlement_policy = "after_success"
+    model.save()
+    url = f"{asgi['url']}/v1/models/demo/stream-words/predictions"
+    created = paid_create(chain, url, {"input": {"text": "kept back", "delay": 0.3}, "stream": True}, 5).json()
+    got = [(event, data) for _, event, _, data in read_events(created["urls"]["stream"])]
+    kinds = [event for event, _ in got]
+    assert kinds == ["logs", "logs", "output", "output", "done"], got  # all the logs before any piece
+    assert "".join(data for event, data in got if event == "output") == "kept back"
+    assert Prediction.objects.get(pk=created["id"]).payment.status == "confirmed"
+
+
 def test_a_failed_or_plain_prediction_streams_error_or_its_output_then_done(chain, asgi) -> None:
     free_model("countdown", "tests.predictors.Countdown", COUNT)
     free_model("sleepy", "tests.predictors.Sleepy", SLEEPY)
