@@ -7,8 +7,9 @@ tool's result, signs the USDC authorization with a funded demo key from var/devc
 calls again with the payment in the call's ``_meta``: the result is the prediction's output,
 with the settlement in the result's ``_meta``.
 
-``x402.mcp.create_x402_mcp_client`` opens the older SSE transport, which this server does not
-offer; the session it yields, ``x402MCPSession``, is used here over Streamable HTTP instead.
+``x402.mcp.create_x402_mcp_client`` opens MCP's older HTTP+SSE transport, which the server also
+offers (``/mcp/sse``, under ASGI); the session it yields, ``x402MCPSession``, is used here over
+Streamable HTTP.
 
     .venv/bin/python examples/mcp_agent.py "hello"          # against the quick start
     .venv/bin/python examples/mcp_agent.py --base-url URL --devchain FILE --payer 1 "text"

@@ -168,6 +168,43 @@ def test_the_stream_is_read_with_the_prediction_id_only(asgi) -> None:
     assert bad.status_code == 422 and "stream" in bad.json()["invalid_fields"]
 
 
+def test_the_x402_mcp_client_pays_a_tool_call_over_the_sse_transport(chain, asgi) -> None:
+    """``x402.mcp.create_x402_mcp_client`` speaks MCP's HTTP+SSE transport (``/mcp/sse``)."""
+    import asyncio
+
+    from eth_account import Account
+    from x402 import x402Client
+    from x402.mcp import create_x402_mcp_client
+    from x402.mechanisms.evm.exact import register_exact_evm_client
+
+    seed()
+    payer = chain.payers[6]
+    before = token_balance(chain, payer["address"])
+    client = x402Client()
+    register_exact_evm_client(client, Account.from_key(payer["private_key"]))
+    client.set_spend_controls(
+        {"allowed_assets": [{"network": chain.network, "asset": chain.asset, "max_amount_per_payment": "20000"}]}
+    )
+
+    async def call() -> Any:
+        async with create_x402_mcp_client(client, f"{asgi['url']}/mcp") as session:
+            listed = await session.list_tools()
+            assert "demo__echo-text" in {tool.name for tool in listed.tools}
+            return await session.call_tool("demo__echo-text", {"text": "over sse"})
+
+    result = asyncio.run(call())
+    assert result.payment_made and not result.is_error, result
+    assert result.content[0].text == "over sse"
+    assert result.payment_response is not None and result.payment_response.success
+    assert token_balance(chain, payer["address"]) == before - PRICE
+    prediction = Prediction.objects.get()
+    assert prediction.status == "succeeded" and prediction.payment.payer == payer["address"]
+    # Its message endpoint refuses what the REST API refuses.
+    bad = requests.post(f"{asgi['url']}/mcp/messages/?session_id=00", data=b'{"a": NaN}', timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == -32700
+    assert requests.post(f"{asgi['url']}/mcp/sse", timeout=10).status_code == 405
+
+
 def test_waiting_requests_hold_no_worker(asgi) -> None:
     """Forty ``Prefer: wait`` requests wait at once (their runs queue behind two worker slots)
     while the server still answers at once; each waiter got its answer when the time was up."""
