@@ -56,7 +56,11 @@ def prediction_json(prediction: Prediction, base: str) -> dict[str, Any]:
         "completed_at": _iso(prediction.completed_at),
         # Every prediction can be streamed (a model whose output is not a list sends it as one
         # event at the end), so `stream: true` needs nothing stored.
-        "urls": {"get": get_url, "cancel": cancel_url, "stream": base + reverse("prediction-stream", args=[prediction.id])},
+        "urls": {
+            "get": get_url,
+            "cancel": cancel_url,
+            "stream": base + reverse("prediction-stream", args=[prediction.id]),
+        },
         "metrics": {"predict_time": prediction.predict_time} if prediction.predict_time is not None else {},
         "data_removed": False,
         "payment": payment_json(prediction.payment),

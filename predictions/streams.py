@@ -3,8 +3,11 @@
 
 Both are Django async code: served by an ASGI server (uvicorn; docs/deploy.md), a listener is a
 task on the event loop waiting for :mod:`predictions.events` (Redis pub/sub) and reading the
-prediction on each wake-up; no worker thread waits with it. (Under WSGI they still work, each
-holding its request's thread, as any WSGI request does.)
+prediction on each wake-up; no worker waits with it (Django's ASGI handler keeps one idle thread
+per request in flight for its sync middleware, but there is no pool to run out of). Under WSGI
+``Prefer: wait`` still works, holding its request's thread, and a stream is delivered only
+once the prediction ended (Django reads an async iterator to its end under WSGI): serve
+streams with ASGI.
 
 The stream speaks Replicate's format: ``output`` events (plain text; a piece that is not a
 string is sent as JSON), ``logs`` events (one per line), ``error`` (JSON ``{"detail": ...}``)
