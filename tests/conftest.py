@@ -322,9 +322,8 @@ def celery_worker_process(
         devchain.stop(proc)
 
 
-@pytest.fixture(scope="session")
-def cog_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A real Cog model server (cog + coglet from PyPI, no Docker) running tests/cog_model."""
+def _serve_cog(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A real Cog model server (cog + coglet from PyPI, no Docker) running tests/<model_dir>."""
     import subprocess
     import sys
 
@@ -339,7 +338,7 @@ def cog_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-        cwd=Path(__file__).resolve().parent / "cog_model",
+        cwd=Path(__file__).resolve().parent / model_dir,
         env=env,
         stdout=open(log_path, "wb"),
         stderr=subprocess.STDOUT,
@@ -360,6 +359,18 @@ def cog_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         yield {"url": url, "log": log_path}
     finally:
         devchain.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def cog_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A real Cog model server running tests/cog_model (a plain string output)."""
+    yield from _serve_cog("cog_model", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def cog_stream_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A real Cog model server running tests/cog_stream_model (an iterator of strings)."""
+    yield from _serve_cog("cog_stream_model", tmp_path_factory)
 
 
 @pytest.fixture

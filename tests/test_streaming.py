@@ -140,6 +140,35 @@ def test_a_run_paid_after_success_streams_its_output_only_once_paid(chain, asgi)
     assert Prediction.objects.get(pk=created["id"]).payment.status == "confirmed"
 
 
+def test_a_streaming_cog_model_streams_through_its_progress_callbacks(chain, asgi, cog_stream_server) -> None:
+    """A real Cog server running an iterator model: its callbacks bring the pieces and logs so
+    far, which reach the stream while the run goes on."""
+    from predictions.runners import cog
+
+    input_schema, output_schema = cog.read_schemas(cog_stream_server["url"])  # as the admin reads them
+    assert output_schema["x-cog-array-type"] == "iterator"
+    model = Model.objects.create(owner="test", name="cog-words", price="0.01")
+    ModelVersion.objects.create(
+        id="cog-words-v1",
+        model=model,
+        runner="cog",
+        cog_url=cog_stream_server["url"],
+        input_schema=input_schema,
+        output_schema=output_schema,
+    )
+    url = f"{asgi['url']}/v1/models/test/cog-words/predictions"
+    created = paid_create(chain, url, {"input": {"text": "uno dos tres", "delay": 0.5}, "stream": True}, 7)
+    assert created.status_code == 201, created.text
+    got = read_events(created.json()["urls"]["stream"])
+    outputs = [(at, data) for at, event, _, data in got if event == "output"]
+    assert [data for _, data in outputs] == ["uno ", "dos ", "tres "]
+    assert outputs[-1][0] - outputs[0][0] >= 0.5, outputs  # as Cog made them, not at the end
+    assert [data for _, event, _, data in got if event == "logs"] == [f"streaming {w}" for w in ("uno", "dos", "tres")]
+    assert got[-1][1:2] == ("done",) and got[-1][3] == "{}"
+    done = Prediction.objects.get(pk=created.json()["id"])
+    assert done.status == "succeeded" and done.output == ["uno ", "dos ", "tres "]
+
+
 def test_a_failed_or_plain_prediction_streams_error_or_its_output_then_done(chain, asgi) -> None:
     free_model("countdown", "tests.predictors.Countdown", COUNT)
     free_model("sleepy", "tests.predictors.Sleepy", SLEEPY)
