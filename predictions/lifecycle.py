@@ -232,10 +232,12 @@ def record_logs(prediction_id: str, logs: str, *, cause: str) -> None:
             log.debug("prediction %s: logs from %s", prediction_id, cause)
 
 
-def record_output(prediction_id: str, output: list[Any], *, cause: str) -> None:
+def record_output(prediction_id: str, output: list[Any], *, cause: str, webhook: bool = True) -> None:
     """The output so far of a running prediction that streams (the pieces a generator yielded,
-    a runner's progress report). It only grows: a shorter or late report changes nothing. An
-    ``output`` webhook goes out when the output may be shown (see ``Prediction.output_released``)."""
+    a runner's progress report). It only grows: a shorter or late report changes nothing. When
+    the output may be shown (see ``Prediction.output_released``) its listeners are told, and an
+    ``output`` webhook goes out unless the runner throttles them (``webhook=False``; Replicate
+    sends at most one every 500 ms, and the ``completed`` one carries everything)."""
     with transaction.atomic():
         prediction = Prediction.objects.select_for_update().filter(pk=prediction_id).first()
         if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
@@ -246,7 +248,8 @@ def record_output(prediction_id: str, output: list[Any], *, cause: str) -> None:
         prediction.output = output
         prediction.save(update_fields=["output"])
         if prediction.output_released:
-            webhooks.send(prediction, "output")
+            if webhook:
+                webhooks.send(prediction, "output")
             events.publish(prediction_id, events.OUTPUT)
         log.debug("prediction %s: %d output pieces from %s", prediction_id, len(output), cause)
 

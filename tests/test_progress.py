@@ -164,6 +164,26 @@ def test_a_generator_predictor_records_each_piece_as_it_comes(eager_celery, sett
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_fast_generators_output_webhooks_are_throttled(eager_celery, settings) -> None:
+    """Forty pieces in a few hundred ms: each is recorded, but output webhooks go out at most
+    every 500 ms (as Replicate's); the completed webhook carries them all."""
+    settings.X402_WEBHOOK_ALLOW_PRIVATE = True
+    version = free_model("fast-count", "tests.predictors.Countdown", COUNT)
+    hook = Receiver()
+    prediction_id, thread = run_in_background(
+        version, {"n": 40, "seconds": 0.01}, webhook=hook.url, webhook_events_filter=["output", "completed"]
+    )
+    thread.join(20)
+    done = Prediction.objects.get(pk=prediction_id)
+    assert done.status == "succeeded" and done.output == list(range(40, 0, -1))
+    bodies = hook.wait(lambda b: b and b[-1]["status"] == "succeeded")
+    running = [b["output"] for b in bodies if b["status"] == "processing"]
+    assert running[0] == [40] and len(running) <= 1 + done.predict_time / 0.5, running  # not forty
+    assert len(running) < 10
+    assert bodies[-1]["output"] == list(range(40, 0, -1))
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_generator_that_fails_midway_fails_without_output() -> None:
     version = free_model("broken-count", "tests.predictors.Countdown", COUNT)
     prediction_id, thread = run_in_background(version, {"n": 4, "fail": True})

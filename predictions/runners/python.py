@@ -33,8 +33,8 @@ log = logging.getLogger("predictions.runners.python")
 
 #: The hard limit (the worker child is killed) follows the soft one by this much.
 HARD_LIMIT_GRACE = 30
-#: Logs are reported at most this often while a run goes on (Replicate throttles its logs
-#: webhooks to one per 500 ms).
+#: Logs are reported, and output webhooks sent, at most this often while a run goes on
+#: (Replicate throttles its logs and output webhooks to one per 500 ms).
 REPORT_INTERVAL = 0.5
 
 
@@ -117,6 +117,7 @@ class PythonRunner:
         if not inspect.isgenerator(result):
             return result
         pieces: list[Any] = []
+        notified = 0.0
         while True:
             with capturing(capture):  # only the predictor's own code is captured
                 try:
@@ -125,7 +126,10 @@ class PythonRunner:
                     return pieces
             pieces.append(piece)
             reporter.report()
-            lifecycle.record_output(prediction.id, list(pieces), cause=lifecycle.Cause.TASK)
+            # Every piece reaches the streams; webhooks at most every REPORT_INTERVAL.
+            webhook = time.monotonic() - notified >= REPORT_INTERVAL
+            notified = time.monotonic() if webhook else notified
+            lifecycle.record_output(prediction.id, list(pieces), cause=lifecycle.Cause.TASK, webhook=webhook)
 
     def cancel(self, prediction: Prediction) -> None:
         """An in-process run cannot be interrupted safely; its late outcome is ignored."""
