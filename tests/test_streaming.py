@@ -103,6 +103,11 @@ def test_the_official_replicate_client_streams_a_paid_generator(chain, asgi, set
     assert prediction.status == "succeeded" and prediction.output == ["one ", "two ", "three ", "four"]
     assert prediction.logs.splitlines() == [f"word {i} of 4" for i in range(1, 5)]
     assert prediction.payment.status == "confirmed"
+    # By version ("owner/name:version": POST /v1/predictions), as replicate.stream also calls it.
+    version = prediction.version_id
+    by_version = [str(e) for e in client.stream(f"demo/stream-words:{version}", input={"text": "by version"})]
+    assert "".join(by_version) == "by version"
+    assert token_balance(chain, payer["address"]) == before - 2 * PRICE
 
 
 def test_the_stream_speaks_replicates_events(chain, asgi) -> None:
