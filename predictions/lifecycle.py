@@ -117,7 +117,7 @@ def _move(
     if to == P.SUCCEEDED and prediction.output is not None:
         webhooks.send(prediction, "output")
     if to in TERMINAL:
-        events.publish(prediction.pk, events.END)
+        events.ended(prediction.pk)
         webhooks.send(prediction, "completed")
         transaction.on_commit(lambda: PREDICTIONS_ENDED.labels(status=to).inc())
     log.info("prediction %s: %s -> %s (%s)", prediction.pk, previous, to, cause)
@@ -197,9 +197,9 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
             predict_time = (now - (prediction.started_at or now)).total_seconds()
         fields: dict[str, Any] = {"run_ended_at": now, "predict_time": predict_time, "error": outcome.error}
         if outcome.logs is not None and outcome.logs != prediction.logs:
+            events.logs_grew(prediction.pk, prediction.logs, outcome.logs)
             fields["logs"] = outcome.logs
             webhooks.send(prediction, "logs")
-            events.publish(prediction.pk, events.LOGS)
         if not outcome.succeeded:
             _move(prediction, P.FAILED, cause, **fields)
         elif (
@@ -225,10 +225,10 @@ def record_logs(prediction_id: str, logs: str, *, cause: str) -> None:
         if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
             return
         if len(logs) > len(prediction.logs):
+            events.logs_grew(prediction_id, prediction.logs, logs)
             prediction.logs = logs
             prediction.save(update_fields=["logs"])
             webhooks.send(prediction, "logs")
-            events.publish(prediction_id, events.LOGS)
             log.debug("prediction %s: logs from %s", prediction_id, cause)
 
 
@@ -250,7 +250,7 @@ def record_output(prediction_id: str, output: list[Any], *, cause: str, webhook:
         if prediction.output_released:
             if webhook:
                 webhooks.send(prediction, "output")
-            events.publish(prediction_id, events.OUTPUT)
+            events.output_grew(prediction_id, known, output)
         log.debug("prediction %s: %d output pieces from %s", prediction_id, len(output), cause)
 
 

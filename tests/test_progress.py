@@ -258,3 +258,34 @@ def test_cog_progress_callbacks_relay_logs_and_a_streaming_models_pieces(
     if iterator:
         assert [b["output"] for b in bodies if b["status"] == "processing"][-1] == ["a "]
     assert bodies[-1]["status"] == "succeeded"
+
+
+# --- What a stream listener does with the messages it gets (predictions.streams) -------------
+
+
+def test_a_listener_takes_messages_that_follow_on_and_reads_the_database_otherwise() -> None:
+    from predictions.streams import Snapshot, StreamCursor
+
+    snapshot = Snapshot(status="processing", logs="a\n", output=["x"], error="")
+    assert snapshot.apply({"kind": "logs", "at": 2, "text": "b\npart"})
+    assert snapshot.apply({"kind": "logs", "at": 0, "text": "a\n"})  # already known: nothing to do
+    assert not snapshot.apply({"kind": "logs", "at": 20, "text": "z"})  # a gap: read the database
+    assert not snapshot.apply({"kind": "logs"})  # a rewrite, said without text
+    assert snapshot.apply({"kind": "output", "at": 1, "pieces": ["y", "z"]})
+    assert not snapshot.apply({"kind": "output", "at": 5, "pieces": ["w"]})
+    assert not snapshot.apply({"kind": "end"})
+    assert (snapshot.logs, snapshot.output) == ("a\nb\npart", ["x", "y", "z"])
+    cursor = StreamCursor()
+    frames = b"".join(cursor.advance(snapshot)).decode()
+    assert frames.count("event: logs") == 2 and "part" not in frames  # whole lines only, until the end
+    assert [line for line in frames.splitlines() if line.startswith("data:")] == [
+        "data: a", "data: b", "data: x", "data: y", "data: z"
+    ]
+    assert cursor.advance(snapshot) == []  # nothing new, nothing sent
+    snapshot.status, snapshot.error = "failed", "it broke\nbadly"
+    end = b"".join(cursor.advance(snapshot)).decode()
+    assert "event: logs\n" in end and "data: part\n" in end
+    assert 'event: error\n' in end and 'data: {"detail": "it broke\\nbadly"}\n' in end
+    assert end.endswith('data: {"reason": "error"}\n\n') and cursor.advance(snapshot) == []
+    ids = [line for line in (frames + end).splitlines() if line.startswith("id: ")]
+    assert len(ids) == len(set(ids)) == 8
