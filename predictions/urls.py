@@ -6,6 +6,12 @@ urlpatterns = [
     path("webhooks/default/secret", views.WebhookSecret.as_view(), name="webhook-secret"),
     path("models", views.ModelList.as_view(), name="model-list"),
     path("models/<str:owner>/<str:name>", views.ModelDetail.as_view(), name="model-detail"),
+    path("models/<str:owner>/<str:name>/versions", views.ModelVersionList.as_view(), name="model-version-list"),
+    path(
+        "models/<str:owner>/<str:name>/versions/<str:version_id>",
+        views.ModelVersionDetail.as_view(),
+        name="model-version-detail",
+    ),
     path("predictions", views.PredictionList.as_view(), name="prediction-create"),
     path(
         "predictions/<str:prediction_id>/cancel", views.PredictionCancel.as_view(), name="prediction-cancel"

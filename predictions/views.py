@@ -36,7 +36,7 @@ from .auth import AuthenticationRequired, payer_of
 from .models import Model, ModelVersion, Prediction, SettlementPolicy
 from .pagination import CursorPagination
 from .runners import READY, cog
-from .serializers import base_url, model_json, prediction_json
+from .serializers import base_url, model_json, prediction_json, version_json
 from .services import create_prediction, replayed
 from .webhooks import EVENTS, UnsafeWebhook, check_url
 from .webhooks import secret as webhook_secret
@@ -219,6 +219,13 @@ def wait_until_done(prediction: Prediction, seconds: float) -> Prediction:
     return prediction
 
 
+def model_or_404(owner: str, name: str) -> Model:
+    model = Model.objects.select_related("hardware").filter(owner=owner, name=name).first()
+    if model is None:
+        raise NotFound(f"The requested resource could not be found: there is no model {owner}/{name}.")
+    return model
+
+
 class PaidPredictionCreate(APIView):
     """Shared create logic: resolve the version, price it, take the payment, create."""
 
@@ -279,7 +286,7 @@ class ModelPredictionCreate(PaidPredictionCreate):
     """POST /v1/models/{owner}/{name}/predictions: run the model's latest version."""
 
     def resolve_version(self, request: Request) -> ModelVersion:
-        model = get_object_or_404(Model, owner=self.kwargs["owner"], name=self.kwargs["name"])
+        model = model_or_404(self.kwargs["owner"], self.kwargs["name"])
         version = model.latest_version
         if version is None:
             raise NotFound(f"Model {model} has no version.")
@@ -300,6 +307,18 @@ class ModelPredictionCreate(PaidPredictionCreate):
         return paywall_response(exc, payment_required_response(exc))
 
 
+class InvalidVersion(InvalidInput):
+    """An unknown version in a create: Replicate answers 422 with this title and detail."""
+
+    title = "Invalid version or not permitted"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The specified version does not exist (or perhaps you don't have permission to use it?)",
+            {"version": "no such version"},
+        )
+
+
 class PredictionCreate(PaidPredictionCreate):  # noqa: D101 (see PredictionList for GET)
     """POST /v1/predictions with {"version": ..., "input": ...}."""
 
@@ -308,9 +327,12 @@ class PredictionCreate(PaidPredictionCreate):  # noqa: D101 (see PredictionList 
         version_id = data.get("version") if isinstance(data, dict) else None
         if not isinstance(version_id, str) or not version_id:
             raise InvalidInput("`version` is required.", {"version": "required string"})
-        # Replicate also accepts "owner/name:version".
-        version_id = version_id.rpartition(":")[2]
-        return get_object_or_404(ModelVersion.objects.select_related("model"), pk=version_id)
+        # Replicate also accepts "owner/name:version" (the name must then be the version's model).
+        named, _, version_id = version_id.rpartition(":")
+        version = ModelVersion.objects.select_related("model").filter(pk=version_id).first()
+        if version is None or (named and named != str(version.model)):
+            raise InvalidVersion()
+        return version
 
 
 class PredictionDetail(APIView):
@@ -341,8 +363,34 @@ class ModelDetail(APIView):
 
     @schema.object_schema
     def get(self, request: Request, owner: str, name: str) -> Response:
-        model = get_object_or_404(Model.objects.select_related("hardware"), owner=owner, name=name)
-        return Response(model_json(model, request))
+        return Response(model_json(model_or_404(owner, name), request))
+
+
+class ModelVersionList(APIView):
+    """GET /v1/models/{owner}/{name}/versions: the model's versions, newest first, by cursor."""
+
+    @schema.versions_list_schema
+    def get(self, request: Request, owner: str, name: str) -> Response:
+        model = model_or_404(owner, name)
+        paginator = CursorPagination()
+        paginator.ordering = "-created_at"
+        paginator.page_size = 50
+        page = paginator.paginate_queryset(model.versions.select_related("model"), request, view=self)
+        return paginator.get_paginated_response([version_json(v) for v in page])
+
+
+class ModelVersionDetail(APIView):
+    """GET /v1/models/{owner}/{name}/versions/{id} (what replicate.run reads after a create)."""
+
+    @schema.version_schema
+    def get(self, request: Request, owner: str, name: str, version_id: str) -> Response:
+        model = model_or_404(owner, name)
+        version = model.versions.select_related("model").filter(pk=version_id).first()
+        if version is None:
+            raise NotFound(
+                f"The requested resource could not be found: model {model} has no version {version_id[:64]}."
+            )
+        return Response(version_json(version))
 
 
 class PredictionList(PredictionCreate):

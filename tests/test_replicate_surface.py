@@ -1,0 +1,158 @@
+"""Replicate's API surface: model versions, every field of Replicate's model, version and
+prediction objects (against a fixture written from Replicate's published OpenAPI document),
+and Replicate's error shapes for unknown models and versions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from django.test import Client
+
+from predictions.models import ModelVersion
+from tests.payers import v2_header_for
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+FIELDS = json.loads((Path(__file__).parent / "fixtures" / "replicate_fields.json").read_text())
+URL = "/v1/models/demo/echo-text/predictions"
+
+
+def paid(chain, payer: int, body: dict, path: str = URL, **headers: str):
+    def post(**extra: str):
+        return Client().post(path, data=json.dumps(body), content_type="application/json", headers=extra)
+
+    challenge = post(**headers)
+    assert challenge.status_code == 402, challenge.content
+    key = chain.payers[payer]["private_key"]
+    return post(**{"PAYMENT-SIGNATURE": v2_header_for(key, challenge["PAYMENT-REQUIRED"]), **headers})
+
+
+def add_versions(model, count: int) -> list[str]:
+    """``count`` more versions of ``model``, each a minute newer than the last."""
+    from datetime import timedelta
+
+    latest = model.latest_version
+    ids = []
+    for i in range(count):
+        version = ModelVersion.objects.create(
+            id=f"{i:064x}",
+            model=model,
+            predictor=latest.predictor,
+            input_schema=latest.input_schema,
+            output_schema=latest.output_schema,
+            created_at=latest.created_at + timedelta(minutes=i + 1),
+        )
+        ids.append(version.id)
+    return ids
+
+
+def assert_fields(body: dict, spec: dict, *, absent: tuple[str, ...] = ()) -> None:
+    """Every property of Replicate's schema is in ``body`` (but the ones we document as not
+    served); every required one is there."""
+    expected = set(spec["properties"]) - set(absent)
+    missing = expected - set(body)
+    assert not missing, f"missing {sorted(missing)} of {spec['schema']}"
+    assert set(spec.get("required", [])) - set(absent) <= set(body)
+
+
+def test_versions_list_pages_newest_first_and_get(chain_settings, demo_model) -> None:
+    original = demo_model.latest_version.id
+    added = add_versions(demo_model, 55)
+    seen: list[str] = []
+    url = "/v1/models/demo/echo-text/versions"
+    pages = 0
+    while url:
+        page = Client().get(url).json()
+        assert set(page) == set(FIELDS["page"]["properties"])
+        seen += [v["id"] for v in page["results"]]
+        url = page["next"] and page["next"].replace("http://testserver", "")
+        pages += 1
+    assert pages == 2 and seen == [*added[::-1], original]  # 50 + 6, newest first, no duplicates
+
+    version = Client().get(f"/v1/models/demo/echo-text/versions/{original}").json()
+    assert set(version) == set(FIELDS["version"]["properties"])
+    assert isinstance(version["cog_version"], str)  # the official client requires a string
+    document = version["openapi_schema"]
+    assert document["openapi"].startswith("3.")
+    schemas = document["components"]["schemas"]
+    assert set(FIELDS["version"]["openapi_schema_components"]) <= set(schemas)
+    assert schemas["Input"]["required"] == ["text"] and schemas["Input"]["title"] == "Input"
+    assert schemas["Output"]["type"] == "string"
+    # The Input schema is the one inputs are validated against (JSON Schema 2020-12, as OpenAPI 3.1).
+    jsonschema.Draft202012Validator(schemas["Input"]).validate({"text": "hi"})
+    ref = document["paths"]["/predictions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert ref == {"$ref": "#/components/schemas/PredictionRequest"}
+
+
+def test_unknown_model_and_version_answer_as_replicate_does(chain_settings, demo_model) -> None:
+    for path in (
+        "/v1/models/nobody/nothing/versions",
+        "/v1/models/nobody/nothing/versions/abc",
+        "/v1/models/demo/echo-text/versions/" + "f" * 64,
+        "/v1/models/nobody/nothing",
+    ):
+        response = Client().get(path)
+        assert response.status_code == 404, path
+        assert response["Content-Type"] == "application/problem+json"
+        problem = response.json()
+        assert problem["status"] == 404 and problem["detail"].startswith("The requested resource could not")
+    # A create with an unknown version: 422 "Invalid version or not permitted", before any challenge.
+    for version in ("f" * 64, f"demo/other:{demo_model.latest_version.id}"):
+        response = Client().post(
+            "/v1/predictions",
+            data=json.dumps({"version": version, "input": {"text": "x"}}),
+            content_type="application/json",
+        )
+        assert response.status_code == 422, response.content
+        problem = response.json()
+        assert problem["title"] == "Invalid version or not permitted" and problem["status"] == 422
+        assert "does not exist" in problem["detail"] and "PAYMENT-REQUIRED" not in response
+    # The owner/name:version form naming the right model is accepted (asks for payment).
+    named = Client().post(
+        "/v1/predictions",
+        data=json.dumps({"version": f"demo/echo-text:{demo_model.latest_version.id}", "input": {"text": "x"}}),
+        content_type="application/json",
+    )
+    assert named.status_code == 402
+
+
+def test_model_json_has_every_field_of_replicates_model(chain_settings, demo_model) -> None:
+    demo_model.github_url = "https://github.com/example/echo"
+    demo_model.save()
+    spec = FIELDS["model"]
+    body = Client().get("/v1/models/demo/echo-text").json()
+    assert_fields(body, spec)
+    assert body["visibility"] in spec["visibility_enum"]
+    assert isinstance(body["run_count"], int) and body["is_official"] is False
+    assert body["github_url"] == "https://github.com/example/echo" and body["paper_url"] is None
+    assert set(body["latest_version"]) == set(FIELDS["version"]["properties"])
+    assert body["latest_version"]["id"] == demo_model.latest_version.id
+    listed = Client().get("/v1/models").json()["results"]
+    for model in listed:
+        assert_fields(model, spec)
+
+
+def test_prediction_json_has_every_field_of_replicates_prediction(
+    chain_settings, demo_model, eager_celery
+) -> None:
+    spec = FIELDS["prediction"]
+    not_served = tuple(name for name in spec["not_served"] if "." not in name)
+    created = paid(chain_settings, 0, {"input": {"text": "fields"}}, **{"Cancel-After": "5m"})
+    assert created.status_code == 201, created.content
+    body = Client().get(f"/v1/predictions/{created.json()['id']}").json()
+    assert_fields(body, spec, absent=not_served)
+    assert body["status"] == "succeeded" and body["status"] in spec["status_enum"]
+    assert body["source"] in spec["source_enum"] and body["data_removed"] is False
+    assert body["deadline"] > body["created_at"]
+    url_absent = {name.split(".", 1)[1] for name in spec["not_served"] if name.startswith("urls.")}
+    assert set(spec["urls"]["required"]) - url_absent <= set(body["urls"])
+    assert set(spec["metrics"]["properties"]) <= set(body["metrics"])
+    assert 0 < body["metrics"]["predict_time"] <= body["metrics"]["total_time"]
+    # By version, and without Cancel-After: no deadline (Replicate's is not nullable).
+    by_version = paid(
+        chain_settings, 0, {"version": demo_model.latest_version.id, "input": {"text": "v"}}, path="/v1/predictions"
+    ).json()
+    assert_fields(by_version, spec, absent=(*not_served, "deadline"))
+    assert "deadline" not in by_version
