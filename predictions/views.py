@@ -23,17 +23,17 @@ from rest_framework.views import APIView
 
 from payments import ratelimit
 from payments.exceptions import InvalidInput, payment_required_response, paywall_response, wants_html
-from payments.ledger import request_fingerprint
+from payments.ledger import request_fingerprint, settlement_answer
 from payments.permissions import Charge, X402Payment, challenge_for, honour_window_seconds, is_operator
 from payments.pricing import PriceRule, PricingError, pricing_state
 from payments.x402 import bazaar
 from payments.x402.codec import encode_header
-from payments.x402.types import Resource, settle_response
+from payments.x402.types import Resource
 from x402site.inputs import ascii_uint
 
 from . import lifecycle, schema
 from .auth import AuthenticationRequired, payer_of
-from .models import Model, ModelVersion, Prediction, SettlementPolicy
+from .models import Model, ModelVersion, Prediction, PredictionStatus, SettlementPolicy
 from .pagination import CursorPagination
 from .runners import READY, cog
 from .serializers import base_url, model_json, prediction_json, version_json
@@ -199,13 +199,31 @@ _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait(?:=([0-9]+))?(?=$|[,;\s])", re.ASCI
 MAX_WAIT = 60
 
 
+#: ``Prefer: wait=N`` answers this much before N seconds: the official client gives up reading
+#: at N + 0.5 s, and a paid answer it never reads is money for nothing.
+WAIT_MARGIN = 1.0
+
+
 def wait_for(prediction: Prediction, request: Request) -> Prediction:
     """``Prefer: wait`` (60 s) or ``wait=N`` (N <= 60): hold the answer until the prediction ends."""
     match = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
     if match is None:
         return prediction
     seconds = ascii_uint(match.group(1) or "", 2)
-    return wait_until_done(prediction, min(MAX_WAIT if seconds is None else seconds, MAX_WAIT))
+    wait = min(MAX_WAIT if seconds is None else seconds, MAX_WAIT)
+    return wait_until_done(prediction, max(0.0, wait - WAIT_MARGIN))
+
+
+def waited_json(request: Request, prediction: Prediction) -> tuple[Prediction, dict[str, Any]]:
+    """The create's answer (the prediction after any ``Prefer: wait``). A wait that ran out
+    before the prediction ended shows it ``starting``, as Replicate's sync mode does: the
+    official client's ``run`` takes any other status after a wait for the end and would return
+    no output for a paid prediction (the prediction's own URL shows its true status)."""
+    shown = wait_for(prediction, request)
+    body = prediction_json(shown, base_url(request))
+    if _PREFER_WAIT.search(request.headers.get("Prefer", "")) and not shown.is_terminal:
+        body["status"] = PredictionStatus.STARTING
+    return shown, body
 
 
 def wait_until_done(prediction: Prediction, seconds: float) -> Prediction:
@@ -264,19 +282,14 @@ class PaidPredictionCreate(APIView):
 
     def _respond(self, request: Request, prediction: Prediction, created: bool) -> Response:
         headers = {"Location": request.build_absolute_uri(f"/v1/predictions/{prediction.id}")}
-        payment = prediction.payment
+        shown, body = waited_json(request, prediction)
+        payment = shown.payment
         if payment is not None:
-            headers[PAYMENT_RESPONSE_HEADERS[payment.x402_version]] = encode_header(
-                settle_response(
-                    success=True,
-                    transaction=payment.settle_tx_hash or "",
-                    network=payment.network,
-                    payer=payment.payer,
-                    amount=int(payment.amount),
-                )
-            )
+            # As it stands after any wait: the hash once settled, else settlement_pending.
+            payment.refresh_from_db()
+            headers[PAYMENT_RESPONSE_HEADERS[payment.x402_version]] = encode_header(settlement_answer(payment))
         return Response(
-            prediction_json(wait_for(prediction, request), base_url(request)),
+            body,
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
             headers=headers,
         )
