@@ -94,18 +94,22 @@ def example_input(version: ModelVersion | None) -> dict[str, Any]:
     return example
 
 
+def body_schema(version: ModelVersion) -> dict[str, Any]:
+    """The JSON Schema of a create's body: ``input``, by the version's input schema."""
+    return {
+        "type": "object",
+        "properties": {"input": version.input_schema or {"type": "object"}},
+        "required": ["input"],
+    }
+
+
 def discovery_extension(version: ModelVersion) -> dict[str, Any]:
-    return bazaar.post_json({"input": example_input(version)})
+    return bazaar.post_json({"input": example_input(version)}, body_schema(version))
 
 
 def v1_output_schema(version: ModelVersion) -> dict[str, Any]:
     return {
-        "input": {
-            "type": "http",
-            "method": "POST",
-            "bodyType": "json",
-            "body": {"type": "object", "properties": {"input": version.input_schema}, "required": ["input"]},
-        },
+        "input": {"type": "http", "method": "POST", "bodyType": "json", "body": body_schema(version)},
         "output": version.output_schema or {},
     }
 

@@ -156,3 +156,32 @@ def test_prediction_json_has_every_field_of_replicates_prediction(
     ).json()
     assert_fields(by_version, spec, absent=(*not_served, "deadline"))
     assert "deadline" not in by_version
+
+
+def test_bazaar_extension_carries_the_models_input_schema(chain_settings, demo_model) -> None:
+    """The discovery extension's schema holds the model's real input schema where the SDK's
+    ``declare_discovery_extension`` puts its ``input_schema`` (``input.properties.body``); the
+    SDK's own validators accept it, and an example that breaks the model's schema fails."""
+    from x402.extensions.bazaar.facilitator import (
+        validate_discovery_extension,
+        validate_discovery_extension_spec,
+    )
+    from x402.extensions.bazaar.resource_service import declare_discovery_extension
+
+    from payments.x402.codec import decode_header
+
+    version = demo_model.latest_version
+    challenge = Client().post(URL, data=json.dumps({"input": {"text": "x"}}), content_type="application/json")
+    extension = decode_header(challenge["PAYMENT-REQUIRED"])["extensions"]["bazaar"]
+    body = extension["schema"]["properties"]["input"]["properties"]["body"]
+    assert body["properties"]["input"] == version.input_schema and body["required"] == ["input"]
+    sdk = declare_discovery_extension(input={"input": {"text": "hello"}}, input_schema=body, body_type="json")
+    assert sdk["bazaar"]["schema"]["properties"]["input"]["properties"]["body"] == body  # the same place
+    assert validate_discovery_extension(extension).valid
+    assert validate_discovery_extension_spec(extension).valid
+    broken = json.loads(json.dumps(extension))
+    broken["info"]["input"]["body"] = {"input": {"text": 42}}
+    assert not validate_discovery_extension(broken).valid
+    # The discovery listing carries the same extension.
+    [item] = [i for i in Client().get("/discovery/resources").json()["items"] if i["resource"].endswith(URL)]
+    assert item["extensions"]["bazaar"]["schema"] == extension["schema"]
