@@ -58,6 +58,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 ENDED_UNSERVED = frozenset({P.FAILED, P.CANCELED, P.ABORTED})
 
 ABORTED_ERROR = "aborted: the Cancel-After deadline passed before the prediction started"
+DEADLINE_ERROR = "canceled: the Cancel-After deadline passed while the prediction ran"
 PREDICTIONS_ENDED = Counter("x402_predictions_total", "Predictions that ended, by status", ["status"])
 
 
@@ -267,6 +268,23 @@ def abort_overdue(prediction_id: str, *, cause: str) -> bool:
         ):
             return False
         _move(prediction, P.ABORTED, cause, error=ABORTED_ERROR)
+        return True
+
+
+def cancel_past_deadline(prediction_id: str, *, cause: str) -> bool:
+    """A run still going past its Cancel-After deadline is canceled and stopped on its runner
+    (Replicate's ``canceled``: under ``before_run`` it was paid for; ``after_success`` releases)."""
+    with transaction.atomic():
+        prediction = _lock(prediction_id)
+        if (
+            prediction is None
+            or prediction.status != P.PROCESSING
+            or prediction.run_ended_at is not None
+            or not prediction.cancel_after_at
+            or prediction.cancel_after_at > timezone.now()
+        ):
+            return False
+        _move(prediction, P.CANCELED, cause, stop_run=True, error=DEADLINE_ERROR)
         return True
 
 

@@ -219,3 +219,37 @@ versions_list_schema = extend_schema(
         404: PROBLEM,
     },
 )
+hardware_schema = extend_schema(
+    operation_id="hardware_list",
+    responses={
+        200: {
+            "type": "array",
+            "items": {"type": "object", "properties": {"name": {"type": "string"}, "sku": {"type": "string"}}},
+        }
+    },
+)
+account_schema = extend_schema(
+    parameters=[
+        OpenApiParameter(
+            "SIGN-IN-WITH-X",
+            str,
+            OpenApiParameter.HEADER,
+            description="x402 sign-in-with-x proof: the account is the payer address it proves.",
+        ),
+        OpenApiParameter("Authorization", str, OpenApiParameter.HEADER, description="`Bearer <operator token>`."),
+    ],
+    responses={
+        200: {
+            "type": "object",
+            "properties": {
+                "type": {"type": "string", "enum": ["user", "organization"]},
+                "username": {"type": "string", "description": "A payer's address, or `operator`."},
+                "name": {"type": "string"},
+                "github_url": {"type": "string", "nullable": True},
+            },
+        },
+        401: PROBLEM,
+        403: PROBLEM,
+    },
+)
+collections_schema = extend_schema(responses={404: PROBLEM})

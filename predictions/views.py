@@ -24,6 +24,7 @@ from rest_framework.views import APIView
 from payments import ratelimit
 from payments.exceptions import InvalidInput, payment_required_response, paywall_response, wants_html
 from payments.ledger import request_fingerprint, settlement_answer
+from payments.models import HardwareTier
 from payments.permissions import Charge, X402Payment, challenge_for, honour_window_seconds, is_operator
 from payments.pricing import PriceRule, PricingError, pricing_state
 from payments.x402 import bazaar
@@ -42,6 +43,8 @@ from .webhooks import EVENTS, UnsafeWebhook, check_url
 from .webhooks import secret as webhook_secret
 
 PAYMENT_RESPONSE_HEADERS = {1: "X-PAYMENT-RESPONSE", 2: "PAYMENT-RESPONSE"}
+#: Replicate's account types, and the username an operator token reads as.
+ACCOUNT_USER, ACCOUNT_ORGANIZATION, OPERATOR = "user", "organization", "operator"
 log = logging.getLogger("predictions.api")
 
 
@@ -439,6 +442,38 @@ class PredictionCancel(APIView):
         prediction = lifecycle.cancel(get_object_or_404(Prediction, pk=prediction_id).pk)
         prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
         return Response(prediction_json(prediction, base_url(request)))
+
+
+class HardwareList(APIView):
+    """GET /v1/hardware: the hardware tiers models run on, as Replicate lists them ({name, sku})."""
+
+    @schema.hardware_schema
+    def get(self, request: Request) -> Response:
+        tiers = HardwareTier.objects.filter(active=True)
+        return Response([{"name": tier.name, "sku": tier.slug} for tier in tiers])
+
+
+class AccountDetail(APIView):
+    """GET /v1/account: who is asking. There are no accounts here: an operator token is the
+    operator (an organization); an agent proves its payer address with a sign-in-with-x proof
+    (401 with the declaration without one), and that address is its username."""
+
+    @schema.account_schema
+    def get(self, request: Request) -> Response:
+        if is_operator(request):
+            return Response(
+                {"type": ACCOUNT_ORGANIZATION, "username": OPERATOR, "name": OPERATOR, "github_url": None}
+            )
+        payer = payer_of(request, "Reading the account")
+        return Response({"type": ACCOUNT_USER, "username": payer, "name": payer, "github_url": None})
+
+
+class Collections(APIView):
+    """GET /v1/collections[/{slug}]: Replicate's curated collections are not offered here."""
+
+    @schema.collections_schema
+    def get(self, request: Request, slug: str = "") -> Response:
+        raise NotFound("Collections are not offered by this server; list its models with GET /v1/models.")
 
 
 class WebhookSecret(APIView):

@@ -17,10 +17,11 @@ import pytest
 import replicate
 from eth_account import Account
 from pydantic.v1 import ValidationError
+from replicate.exceptions import ReplicateError
 from x402 import x402ClientSync
 from x402.mechanisms.evm.exact import register_exact_evm_client
 
-from payments.models import PAID_STATUSES, Payment
+from payments.models import PAID_STATUSES, HardwareTier, Payment
 from predictions.models import ModelVersion, Prediction
 from tests.conftest import fresh_payer, token_balance
 
@@ -62,6 +63,7 @@ def test_every_call_of_the_official_client_and_no_payment_without_its_result(
         output_schema={"type": "string"},
         created_at=echo.created_at - timedelta(days=1),  # not the latest: run("demo/echo-text") runs echo
     )
+    HardwareTier.objects.get_or_create(slug="cpu", defaults={"name": "CPU", "price_per_second": "0.0001"})
     payer = fresh_payer(chain)
     before = token_balance(chain, payer["address"])
     client, transport = agent(live_server.url, chain, payer["private_key"])
@@ -97,8 +99,15 @@ def test_every_call_of_the_official_client_and_no_payment_without_its_result(
         time.sleep(0.2)
     canceled = client.predictions.cancel(slow.id)
     assert canceled.status == "canceled"
-    listed = {p.id for p in client.predictions.list().results}  # a sign-in-with-x proof, signed by the SDK
+    listed = {p.id for p in client.predictions.list().results}  # with a sign-in-with-x proof
     assert {created.id, slow.id} <= listed and len(listed) == 5
+
+    # accounts.current (the payer, proven the same way), hardware.list, collections (not offered).
+    assert client.accounts.current().username == payer["address"]
+    assert [h.sku for h in client.hardware.list()] == [t.slug for t in HardwareTier.objects.filter(active=True)]
+    with pytest.raises(ReplicateError) as missing:
+        client.collections.list()
+    assert missing.value.status == 404 and "GET /v1/models" in missing.value.detail
 
     # Each payment the transport made bought the answer of the call that made it.
     assert [r.status for r in transport.receipts] == [201] * len(results)

@@ -185,3 +185,100 @@ def test_bazaar_extension_carries_the_models_input_schema(chain_settings, demo_m
     # The discovery listing carries the same extension.
     [item] = [i for i in Client().get("/discovery/resources").json()["items"] if i["resource"].endswith(URL)]
     assert item["extensions"]["bazaar"]["schema"] == extension["schema"]
+
+
+def test_hardware_account_and_collections(chain_settings, demo_model, settings) -> None:
+    from payments.models import HardwareTier
+    from tests.siwx import siwx_header
+
+    HardwareTier.objects.get_or_create(slug="cpu", defaults={"name": "CPU", "price_per_second": "0.0001"})
+    HardwareTier.objects.create(slug="gpu-retired", name="Retired", price_per_second="0.0002", active=False)
+    hardware = Client().get("/v1/hardware").json()
+    active = HardwareTier.objects.filter(active=True)  # the seeded tiers, when the migration's rows remain
+    assert hardware == [{"name": t.name, "sku": t.slug} for t in active]
+    assert {"name": "CPU", "sku": "cpu"} in hardware and "gpu-retired" not in {h["sku"] for h in hardware}
+    assert set(hardware[0]) == set(FIELDS["hardware"]["item_properties"])
+
+    unproven = Client().get("/v1/account")
+    assert unproven.status_code == 401 and "sign-in-with-x" in unproven.json()["extensions"]
+    key = chain_settings.payers[0]["private_key"]
+    proven = Client().get("/v1/account", headers={"SIGN-IN-WITH-X": siwx_header(key, "http://127.0.0.1:8000")})
+    assert proven.json() == {
+        "type": "user",
+        "username": chain_settings.payers[0]["address"],
+        "name": chain_settings.payers[0]["address"],
+        "github_url": None,
+    }
+    settings.X402_OPERATOR_TOKENS = ["op-token"]
+    operator = Client().get("/v1/account", headers={"Authorization": "Bearer op-token"}).json()
+    assert operator["type"] == "organization" and operator["username"] == "operator"
+
+    for path in ("/v1/collections", "/v1/collections/super-resolution"):
+        response = Client().get(path)
+        assert response.status_code == 404 and response["Content-Type"] == "application/problem+json"
+        assert "GET /v1/models" in response.json()["detail"]
+
+
+def test_a_run_past_its_cancel_after_deadline_is_canceled(chain_settings, demo_model) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from predictions import lifecycle
+    from predictions.models import Prediction
+    from predictions.tasks import enforce_cancel_after, sweep
+
+    version = demo_model.latest_version
+    soon = timezone.now() + timedelta(minutes=5)
+    running = [
+        Prediction.objects.create(model=demo_model, version=version, input={"text": str(i)}, cancel_after_at=soon)
+        for i in range(2)
+    ]
+    for prediction in running:
+        assert lifecycle.claim(prediction.id) is not None
+    assert enforce_cancel_after(running[0].id) is False  # not yet
+    Prediction.objects.filter(pk__in=[p.id for p in running]).update(cancel_after_at=timezone.now())
+    assert enforce_cancel_after(running[0].id) is True  # the task scheduled at the deadline
+    assert sweep()["canceled"] == 1  # the sweep catches a run whose task was lost
+    for prediction in running:
+        body = Client().get(f"/v1/predictions/{prediction.id}").json()
+        assert body["status"] == "canceled" and body["error"] == lifecycle.DEADLINE_ERROR
+        assert body["metrics"]["total_time"] >= 0
+
+
+def test_data_is_removed_after_the_retention_period(chain_settings, demo_model, settings) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from predictions.models import Prediction
+    from predictions.tasks import remove_expired_data
+
+    settings.X402_DATA_RETENTION_DAYS = 2
+    version = demo_model.latest_version
+    now = timezone.now()
+
+    def made(status: str, completed_days_ago: float | None) -> Prediction:
+        completed = now - timedelta(days=completed_days_ago) if completed_days_ago is not None else None
+        return Prediction.objects.create(
+            model=demo_model,
+            version=version,
+            input={"text": "secret"},
+            output="secret",
+            logs="secret logs",
+            status=status,
+            completed_at=completed,
+        )
+
+    old, recent, unfinished = made("succeeded", 3), made("failed", 1), made("processing", None)
+    assert remove_expired_data() == 1
+    assert remove_expired_data() == 0  # once
+    body = Client().get(f"/v1/predictions/{old.id}").json()
+    assert body["data_removed"] is True and body["status"] == "succeeded"
+    assert body["input"] == {} and body["output"] is None and body["logs"] == ""
+    for kept in (recent, unfinished):
+        body = Client().get(f"/v1/predictions/{kept.id}").json()
+        assert body["data_removed"] is False and body["input"] == {"text": "secret"}
+    settings.X402_DATA_RETENTION_DAYS = 0  # keep for ever
+    Prediction.objects.filter(pk=recent.pk).update(completed_at=now - timedelta(days=365))
+    assert remove_expired_data() == 0
