@@ -282,3 +282,28 @@ def test_data_is_removed_after_the_retention_period(chain_settings, demo_model, 
     settings.X402_DATA_RETENTION_DAYS = 0  # keep for ever
     Prediction.objects.filter(pk=recent.pk).update(completed_at=now - timedelta(days=365))
     assert remove_expired_data() == 0
+
+
+def test_a_deadline_passed_after_payment_runs_rather_than_charging_for_nothing(
+    chain_settings, demo_model, eager_celery, monkeypatch
+) -> None:
+    """Aborted means not charged (Replicate's meaning). A before_run prediction whose payment
+    was already settled when its Cancel-After deadline passed cannot be un-charged: it runs."""
+    import time
+
+    from predictions import lifecycle
+    from predictions.models import Prediction
+    from predictions.tasks import run_prediction, sweep
+
+    monkeypatch.setattr("predictions.tasks.enqueue_run", lambda prediction: None)  # settle, do not run yet
+    created = paid(chain_settings, 1, {"input": {"text": "late but paid"}}, **{"Cancel-After": "500ms"})
+    assert created.status_code == 201, created.content
+    prediction = Prediction.objects.get(pk=created.json()["id"])
+    assert prediction.payment.status == "confirmed" and prediction.status == "starting"
+    time.sleep(0.6)
+    assert sweep()["aborted"] == 0  # the sweep does not abort a charged prediction
+    run_prediction(prediction.id)
+    body = Client().get(f"/v1/predictions/{prediction.id}").json()
+    assert body["status"] == "succeeded" and body["output"] == "late but paid" and "deadline" not in body
+    started = prediction.events.get(to_status="processing")
+    assert started.detail == {"cancel_after": lifecycle.DEADLINE_WAIVED}
