@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from drf_spectacular.utils import (
     OpenApiExample,
     OpenApiParameter,
@@ -252,4 +254,8 @@ account_schema = extend_schema(
         403: PROBLEM,
     },
 )
-collections_schema = extend_schema(responses={404: PROBLEM})
+
+
+def collections_schema(operation_id: str) -> Any:
+    """The 404-only description of a collections route (each its own operation id)."""
+    return extend_schema(operation_id=operation_id, responses={404: PROBLEM})

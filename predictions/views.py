@@ -468,12 +468,23 @@ class AccountDetail(APIView):
         return Response({"type": ACCOUNT_USER, "username": payer, "name": payer, "github_url": None})
 
 
-class Collections(APIView):
-    """GET /v1/collections[/{slug}]: Replicate's curated collections are not offered here."""
+NO_COLLECTIONS = "Collections are not offered by this server; list its models with GET /v1/models."
 
-    @schema.collections_schema
-    def get(self, request: Request, slug: str = "") -> Response:
-        raise NotFound("Collections are not offered by this server; list its models with GET /v1/models.")
+
+class CollectionList(APIView):
+    """GET /v1/collections: Replicate's curated collections are not offered here (404)."""
+
+    @schema.collections_schema("collections_list")
+    def get(self, request: Request) -> Response:
+        raise NotFound(NO_COLLECTIONS)
+
+
+class CollectionDetail(APIView):
+    """GET /v1/collections/{slug}: 404, as the list."""
+
+    @schema.collections_schema("collections_get")
+    def get(self, request: Request, slug: str) -> Response:
+        raise NotFound(NO_COLLECTIONS)
 
 
 class WebhookSecret(APIView):
