@@ -55,6 +55,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 OPEN_STATUSES = frozenset({S.VERIFIED, S.SETTLING, S.SETTLED, S.LAPSING})
 PAID_STATUSES = frozenset({S.SETTLED, S.CONFIRMED})
 UNPAID_STATUSES = frozenset({S.FAILED, S.EXPIRED})
+#: The money moves or has moved: the authorization can no longer be released unsettled.
+CHARGED_STATUSES = frozenset({S.SETTLING, *PAID_STATUSES})
 
 
 class VerificationMethod(models.TextChoices):
