@@ -45,8 +45,11 @@ def asgi(chain, django_db_setup, django_db_blocker, tmp_path_factory) -> Any:
     try:
         yield {"url": url, "pid": server.pid, "log": logs / "uvicorn.log"}
     finally:
+        from x402site.celery import app
+
         devchain.stop(worker)
         devchain.stop(server)
+        app.control.purge()  # runs still queued (the waiting test's) are not the next module's
 
 
 def paid_create(chain, url: str, body: dict, payer: int, **headers: str) -> requests.Response:
