@@ -230,10 +230,14 @@ class AuthorizationUse:
     head_block: int
     head_timestamp: int
     searched_from: int
+    #: Used, but by no transaction that paid this payment (an upto permit's nonce spent by the
+    #: payer elsewhere: Permit2 logs no nonce use to point at).
+    used_elsewhere: bool = False
 
     def as_detail(self) -> dict[str, Any]:
         return {
             "authorization_used": self.used,
+            "used_elsewhere": self.used_elsewhere,
             "used_in": self.used_in,
             "canceled_in": self.canceled_in,
             "head_block": self.head_block,
