@@ -149,11 +149,12 @@ def charge_usage(payment: Payment, run_seconds: Decimal, *, succeeded: bool, rea
     if locked.status != PaymentStatus.VERIFIED or locked.settle_requested_at is not None:
         return  # already charged (a second report of the run) or no longer chargeable
     price = UsagePrice.from_snapshot(locked.usage_price)
+    run_seconds = run_seconds.quantize(Decimal("0.001"))  # as recorded: the charge is reproducible
     usd = price.charge(run_seconds) if succeeded else price.failure_charge()
     amount = min(int(locked.maximum), atomic_amount(usd, locked.decimals))
     if succeeded:
         amount = max(amount, 1)
-    fields = {"run_seconds": run_seconds.quantize(Decimal("0.001"))}
+    fields = {"run_seconds": run_seconds}
     if amount <= 0:
         Payment.objects.filter(pk=locked.pk).update(**fields)
         payment.run_seconds = fields["run_seconds"]

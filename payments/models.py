@@ -239,6 +239,10 @@ class Payment(models.Model):
         return Decimal(self.amount).scaleb(-self.decimals)
 
     @property
+    def maximum_decimal(self) -> Decimal | None:
+        return None if self.maximum is None else Decimal(self.maximum).scaleb(-self.decimals)
+
+    @property
     def is_terminal(self) -> bool:
         return not TRANSITIONS[self.status]
 

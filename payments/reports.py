@@ -157,3 +157,8 @@ def revenue_by_model(flt: LedgerFilter) -> list[tuple[str, Decimal, int]]:
 
 def needing_attention(flt: LedgerFilter, limit: int = 50) -> QuerySet[Payment]:
     return flt.apply(Payment.objects.filter(status__in=(S.FAILED, S.EXPIRED))).order_by("-created_at")[:limit]
+
+
+def usage_priced(flt: LedgerFilter, limit: int = 50) -> QuerySet[Payment]:
+    """Pay-per-second (upto) payments, newest first: the maximum each permitted and the charge."""
+    return flt.apply(Payment.objects.exclude(maximum=None)).order_by("-created_at")[:limit]
