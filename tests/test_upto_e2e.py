@@ -93,7 +93,7 @@ def test_the_402_offers_upto_first_with_the_time_limits_price(chain_settings, pe
 
 
 def test_sdk_upto_client_pays_for_the_seconds_it_ran(
-    chain_settings, per_second_model, live_server, celery_worker_process, capsys
+    chain_settings, per_second_model, live_server, celery_worker_process, capsys, staff
 ) -> None:
     chain = chain_settings
     payer = approved_payer(chain)
@@ -120,6 +120,12 @@ def test_sdk_upto_client_pays_for_the_seconds_it_ran(
     [row] = [r for r in export_rows(capsys) if r["payment_id"] == str(p.pk)]
     assert (row["scheme"], row["maximum_atomic"], row["amount_atomic"]) == ("upto", str(MAXIMUM), str(actual))
     assert row["maximum"] == "0.014000" and Decimal(row["run_seconds"]) == p.run_seconds
+    # The revenue dashboard shows the maximum and the charge; the catalogue, the per-second offer.
+    page = staff["finance"].get("/admin/payments/payment/dashboard/").content.decode()
+    assert f'<td class="maximum">{Decimal(MAXIMUM).scaleb(-6)}</td>' in page  # 0.014000
+    assert f'<td class="charged">{Decimal(actual).scaleb(-6)}</td>' in page
+    catalogue = requests.get(f"{live_server.url}/v1/models/{MODEL}", timeout=10).json()["pricing"]["per_second"]
+    assert catalogue["maximum"] == "0.014" and catalogue["price_per_second"] == "0.0014"
     with capsys.disabled():
         print(f"\nupto: ran {p.run_seconds}s, charged {actual} of at most {MAXIMUM} atomic units")
 
