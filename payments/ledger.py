@@ -97,7 +97,8 @@ def same_proof(verified: VerifiedPayment) -> Payment | None:
         )
         .filter(
             pay_to=verified.requirement.option.pay_to,
-            amount=auth.value,
+            # What was signed: the amount, or an upto permit's maximum (its amount is the charge).
+            **({"maximum": auth.value} if verified.payload.permit is not None else {"amount": auth.value}),
             valid_after=auth.valid_after,
             valid_before=auth.valid_before,
             signature="0x" + verified.payload.signature.hex(),

@@ -249,8 +249,10 @@ def chain_use(p: Payment) -> AuthorizationUse:
 
 
 def has_lapsed(p: Payment, use: AuthorizationUse | None = None) -> bool:
-    """No block can use the authorization any more (the token requires timestamp < validBefore)."""
-    head_past = use is not None and use.head_timestamp >= p.valid_before
+    """No block can use the authorization any more (the token requires timestamp < validBefore;
+    Permit2, for an upto permit, timestamp <= deadline)."""
+    last_usable = p.valid_before if p.scheme == SCHEME_UPTO else p.valid_before - 1
+    head_past = use is not None and use.head_timestamp > last_usable
     return head_past or time.time() >= p.valid_before + LAPSE_MARGIN_SECONDS
 
 

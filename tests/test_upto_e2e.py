@@ -252,3 +252,43 @@ def test_a_failed_settlement_is_a_clear_state_the_reconciler_finishes(
     assert p.status == PaymentStatus.FAILED and p.unpaid_reason == UnpaidReason.SIMULATION_REVERTED
     assert prediction.status == "failed" and prediction.output is None
     assert token_balance(chain, chain.pay_to) >= 0  # nothing moved for it: the invariant check proves it
+
+
+def test_a_failed_run_with_nothing_to_charge_moves_no_money(
+    chain_settings, per_second_model, eager_celery, monkeypatch
+) -> None:
+    """The model charges nothing for a failed run: the permit is released (no transaction), the
+    payment ends EXPIRED with ``unpaid_reason`` released once the permit lapses; the run seconds
+    are on the books."""
+    from payments.settlement import LAPSE_MARGIN_SECONDS, reconcile_open
+    from predictions.runners.demo import CountSeconds
+
+    def broken(self: Any, seconds: float = 1.0) -> dict[str, float]:
+        raise RuntimeError("the GPU fell over")
+
+    monkeypatch.setattr(CountSeconds, "predict", broken)
+    chain = chain_settings
+    payer = approved_payer(chain)
+    before = token_balance(chain, payer["address"])
+    challenge = Client().post(PATH, {"input": {"seconds": 1}}, content_type="application/json")
+    accepted = decode_header(challenge["PAYMENT-REQUIRED"])["accepts"][0]
+    from payments.x402.types import SCHEME_UPTO, PaymentOption, Requirement
+
+    option = PaymentOption(chain.chain_id, chain.asset, "USD Coin", "2", chain.pay_to)
+    req = Requirement(option, int(accepted["amount"]), hold_seconds=10, scheme=SCHEME_UPTO,
+                      facilitators=(chain.relayer_address,))
+    body = {"x402Version": 2, "accepted": accepted, "payload": sign_upto(payer["private_key"], req)}
+    response = Client().post(
+        PATH, {"input": {"seconds": 1}}, content_type="application/json", HTTP_PAYMENT_SIGNATURE=encode_header(body)
+    )
+    assert response.status_code == 201, response.content
+    p = Payment.objects.get()
+    prediction = Prediction.objects.get(payment=p)
+    assert prediction.status == "failed" and "fell over" in prediction.error
+    assert p.status == PaymentStatus.LAPSING and p.unpaid_reason == UnpaidReason.RELEASED
+    assert p.settle_tx_hash is None and p.settlement_tx is None and p.run_seconds is not None
+    monkeypatch.setattr(time, "time", lambda: p.valid_before + LAPSE_MARGIN_SECONDS + 1)
+    reconcile_open()
+    p.refresh_from_db()
+    assert p.status == PaymentStatus.EXPIRED and p.unpaid_reason == UnpaidReason.RELEASED
+    assert token_balance(chain, payer["address"]) == before
