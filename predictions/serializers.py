@@ -19,8 +19,9 @@ def _iso(value: Any) -> str | None:
 def payment_json(payment: Payment | None) -> dict[str, Any] | None:
     if payment is None:
         return None
-    return {
+    body = {
         "id": str(payment.id),
+        "scheme": payment.scheme,
         "status": payment.status,
         "amount": str(payment.amount_decimal),
         "amount_atomic": str(payment.amount),
@@ -31,6 +32,14 @@ def payment_json(payment: Payment | None) -> dict[str, Any] | None:
         "transaction": payment.settle_tx_hash,
         "confirmations": payment.confirmations,
     }
+    if payment.maximum is not None:
+        # Pay per second (upto): ``amount`` is the maximum until the run is measured, then the charge.
+        body.update(
+            maximum=str(payment.maximum_decimal),
+            maximum_atomic=str(payment.maximum),
+            run_seconds=None if payment.run_seconds is None else str(payment.run_seconds),
+        )
+    return body
 
 
 def base_url(request: Request) -> str:

@@ -292,3 +292,24 @@ def test_a_failed_run_with_nothing_to_charge_moves_no_money(
     p.refresh_from_db()
     assert p.status == PaymentStatus.EXPIRED and p.unpaid_reason == UnpaidReason.RELEASED
     assert token_balance(chain, payer["address"]) == before
+
+
+def test_the_agent_example_pays_per_second(chain_settings, per_second_model, live_server, celery_worker_process) -> None:
+    """examples/agent_pay_upto.py, as the README runs it against the quick start."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    chain = chain_settings
+    payer = chain.payers[1]  # a demo payer: approved Permit2 when the chain was deployed
+    before = token_balance(chain, payer["address"])
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "agent_pay_upto.py"), "1", "--base-url", live_server.url,
+         "--devchain", str(chain.path), "--payer", "1"],
+        capture_output=True, text=True, timeout=120, cwd=root,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    p = Payment.objects.get(payer=payer["address"], scheme="upto")
+    assert f"charged     {p.amount_decimal} USDC of at most {p.maximum_decimal}" in done.stdout, done.stdout
+    assert token_balance(chain, payer["address"]) == before - int(p.amount)
