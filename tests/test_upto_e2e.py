@@ -313,3 +313,41 @@ def test_the_agent_example_pays_per_second(chain_settings, per_second_model, liv
     p = Payment.objects.get(payer=payer["address"], scheme="upto")
     assert f"charged     {p.amount_decimal} USDC of at most {p.maximum_decimal}" in done.stdout, done.stdout
     assert token_balance(chain, payer["address"]) == before - int(p.amount)
+
+
+def test_the_lane_the_permit_names_settles_it(chain_settings, per_second_model, eager_celery, settings) -> None:
+    """With several relayer lanes, a permit naming the second as its facilitator is settled by
+    that lane (the proxy would refuse any other sender)."""
+    from tests.conftest import option_settings
+
+    chain = chain_settings
+    second = Account.from_key(chain.spare_keys[1])  # type: ignore[attr-defined]
+    for name, value in option_settings(chain).items():
+        setattr(settings, name, value)
+    settings.X402_RELAYER_KEYS = [chain.relayer_private_key, chain.spare_keys[1]]  # type: ignore[attr-defined]
+    challenge = Client().post(PATH, {"input": {"seconds": 0.1}}, content_type="application/json")
+    accepted = decode_header(challenge["PAYMENT-REQUIRED"])["accepts"][0]
+    assert accepted["extra"]["facilitatorAddress"] == chain.relayer_address  # the first lane is advertised
+    from payments.x402.types import SCHEME_UPTO, PaymentOption, Requirement
+
+    option = PaymentOption(chain.chain_id, chain.asset, "USD Coin", "2", chain.pay_to)
+    req = Requirement(option, int(accepted["amount"]), hold_seconds=10, scheme=SCHEME_UPTO, facilitators=(second.address,))
+    payer = approved_payer(chain)
+    body = {"x402Version": 2, "accepted": accepted, "payload": sign_upto(payer["private_key"], req)}
+    response = Client().post(
+        PATH, {"input": {"seconds": 0.1}}, content_type="application/json", HTTP_PAYMENT_SIGNATURE=encode_header(body)
+    )
+    assert response.status_code == 201, response.content
+    from payments.settlement import reconcile_open
+
+    p = Payment.objects.get()
+    for _ in range(20):  # the batcher sent it alone; the reconciler follows its receipt
+        if p.status == PaymentStatus.CONFIRMED:
+            break
+        reconcile_open()
+        time.sleep(0.1)
+        p.refresh_from_db()
+    assert p.status == PaymentStatus.CONFIRMED, (p.status, p.failure_reason)
+    receipt = rpc(chain.rpc_url, "eth_getTransactionReceipt", [p.settle_tx_hash])
+    assert receipt["from"].lower() == second.address.lower()
+    assert Prediction.objects.get(payment=p).status == "succeeded"
