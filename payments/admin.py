@@ -157,6 +157,7 @@ class PaymentAdmin(ReadOnlyAdmin):
         flt = LedgerFilter(
             since=datetime.combine(since, time.min, tzinfo=UTC),
             until=datetime.combine(until + timedelta(days=1), time.min, tzinfo=UTC),
+            ours_only=True,
         )
         totals = reports.totals(flt)
         by_day = dict(reports.revenue_by_day(flt))
@@ -169,6 +170,7 @@ class PaymentAdmin(ReadOnlyAdmin):
             "until": until,
             "revenue": sum(totals.amount(reports.PAID).values(), Decimal(0)),
             "pending": sum(totals.amount(reports.PENDING).values(), Decimal(0)),
+            "moved_for_others": reports.moved_for_others(flt),
             "by_status": sorted(totals.by_status().items()),
             "lines": totals.lines(),
             # bar_chart escapes every label and value it draws.

@@ -15,11 +15,16 @@ from kombu.exceptions import OperationalError
 
 from . import idempotency
 from .metrics import ACCEPTED
-from .models import Payment, PaymentEvent, PaymentStatus, UnpaidReason
+from .models import PAID_STATUSES, UNPAID_STATUSES, Payment, PaymentEvent, PaymentStatus, UnpaidReason
 from .pricing import UsagePrice, atomic_amount
 from .verification import Verification
-from .x402.types import Resource, wire_requirement
+from .x402.types import Resource, settle_response, wire_requirement
 from .x402.verify import VerifiedPayment
+
+#: Settlement not finished (the x402 SDK's reason code): we answer before the transfer is mined.
+SETTLEMENT_PENDING = "settlement_pending"
+#: The x402 specification's reason for a settlement that failed on chain.
+SETTLEMENT_FAILED = "invalid_transaction_state"
 
 #: PostgreSQL's SQLSTATE for a unique-constraint violation.
 UNIQUE_VIOLATION = "23505"
@@ -208,3 +213,29 @@ def release(payment: Payment, reason: str) -> None:
             unpaid_reason=UnpaidReason.RELEASED,
             failure_reason=f"released unsettled: {reason}",
         )
+
+
+def settlement_answer(payment: Payment) -> dict[str, Any]:
+    """The x402 ``SettleResponse`` for ``payment`` as it stands now (``PAYMENT-RESPONSE``, the
+    MCP result's ``_meta``).
+
+    ``success`` is true only once the transfer is mined (settled or confirmed), and then carries
+    its transaction hash: the specification requires a hash with every success. Settlement
+    is deferred here (in batches, after the answer), so until then the answer is ``success:
+    false`` with ``errorReason: settlement_pending`` (the SDK's code for a settlement not yet
+    final) and the hash of a transaction already broadcast, if any; the request was accepted
+    all the same (2xx), and the prediction's ``payment`` shows the outcome later. A payment
+    that ended unpaid says so (``invalid_transaction_state``).
+    """
+    paid = payment.status in PAID_STATUSES and bool(payment.settle_tx_hash)
+    reason = None
+    if not paid:
+        reason = SETTLEMENT_FAILED if payment.status in UNPAID_STATUSES else SETTLEMENT_PENDING
+    return settle_response(
+        success=paid,
+        transaction=payment.settle_tx_hash or "",
+        network=payment.network,
+        payer=payment.payer,
+        amount=int(payment.amount),
+        error_reason=reason,
+    )

@@ -55,6 +55,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 OPEN_STATUSES = frozenset({S.VERIFIED, S.SETTLING, S.SETTLED, S.LAPSING})
 PAID_STATUSES = frozenset({S.SETTLED, S.CONFIRMED})
 UNPAID_STATUSES = frozenset({S.FAILED, S.EXPIRED})
+#: The money moves or has moved: the authorization can no longer be released unsettled.
+CHARGED_STATUSES = frozenset({S.SETTLING, *PAID_STATUSES})
 
 
 class UptoOrder(models.TextChoices):
@@ -120,6 +122,24 @@ class PaymentQuerySet(models.QuerySet["Payment"]):
 
     def of_authorization(self, network: str, asset: str, payer: str, nonce: str) -> PaymentQuerySet:
         return self.filter(network=network, asset=asset, payer=payer, nonce=nonce)
+
+    def ours(self) -> PaymentQuerySet:
+        """Payments whose money is ours: everything the gate took, and facilitator-API payments
+        to one of our pay-to addresses. The rest of the facilitator API's rows is money we moved
+        for other merchants: in the ledger, never in our revenue."""
+        from .options import configured
+
+        our_pay_to = {c.option.pay_to for c in configured()}
+        return self.exclude(
+            models.Q(verification=VerificationMethod.FACILITATOR_API) & ~models.Q(pay_to__in=our_pay_to)
+        )
+
+    def for_others(self) -> PaymentQuerySet:
+        """Facilitator-API payments to another merchant's pay-to (the complement of ``ours``)."""
+        from .options import configured
+
+        our_pay_to = {c.option.pay_to for c in configured()}
+        return self.filter(verification=VerificationMethod.FACILITATOR_API).exclude(pay_to__in=our_pay_to)
 
 
 class IllegalTransition(Exception):

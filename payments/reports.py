@@ -7,7 +7,7 @@ asset's own decimals.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -31,6 +31,8 @@ class LedgerFilter:
     statuses: tuple[str, ...] = ()
     model: str = ""  # "owner/name"
     network: str = ""
+    #: Only payments whose money is ours (the dashboard); exports keep the whole ledger.
+    ours_only: bool = False
 
     def apply(self, qs: QuerySet[Payment]) -> QuerySet[Payment]:
         if self.since:
@@ -44,6 +46,8 @@ class LedgerFilter:
             qs = qs.filter(prediction__model__owner=owner, prediction__model__name=name)
         if self.network:
             qs = qs.filter(network=self.network)
+        if self.ours_only:
+            qs = qs.ours()
         return qs
 
     def as_dict(self) -> dict[str, Any]:
@@ -53,6 +57,7 @@ class LedgerFilter:
             "statuses": list(self.statuses),
             "model": self.model,
             "network": self.network,
+            "ours_only": self.ours_only,
         }
 
 
@@ -153,6 +158,17 @@ def revenue_by_model(flt: LedgerFilter) -> list[tuple[str, Decimal, int]]:
         entry[0] += Decimal(row["amount"]).scaleb(-row["decimals"])
         entry[1] += row["count"]
     return sorted(((k, v[0], v[1]) for k, v in out.items()), key=lambda r: -r[1])
+
+
+def moved_for_others(flt: LedgerFilter) -> Decimal:
+    """Paid facilitator-API money that went to other merchants in the period (not revenue)."""
+    rows = (
+        replace(flt, ours_only=False)
+        .apply(Payment.objects.for_others().filter(status__in=PAID))
+        .values("decimals")
+        .annotate(amount=Sum("amount"))
+    )
+    return sum((Decimal(row["amount"]).scaleb(-row["decimals"]) for row in rows), Decimal(0))
 
 
 def needing_attention(flt: LedgerFilter, limit: int = 50) -> QuerySet[Payment]:

@@ -33,7 +33,7 @@ from prometheus_client import Counter
 
 from payments import ledger
 from payments.metrics import PREDICTION_SECONDS
-from payments.models import UNPAID_STATUSES, Payment, PaymentStatus
+from payments.models import CHARGED_STATUSES, UNPAID_STATUSES, Payment, PaymentStatus
 
 from . import webhooks
 from .models import (
@@ -61,6 +61,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 ENDED_UNSERVED = frozenset({P.FAILED, P.CANCELED, P.ABORTED})
 
 ABORTED_ERROR = "aborted: the Cancel-After deadline passed before the prediction started"
+DEADLINE_ERROR = "canceled: the Cancel-After deadline passed while the prediction ran"
+#: Why a prediction past its deadline ran all the same (in its PROCESSING event's detail).
+DEADLINE_WAIVED = "the Cancel-After deadline passed after the payment was settled: run, not aborted"
 PREDICTIONS_ENDED = Counter("x402_predictions_total", "Predictions that ended, by status", ["status"])
 
 
@@ -163,12 +166,14 @@ def create(
 
 def claim(prediction_id: str) -> Prediction | None:
     """STARTING -> PROCESSING, once: the prediction to run, or None when there is nothing to run
-    (already claimed, ended, not yet paid under ``before_run``, or past its Cancel-After)."""
+    (already claimed, ended, not yet paid under ``before_run``, or past its Cancel-After and
+    aborted; past it but already charged, it runs without the deadline: see abort_overdue)."""
     with transaction.atomic():
         prediction = _lock(prediction_id)
         if prediction is None or prediction.status != P.STARTING:
             return None  # delivered twice, canceled, or already claimed: never run a paid prediction twice
-        if prediction.cancel_after_at and timezone.now() > prediction.cancel_after_at:
+        late = bool(prediction.cancel_after_at and timezone.now() > prediction.cancel_after_at)
+        if late and not _charged(prediction):
             _move(prediction, P.ABORTED, Cause.TASK, error=ABORTED_ERROR)
             return None
         payment = prediction.payment
@@ -178,7 +183,11 @@ def claim(prediction_id: str) -> Prediction | None:
             and payment.status != PaymentStatus.CONFIRMED
         ):
             return None  # no compute before the money is in; the confirmation enqueues it again
-        _move(prediction, P.PROCESSING, Cause.TASK)
+        if late:  # paid for: deliver it rather than abort (the deadline no longer applies)
+            waived = {"cancel_after": DEADLINE_WAIVED}
+            _move(prediction, P.PROCESSING, Cause.TASK, detail=waived, cancel_after_at=None)
+        else:
+            _move(prediction, P.PROCESSING, Cause.TASK)
         return prediction
 
 
@@ -274,8 +283,15 @@ def cancel(
         return prediction
 
 
+def _charged(prediction: Prediction) -> bool:
+    """Its payment is being or has been settled: aborting it now would charge for nothing."""
+    return prediction.payment is not None and prediction.payment.status in CHARGED_STATUSES
+
+
 def abort_overdue(prediction_id: str, *, cause: str) -> bool:
-    """STARTING past its Cancel-After deadline -> ABORTED (nothing charged if still possible)."""
+    """STARTING past its Cancel-After deadline -> ABORTED, not charged (its authorization is
+    released). Once its settlement has begun the agent is charged, so it is run instead: an
+    agent never pays for an aborted prediction."""
     with transaction.atomic():
         prediction = _lock(prediction_id)
         if (
@@ -283,9 +299,27 @@ def abort_overdue(prediction_id: str, *, cause: str) -> bool:
             or prediction.status != P.STARTING
             or not prediction.cancel_after_at
             or prediction.cancel_after_at > timezone.now()
+            or _charged(prediction)  # paid for: it runs once its payment is confirmed (see claim)
         ):
             return False
         _move(prediction, P.ABORTED, cause, error=ABORTED_ERROR)
+        return True
+
+
+def cancel_past_deadline(prediction_id: str, *, cause: str) -> bool:
+    """A run still going past its Cancel-After deadline is canceled and stopped on its runner
+    (Replicate's ``canceled``: under ``before_run`` it was paid for; ``after_success`` releases)."""
+    with transaction.atomic():
+        prediction = _lock(prediction_id)
+        if (
+            prediction is None
+            or prediction.status != P.PROCESSING
+            or prediction.run_ended_at is not None
+            or not prediction.cancel_after_at
+            or prediction.cancel_after_at > timezone.now()
+        ):
+            return False
+        _move(prediction, P.CANCELED, cause, stop_run=True, error=DEADLINE_ERROR)
         return True
 
 

@@ -114,6 +114,11 @@ class Model(models.Model):
         help_text="Pay-per-second runs that fail or are canceled while running are charged this.",
     )
     created_at = models.DateTimeField(default=timezone.now)
+    # Replicate's model metadata (shown as is in the API; empty is null).
+    github_url = models.URLField(max_length=500, blank=True, help_text="The model's source code")
+    paper_url = models.URLField(max_length=500, blank=True)
+    license_url = models.URLField(max_length=500, blank=True)
+    cover_image_url = models.URLField(max_length=500, blank=True)
 
     class Meta:
         constraints = [
@@ -226,6 +231,11 @@ class ModelVersion(models.Model):
     )
     input_schema = models.JSONField(default=dict, help_text="JSON Schema of the input object")
     output_schema = models.JSONField(default=dict, blank=True)
+    cog_version = models.CharField(
+        max_length=32,
+        blank=True,
+        help_text="The Cog version the model was built with, if it is a Cog model (shown in the API)",
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -328,6 +338,8 @@ class Prediction(models.Model):
     run_ended_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     predict_time = models.FloatField(null=True, blank=True)
+    #: Its input, output and logs were removed after the retention period (X402_DATA_RETENTION_DAYS).
+    data_removed = models.BooleanField(default=False)
     webhook = models.URLField(max_length=2000, blank=True)
     webhook_events_filter = models.JSONField(default=list, blank=True, help_text="Empty: every event")
     cancel_after_at = models.DateTimeField(null=True, blank=True, help_text="Cancel-After deadline")

@@ -268,9 +268,8 @@ def test_models_api_lists_prices_per_option(chain_settings, demo_model) -> None:
             "payTo": chain_settings.pay_to,
         }
     ]
-    assert Client().get("/v1/models/demo/echo-text").json()["latest_version"]["openapi_schema"]["input"][
-        "required"
-    ] == ["text"]
+    latest = Client().get("/v1/models/demo/echo-text").json()["latest_version"]
+    assert latest["openapi_schema"]["components"]["schemas"]["Input"]["required"] == ["text"]
     assert Client().get("/v1/models/demo/none").status_code == 404
 
 
