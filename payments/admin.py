@@ -70,12 +70,13 @@ class PaymentAdmin(ReadOnlyAdmin):
         "created_at",
         "status",
         "amount_decimal",
+        "maximum_decimal",
         "payer",
         "network",
         "settle_tx_hash",
         "confirmations",
     )
-    list_filter = ("status", "network", "verification", "x402_version")
+    list_filter = ("status", "scheme", "network", "verification", "x402_version")
     search_fields = ("id", "payer", "settle_tx_hash", "nonce")
     date_hierarchy = "created_at"
     inlines = [PaymentEventInline]
@@ -179,6 +180,7 @@ class PaymentAdmin(ReadOnlyAdmin):
             "model_chart": mark_safe(bar_chart([(m, a) for m, a, _ in by_model], unit=" USDC")),
             "by_model": by_model,
             "attention": reports.needing_attention(flt),
+            "usage_priced": reports.usage_priced(flt),
             "opts": self.model._meta,
         }
         return TemplateResponse(request, "admin/payments/dashboard.html", context)

@@ -41,6 +41,11 @@ COLUMNS = [
     "gas_cost_wei",
     "verification",
     "failure_reason",
+    # Pay per second (upto): the signed maximum and the run seconds ``amount`` was charged for.
+    "scheme",
+    "maximum_atomic",
+    "maximum",
+    "run_seconds",
 ]
 
 
@@ -68,7 +73,7 @@ def row(p: Payment, symbols: dict[tuple[str, str], str]) -> list[Any]:
         p.payer,
         p.pay_to,
         int(p.amount),
-        Decimal(p.amount).scaleb(-p.decimals).quantize(Decimal(1).scaleb(-p.decimals)),
+        _units(p.amount, p.decimals),
         str(model) if model else "",
         prediction.version_id if prediction else "",
         model.hardware.slug if model and model.hardware else "",
@@ -80,7 +85,15 @@ def row(p: Payment, symbols: dict[tuple[str, str], str]) -> list[Any]:
         int(p.gas_cost_wei) if p.gas_cost_wei is not None else None,
         p.verification,
         p.failure_reason,
+        p.scheme,
+        int(p.maximum) if p.maximum is not None else None,
+        _units(p.maximum, p.decimals) if p.maximum is not None else None,
+        p.run_seconds,
     ]
+
+
+def _units(atomic: Any, decimals: int) -> Decimal:
+    return Decimal(atomic).scaleb(-decimals).quantize(Decimal(1).scaleb(-decimals))
 
 
 def _text(value: Any) -> str:

@@ -59,6 +59,22 @@ UNPAID_STATUSES = frozenset({S.FAILED, S.EXPIRED})
 CHARGED_STATUSES = frozenset({S.SETTLING, *PAID_STATUSES})
 
 
+class UptoOrder(models.TextChoices):
+    """Whether a per-second model's 402 offers pay-per-use (x402 ``upto``) beside the fixed
+    quote (``exact``), and which the agent sees first."""
+
+    OFF = "off", "Fixed quote only (exact)"
+    UPTO_FIRST = "upto_first", "Pay per second (upto) first, fixed quote second"
+    EXACT_FIRST = "exact_first", "Fixed quote first, pay per second (upto) second"
+
+
+class FailureCharge(models.TextChoices):
+    """What a pay-per-second (``upto``) run that failed or was canceled while running costs."""
+
+    NOTHING = "nothing", "Nothing (the permit is released)"
+    MINIMUM = "minimum", "The model's minimum price"
+
+
 class VerificationMethod(models.TextChoices):
     LOCAL = "local", "Our node"
     FACILITATOR = "facilitator", "A remote facilitator"
@@ -147,7 +163,20 @@ class Payment(models.Model):
     decimals = models.PositiveSmallIntegerField(default=6)
     payer = models.CharField(max_length=42, db_index=True)
     pay_to = models.CharField(max_length=42)
-    amount = models.DecimalField(max_digits=78, decimal_places=0, help_text="Atomic units")
+    amount = models.DecimalField(
+        max_digits=78,
+        decimal_places=0,
+        help_text="Atomic units: what is charged (upto: the signed maximum until the run is measured)",
+    )
+    #: upto (pay per use): the signed maximum, the usage price it was accepted at, and the run
+    #: seconds the charge (``amount``) was computed from. Empty for exact.
+    maximum = models.DecimalField(
+        max_digits=78, decimal_places=0, null=True, blank=True, help_text="upto: the signed maximum (atomic units)"
+    )
+    usage_price = models.JSONField(default=dict, blank=True, help_text="upto: the price per second it was accepted at")
+    run_seconds = models.DecimalField(
+        max_digits=12, decimal_places=3, null=True, blank=True, help_text="upto: the measured run time charged for"
+    )
     nonce = models.CharField(max_length=66)
     valid_after = models.PositiveBigIntegerField()
     valid_before = models.PositiveBigIntegerField()
@@ -202,6 +231,10 @@ class Payment(models.Model):
             ),
             models.CheckConstraint(condition=models.Q(amount__gt=0), name="payment_amount_positive"),
             models.CheckConstraint(
+                condition=models.Q(maximum=None) | models.Q(amount__lte=models.F("maximum")),
+                name="payment_amount_within_maximum",
+            ),
+            models.CheckConstraint(
                 condition=models.Q(status__in=PaymentStatus.values), name="payment_status_valid"
             ),
         ]
@@ -224,6 +257,10 @@ class Payment(models.Model):
     @property
     def amount_decimal(self) -> Decimal:
         return Decimal(self.amount).scaleb(-self.decimals)
+
+    @property
+    def maximum_decimal(self) -> Decimal | None:
+        return None if self.maximum is None else Decimal(self.maximum).scaleb(-self.decimals)
 
     @property
     def is_terminal(self) -> bool:

@@ -173,3 +173,8 @@ def moved_for_others(flt: LedgerFilter) -> Decimal:
 
 def needing_attention(flt: LedgerFilter, limit: int = 50) -> QuerySet[Payment]:
     return flt.apply(Payment.objects.filter(status__in=(S.FAILED, S.EXPIRED))).order_by("-created_at")[:limit]
+
+
+def usage_priced(flt: LedgerFilter, limit: int = 50) -> QuerySet[Payment]:
+    """Pay-per-second (upto) payments, newest first: the maximum each permitted and the charge."""
+    return flt.apply(Payment.objects.exclude(maximum=None)).order_by("-created_at")[:limit]

@@ -257,6 +257,7 @@ class ModelAdmin(admin.ModelAdmin):
                 )
             },
         ),
+        ("Pay per second (x402 upto)", {"fields": ("upto_order", "upto_failure_charge")}),
     )
 
     @admin.display(description="USDC per run")

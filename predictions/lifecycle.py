@@ -6,7 +6,9 @@ and only here, follow the consequences:
 
 - in the same transaction, the ledger writes that must not be lost or half-done: a success
   under ``after_success`` asks for settlement (``ledger.request_settlement``), an end without
-  output releases an authorization not yet being settled (``ledger.release``);
+  output releases an authorization not yet being settled (``ledger.release``); a pay-per-second
+  (``upto``) payment is charged for the measured run instead (``ledger.charge_usage``: its
+  seconds on success, its price's failure charge once it ran);
 - after commit: the webhooks the prediction's filter asks for (``start``, ``logs``,
   ``output``, ``completed``), the progress events its listeners wait for (``events``: logs,
   output, end), metrics, enqueuing the run, and stopping a run on its runner.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.db import transaction
@@ -111,7 +114,11 @@ def _move(
         prediction=prediction, from_status=previous, to_status=to, cause=cause, detail=event_detail
     )
     if to in ENDED_UNSERVED and prediction.payment is not None:
-        ledger.release(prediction.payment, f"the prediction ended {to}: {prediction.error}"[:500])
+        reason = f"the prediction ended {to}: {prediction.error}"[:500]
+        if previous == P.PROCESSING and ledger.is_usage_priced(prediction.payment):
+            ledger.charge_usage(prediction.payment, _run_seconds(prediction, now), succeeded=False, reason=reason)
+        else:
+            ledger.release(prediction.payment, reason)
     if stop_run:
         runner, ended = prediction.version.runner_impl, prediction
         transaction.on_commit(lambda: runner.cancel(ended))
@@ -124,6 +131,15 @@ def _move(
         webhooks.send(prediction, "completed")
         transaction.on_commit(lambda: PREDICTIONS_ENDED.labels(status=to).inc())
     log.info("prediction %s: %s -> %s (%s)", prediction.pk, previous, to, cause)
+
+
+def _run_seconds(prediction: Prediction, now: Any) -> Decimal:
+    """The run's measured seconds: the runner's ``predict_time``, else the wall time since the
+    claim (a run stopped before it reported)."""
+    if prediction.predict_time is not None:
+        return Decimal(str(prediction.predict_time))
+    started = prediction.started_at or now
+    return Decimal(str(max(0.0, (now - started).total_seconds())))
 
 
 def create(
@@ -218,7 +234,10 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
             for name, value in fields.items():
                 setattr(prediction, name, value)
             prediction.save(update_fields=list(fields))
-            ledger.request_settlement(prediction.payment)
+            if ledger.is_usage_priced(prediction.payment):
+                ledger.charge_usage(prediction.payment, _run_seconds(prediction, now), succeeded=True)
+            else:
+                ledger.request_settlement(prediction.payment)
         else:
             _move(prediction, P.SUCCEEDED, cause, output=outcome.output, **fields)
         model = str(prediction.model)

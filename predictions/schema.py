@@ -23,11 +23,15 @@ PAYMENT = {
     "description": "The x402 payment that bought this prediction (added by this server).",
     "properties": {
         "id": {"type": "string"},
+        "scheme": {"type": "string", "enum": ["exact", "upto"]},
         "status": {
             "type": "string",
             "enum": PaymentStatus.values,
         },
-        "amount": {"type": "string", "description": "USDC, decimal"},
+        "amount": {
+            "type": "string",
+            "description": "USDC, decimal (upto: the maximum until the run is measured, then the charge)",
+        },
         "amount_atomic": {"type": "string"},
         "network": {"type": "string", "example": "eip155:8453"},
         "asset": {"type": "string"},
@@ -35,6 +39,9 @@ PAYMENT = {
         "pay_to": {"type": "string"},
         "transaction": {"type": "string", "nullable": True},
         "confirmations": {"type": "integer"},
+        "maximum": {"type": "string", "description": "upto: the signed maximum, USDC"},
+        "maximum_atomic": {"type": "string"},
+        "run_seconds": {"type": "string", "nullable": True, "description": "upto: the seconds charged for"},
     },
 }
 PREDICTION = {

@@ -27,8 +27,9 @@ def _iso(value: Any) -> str | None:
 def payment_json(payment: Payment | None) -> dict[str, Any] | None:
     if payment is None:
         return None
-    return {
+    body = {
         "id": str(payment.id),
+        "scheme": payment.scheme,
         "status": payment.status,
         "amount": str(payment.amount_decimal),
         "amount_atomic": str(payment.amount),
@@ -39,6 +40,14 @@ def payment_json(payment: Payment | None) -> dict[str, Any] | None:
         "transaction": payment.settle_tx_hash,
         "confirmations": payment.confirmations,
     }
+    if payment.maximum is not None:
+        # Pay per second (upto): ``amount`` is the maximum until the run is measured, then the charge.
+        body.update(
+            maximum=str(payment.maximum_decimal),
+            maximum_atomic=str(payment.maximum),
+            run_seconds=None if payment.run_seconds is None else str(payment.run_seconds),
+        )
+    return body
 
 
 def base_url(request: Request) -> str:
@@ -162,6 +171,32 @@ def version_json(version: ModelVersion) -> dict[str, Any]:
     }
 
 
+def _per_second(model: Model, version: Any) -> dict[str, Any] | None:
+    """Pay per second (x402 ``upto``), when the model offers it: the price per second, the most a
+    run can cost (its time limit's price, the permit's maximum) and what a failed run costs."""
+    from payments.pricing import PricingError, usage_price
+
+    if not model.offers_upto:
+        return None
+    try:
+        usage = usage_price(
+            model.pricing_rule(), model.time_limit_seconds, version.defaults() if version else {}, model.upto_failure_charge
+        )
+    except PricingError:
+        return None
+    if usage is None:
+        return None
+    return {
+        "scheme": "upto",
+        "order": model.upto_order,
+        "price_per_second": f"{usage.per_second.normalize():f}",
+        "time_limit_seconds": model.time_limit_seconds,
+        "maximum": f"{usage.maximum.normalize():f}",
+        "minimum": f"{usage.minimum.normalize():f}",
+        "failed_run_charge": model.upto_failure_charge,
+    }
+
+
 def model_json(model: Model, request: Request) -> dict[str, Any]:
     """Replicate's model object plus ``pricing``: what one run costs through each option."""
     from payments.options import configured
@@ -196,6 +231,7 @@ def model_json(model: Model, request: Request) -> dict[str, Any]:
             "mode": rule.mode,
             "unit_field": rule.unit_field or None,
             "unit_price": f"{rule.unit_price.normalize():f}" if rule.unit_field else None,
+            "per_second": _per_second(model, version),
             "accepts": []
             if price <= 0
             else [

@@ -24,9 +24,9 @@ from rest_framework.views import APIView
 from payments import ratelimit
 from payments.exceptions import InvalidInput, payment_required_response, paywall_response, wants_html
 from payments.ledger import request_fingerprint, settlement_answer
-from payments.models import HardwareTier
+from payments.models import HardwareTier, UptoOrder
 from payments.permissions import Charge, X402Payment, challenge_for, honour_window_seconds, is_operator
-from payments.pricing import PriceRule, PricingError, pricing_state
+from payments.pricing import PriceRule, PricingError, pricing_state, usage_price
 from payments.x402 import bazaar
 from payments.x402.codec import encode_header
 from payments.x402.types import Resource
@@ -139,10 +139,19 @@ def charge_for(version: ModelVersion, inputs: dict[str, Any], url: str, path: st
     priced = {**version.defaults(), **inputs}  # as the run gets it (the create path fills them in)
     try:
         price = state.current.quote(priced)
+        # Pay per second (upto) as well, when the model offers it: at the same (cached) rule.
+        usage = (
+            usage_price(state.current, model.time_limit_seconds, priced, model.upto_failure_charge)
+            if model.offers_upto
+            else None
+        )
     except PricingError as exc:
         raise InvalidInput(str(exc), {state.current.unit_field or "input": str(exc)}) from None
     free = state.current.is_free
     return Charge(
+        usage=usage,
+        usage_hold_seconds=model.time_limit_seconds,
+        upto_first=model.upto_order == UptoOrder.UPTO_FIRST,
         extensions=discovery_extension(version),
         example_input=example_input(version),
         output_schema=v1_output_schema(version),

@@ -146,6 +146,8 @@ def _change_form(model, **changes) -> dict:
         "markup_percent": str(model.markup_percent),
         "unit_field": model.unit_field,
         "unit_price": str(model.unit_price),
+        "upto_order": model.upto_order,
+        "upto_failure_charge": model.upto_failure_charge,
         "versions-TOTAL_FORMS": "0",
         "versions-INITIAL_FORMS": "0",
         "price_changes-TOTAL_FORMS": "0",
