@@ -9,20 +9,28 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.http import FileResponse, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils import timezone
 from django.utils.safestring import mark_safe
 
-from . import reports
+from . import periods, reconciliation, reports
 from .chain import ChainUnavailable, rpc
 from .charts import bar_chart
 from .exports import Export
 from .idempotency import redact_payload
-from .models import HardwareTier, LedgerExport, Payment, PaymentEvent, PriceChange, SettlementTx
+from .models import (
+    HardwareTier,
+    LedgerExport,
+    Payment,
+    PaymentEvent,
+    PriceChange,
+    ReconciliationNote,
+    SettlementTx,
+)
 from .options import configured
 from .reports import LedgerFilter
 
@@ -109,6 +117,7 @@ class PaymentAdmin(ReadOnlyAdmin):
         return [
             path("export/<str:fmt>/", view(self.export_matching), name="payments_payment_export"),
             path("dashboard/", view(self.dashboard), name="payments_payment_dashboard"),
+            path("reconciliation/", view(self.reconciliation), name="payments_payment_reconciliation"),
             *super().get_urls(),
         ]
 
@@ -180,6 +189,50 @@ class PaymentAdmin(ReadOnlyAdmin):
             "opts": self.model._meta,
         }
         return TemplateResponse(request, "admin/payments/dashboard.html", context)
+
+
+    def reconciliation(self, request: HttpRequest) -> HttpResponse:
+        """The ledger beside the chain for a period (payments.reconciliation); finance notes
+        why an unmatched line is so."""
+        if not request.user.has_perm("payments.view_payment"):
+            raise PermissionDenied
+        params = request.POST if request.method == "POST" else request.GET
+        days = periods.from_query(params, default_days=1)
+        network = params.get("network", "")
+        if request.method == "POST":
+            if not request.user.has_perm("payments.add_reconciliationnote"):
+                raise PermissionDenied
+            try:
+                reconciliation.annotate(request.POST.get("key", ""), request.POST.get("reason", ""), author=request.user)
+            except ValueError as exc:
+                messages.error(request, str(exc))
+            else:
+                messages.success(request, "Note recorded.")
+            return HttpResponseRedirect(f"{request.path}?{days.query()}&network={network}")
+        context: dict[str, Any] = {
+            **self.admin_site.each_context(request),
+            "title": "Reconciliation with the chain",
+            "days": days,
+            "network": network,
+            "networks": sorted({c.option.network for c in configured()}),
+            "zones": periods.zone_names(),
+            "statuses": reconciliation.LineStatus,
+            "opts": self.model._meta,
+            "can_note": request.user.has_perm("payments.add_reconciliationnote"),
+        }
+        try:
+            context["report"] = reconciliation.report(reconciliation.Period(days.since, days.until), network=network)
+        except ChainUnavailable as exc:
+            context["chain_error"] = str(exc)
+        return TemplateResponse(request, "admin/payments/reconciliation.html", context)
+
+
+@admin.register(ReconciliationNote)
+class ReconciliationNoteAdmin(ReadOnlyAdmin):
+    """Notes are written from the reconciliation page, never edited."""
+
+    list_display = ("created_at", "author", "payment", "tx_hash", "log_index", "reason")
+    search_fields = ("tx_hash", "reason")
 
 
 @admin.register(PaymentEvent)

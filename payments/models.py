@@ -505,3 +505,98 @@ class LedgerExport(models.Model):
 
     def __str__(self) -> str:
         return f"{self.format} export by {self.user or self.source} at {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class TransferDirection(models.TextChoices):
+    """Which side of a Transfer the watched address is on."""
+
+    TO = "to", "Received (our pay-to)"
+    FROM = "from", "Sent (our refund wallet)"
+
+
+class ScannedRange(models.Model):
+    """A block range whose token Transfer logs to (or from) an address were read and stored as
+    :class:`ChainTransfer` rows: the reconciliation report reads each final block once.
+
+    Only blocks with the option's confirmations are recorded (a reorg can still change the
+    others; those are read afresh every time)."""
+
+    network = models.CharField(max_length=64)
+    asset = models.CharField(max_length=42)
+    address = models.CharField(max_length=42)
+    direction = models.CharField(max_length=4, choices=TransferDirection.choices)
+    from_block = models.PositiveBigIntegerField()
+    to_block = models.PositiveBigIntegerField()
+    scanned_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["network", "asset", "address", "from_block"]
+        indexes = [
+            models.Index(fields=["network", "asset", "address", "direction", "from_block"], name="scannedrange_lookup")
+        ]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(to_block__gte=models.F("from_block")), name="scannedrange_order")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.direction} {self.address} blocks {self.from_block}-{self.to_block}"
+
+
+class ChainTransfer(models.Model):
+    """A token Transfer log read from the chain (a final block): the chain side of reconciliation."""
+
+    network = models.CharField(max_length=64)
+    asset = models.CharField(max_length=42)
+    tx_hash = models.CharField(max_length=66)
+    log_index = models.PositiveIntegerField()
+    block_number = models.PositiveBigIntegerField()
+    block_time = models.DateTimeField()
+    sender = models.CharField(max_length=42)
+    recipient = models.CharField(max_length=42)
+    amount = models.DecimalField(max_digits=78, decimal_places=0, help_text="Atomic units")
+
+    class Meta:
+        ordering = ["block_number", "log_index"]
+        constraints = [
+            models.UniqueConstraint(fields=["network", "tx_hash", "log_index"], name="chaintransfer_once")
+        ]
+        indexes = [
+            models.Index(fields=["network", "asset", "recipient", "block_number"], name="chaintransfer_to"),
+            models.Index(fields=["network", "asset", "sender", "block_number"], name="chaintransfer_from"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.amount} {self.sender} -> {self.recipient} ({self.tx_hash}#{self.log_index})"
+
+
+class ReconciliationNote(models.Model):
+    """Finance's word on a reconciliation line that did not match: who looked, and why it is so.
+
+    A chain line is named by its log (network, transaction, log index), a ledger line by its
+    payment: the notes survive any re-reading of the chain."""
+
+    network = models.CharField(max_length=64, blank=True)
+    tx_hash = models.CharField(max_length=66, blank=True)
+    log_index = models.PositiveIntegerField(null=True, blank=True)
+    payment = models.ForeignKey(
+        Payment, null=True, blank=True, on_delete=models.PROTECT, related_name="reconciliation_notes"
+    )
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    reason = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(payment__isnull=False, log_index=None)
+                | models.Q(payment=None, log_index__isnull=False),
+                name="reconciliationnote_one_subject",
+            )
+        ]
+        indexes = [models.Index(fields=["network", "tx_hash"], name="reconciliationnote_log")]
+
+    def __str__(self) -> str:
+        return f"{self.author or 'command'}: {self.reason[:60]}"

@@ -3,7 +3,8 @@
 - Operators run the catalogue: hardware tiers, models, versions, prices, and may look at the
   (read-only) payment options. They see predictions (failed ones included, with their event
   log) and may cancel one. They get no access to the ledger.
-- Finance reads the ledger and its events, exports it and sees the dashboard. They get no
+- Finance reads the ledger and its events, exports it, sees the dashboard and reconciles
+  it with the chain (and annotates what does not match). They get no
   access to prices, keys, or predictions' inputs and outputs.
 """
 
@@ -37,6 +38,8 @@ ROLE_PERMISSIONS: dict[str, list[str]] = {
         "payments.view_settlementtx",
         "payments.export_payment",
         "payments.view_ledgerexport",
+        "payments.view_reconciliationnote",
+        "payments.add_reconciliationnote",
     ],
 }
 
