@@ -487,24 +487,77 @@ class PaymentIdentifier(models.Model):
         return self.identifier
 
 
-class LedgerExport(models.Model):
-    """Audit of every ledger export: who, when, which filters, how many rows."""
+class ExportStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    DONE = "done", "Ready"
+    FAILED = "failed", "Failed"
+    EXPIRED = "expired", "Expired (file deleted)"
+
+
+class ExportJob(models.Model):
+    """One ledger export and its audit record: who, when, which filters, how many rows, the
+    file's checksum. The admin's run in the background (a Celery task) and their files expire;
+    the command's are written where the user says and recorded here as well."""
+
+    class Source(models.TextChoices):
+        ADMIN = "admin", "Admin"
+        COMMAND = "command", "Command line"
+
+    class Format(models.TextChoices):
+        CSV = "csv", "CSV (a zip: data.csv, summary.csv, export.json)"
+        XLSX = "xlsx", "XLSX (sheets Data and Summary)"
 
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
-    source = models.CharField(max_length=16, help_text="admin or command")
-    format = models.CharField(max_length=8)
+    source = models.CharField(max_length=16, choices=Source.choices)
+    format = models.CharField(max_length=8, choices=Format.choices)
     filters = models.JSONField(default=dict)
-    rows = models.PositiveBigIntegerField(default=0)
+    status = models.CharField(max_length=8, choices=ExportStatus.choices, default=ExportStatus.QUEUED)
+    rows = models.PositiveBigIntegerField(default=0, help_text="Data rows written")
+    rows_total = models.PositiveBigIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    #: sha256 of the file handed out (the zip or the workbook); data.csv's own is in export.json.
+    checksum = models.CharField(max_length=64, blank=True)
+    file_name = models.CharField(max_length=255, blank=True, help_text="Under X402_EXPORT_DIR")
+    size = models.PositiveBigIntegerField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    error = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
         return f"{self.format} export by {self.user or self.source} at {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class NativeTokenRate(models.Model):
+    """What one unit of a chain's native token (gas) is worth in USD, as finance sets it: no
+    price feed is reachable, so every rate says where it came from. The newest row of a network
+    applies; rows are never edited (the history stays)."""
+
+    network = models.CharField(max_length=64, help_text="CAIP-2, e.g. eip155:8453")
+    symbol = models.CharField(max_length=16, default="ETH")
+    usd_per_token = models.DecimalField(
+        max_digits=30, decimal_places=8, validators=[MinValueValidator(Decimal(0))]
+    )
+    source = models.CharField(max_length=255, help_text="Where the rate came from, e.g. 'Coinbase close 2026-11-30'")
+    set_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    set_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["network", "-set_at"]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(usd_per_token__gte=0), name="nativerate_not_negative")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.symbol} on {self.network}: {self.usd_per_token} USD ({self.source})"
 
 
 class TransferDirection(models.TextChoices):

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from django.db.models import Count, QuerySet, Sum
-from django.db.models.functions import TruncDate
+from django.db.models import Count, QuerySet, Sum, TextChoices
+from django.db.models.functions import Coalesce, TruncDate
 
 from .models import Payment, PaymentStatus
 
@@ -24,6 +25,17 @@ PAID = (S.SETTLED, S.CONFIRMED)
 PENDING = (S.VERIFIED, S.SETTLING)
 
 
+class DateBasis(TextChoices):
+    """Which date puts a payment in a period."""
+
+    CREATED = "created", "Created (the payment was accepted)"
+    MONEY = "money", "Money arrived (settled, else confirmed)"
+
+
+#: The date money arrived: mined (settled), else confirmed (a payment may skip SETTLED).
+MONEY_AT = Coalesce("settled_at", "confirmed_at")
+
+
 @dataclass(frozen=True)
 class LedgerFilter:
     since: datetime | None = None
@@ -31,12 +43,22 @@ class LedgerFilter:
     statuses: tuple[str, ...] = ()
     model: str = ""  # "owner/name"
     network: str = ""
+    basis: str = DateBasis.CREATED
+    #: The time zone dates are shown in (the bounds are aware datetimes already).
+    tz: str = "UTC"
 
     def apply(self, qs: QuerySet[Payment]) -> QuerySet[Payment]:
-        if self.since:
-            qs = qs.filter(created_at__gte=self.since)
-        if self.until:
-            qs = qs.filter(created_at__lt=self.until)
+        if self.basis == DateBasis.MONEY:
+            qs = qs.alias(money_at=MONEY_AT)
+            if self.since:
+                qs = qs.filter(money_at__gte=self.since)
+            if self.until:
+                qs = qs.filter(money_at__lt=self.until)
+        else:
+            if self.since:
+                qs = qs.filter(created_at__gte=self.since)
+            if self.until:
+                qs = qs.filter(created_at__lt=self.until)
         if self.statuses:
             qs = qs.filter(status__in=self.statuses)
         if self.model:
@@ -53,7 +75,21 @@ class LedgerFilter:
             "statuses": list(self.statuses),
             "model": self.model,
             "network": self.network,
+            "basis": self.basis,
+            "tz": self.tz,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LedgerFilter:
+        return cls(
+            since=datetime.fromisoformat(data["since"]) if data.get("since") else None,
+            until=datetime.fromisoformat(data["until"]) if data.get("until") else None,
+            statuses=tuple(data.get("statuses") or ()),
+            model=data.get("model", ""),
+            network=data.get("network", ""),
+            basis=data.get("basis", DateBasis.CREATED),
+            tz=data.get("tz", "UTC"),
+        )
 
 
 def ledger(payments: QuerySet[Payment], chunk: int = 2000) -> Iterator[Payment]:
@@ -125,10 +161,11 @@ def totals(flt: LedgerFilter) -> Totals:
 
 
 def revenue_by_day(flt: LedgerFilter) -> list[tuple[Any, Decimal]]:
-    """Paid revenue (settled + confirmed) per day, in USD(C), all stablecoin assets together."""
+    """Paid revenue (settled + confirmed) per day of the filter's basis and time zone, in
+    USD(C), all stablecoin assets together."""
     rows = (
         flt.apply(Payment.objects.filter(status__in=PAID))
-        .annotate(day=TruncDate("created_at"))
+        .annotate(day=TruncDate(MONEY_AT if flt.basis == DateBasis.MONEY else "created_at", tzinfo=ZoneInfo(flt.tz)))
         .values("day", "decimals")
         .annotate(amount=Sum("amount"))
         .order_by("day")

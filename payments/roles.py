@@ -4,7 +4,8 @@
   (read-only) payment options. They see predictions (failed ones included, with their event
   log) and may cancel one. They get no access to the ledger.
 - Finance reads the ledger and its events, exports it, sees the dashboard and reconciles
-  it with the chain (and annotates what does not match). They get no
+  it with the chain (and annotates what does not match), and sets the gas rates exports
+  convert with. They get no
   access to prices, keys, or predictions' inputs and outputs.
 """
 
@@ -37,7 +38,9 @@ ROLE_PERMISSIONS: dict[str, list[str]] = {
         "payments.view_paymentevent",
         "payments.view_settlementtx",
         "payments.export_payment",
-        "payments.view_ledgerexport",
+        "payments.view_exportjob",
+        "payments.view_nativetokenrate",
+        "payments.add_nativetokenrate",
         "payments.view_reconciliationnote",
         "payments.add_reconciliationnote",
     ],

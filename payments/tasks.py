@@ -85,3 +85,19 @@ def reconcile() -> dict[str, int]:
             log.info("reconcile: a pass is already running; skipped")
             return {"skipped": 1}
         return dict(settlement.reconcile_all())
+
+
+@shared_task(acks_late=True)
+def run_export(job_id: int) -> int:
+    """Write one queued ledger export (payments.export_jobs); its row count."""
+    from . import export_jobs
+
+    return export_jobs.run(job_id).rows
+
+
+@shared_task
+def expire_exports() -> int:
+    """Delete the files of exports past their expiry."""
+    from . import export_jobs
+
+    return export_jobs.expire()

@@ -143,6 +143,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("X402_RECONCILE_INTERVAL", default=5.0),
     },
     "sweep-predictions": {"task": "predictions.tasks.sweep", "schedule": 15.0},
+    "expire-exports": {"task": "payments.tasks.expire_exports", "schedule": 600.0},
 }
 
 # --- x402 payments -----------------------------------------------------------------------------
@@ -226,6 +227,9 @@ X402_STUCK_AFTER_SECONDS = env.int("X402_STUCK_AFTER_SECONDS", default=120)
 X402_FAULT_PAUSE_AFTER_SIGN = env.float("X402_FAULT_PAUSE_AFTER_SIGN", default=0.0)
 
 #: Where this service is reached from outside (webhook bodies carry absolute URLs).
+#: Ledger export files (background jobs) are kept here, and deleted this many hours after they are made.
+X402_EXPORT_DIR = Path(env.str("X402_EXPORT_DIR", default=str(BASE_DIR / "var" / "exports")))
+X402_EXPORT_TTL_HOURS = env.float("X402_EXPORT_TTL_HOURS", default=24.0)
 X402_PUBLIC_URL = env.str("X402_PUBLIC_URL", default="http://127.0.0.1:8000").rstrip("/")
 #: Webhook signing secret (whsec_...); derived from DJANGO_SECRET_KEY when unset.
 X402_WEBHOOK_SECRET = env.str("X402_WEBHOOK_SECRET", default="")
