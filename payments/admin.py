@@ -14,7 +14,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
-from . import export_jobs, periods, reconciliation, reports
+from . import export_jobs, periods, reconciliation, refunds, reports
 from .chain import ChainUnavailable, rpc
 from .charts import bar_chart
 from .forms import ExportForm
@@ -28,6 +28,8 @@ from .models import (
     PaymentEvent,
     PriceChange,
     ReconciliationNote,
+    Refund,
+    RefundEvent,
     SettlementTx,
 )
 from .options import configured
@@ -321,6 +323,33 @@ class ExportJobAdmin(ReadOnlyAdmin):
         if job is None or not export_jobs.path_of(job).is_file():
             raise Http404("no such export file (not ready, or expired)")
         return FileResponse(export_jobs.path_of(job).open("rb"), as_attachment=True, filename=job.file_name)
+
+
+class RefundEventInline(PaymentEventInline):
+    model = RefundEvent
+
+
+@admin.register(Refund)
+class RefundAdmin(ReadOnlyAdmin):
+    """Refunds owed, sent and confirmed; finance approves them here (the signed bytes stay out)."""
+
+    list_display = ("created_at", "status", "amount_decimal", "recipient", "approved_by", "tx_hash", "confirmations")
+    list_filter = ("status", "network")
+    search_fields = ("recipient", "tx_hash", "payment__id")
+    exclude = ("raw_tx",)
+    inlines = [RefundEventInline]
+    actions = ["approve"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return [f.name for f in Refund._meta.fields if f.name not in self.exclude]
+
+    def has_approve_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("payments.approve_refund")
+
+    @admin.action(description="Approve selected refunds (the refund wallet sends them)", permissions=["approve"])
+    def approve(self, request: HttpRequest, queryset: Any) -> None:
+        approved = [refunds.approve(pk, request.user) for pk in queryset.values_list("pk", flat=True)]
+        messages.success(request, f"{sum(1 for r in approved if r.approved_by_id == request.user.pk)} refunds approved.")
 
 
 @admin.register(NativeTokenRate)

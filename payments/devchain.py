@@ -25,6 +25,8 @@ TOKEN_BUILD = CONTRACTS / "build" / "TestUSDC.json"
 CHAIN_ID = 31337
 #: USDC (6 decimals) minted to every demo payer.
 PAYER_FUNDS = 1_000 * 10**6
+#: USDC minted to the refund wallet.
+REFUND_FUNDS = 10_000 * 10**6
 
 
 @dataclass
@@ -45,6 +47,9 @@ class DevChain:
     relayer_private_keys: list[str] = field(default_factory=list)
     #: Our BatchSettler contract (batched settlement), if deployed.
     batch_settler: str = ""
+    #: The refund wallet (X402_REFUND_KEY): gas money and test USDC to send refunds with.
+    refund_address: str = ""
+    refund_private_key: str = ""
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +188,8 @@ def deploy(
     extra_relayers: int = 0,
 ) -> DevChain:
     """Deploy the test token and the BatchSettler, fund the payers; account 0 deploys and relays,
-    1 is paid, the ``extra_relayers`` accounts after the payers are more relayer lanes."""
+    1 is paid, the ``extra_relayers`` accounts after the payers are more relayer lanes; a new
+    account, given gas money and USDC, is the refund wallet."""
     from web3 import Web3
 
     w3 = Web3(Web3.HTTPProvider(rpc_url))
@@ -202,6 +208,11 @@ def deploy(
         )
         payers.append({"address": address, "private_key": key})
     lanes = keys[2 + payer_count : 2 + payer_count + extra_relayers]
+    from eth_account import Account
+
+    refunds = Account.create()
+    w3.provider.make_request("anvil_setBalance", [refunds.address, hex(10**19)])
+    w3.eth.wait_for_transaction_receipt(token.functions.mint(refunds.address, REFUND_FUNDS).transact({"from": deployer}))
     return DevChain(
         rpc_url=rpc_url,
         chain_id=CHAIN_ID,
@@ -215,6 +226,8 @@ def deploy(
         relayer_private_key=keys[0],
         relayer_private_keys=[keys[0], *lanes],
         batch_settler=deploy_contract(rpc_url, "BatchSettler", deployer),
+        refund_address=refunds.address,
+        refund_private_key="0x" + refunds.key.hex().removeprefix("0x"),
     )
 
 

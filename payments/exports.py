@@ -258,11 +258,6 @@ def _snapshot(tz: str) -> Iterator[Any]:
         yield cursor
 
 
-def _count(cursor: Any, sql: str, params: tuple[Any, ...]) -> int:
-    cursor.execute(f"SELECT count(*) FROM ({sql}) AS counted", params)
-    return int(cursor.fetchone()[0])
-
-
 def _summary(cursor: Any, sql: str, params: tuple[Any, ...]) -> list[SummaryLine]:
     cursor.execute(
         "SELECT kind, status, network, asset_symbol, asset, count(*), sum(amount), coalesce(sum(gas_native), 0),"
@@ -301,8 +296,8 @@ def copy_csv(flt: LedgerFilter, out: IO[bytes], progress: Progress | None = None
     sql, params = _sql(flt, usd_rates)
     digest = hashlib.sha256()
     with _snapshot(flt.tz) as cursor:
-        total = _count(cursor, sql, params)
-        tick = _ticker(progress, total)
+        summary = _summary(cursor, sql, params)  # first: its counts are the progress's total
+        tick = _ticker(progress, sum(line.rows for line in summary))
         lines = 0
         buffer = bytearray()
         with cursor.copy(f"COPY ({_ordered(sql, flt)}) TO STDOUT WITH (FORMAT csv, HEADER)", params) as copy:
@@ -313,7 +308,6 @@ def copy_csv(flt: LedgerFilter, out: IO[bytes], progress: Progress | None = None
                     tick(lines - 1)
             lines += _flush(buffer, out, digest)
             tick(lines - 1)
-        summary = _summary(cursor, sql, params)
     return Result(rows=lines - 1, summary=summary, rates=usd_rates, data_sha256=digest.hexdigest())
 
 
@@ -383,8 +377,8 @@ def write_xlsx(flt: LedgerFilter, path: Path, progress: Progress | None = None) 
     digest = hashlib.sha256()
     rows = 0
     with _snapshot(flt.tz) as cursor:
-        total = _count(cursor, sql, params)
-        tick = _ticker(progress, total)
+        summary = _summary(cursor, sql, params)
+        tick = _ticker(progress, sum(line.rows for line in summary))
         for rows, values in enumerate(_typed_rows(cursor, _ordered(sql, flt), params), start=1):
             digest.update(repr(values).encode())
             for c, value in enumerate(values):
@@ -398,7 +392,6 @@ def write_xlsx(flt: LedgerFilter, path: Path, progress: Progress | None = None) 
                 else:
                     sheet.write_string(rows, c, str(value))
             tick(rows)
-        summary = _summary(cursor, sql, params)
     result = Result(rows=rows, summary=summary, rates=usd_rates, data_sha256=digest.hexdigest())
     _summary_sheet(book, result, money, native)
     book.close()

@@ -6,7 +6,6 @@ asset's own decimals.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -90,24 +89,6 @@ class LedgerFilter:
             basis=data.get("basis", DateBasis.CREATED),
             tz=data.get("tz", "UTC"),
         )
-
-
-def ledger(payments: QuerySet[Payment], chunk: int = 2000) -> Iterator[Payment]:
-    """Every payment of ``payments``, oldest first, in keyset-paged chunks: each chunk is its
-    own short query, so a million-row export neither holds a transaction open nor all rows in
-    memory."""
-    base = payments.select_related("prediction__model__hardware").order_by("created_at", "id")
-    last: tuple[datetime, Any] | None = None
-    while True:
-        qs = base
-        if last is not None:
-            # (created_at, id) > last, written so PostgreSQL range-scans the created_at index.
-            qs = qs.filter(created_at__gte=last[0]).exclude(created_at=last[0], id__lte=last[1])
-        rows = list(qs[:chunk])
-        yield from rows
-        if len(rows) < chunk:
-            return
-        last = (rows[-1].created_at, rows[-1].id)
 
 
 @dataclass

@@ -6,7 +6,8 @@ and only here, follow the consequences:
 
 - in the same transaction, the ledger writes that must not be lost or half-done: a success
   under ``after_success`` asks for settlement (``ledger.request_settlement``), an end without
-  output releases an authorization not yet being settled (``ledger.release``);
+  output releases an authorization not yet being settled (``ledger.release``), and one whose
+  payment is confirmed under ``before_run`` is owed a refund (``refunds.owe``);
 - after commit: the webhooks the prediction's filter asks for (``start``, ``logs``,
   ``output``, ``completed``), metrics, enqueuing the run, and stopping a run on its runner.
 
@@ -28,7 +29,7 @@ from django.db import transaction
 from django.utils import timezone
 from prometheus_client import Counter
 
-from payments import ledger
+from payments import ledger, refunds
 from payments.metrics import PREDICTION_SECONDS
 from payments.models import UNPAID_STATUSES, Payment, PaymentStatus
 
@@ -108,6 +109,7 @@ def _move(
     )
     if to in ENDED_UNSERVED and prediction.payment is not None:
         ledger.release(prediction.payment, f"the prediction ended {to}: {prediction.error}"[:500])
+        _refund_if_owed(prediction, prediction.payment)
     if stop_run:
         runner, ended = prediction.version.runner_impl, prediction
         transaction.on_commit(lambda: runner.cancel(ended))
@@ -290,18 +292,34 @@ def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str) ->
         return True
 
 
+def _refund_if_owed(prediction: Prediction, payment: Payment) -> None:
+    """A prediction that ended without its output, under a policy that refunds, whose payment
+    is confirmed: the payer is owed the money back (payments.refunds, once per payment). A
+    payment still settling is looked at again when it confirms (:func:`on_payment`)."""
+    if (
+        prediction.status in ENDED_UNSERVED
+        and SettlementPolicy(prediction.settlement_policy).refunds_unserved
+        and payment.status == PaymentStatus.CONFIRMED
+    ):
+        refunds.owe(payment, f"prediction {prediction.pk} ended {prediction.status}: {prediction.error}")
+
+
 def on_payment(payment: Payment) -> None:
     """The ledger moved ``payment`` (called inside its transaction, payment locked).
 
     Confirmed: a finished ``after_success`` run is released (SUCCEEDED: ``output`` and
-    ``completed`` webhooks), a waiting ``before_run`` prediction is enqueued. Failed or expired:
-    an unfinished prediction fails (and a run in progress is canceled on its runner).
+    ``completed`` webhooks), a waiting ``before_run`` prediction is enqueued, and one that
+    already ended unserved is owed a refund. Failed or expired: an unfinished prediction fails
+    (and a run in progress is canceled on its runner).
     """
     prediction_id = Prediction.objects.filter(payment=payment).values_list("pk", flat=True).first()
     if prediction_id is None:
         return
     prediction = _lock(prediction_id)
-    if prediction is None or prediction.is_terminal:
+    if prediction is None:
+        return
+    if prediction.is_terminal:
+        _refund_if_owed(prediction, payment)  # money that arrived after the run ended unserved
         return
     if payment.status == PaymentStatus.CONFIRMED:
         if prediction.status == P.PROCESSING and prediction.run_ended_at is not None:

@@ -194,6 +194,13 @@ def _payment_options() -> tuple[list[dict], list[str]]:
 
 
 X402_PAYMENT_OPTIONS, X402_RELAYER_KEYS = _payment_options()
+#: The refund wallet's key (it sends refunds back to payers; keep it funded with the token and
+#: gas). Never stored in the database. The dev chain's own when the options come from it.
+X402_REFUND_KEY = env.str("X402_REFUND_KEY", default="") or (
+    json.loads(X402_DEVCHAIN_FILE.read_text()).get("refund_private_key", "")
+    if X402_DEVCHAIN_FILE.exists() and not env.str("X402_PAYMENT_OPTIONS", default="") and not env.str("X402_ASSET", default="")
+    else ""
+)
 #: The first lane's key (what one-relayer deployments and older settings name).
 X402_RELAYER_KEY = X402_RELAYER_KEYS[0] if X402_RELAYER_KEYS else ""
 

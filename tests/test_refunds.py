@@ -1,0 +1,90 @@
+"""Refunds (issue 20) on anvil: a paid run that ends without its output under before_run is
+owed a refund; finance approves it; the refund wallet sends the token back; the reconciler
+confirms it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.test import Client
+
+from payments import refunds
+from payments.models import Payment, Refund
+from predictions.models import Prediction
+from tests.conftest import fresh_payer, token_balance
+from tests.payers import v2_header_for
+from tests.test_lifecycle import python_model
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+PRICE = 10_000  # the test models' 0.01 USDC
+
+
+def pay(model, key: str) -> dict:
+    url = f"/v1/models/{model}/predictions"
+    body = {"input": {"text": "hello"}}
+    challenge = Client().post(url, data=body, content_type="application/json")
+    assert challenge.status_code == 402, challenge.content
+    header = v2_header_for(key, challenge["PAYMENT-REQUIRED"])
+    response = Client().post(url, data=body, content_type="application/json", headers={"PAYMENT-SIGNATURE": header})
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+def confirm(refund: Refund) -> Refund:
+    deadline = time.monotonic() + 20
+    while refund.status != "confirmed" and time.monotonic() < deadline:
+        refunds.reconcile()
+        refund.refresh_from_db()
+        time.sleep(0.05)
+    return refund
+
+
+def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery, staff) -> None:
+    chain = chain_settings
+    payer = fresh_payer(chain)
+    wallet = chain.refund_address
+    start_payer, start_wallet = token_balance(chain, payer["address"]), token_balance(chain, wallet)
+    model = python_model("boom", "tests.predictors.Boom", "before_run")
+    created = pay(model, payer["private_key"])
+    prediction = Prediction.objects.get(pk=created["id"])
+    assert prediction.status == "failed" and prediction.payment.status == "confirmed"
+    assert token_balance(chain, payer["address"]) == start_payer - PRICE  # paid up front
+
+    refund = Refund.objects.get(payment=prediction.payment)
+    assert (refund.status, int(refund.amount), refund.recipient) == ("owed", PRICE, payer["address"])
+    assert created["id"] in refund.reason
+    # Owed once: the payment's later moves (none) or a second look change nothing.
+    assert refunds.owe(prediction.payment, "again") == refund and Refund.objects.count() == 1
+
+    # Nothing leaves before finance approves; an operator may not approve.
+    refunds.send(refund.pk)
+    refund.refresh_from_db()
+    assert refund.status == "owed" and not refund.tx_hash
+    action = {"action": "approve", "_selected_action": [str(refund.pk)]}
+    assert staff["operator"].post("/admin/payments/refund/", action).status_code == 403
+    answer = staff["finance"].post("/admin/payments/refund/", action)
+    assert answer.status_code == 302
+    refund.refresh_from_db()
+    assert refund.status == "sent" and refund.approved_by.username == "finn" and refund.sender == wallet
+
+    refund = confirm(refund)
+    assert refund.status == "confirmed" and refund.block_number and refund.gas_cost_wei > 0
+    assert token_balance(chain, payer["address"]) == start_payer  # the money is back
+    assert token_balance(chain, wallet) == start_wallet - PRICE  # from the refund wallet
+    events = list(refund.events.values_list("from_status", "to_status"))
+    assert events == [("", "owed"), ("owed", "owed"), ("owed", "sent"), ("sent", "confirmed")]
+    assert refund.events.all()[1].detail == {"approved_by": "finn"}
+    page = staff["finance"].get(f"/admin/payments/refund/{refund.pk}/change/")
+    assert page.status_code == 200 and refund.raw_tx.encode() not in page.content
+
+
+def test_after_success_a_failed_run_is_not_charged_so_nothing_is_owed(chain_settings, eager_celery) -> None:
+    payer = fresh_payer(chain_settings)
+    before = token_balance(chain_settings, payer["address"])
+    model = python_model("boom", "tests.predictors.Boom", "after_success")
+    created = pay(model, payer["private_key"])
+    assert Prediction.objects.get(pk=created["id"]).status == "failed"
+    assert not Refund.objects.exists()
+    assert token_balance(chain_settings, payer["address"]) == before
+    assert Payment.objects.get().status in ("lapsing", "expired")
