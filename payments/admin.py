@@ -141,6 +141,8 @@ class PaymentAdmin(ReadOnlyAdmin):
         basis = request.GET.get("basis") if request.GET.get("basis") in DateBasis.values else DateBasis.CREATED
         flt = LedgerFilter(since=days.since, until=days.until, basis=basis, tz=days.zone.key)
         totals = reports.totals(flt)
+        revenue = sum(totals.amount(reports.PAID).values(), Decimal(0))
+        refunded = reports.refunded(flt)
         by_day = dict(reports.revenue_by_day(flt))
         by_model = reports.revenue_by_model(flt)
         context = {
@@ -150,7 +152,9 @@ class PaymentAdmin(ReadOnlyAdmin):
             "basis": basis,
             "bases": DateBasis.choices,
             "zones": periods.zone_names(),
-            "revenue": sum(totals.amount(reports.PAID).values(), Decimal(0)),
+            "revenue": revenue,
+            "refunded": refunded,
+            "net": revenue - refunded,
             "pending": sum(totals.amount(reports.PENDING).values(), Decimal(0)),
             "by_status": sorted(totals.by_status().items()),
             "lines": totals.lines(),

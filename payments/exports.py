@@ -1,5 +1,5 @@
-"""Ledger exports for finance: one data file of ledger lines and a separate summary, never totals
-inside the data.
+"""Ledger exports for finance: one data file of ledger lines (a line per payment, and one per
+refund with its amount negative) and a separate summary, never totals inside the data.
 
 - CSV: a zip of ``data.csv`` (PostgreSQL ``COPY ... TO STDOUT`` straight into the archive: flat
   memory at any size), ``summary.csv`` (totals per kind, status and asset), ``rates.csv`` (the
@@ -48,7 +48,7 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce, Concat, Replace
 
-from .models import PAID_STATUSES, NativeTokenRate, Payment
+from .models import PAID_STATUSES, NativeTokenRate, Payment, Refund, RefundStatus
 from .options import configured
 from .reports import MONEY_AT, DateBasis, LedgerFilter
 
@@ -95,6 +95,7 @@ SUMMARY_COLUMNS = [
     "net_amount",
 ]
 KIND_PAYMENT = "payment"
+KIND_REFUND = "refund"
 #: Decimals of the native token (wei).
 NATIVE_DECIMALS = 18
 USD_PLACES = 6
@@ -155,61 +156,129 @@ def _by_network(values: dict[str, Any]) -> Expression:
     return Case(*whens, default=Value(None), output_field=DecimalField()) if whens else Value(None, DecimalField())
 
 
-def payment_lines(flt: LedgerFilter, usd_rates: dict[str, Rate]) -> QuerySet[Payment, dict[str, Any]]:
-    """The payment lines of the data file: one row per payment, the columns of :data:`COLUMNS`."""
+def _symbol() -> Expression:
     symbols = [
         When(network=c.option.network, asset=c.option.asset, then=Value(c.option.symbol)) for c in configured()
     ]
-    rate = _by_network({n: r.usd_per_token for n, r in usd_rates.items()})
-    paid_amount = Case(When(status__in=PAID_STATUSES, then=F("amount")), default=Value(0), output_field=DecimalField())
-    model = Case(
-        When(prediction__isnull=False, then=Concat("prediction__model__owner", Value("/"), "prediction__model__name")),
+    return Case(*symbols, default=Value(""), output_field=CharField()) if symbols else Value("")
+
+
+def _one_line(field: str) -> Expression:
+    """A text field on one line, always: COPY's line count is the progress."""
+    inner = Replace(F(field), Value("\n"), Value(" "), output_field=TextField())
+    return Replace(inner, Value("\r"), Value(" "), output_field=TextField())
+
+
+def _model(prefix: str) -> Expression:
+    return Case(
+        When(
+            **{f"{prefix}__isnull": False},
+            then=Concat(f"{prefix}__model__owner", Value("/"), f"{prefix}__model__name"),
+        ),
         default=Value(""),
         output_field=CharField(),
     )
+
+
+def _values(qs: QuerySet[Any], columns: dict[str, Any]) -> QuerySet[Any, dict[str, Any]]:
+    """``qs`` as the data's columns, in order, each named x_<column> (an annotation may not
+    shadow a model field; the outer query names them)."""
+    return qs.annotate(**{f"x_{n}": columns[n] for n in NAMES}).values(*[f"x_{n}" for n in NAMES]).order_by()
+
+
+def payment_lines(flt: LedgerFilter, usd_rates: dict[str, Rate]) -> QuerySet[Payment, dict[str, Any]]:
+    """The payment lines of the data file: one row per payment."""
+    rate = _by_network({n: r.usd_per_token for n, r in usd_rates.items()})
+    paid_amount = Case(When(status__in=PAID_STATUSES, then=F("amount")), default=Value(0), output_field=DecimalField())
     columns: dict[str, Any] = {
         "kind": Value(KIND_PAYMENT, CharField()),
         "payment_id": F("id"),
+        "created_at": F("created_at"),
         "money_at": MONEY_AT,
-        "asset_symbol": Case(*symbols, default=Value(""), output_field=CharField()) if symbols else Value(""),
+        "status": F("status"),
+        "network": F("network"),
+        "asset_symbol": _symbol(),
+        "asset": F("asset"),
+        "payer": F("payer"),
+        "pay_to": F("pay_to"),
         "amount_atomic": F("amount"),
         "amount": _Scaled(F("amount"), F("decimals")),
         "gas_native": _Scaled(F("gas_cost_wei"), Value(NATIVE_DECIMALS)),
         "gas_usd": _Usd(F("gas_cost_wei"), rate),
         "net_amount": _Scaled(paid_amount, F("decimals")) - _Usd(Coalesce(F("gas_cost_wei"), Value(0)), rate),
-        "model": model,
+        "model": _model("prediction"),
         "version": F("prediction__version_id"),
         "hardware_tier": F("prediction__model__hardware__slug"),
         "prediction_id": F("prediction__id"),
         "prediction_status": F("prediction__status"),
         "transaction": F("settle_tx_hash"),
-        # One line per row, always: COPY's line count is the progress.
-        "failure_reason": Replace(
-            Replace(F("failure_reason"), Value("\n"), Value(" "), output_field=TextField()),
-            Value("\r"),
-            Value(" "),
-            output_field=TextField(),
-        ),
+        "block_number": F("block_number"),
+        "confirmations": F("confirmations"),
+        "gas_cost_wei": F("gas_cost_wei"),
+        "verification": F("verification"),
+        "failure_reason": _one_line("failure_reason"),
     }
-    annotated = flt.apply(Payment.objects.all()).annotate(
-        **{f"x_{name}": columns[name] for name in NAMES if name not in _FIELDS}
-    )
-    return annotated.values(*[name if name in _FIELDS else f"x_{name}" for name in NAMES]).order_by()
+    return _values(flt.apply(Payment.objects.all()), columns)
 
 
-#: Columns that are the payment's own fields; the others are annotations named x_<column> (an
-#: annotation may not shadow a field), renamed in the outer query.
-_FIELDS = frozenset(
-    {"created_at", "status", "network", "asset", "payer", "pay_to", "block_number", "confirmations"}
-    | {"gas_cost_wei", "verification"}
-)
+def refund_lines(flt: LedgerFilter, usd_rates: dict[str, Rate]) -> QuerySet[Refund, dict[str, Any]]:
+    """The refund lines: one row per refund, its amount negative (money out, from the refund
+    wallet to the payer); its money date is its confirmation. The filter's statuses are the
+    refund's own (confirmed, failed...)."""
+    rate = _by_network({n: r.usd_per_token for n, r in usd_rates.items()})
+    out = Case(When(status=RefundStatus.CONFIRMED, then=F("amount")), default=Value(0), output_field=DecimalField())
+    columns: dict[str, Any] = {
+        "kind": Value(KIND_REFUND, CharField()),
+        "payment_id": F("payment_id"),
+        "created_at": F("created_at"),
+        "money_at": F("confirmed_at"),
+        "status": F("status"),
+        "network": F("network"),
+        "asset_symbol": _symbol(),
+        "asset": F("asset"),
+        "payer": F("recipient"),
+        "pay_to": F("sender"),
+        "amount_atomic": -F("amount"),
+        "amount": -_Scaled(F("amount"), F("decimals")),
+        "gas_native": _Scaled(F("gas_cost_wei"), Value(NATIVE_DECIMALS)),
+        "gas_usd": _Usd(F("gas_cost_wei"), rate),
+        "net_amount": -_Scaled(out, F("decimals")) - _Usd(Coalesce(F("gas_cost_wei"), Value(0)), rate),
+        "model": _model("payment__prediction"),
+        "version": F("payment__prediction__version_id"),
+        "hardware_tier": F("payment__prediction__model__hardware__slug"),
+        "prediction_id": F("payment__prediction__id"),
+        "prediction_status": F("payment__prediction__status"),
+        "transaction": F("tx_hash"),
+        "block_number": F("block_number"),
+        "confirmations": F("confirmations"),
+        "gas_cost_wei": F("gas_cost_wei"),
+        "verification": Value("", CharField()),
+        "failure_reason": _one_line("failure_reason"),
+    }
+    qs = Refund.objects.all()
+    if flt.since or flt.until:
+        date = "confirmed_at" if flt.basis == DateBasis.MONEY else "created_at"
+        if flt.since:
+            qs = qs.filter(**{f"{date}__gte": flt.since})
+        if flt.until:
+            qs = qs.filter(**{f"{date}__lt": flt.until})
+    if flt.statuses:
+        qs = qs.filter(status__in=flt.statuses)
+    if flt.model:
+        owner, _, name = flt.model.partition("/")
+        qs = qs.filter(payment__prediction__model__owner=owner, payment__prediction__model__name=name)
+    if flt.network:
+        qs = qs.filter(network=flt.network)
+    return _values(qs, columns)
 
 
 def _sql(flt: LedgerFilter, usd_rates: dict[str, Rate]) -> tuple[str, tuple[Any, ...]]:
-    """The data query (unordered): SQL with its parameters, columns named as :data:`NAMES`."""
-    sql, params = payment_lines(flt, usd_rates).query.sql_with_params()
-    outer = ", ".join(f'"{n}"' if n in _FIELDS else f'"x_{n}" AS "{n}"' for n in NAMES)
-    return f"SELECT {outer} FROM ({sql}) AS lines", params
+    """The data query (unordered), payments and refunds: SQL with its parameters, columns named
+    as :data:`NAMES`."""
+    payments, p_params = payment_lines(flt, usd_rates).query.sql_with_params()
+    refunds, r_params = refund_lines(flt, usd_rates).query.sql_with_params()
+    outer = ", ".join(f'"x_{n}" AS "{n}"' for n in NAMES)
+    return f"SELECT {outer} FROM (({payments}) UNION ALL ({refunds})) AS lines", (*p_params, *r_params)
 
 
 def _ordered(sql: str, flt: LedgerFilter) -> str:

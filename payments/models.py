@@ -626,13 +626,16 @@ class ReconciliationNote(models.Model):
     """Finance's word on a reconciliation line that did not match: who looked, and why it is so.
 
     A chain line is named by its log (network, transaction, log index), a ledger line by its
-    payment: the notes survive any re-reading of the chain."""
+    payment or refund: the notes survive any re-reading of the chain."""
 
     network = models.CharField(max_length=64, blank=True)
     tx_hash = models.CharField(max_length=66, blank=True)
     log_index = models.PositiveIntegerField(null=True, blank=True)
     payment = models.ForeignKey(
         Payment, null=True, blank=True, on_delete=models.PROTECT, related_name="reconciliation_notes"
+    )
+    refund = models.ForeignKey(
+        "Refund", null=True, blank=True, on_delete=models.PROTECT, related_name="reconciliation_notes"
     )
     author = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -644,8 +647,9 @@ class ReconciliationNote(models.Model):
         ordering = ["created_at"]
         constraints = [
             models.CheckConstraint(
-                condition=models.Q(payment__isnull=False, log_index=None)
-                | models.Q(payment=None, log_index__isnull=False),
+                condition=models.Q(payment__isnull=False, refund=None, log_index=None)
+                | models.Q(payment=None, refund__isnull=False, log_index=None)
+                | models.Q(payment=None, refund=None, log_index__isnull=False),
                 name="reconciliationnote_one_subject",
             )
         ]

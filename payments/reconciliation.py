@@ -25,6 +25,7 @@ from uuid import UUID
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q, TextChoices
+from eth_account import Account
 from eth_utils import to_checksum_address
 
 from .abi import TRANSFER_TOPIC
@@ -34,11 +35,18 @@ from .models import (
     ChainTransfer,
     Payment,
     ReconciliationNote,
+    Refund,
+    RefundStatus,
     ScannedRange,
     TransferDirection,
     VerificationMethod,
 )
 from .options import ConfiguredOption, configured
+
+
+class LineKind(TextChoices):
+    PAYMENT = "payment", "Payment (to our pay-to)"
+    REFUND = "refund", "Refund (from our refund wallet)"
 
 
 class LineStatus(TextChoices):
@@ -79,7 +87,9 @@ class Line:
     asset: str
     symbol: str
     decimals: int
+    #: Our address: the pay-to (a payment), the refund wallet (a refund).
     pay_to: str
+    #: The customer: who paid (a payment), who was paid back (a refund).
     payer: str
     amount: int
     tx_hash: str
@@ -88,6 +98,8 @@ class Line:
     time: datetime | None
     log_index: int | None = None
     payment_id: UUID | None = None
+    kind: str = LineKind.PAYMENT
+    refund_id: int | None = None
     notes: tuple[Note, ...] = ()
 
     @property
@@ -100,14 +112,15 @@ class Line:
 
     @property
     def key(self) -> str:
-        """What a note names: ``payment:<id>`` or ``log:<network>:<tx>:<index>``."""
+        """What a note names: ``payment:<id>``, ``refund:<id>`` or ``log:<network>:<tx>:<index>``."""
         if self.status == LineStatus.LEDGER_ONLY:
-            return f"payment:{self.payment_id}"
+            return f"refund:{self.refund_id}" if self.kind == LineKind.REFUND else f"payment:{self.payment_id}"
         return f"log:{self.network}:{self.tx_hash}:{self.log_index}"
 
 
 @dataclass(frozen=True, slots=True)
 class Total:
+    kind: str
     status: str
     network: str
     symbol: str
@@ -135,18 +148,21 @@ class Report:
     scans: tuple[Scan, ...]
 
     def totals(self) -> list[Total]:
-        acc: dict[tuple[str, str, str, str], list[Any]] = {}
+        acc: dict[tuple[str, str, str, str, str], list[Any]] = {}
         for line in self.lines:
-            entry = acc.setdefault((line.status, line.network, line.symbol, line.asset), [0, Decimal(0)])
+            key = (line.kind, line.status, line.network, line.symbol, line.asset)
+            entry = acc.setdefault(key, [0, Decimal(0)])
             entry[0] += 1
             entry[1] += line.amount_decimal
-        return [Total(s, n, sym, a, c, amt) for (s, n, sym, a), (c, amt) in sorted(acc.items())]
+        return [Total(k, s, n, sym, a, c, amt) for (k, s, n, sym, a), (c, amt) in sorted(acc.items())]
 
-    def count(self, status: str) -> int:
-        return sum(1 for line in self.lines if line.status == status)
+    def count(self, status: str, kind: str = LineKind.PAYMENT) -> int:
+        return sum(1 for line in self.lines if line.status == status and line.kind == kind)
 
-    def amount(self, status: str) -> Decimal:
-        return sum((line.amount_decimal for line in self.lines if line.status == status), Decimal(0))
+    def amount(self, status: str, kind: str = LineKind.PAYMENT) -> Decimal:
+        return sum(
+            (line.amount_decimal for line in self.lines if line.status == status and line.kind == kind), Decimal(0)
+        )
 
     @property
     def unexplained(self) -> list[Line]:
@@ -340,67 +356,117 @@ def _paid_in(conf: ConfiguredOption, period: Period, first: int, last: int) -> l
 
 def _notes(lines: list[Line]) -> list[Line]:
     """``lines`` with their notes attached."""
-    payment_ids = [line.payment_id for line in lines if line.status == LineStatus.LEDGER_ONLY]
+    ledger_only = [line for line in lines if line.status == LineStatus.LEDGER_ONLY]
+    payment_ids = [line.payment_id for line in ledger_only if line.kind == LineKind.PAYMENT]
+    refund_ids = [line.refund_id for line in ledger_only if line.kind == LineKind.REFUND]
     hashes = [line.tx_hash for line in lines if line.status == LineStatus.CHAIN_ONLY]
-    if not payment_ids and not hashes:
+    if not payment_ids and not refund_ids and not hashes:
         return lines
     by_key: dict[str, list[Note]] = defaultdict(list)
     for n in ReconciliationNote.objects.filter(
-        Q(payment_id__in=payment_ids) | Q(tx_hash__in=hashes)
+        Q(payment_id__in=payment_ids) | Q(refund_id__in=refund_ids) | Q(tx_hash__in=hashes)
     ).select_related("author"):
-        key = f"payment:{n.payment_id}" if n.payment_id else f"log:{n.network}:{n.tx_hash}:{n.log_index}"
+        if n.payment_id:
+            key = f"payment:{n.payment_id}"
+        elif n.refund_id:
+            key = f"refund:{n.refund_id}"
+        else:
+            key = f"log:{n.network}:{n.tx_hash}:{n.log_index}"
         by_key[key].append(Note(str(n.author or "command"), n.reason, n.created_at))
     return [replace(line, notes=tuple(by_key[line.key])) if by_key.get(line.key) else line for line in lines]
 
 
-def match(conf: ConfiguredOption, found: list[ChainTransfer], paid: list[Payment]) -> list[Line]:
-    """Pair Transfers with payments on (transaction, payer, amount), one to one."""
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One ledger record that should have moved tokens: a paid payment, a sent refund."""
+
+    tx_hash: str
+    #: The customer's address (payer of a payment, recipient of a refund).
+    counterparty: str
+    amount: int
+    block_number: int | None
+    time: datetime | None
+    payment_id: UUID
+    refund_id: int | None = None
+
+
+def match(conf: ConfiguredOption, kind: str, ours: str, found: list[ChainTransfer], entries: list[Entry]) -> list[Line]:
+    """Pair Transfers with ledger entries on (transaction, customer, amount), one to one (a
+    batch's Transfers in log order against its payments in settlement order)."""
     option = conf.option
-    payments: dict[tuple[str, str, int], list[Payment]] = defaultdict(list)
-    for p in paid:
-        payments[((p.settle_tx_hash or "").lower(), p.payer.lower(), int(p.amount))].append(p)
+    waiting: dict[tuple[str, str, int], list[Entry]] = defaultdict(list)
+    for e in entries:
+        waiting[(e.tx_hash.lower(), e.counterparty.lower(), e.amount)].append(e)
 
     def line(status: LineStatus, **kw: Any) -> Line:
         return Line(
             status=status,
+            kind=kind,
             network=option.network,
             asset=option.asset,
             symbol=option.symbol,
             decimals=option.decimals,
-            pay_to=option.pay_to,
+            pay_to=ours,
             **kw,
         )
 
     lines = []
     for t in found:
-        waiting = payments.get((t.tx_hash.lower(), t.sender.lower(), int(t.amount)))
-        p = waiting.pop(0) if waiting else None
+        customer = t.sender if kind == LineKind.PAYMENT else t.recipient
+        candidates = waiting.get((t.tx_hash.lower(), customer.lower(), int(t.amount)))
+        e = candidates.pop(0) if candidates else None
         lines.append(
             line(
-                LineStatus.MATCHED if p else LineStatus.CHAIN_ONLY,
-                payer=t.sender,
+                LineStatus.MATCHED if e else LineStatus.CHAIN_ONLY,
+                payer=customer,
                 amount=int(t.amount),
                 tx_hash=t.tx_hash,
                 block_number=t.block_number,
                 time=t.block_time,
                 log_index=t.log_index,
-                payment_id=p.pk if p else None,
+                payment_id=e.payment_id if e else None,
+                refund_id=e.refund_id if e else None,
             )
         )
-    for rest in payments.values():
-        for p in rest:
+    for rest in waiting.values():
+        for e in rest:
             lines.append(
                 line(
                     LineStatus.LEDGER_ONLY,
-                    payer=p.payer,
-                    amount=int(p.amount),
-                    tx_hash=p.settle_tx_hash or "",
-                    block_number=p.block_number,
-                    time=p.settled_at,
-                    payment_id=p.pk,
+                    payer=e.counterparty,
+                    amount=e.amount,
+                    tx_hash=e.tx_hash,
+                    block_number=e.block_number,
+                    time=e.time,
+                    payment_id=e.payment_id,
+                    refund_id=e.refund_id,
                 )
             )
     return lines
+
+
+def _refunds_in(conf: ConfiguredOption, sender: str, period: Period, first: int, last: int) -> list[Entry]:
+    """The refunds our wallet ``sender`` sent in the period (mined in its blocks, or not yet
+    mined and sent in it)."""
+    option = conf.option
+    rows = Refund.objects.filter(
+        Q(block_number__gte=first, block_number__lte=last)
+        | Q(block_number=None, sent_at__gte=period.since, sent_at__lt=period.until),
+        network=option.network,
+        asset=option.asset,
+        sender=sender,
+        status__in=[RefundStatus.SENT, RefundStatus.CONFIRMED],
+    ).order_by("sent_at")
+    return [
+        Entry(r.tx_hash, r.recipient, int(r.amount), r.block_number, r.sent_at, r.payment_id, r.pk) for r in rows
+    ]
+
+
+def _refund_wallets(conf: ConfiguredOption) -> list[str]:
+    """Our refund wallet, and any that sent refunds of this option before."""
+    current = {to_checksum_address(Account.from_key(settings.X402_REFUND_KEY).address)} if settings.X402_REFUND_KEY else set()
+    earlier = Refund.objects.filter(network=conf.option.network, asset=conf.option.asset).exclude(sender="")
+    return sorted(current | set(earlier.values_list("sender", flat=True).distinct()))
 
 
 def report(period: Period, *, network: str = "") -> Report:
@@ -416,7 +482,14 @@ def report(period: Period, *, network: str = "") -> Report:
         first = blocks.first_at_or_after(period.since, head)
         last = blocks.first_at_or_after(period.until, head) - 1
         found = transfers(conf, option.pay_to, TransferDirection.TO, first, last, head=head, blocks=blocks)
-        lines += match(conf, found, _paid_in(conf, period, first, last))
+        paid = [
+            Entry(p.settle_tx_hash or "", p.payer, int(p.amount), p.block_number, p.settled_at, p.pk)
+            for p in _paid_in(conf, period, first, last)
+        ]
+        lines += match(conf, LineKind.PAYMENT, option.pay_to, found, paid)
+        for wallet in _refund_wallets(conf):
+            sent = transfers(conf, wallet, TransferDirection.FROM, first, last, head=head, blocks=blocks)
+            lines += match(conf, LineKind.REFUND, wallet, sent, _refunds_in(conf, wallet, period, first, last))
         scans.append(Scan(option.network, option.asset, option.pay_to, first, last, head))
     lines.sort(key=lambda line: (line.time or period.until, line.tx_hash, line.log_index or 0))
     return Report(period, tuple(_notes(lines)), tuple(scans))
@@ -429,6 +502,11 @@ def annotate(key: str, reason: str, *, author: Any) -> ReconciliationNote:
         raise ValueError("a note needs a reason")
     author = author if getattr(author, "is_authenticated", False) else None
     kind, _, rest = key.partition(":")
+    if kind == "refund":
+        refund = Refund.objects.filter(pk=int(rest)).first() if rest.isdigit() else None
+        if refund is None:
+            raise ValueError(f"no such refund: {rest!r}")
+        return ReconciliationNote.objects.create(refund=refund, author=author, reason=reason)
     if kind == "payment":
         try:
             payment = Payment.objects.get(pk=UUID(rest))

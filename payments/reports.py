@@ -175,3 +175,22 @@ def revenue_by_model(flt: LedgerFilter) -> list[tuple[str, Decimal, int]]:
 
 def needing_attention(flt: LedgerFilter, limit: int = 50) -> QuerySet[Payment]:
     return flt.apply(Payment.objects.filter(status__in=(S.FAILED, S.EXPIRED))).order_by("-created_at")[:limit]
+
+
+def refunded(flt: LedgerFilter) -> Decimal:
+    """Refunds confirmed (money sent back) in the filter's period: by confirmation for the money
+    basis, else by creation; all stablecoin assets together."""
+    from .models import Refund, RefundStatus
+
+    qs = Refund.objects.filter(status=RefundStatus.CONFIRMED)
+    date = "confirmed_at" if flt.basis == DateBasis.MONEY else "created_at"
+    if flt.since:
+        qs = qs.filter(**{f"{date}__gte": flt.since})
+    if flt.until:
+        qs = qs.filter(**{f"{date}__lt": flt.until})
+    if flt.network:
+        qs = qs.filter(network=flt.network)
+    total = Decimal(0)
+    for row in qs.values("decimals").annotate(amount=Sum("amount")):
+        total += Decimal(row["amount"]).scaleb(-row["decimals"])
+    return total

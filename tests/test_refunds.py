@@ -4,15 +4,22 @@ confirms it."""
 
 from __future__ import annotations
 
+import csv
+import io
 import time
+import zipfile
+from decimal import Decimal
 
 import pytest
 from django.test import Client
+from django.utils import timezone
 
-from payments import refunds
+from payments import exports, reconciliation, refunds
 from payments.models import Payment, Refund
+from payments.reports import DateBasis, LedgerFilter
 from predictions.models import Prediction
 from tests.conftest import fresh_payer, token_balance
+from tests.invariants import refund_violations
 from tests.payers import v2_header_for
 from tests.test_lifecycle import python_model
 
@@ -40,7 +47,7 @@ def confirm(refund: Refund) -> Refund:
     return refund
 
 
-def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery, staff) -> None:
+def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery, staff, tmp_path) -> None:
     chain = chain_settings
     payer = fresh_payer(chain)
     wallet = chain.refund_address
@@ -77,6 +84,37 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
     assert refund.events.all()[1].detail == {"approved_by": "finn"}
     page = staff["finance"].get(f"/admin/payments/refund/{refund.pk}/change/")
     assert page.status_code == 200 and refund.raw_tx.encode() not in page.content
+
+    # The auditor's invariant sees the refund on chain; a refund the chain does not back is caught.
+    assert refund_violations(chain.rpc_url) == []
+    Refund.objects.filter(pk=refund.pk).update(amount=PRICE + 1)
+    assert "carries no Transfer" in refund_violations(chain.rpc_url)[0]
+    Refund.objects.filter(pk=refund.pk).update(amount=PRICE)
+
+    # The dashboard, the export and the reconciliation report agree for the same period (today,
+    # by the date money moved), refunds on lines of their own.
+    today = timezone.now().date().isoformat()
+    dashboard = staff["finance"].get(
+        "/admin/payments/payment/dashboard/", {"since": today, "until": today, "basis": "money", "tz": "UTC"}
+    ).context
+    days = dashboard["days"]
+    flt = LedgerFilter(since=days.since, until=days.until, basis=DateBasis.MONEY, tz="UTC")
+    result = exports.write_zip(flt, tmp_path / "ledger.zip")
+    with zipfile.ZipFile(tmp_path / "ledger.zip") as archive:
+        data = list(csv.DictReader(io.StringIO(archive.read("data.csv").decode())))
+        summary = list(csv.DictReader(io.StringIO(archive.read("summary.csv").decode())))
+    [refund_line] = [r for r in data if r["kind"] == "refund"]
+    assert (refund_line["status"], refund_line["amount"], refund_line["payer"]) == ("confirmed", "-0.010000", payer["address"])
+    assert refund_line["transaction"] == refund.tx_hash and refund_line["payment_id"] == str(prediction.payment_id)
+    exported_refunds = -sum(Decimal(s["amount"]) for s in summary if s["kind"] == "refund" and s["status"] == "confirmed")
+    exported_revenue = sum(exports.paid_total(result.summary).values(), Decimal(0))
+    report = reconciliation.report(reconciliation.Period(days.since, days.until))
+    [chain_refund] = [line for line in report.lines if line.kind == "refund"]
+    assert (chain_refund.status, chain_refund.refund_id, chain_refund.payer) == ("matched", refund.pk, payer["address"])
+    assert report.count("matched") == 1 and not [line for line in report.lines if line.status == "ledger_only"]
+    assert dashboard["revenue"] == exported_revenue == report.amount("matched") == Decimal("0.01")
+    assert dashboard["refunded"] == exported_refunds == report.amount("matched", "refund") == Decimal("0.01")
+    assert dashboard["net"] == Decimal(0)
 
 
 def test_after_success_a_failed_run_is_not_charged_so_nothing_is_owed(chain_settings, eager_celery) -> None:

@@ -81,12 +81,12 @@ class Command(BaseCommand):
                 f"  {scan.network} {scan.asset} -> {scan.pay_to}: blocks {scan.first_block}-{scan.last_block}"
             )
         for t in result.totals():
-            out.write(f"  {t.status:<12} {t.network} {t.symbol}: {t.count} lines, {t.amount}")
+            out.write(f"  {t.kind:<8} {t.status:<12} {t.network} {t.symbol}: {t.count} lines, {t.amount}")
         for line in result.lines:
             if not line.needs_attention:
                 continue
             out.write(
-                f"  {line.status}: {line.amount_decimal} {line.symbol} from {line.payer} in {line.tx_hash or '-'}"
+                f"  {line.kind} {line.status}: {line.amount_decimal} {line.symbol}, {line.payer} in {line.tx_hash or '-'}"
                 f" (block {line.block_number}) [{line.key}]"
             )
             for note in line.notes:
@@ -96,6 +96,7 @@ class Command(BaseCommand):
         writer = csv.writer(self.stdout)
         writer.writerow(
             [
+                "kind",
                 "status",
                 "time",
                 "network",
@@ -113,6 +114,7 @@ class Command(BaseCommand):
         for line in result.lines:
             writer.writerow(
                 [
+                    line.kind,
                     line.status,
                     line.time.isoformat() if line.time else "",
                     line.network,
