@@ -272,19 +272,27 @@ def refund_lines(flt: LedgerFilter, usd_rates: dict[str, Rate]) -> QuerySet[Refu
     return _values(qs, columns)
 
 
-def _sql(flt: LedgerFilter, usd_rates: dict[str, Rate]) -> tuple[str, tuple[Any, ...]]:
-    """The data query (unordered), payments and refunds: SQL with its parameters, columns named
-    as :data:`NAMES`."""
-    payments, p_params = payment_lines(flt, usd_rates).query.sql_with_params()
-    refunds, r_params = refund_lines(flt, usd_rates).query.sql_with_params()
-    outer = ", ".join(f'"x_{n}" AS "{n}"' for n in NAMES)
-    return f"SELECT {outer} FROM (({payments}) UNION ALL ({refunds})) AS lines", (*p_params, *r_params)
+Query = tuple[str, tuple[Any, ...]]
 
 
-def _ordered(sql: str, flt: LedgerFilter) -> str:
-    """The data query oldest first by the filter's date."""
+def _parts(flt: LedgerFilter, usd_rates: dict[str, Rate], *, ordered: bool = True) -> list[Query]:
+    """The data queries, columns named as :data:`NAMES`, each oldest first by the filter's
+    date: the payment lines, then the refund lines. Two ordered queries, not one sorted union:
+    the payments' order comes from the (created_at, id) index instead of sorting a million
+    wide rows."""
     order = "money_at" if flt.basis == DateBasis.MONEY else "created_at"
-    return f'{sql} ORDER BY "{order}", "payment_id"'
+    outer = ", ".join(f'"x_{n}" AS "{n}"' for n in NAMES)
+    parts = []
+    for lines in (payment_lines(flt, usd_rates), refund_lines(flt, usd_rates)):
+        sql, params = lines.query.sql_with_params()
+        order_by = f' ORDER BY "{order}", "payment_id"' if ordered else ""
+        parts.append((f"SELECT {outer} FROM ({sql}) AS lines{order_by}", tuple(params)))
+    return parts
+
+
+def _all(parts: list[Query]) -> Query:
+    """Every line of the parts (for the summary)."""
+    return " UNION ALL ".join(f"({sql})" for sql, _ in parts), tuple(p for _, params in parts for p in params)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +332,8 @@ def _snapshot(tz: str) -> Iterator[Any]:
         if not outer:
             cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         cursor.execute("SELECT set_config('TimeZone', %s, true)", [tz])
+        # JIT compiling these wide expressions costs seconds of CPU for nothing a scan needs.
+        cursor.execute("SET LOCAL jit = off")
         yield cursor
 
 
@@ -362,21 +372,24 @@ def _flush(buffer: bytearray, out: IO[bytes], digest: Any) -> int:
 def copy_csv(flt: LedgerFilter, out: IO[bytes], progress: Progress | None = None) -> Result:
     """The data as CSV (header first) into ``out``, by ``COPY ... TO STDOUT``; the summary beside."""
     usd_rates = rates()
-    sql, params = _sql(flt, usd_rates)
+    parts = _parts(flt, usd_rates)
     digest = hashlib.sha256()
     with _snapshot(flt.tz) as cursor:
-        summary = _summary(cursor, sql, params)  # first: its counts are the progress's total
+        # First: its counts are the progress's total.
+        summary = _summary(cursor, *_all(_parts(flt, usd_rates, ordered=False)))
         tick = _ticker(progress, sum(line.rows for line in summary))
         lines = 0
         buffer = bytearray()
-        with cursor.copy(f"COPY ({_ordered(sql, flt)}) TO STDOUT WITH (FORMAT csv, HEADER)", params) as copy:
-            for chunk in copy:  # libpq hands COPY out a row at a time: written in blocks
-                buffer += chunk
-                if len(buffer) >= WRITE_BLOCK:
-                    lines += _flush(buffer, out, digest)
-                    tick(lines - 1)
-            lines += _flush(buffer, out, digest)
-            tick(lines - 1)
+        for i, (sql, params) in enumerate(parts):
+            header = ", HEADER" if i == 0 else ""
+            with cursor.copy(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv{header})", params) as copy:
+                for chunk in copy:  # libpq hands COPY out a row at a time: written in blocks
+                    buffer += chunk
+                    if len(buffer) >= WRITE_BLOCK:
+                        lines += _flush(buffer, out, digest)
+                        tick(lines - 1)
+        lines += _flush(buffer, out, digest)
+        tick(lines - 1)
     return Result(rows=lines - 1, summary=summary, rates=usd_rates, data_sha256=digest.hexdigest())
 
 
@@ -434,7 +447,7 @@ def write_xlsx(flt: LedgerFilter, path: Path, progress: Progress | None = None) 
 
     usd_rates = rates()
     zone = ZoneInfo(flt.tz)
-    sql, params = _sql(flt, usd_rates)
+    parts = _parts(flt, usd_rates)
     book = xlsxwriter.Workbook(str(path), {"constant_memory": True})
     sheet = book.add_worksheet("Data")
     sheet.freeze_panes(1, 0)
@@ -446,9 +459,10 @@ def write_xlsx(flt: LedgerFilter, path: Path, progress: Progress | None = None) 
     digest = hashlib.sha256()
     rows = 0
     with _snapshot(flt.tz) as cursor:
-        summary = _summary(cursor, sql, params)
+        summary = _summary(cursor, *_all(_parts(flt, usd_rates, ordered=False)))
         tick = _ticker(progress, sum(line.rows for line in summary))
-        for rows, values in enumerate(_typed_rows(cursor, _ordered(sql, flt), params), start=1):
+        typed = (values for sql, params in parts for values in _typed_rows(cursor, sql, params))
+        for rows, values in enumerate(typed, start=1):
             digest.update(repr(values).encode())
             for c, value in enumerate(values):
                 if value is None or value == "":
