@@ -82,6 +82,8 @@ COLUMNS: list[tuple[str, str]] = [
     ("failure_reason", "text"),
 ]
 NAMES = [name for name, _ in COLUMNS]
+#: The data columns the summary adds up (the others would only cost joins).
+SUMMARY_SOURCE = ["kind", "status", "network", "asset_symbol", "asset", "amount", "gas_native", "gas_usd", "net_amount"]
 SUMMARY_COLUMNS = [
     "kind",
     "status",
@@ -180,13 +182,15 @@ def _model(prefix: str) -> Expression:
     )
 
 
-def _values(qs: QuerySet[Any], columns: dict[str, Any]) -> QuerySet[Any, dict[str, Any]]:
-    """``qs`` as the data's columns, in order, each named x_<column> (an annotation may not
-    shadow a model field; the outer query names them)."""
-    return qs.annotate(**{f"x_{n}": columns[n] for n in NAMES}).values(*[f"x_{n}" for n in NAMES]).order_by()
+def _values(qs: QuerySet[Any], columns: dict[str, Any], names: list[str]) -> QuerySet[Any, dict[str, Any]]:
+    """``qs`` as the columns ``names``, in order, each named x_<column> (an annotation may not
+    shadow a model field; the outer query names them). Columns left out cost no join."""
+    return qs.annotate(**{f"x_{n}": columns[n] for n in names}).values(*[f"x_{n}" for n in names]).order_by()
 
 
-def payment_lines(flt: LedgerFilter, usd_rates: dict[str, Rate]) -> QuerySet[Payment, dict[str, Any]]:
+def payment_lines(
+    flt: LedgerFilter, usd_rates: dict[str, Rate], names: list[str] = NAMES
+) -> QuerySet[Payment, dict[str, Any]]:
     """The payment lines of the data file: one row per payment."""
     rate = _by_network({n: r.usd_per_token for n, r in usd_rates.items()})
     paid_amount = Case(When(status__in=PAID_STATUSES, then=F("amount")), default=Value(0), output_field=DecimalField())
@@ -218,10 +222,12 @@ def payment_lines(flt: LedgerFilter, usd_rates: dict[str, Rate]) -> QuerySet[Pay
         "verification": F("verification"),
         "failure_reason": _one_line("failure_reason"),
     }
-    return _values(flt.apply(Payment.objects.all()), columns)
+    return _values(flt.apply(Payment.objects.all()), columns, names)
 
 
-def refund_lines(flt: LedgerFilter, usd_rates: dict[str, Rate]) -> QuerySet[Refund, dict[str, Any]]:
+def refund_lines(
+    flt: LedgerFilter, usd_rates: dict[str, Rate], names: list[str] = NAMES
+) -> QuerySet[Refund, dict[str, Any]]:
     """The refund lines: one row per refund, its amount negative (money out, from the refund
     wallet to the payer); its money date is its confirmation. The filter's statuses are the
     refund's own (confirmed, failed...)."""
@@ -269,21 +275,23 @@ def refund_lines(flt: LedgerFilter, usd_rates: dict[str, Rate]) -> QuerySet[Refu
         qs = qs.filter(payment__prediction__model__owner=owner, payment__prediction__model__name=name)
     if flt.network:
         qs = qs.filter(network=flt.network)
-    return _values(qs, columns)
+    return _values(qs, columns, names)
 
 
 Query = tuple[str, tuple[Any, ...]]
 
 
-def _parts(flt: LedgerFilter, usd_rates: dict[str, Rate], *, ordered: bool = True) -> list[Query]:
+def _parts(
+    flt: LedgerFilter, usd_rates: dict[str, Rate], *, ordered: bool = True, names: list[str] = NAMES
+) -> list[Query]:
     """The data queries, columns named as :data:`NAMES`, each oldest first by the filter's
     date: the payment lines, then the refund lines. Two ordered queries, not one sorted union:
     the payments' order comes from the (created_at, id) index instead of sorting a million
     wide rows."""
     order = "money_at" if flt.basis == DateBasis.MONEY else "created_at"
-    outer = ", ".join(f'"x_{n}" AS "{n}"' for n in NAMES)
+    outer = ", ".join(f'"x_{n}" AS "{n}"' for n in names)
     parts = []
-    for lines in (payment_lines(flt, usd_rates), refund_lines(flt, usd_rates)):
+    for lines in (payment_lines(flt, usd_rates, names), refund_lines(flt, usd_rates, names)):
         sql, params = lines.query.sql_with_params()
         order_by = f' ORDER BY "{order}", "payment_id"' if ordered else ""
         parts.append((f"SELECT {outer} FROM ({sql}) AS lines{order_by}", tuple(params)))
@@ -376,7 +384,7 @@ def copy_csv(flt: LedgerFilter, out: IO[bytes], progress: Progress | None = None
     digest = hashlib.sha256()
     with _snapshot(flt.tz) as cursor:
         # First: its counts are the progress's total.
-        summary = _summary(cursor, *_all(_parts(flt, usd_rates, ordered=False)))
+        summary = _summary(cursor, *_all(_parts(flt, usd_rates, ordered=False, names=SUMMARY_SOURCE)))
         tick = _ticker(progress, sum(line.rows for line in summary))
         lines = 0
         buffer = bytearray()
@@ -459,7 +467,7 @@ def write_xlsx(flt: LedgerFilter, path: Path, progress: Progress | None = None) 
     digest = hashlib.sha256()
     rows = 0
     with _snapshot(flt.tz) as cursor:
-        summary = _summary(cursor, *_all(_parts(flt, usd_rates, ordered=False)))
+        summary = _summary(cursor, *_all(_parts(flt, usd_rates, ordered=False, names=SUMMARY_SOURCE)))
         tick = _ticker(progress, sum(line.rows for line in summary))
         typed = (values for sql, params in parts for values in _typed_rows(cursor, sql, params))
         for rows, values in enumerate(typed, start=1):
