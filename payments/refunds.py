@@ -76,7 +76,8 @@ def owe(payment: Payment, reason: str) -> Refund | None:
 
 
 def approve(refund_id: int, user: Any) -> Refund:
-    """Finance approves an owed refund (or one that failed, to try again); it is sent after commit."""
+    """Finance approves an owed refund (or one that failed, to try again); it is sent after
+    commit. Approving one already approved but not sent (the wallet could not) sends it again."""
     from .tasks import send_refund
 
     with transaction.atomic():
@@ -88,7 +89,7 @@ def approve(refund_id: int, user: Any) -> Refund:
             refund.approved_by, refund.approved_at = user, timezone.now()
             refund.save(update_fields=["approved_by", "approved_at"])
             RefundEvent.objects.create(refund=refund, from_status=R.OWED, to_status=R.OWED, detail=detail)
-        else:
+        elif refund.status != R.OWED:
             return refund
     transaction.on_commit(lambda: send_refund.delay(refund.pk))
     return refund
@@ -121,8 +122,13 @@ def _lock_wallet(network: str, address: str) -> RelayerNonce:
 def send(refund_id: int) -> Refund:
     """Sign and store the approved refund's transfer, then broadcast it. A refund not approved,
     or already sent, is left alone. A wallet that cannot pay (the node's estimate reverts) leaves
-    the refund owed, with the reason."""
-    account = wallet()
+    the refund owed, with the reason; so does a missing ``X402_REFUND_KEY``."""
+    try:
+        account = wallet()
+    except ImproperlyConfigured as exc:
+        Refund.objects.filter(pk=refund_id, status=R.OWED).update(failure_reason=str(exc))
+        log.warning("refund %s not sent: %s", refund_id, exc)
+        return Refund.objects.get(pk=refund_id)
     with transaction.atomic():
         refund = Refund.objects.select_for_update().get(pk=refund_id)
         if refund.status != R.OWED or refund.approved_at is None:

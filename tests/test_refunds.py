@@ -11,7 +11,7 @@ import zipfile
 from decimal import Decimal
 
 import pytest
-from django.test import Client
+from django.test import Client, override_settings
 from django.utils import timezone
 
 from payments import exports, reconciliation, refunds
@@ -70,7 +70,11 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
     assert refund.status == "owed" and not refund.tx_hash
     action = {"action": "approve", "_selected_action": [str(refund.pk)]}
     assert staff["operator"].post("/admin/payments/refund/", action).status_code == 403
-    answer = staff["finance"].post("/admin/payments/refund/", action)
+    with override_settings(X402_REFUND_KEY=""):  # no wallet: approved, still owed, and why
+        assert staff["finance"].post("/admin/payments/refund/", action).status_code == 302
+    refund.refresh_from_db()
+    assert refund.status == "owed" and "X402_REFUND_KEY" in refund.failure_reason and refund.approved_at
+    answer = staff["finance"].post("/admin/payments/refund/", action)  # approving again sends it
     assert answer.status_code == 302
     refund.refresh_from_db()
     assert refund.status == "sent" and refund.approved_by.username == "finn" and refund.sender == wallet
