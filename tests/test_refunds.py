@@ -130,3 +130,28 @@ def test_after_success_a_failed_run_is_not_charged_so_nothing_is_owed(chain_sett
     assert not Refund.objects.exists()
     assert token_balance(chain_settings, payer["address"]) == before
     assert Payment.objects.get().status in ("lapsing", "expired")
+
+
+def test_money_that_confirms_after_a_cancel_is_owed_back(chain_settings, staff) -> None:
+    """before_run: the payment is being settled (signed and stored) when the agent cancels; the
+    prediction ends unserved with nothing paid yet, then the settlement confirms: the lifecycle
+    hears it from the ledger and records the refund then."""
+    from payments import batching, relayer
+    from payments.options import configured
+
+    payer = fresh_payer(chain_settings)
+    model = python_model("late", "tests.predictors.Boom", "before_run")
+    created = pay(model, payer["private_key"])
+    conf = configured()[0]
+    formed = batching.form(conf, force=True)
+    payment = Payment.objects.get()
+    assert formed.tx is not None and payment.status == "settling"
+    canceled = Client().post(f"/v1/predictions/{created['id']}/cancel")
+    assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+    assert not Refund.objects.exists()  # nothing paid yet, nothing owed
+    relayer.broadcast(conf.rpc_url, formed.tx)
+    assert batching.follow([formed.tx.pk], wait_seconds=20) == []
+    payment.refresh_from_db()
+    assert payment.status == "confirmed"
+    refund = Refund.objects.get(payment=payment)
+    assert refund.status == "owed" and "canceled" in refund.reason and int(refund.amount) == PRICE
