@@ -84,7 +84,7 @@ def main() -> int:
             cwd=ROOT, check=True,
         )
         subprocess.run(
-            ["node", "scripts/screenshot_export.mjs", *login, "--out", str(IMG / "finance-export-progress.png")],
+            ["node", "scripts/screenshot_export.mjs", *login, "--wait-ms", "400", "--out", str(IMG / "finance-export-progress.png")],
             cwd=ROOT, check=True,
         )
     finally:
