@@ -505,7 +505,7 @@ class ExportJob(models.Model):
         COMMAND = "command", "Command line"
 
     class Format(models.TextChoices):
-        CSV = "csv", "CSV (a zip: data.csv, summary.csv, export.json)"
+        CSV = "csv", "CSV (a zip: data.csv, summary.csv, rates.csv, export.json)"
         XLSX = "xlsx", "XLSX (sheets Data and Summary)"
 
     user = models.ForeignKey(
