@@ -3,7 +3,10 @@
 //
 //   node examples/agent_pay.mjs "hello"                       # against the quick start
 //   node examples/agent_pay.mjs --base-url URL --devchain FILE --payer 1 "text"
+//   node examples/agent_pay.mjs --no-wait "text"   # answer at once: PAYMENT-RESPONSE is settlement_pending
 //
+// By default the request says `Prefer: wait`: the answer comes once the prediction is done, and
+// its PAYMENT-RESPONSE carries the settlement transaction's hash.
 // Prints the prediction's status, output and settlement transaction, then one JSON line.
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
@@ -19,6 +22,7 @@ const { values, positionals } = parseArgs({
     payer: { type: "string", default: "0" },
     model: { type: "string", default: "demo/echo-text" },
     "max-atomic": { type: "string", default: "1000000" },
+    "no-wait": { type: "boolean", default: false },
   },
 });
 const chain = JSON.parse(readFileSync(values.devchain, "utf8"));
@@ -35,7 +39,7 @@ const fetchWithPayment = wrapFetchWithPaymentFromConfig(fetch, {
 const url = `${values["base-url"]}/v1/models/${values.model}/predictions`;
 const response = await fetchWithPayment(url, {
   method: "POST",
-  headers: { "Content-Type": "application/json" },
+  headers: { "Content-Type": "application/json", ...(values["no-wait"] ? {} : { Prefer: "wait" }) },
   body: JSON.stringify({ input: { text: positionals[0] ?? "hello from a JavaScript agent" } }),
 });
 console.log(`POST ${url} as ${account.address} -> HTTP ${response.status}`);

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def agent_client(base_url: str, devchain: dict, payer: int, max_atomic: str = "1000000") -> replicate.Client:
     x402 = x402ClientSync()
-    register_exact_evm_client(x402, Account.from_key(devchain["payers"][payer]["private_key"]))
+    account = Account.from_key(devchain["payers"][payer]["private_key"])
+    register_exact_evm_client(x402, account)
     x402.set_spend_controls(
         {
             "allowed_assets": [
@@ -40,7 +41,8 @@ def agent_client(base_url: str, devchain: dict, payer: int, max_atomic: str = "1
             ]
         }
     )
-    return replicate.Client(api_token="", base_url=base_url, transport=X402Transport(x402))
+    transport = X402Transport(x402, siwx_account=account)
+    return replicate.Client(api_token="", base_url=base_url, transport=transport)
 
 
 def main() -> int:

@@ -36,10 +36,9 @@ from payments.exceptions import (
     api_exception_handler,
     count_refusal,
 )
-from payments.models import Payment
+from payments.ledger import settlement_answer
 from payments.permissions import challenge_for, check_payment, is_operator
 from payments.x402.codec import DecodeError
-from payments.x402.types import settle_response
 from predictions.models import Model, ModelVersion, Prediction, PredictionStatus
 from predictions.serializers import base_url, model_json, prediction_json
 from predictions.services import create_prediction, replayed
@@ -57,7 +56,6 @@ GET_PREDICTION = "get_prediction"
 SEPARATOR = "__"
 #: What an unpaid call is told (it ends like the REST challenge's, so it counts as a challenge).
 PAYMENT_MISSING = f"_meta {MCP_PAYMENT_META_KEY} is required"
-SETTLEMENT_PENDING = "settlement_pending"
 
 
 def tool_name(model: Model) -> str:
@@ -234,32 +232,12 @@ def prediction_result(prediction: Prediction, request: HttpRequest) -> types.Cal
             f"Prediction {prediction.id} is {prediction.status}; read it later with "
             f"{GET_PREDICTION}(id={prediction.id!r})."
         )
-    meta = {MCP_PAYMENT_RESPONSE_META_KEY: _settlement(prediction.payment)} if prediction.payment else None
+    meta = {MCP_PAYMENT_RESPONSE_META_KEY: settlement_answer(prediction.payment)} if prediction.payment else None
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=text)],
         structuredContent=body,
         isError=prediction.status in (PredictionStatus.FAILED, PredictionStatus.CANCELED),
         _meta=meta,
-    )
-
-
-def _settlement(payment: Payment) -> dict[str, Any]:
-    """The x402 SettleResponse: success only with a transaction; until then it is pending."""
-    if payment.settle_tx_hash:
-        return settle_response(
-            success=True,
-            transaction=payment.settle_tx_hash,
-            network=payment.network,
-            payer=payment.payer,
-            amount=int(payment.amount),
-        )
-    return settle_response(
-        success=False,
-        transaction="",
-        network=payment.network,
-        payer=payment.payer,
-        amount=int(payment.amount),
-        error_reason=SETTLEMENT_PENDING,
     )
 
 

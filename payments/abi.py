@@ -4,6 +4,13 @@ from eth_utils import function_signature_to_4byte_selector, keccak
 
 BALANCE_OF = function_signature_to_4byte_selector("balanceOf(address)")
 AUTHORIZATION_STATE = function_signature_to_4byte_selector("authorizationState(address,bytes32)")
+ALLOWANCE = function_signature_to_4byte_selector("allowance(address,address)")
+APPROVE = function_signature_to_4byte_selector("approve(address,uint256)")
+#: Permit2's unordered nonces: ``nonceBitmap(owner, word)``.
+NONCE_BITMAP = function_signature_to_4byte_selector("nonceBitmap(address,uint256)")
+#: The x402 upto proxy: ``settle(permit, amount, owner, witness, signature)``.
+UPTO_SETTLE_TYPES = ["((address,uint256),uint256,uint256)", "uint256", "address", "(address,address,uint256)", "bytes"]
+UPTO_SETTLE = function_signature_to_4byte_selector(f"settle({','.join(UPTO_SETTLE_TYPES)})")
 TRANSFER_TOPIC = "0x" + keccak(text="Transfer(address,address,uint256)").hex()
 AUTHORIZATION_USED_TOPIC = "0x" + keccak(text="AuthorizationUsed(address,bytes32)").hex()
 AUTHORIZATION_CANCELED_TOPIC = "0x" + keccak(text="AuthorizationCanceled(address,bytes32)").hex()

@@ -79,12 +79,13 @@ class PaymentAdmin(ReadOnlyAdmin):
         "created_at",
         "status",
         "amount_decimal",
+        "maximum_decimal",
         "payer",
         "network",
         "settle_tx_hash",
         "confirmations",
     )
-    list_filter = ("status", "network", "verification", "x402_version")
+    list_filter = ("status", "scheme", "network", "verification", "x402_version")
     search_fields = ("id", "payer", "settle_tx_hash", "nonce")
     date_hierarchy = "created_at"
     inlines = [PaymentEventInline]
@@ -139,7 +140,7 @@ class PaymentAdmin(ReadOnlyAdmin):
             raise PermissionDenied
         days = periods.from_query(request.GET)
         basis = request.GET.get("basis") if request.GET.get("basis") in DateBasis.values else DateBasis.CREATED
-        flt = LedgerFilter(since=days.since, until=days.until, basis=basis, tz=days.zone.key)
+        flt = LedgerFilter(since=days.since, until=days.until, basis=basis, tz=days.zone.key, ours_only=True)
         totals = reports.totals(flt)
         revenue = sum(totals.amount(reports.PAID).values(), Decimal(0))
         refunded = reports.refunded(flt)
@@ -156,6 +157,7 @@ class PaymentAdmin(ReadOnlyAdmin):
             "refunded": refunded,
             "net": revenue - refunded,
             "pending": sum(totals.amount(reports.PENDING).values(), Decimal(0)),
+            "moved_for_others": reports.moved_for_others(flt),
             "by_status": sorted(totals.by_status().items()),
             "lines": totals.lines(),
             # bar_chart escapes every label and value it draws.
@@ -165,6 +167,7 @@ class PaymentAdmin(ReadOnlyAdmin):
             "model_chart": mark_safe(bar_chart([(m, a) for m, a, _ in by_model], unit=" USDC")),
             "by_model": by_model,
             "attention": reports.needing_attention(flt),
+            "usage_priced": reports.usage_priced(flt),
             "opts": self.model._meta,
         }
         return TemplateResponse(request, "admin/payments/dashboard.html", context)

@@ -38,6 +38,7 @@ from .chain import ChainUnavailable, RpcError, rpc_batch
 from .metrics import BATCH_SIZE
 from .models import Payment, PaymentStatus, SettlementTx, UnpaidReason
 from .options import ConfiguredOption, SettlementMode, for_payment
+from .x402.types import SCHEME_EXACT
 
 log = logging.getLogger("payments.batching")
 S = PaymentStatus
@@ -56,9 +57,10 @@ def gas_limit(items: int) -> int:
 
 
 def batchable(p: Payment, conf: ConfiguredOption) -> bool:
-    """A batch carries 65-byte ECDSA signatures to the option's pay-to; a contract wallet's
-    signature (EIP-1271 bytes) or an older pay-to goes alone."""
-    return len(p.signature) == 132 and p.pay_to == conf.option.pay_to
+    """A batch carries EIP-3009 (exact) 65-byte ECDSA signatures to the option's pay-to; a
+    contract wallet's signature (EIP-1271 bytes), an older pay-to or an upto permit (settled
+    through the upto proxy) goes alone."""
+    return p.scheme == SCHEME_EXACT and len(p.signature) == 132 and p.pay_to == conf.option.pay_to
 
 
 def _item(p: Payment) -> tuple[Any, ...]:

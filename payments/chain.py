@@ -16,7 +16,15 @@ from urllib.parse import urlsplit
 import requests
 from django.conf import settings
 
-from .abi import AUTHORIZATION_CANCELED_TOPIC, AUTHORIZATION_STATE, AUTHORIZATION_USED_TOPIC, BALANCE_OF
+from .abi import (
+    ALLOWANCE,
+    AUTHORIZATION_CANCELED_TOPIC,
+    AUTHORIZATION_STATE,
+    AUTHORIZATION_USED_TOPIC,
+    BALANCE_OF,
+    NONCE_BITMAP,
+)
+from .x402.permit2 import PERMIT2_ADDRESS, UptoPermit
 
 
 class ChainUnavailable(Exception):
@@ -105,6 +113,8 @@ class PayerState:
     contract_approves: bool | None = None
     #: The chain head these answers are from (where to start looking for the authorization's use).
     block: int | None = None
+    #: ``upto``: what the payer lets Permit2 move of the token (None for ``exact``).
+    allowance: int | None = None
 
 
 IS_VALID_SIGNATURE = bytes.fromhex("1626ba7e")
@@ -114,6 +124,28 @@ EIP1271_VALID_WORD = "0x" + IS_VALID_SIGNATURE.hex() + "00" * 28
 
 def _word(value: bytes) -> str:
     return value.rjust(32, b"\x00").hex()
+
+
+def _contract_calls(payer: bytes, contract_signature: tuple[bytes, bytes] | None) -> list[tuple[str, list[Any]]]:
+    return [] if contract_signature is None else [("eth_getCode", ["0x" + payer.hex(), "latest"])]
+
+
+def _contract_approves(
+    url: str, payer: bytes, code: Any, contract_signature: tuple[bytes, bytes] | None
+) -> bool | None:
+    """EIP-1271: None when not asked; else whether ``payer`` is a contract approving the signature."""
+    if contract_signature is None:
+        return None
+    if code in (None, "0x", "0x0"):
+        return False
+    from eth_abi import encode
+
+    data = IS_VALID_SIGNATURE + encode(["bytes32", "bytes"], list(contract_signature))
+    try:  # a contract: ask it (a revert is a no)
+        answer = rpc(url, "eth_call", [{"to": "0x" + payer.hex(), "data": "0x" + data.hex()}, "latest"])
+    except RpcError:
+        return False
+    return isinstance(answer, str) and answer.lower() == EIP1271_VALID_WORD
 
 
 def payer_state(
@@ -127,27 +159,13 @@ def payer_state(
         ("eth_call", [balance_call, "latest"]),
         ("eth_call", [state_call, "latest"]),
         ("eth_blockNumber", []),
+        *_contract_calls(payer, contract_signature),
     ]
-    if contract_signature is not None:
-        from eth_abi import encode
-
-        data = IS_VALID_SIGNATURE + encode(["bytes32", "bytes"], list(contract_signature))
-        calls += [("eth_getCode", ["0x" + payer.hex(), "latest"])]
     try:
         answers = rpc_batch(url, calls)
     except RpcError as exc:
         raise ChainUnavailable(f"token call failed: {exc.code}") from exc
-    approves = None
-    if contract_signature is not None:
-        approves = False
-        if answers[3] not in (None, "0x", "0x0"):  # a contract: ask it (a revert is a no)
-            try:
-                answer = rpc(
-                    url, "eth_call", [{"to": "0x" + payer.hex(), "data": "0x" + data.hex()}, "latest"]
-                )
-                approves = isinstance(answer, str) and answer.lower() == EIP1271_VALID_WORD
-            except RpcError:
-                approves = False
+    approves = _contract_approves(url, payer, answers[3] if contract_signature else None, contract_signature)
     try:
         return PayerState(
             balance=int(answers[0], 16),
@@ -157,6 +175,47 @@ def payer_state(
         )
     except (TypeError, ValueError) as exc:
         raise ChainUnavailable("token answered garbage") from exc
+
+
+def permit2_state(
+    url: str, asset: str, permit: UptoPermit, contract_signature: tuple[bytes, bytes] | None = None
+) -> PayerState:
+    """For an ``upto`` permit, in one round trip: the owner's balance, its allowance to Permit2,
+    whether the permit's nonce bit is set in Permit2's bitmap, the head, and (given ``(digest,
+    signature)``) whether the owner is a contract wallet approving the signature."""
+    owner = permit.owner
+    permit2 = bytes.fromhex(PERMIT2_ADDRESS[2:])
+    calls: list[tuple[str, list[Any]]] = [
+        ("eth_call", [{"to": asset, "data": "0x" + BALANCE_OF.hex() + _word(owner)}, "latest"]),
+        ("eth_call", [{"to": asset, "data": "0x" + ALLOWANCE.hex() + _word(owner) + _word(permit2)}, "latest"]),
+        (
+            "eth_call",
+            [
+                {
+                    "to": PERMIT2_ADDRESS,
+                    "data": "0x" + NONCE_BITMAP.hex() + _word(owner) + permit.nonce_word.to_bytes(32, "big").hex(),
+                },
+                "latest",
+            ],
+        ),
+        ("eth_blockNumber", []),
+        *_contract_calls(owner, contract_signature),
+    ]
+    try:
+        answers = rpc_batch(url, calls)
+    except RpcError as exc:
+        raise ChainUnavailable(f"token or Permit2 call failed: {exc.code}") from exc
+    approves = _contract_approves(url, owner, answers[4] if contract_signature else None, contract_signature)
+    try:
+        return PayerState(
+            balance=int(answers[0], 16),
+            allowance=int(answers[1], 16),
+            nonce_used=int(answers[2], 16) & permit.nonce_bit != 0,
+            contract_approves=approves,
+            block=int(answers[3], 16),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ChainUnavailable("token or Permit2 answered garbage (is Permit2 deployed on this chain?)") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +230,14 @@ class AuthorizationUse:
     head_block: int
     head_timestamp: int
     searched_from: int
+    #: Used, but by no transaction that paid this payment (an upto permit's nonce spent by the
+    #: payer elsewhere: Permit2 logs no nonce use to point at).
+    used_elsewhere: bool = False
 
     def as_detail(self) -> dict[str, Any]:
         return {
             "authorization_used": self.used,
+            "used_elsewhere": self.used_elsewhere,
             "used_in": self.used_in,
             "canceled_in": self.canceled_in,
             "head_block": self.head_block,

@@ -1,4 +1,5 @@
-"""The local development chain: anvil from npm, the test USDC token, funded demo wallets.
+"""The local development chain: anvil from npm, the test USDC token, funded demo wallets, and
+Permit2 and the x402 upto proxy at their canonical addresses (for the ``upto`` scheme).
 
 Used by ``manage.py devchain``, the quick start and the test suite. Development only: nothing
 here runs in production.
@@ -27,6 +28,7 @@ CHAIN_ID = 31337
 PAYER_FUNDS = 1_000 * 10**6
 #: USDC minted to the refund wallet.
 REFUND_FUNDS = 10_000 * 10**6
+UINT256_MAX = 2**256 - 1
 
 
 @dataclass
@@ -47,6 +49,9 @@ class DevChain:
     relayer_private_keys: list[str] = field(default_factory=list)
     #: Our BatchSettler contract (batched settlement), if deployed.
     batch_settler: str = ""
+    #: Permit2 and the x402 upto proxy (the canonical addresses), when placed.
+    permit2: str = ""
+    upto_proxy: str = ""
     #: The refund wallet (X402_REFUND_KEY): gas money and test USDC to send refunds with.
     refund_address: str = ""
     refund_private_key: str = ""
@@ -99,6 +104,37 @@ def deploy_contract(rpc_url: str, name: str, sender: str, *args: Any, private_ke
     if receipt["status"] != 1:
         raise RuntimeError(f"deploying {name} reverted ({tx_hash.hex()})")
     return receipt["contractAddress"]
+
+
+def place_upto_contracts(rpc_url: str) -> tuple[str, str]:
+    """Put our Permit2 and x402 upto proxy (contracts/Permit2.sol, X402UptoPermit2Proxy.sol) at
+    the canonical addresses the x402 SDK signs for, with ``anvil_setCode``: their runtime code
+    needs no constructor state (see the contracts). (Permit2, proxy) addresses."""
+    from .x402.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
+
+    for name, address in (("Permit2", PERMIT2_ADDRESS), ("X402UptoPermit2Proxy", UPTO_PROXY_ADDRESS)):
+        code = compile_contract(name)["deployedBytecode"]
+        r = requests.post(
+            rpc_url,
+            json={"jsonrpc": "2.0", "id": 1, "method": "anvil_setCode", "params": [address, code]},
+            timeout=10,
+        )
+        if "error" in r.json():
+            raise RuntimeError(f"anvil_setCode {name}: {r.json()['error']}")
+    return PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
+
+
+def approve_permit2(rpc_url: str, asset: str, payer: str) -> None:
+    """``payer`` (an account the node unlocks) lets Permit2 move its ``asset`` (once, unlimited)."""
+    from web3 import Web3
+
+    from .x402.permit2 import PERMIT2_ADDRESS
+
+    w3 = Web3(Web3.HTTPProvider(rpc_url))
+    token = w3.eth.contract(address=Web3.to_checksum_address(asset), abi=compile_token()["abi"])
+    tx = token.functions.approve(PERMIT2_ADDRESS, UINT256_MAX).transact({"from": Web3.to_checksum_address(payer)})
+    if w3.eth.wait_for_transaction_receipt(tx)["status"] != 1:
+        raise RuntimeError(f"approve(Permit2) by {payer} reverted")
 
 
 def wait_for_rpc(url: str, timeout: float = 15.0) -> None:
@@ -187,9 +223,10 @@ def deploy(
     payer_count: int = 8,
     extra_relayers: int = 0,
 ) -> DevChain:
-    """Deploy the test token and the BatchSettler, fund the payers; account 0 deploys and relays,
-    1 is paid, the ``extra_relayers`` accounts after the payers are more relayer lanes; a new
-    account, given gas money and USDC, is the refund wallet."""
+    """Deploy the test token and the BatchSettler, place Permit2 and the upto proxy, fund the
+    payers and have them approve Permit2; account 0 deploys and relays, 1 is paid, the
+    ``extra_relayers`` accounts after the payers are more relayer lanes; a new account, given
+    gas money and USDC, is the refund wallet."""
     from web3 import Web3
 
     w3 = Web3(Web3.HTTPProvider(rpc_url))
@@ -201,11 +238,13 @@ def deploy(
     tx = factory.constructor(asset_name, asset_version).transact({"from": deployer})
     asset = w3.eth.wait_for_transaction_receipt(tx)["contractAddress"]
     token = w3.eth.contract(address=asset, abi=build["abi"])
+    permit2, upto_proxy = place_upto_contracts(rpc_url)
     payers = []
     for address, key in zip(addresses[2 : 2 + payer_count], keys[2 : 2 + payer_count], strict=True):
         w3.eth.wait_for_transaction_receipt(
             token.functions.mint(address, payer_funds).transact({"from": deployer})
         )
+        approve_permit2(rpc_url, asset, address)
         payers.append({"address": address, "private_key": key})
     lanes = keys[2 + payer_count : 2 + payer_count + extra_relayers]
     from eth_account import Account
@@ -226,6 +265,8 @@ def deploy(
         relayer_private_key=keys[0],
         relayer_private_keys=[keys[0], *lanes],
         batch_settler=deploy_contract(rpc_url, "BatchSettler", deployer),
+        permit2=permit2,
+        upto_proxy=upto_proxy,
         refund_address=refunds.address,
         refund_private_key="0x" + refunds.key.hex().removeprefix("0x"),
     )

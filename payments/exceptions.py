@@ -203,6 +203,8 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         return None
     detail = response.data.get("detail") if isinstance(response.data, dict) else response.data
     body = problem(response.status_code, str(detail) if detail is not None else str(response.data))
+    if title := getattr(exc, "title", None):
+        body["title"] = title  # a more specific title than the status's (as Replicate gives)
     if extensions := getattr(exc, "extensions", None):
         body["extensions"] = extensions  # e.g. the sign-in-with-x challenge of a 401
     if isinstance(exc, InvalidInput):

@@ -80,6 +80,11 @@ COLUMNS: list[tuple[str, str]] = [
     ("gas_cost_wei", "numeric"),
     ("verification", "text"),
     ("failure_reason", "text"),
+    # Pay per second (upto): the scheme, the signed maximum and the run seconds charged for.
+    ("scheme", "text"),
+    ("maximum_atomic", "numeric"),
+    ("maximum", "numeric"),
+    ("run_seconds", "numeric"),
 ]
 NAMES = [name for name, _ in COLUMNS]
 #: The data columns the summary adds up (the others would only cost joins).
@@ -221,6 +226,10 @@ def payment_lines(
         "gas_cost_wei": F("gas_cost_wei"),
         "verification": F("verification"),
         "failure_reason": _one_line("failure_reason"),
+        "scheme": F("scheme"),
+        "maximum_atomic": F("maximum"),
+        "maximum": _Scaled(F("maximum"), F("decimals")),
+        "run_seconds": F("run_seconds"),
     }
     return _values(flt.apply(Payment.objects.all()), columns, names)
 
@@ -260,6 +269,10 @@ def refund_lines(
         "gas_cost_wei": F("gas_cost_wei"),
         "verification": Value("", CharField()),
         "failure_reason": _one_line("failure_reason"),
+        "scheme": F("payment__scheme"),
+        "maximum_atomic": Value(None, DecimalField()),
+        "maximum": Value(None, DecimalField()),
+        "run_seconds": Value(None, DecimalField()),
     }
     qs = Refund.objects.all()
     if flt.since or flt.until:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from decimal import Decimal
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -14,10 +15,16 @@ from kombu.exceptions import OperationalError
 
 from . import idempotency
 from .metrics import ACCEPTED
-from .models import Payment, PaymentEvent, PaymentStatus, UnpaidReason
+from .models import PAID_STATUSES, UNPAID_STATUSES, Payment, PaymentEvent, PaymentStatus, UnpaidReason
+from .pricing import UsagePrice, atomic_amount
 from .verification import Verification
-from .x402.types import Resource, wire_requirement
+from .x402.types import Resource, settle_response, wire_requirement
 from .x402.verify import VerifiedPayment
+
+#: Settlement not finished (the x402 SDK's reason code): we answer before the transfer is mined.
+SETTLEMENT_PENDING = "settlement_pending"
+#: The x402 specification's reason for a settlement that failed on chain.
+SETTLEMENT_FAILED = "invalid_transaction_state"
 
 #: PostgreSQL's SQLSTATE for a unique-constraint violation.
 UNIQUE_VIOLATION = "23505"
@@ -36,8 +43,12 @@ def record(
     fingerprint: str,
     settle_now: bool = True,
     method: str | None = None,
+    usage: UsagePrice | None = None,
 ) -> Payment:
     """Insert the ledger row of a verified payment (call inside ``transaction.atomic()``).
+
+    An ``upto`` payment (``usage``: the price it was accepted at) records the signed maximum as
+    both ``maximum`` and, until the run is measured (:func:`charge_usage`), ``amount``.
 
     The database's unique (network, asset, payer, nonce) constraint makes a second insert of
     the same authorization raise IntegrityError, whatever process attempts it.
@@ -55,6 +66,8 @@ def record(
         payer=to_checksum_address(auth.from_),
         pay_to=req.option.pay_to,
         amount=auth.value,
+        maximum=auth.value if payload.permit is not None else None,
+        usage_price=usage.snapshot() if usage is not None and payload.permit is not None else {},
         nonce="0x" + auth.nonce.hex(),
         valid_after=auth.valid_after,
         valid_before=auth.valid_before,
@@ -89,7 +102,8 @@ def same_proof(verified: VerifiedPayment) -> Payment | None:
         )
         .filter(
             pay_to=verified.requirement.option.pay_to,
-            amount=auth.value,
+            # What was signed: the amount, or an upto permit's maximum (its amount is the charge).
+            **({"maximum": auth.value} if verified.payload.permit is not None else {"amount": auth.value}),
             valid_after=auth.valid_after,
             valid_before=auth.valid_before,
             signature="0x" + verified.payload.signature.hex(),
@@ -122,6 +136,39 @@ def request_settlement(payment: Payment) -> None:
             start_settlement(payment)
 
     transaction.on_commit(enqueue)
+
+
+def is_usage_priced(payment: Payment) -> bool:
+    return payment.maximum is not None and bool(payment.usage_price)
+
+
+def charge_usage(payment: Payment, run_seconds: Decimal, *, succeeded: bool, reason: str = "") -> None:
+    """Charge a pay-per-second (``upto``) payment for its measured run (inside the transaction
+    that ends the run, payment locked): ``amount`` becomes the charge, never above the signed
+    maximum, and settlement is asked for; a charge of 0 releases the permit instead (nothing
+    moves, the ledger ends EXPIRED with ``unpaid_reason`` released once the permit lapses).
+
+    A success costs its seconds' price (at least one atomic unit: a served run is never free);
+    a failure costs what the price's ``on_failure`` says (nothing, or the minimum).
+    """
+    locked = Payment.objects.select_for_update().get(pk=payment.pk)
+    if locked.status != PaymentStatus.VERIFIED or locked.settle_requested_at is not None:
+        return  # already charged (a second report of the run) or no longer chargeable
+    price = UsagePrice.from_snapshot(locked.usage_price)
+    run_seconds = run_seconds.quantize(Decimal("0.001"))  # as recorded: the charge is reproducible
+    usd = price.charge(run_seconds) if succeeded else price.failure_charge()
+    amount = min(int(locked.maximum), atomic_amount(usd, locked.decimals))
+    if succeeded:
+        amount = max(amount, 1)
+    fields = {"run_seconds": run_seconds}
+    if amount <= 0:
+        Payment.objects.filter(pk=locked.pk).update(**fields)
+        payment.run_seconds = fields["run_seconds"]
+        release(locked, reason or "the run failed: nothing to charge")
+        return
+    Payment.objects.filter(pk=locked.pk).update(amount=amount, **fields)
+    payment.amount, payment.run_seconds = amount, fields["run_seconds"]
+    request_settlement(payment)
 
 
 def is_duplicate(exc: IntegrityError) -> bool:
@@ -166,3 +213,29 @@ def release(payment: Payment, reason: str) -> None:
             unpaid_reason=UnpaidReason.RELEASED,
             failure_reason=f"released unsettled: {reason}",
         )
+
+
+def settlement_answer(payment: Payment) -> dict[str, Any]:
+    """The x402 ``SettleResponse`` for ``payment`` as it stands now (``PAYMENT-RESPONSE``, the
+    MCP result's ``_meta``).
+
+    ``success`` is true only once the transfer is mined (settled or confirmed), and then carries
+    its transaction hash: the specification requires a hash with every success. Settlement
+    is deferred here (in batches, after the answer), so until then the answer is ``success:
+    false`` with ``errorReason: settlement_pending`` (the SDK's code for a settlement not yet
+    final) and the hash of a transaction already broadcast, if any; the request was accepted
+    all the same (2xx), and the prediction's ``payment`` shows the outcome later. A payment
+    that ended unpaid says so (``invalid_transaction_state``).
+    """
+    paid = payment.status in PAID_STATUSES and bool(payment.settle_tx_hash)
+    reason = None
+    if not paid:
+        reason = SETTLEMENT_FAILED if payment.status in UNPAID_STATUSES else SETTLEMENT_PENDING
+    return settle_response(
+        success=paid,
+        transaction=payment.settle_tx_hash or "",
+        network=payment.network,
+        payer=payment.payer,
+        amount=int(payment.amount),
+        error_reason=reason,
+    )

@@ -55,6 +55,24 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 OPEN_STATUSES = frozenset({S.VERIFIED, S.SETTLING, S.SETTLED, S.LAPSING})
 PAID_STATUSES = frozenset({S.SETTLED, S.CONFIRMED})
 UNPAID_STATUSES = frozenset({S.FAILED, S.EXPIRED})
+#: The money moves or has moved: the authorization can no longer be released unsettled.
+CHARGED_STATUSES = frozenset({S.SETTLING, *PAID_STATUSES})
+
+
+class UptoOrder(models.TextChoices):
+    """Whether a per-second model's 402 offers pay-per-use (x402 ``upto``) beside the fixed
+    quote (``exact``), and which the agent sees first."""
+
+    OFF = "off", "Fixed quote only (exact)"
+    UPTO_FIRST = "upto_first", "Pay per second (upto) first, fixed quote second"
+    EXACT_FIRST = "exact_first", "Fixed quote first, pay per second (upto) second"
+
+
+class FailureCharge(models.TextChoices):
+    """What a pay-per-second (``upto``) run that failed or was canceled while running costs."""
+
+    NOTHING = "nothing", "Nothing (the permit is released)"
+    MINIMUM = "minimum", "The model's minimum price"
 
 
 class VerificationMethod(models.TextChoices):
@@ -105,6 +123,24 @@ class PaymentQuerySet(models.QuerySet["Payment"]):
     def of_authorization(self, network: str, asset: str, payer: str, nonce: str) -> PaymentQuerySet:
         return self.filter(network=network, asset=asset, payer=payer, nonce=nonce)
 
+    def ours(self) -> PaymentQuerySet:
+        """Payments whose money is ours: everything the gate took, and facilitator-API payments
+        to one of our pay-to addresses. The rest of the facilitator API's rows is money we moved
+        for other merchants: in the ledger, never in our revenue."""
+        from .options import configured
+
+        our_pay_to = {c.option.pay_to for c in configured()}
+        return self.exclude(
+            models.Q(verification=VerificationMethod.FACILITATOR_API) & ~models.Q(pay_to__in=our_pay_to)
+        )
+
+    def for_others(self) -> PaymentQuerySet:
+        """Facilitator-API payments to another merchant's pay-to (the complement of ``ours``)."""
+        from .options import configured
+
+        our_pay_to = {c.option.pay_to for c in configured()}
+        return self.filter(verification=VerificationMethod.FACILITATOR_API).exclude(pay_to__in=our_pay_to)
+
 
 class IllegalTransition(Exception):
     pass
@@ -127,7 +163,20 @@ class Payment(models.Model):
     decimals = models.PositiveSmallIntegerField(default=6)
     payer = models.CharField(max_length=42, db_index=True)
     pay_to = models.CharField(max_length=42)
-    amount = models.DecimalField(max_digits=78, decimal_places=0, help_text="Atomic units")
+    amount = models.DecimalField(
+        max_digits=78,
+        decimal_places=0,
+        help_text="Atomic units: what is charged (upto: the signed maximum until the run is measured)",
+    )
+    #: upto (pay per use): the signed maximum, the usage price it was accepted at, and the run
+    #: seconds the charge (``amount``) was computed from. Empty for exact.
+    maximum = models.DecimalField(
+        max_digits=78, decimal_places=0, null=True, blank=True, help_text="upto: the signed maximum (atomic units)"
+    )
+    usage_price = models.JSONField(default=dict, blank=True, help_text="upto: the price per second it was accepted at")
+    run_seconds = models.DecimalField(
+        max_digits=12, decimal_places=3, null=True, blank=True, help_text="upto: the measured run time charged for"
+    )
     nonce = models.CharField(max_length=66)
     valid_after = models.PositiveBigIntegerField()
     valid_before = models.PositiveBigIntegerField()
@@ -182,6 +231,10 @@ class Payment(models.Model):
             ),
             models.CheckConstraint(condition=models.Q(amount__gt=0), name="payment_amount_positive"),
             models.CheckConstraint(
+                condition=models.Q(maximum=None) | models.Q(amount__lte=models.F("maximum")),
+                name="payment_amount_within_maximum",
+            ),
+            models.CheckConstraint(
                 condition=models.Q(status__in=PaymentStatus.values), name="payment_status_valid"
             ),
         ]
@@ -204,6 +257,10 @@ class Payment(models.Model):
     @property
     def amount_decimal(self) -> Decimal:
         return Decimal(self.amount).scaleb(-self.decimals)
+
+    @property
+    def maximum_decimal(self) -> Decimal | None:
+        return None if self.maximum is None else Decimal(self.maximum).scaleb(-self.decimals)
 
     @property
     def is_terminal(self) -> bool:

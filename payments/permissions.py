@@ -21,11 +21,11 @@ from rest_framework.permissions import SAFE_METHODS, BasePermission
 from . import backpressure, idempotency, ratelimit, verification
 from .exceptions import Challenge, PaymentRequired, SettlementBacklogged
 from .models import Payment
-from .options import configured
-from .pricing import atomic_amount
+from .options import SettlementMode, configured
+from .pricing import UsagePrice, atomic_amount
 from .verification import Verification, VerificationUnavailable
 from .x402.codec import DecodeError, decode_header
-from .x402.types import HOLD_SLACK_SECONDS, Requirement, Resource, parse_payload
+from .x402.types import HOLD_SLACK_SECONDS, SCHEME_UPTO, Requirement, Resource, parse_payload
 from .x402.verify import PaymentRejected
 
 log = logging.getLogger("payments.gate")
@@ -57,6 +57,11 @@ class Charge:
     extensions: dict[str, Any] = field(default_factory=dict)
     output_schema: dict[str, Any] | None = None
     example_input: dict[str, Any] = field(default_factory=dict)
+    #: Pay per second (x402 ``upto``) as well: the price, the run's time limit (the permit is
+    #: held through it, settled after), and whether it is offered before the fixed quote.
+    usage: UsagePrice | None = None
+    usage_hold_seconds: int = 0
+    upto_first: bool = False
 
     def __post_init__(self) -> None:
         if not self.free and self.price <= 0:
@@ -80,6 +85,8 @@ def challenge_for(charge: Charge) -> Challenge:
         ]
 
     offered = requirements(charge.price)
+    upto = upto_requirements(charge)
+    offered = [*upto, *offered] if charge.upto_first else [*offered, *upto]
     honoured = [r for old in charge.honoured for r in requirements(old) if r not in offered]
     return Challenge(
         requirements=offered,
@@ -90,6 +97,30 @@ def challenge_for(charge: Charge) -> Challenge:
         price_usd=charge.price,
         example_input=charge.example_input,
     )
+
+
+def upto_requirements(charge: Charge) -> list[Requirement]:
+    """The pay-per-second offers of a charge: one per option our own relayer settles (the upto
+    proxy lets only the permit's ``facilitator``, one of our relayer lanes, settle it); none
+    through a remote facilitator."""
+    if charge.usage is None:
+        return []
+    from .relayer import lanes
+
+    own = [c for c in configured() if c.mode != SettlementMode.FACILITATOR]
+    if not own:
+        return []
+    facilitators = tuple(a.address for a in lanes())
+    return [
+        Requirement(
+            c.option,
+            atomic_amount(charge.usage.maximum, c.option.decimals),
+            hold_seconds=charge.usage_hold_seconds,
+            scheme=SCHEME_UPTO,
+            facilitators=facilitators,
+        )
+        for c in own
+    ]
 
 
 def honour_window_seconds(hold_seconds: int = 0) -> int:

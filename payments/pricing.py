@@ -7,7 +7,9 @@ the audit history (``PriceChange`` keeps rules as JSON snapshots) and the admin'
 - ``per_second``: the hardware tier's per-second price times ``expected_seconds``;
 
 then ``+ unit_price * input[unit_field]`` when the rule prices by an input (e.g. per requested
-output), ``* (1 + markup_percent/100)``, and at least ``minimum``. The caller prices the input
+output), ``* (1 + markup_percent/100)``, and at least ``minimum``. A per-second rule can also be
+paid by usage (the x402 ``upto`` scheme, :class:`UsagePrice`): the payer permits a maximum (the
+price of the model's whole time limit) and is charged for the seconds the run took. The caller prices the input
 the run will get (schema defaults filled in). A free model costs 0; a paid one never costs 0
 (a quote of 0 is refused as a PricingError, never run unpaid) and never rounds to 0 atomic
 units (amounts round up).
@@ -91,6 +93,61 @@ class PriceRule:
             field = f"`{self.unit_field}`" if self.unit_field else "this input"
             raise PricingError(f"{field} would make this paid run cost nothing; ask for at least one unit")
         return price
+
+
+#: What a usage-priced run that failed (or was canceled once running) is charged.
+FAILURE_CHARGES_NOTHING = "nothing"
+FAILURE_CHARGES_MINIMUM = "minimum"
+
+
+@dataclass(frozen=True, slots=True)
+class UsagePrice:
+    """A per-second price paid by usage (``upto``): kept with the payment it prices, so that a
+    price change during a run changes nothing about its charge.
+
+    ``charge(seconds) = min(maximum, max(minimum, per_second * seconds + fixed))``; ``maximum``
+    is that formula for the model's time limit, the most a run can cost. A run that failed is
+    charged ``minimum`` or nothing, per ``on_failure``.
+    """
+
+    per_second: Decimal
+    fixed: Decimal
+    minimum: Decimal
+    maximum: Decimal
+    on_failure: str = FAILURE_CHARGES_NOTHING
+
+    def charge(self, seconds: Decimal) -> Decimal:
+        return min(self.maximum, max(self.minimum, self.per_second * max(seconds, Decimal(0)) + self.fixed))
+
+    def failure_charge(self) -> Decimal:
+        return self.minimum if self.on_failure == FAILURE_CHARGES_MINIMUM else Decimal(0)
+
+    def snapshot(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any]) -> UsagePrice:
+        return cls(
+            per_second=_dec(data["per_second"]),
+            fixed=_dec(data["fixed"]),
+            minimum=_dec(data["minimum"]),
+            maximum=_dec(data["maximum"]),
+            on_failure=str(data.get("on_failure", FAILURE_CHARGES_NOTHING)),
+        )
+
+
+def usage_price(rule: PriceRule, time_limit_seconds: int, inputs: dict[str, Any], on_failure: str) -> UsagePrice | None:
+    """The usage price of a paid per-second rule (None for a free or flat one): the tier's price
+    per second and any per-unit part, both marked up; the maximum is the time limit's price."""
+    if rule.is_free or rule.mode != PER_SECOND:
+        return None
+    factor = 1 + rule.markup_percent / 100
+    per_second = rule.tier_price_per_second * factor
+    fixed = rule.unit_price * rule.units(inputs) * factor if rule.unit_field else Decimal(0)
+    maximum = max(rule.minimum, per_second * time_limit_seconds + fixed)
+    if maximum <= 0:
+        raise PricingError("this per-second model would cost nothing even for its whole time limit")
+    return UsagePrice(per_second, fixed, rule.minimum, maximum, on_failure)
 
 
 def atomic_amount(price: Decimal, decimals: int) -> int:

@@ -39,7 +39,6 @@ from .models import (
     RefundStatus,
     ScannedRange,
     TransferDirection,
-    VerificationMethod,
 )
 from .options import ConfiguredOption, configured
 
@@ -337,8 +336,8 @@ def transfers(
 
 
 def _paid_in(conf: ConfiguredOption, period: Period, first: int, last: int) -> list[Payment]:
-    """The ledger's paid payments to the option's pay-to in the period: mined in its blocks,
-    or (no block recorded) settled in it."""
+    """The ledger's paid payments to the option's pay-to in the period (ours: facilitator-API
+    payments to it included): mined in its blocks, or (no block recorded) settled in it."""
     option = conf.option
     return list(
         Payment.objects.filter(
@@ -349,7 +348,6 @@ def _paid_in(conf: ConfiguredOption, period: Period, first: int, last: int) -> l
             pay_to=option.pay_to,
             status__in=PAID_STATUSES,
         )
-        .exclude(verification=VerificationMethod.FACILITATOR_API)
         .order_by("settle_tx_hash", "settlement_index", "created_at")
     )
 

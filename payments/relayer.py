@@ -96,11 +96,17 @@ def loads(network: str) -> dict[str, int]:
     return dict(rows)
 
 
-def take_lane(network: str) -> Lane:
+def take_lane(network: str, address: str | None = None) -> Lane:
     """Lock the least loaded lane this worker can have at once (call inside a transaction).
 
     Lanes locked by other workers are skipped; when all are, wait for the least loaded one.
+    ``address``: that lane and no other (an upto permit names the one address that may settle
+    it), waited for if another worker holds it.
     """
+    if address is not None:
+        account = account_of(address)
+        _ensure_rows(network, [account])
+        return Lane(account, RelayerNonce.objects.select_for_update().get(network=network, address=account.address))
     accounts = lanes()
     _ensure_rows(network, accounts)
     load = loads(network)

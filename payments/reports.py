@@ -6,7 +6,7 @@ asset's own decimals.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -45,6 +45,8 @@ class LedgerFilter:
     basis: str = DateBasis.CREATED
     #: The time zone dates are shown in (the bounds are aware datetimes already).
     tz: str = "UTC"
+    #: Only payments whose money is ours (the dashboard); exports keep the whole ledger.
+    ours_only: bool = False
 
     def apply(self, qs: QuerySet[Payment]) -> QuerySet[Payment]:
         if self.basis == DateBasis.MONEY:
@@ -65,6 +67,8 @@ class LedgerFilter:
             qs = qs.filter(prediction__model__owner=owner, prediction__model__name=name)
         if self.network:
             qs = qs.filter(network=self.network)
+        if self.ours_only:
+            qs = qs.ours()
         return qs
 
     def as_dict(self) -> dict[str, Any]:
@@ -76,6 +80,7 @@ class LedgerFilter:
             "network": self.network,
             "basis": self.basis,
             "tz": self.tz,
+            "ours_only": self.ours_only,
         }
 
     @classmethod
@@ -88,6 +93,7 @@ class LedgerFilter:
             network=data.get("network", ""),
             basis=data.get("basis", DateBasis.CREATED),
             tz=data.get("tz", "UTC"),
+            ours_only=bool(data.get("ours_only", False)),
         )
 
 
@@ -194,3 +200,19 @@ def refunded(flt: LedgerFilter) -> Decimal:
     for row in qs.values("decimals").annotate(amount=Sum("amount")):
         total += Decimal(row["amount"]).scaleb(-row["decimals"])
     return total
+
+
+def moved_for_others(flt: LedgerFilter) -> Decimal:
+    """Paid facilitator-API money that went to other merchants in the period (not revenue)."""
+    rows = (
+        replace(flt, ours_only=False)
+        .apply(Payment.objects.for_others().filter(status__in=PAID))
+        .values("decimals")
+        .annotate(amount=Sum("amount"))
+    )
+    return sum((Decimal(row["amount"]).scaleb(-row["decimals"]) for row in rows), Decimal(0))
+
+
+def usage_priced(flt: LedgerFilter, limit: int = 50) -> QuerySet[Payment]:
+    """Pay-per-second (upto) payments, newest first: the maximum each permitted and the charge."""
+    return flt.apply(Payment.objects.exclude(maximum=None)).order_by("-created_at")[:limit]

@@ -37,13 +37,22 @@ from django.utils import timezone
 from eth_utils import to_checksum_address
 
 from . import relayer as relayers
-from .abi import AUTHORIZATION_USED_TOPIC, TOKEN_ABI, TRANSFER_TOPIC
+from .abi import (
+    AUTHORIZATION_USED_TOPIC,
+    NONCE_BITMAP,
+    TOKEN_ABI,
+    TRANSFER_TOPIC,
+    UPTO_SETTLE,
+    UPTO_SETTLE_TYPES,
+)
 from .chain import AuthorizationUse, ChainUnavailable, RpcError, authorization_use, rpc, rpc_batch
 from .facilitator import FacilitatorClient, FacilitatorUnavailable
 from .metrics import RECONCILE_ERRORS
 from .models import Payment, PaymentStatus, SettlementTx, UnpaidReason
 from .options import ConfiguredOption, SettlementMode, for_payment
 from .relayer import relayer_account
+from .x402.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit
+from .x402.types import SCHEME_UPTO, parse_payload
 
 __all__ = ["relayer_account"]  # re-exported: views and ops name the relayer through this module
 
@@ -52,6 +61,8 @@ S = PaymentStatus
 
 #: Gas limit for one transferWithAuthorization (82,900 measured on anvil; USDC needs a little more).
 GAS_LIMIT = 150_000
+#: Gas limit for one upto proxy ``settle`` (Permit2 witness transfer; about 90,000 on anvil).
+UPTO_GAS_LIMIT = 200_000
 #: A payment is taken as lapsed this long after validBefore by our clock, even if no block has
 #: been stamped past it yet (a quiet dev chain mines no blocks; real chains stamp wall time).
 LAPSE_MARGIN_SECONDS = 60
@@ -90,6 +101,52 @@ def _calldata(p: Payment) -> str:
     )
 
 
+def _permit(p: Payment) -> UptoPermit:
+    permit = parse_payload(p.payload).permit
+    if permit is None:
+        raise ValueError(f"payment {p.pk} is upto but its payload holds no permit")
+    return permit
+
+
+def _upto_calldata(p: Payment) -> str:
+    """The upto proxy's ``settle(permit, amount, owner, witness, signature)`` for the charge."""
+    from eth_abi import encode
+
+    permit = _permit(p)
+
+    def address(raw: bytes) -> str:
+        return to_checksum_address("0x" + raw.hex())
+
+    args = [
+        ((address(permit.token), permit.maximum), permit.nonce, permit.deadline),
+        int(p.amount),
+        address(permit.owner),
+        (address(permit.to), address(permit.facilitator), permit.valid_after),
+        bytes.fromhex(p.signature[2:]),
+    ]
+    return "0x" + (UPTO_SETTLE + encode(UPTO_SETTLE_TYPES, args)).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementCall:
+    """The transaction that settles one payment: whom it calls, with what, from which lane."""
+
+    to: str
+    data: str
+    gas_limit: int
+    #: The lane that must send it (None: any).
+    sender: str | None = None
+
+
+def settlement_call(p: Payment) -> SettlementCall:
+    """exact: the token's transferWithAuthorization, from any lane. upto: the proxy's settle for
+    the charge, from the lane the permit names as its facilitator."""
+    if p.scheme == SCHEME_UPTO:
+        facilitator = to_checksum_address("0x" + _permit(p).facilitator.hex())
+        return SettlementCall(UPTO_PROXY_ADDRESS, _upto_calldata(p), UPTO_GAS_LIMIT, facilitator)
+    return SettlementCall(p.asset, _calldata(p), GAS_LIMIT)
+
+
 def _lock(payment_id: Any) -> Payment:
     return Payment.objects.select_for_update(of=("self",)).select_related("settlement_tx").get(pk=payment_id)
 
@@ -113,8 +170,13 @@ def transfer_matches(receipt: dict[str, Any], p: Payment) -> bool:
     if int(receipt.get("status", "0x0"), 16) != 1:
         return False
     logs = [_topics(e) + [e.get("data", "0x0")] for e in receipt.get("logs", []) if e.get("address", "").lower() == p.asset.lower()]
-    used = [AUTHORIZATION_USED_TOPIC, _word(p.payer), p.nonce.lower()]
     transfer = [TRANSFER_TOPIC, _word(p.payer), _word(p.pay_to)]
+    if p.scheme == SCHEME_UPTO:
+        # One permit per transaction of ours (upto is never batched), to our proxy: its Transfer
+        # of the charge. Permit2 logs no nonce use; the nonce's bit is read apart (chain_use).
+        to_proxy = (receipt.get("to") or "").lower() == UPTO_PROXY_ADDRESS.lower()
+        return to_proxy and any(e[:3] == transfer and int(e[3], 16) == int(p.amount) for e in logs)
+    used = [AUTHORIZATION_USED_TOPIC, _word(p.payer), p.nonce.lower()]
     for i, entry in enumerate(logs):
         if entry[:3] == used:
             # Its Transfer: after it, before the next authorization's use (the token emits
@@ -136,9 +198,45 @@ class UseNotFound(RuntimeError):
     """The chain says the authorization was used, but not (within the searched blocks) by what."""
 
 
+def _permit2_use(p: Payment, url: str) -> AuthorizationUse:
+    """The chain's word on an upto permit: its nonce's bit in Permit2's bitmap, and which of our
+    transactions for it paid. The proxy lets only the permit's facilitator (our lane) settle it,
+    so a used nonce that none of our transactions paid was spent by the payer elsewhere (another
+    Permit2 transfer, or ``invalidateUnorderedNonces``): no money moved for this payment."""
+    permit = _permit(p)
+    call = {
+        "to": PERMIT2_ADDRESS,
+        "data": "0x" + NONCE_BITMAP.hex() + _word(p.payer)[2:] + permit.nonce_word.to_bytes(32, "big").hex(),
+    }
+    hashes = _hashes(p)
+    try:
+        head, bitmap, *receipts = rpc_batch(
+            url,
+            [
+                ("eth_getBlockByNumber", ["latest", False]),
+                ("eth_call", [call, "latest"]),
+                *[("eth_getTransactionReceipt", [h]) for h in hashes],
+            ],
+        )
+        head_block, head_ts = int(head["number"], 16), int(head["timestamp"], 16)
+        used = int(bitmap, 16) & permit.nonce_bit != 0
+    except (RpcError, TypeError, KeyError, ValueError) as exc:
+        raise ChainUnavailable(f"Permit2 nonce state unreadable: {exc}") from exc
+    paid_in = next((h for h, r in zip(hashes, receipts, strict=True) if r and transfer_matches(r, p)), None)
+    start = p.search_from_block or 0
+    if used and paid_in is None and any(r is None for r in receipts):
+        # One of ours is not mined (yet, or any more): it may be the use. Ask again later.
+        raise UseNotFound(f"payment {p.pk}: Permit2 nonce used, our transaction for it not mined")
+    return AuthorizationUse(
+        used, paid_in, None, head_block, head_ts, start, used_elsewhere=used and paid_in is None
+    )
+
+
 def chain_use(p: Payment) -> AuthorizationUse:
     """The chain's word on this payment's authorization: used (by which transaction) or not."""
     conf = for_payment(p.network, p.asset)
+    if p.scheme == SCHEME_UPTO:
+        return _permit2_use(p, conf.rpc_url)
     return authorization_use(
         conf.rpc_url,
         p.asset,
@@ -151,8 +249,10 @@ def chain_use(p: Payment) -> AuthorizationUse:
 
 
 def has_lapsed(p: Payment, use: AuthorizationUse | None = None) -> bool:
-    """No block can use the authorization any more (the token requires timestamp < validBefore)."""
-    head_past = use is not None and use.head_timestamp >= p.valid_before
+    """No block can use the authorization any more (the token requires timestamp < validBefore;
+    Permit2, for an upto permit, timestamp <= deadline)."""
+    last_usable = p.valid_before if p.scheme == SCHEME_UPTO else p.valid_before - 1
+    head_past = use is not None and use.head_timestamp > last_usable
     return head_past or time.time() >= p.valid_before + LAPSE_MARGIN_SECONDS
 
 
@@ -193,12 +293,14 @@ def resolve_lapsing(payment_id: Any) -> Payment:
                 settlement_tx=ours,
                 detail={"found_on_chain": use.used_in, "chain": chain},
             )
-        elif receipt is not None or use.canceled_in:
-            reason = UnpaidReason.NONCE_USED_ELSEWHERE if receipt is not None else UnpaidReason.PAYER_CANCELED
+        elif receipt is not None or use.canceled_in or use.used_elsewhere:
+            reason = (
+                UnpaidReason.PAYER_CANCELED if use.canceled_in and receipt is None else UnpaidReason.NONCE_USED_ELSEWHERE
+            )
             p.advance(
                 S.FAILED,
                 unpaid_reason=reason,
-                failure_reason=f"{reason.label} ({use.used_in or use.canceled_in})",
+                failure_reason=f"{reason.label} ({use.used_in or use.canceled_in or 'Permit2 nonce'})",
                 detail={"chain": chain},
             )
         elif use.used:
@@ -231,7 +333,8 @@ def prepare(payment_id: Any) -> Payment:
     if lapsed is not None:
         return lapsed
     conf = for_payment(p.network, p.asset)
-    call = {"from": relayers.lanes()[0].address, "to": p.asset, "data": _calldata(p)}
+    settle = settlement_call(p)
+    call = {"from": settle.sender or relayers.lanes()[0].address, "to": settle.to, "data": settle.data}
     try:
         block, _ = rpc_batch(
             conf.rpc_url,
@@ -251,11 +354,11 @@ def prepare(payment_id: Any) -> Payment:
             return p
         tx = relayers.sign_and_store(
             conf,
-            relayers.take_lane(p.network),
+            relayers.take_lane(p.network, settle.sender),
             kind=SettlementTx.Kind.SINGLE,
-            to=p.asset,
-            data=_calldata(p),
-            gas_limit=GAS_LIMIT,
+            to=settle.to,
+            data=settle.data,
+            gas_limit=settle.gas_limit,
             items=1,
             block=block,
         )

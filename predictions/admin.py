@@ -11,7 +11,7 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import transaction
+from django.db import models, transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -80,7 +80,7 @@ class ModelVersionForm(forms.ModelForm):
 
     class Meta:
         model = ModelVersion
-        fields = ("id", "runner", "predictor", "cog_url", "input_schema", "output_schema")
+        fields = ("id", "runner", "predictor", "cog_url", "cog_version", "input_schema", "output_schema")
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()
@@ -99,7 +99,16 @@ class ModelVersionInline(admin.StackedInline):
     model = ModelVersion
     form = ModelVersionForm
     extra = 0
-    fields = ("id", "runner", "predictor", "cog_url", "input_schema", "output_schema", "created_at")
+    fields = (
+        "id",
+        "runner",
+        "predictor",
+        "cog_url",
+        "cog_version",
+        "input_schema",
+        "output_schema",
+        "created_at",
+    )
     readonly_fields = ("created_at",)
 
 
@@ -228,8 +237,11 @@ class ModelAdmin(admin.ModelAdmin):
     actions = ["change_prices"]
     change_list_template = "admin/predictions/model/change_list.html"
     change_form_template = "admin/predictions/model/change_form.html"
+    # The links are shown as given; a bare host is read as https.
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     fieldsets = (
         (None, {"fields": ("owner", "name", "description", "hardware", "settlement_policy")}),
+        ("Links", {"fields": ("github_url", "paper_url", "license_url", "cover_image_url")}),
         (
             "Price per run",
             {
@@ -245,6 +257,7 @@ class ModelAdmin(admin.ModelAdmin):
                 )
             },
         ),
+        ("Pay per second (x402 upto)", {"fields": ("upto_order", "upto_failure_charge")}),
     )
 
     @admin.display(description="USDC per run")

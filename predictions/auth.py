@@ -239,12 +239,13 @@ def check(proof: SignIn, now: datetime) -> None:
         raise Refused("invalid_siwx_not_yet_valid", "notBefore is in the future")
 
 
-def payer_of(request: Request) -> str:
-    """The payer a ``SIGN-IN-WITH-X`` proof names (checksummed); 401 without one, 403 if it fails."""
+def payer_of(request: Request, what: str = "Listing") -> str:
+    """The payer a ``SIGN-IN-WITH-X`` proof names (checksummed); 401 without one, 403 if it fails.
+    ``what`` names what needs the proof, in the 401's detail."""
     header = request.headers.get(HEADER, "")
     if not header:
         raise SignInRequired(
-            f"Listing needs an operator token, or a {HEADER} proof (x402 sign-in-with-x, EIP-4361): "
+            f"{what} needs an operator token, or a {HEADER} proof (x402 sign-in-with-x, EIP-4361): "
             "sign the declaration in extensions.",
             declaration(request),
         )

@@ -27,6 +27,31 @@ DEMO_MODELS: list[dict[str, Any]] = [
         },
         "output_schema": {"type": "string"},
     },
+    {
+        "owner": "demo",
+        "name": "count-seconds",
+        "description": "Works for the number of seconds it is given. Priced per second on the A100 "
+        "tier: pay the fixed quote (exact) or pay for the seconds it ran (upto).",
+        "price": Decimal("0.01"),
+        "hardware": "gpu-a100-80gb",
+        # 0.0014 USDC/s; the fixed quote is 5 s (0.007 USDC), the time limit 10 s (upto's maximum 0.014).
+        "pricing": {"pricing_mode": "per_second", "expected_seconds": Decimal(5), "upto_order": "upto_first"},
+        "predictor": "predictions.runners.demo.CountSeconds",
+        "input_schema": {
+            "type": "object",
+            "properties": {
+                "seconds": {
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": 30,
+                    "default": 1,
+                    "description": "How long to work (the run stops at the 10 s time limit)",
+                }
+            },
+            "additionalProperties": False,
+        },
+        "output_schema": {"type": "object", "properties": {"seconds": {"type": "number"}}},
+    },
 ]
 
 
@@ -67,6 +92,7 @@ def seed() -> list[Model]:
                 "description": spec["description"],
                 "price": spec["price"],
                 "hardware": HardwareTier.objects.filter(slug=spec.get("hardware", "cpu")).first(),
+                **spec.get("pricing", {}),
             },
         )
         vid = version_id(spec["predictor"], spec["input_schema"], spec["output_schema"])

@@ -6,7 +6,9 @@ and only here, follow the consequences:
 
 - in the same transaction, the ledger writes that must not be lost or half-done: a success
   under ``after_success`` asks for settlement (``ledger.request_settlement``), an end without
-  output releases an authorization not yet being settled (``ledger.release``), and one whose
+  output releases an authorization not yet being settled (``ledger.release``); a pay-per-second
+  (``upto``) payment is charged for the measured run instead (``ledger.charge_usage``: its
+  seconds on success, its price's failure charge once it ran); an end without output whose
   payment is confirmed under ``before_run`` is owed a refund (``refunds.owe``);
 - after commit: the webhooks the prediction's filter asks for (``start``, ``logs``,
   ``output``, ``completed``), metrics, enqueuing the run, and stopping a run on its runner.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.db import transaction
@@ -31,7 +34,7 @@ from prometheus_client import Counter
 
 from payments import ledger, refunds
 from payments.metrics import PREDICTION_SECONDS
-from payments.models import UNPAID_STATUSES, Payment, PaymentStatus
+from payments.models import CHARGED_STATUSES, UNPAID_STATUSES, Payment, PaymentStatus
 
 from . import webhooks
 from .models import (
@@ -59,6 +62,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 ENDED_UNSERVED = frozenset({P.FAILED, P.CANCELED, P.ABORTED})
 
 ABORTED_ERROR = "aborted: the Cancel-After deadline passed before the prediction started"
+DEADLINE_ERROR = "canceled: the Cancel-After deadline passed while the prediction ran"
+#: Why a prediction past its deadline ran all the same (in its PROCESSING event's detail).
+DEADLINE_WAIVED = "the Cancel-After deadline passed after the payment was settled: run, not aborted"
 PREDICTIONS_ENDED = Counter("x402_predictions_total", "Predictions that ended, by status", ["status"])
 
 
@@ -108,7 +114,11 @@ def _move(
         prediction=prediction, from_status=previous, to_status=to, cause=cause, detail=event_detail
     )
     if to in ENDED_UNSERVED and prediction.payment is not None:
-        ledger.release(prediction.payment, f"the prediction ended {to}: {prediction.error}"[:500])
+        reason = f"the prediction ended {to}: {prediction.error}"[:500]
+        if previous == P.PROCESSING and ledger.is_usage_priced(prediction.payment):
+            ledger.charge_usage(prediction.payment, _run_seconds(prediction, now), succeeded=False, reason=reason)
+        else:
+            ledger.release(prediction.payment, reason)
         _refund_if_owed(prediction, prediction.payment)
     if stop_run:
         runner, ended = prediction.version.runner_impl, prediction
@@ -121,6 +131,15 @@ def _move(
         webhooks.send(prediction, "completed")
         transaction.on_commit(lambda: PREDICTIONS_ENDED.labels(status=to).inc())
     log.info("prediction %s: %s -> %s (%s)", prediction.pk, previous, to, cause)
+
+
+def _run_seconds(prediction: Prediction, now: Any) -> Decimal:
+    """The run's measured seconds: the runner's ``predict_time``, else the wall time since the
+    claim (a run stopped before it reported)."""
+    if prediction.predict_time is not None:
+        return Decimal(str(prediction.predict_time))
+    started = prediction.started_at or now
+    return Decimal(str(max(0.0, (now - started).total_seconds())))
 
 
 def create(
@@ -149,12 +168,14 @@ def create(
 
 def claim(prediction_id: str) -> Prediction | None:
     """STARTING -> PROCESSING, once: the prediction to run, or None when there is nothing to run
-    (already claimed, ended, not yet paid under ``before_run``, or past its Cancel-After)."""
+    (already claimed, ended, not yet paid under ``before_run``, or past its Cancel-After and
+    aborted; past it but already charged, it runs without the deadline: see abort_overdue)."""
     with transaction.atomic():
         prediction = _lock(prediction_id)
         if prediction is None or prediction.status != P.STARTING:
             return None  # delivered twice, canceled, or already claimed: never run a paid prediction twice
-        if prediction.cancel_after_at and timezone.now() > prediction.cancel_after_at:
+        late = bool(prediction.cancel_after_at and timezone.now() > prediction.cancel_after_at)
+        if late and not _charged(prediction):
             _move(prediction, P.ABORTED, Cause.TASK, error=ABORTED_ERROR)
             return None
         payment = prediction.payment
@@ -164,7 +185,11 @@ def claim(prediction_id: str) -> Prediction | None:
             and payment.status != PaymentStatus.CONFIRMED
         ):
             return None  # no compute before the money is in; the confirmation enqueues it again
-        _move(prediction, P.PROCESSING, Cause.TASK)
+        if late:  # paid for: deliver it rather than abort (the deadline no longer applies)
+            waived = {"cancel_after": DEADLINE_WAIVED}
+            _move(prediction, P.PROCESSING, Cause.TASK, detail=waived, cancel_after_at=None)
+        else:
+            _move(prediction, P.PROCESSING, Cause.TASK)
         return prediction
 
 
@@ -208,7 +233,10 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
             for name, value in fields.items():
                 setattr(prediction, name, value)
             prediction.save(update_fields=list(fields))
-            ledger.request_settlement(prediction.payment)
+            if ledger.is_usage_priced(prediction.payment):
+                ledger.charge_usage(prediction.payment, _run_seconds(prediction, now), succeeded=True)
+            else:
+                ledger.request_settlement(prediction.payment)
         else:
             _move(prediction, P.SUCCEEDED, cause, output=outcome.output, **fields)
         model = str(prediction.model)
@@ -257,8 +285,15 @@ def cancel(
         return prediction
 
 
+def _charged(prediction: Prediction) -> bool:
+    """Its payment is being or has been settled: aborting it now would charge for nothing."""
+    return prediction.payment is not None and prediction.payment.status in CHARGED_STATUSES
+
+
 def abort_overdue(prediction_id: str, *, cause: str) -> bool:
-    """STARTING past its Cancel-After deadline -> ABORTED (nothing charged if still possible)."""
+    """STARTING past its Cancel-After deadline -> ABORTED, not charged (its authorization is
+    released). Once its settlement has begun the agent is charged, so it is run instead: an
+    agent never pays for an aborted prediction."""
     with transaction.atomic():
         prediction = _lock(prediction_id)
         if (
@@ -266,9 +301,27 @@ def abort_overdue(prediction_id: str, *, cause: str) -> bool:
             or prediction.status != P.STARTING
             or not prediction.cancel_after_at
             or prediction.cancel_after_at > timezone.now()
+            or _charged(prediction)  # paid for: it runs once its payment is confirmed (see claim)
         ):
             return False
         _move(prediction, P.ABORTED, cause, error=ABORTED_ERROR)
+        return True
+
+
+def cancel_past_deadline(prediction_id: str, *, cause: str) -> bool:
+    """A run still going past its Cancel-After deadline is canceled and stopped on its runner
+    (Replicate's ``canceled``: under ``before_run`` it was paid for; ``after_success`` releases)."""
+    with transaction.atomic():
+        prediction = _lock(prediction_id)
+        if (
+            prediction is None
+            or prediction.status != P.PROCESSING
+            or prediction.run_ended_at is not None
+            or not prediction.cancel_after_at
+            or prediction.cancel_after_at > timezone.now()
+        ):
+            return False
+        _move(prediction, P.CANCELED, cause, stop_run=True, error=DEADLINE_ERROR)
         return True
 
 

@@ -17,7 +17,7 @@ from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models, transaction
 from django.utils import timezone
 
-from payments.models import HardwareTier, Payment, PriceChange
+from payments.models import FailureCharge, HardwareTier, Payment, PriceChange, UptoOrder
 from payments.pricing import PriceRule, PricingError, invalidate
 
 from . import runners
@@ -106,7 +106,25 @@ class Model(models.Model):
         max_length=64, blank=True, help_text="Input field that multiplies unit_price (e.g. num_outputs)"
     )
     unit_price = models.DecimalField(**_money, default=Decimal(0), help_text="USDC per unit of unit_field")
+    upto_order = models.CharField(
+        max_length=16,
+        choices=UptoOrder.choices,
+        default=UptoOrder.OFF,
+        help_text="Per-second models: also offer pay-per-second (x402 upto: the agent permits the price "
+        "of the whole time limit and is charged for the seconds the run took), and in which order.",
+    )
+    upto_failure_charge = models.CharField(
+        max_length=16,
+        choices=FailureCharge.choices,
+        default=FailureCharge.NOTHING,
+        help_text="Pay-per-second runs that fail or are canceled while running are charged this.",
+    )
     created_at = models.DateTimeField(default=timezone.now)
+    # Replicate's model metadata (shown as is in the API; empty is null).
+    github_url = models.URLField(max_length=500, blank=True, help_text="The model's source code")
+    paper_url = models.URLField(max_length=500, blank=True)
+    license_url = models.URLField(max_length=500, blank=True)
+    cover_image_url = models.URLField(max_length=500, blank=True)
 
     class Meta:
         constraints = [
@@ -155,6 +173,10 @@ class Model(models.Model):
         )
 
     @property
+    def offers_upto(self) -> bool:
+        return self.upto_order != UptoOrder.OFF and self.pricing_mode == PricingMode.PER_SECOND and not self.is_free
+
+    @property
     def time_limit_seconds(self) -> int:
         """How long one run may take: what a per-second price paid for (expected seconds times
         ``X402_PER_SECOND_OVERRUN_FACTOR``), and never more than ``X402_PREDICTION_TIME_LIMIT``."""
@@ -187,6 +209,8 @@ class Model(models.Model):
             )
         if self.unit_field and self.unit_price <= 0:
             errors["unit_price"] = "Set a price per unit, or clear the unit field."
+        if self.upto_order != UptoOrder.OFF and self.pricing_mode != PricingMode.PER_SECOND:
+            errors["upto_order"] = "Pay-per-second (upto) needs per-second pricing."
         if errors:
             raise ValidationError(errors)
 
@@ -213,6 +237,11 @@ class ModelVersion(models.Model):
     )
     input_schema = models.JSONField(default=dict, help_text="JSON Schema of the input object")
     output_schema = models.JSONField(default=dict, blank=True)
+    cog_version = models.CharField(
+        max_length=32,
+        blank=True,
+        help_text="The Cog version the model was built with, if it is a Cog model (shown in the API)",
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -315,6 +344,8 @@ class Prediction(models.Model):
     run_ended_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     predict_time = models.FloatField(null=True, blank=True)
+    #: Its input, output and logs were removed after the retention period (X402_DATA_RETENTION_DAYS).
+    data_removed = models.BooleanField(default=False)
     webhook = models.URLField(max_length=2000, blank=True)
     webhook_events_filter = models.JSONField(default=list, blank=True, help_text="Empty: every event")
     cancel_after_at = models.DateTimeField(null=True, blank=True, help_text="Cancel-After deadline")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from drf_spectacular.utils import (
     OpenApiExample,
     OpenApiParameter,
@@ -21,11 +23,15 @@ PAYMENT = {
     "description": "The x402 payment that bought this prediction (added by this server).",
     "properties": {
         "id": {"type": "string"},
+        "scheme": {"type": "string", "enum": ["exact", "upto"]},
         "status": {
             "type": "string",
             "enum": PaymentStatus.values,
         },
-        "amount": {"type": "string", "description": "USDC, decimal"},
+        "amount": {
+            "type": "string",
+            "description": "USDC, decimal (upto: the maximum until the run is measured, then the charge)",
+        },
         "amount_atomic": {"type": "string"},
         "network": {"type": "string", "example": "eip155:8453"},
         "asset": {"type": "string"},
@@ -33,6 +39,9 @@ PAYMENT = {
         "pay_to": {"type": "string"},
         "transaction": {"type": "string", "nullable": True},
         "confirmations": {"type": "integer"},
+        "maximum": {"type": "string", "description": "upto: the signed maximum, USDC"},
+        "maximum_atomic": {"type": "string"},
+        "run_seconds": {"type": "string", "nullable": True, "description": "upto: the seconds charged for"},
     },
 }
 PREDICTION = {
@@ -50,8 +59,13 @@ PREDICTION = {
         "started_at": {"type": "string", "format": "date-time", "nullable": True},
         "completed_at": {"type": "string", "format": "date-time", "nullable": True},
         "urls": {"type": "object", "properties": {"get": {"type": "string"}, "cancel": {"type": "string"}}},
-        "metrics": {"type": "object", "properties": {"predict_time": {"type": "number"}}},
-        "data_removed": {"type": "boolean"},
+        "metrics": {
+            "type": "object",
+            "properties": {"predict_time": {"type": "number"}, "total_time": {"type": "number"}},
+        },
+        "data_removed": {"type": "boolean", "description": "Input, output and logs removed after retention."},
+        "source": {"type": "string", "enum": ["api"]},
+        "deadline": {"type": "string", "format": "date-time", "description": "Set by Cancel-After."},
         "payment": PAYMENT,
     },
     "required": ["id", "status", "input", "urls"],
@@ -184,3 +198,71 @@ list_schema = extend_schema(
 )
 object_schema = extend_schema(responses={200: {"type": "object"}, 401: PROBLEM, 404: PROBLEM})
 models_list_schema = extend_schema(operation_id="models_list", responses={200: {"type": "object"}})
+
+VERSION = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "cog_version": {"type": "string", "description": "Empty for a model not built with Cog."},
+        "openapi_schema": {
+            "type": "object",
+            "description": "An OpenAPI 3.1 document; `components.schemas.Input` and `Output` are the "
+            "version's input and output JSON Schemas.",
+        },
+    },
+}
+version_schema = extend_schema(responses={200: VERSION, 404: PROBLEM})
+versions_list_schema = extend_schema(
+    operation_id="models_versions_list",
+    parameters=[OpenApiParameter("cursor", str)],
+    responses={
+        200: {
+            "type": "object",
+            "properties": {
+                "next": {"type": "string", "nullable": True},
+                "previous": {"type": "string", "nullable": True},
+                "results": {"type": "array", "items": VERSION},
+            },
+        },
+        404: PROBLEM,
+    },
+)
+hardware_schema = extend_schema(
+    operation_id="hardware_list",
+    responses={
+        200: {
+            "type": "array",
+            "items": {"type": "object", "properties": {"name": {"type": "string"}, "sku": {"type": "string"}}},
+        }
+    },
+)
+account_schema = extend_schema(
+    parameters=[
+        OpenApiParameter(
+            "SIGN-IN-WITH-X",
+            str,
+            OpenApiParameter.HEADER,
+            description="x402 sign-in-with-x proof: the account is the payer address it proves.",
+        ),
+        OpenApiParameter("Authorization", str, OpenApiParameter.HEADER, description="`Bearer <operator token>`."),
+    ],
+    responses={
+        200: {
+            "type": "object",
+            "properties": {
+                "type": {"type": "string", "enum": ["user", "organization"]},
+                "username": {"type": "string", "description": "A payer's address, or `operator`."},
+                "name": {"type": "string"},
+                "github_url": {"type": "string", "nullable": True},
+            },
+        },
+        401: PROBLEM,
+        403: PROBLEM,
+    },
+)
+
+
+def collections_schema(operation_id: str) -> Any:
+    """The 404-only description of a collections route (each its own operation id)."""
+    return extend_schema(operation_id=operation_id, responses={404: PROBLEM})

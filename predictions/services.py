@@ -37,6 +37,12 @@ def create_prediction(
     from .tasks import start_prediction  # late: tasks import this module's models
 
     policy = version.model.settlement_policy  # read once: the prediction keeps it for good
+    usage = None
+    if paid is not None and paid.payment.payload.permit is not None:
+        # Pay per second (upto): the charge is known only once the run is measured, so it is
+        # run first and settled after, whatever the model's policy for fixed quotes.
+        assert charge is not None and charge.usage is not None
+        policy, usage = SettlementPolicy.AFTER_SUCCESS, charge.usage
     try:
         with transaction.atomic():
             payment = None
@@ -47,6 +53,7 @@ def create_prediction(
                     resource=charge.resource,
                     fingerprint=charge.fingerprint,
                     settle_now=policy == SettlementPolicy.BEFORE_RUN,
+                    usage=usage,
                 )
             prediction = lifecycle.create(
                 version, inputs, payment=payment, settlement_policy=policy, options=options

@@ -9,7 +9,9 @@ PROCESSING) once, in one transaction, so a task delivered twice never runs twice
 was busy is asked again with the claim kept. Every run has a time limit (what was paid for):
 the runner enforces it where it can (the python runner's soft time limit), the watchdog task
 ends it at the limit and cancels it on its runner, and ``sweep`` gives up on runs that never
-reported, never rerunning them. Status changes all go through ``lifecycle``.
+reported, never rerunning them; a run past its ``Cancel-After`` deadline is canceled. After
+``X402_DATA_RETENTION_DAYS`` a finished prediction's input, output and logs are removed
+(``remove_expired_data``). Status changes all go through ``lifecycle``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from payments.models import PaymentStatus
 
 from . import lifecycle
 from .lifecycle import Cause
-from .models import Prediction, PredictionStatus, SettlementPolicy
+from .models import TERMINAL, Prediction, PredictionStatus, SettlementPolicy
 from .runners import Outcome, RunnerBusy, RunnerRefused
 
 log = logging.getLogger("predictions.tasks")
@@ -84,6 +86,8 @@ def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
         enforce_time_limit.apply_async(
             args=[prediction.id], countdown=prediction.time_limit_seconds + WATCHDOG_SLACK
         )
+        if prediction.cancel_after_at is not None:
+            enforce_cancel_after.apply_async(args=[prediction.id], eta=prediction.cancel_after_at)
     try:
         outcome = prediction.version.runner_impl.start(prediction)
     except RunnerBusy as exc:
@@ -104,6 +108,26 @@ def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
 def enforce_time_limit(prediction_id: str) -> bool:
     """End a run still going past its time limit, and cancel it on its runner."""
     return lifecycle.fail_overdue(prediction_id, grace=0, error=OVERRAN, cause=Cause.TASK)
+
+
+@shared_task(acks_late=True)
+def enforce_cancel_after(prediction_id: str) -> bool:
+    """Cancel a run still going at its Cancel-After deadline, and stop it on its runner."""
+    return lifecycle.cancel_past_deadline(prediction_id, cause=Cause.TASK)
+
+
+@shared_task(acks_late=True)
+def remove_expired_data() -> int:
+    """Remove the input, output and logs of predictions that ended more than
+    ``X402_DATA_RETENTION_DAYS`` ago (``data_removed`` then reads true, as on Replicate). The
+    prediction, its status, error, times and payment stay (the ledger keeps what was paid)."""
+    days = settings.X402_DATA_RETENTION_DAYS
+    if days <= 0:
+        return 0
+    expired = Prediction.objects.filter(
+        status__in=TERMINAL, completed_at__lt=timezone.now() - timedelta(days=days), data_removed=False
+    )
+    return expired.update(input={}, output=None, logs="", data_removed=True)
 
 
 @shared_task(acks_late=True)
@@ -132,4 +156,7 @@ def sweep() -> dict[str, int]:
     overdue = Prediction.objects.filter(status=P.STARTING, cancel_after_at__lt=now)
     for prediction_id in overdue.values_list("id", flat=True):
         aborted += lifecycle.abort_overdue(prediction_id, cause=Cause.SWEEP)
-    return {"lost": lost, "aborted": aborted, "requeued": len(due)}
+    canceled = 0
+    for prediction_id in Prediction.objects.running().filter(cancel_after_at__lt=now).values_list("id", flat=True):
+        canceled += lifecycle.cancel_past_deadline(prediction_id, cause=Cause.SWEEP)
+    return {"lost": lost, "aborted": aborted, "canceled": canceled, "requeued": len(due)}

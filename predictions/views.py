@@ -23,25 +23,28 @@ from rest_framework.views import APIView
 
 from payments import ratelimit
 from payments.exceptions import InvalidInput, payment_required_response, paywall_response, wants_html
-from payments.ledger import request_fingerprint
+from payments.ledger import request_fingerprint, settlement_answer
+from payments.models import HardwareTier, UptoOrder
 from payments.permissions import Charge, X402Payment, challenge_for, honour_window_seconds, is_operator
-from payments.pricing import PriceRule, PricingError, pricing_state
+from payments.pricing import PriceRule, PricingError, pricing_state, usage_price
 from payments.x402 import bazaar
 from payments.x402.codec import encode_header
-from payments.x402.types import Resource, settle_response
+from payments.x402.types import Resource
 from x402site.inputs import ascii_uint
 
 from . import lifecycle, schema
 from .auth import AuthenticationRequired, payer_of
-from .models import Model, ModelVersion, Prediction, SettlementPolicy
+from .models import Model, ModelVersion, Prediction, PredictionStatus, SettlementPolicy
 from .pagination import CursorPagination
 from .runners import READY, cog
-from .serializers import base_url, model_json, prediction_json
+from .serializers import base_url, model_json, prediction_json, version_json
 from .services import create_prediction, replayed
 from .webhooks import EVENTS, UnsafeWebhook, check_url
 from .webhooks import secret as webhook_secret
 
 PAYMENT_RESPONSE_HEADERS = {1: "X-PAYMENT-RESPONSE", 2: "PAYMENT-RESPONSE"}
+#: Replicate's account types, and the username an operator token reads as.
+ACCOUNT_USER, ACCOUNT_ORGANIZATION, OPERATOR = "user", "organization", "operator"
 log = logging.getLogger("predictions.api")
 
 
@@ -94,18 +97,22 @@ def example_input(version: ModelVersion | None) -> dict[str, Any]:
     return example
 
 
+def body_schema(version: ModelVersion) -> dict[str, Any]:
+    """The JSON Schema of a create's body: ``input``, by the version's input schema."""
+    return {
+        "type": "object",
+        "properties": {"input": version.input_schema or {"type": "object"}},
+        "required": ["input"],
+    }
+
+
 def discovery_extension(version: ModelVersion) -> dict[str, Any]:
-    return bazaar.post_json({"input": example_input(version)})
+    return bazaar.post_json({"input": example_input(version)}, body_schema(version))
 
 
 def v1_output_schema(version: ModelVersion) -> dict[str, Any]:
     return {
-        "input": {
-            "type": "http",
-            "method": "POST",
-            "bodyType": "json",
-            "body": {"type": "object", "properties": {"input": version.input_schema}, "required": ["input"]},
-        },
+        "input": {"type": "http", "method": "POST", "bodyType": "json", "body": body_schema(version)},
         "output": version.output_schema or {},
     }
 
@@ -131,10 +138,19 @@ def charge_for(version: ModelVersion, inputs: dict[str, Any], url: str, path: st
     priced = {**version.defaults(), **inputs}  # as the run gets it (the create path fills them in)
     try:
         price = state.current.quote(priced)
+        # Pay per second (upto) as well, when the model offers it: at the same (cached) rule.
+        usage = (
+            usage_price(state.current, model.time_limit_seconds, priced, model.upto_failure_charge)
+            if model.offers_upto
+            else None
+        )
     except PricingError as exc:
         raise InvalidInput(str(exc), {state.current.unit_field or "input": str(exc)}) from None
     free = state.current.is_free
     return Charge(
+        usage=usage,
+        usage_hold_seconds=model.time_limit_seconds,
+        upto_first=model.upto_order == UptoOrder.UPTO_FIRST,
         extensions=discovery_extension(version),
         example_input=example_input(version),
         output_schema=v1_output_schema(version),
@@ -199,13 +215,31 @@ _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait(?:=([0-9]+))?(?=$|[,;\s])", re.ASCI
 MAX_WAIT = 60
 
 
+#: ``Prefer: wait=N`` answers this much before N seconds: the official client gives up reading
+#: at N + 0.5 s, and a paid answer it never reads is money for nothing.
+WAIT_MARGIN = 1.0
+
+
 def wait_for(prediction: Prediction, request: Request) -> Prediction:
     """``Prefer: wait`` (60 s) or ``wait=N`` (N <= 60): hold the answer until the prediction ends."""
     match = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
     if match is None:
         return prediction
     seconds = ascii_uint(match.group(1) or "", 2)
-    return wait_until_done(prediction, min(MAX_WAIT if seconds is None else seconds, MAX_WAIT))
+    wait = min(MAX_WAIT if seconds is None else seconds, MAX_WAIT)
+    return wait_until_done(prediction, max(0.0, wait - WAIT_MARGIN))
+
+
+def waited_json(request: Request, prediction: Prediction) -> tuple[Prediction, dict[str, Any]]:
+    """The create's answer (the prediction after any ``Prefer: wait``). A wait that ran out
+    before the prediction ended shows it ``starting``, as Replicate's sync mode does: the
+    official client's ``run`` takes any other status after a wait for the end and would return
+    no output for a paid prediction (the prediction's own URL shows its true status)."""
+    shown = wait_for(prediction, request)
+    body = prediction_json(shown, base_url(request))
+    if _PREFER_WAIT.search(request.headers.get("Prefer", "")) and not shown.is_terminal:
+        body["status"] = PredictionStatus.STARTING
+    return shown, body
 
 
 def wait_until_done(prediction: Prediction, seconds: float) -> Prediction:
@@ -217,6 +251,13 @@ def wait_until_done(prediction: Prediction, seconds: float) -> Prediction:
         delay = min(delay * 1.5, 0.5)
         prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
     return prediction
+
+
+def model_or_404(owner: str, name: str) -> Model:
+    model = Model.objects.select_related("hardware").filter(owner=owner, name=name).first()
+    if model is None:
+        raise NotFound(f"The requested resource could not be found: there is no model {owner}/{name}.")
+    return model
 
 
 class PaidPredictionCreate(APIView):
@@ -257,19 +298,14 @@ class PaidPredictionCreate(APIView):
 
     def _respond(self, request: Request, prediction: Prediction, created: bool) -> Response:
         headers = {"Location": request.build_absolute_uri(f"/v1/predictions/{prediction.id}")}
-        payment = prediction.payment
+        shown, body = waited_json(request, prediction)
+        payment = shown.payment
         if payment is not None:
-            headers[PAYMENT_RESPONSE_HEADERS[payment.x402_version]] = encode_header(
-                settle_response(
-                    success=True,
-                    transaction=payment.settle_tx_hash or "",
-                    network=payment.network,
-                    payer=payment.payer,
-                    amount=int(payment.amount),
-                )
-            )
+            # As it stands after any wait: the hash once settled, else settlement_pending.
+            payment.refresh_from_db()
+            headers[PAYMENT_RESPONSE_HEADERS[payment.x402_version]] = encode_header(settlement_answer(payment))
         return Response(
-            prediction_json(wait_for(prediction, request), base_url(request)),
+            body,
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
             headers=headers,
         )
@@ -279,7 +315,7 @@ class ModelPredictionCreate(PaidPredictionCreate):
     """POST /v1/models/{owner}/{name}/predictions: run the model's latest version."""
 
     def resolve_version(self, request: Request) -> ModelVersion:
-        model = get_object_or_404(Model, owner=self.kwargs["owner"], name=self.kwargs["name"])
+        model = model_or_404(self.kwargs["owner"], self.kwargs["name"])
         version = model.latest_version
         if version is None:
             raise NotFound(f"Model {model} has no version.")
@@ -300,6 +336,18 @@ class ModelPredictionCreate(PaidPredictionCreate):
         return paywall_response(exc, payment_required_response(exc))
 
 
+class InvalidVersion(InvalidInput):
+    """An unknown version in a create: Replicate answers 422 with this title and detail."""
+
+    title = "Invalid version or not permitted"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The specified version does not exist (or perhaps you don't have permission to use it?)",
+            {"version": "no such version"},
+        )
+
+
 class PredictionCreate(PaidPredictionCreate):  # noqa: D101 (see PredictionList for GET)
     """POST /v1/predictions with {"version": ..., "input": ...}."""
 
@@ -308,9 +356,12 @@ class PredictionCreate(PaidPredictionCreate):  # noqa: D101 (see PredictionList 
         version_id = data.get("version") if isinstance(data, dict) else None
         if not isinstance(version_id, str) or not version_id:
             raise InvalidInput("`version` is required.", {"version": "required string"})
-        # Replicate also accepts "owner/name:version".
-        version_id = version_id.rpartition(":")[2]
-        return get_object_or_404(ModelVersion.objects.select_related("model"), pk=version_id)
+        # Replicate also accepts "owner/name:version" (the name must then be the version's model).
+        named, _, version_id = version_id.rpartition(":")
+        version = ModelVersion.objects.select_related("model").filter(pk=version_id).first()
+        if version is None or (named and named != str(version.model)):
+            raise InvalidVersion()
+        return version
 
 
 class PredictionDetail(APIView):
@@ -341,8 +392,34 @@ class ModelDetail(APIView):
 
     @schema.object_schema
     def get(self, request: Request, owner: str, name: str) -> Response:
-        model = get_object_or_404(Model.objects.select_related("hardware"), owner=owner, name=name)
-        return Response(model_json(model, request))
+        return Response(model_json(model_or_404(owner, name), request))
+
+
+class ModelVersionList(APIView):
+    """GET /v1/models/{owner}/{name}/versions: the model's versions, newest first, by cursor."""
+
+    @schema.versions_list_schema
+    def get(self, request: Request, owner: str, name: str) -> Response:
+        model = model_or_404(owner, name)
+        paginator = CursorPagination()
+        paginator.ordering = "-created_at"
+        paginator.page_size = 50
+        page = paginator.paginate_queryset(model.versions.select_related("model"), request, view=self)
+        return paginator.get_paginated_response([version_json(v) for v in page])
+
+
+class ModelVersionDetail(APIView):
+    """GET /v1/models/{owner}/{name}/versions/{id} (what replicate.run reads after a create)."""
+
+    @schema.version_schema
+    def get(self, request: Request, owner: str, name: str, version_id: str) -> Response:
+        model = model_or_404(owner, name)
+        version = model.versions.select_related("model").filter(pk=version_id).first()
+        if version is None:
+            raise NotFound(
+                f"The requested resource could not be found: model {model} has no version {version_id[:64]}."
+            )
+        return Response(version_json(version))
 
 
 class PredictionList(PredictionCreate):
@@ -374,6 +451,49 @@ class PredictionCancel(APIView):
         prediction = lifecycle.cancel(get_object_or_404(Prediction, pk=prediction_id).pk)
         prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
         return Response(prediction_json(prediction, base_url(request)))
+
+
+class HardwareList(APIView):
+    """GET /v1/hardware: the hardware tiers models run on, as Replicate lists them ({name, sku})."""
+
+    @schema.hardware_schema
+    def get(self, request: Request) -> Response:
+        tiers = HardwareTier.objects.filter(active=True)
+        return Response([{"name": tier.name, "sku": tier.slug} for tier in tiers])
+
+
+class AccountDetail(APIView):
+    """GET /v1/account: who is asking. There are no accounts here: an operator token is the
+    operator (an organization); an agent proves its payer address with a sign-in-with-x proof
+    (401 with the declaration without one), and that address is its username."""
+
+    @schema.account_schema
+    def get(self, request: Request) -> Response:
+        if is_operator(request):
+            return Response(
+                {"type": ACCOUNT_ORGANIZATION, "username": OPERATOR, "name": OPERATOR, "github_url": None}
+            )
+        payer = payer_of(request, "Reading the account")
+        return Response({"type": ACCOUNT_USER, "username": payer, "name": payer, "github_url": None})
+
+
+NO_COLLECTIONS = "Collections are not offered by this server; list its models with GET /v1/models."
+
+
+class CollectionList(APIView):
+    """GET /v1/collections: Replicate's curated collections are not offered here (404)."""
+
+    @schema.collections_schema("collections_list")
+    def get(self, request: Request) -> Response:
+        raise NotFound(NO_COLLECTIONS)
+
+
+class CollectionDetail(APIView):
+    """GET /v1/collections/{slug}: 404, as the list."""
+
+    @schema.collections_schema("collections_get")
+    def get(self, request: Request, slug: str) -> Response:
+        raise NotFound(NO_COLLECTIONS)
 
 
 class WebhookSecret(APIView):

@@ -12,6 +12,11 @@ For every ledger row:
 - no row is still open (verified, settling, lapsing) once its authorization has lapsed: the
   reconciler must have finished it.
 
+Pay-per-second (``upto``) rows are judged the same way with Permit2's word for "used" (the
+permit's nonce bit in ``nonceBitmap``), and besides: the charge never exceeds the signed
+maximum, a paid row records the run seconds it was charged for, and its transaction was sent to
+the upto proxy (the only way our relayer settles a permit).
+
 For every refund:
 - CONFIRMED => the receipt of its transaction has status 1 and a ``Transfer(refund wallet,
   payer, amount)`` log of its token, and its payment is SETTLED or CONFIRMED;
@@ -33,6 +38,9 @@ USED = "0x" + keccak(text="AuthorizationUsed(address,bytes32)").hex()
 #: Seconds after validBefore by which the reconciler must have closed a row (its lapse margin, and slack).
 CLOSE_WITHIN_SECONDS = 120
 STATE = "0x" + keccak(text="authorizationState(address,bytes32)").hex()[:8]
+NONCE_BITMAP = "0x" + keccak(text="nonceBitmap(address,uint256)").hex()[:8]
+PERMIT2 = "0x000000000022D473030F116dDEE9F6B43aC78BA3"
+UPTO_PROXY = "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002"
 PAID = {"settled", "confirmed"}
 UNPAID = {"failed", "expired"}
 OPEN = {"verified", "settling", "lapsing"}
@@ -52,6 +60,18 @@ def _word(address: str) -> str:
 def authorization_used(url: str, asset: str, payer: str, nonce: str) -> bool:
     data = STATE + _word(payer)[2:] + nonce[2:].lower()
     return int(_call(url, "eth_call", [{"to": asset, "data": data}, "latest"]), 16) != 0
+
+
+def permit_used(url: str, payer: str, nonce: str) -> bool:
+    """Permit2's bit for this nonce (the ledger keeps a permit's uint256 nonce as 32-byte hex)."""
+    value = int(nonce, 16)
+    data = NONCE_BITMAP + _word(payer)[2:] + (value >> 8).to_bytes(32, "big").hex()
+    return int(_call(url, "eth_call", [{"to": PERMIT2, "data": data}, "latest"]), 16) >> (value & 255) & 1 == 1
+
+
+def sent_to_proxy(url: str, tx_hash: str | None) -> bool:
+    tx = _call(url, "eth_getTransactionByHash", [tx_hash]) if tx_hash else None
+    return bool(tx) and (tx.get("to") or "").lower() == UPTO_PROXY.lower()
 
 
 def pays(url: str, tx_hash: str | None, asset: str, payer: str, pay_to: str, amount: int) -> bool:
@@ -93,6 +113,11 @@ def consumed_elsewhere(url: str, asset: str, payer: str, nonce: str, pay_to: str
     )
 
 
+def _our_hashes(p: Any) -> list[str]:
+    tx = p.settlement_tx
+    return [*([p.settle_tx_hash] if p.settle_tx_hash else []), *(tx.hashes if tx is not None else [])]
+
+
 def violations(url: str) -> list[str]:
     """Every ledger row that the chain contradicts, described."""
     import time
@@ -102,14 +127,28 @@ def violations(url: str) -> list[str]:
     found = []
     for p in Payment.objects.all():
         amount = int(p.amount)
-        used = authorization_used(url, p.asset, p.payer, p.nonce)
+        upto = p.maximum is not None
+        used = permit_used(url, p.payer, p.nonce) if upto else authorization_used(url, p.asset, p.payer, p.nonce)
         paid = pays(url, p.settle_tx_hash, p.asset, p.payer, p.pay_to, amount)
+        if upto:
+            if amount > int(p.maximum):
+                found.append(f"{p.pk} charges {amount}, above its signed maximum {p.maximum}")
+            if p.status in PAID and (p.run_seconds is None or not sent_to_proxy(url, p.settle_tx_hash)):
+                found.append(f"{p.pk} is {p.status} but records no run seconds or was not settled by the proxy")
         if p.status in PAID and not (paid and used):
             found.append(f"{p.pk} is {p.status} but {p.settle_tx_hash} carries no Transfer of {amount} to pay-to")
         if (
             used
             and p.status not in PAID
-            and not (p.status == "failed" and consumed_elsewhere(url, p.asset, p.payer, p.nonce, p.pay_to, amount))
+            and not (
+                p.status == "failed"
+                and (
+                    # upto: Permit2 logs nothing; the nonce spent by no transaction of ours for it
+                    not any(pays(url, h, p.asset, p.payer, p.pay_to, amount) for h in _our_hashes(p))
+                    if upto
+                    else consumed_elsewhere(url, p.asset, p.payer, p.nonce, p.pay_to, amount)
+                )
+            )
         ):
             found.append(f"{p.pk} is {p.status} but its authorization was used on chain")
         if p.status in UNPAID and paid:

@@ -169,6 +169,8 @@ def _change_form(model: Model, version: ModelVersion, **changes: str) -> dict:
         "markup_percent": str(model.markup_percent),
         "unit_field": model.unit_field,
         "unit_price": str(model.unit_price),
+        "upto_order": model.upto_order,
+        "upto_failure_charge": model.upto_failure_charge,
         "versions-TOTAL_FORMS": "1",
         "versions-INITIAL_FORMS": "1",
         "versions-0-id": version.id,

@@ -425,7 +425,7 @@ def test_database_unavailable_is_a_clean_503(chain_settings, demo_model, monkeyp
     def down(*args, **kwargs):
         raise db.OperationalError("connection failed: FATAL: sorry, too many clients already")
 
-    monkeypatch.setattr("predictions.views.get_object_or_404", down)
+    monkeypatch.setattr("predictions.views.model_or_404", down)
     response = post(Client(), {"input": {"text": "x"}})
     assert response.status_code == 503 and response["Retry-After"] == "5"
     assert response.json()["status"] == 503 and "too many" not in response.json()["detail"]

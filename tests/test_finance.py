@@ -342,6 +342,41 @@ def test_dashboard_agrees_with_the_export(ledger_rows, staff, capsys) -> None:
     assert len(page.context["attention"]) == 2  # the failed and the expired payment
 
 
+def test_money_moved_for_other_merchants_is_not_our_revenue(ledger_rows, staff, settings) -> None:
+    """The facilitator API settles payments to other merchants' pay-to: the ledger keeps them,
+    the dashboard's revenue does not count them (it shows them apart); one to our own pay-to is ours."""
+    from payments.models import VerificationMethod
+
+    our_pay_to = ledger_rows[0].pay_to
+    settings.X402_PAYMENT_OPTIONS = [
+        {
+            "network": "eip155:31337",
+            "asset": ledger_rows[0].asset,
+            "asset_name": "USD Coin",
+            "asset_version": "2",
+            "pay_to": our_pay_to,
+            "rpc_url": "http://127.0.0.1:9",
+        }
+    ]
+    before = staff["finance"].get("/admin/payments/payment/dashboard/").context
+    now = timezone.now()
+    theirs = make_payment(None, status="confirmed", amount=7_000_000, created=now - timedelta(minutes=3))
+    ours = make_payment(None, status="settled", amount=5, created=now - timedelta(minutes=2))
+    Payment.objects.filter(pk=theirs.pk).update(
+        verification=VerificationMethod.FACILITATOR_API, pay_to="0x" + "ab" * 20
+    )
+    Payment.objects.filter(pk=ours.pk).update(
+        verification=VerificationMethod.FACILITATOR_API, pay_to=our_pay_to
+    )
+
+    page = staff["finance"].get("/admin/payments/payment/dashboard/")
+    assert page.context["revenue"] == before["revenue"] + Decimal("0.000005")
+    assert page.context["moved_for_others"] == Decimal("7")
+    assert b'id="moved-for-others">7' in page.content
+    assert sum(amount for _, amount, _ in page.context["by_model"]) == page.context["revenue"]
+    assert Payment.objects.count() == len(ledger_rows) + 2  # the ledger still holds both
+
+
 def test_the_admin_never_shows_a_payment_identifier(demo_model, staff) -> None:
     """The stored payload with its payment-identifier is a replay key to the prediction it
     bought: staff see the payload with the id redacted."""

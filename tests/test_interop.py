@@ -90,31 +90,40 @@ def test_sdk_v1_client(
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_x402_fetch_javascript_client(chain_settings, demo_model, live_server, celery_worker_process) -> None:
+    """@x402/fetch pays; with ``Prefer: wait`` the PAYMENT-RESPONSE carries the settlement's
+    hash, without it the answer is ``settlement_pending`` (settled after the answer), which the
+    client accepts as well."""
     chain, payer = chain_settings, chain_settings.payers[0]
     before = token_balance(chain, payer["address"])
-    done = subprocess.run(
-        [
-            "node",
-            str(ROOT / "examples" / "agent_pay.mjs"),
-            "--base-url",
-            live_server.url,
-            "--devchain",
-            str(chain.path),
-            "--payer",
-            "0",
-            "from javascript",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["status"] == "succeeded" and result["output"] == "from javascript"
-    assert result["transaction"].startswith("0x")
-    assert result["paymentResponse"]["success"] is True
-    assert token_balance(chain, payer["address"]) == before - PRICE
+    results = []
+    for flags in ([], ["--no-wait"]):
+        done = subprocess.run(
+            [
+                "node",
+                str(ROOT / "examples" / "agent_pay.mjs"),
+                "--base-url",
+                live_server.url,
+                "--devchain",
+                str(chain.path),
+                "--payer",
+                "0",
+                *flags,
+                "from javascript",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["status"] == "succeeded" and result["output"] == "from javascript"
+        assert result["transaction"].startswith("0x")
+        results.append(result)
+    waited, at_once = (r["paymentResponse"] for r in results)
+    assert waited["success"] is True and waited["transaction"] == results[0]["transaction"]
+    assert at_once["success"] is False and at_once["errorReason"] == "settlement_pending"
+    assert token_balance(chain, payer["address"]) == before - 2 * PRICE
 
 
 def test_cors_preflight_and_exposed_headers(client) -> None:

@@ -146,6 +146,8 @@ def _change_form(model, **changes) -> dict:
         "markup_percent": str(model.markup_percent),
         "unit_field": model.unit_field,
         "unit_price": str(model.unit_price),
+        "upto_order": model.upto_order,
+        "upto_failure_charge": model.upto_failure_charge,
         "versions-TOTAL_FORMS": "0",
         "versions-INITIAL_FORMS": "0",
         "price_changes-TOTAL_FORMS": "0",
@@ -266,9 +268,8 @@ def test_models_api_lists_prices_per_option(chain_settings, demo_model) -> None:
             "payTo": chain_settings.pay_to,
         }
     ]
-    assert Client().get("/v1/models/demo/echo-text").json()["latest_version"]["openapi_schema"]["input"][
-        "required"
-    ] == ["text"]
+    latest = Client().get("/v1/models/demo/echo-text").json()["latest_version"]
+    assert latest["openapi_schema"]["components"]["schemas"]["Input"]["required"] == ["text"]
     assert Client().get("/v1/models/demo/none").status_code == 404
 
 

@@ -143,6 +143,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("X402_RECONCILE_INTERVAL", default=5.0),
     },
     "sweep-predictions": {"task": "predictions.tasks.sweep", "schedule": 15.0},
+    "remove-expired-prediction-data": {"task": "predictions.tasks.remove_expired_data", "schedule": 3600.0},
     "expire-exports": {"task": "payments.tasks.expire_exports", "schedule": 600.0},
 }
 
@@ -247,6 +248,10 @@ X402_PREDICTION_TIME_LIMIT = env.int("X402_PREDICTION_TIME_LIMIT", default=600)
 #: Per-second models: a run may take at most this multiple of the expected seconds it was priced
 #: for (its time limit follows from what was paid), and never more than X402_PREDICTION_TIME_LIMIT.
 X402_PER_SECOND_OVERRUN_FACTOR = env.float("X402_PER_SECOND_OVERRUN_FACTOR", default=2.0)
+#: Days a finished prediction keeps its input, output and logs; then they are removed and it
+#: reads ``data_removed: true`` (Replicate removes an API prediction's data after an hour).
+#: 0 keeps them for ever.
+X402_DATA_RETENTION_DAYS = env.float("X402_DATA_RETENTION_DAYS", default=7.0)
 #: A run with no result this long past its own time limit is lost: the sweep fails it (and cancels
 #: it on its runner), never reruns it.
 X402_PREDICTION_LOST_GRACE = env.int("X402_PREDICTION_LOST_GRACE", default=60)

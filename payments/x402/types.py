@@ -1,4 +1,5 @@
-"""x402 wire types for the ``exact`` EVM scheme, v1 and v2, and their JSON shapes."""
+"""x402 wire types for the ``exact`` (EIP-3009) and ``upto`` (Permit2) EVM schemes, v1 and v2,
+and their JSON shapes. ``upto`` exists in v2 only."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from urllib.parse import urlsplit
 from .codec import DecodeError
 from .eip712 import Authorization
 from .networks import caip2, v1_name
+from .permit2 import UptoPermit
 
 SCHEME_EXACT = "exact"
+SCHEME_UPTO = "upto"
+#: ``extra.assetTransferMethod`` of an ``upto`` requirement (the SDK's spelling).
+PERMIT2_TRANSFER_METHOD = "permit2"
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _NONCE = re.compile(r"0x[0-9a-fA-F]{64}")
 _HEX = re.compile(r"0x(?:[0-9a-fA-F]{2})+")
@@ -64,22 +69,33 @@ class Requirement:
     ``hold_seconds``: how long after acceptance the authorization must still be settleable
     beyond the settle margin (a run that is settled only after it finishes); the challenge's
     ``maxTimeoutSeconds`` grows to leave the payer room for it.
+
+    ``scheme`` ``upto``: ``amount`` is the maximum the payer permits; the charge, settled after
+    the run, is at most that. ``facilitators`` are the addresses that may settle it (our relayer
+    lanes: the upto proxy lets only the witness's ``facilitator`` call it); the challenge names
+    the first, a payment naming any of them is accepted.
     """
 
     option: PaymentOption
     amount: int
     hold_seconds: int = 0
+    scheme: str = SCHEME_EXACT
+    facilitators: tuple[str, ...] = ()
 
     @property
     def max_timeout_seconds(self) -> int:
         return max(self.option.max_timeout_seconds, self.hold_seconds + HOLD_SLACK_SECONDS)
 
     def extra(self) -> dict[str, str]:
-        return {"name": self.option.asset_name, "version": self.option.asset_version}
+        extra = {"name": self.option.asset_name, "version": self.option.asset_version}
+        if self.scheme == SCHEME_UPTO:
+            extra["assetTransferMethod"] = PERMIT2_TRANSFER_METHOD
+            extra["facilitatorAddress"] = self.facilitators[0]
+        return extra
 
     def v2(self) -> dict[str, Any]:
         return {
-            "scheme": SCHEME_EXACT,
+            "scheme": self.scheme,
             "network": self.option.network,
             "amount": str(self.amount),
             "asset": self.option.asset,
@@ -137,7 +153,8 @@ def payment_required_v1(
     return {
         "x402Version": 1,
         "error": error,
-        "accepts": [r.v1(resource, output_schema) for r in requirements],
+        # v1 has no ``upto``: its clients see the fixed-price options only.
+        "accepts": [r.v1(resource, output_schema) for r in requirements if r.scheme == SCHEME_EXACT],
     }
 
 
@@ -173,6 +190,10 @@ class PaymentPayload:
     #: v2: the path of the resource the payer says it paid for (None when it names none).
     resource_path: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: ``upto``: the signed Permit2 message. ``authorization`` then holds its common fields
+    #: (owner, witness ``to``, maximum, ``validAfter``, deadline as ``validBefore``, the nonce as
+    #: 32 bytes) so that the ledger records both schemes alike.
+    permit: UptoPermit | None = None
 
 
 def _str(obj: dict[str, Any], key: str) -> str:
@@ -234,12 +255,12 @@ def parse_payload(obj: dict[str, Any]) -> PaymentPayload:
     payload = obj.get("payload")
     if not isinstance(payload, dict):
         raise DecodeError("payload must be an object")
+    if version == 2 and scheme == SCHEME_UPTO:
+        return _parse_upto(obj, payload, accepted or {}, network)
     auth = payload.get("authorization")
     if not isinstance(auth, dict):
         raise DecodeError("payload.authorization must be an object")
-    signature = _str(payload, "signature")
-    if not _HEX.fullmatch(signature) or len(signature) > 2 + 2 * 4096:
-        raise DecodeError("payload.signature must be 0x-prefixed hex")
+    signature = _signature(payload)
     nonce = _str(auth, "nonce")
     if not _NONCE.fullmatch(nonce):
         raise DecodeError("authorization.nonce must be 0x-prefixed 32-byte hex")
@@ -248,7 +269,7 @@ def parse_payload(obj: dict[str, Any]) -> PaymentPayload:
         x402_version=version,
         scheme=scheme,
         network=network,
-        signature=bytes.fromhex(signature[2:]),
+        signature=signature,
         authorization=Authorization(
             from_=_address(auth, "from"),
             to=_address(auth, "to"),
@@ -259,4 +280,54 @@ def parse_payload(obj: dict[str, Any]) -> PaymentPayload:
         ),
         accepted=accepted,
         raw=obj,
+    )
+
+
+def _signature(payload: dict[str, Any]) -> bytes:
+    signature = _str(payload, "signature")
+    if not _HEX.fullmatch(signature) or len(signature) > 2 + 2 * 4096:
+        raise DecodeError("payload.signature must be 0x-prefixed hex")
+    return bytes.fromhex(signature[2:])
+
+
+def _object(obj: dict[str, Any], key: str) -> dict[str, Any]:
+    value = obj.get(key)
+    if not isinstance(value, dict):
+        raise DecodeError(f"{key} must be an object")
+    return value
+
+
+def _parse_upto(obj: dict[str, Any], payload: dict[str, Any], accepted: dict[str, Any], network: str) -> PaymentPayload:
+    """An ``upto`` payload: ``{permit2Authorization: {from, permitted: {token, amount}, spender,
+    nonce (a decimal uint256), deadline, witness: {to, facilitator, validAfter}}, signature}``."""
+    auth = _object(payload, "permit2Authorization")
+    permitted, witness = _object(auth, "permitted"), _object(auth, "witness")
+    permit = UptoPermit(
+        owner=_address(auth, "from"),
+        token=_address(permitted, "token"),
+        maximum=_uint(permitted, "amount"),
+        spender=_address(auth, "spender"),
+        nonce=_uint(auth, "nonce"),
+        deadline=_uint(auth, "deadline"),
+        to=_address(witness, "to"),
+        facilitator=_address(witness, "facilitator"),
+        valid_after=_uint(witness, "validAfter"),
+    )
+    return PaymentPayload(
+        resource_path=_resource_path(obj),
+        x402_version=2,
+        scheme=SCHEME_UPTO,
+        network=network,
+        signature=_signature(payload),
+        authorization=Authorization(
+            from_=permit.owner,
+            to=permit.to,
+            value=permit.maximum,
+            valid_after=permit.valid_after,
+            valid_before=permit.deadline,
+            nonce=permit.nonce.to_bytes(32, "big"),
+        ),
+        accepted=accepted,
+        raw=obj,
+        permit=permit,
     )

@@ -1,4 +1,5 @@
-"""Verification of an ``exact`` EVM (EIP-3009) payment against the requirements we offered.
+"""Verification of an ``exact`` EVM (EIP-3009) or ``upto`` (Permit2) payment against the
+requirements we offered.
 
 Pure: the caller passes the clock. The checks run in the order the reference facilitator uses,
 each with its own reason code; the chain checks (nonce unused, balance) come after, in the
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .eip712 import SignatureError, authorization_digest, domain_separator, recover
-from .types import SCHEME_EXACT, PaymentPayload, Requirement
+from .permit2 import UPTO_PROXY_ADDRESS, permit2_domain_separator, upto_digest
+from .types import SCHEME_EXACT, SCHEME_UPTO, PaymentPayload, Requirement
 
 UNSUPPORTED_SCHEME = "unsupported_scheme"
 NETWORK_MISMATCH = "network_mismatch"
@@ -26,6 +28,20 @@ VALIDITY_TOO_LONG = "invalid_exact_evm_payload_authorization_validity_too_long"
 INVALID_SIGNATURE = "invalid_exact_evm_payload_signature"
 NONCE_ALREADY_USED = "invalid_exact_evm_nonce_already_used"
 INSUFFICIENT_BALANCE = "invalid_exact_evm_insufficient_balance"
+
+# ``upto`` (Permit2) reason codes, spelled as the x402 SDK spells them where it has one.
+PERMIT2_INVALID_SPENDER = "invalid_permit2_spender"
+PERMIT2_RECIPIENT_MISMATCH = "invalid_permit2_recipient_mismatch"
+UPTO_FACILITATOR_MISMATCH = "upto_facilitator_mismatch"
+PERMIT2_DEADLINE_EXPIRED = "permit2_deadline_expired"
+PERMIT2_DEADLINE_TOO_FAR = "permit2_deadline_too_far"
+PERMIT2_NOT_YET_VALID = "permit2_not_yet_valid"
+PERMIT2_AMOUNT_MISMATCH = "permit2_amount_mismatch"
+PERMIT2_TOKEN_MISMATCH = "permit2_token_mismatch"
+PERMIT2_INVALID_SIGNATURE = "invalid_permit2_signature"
+PERMIT2_ALLOWANCE_REQUIRED = "permit2_allowance_required"
+PERMIT2_INSUFFICIENT_BALANCE = "permit2_insufficient_balance"
+PERMIT2_NONCE_USED = "permit2_invalid_nonce"
 
 
 class PaymentRejected(Exception):
@@ -81,6 +97,8 @@ def _check_accepted(payload: PaymentPayload, req: Requirement) -> None:
 def digest_of(verified: VerifiedPayment) -> bytes:
     """The EIP-712 digest the payer signed (what an EIP-1271 wallet is asked to approve)."""
     o = verified.requirement.option
+    if verified.payload.permit is not None:
+        return upto_digest(_permit2_separator(o.chain_id), verified.payload.permit)
     return authorization_digest(
         _separator(o.asset_name, o.asset_version, o.chain_id, o.asset), verified.payload.authorization
     )
@@ -148,7 +166,11 @@ def verify_exact(
     """
     if payload.scheme != SCHEME_EXACT:
         raise PaymentRejected(UNSUPPORTED_SCHEME, f"scheme {payload.scheme!r} is not offered")
-    candidates = [r for r in requirements if r.option.matches_network(payload.network, payload.x402_version)]
+    candidates = [
+        r
+        for r in requirements
+        if r.scheme == SCHEME_EXACT and r.option.matches_network(payload.network, payload.x402_version)
+    ]
     if not candidates:
         raise PaymentRejected(NETWORK_MISMATCH, f"network {payload.network!r} is not offered")
     first_error: PaymentRejected | None = None
@@ -171,3 +193,105 @@ def verify_exact(
         )
     assert first_error is not None
     raise first_error
+
+
+@lru_cache(maxsize=16)
+def _permit2_separator(chain_id: int) -> bytes:
+    return permit2_domain_separator(chain_id)
+
+
+def _address_bytes(address: str) -> bytes:
+    return bytes.fromhex(address[2:])
+
+
+def _check_upto(
+    payload: PaymentPayload, req: Requirement, now: int, settle_margin: int, clock_skew: int, contract_signers: bool
+) -> VerifiedPayment:
+    """The ``upto`` checks, one reason each, in the SDK facilitator's order."""
+    permit = payload.permit
+    assert permit is not None
+    accepted = payload.accepted or {}
+    if not _same_address(accepted.get("asset"), req.option.asset):
+        raise PaymentRejected(ASSET_MISMATCH, "accepted.asset is not an asset we accept")
+    if not _same_address(accepted.get("payTo"), req.option.pay_to):
+        raise PaymentRejected(PERMIT2_RECIPIENT_MISMATCH, "accepted.payTo is not our pay-to address")
+    if str(accepted.get("amount")) != str(req.amount):
+        raise PaymentRejected(PERMIT2_AMOUNT_MISMATCH, "accepted.amount is not the current maximum")
+    if permit.spender != _address_bytes(UPTO_PROXY_ADDRESS):
+        raise PaymentRejected(PERMIT2_INVALID_SPENDER, f"spender must be the x402 upto proxy {UPTO_PROXY_ADDRESS}")
+    if permit.to != _address_bytes(req.option.pay_to):
+        raise PaymentRejected(PERMIT2_RECIPIENT_MISMATCH, "witness.to is not our pay-to address")
+    if permit.facilitator not in {_address_bytes(f) for f in req.facilitators}:
+        raise PaymentRejected(UPTO_FACILITATOR_MISMATCH, "witness.facilitator is not an address that settles for us")
+    if permit.deadline < now + settle_margin + req.hold_seconds:
+        needed = settle_margin + req.hold_seconds
+        raise PaymentRejected(
+            PERMIT2_DEADLINE_EXPIRED, f"deadline must leave at least {needed}s (the run, then its settlement)"
+        )
+    if permit.deadline > now + req.max_timeout_seconds + clock_skew:
+        raise PaymentRejected(
+            PERMIT2_DEADLINE_TOO_FAR, f"deadline may be at most maxTimeoutSeconds ({req.max_timeout_seconds}s) ahead"
+        )
+    if permit.valid_after > now:
+        raise PaymentRejected(PERMIT2_NOT_YET_VALID, "witness.validAfter is in the future")
+    if permit.maximum != req.amount:
+        raise PaymentRejected(PERMIT2_AMOUNT_MISMATCH, f"permitted.amount must be exactly {req.amount}")
+    if permit.token != _address_bytes(req.option.asset):
+        raise PaymentRejected(PERMIT2_TOKEN_MISMATCH, "permitted.token is not the asset")
+    try:
+        signer = recover(upto_digest(_permit2_separator(req.option.chain_id), permit), payload.signature)
+        problem = "" if signer == permit.owner else "signature does not recover to permit2Authorization.from"
+    except SignatureError as exc:
+        problem = str(exc)
+    if problem:
+        if contract_signers:
+            return VerifiedPayment(requirement=req, payload=payload, contract_signature=True)
+        raise PaymentRejected(PERMIT2_INVALID_SIGNATURE, problem)
+    return VerifiedPayment(requirement=req, payload=payload)
+
+
+def verify_upto(
+    payload: PaymentPayload,
+    requirements: list[Requirement],
+    now: int,
+    *,
+    settle_margin: int = 6,
+    clock_skew: int = 30,
+    contract_signers: bool = False,
+) -> VerifiedPayment:
+    """Return the ``upto`` requirement this payload validly pays, or raise PaymentRejected.
+
+    v2 only: the payload echoes the requirement it answers, so its asset picks the one candidate.
+    The chain checks (Permit2 allowance, balance, the nonce's bit) are the caller's.
+    """
+    if payload.scheme != SCHEME_UPTO or payload.permit is None:
+        raise PaymentRejected(UNSUPPORTED_SCHEME, f"scheme {payload.scheme!r} is not offered")
+    candidates = [
+        r for r in requirements if r.scheme == SCHEME_UPTO and r.option.matches_network(payload.network, 2)
+    ]
+    if not candidates:
+        raise PaymentRejected(NETWORK_MISMATCH, f"upto on network {payload.network!r} is not offered")
+    asset = (payload.accepted or {}).get("asset")
+    req = next((r for r in candidates if _same_address(asset, r.option.asset)), candidates[0])
+    return _check_upto(payload, req, now, settle_margin, clock_skew, contract_signers)
+
+
+def verify_payment(
+    payload: PaymentPayload,
+    requirements: list[Requirement],
+    now: int,
+    *,
+    settle_margin: int = 6,
+    clock_skew: int = 30,
+    contract_signers: bool = False,
+) -> VerifiedPayment:
+    """:func:`verify_exact` or :func:`verify_upto`, by the payload's scheme."""
+    verifier = verify_upto if payload.scheme == SCHEME_UPTO else verify_exact
+    return verifier(
+        payload,
+        requirements,
+        now,
+        settle_margin=settle_margin,
+        clock_skew=clock_skew,
+        contract_signers=contract_signers,
+    )

@@ -13,6 +13,23 @@ class EchoText:
         return text
 
 
+class CountSeconds:
+    """Works for ``seconds`` seconds (sleeps, in steps) and says how long it took: the quick
+    start's per-second demo model ``demo/count-seconds``, whose run time its input decides."""
+
+    def setup(self) -> None:
+        pass
+
+    def predict(self, seconds: float = 1.0) -> dict[str, float]:
+        import time
+
+        started = time.perf_counter()
+        deadline = started + seconds
+        while (left := deadline - time.perf_counter()) > 0:
+            time.sleep(min(left, 0.1))  # short steps: a soft time limit interrupts promptly
+        return {"seconds": round(time.perf_counter() - started, 3)}
+
+
 class EmbedText:
     """Sentence embeddings from all-MiniLM-L6-v2 (384 numbers, unit length), on the CPU.
 

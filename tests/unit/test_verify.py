@@ -41,7 +41,7 @@ def test_valid_v2_and_v1_payments_verify() -> None:
 
 def test_unsupported_scheme() -> None:
     obj = v2_payload(REQ, sign_authorization(KEY, REQ))
-    obj["accepted"]["scheme"] = "upto"
+    obj["accepted"]["scheme"] = "batch-settlement"  # a scheme we do not offer
     rejected(obj, V.UNSUPPORTED_SCHEME)
 
 

@@ -1,4 +1,4 @@
-"""Seed the demo models (demo/echo-text) with their prices. Safe to run again."""
+"""Seed the demo models (demo/echo-text, demo/count-seconds) with their prices. Safe to run again."""
 
 from typing import Any
 
@@ -12,4 +12,5 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **opts: Any) -> None:
         for model in seed():
-            self.stdout.write(f"seeded {model} at {model.price} USDC per run")
+            per_second = " (or pay per second: upto)" if model.offers_upto else ""
+            self.stdout.write(f"seeded {model} at {model.price_per_run.normalize():f} USDC per run{per_second}")
