@@ -32,7 +32,7 @@ def keep_the_audit(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('payments', '0006_settlement_transactions'),
+        ('payments', '0007_upto'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
