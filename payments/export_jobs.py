@@ -17,6 +17,7 @@ from typing import Any
 from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from . import exports
@@ -29,6 +30,8 @@ WRITERS = {ExportJob.Format.CSV: exports.write_zip, ExportJob.Format.XLSX: expor
 SUFFIX = {ExportJob.Format.CSV: ".zip", ExportJob.Format.XLSX: ".xlsx"}
 #: An export's progress in the cache outlives any export.
 PROGRESS_TTL = 6 * 3600
+#: A running job started this long ago has lost its worker (a million rows take seconds).
+ABANDONED_AFTER = timedelta(hours=1)
 
 
 def _progress_key(job_id: int) -> str:
@@ -77,9 +80,14 @@ def path_of(job: ExportJob) -> Path:
 
 
 def run(job_id: int) -> ExportJob:
-    """Write a queued job's file (the task's body); a job already taken is left alone."""
-    claimed = ExportJob.objects.filter(pk=job_id, status=ExportStatus.QUEUED).update(
-        status=ExportStatus.RUNNING, started_at=timezone.now()
+    """Write a queued job's file (the task's body). A job another worker runs is left alone,
+    unless it started so long ago (``ABANDONED_AFTER``) that its worker died: the broker hands
+    the task out again (it is acknowledged late) and this run takes it over."""
+    now = timezone.now()
+    claimed = (
+        ExportJob.objects.filter(pk=job_id)
+        .filter(Q(status=ExportStatus.QUEUED) | Q(status=ExportStatus.RUNNING, started_at__lt=now - ABANDONED_AFTER))
+        .update(status=ExportStatus.RUNNING, started_at=now)
     )
     job = ExportJob.objects.get(pk=job_id)
     if not claimed:

@@ -388,3 +388,14 @@ def test_the_admin_never_shows_a_payment_identifier(demo_model, staff) -> None:
     page = staff["finance"].get(f"/admin/payments/payment/{p.pk}/change/")
     assert page.status_code == 200
     assert b"payment-identifier" in page.content and key.encode() not in page.content
+
+
+def test_an_export_whose_worker_died_is_taken_over(ledger_rows, settings, tmp_path) -> None:
+    """acks_late: the broker hands a lost worker's task out again; a job running for an hour
+    (a million rows take seconds) is taken over, a job running now is left to its worker."""
+    settings.X402_EXPORT_DIR = tmp_path
+    running = ExportJob.objects.create(source="admin", format="csv", status="running", started_at=timezone.now())
+    assert export_jobs.run(running.pk).status == "running" and not list(tmp_path.iterdir())
+    ExportJob.objects.filter(pk=running.pk).update(started_at=timezone.now() - timedelta(hours=2))
+    taken = export_jobs.run(running.pk)
+    assert taken.status == "done" and taken.rows == 6 and export_jobs.path_of(taken).exists()
