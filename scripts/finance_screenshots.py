@@ -2,7 +2,7 @@
 """Make the README's finance screenshots from a real run: anvil with the test USDC, a fresh
 database (``x402_shots``, or ``X402_SHOTS_DATABASE``), payments settled in one batch on chain,
 a direct transfer to pay-to and a ledger row without its transaction (the reconciliation
-flags both), a large synthetic ledger, the dev server and a Celery worker (the export runs in
+flags both; the dashboard shows the day), then a large synthetic ledger, the dev server and a Celery worker (the export runs in
 the background while Chromium looks at its page).
 
     .venv/bin/python scripts/finance_screenshots.py      # writes docs/img/finance-*.png
@@ -80,9 +80,11 @@ def main() -> int:
         day = since.date().isoformat()
         subprocess.run(
             ["node", "scripts/screenshot.mjs", *login, "--height", "900",
-             f"/admin/payments/payment/reconciliation/?since={day}&until={day}&tz=UTC={IMG / 'finance-reconciliation.png'}"],
+             f"/admin/payments/payment/reconciliation/?since={day}&until={day}&tz=UTC={IMG / 'finance-reconciliation.png'}",
+             f"/admin/payments/payment/dashboard/?since={day}&until={day}&basis=money&tz=UTC={IMG / 'finance-dashboard.png'}"],
             cwd=ROOT, check=True,
         )
+        synthetic_ledger(chain)  # after the pages above: a large ledger for the export to work through
         subprocess.run(
             ["node", "scripts/screenshot_export.mjs", *login, "--wait-ms", "400", "--out", str(IMG / "finance-export-progress.png")],
             cwd=ROOT, check=True,
@@ -131,6 +133,49 @@ def seed(chain) -> datetime:  # type: ignore[no-untyped-def]
         confirmed_at=timezone.now(),
     )
     reconciliation.annotate(f"payment:{ghost.pk}", "restored from a backup by hand: tx hash mistyped, ticket FIN-42", author=finn)
+    refund_a_failed_run(chain, finn)
+    return since
+
+
+def refund_a_failed_run(chain, approver) -> None:  # type: ignore[no-untyped-def]
+    """A before_run prediction paid through the API whose run fails: its refund is owed,
+    approved and sent back by the refund wallet, then confirmed (tasks run in this process)."""
+    import time
+
+    from django.test import Client
+
+    from payments import refunds
+    from payments.models import Refund
+    from predictions.models import Model, ModelVersion
+    from tests.conftest import fresh_payer
+    from tests.payers import v2_header_for
+    from x402site.celery import app
+
+    app.conf.task_always_eager = True
+    try:
+        model = Model.objects.create(owner="demo", name="flaky", price="0.02", settlement_policy="before_run")
+        ModelVersion.objects.create(
+            id="flaky-v1", model=model, runner="python", predictor="tests.predictors.Boom",
+            input_schema={"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+        )
+        url, body = "/v1/models/demo/flaky/predictions", {"input": {"text": "hello"}}
+        challenge = Client().post(url, data=body, content_type="application/json")
+        header = v2_header_for(fresh_payer(chain)["private_key"], challenge["PAYMENT-REQUIRED"])
+        Client().post(url, data=body, content_type="application/json", headers={"PAYMENT-SIGNATURE": header})
+        refund = Refund.objects.get()
+        refunds.approve(refund.pk, approver)
+        deadline = time.monotonic() + 20
+        while Refund.objects.get(pk=refund.pk).status != "confirmed" and time.monotonic() < deadline:
+            refunds.reconcile()
+            time.sleep(0.1)
+    finally:
+        app.conf.task_always_eager = False
+
+
+def synthetic_ledger(chain) -> None:  # type: ignore[no-untyped-def]
+    """SYNTHETIC_ROWS settled payments on another network (written straight to the table)."""
+    from payments.models import Payment
+
     now = datetime.now(UTC)
     batch = []
     for i in range(SYNTHETIC_ROWS):
@@ -148,7 +193,6 @@ def seed(chain) -> datetime:  # type: ignore[no-untyped-def]
             Payment.objects.bulk_create(batch, batch_size=5000)
             batch = []
     Payment.objects.bulk_create(batch, batch_size=5000)
-    return since
 
 
 if __name__ == "__main__":
