@@ -130,11 +130,13 @@ class Total:
 
 @dataclass(frozen=True, slots=True)
 class Scan:
-    """Which blocks one option's report covers."""
+    """Which blocks of one of our addresses the report read: Transfers to a pay-to (payments),
+    or from a refund wallet (refunds)."""
 
     network: str
     asset: str
-    pay_to: str
+    address: str
+    kind: str
     first_block: int
     last_block: int
     head: int
@@ -485,10 +487,11 @@ def report(period: Period, *, network: str = "") -> Report:
             for p in _paid_in(conf, period, first, last)
         ]
         lines += match(conf, LineKind.PAYMENT, option.pay_to, found, paid)
+        scans.append(Scan(option.network, option.asset, option.pay_to, LineKind.PAYMENT, first, last, head))
         for wallet in _refund_wallets(conf):
             sent = transfers(conf, wallet, TransferDirection.FROM, first, last, head=head, blocks=blocks)
             lines += match(conf, LineKind.REFUND, wallet, sent, _refunds_in(conf, wallet, period, first, last))
-        scans.append(Scan(option.network, option.asset, option.pay_to, first, last, head))
+            scans.append(Scan(option.network, option.asset, wallet, LineKind.REFUND, first, last, head))
     lines.sort(key=lambda line: (line.time or period.until, line.tx_hash, line.log_index or 0))
     return Report(period, tuple(_notes(lines)), tuple(scans))
 

@@ -113,6 +113,7 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
     exported_refunds = -sum(Decimal(s["amount"]) for s in summary if s["kind"] == "refund" and s["status"] == "confirmed")
     exported_revenue = sum(exports.paid_total(result.summary).values(), Decimal(0))
     report = reconciliation.report(reconciliation.Period(days.since, days.until))
+    assert {(s.kind, s.address) for s in report.scans} == {("payment", chain.pay_to), ("refund", wallet)}
     [chain_refund] = [line for line in report.lines if line.kind == "refund"]
     assert (chain_refund.status, chain_refund.refund_id, chain_refund.payer) == ("matched", refund.pk, payer["address"])
     assert report.count("matched") == 1 and not [line for line in report.lines if line.status == "ledger_only"]

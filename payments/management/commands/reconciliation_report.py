@@ -78,7 +78,7 @@ class Command(BaseCommand):
         out.write(f"period {result.period.since.isoformat()} to {result.period.until.isoformat()}")
         for scan in result.scans:
             out.write(
-                f"  {scan.network} {scan.asset} -> {scan.pay_to}: blocks {scan.first_block}-{scan.last_block}"
+                f"  {scan.network} {scan.asset} {scan.kind}s, {scan.address}: blocks {scan.first_block}-{scan.last_block}"
             )
         for t in result.totals():
             out.write(f"  {t.kind:<8} {t.status:<12} {t.network} {t.symbol}: {t.count} lines, {t.amount}")
