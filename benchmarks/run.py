@@ -880,19 +880,48 @@ def profile_paid(stack: Stack, url: str, headers: list[dict[str, str]], rate: fl
 EXPORT_PROBE = """
 import os, sys, time
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "x402site.settings")
+sys.path.insert(0, os.getcwd())
 import django
 django.setup()
-from django.core.management import call_command
+from pathlib import Path
+from payments.models import Payment
+from payments.reports import LedgerFilter
+mode, out, network = sys.argv[1:4]
+flt = LedgerFilter(network=network)
 t0 = time.perf_counter()
-call_command("export_ledger", "--format", sys.argv[1], "--output", sys.argv[2], "--network", sys.argv[3])
+if mode == "baseline-csv":
+    from benchmarks.baseline_export import export_csv
+    with open(out, "w", encoding="utf-8", newline="") as handle:
+        export_csv(Payment.objects.filter(network=network), handle)
+else:
+    from payments import exports
+    if mode == "copy-csv":
+        with open(out, "wb") as handle:
+            exports.copy_csv(flt, handle)
+    elif mode == "copy-zip":
+        exports.write_zip(flt, Path(out))
+    else:
+        exports.write_xlsx(flt, Path(out))
 # VmHWM, not ru_maxrss: the latter keeps the forking parent's high-water mark across exec.
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]
 print(time.perf_counter() - t0, hwm)
 """
+#: What the export section measures: today's path (COPY to data.csv alone, and the zip with its
+#: summary that the admin hands out), the path before issue 20 (ORM chunks formatted in
+#: Python, totals as rows), and XLSX (the same COPY, typed, through xlsxwriter).
+EXPORT_MODES = {
+    "copy-csv": ("csv", "COPY to CSV (data.csv)"),
+    "copy-zip": ("zip", "COPY to the zip (data.csv + summary.csv + rates.csv + export.json)"),
+    "baseline-csv": ("csv", "before issue 20: ORM keyset chunks + csv.writer, totals as rows"),
+    "xlsx": ("xlsx", "XLSX (COPY typed rows + xlsxwriter, constant memory)"),
+}
+#: XLSX is measured up to this many rows (xlsxwriter writes some 10,000 rows/s: a million takes minutes).
+XLSX_MAX_ROWS = 100_000
 
 
 def bench_export(stack: Stack, sizes: list[int]) -> list[dict[str, Any]]:
-    """Ledger rows exported per second and the exporting process's peak RSS, CSV and XLSX."""
+    """Ledger rows exported per second and the exporting process's peak RSS, each path in its
+    own process, side by side on the same rows."""
     from django.db import connection
     from django.utils import timezone
 
@@ -936,11 +965,13 @@ def bench_export(stack: Stack, sizes: list[int]) -> list[dict[str, Any]]:
             )
             made += batch
         with connection.cursor() as cursor:
-            cursor.execute("ANALYZE payments_payment")  # fresh statistics after the bulk load
-        for fmt in ("csv", "xlsx"):
-            out = stack.tmp / f"export-{n}.{fmt}"
+            cursor.execute("VACUUM ANALYZE payments_payment")  # fresh statistics after the bulk load
+        for mode, (suffix, label) in EXPORT_MODES.items():
+            if mode == "xlsx" and n > XLSX_MAX_ROWS:
+                continue
+            out = stack.tmp / f"export-{n}.{suffix}"
             done = subprocess.run(
-                [sys.executable, "-c", EXPORT_PROBE, fmt, str(out), network],
+                [sys.executable, "-c", EXPORT_PROBE, mode, str(out), network],
                 cwd=ROOT,
                 env=stack.env,
                 capture_output=True,
@@ -951,15 +982,53 @@ def bench_export(stack: Stack, sizes: list[int]) -> list[dict[str, Any]]:
             results.append(
                 {
                     "rows": n,
-                    "format": fmt,
-                    "seconds": round(float(seconds), 1),
+                    "path": mode,
+                    "label": label,
+                    "seconds": round(float(seconds), 2),
                     "rows_per_s": round(n / float(seconds)),
                     "peak_rss_mb": round(int(rss_kb) / 1024),
                     "file_mb": round(out.stat().st_size / 2**20, 1),
                 }
             )
+            print(f"  {n} rows, {mode}: {results[-1]['rows_per_s']} rows/s, {results[-1]['peak_rss_mb']} MB", flush=True)
             out.unlink()
     return results
+
+
+def export_only(sizes: list[int], quick: bool) -> int:
+    """``--only export``: the export section alone (its own stack); results in export.json/.md."""
+    stack = Stack(quick=False)
+    started = time.monotonic()
+    try:
+        stack.start()
+        rows = bench_export(stack, sizes)
+    finally:
+        stack.stop()
+    results = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+        "seconds": round(time.monotonic() - started, 1),
+        "export": rows,
+    }
+    lines = [
+        f"x402 export benchmark: {results['date']}, commit {results['commit']}, {results['machine']}",
+        "",
+        "| rows | path | seconds | rows/s | peak RSS MB | file MB |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {e['rows']:,} | {e['label']} | {e['seconds']} | {e['rows_per_s']:,} | {e['peak_rss_mb']} | {e['file_mb']} |"
+            for e in rows
+        ],
+    ]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "quick.export" if quick else "export"
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
 
 
 def main() -> int:
@@ -971,7 +1040,12 @@ def main() -> int:
     parser.add_argument(
         "--skip", default="", help="comma-separated sections not to run: reconciliation, export"
     )
+    parser.add_argument(
+        "--only", choices=["export"], help="run one section alone: export (1,000,000 rows side by side)"
+    )
     args = parser.parse_args()
+    if args.only == "export":
+        return export_only([2000, 20000] if args.quick else [100_000, 1_000_000], args.quick)
     quick = args.quick
     skip = set(filter(None, args.skip.split(",")))
     global PREFIX
@@ -1146,7 +1220,7 @@ def render(r: dict[str, Any]) -> str:
         lines.append("- ledger export (a separate process; peak RSS is that process's):")
     for e in r["export"]:
         lines.append(
-            f"  - {e['rows']} rows to {e['format'].upper()}: {e['seconds']} s, {e['rows_per_s']} rows/s, "
+            f"  - {e['rows']} rows, {e['label']}: {e['seconds']} s, {e['rows_per_s']} rows/s, "
             f"peak RSS {e['peak_rss_mb']} MB, file {e['file_mb']} MB"
         )
     lines.append(f"- suite time: {r['seconds']} s")

@@ -3,28 +3,37 @@
 from __future__ import annotations
 
 import json
-import tempfile
-from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.http import FileResponse, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.urls import path
-from django.utils import timezone
+from django.urls import path, reverse
+from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
-from . import reports
+from . import export_jobs, periods, reconciliation, refunds, reports
 from .chain import ChainUnavailable, rpc
 from .charts import bar_chart
-from .exports import Export
+from .forms import ExportForm
 from .idempotency import redact_payload
-from .models import HardwareTier, LedgerExport, Payment, PaymentEvent, PriceChange, SettlementTx
+from .models import (
+    ExportJob,
+    ExportStatus,
+    HardwareTier,
+    NativeTokenRate,
+    Payment,
+    PaymentEvent,
+    PriceChange,
+    ReconciliationNote,
+    Refund,
+    RefundEvent,
+    SettlementTx,
+)
 from .options import configured
-from .reports import LedgerFilter
+from .reports import DateBasis, LedgerFilter
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -84,7 +93,6 @@ class PaymentAdmin(ReadOnlyAdmin):
     #: key: with it, anyone could fetch the prediction it bought). Raw transactions live in
     #: SettlementTx, whose admin does not show them either.
     exclude = ("payload",)
-    actions = ["export_csv", "export_xlsx"]
     change_list_template = "admin/payments/payment/change_list.html"
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
@@ -97,85 +105,64 @@ class PaymentAdmin(ReadOnlyAdmin):
     def has_export_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("payments.export_payment")
 
-    @admin.action(description="Export selected payments (CSV)", permissions=["export"])
-    def export_csv(self, request: HttpRequest, queryset: Any) -> HttpResponse:
-        return self._export(request, queryset, "csv", {"selected": queryset.count()})
-
-    @admin.action(description="Export selected payments (XLSX)", permissions=["export"])
-    def export_xlsx(self, request: HttpRequest, queryset: Any) -> HttpResponse:
-        return self._export(request, queryset, "xlsx", {"selected": queryset.count()})
-
     def get_urls(self) -> list:
         view = self.admin_site.admin_view
         return [
-            path("export/<str:fmt>/", view(self.export_matching), name="payments_payment_export"),
+            path("export/", view(self.export), name="payments_payment_export"),
             path("dashboard/", view(self.dashboard), name="payments_payment_dashboard"),
+            path("reconciliation/", view(self.reconciliation), name="payments_payment_reconciliation"),
             *super().get_urls(),
         ]
 
-    def export_matching(self, request: HttpRequest, fmt: str) -> HttpResponse:
-        """Everything the changelist shows with its current filters and search, not one page."""
-        if fmt not in ("csv", "xlsx") or not self.has_export_permission(request):
+    def export(self, request: HttpRequest) -> HttpResponse:
+        """Start a background export (payments.export_jobs); its page shows the progress."""
+        if not self.has_export_permission(request):
             raise PermissionDenied
-        queryset = self.get_changelist_instance(request).get_queryset(request)
-        return self._export(request, queryset, fmt, {"changelist": request.GET.urlencode()})
-
-    def _export(self, request: HttpRequest, queryset: Any, fmt: str, filters: dict) -> HttpResponse:
-        export = Export(queryset, fmt=fmt, user=request.user, source="admin", filters=filters)
-        stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
-        if fmt == "csv":
-            response = StreamingHttpResponse(export.csv(), content_type="text/csv; charset=utf-8")
-            response["Content-Disposition"] = f'attachment; filename="ledger-{stamp}.csv"'
-            return response
-        with tempfile.NamedTemporaryFile(suffix=".xlsx", delete=False) as handle:
-            path_ = Path(handle.name)
-        export.xlsx(path_)
-        stream = path_.open("rb")
-        path_.unlink()  # the open handle keeps the data until the response is sent
-        return FileResponse(
-            stream,
-            as_attachment=True,
-            filename=f"ledger-{stamp}.xlsx",
-            content_type="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
-        )
+        if request.method == "POST":
+            form = ExportForm(request.POST)
+            if form.is_valid():
+                job = export_jobs.start(form.ledger_filter(), form.cleaned_data["format"], user=request.user)
+                messages.success(request, "Export started: this page shows its progress.")
+                return HttpResponseRedirect(reverse("admin:payments_exportjob_change", args=[job.pk]))
+        else:
+            form = ExportForm(initial=ExportForm.initial_from(request.GET))
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Export the ledger",
+            "form": form,
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/payments/export_form.html", context)
 
     def dashboard(self, request: HttpRequest) -> HttpResponse:
         """Revenue at a glance, for Finance: from the same queries as the exports."""
         if not request.user.has_perm("payments.view_payment"):
             raise PermissionDenied
-        today = timezone.now().date()
-        try:
-            since = (
-                date.fromisoformat(request.GET["since"])
-                if request.GET.get("since")
-                else today - timedelta(29)
-            )
-            until = date.fromisoformat(request.GET["until"]) if request.GET.get("until") else today
-        except ValueError:
-            since, until = today - timedelta(days=29), today
-        until = max(until, since)
-        flt = LedgerFilter(
-            since=datetime.combine(since, time.min, tzinfo=UTC),
-            until=datetime.combine(until + timedelta(days=1), time.min, tzinfo=UTC),
-            ours_only=True,
-        )
+        days = periods.from_query(request.GET)
+        basis = request.GET.get("basis") if request.GET.get("basis") in DateBasis.values else DateBasis.CREATED
+        flt = LedgerFilter(since=days.since, until=days.until, basis=basis, tz=days.zone.key, ours_only=True)
         totals = reports.totals(flt)
+        revenue = sum(totals.amount(reports.PAID).values(), Decimal(0))
+        refunded = reports.refunded(flt)
         by_day = dict(reports.revenue_by_day(flt))
-        days = [since + timedelta(days=i) for i in range(min((until - since).days, 366) + 1)]
         by_model = reports.revenue_by_model(flt)
         context = {
             **self.admin_site.each_context(request),
             "title": "Revenue",
-            "since": since,
-            "until": until,
-            "revenue": sum(totals.amount(reports.PAID).values(), Decimal(0)),
+            "days": days,
+            "basis": basis,
+            "bases": DateBasis.choices,
+            "zones": periods.zone_names(),
+            "revenue": revenue,
+            "refunded": refunded,
+            "net": revenue - refunded,
             "pending": sum(totals.amount(reports.PENDING).values(), Decimal(0)),
             "moved_for_others": reports.moved_for_others(flt),
             "by_status": sorted(totals.by_status().items()),
             "lines": totals.lines(),
             # bar_chart escapes every label and value it draws.
             "day_chart": mark_safe(
-                bar_chart([(d.isoformat(), by_day.get(d, Decimal(0))) for d in days], unit=" USDC")
+                bar_chart([(d.isoformat(), by_day.get(d, Decimal(0))) for d in days.days()], unit=" USDC")
             ),
             "model_chart": mark_safe(bar_chart([(m, a) for m, a, _ in by_model], unit=" USDC")),
             "by_model": by_model,
@@ -184,6 +171,49 @@ class PaymentAdmin(ReadOnlyAdmin):
             "opts": self.model._meta,
         }
         return TemplateResponse(request, "admin/payments/dashboard.html", context)
+
+    def reconciliation(self, request: HttpRequest) -> HttpResponse:
+        """The ledger beside the chain for a period (payments.reconciliation); finance notes
+        why an unmatched line is so."""
+        if not request.user.has_perm("payments.view_payment"):
+            raise PermissionDenied
+        params = request.POST if request.method == "POST" else request.GET
+        days = periods.from_query(params, default_days=1)
+        network = params.get("network", "")
+        if request.method == "POST":
+            if not request.user.has_perm("payments.add_reconciliationnote"):
+                raise PermissionDenied
+            try:
+                reconciliation.annotate(request.POST.get("key", ""), request.POST.get("reason", ""), author=request.user)
+            except ValueError as exc:
+                messages.error(request, str(exc))
+            else:
+                messages.success(request, "Note recorded.")
+            return HttpResponseRedirect(f"{request.path}?{days.query()}&network={network}")
+        context: dict[str, Any] = {
+            **self.admin_site.each_context(request),
+            "title": "Reconciliation with the chain",
+            "days": days,
+            "network": network,
+            "networks": sorted({c.option.network for c in configured()}),
+            "zones": periods.zone_names(),
+            "statuses": reconciliation.LineStatus,
+            "opts": self.model._meta,
+            "can_note": request.user.has_perm("payments.add_reconciliationnote"),
+        }
+        try:
+            context["report"] = reconciliation.report(reconciliation.Period(days.since, days.until), network=network)
+        except ChainUnavailable as exc:
+            context["chain_error"] = str(exc)
+        return TemplateResponse(request, "admin/payments/reconciliation.html", context)
+
+
+@admin.register(ReconciliationNote)
+class ReconciliationNoteAdmin(ReadOnlyAdmin):
+    """Notes are written from the reconciliation page, never edited."""
+
+    list_display = ("created_at", "author", "payment", "tx_hash", "log_index", "reason")
+    search_fields = ("tx_hash", "reason")
 
 
 @admin.register(PaymentEvent)
@@ -241,8 +271,108 @@ class PriceChangeAdmin(ReadOnlyAdmin):
     fields = readonly_fields = ("changed_at", "model", "tier", "changed_by", "old_rule", "new_rule")
 
 
-@admin.register(LedgerExport)
-class LedgerExportAdmin(ReadOnlyAdmin):
-    list_display = ("created_at", "user", "source", "format", "rows", "finished_at")
-    list_filter = ("source", "format")
-    fields = readonly_fields = ("created_at", "finished_at", "user", "source", "format", "rows", "filters")
+@admin.register(ExportJob)
+class ExportJobAdmin(ReadOnlyAdmin):
+    """Exports and their audit: progress while one runs, the file while it is kept."""
+
+    list_display = ("created_at", "user", "source", "format", "status", "progress", "expires_at")
+    list_filter = ("source", "format", "status")
+    fields = readonly_fields = (
+        "status",
+        "progress",
+        "download",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "user",
+        "source",
+        "format",
+        "filters",
+        "rows",
+        "checksum",
+        "size",
+        "expires_at",
+        "error",
+    )
+    change_form_template = "admin/payments/exportjob/change_form.html"
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("payments.export_payment") or super().has_view_permission(request, obj)
+
+    @admin.display(description="Rows done")
+    def progress(self, obj: ExportJob) -> str:
+        p = export_jobs.progress(obj)
+        if p.total is None:
+            return f"{p.done}"
+        return f"{p.done} of {p.total}" + (f" ({p.percent}%)" if p.percent is not None else "")
+
+    @admin.display(description="File")
+    def download(self, obj: ExportJob) -> str:
+        if obj.status != ExportStatus.DONE or not obj.file_name:
+            return "-"
+        url = reverse("admin:payments_exportjob_download", args=[obj.pk])
+        return format_html('<a href="{}" id="download">Download {}</a>', url, obj.file_name)
+
+    def get_urls(self) -> list:
+        return [
+            path(
+                "<int:pk>/download/",
+                self.admin_site.admin_view(self.download_view),
+                name="payments_exportjob_download",
+            ),
+            *super().get_urls(),
+        ]
+
+    def download_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        if not request.user.has_perm("payments.export_payment"):
+            raise PermissionDenied
+        job = ExportJob.objects.filter(pk=pk, status=ExportStatus.DONE).exclude(file_name="").first()
+        if job is None or not export_jobs.path_of(job).is_file():
+            raise Http404("no such export file (not ready, or expired)")
+        return FileResponse(export_jobs.path_of(job).open("rb"), as_attachment=True, filename=job.file_name)
+
+
+class RefundEventInline(PaymentEventInline):
+    model = RefundEvent
+
+
+@admin.register(Refund)
+class RefundAdmin(ReadOnlyAdmin):
+    """Refunds owed, sent and confirmed; finance approves them here (the signed bytes stay out)."""
+
+    list_display = ("created_at", "status", "amount_decimal", "recipient", "approved_by", "tx_hash", "confirmations")
+    list_filter = ("status", "network")
+    search_fields = ("recipient", "tx_hash", "payment__id")
+    exclude = ("raw_tx",)
+    inlines = [RefundEventInline]
+    actions = ["approve"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return [f.name for f in Refund._meta.fields if f.name not in self.exclude]
+
+    def has_approve_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("payments.approve_refund")
+
+    @admin.action(description="Approve selected refunds (the refund wallet sends them)", permissions=["approve"])
+    def approve(self, request: HttpRequest, queryset: Any) -> None:
+        approved = [refunds.approve(pk, request.user) for pk in queryset.values_list("pk", flat=True)]
+        messages.success(request, f"{sum(1 for r in approved if r.approved_by_id == request.user.pk)} refunds approved.")
+
+
+@admin.register(NativeTokenRate)
+class NativeTokenRateAdmin(admin.ModelAdmin):
+    """Gas rates finance sets: added, never edited (the newest of a network applies)."""
+
+    list_display = ("set_at", "network", "symbol", "usd_per_token", "source", "set_by")
+    list_filter = ("network",)
+    fields = ("network", "symbol", "usd_per_token", "source")
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: NativeTokenRate, form: Any, change: bool) -> None:
+        obj.set_by = request.user
+        super().save_model(request, obj, form, change)

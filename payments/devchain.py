@@ -26,6 +26,8 @@ TOKEN_BUILD = CONTRACTS / "build" / "TestUSDC.json"
 CHAIN_ID = 31337
 #: USDC (6 decimals) minted to every demo payer.
 PAYER_FUNDS = 1_000 * 10**6
+#: USDC minted to the refund wallet.
+REFUND_FUNDS = 10_000 * 10**6
 UINT256_MAX = 2**256 - 1
 
 
@@ -50,6 +52,9 @@ class DevChain:
     #: Permit2 and the x402 upto proxy (the canonical addresses), when placed.
     permit2: str = ""
     upto_proxy: str = ""
+    #: The refund wallet (X402_REFUND_KEY): gas money and test USDC to send refunds with.
+    refund_address: str = ""
+    refund_private_key: str = ""
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +225,8 @@ def deploy(
 ) -> DevChain:
     """Deploy the test token and the BatchSettler, place Permit2 and the upto proxy, fund the
     payers and have them approve Permit2; account 0 deploys and relays, 1 is paid, the
-    ``extra_relayers`` accounts after the payers are more relayer lanes."""
+    ``extra_relayers`` accounts after the payers are more relayer lanes; a new account, given
+    gas money and USDC, is the refund wallet."""
     from web3 import Web3
 
     w3 = Web3(Web3.HTTPProvider(rpc_url))
@@ -241,6 +247,11 @@ def deploy(
         approve_permit2(rpc_url, asset, address)
         payers.append({"address": address, "private_key": key})
     lanes = keys[2 + payer_count : 2 + payer_count + extra_relayers]
+    from eth_account import Account
+
+    refunds = Account.create()
+    w3.provider.make_request("anvil_setBalance", [refunds.address, hex(10**19)])
+    w3.eth.wait_for_transaction_receipt(token.functions.mint(refunds.address, REFUND_FUNDS).transact({"from": deployer}))
     return DevChain(
         rpc_url=rpc_url,
         chain_id=CHAIN_ID,
@@ -256,6 +267,8 @@ def deploy(
         batch_settler=deploy_contract(rpc_url, "BatchSettler", deployer),
         permit2=permit2,
         upto_proxy=upto_proxy,
+        refund_address=refunds.address,
+        refund_private_key="0x" + refunds.key.hex().removeprefix("0x"),
     )
 
 

@@ -544,21 +544,280 @@ class PaymentIdentifier(models.Model):
         return self.identifier
 
 
-class LedgerExport(models.Model):
-    """Audit of every ledger export: who, when, which filters, how many rows."""
+class ExportStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    DONE = "done", "Ready"
+    FAILED = "failed", "Failed"
+    EXPIRED = "expired", "Expired (file deleted)"
+
+
+class ExportJob(models.Model):
+    """One ledger export and its audit record: who, when, which filters, how many rows, the
+    file's checksum. The admin's run in the background (a Celery task) and their files expire;
+    the command's are written where the user says and recorded here as well."""
+
+    class Source(models.TextChoices):
+        ADMIN = "admin", "Admin"
+        COMMAND = "command", "Command line"
+
+    class Format(models.TextChoices):
+        CSV = "csv", "CSV (a zip: data.csv, summary.csv, rates.csv, export.json)"
+        XLSX = "xlsx", "XLSX (sheets Data and Summary)"
 
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
-    source = models.CharField(max_length=16, help_text="admin or command")
-    format = models.CharField(max_length=8)
+    source = models.CharField(max_length=16, choices=Source.choices)
+    format = models.CharField(max_length=8, choices=Format.choices)
     filters = models.JSONField(default=dict)
-    rows = models.PositiveBigIntegerField(default=0)
+    status = models.CharField(max_length=8, choices=ExportStatus.choices, default=ExportStatus.QUEUED)
+    rows = models.PositiveBigIntegerField(default=0, help_text="Data rows written")
+    rows_total = models.PositiveBigIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    #: sha256 of the file handed out (the zip or the workbook); data.csv's own is in export.json.
+    checksum = models.CharField(max_length=64, blank=True)
+    file_name = models.CharField(max_length=255, blank=True, help_text="Under X402_EXPORT_DIR")
+    size = models.PositiveBigIntegerField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    error = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
         return f"{self.format} export by {self.user or self.source} at {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class NativeTokenRate(models.Model):
+    """What one unit of a chain's native token (gas) is worth in USD, as finance sets it: no
+    price feed is reachable, so every rate says where it came from. The newest row of a network
+    applies; rows are never edited (the history stays)."""
+
+    network = models.CharField(max_length=64, help_text="CAIP-2, e.g. eip155:8453")
+    symbol = models.CharField(max_length=16, default="ETH")
+    usd_per_token = models.DecimalField(
+        max_digits=30, decimal_places=8, validators=[MinValueValidator(Decimal(0))]
+    )
+    source = models.CharField(max_length=255, help_text="Where the rate came from, e.g. 'Coinbase close 2026-11-30'")
+    set_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    set_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["network", "-set_at"]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(usd_per_token__gte=0), name="nativerate_not_negative")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.symbol} on {self.network}: {self.usd_per_token} USD ({self.source})"
+
+
+class TransferDirection(models.TextChoices):
+    """Which side of a Transfer the watched address is on."""
+
+    TO = "to", "Received (our pay-to)"
+    FROM = "from", "Sent (our refund wallet)"
+
+
+class ScannedRange(models.Model):
+    """A block range whose token Transfer logs to (or from) an address were read and stored as
+    :class:`ChainTransfer` rows: the reconciliation report reads each final block once.
+
+    Only blocks with the option's confirmations are recorded (a reorg can still change the
+    others; those are read afresh every time)."""
+
+    network = models.CharField(max_length=64)
+    asset = models.CharField(max_length=42)
+    address = models.CharField(max_length=42)
+    direction = models.CharField(max_length=4, choices=TransferDirection.choices)
+    from_block = models.PositiveBigIntegerField()
+    to_block = models.PositiveBigIntegerField()
+    scanned_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["network", "asset", "address", "from_block"]
+        indexes = [
+            models.Index(fields=["network", "asset", "address", "direction", "from_block"], name="scannedrange_lookup")
+        ]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(to_block__gte=models.F("from_block")), name="scannedrange_order")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.direction} {self.address} blocks {self.from_block}-{self.to_block}"
+
+
+class ChainTransfer(models.Model):
+    """A token Transfer log read from the chain (a final block): the chain side of reconciliation."""
+
+    network = models.CharField(max_length=64)
+    asset = models.CharField(max_length=42)
+    tx_hash = models.CharField(max_length=66)
+    log_index = models.PositiveIntegerField()
+    block_number = models.PositiveBigIntegerField()
+    block_time = models.DateTimeField()
+    sender = models.CharField(max_length=42)
+    recipient = models.CharField(max_length=42)
+    amount = models.DecimalField(max_digits=78, decimal_places=0, help_text="Atomic units")
+
+    class Meta:
+        ordering = ["block_number", "log_index"]
+        constraints = [
+            models.UniqueConstraint(fields=["network", "tx_hash", "log_index"], name="chaintransfer_once")
+        ]
+        indexes = [
+            models.Index(fields=["network", "asset", "recipient", "block_number"], name="chaintransfer_to"),
+            models.Index(fields=["network", "asset", "sender", "block_number"], name="chaintransfer_from"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.amount} {self.sender} -> {self.recipient} ({self.tx_hash}#{self.log_index})"
+
+
+class ReconciliationNote(models.Model):
+    """Finance's word on a reconciliation line that did not match: who looked, and why it is so.
+
+    A chain line is named by its log (network, transaction, log index), a ledger line by its
+    payment or refund: the notes survive any re-reading of the chain."""
+
+    network = models.CharField(max_length=64, blank=True)
+    tx_hash = models.CharField(max_length=66, blank=True)
+    log_index = models.PositiveIntegerField(null=True, blank=True)
+    payment = models.ForeignKey(
+        Payment, null=True, blank=True, on_delete=models.PROTECT, related_name="reconciliation_notes"
+    )
+    refund = models.ForeignKey(
+        "Refund", null=True, blank=True, on_delete=models.PROTECT, related_name="reconciliation_notes"
+    )
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    reason = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(payment__isnull=False, refund=None, log_index=None)
+                | models.Q(payment=None, refund__isnull=False, log_index=None)
+                | models.Q(payment=None, refund=None, log_index__isnull=False),
+                name="reconciliationnote_one_subject",
+            )
+        ]
+        indexes = [models.Index(fields=["network", "tx_hash"], name="reconciliationnote_log")]
+
+    def __str__(self) -> str:
+        return f"{self.author or 'command'}: {self.reason[:60]}"
+
+
+class RefundStatus(models.TextChoices):
+    OWED = "owed", "Owed"  # waits for finance's approval, then for the refund wallet
+    SENT = "sent", "Sent"  # transfer signed and stored, maybe broadcast, maybe mined
+    CONFIRMED = "confirmed", "Confirmed"
+    FAILED = "failed", "Failed"  # the transfer reverted: finance may approve it again
+
+
+R = RefundStatus
+
+#: The one state machine of refunds.
+REFUND_TRANSITIONS: dict[str, frozenset[str]] = {
+    R.OWED: frozenset({R.SENT}),
+    # A signed transfer that never reached a block is re-signed with the same nonce.
+    R.SENT: frozenset({R.SENT, R.CONFIRMED, R.FAILED}),
+    R.FAILED: frozenset({R.OWED}),
+    R.CONFIRMED: frozenset(),
+}
+
+_REFUND_STAMPS = {R.SENT: "sent_at", R.CONFIRMED: "confirmed_at", R.FAILED: "failed_at"}
+
+
+class Refund(models.Model):
+    """Money we owe back to a payer: a paid prediction ended without its output under a policy
+    that promises a refund. Finance approves; the refund wallet (its key from settings, never
+    the database) sends the token back to the payer; the reconciler confirms it.
+
+    State changes go through :meth:`advance` only."""
+
+    payment = models.OneToOneField(Payment, on_delete=models.PROTECT, related_name="refund")
+    status = models.CharField(max_length=16, choices=RefundStatus.choices, default=R.OWED)
+    reason = models.TextField()
+    network = models.CharField(max_length=64)
+    asset = models.CharField(max_length=42)
+    decimals = models.PositiveSmallIntegerField(default=6)
+    recipient = models.CharField(max_length=42, help_text="The payer")
+    amount = models.DecimalField(max_digits=78, decimal_places=0, help_text="Atomic units")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    approved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    approved_at = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    confirmed_at = models.DateTimeField(null=True, blank=True)
+    failed_at = models.DateTimeField(null=True, blank=True)
+    # The transfer, signed and stored before it is broadcast.
+    sender = models.CharField(max_length=42, blank=True, help_text="The refund wallet")
+    nonce = models.PositiveBigIntegerField(null=True, blank=True)
+    tx_hash = models.CharField(max_length=66, blank=True, db_index=True)
+    raw_tx = models.TextField(blank=True)
+    block_number = models.PositiveBigIntegerField(null=True, blank=True)
+    confirmations = models.PositiveIntegerField(default=0)
+    gas_used = models.PositiveBigIntegerField(null=True, blank=True)
+    gas_cost_wei = models.DecimalField(max_digits=78, decimal_places=0, null=True, blank=True)
+    failure_reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        permissions = [("approve_refund", "Can approve a refund")]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(amount__gt=0), name="refund_amount_positive"),
+            models.CheckConstraint(condition=models.Q(status__in=RefundStatus.values), name="refund_status_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"refund of {self.amount_decimal} to {self.recipient} ({self.status})"
+
+    @property
+    def amount_decimal(self) -> Decimal:
+        return Decimal(self.amount).scaleb(-self.decimals)
+
+    def advance(self, to: str, *, detail: dict[str, Any] | None = None, **fields: Any) -> None:
+        """Move to ``to``, setting ``fields``, and append the event (inside ``transaction.atomic()``,
+        the row read with ``select_for_update()``)."""
+        if to not in REFUND_TRANSITIONS[self.status]:
+            raise IllegalTransition(f"{self.status} -> {to} for refund {self.pk}")
+        previous = self.status
+        self.status = to
+        stamp = _REFUND_STAMPS.get(to)
+        if stamp:
+            fields.setdefault(stamp, timezone.now())
+        for name, value in fields.items():
+            setattr(self, name, value)
+        self.save(update_fields=["status", *fields])
+        RefundEvent.objects.create(refund=self, from_status=previous, to_status=to, detail=detail or {})
+
+
+class RefundEvent(models.Model):
+    """Append-only: one row per refund state change (and approval)."""
+
+    refund = models.ForeignKey(Refund, on_delete=models.PROTECT, related_name="events")
+    created_at = models.DateTimeField(default=timezone.now)
+    from_status = models.CharField(max_length=16, blank=True)
+    to_status = models.CharField(max_length=16)
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["refund", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.from_status or '-'} -> {self.to_status}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None:
+            raise IllegalTransition("refund events are append-only")
+        super().save(*args, **kwargs)

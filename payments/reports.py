@@ -6,14 +6,14 @@ asset's own decimals.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from django.db.models import Count, QuerySet, Sum
-from django.db.models.functions import TruncDate
+from django.db.models import Count, QuerySet, Sum, TextChoices
+from django.db.models.functions import Coalesce, TruncDate
 
 from .models import Payment, PaymentStatus
 
@@ -24,6 +24,17 @@ PAID = (S.SETTLED, S.CONFIRMED)
 PENDING = (S.VERIFIED, S.SETTLING)
 
 
+class DateBasis(TextChoices):
+    """Which date puts a payment in a period."""
+
+    CREATED = "created", "Created (the payment was accepted)"
+    MONEY = "money", "Money arrived (settled, else confirmed)"
+
+
+#: The date money arrived: mined (settled), else confirmed (a payment may skip SETTLED).
+MONEY_AT = Coalesce("settled_at", "confirmed_at")
+
+
 @dataclass(frozen=True)
 class LedgerFilter:
     since: datetime | None = None
@@ -31,14 +42,24 @@ class LedgerFilter:
     statuses: tuple[str, ...] = ()
     model: str = ""  # "owner/name"
     network: str = ""
+    basis: str = DateBasis.CREATED
+    #: The time zone dates are shown in (the bounds are aware datetimes already).
+    tz: str = "UTC"
     #: Only payments whose money is ours (the dashboard); exports keep the whole ledger.
     ours_only: bool = False
 
     def apply(self, qs: QuerySet[Payment]) -> QuerySet[Payment]:
-        if self.since:
-            qs = qs.filter(created_at__gte=self.since)
-        if self.until:
-            qs = qs.filter(created_at__lt=self.until)
+        if self.basis == DateBasis.MONEY:
+            qs = qs.alias(money_at=MONEY_AT)
+            if self.since:
+                qs = qs.filter(money_at__gte=self.since)
+            if self.until:
+                qs = qs.filter(money_at__lt=self.until)
+        else:
+            if self.since:
+                qs = qs.filter(created_at__gte=self.since)
+            if self.until:
+                qs = qs.filter(created_at__lt=self.until)
         if self.statuses:
             qs = qs.filter(status__in=self.statuses)
         if self.model:
@@ -57,26 +78,23 @@ class LedgerFilter:
             "statuses": list(self.statuses),
             "model": self.model,
             "network": self.network,
+            "basis": self.basis,
+            "tz": self.tz,
             "ours_only": self.ours_only,
         }
 
-
-def ledger(payments: QuerySet[Payment], chunk: int = 2000) -> Iterator[Payment]:
-    """Every payment of ``payments``, oldest first, in keyset-paged chunks: each chunk is its
-    own short query, so a million-row export neither holds a transaction open nor all rows in
-    memory."""
-    base = payments.select_related("prediction__model__hardware").order_by("created_at", "id")
-    last: tuple[datetime, Any] | None = None
-    while True:
-        qs = base
-        if last is not None:
-            # (created_at, id) > last, written so PostgreSQL range-scans the created_at index.
-            qs = qs.filter(created_at__gte=last[0]).exclude(created_at=last[0], id__lte=last[1])
-        rows = list(qs[:chunk])
-        yield from rows
-        if len(rows) < chunk:
-            return
-        last = (rows[-1].created_at, rows[-1].id)
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LedgerFilter:
+        return cls(
+            since=datetime.fromisoformat(data["since"]) if data.get("since") else None,
+            until=datetime.fromisoformat(data["until"]) if data.get("until") else None,
+            statuses=tuple(data.get("statuses") or ()),
+            model=data.get("model", ""),
+            network=data.get("network", ""),
+            basis=data.get("basis", DateBasis.CREATED),
+            tz=data.get("tz", "UTC"),
+            ours_only=bool(data.get("ours_only", False)),
+        )
 
 
 @dataclass
@@ -130,10 +148,11 @@ def totals(flt: LedgerFilter) -> Totals:
 
 
 def revenue_by_day(flt: LedgerFilter) -> list[tuple[Any, Decimal]]:
-    """Paid revenue (settled + confirmed) per day, in USD(C), all stablecoin assets together."""
+    """Paid revenue (settled + confirmed) per day of the filter's basis and time zone, in
+    USD(C), all stablecoin assets together."""
     rows = (
         flt.apply(Payment.objects.filter(status__in=PAID))
-        .annotate(day=TruncDate("created_at"))
+        .annotate(day=TruncDate(MONEY_AT if flt.basis == DateBasis.MONEY else "created_at", tzinfo=ZoneInfo(flt.tz)))
         .values("day", "decimals")
         .annotate(amount=Sum("amount"))
         .order_by("day")
@@ -160,6 +179,29 @@ def revenue_by_model(flt: LedgerFilter) -> list[tuple[str, Decimal, int]]:
     return sorted(((k, v[0], v[1]) for k, v in out.items()), key=lambda r: -r[1])
 
 
+def needing_attention(flt: LedgerFilter, limit: int = 50) -> QuerySet[Payment]:
+    return flt.apply(Payment.objects.filter(status__in=(S.FAILED, S.EXPIRED))).order_by("-created_at")[:limit]
+
+
+def refunded(flt: LedgerFilter) -> Decimal:
+    """Refunds confirmed (money sent back) in the filter's period: by confirmation for the money
+    basis, else by creation; all stablecoin assets together."""
+    from .models import Refund, RefundStatus
+
+    qs = Refund.objects.filter(status=RefundStatus.CONFIRMED)
+    date = "confirmed_at" if flt.basis == DateBasis.MONEY else "created_at"
+    if flt.since:
+        qs = qs.filter(**{f"{date}__gte": flt.since})
+    if flt.until:
+        qs = qs.filter(**{f"{date}__lt": flt.until})
+    if flt.network:
+        qs = qs.filter(network=flt.network)
+    total = Decimal(0)
+    for row in qs.values("decimals").annotate(amount=Sum("amount")):
+        total += Decimal(row["amount"]).scaleb(-row["decimals"])
+    return total
+
+
 def moved_for_others(flt: LedgerFilter) -> Decimal:
     """Paid facilitator-API money that went to other merchants in the period (not revenue)."""
     rows = (
@@ -169,10 +211,6 @@ def moved_for_others(flt: LedgerFilter) -> Decimal:
         .annotate(amount=Sum("amount"))
     )
     return sum((Decimal(row["amount"]).scaleb(-row["decimals"]) for row in rows), Decimal(0))
-
-
-def needing_attention(flt: LedgerFilter, limit: int = 50) -> QuerySet[Payment]:
-    return flt.apply(Payment.objects.filter(status__in=(S.FAILED, S.EXPIRED))).order_by("-created_at")[:limit]
 
 
 def usage_priced(flt: LedgerFilter, limit: int = 50) -> QuerySet[Payment]:

@@ -3,7 +3,9 @@
 - Operators run the catalogue: hardware tiers, models, versions, prices, and may look at the
   (read-only) payment options. They see predictions (failed ones included, with their event
   log) and may cancel one. They get no access to the ledger.
-- Finance reads the ledger and its events, exports it and sees the dashboard. They get no
+- Finance reads the ledger and its events, exports it, sees the dashboard and reconciles
+  it with the chain (and annotates what does not match), sets the gas rates exports
+  convert with, and approves refunds. They get no
   access to prices, keys, or predictions' inputs and outputs.
 """
 
@@ -36,7 +38,14 @@ ROLE_PERMISSIONS: dict[str, list[str]] = {
         "payments.view_paymentevent",
         "payments.view_settlementtx",
         "payments.export_payment",
-        "payments.view_ledgerexport",
+        "payments.view_exportjob",
+        "payments.view_nativetokenrate",
+        "payments.add_nativetokenrate",
+        "payments.view_refund",
+        "payments.view_refundevent",
+        "payments.approve_refund",
+        "payments.view_reconciliationnote",
+        "payments.add_reconciliationnote",
     ],
 }
 

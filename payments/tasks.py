@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from celery import shared_task
 
-from . import settlement
+from . import refunds, settlement
 from .chain import ChainUnavailable
 from .locks import advisory_lock
 
@@ -84,4 +84,28 @@ def reconcile() -> dict[str, int]:
         if not mine:
             log.info("reconcile: a pass is already running; skipped")
             return {"skipped": 1}
-        return dict(settlement.reconcile_all())
+        stats = settlement.reconcile_all()
+        stats["refunds_tracked"] = refunds.reconcile()
+        return dict(stats)
+
+
+@shared_task(acks_late=True)
+def run_export(job_id: int) -> int:
+    """Write one queued ledger export (payments.export_jobs); its row count."""
+    from . import export_jobs
+
+    return export_jobs.run(job_id).rows
+
+
+@shared_task
+def expire_exports() -> int:
+    """Delete the files of exports past their expiry."""
+    from . import export_jobs
+
+    return export_jobs.expire()
+
+
+@shared_task(acks_late=True, autoretry_for=(ChainUnavailable,), retry_backoff=True, retry_backoff_max=60, max_retries=None)
+def send_refund(refund_id: int) -> str:
+    """Sign, store and broadcast one approved refund (payments.refunds); the reconciler confirms it."""
+    return refunds.send(refund_id).status

@@ -8,7 +8,8 @@ and only here, follow the consequences:
   under ``after_success`` asks for settlement (``ledger.request_settlement``), an end without
   output releases an authorization not yet being settled (``ledger.release``); a pay-per-second
   (``upto``) payment is charged for the measured run instead (``ledger.charge_usage``: its
-  seconds on success, its price's failure charge once it ran);
+  seconds on success, its price's failure charge once it ran); an end without output whose
+  payment is confirmed under ``before_run`` is owed a refund (``refunds.owe``);
 - after commit: the webhooks the prediction's filter asks for (``start``, ``logs``,
   ``output``, ``completed``), the progress events its listeners wait for (``events``: logs,
   output, end), metrics, enqueuing the run, and stopping a run on its runner.
@@ -32,7 +33,7 @@ from django.db import transaction
 from django.utils import timezone
 from prometheus_client import Counter
 
-from payments import ledger
+from payments import ledger, refunds
 from payments.metrics import PREDICTION_SECONDS
 from payments.models import CHARGED_STATUSES, UNPAID_STATUSES, Payment, PaymentStatus
 
@@ -119,6 +120,7 @@ def _move(
             ledger.charge_usage(prediction.payment, _run_seconds(prediction, now), succeeded=False, reason=reason)
         else:
             ledger.release(prediction.payment, reason)
+        _refund_if_owed(prediction, prediction.payment)
     if stop_run:
         runner, ended = prediction.version.runner_impl, prediction
         transaction.on_commit(lambda: runner.cancel(ended))
@@ -369,18 +371,34 @@ def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str) ->
         return True
 
 
+def _refund_if_owed(prediction: Prediction, payment: Payment) -> None:
+    """A prediction that ended without its output, under a policy that refunds, whose payment
+    is confirmed: the payer is owed the money back (payments.refunds, once per payment). A
+    payment still settling is looked at again when it confirms (:func:`on_payment`)."""
+    if (
+        prediction.status in ENDED_UNSERVED
+        and SettlementPolicy(prediction.settlement_policy).refunds_unserved
+        and payment.status == PaymentStatus.CONFIRMED
+    ):
+        refunds.owe(payment, f"prediction {prediction.pk} ended {prediction.status}: {prediction.error}")
+
+
 def on_payment(payment: Payment) -> None:
     """The ledger moved ``payment`` (called inside its transaction, payment locked).
 
     Confirmed: a finished ``after_success`` run is released (SUCCEEDED: ``output`` and
-    ``completed`` webhooks), a waiting ``before_run`` prediction is enqueued. Failed or expired:
-    an unfinished prediction fails (and a run in progress is canceled on its runner).
+    ``completed`` webhooks), a waiting ``before_run`` prediction is enqueued, and one that
+    already ended unserved is owed a refund. Failed or expired: an unfinished prediction fails
+    (and a run in progress is canceled on its runner).
     """
     prediction_id = Prediction.objects.filter(payment=payment).values_list("pk", flat=True).first()
     if prediction_id is None:
         return
     prediction = _lock(prediction_id)
-    if prediction is None or prediction.is_terminal:
+    if prediction is None:
+        return
+    if prediction.is_terminal:
+        _refund_if_owed(prediction, payment)  # money that arrived after the run ended unserved
         return
     if payment.status == PaymentStatus.CONFIRMED:
         if prediction.status == P.PROCESSING and prediction.run_ended_at is not None:

@@ -46,6 +46,12 @@ class SettlementPolicy(models.TextChoices):
     BEFORE_RUN = "before_run", "Settle and confirm, then run"
     AFTER_SUCCESS = "after_success", "Run, then settle only if it succeeded"
 
+    @property
+    def refunds_unserved(self) -> bool:
+        """A run paid for up front that ends without its output is refunded; ``after_success``
+        never charges for one (its authorization is released instead)."""
+        return self == SettlementPolicy.BEFORE_RUN
+
 
 class PricingMode(models.TextChoices):
     FLAT = "flat", "Flat price per run"

@@ -33,7 +33,8 @@ if (values.user) {
   await Promise.all([page.waitForNavigation(), page.click("input[type=submit]")]);
 }
 for (const spec of positionals) {
-  const [path, out] = spec.split("=");
+  const cut = spec.lastIndexOf("=");  // the path may hold a query string with "=" in it
+  const [path, out] = [spec.slice(0, cut), spec.slice(cut + 1)];
   const response = await page.goto(`${values["base-url"]}${path}`, { extraHTTPHeaders: { Accept: values.accept } });
   await page.screenshot({ path: out, fullPage: true });
   console.log(`${path} -> ${out} (HTTP ${response.status()})`);

@@ -154,6 +154,7 @@ def option_settings(dev: DevChain, **extra: Any) -> dict[str, Any]:
         "X402_PAYMENT_OPTIONS": [option],
         "X402_RELAYER_KEY": dev.relayer_private_key,
         "X402_RELAYER_KEYS": [dev.relayer_private_key],
+        "X402_REFUND_KEY": dev.refund_private_key,
     }
 
 

@@ -16,6 +16,12 @@ Pay-per-second (``upto``) rows are judged the same way with Permit2's word for "
 permit's nonce bit in ``nonceBitmap``), and besides: the charge never exceeds the signed
 maximum, a paid row records the run seconds it was charged for, and its transaction was sent to
 the upto proxy (the only way our relayer settles a permit).
+
+For every refund:
+- CONFIRMED => the receipt of its transaction has status 1 and a ``Transfer(refund wallet,
+  payer, amount)`` log of its token, and its payment is SETTLED or CONFIRMED;
+- FAILED => its transaction moved no such Transfer;
+- OWED => no transaction of it exists on chain yet (nothing was sent before approval).
 Nothing else passes.
 """
 
@@ -69,7 +75,8 @@ def sent_to_proxy(url: str, tx_hash: str | None) -> bool:
 
 
 def pays(url: str, tx_hash: str | None, asset: str, payer: str, pay_to: str, amount: int) -> bool:
-    """The transaction succeeded and moved exactly ``amount`` of ``asset`` from payer to pay_to."""
+    """The transaction succeeded and moved exactly ``amount`` of ``asset`` from payer to pay_to
+    (for a refund: from the refund wallet to the payer)."""
     if not tx_hash or len(tx_hash) != 66:
         return False
     try:
@@ -148,6 +155,21 @@ def violations(url: str) -> list[str]:
             found.append(f"{p.pk} is {p.status} but {p.settle_tx_hash} paid it")
         if p.status in OPEN and time.time() > p.valid_before + CLOSE_WITHIN_SECONDS:
             found.append(f"{p.pk} is still {p.status} long after its authorization lapsed")
+    return found + refund_violations(url)
+
+
+def refund_violations(url: str) -> list[str]:
+    from payments.models import Refund
+
+    found = []
+    for r in Refund.objects.select_related("payment"):
+        moved = pays(url, r.tx_hash, r.asset, r.sender, r.recipient, int(r.amount)) if r.tx_hash else False
+        if r.status == "confirmed" and not (moved and r.payment.status in PAID):
+            found.append(f"refund {r.pk} is confirmed but {r.tx_hash} carries no Transfer of {r.amount} to the payer")
+        if r.status == "failed" and moved:
+            found.append(f"refund {r.pk} is failed but {r.tx_hash} paid it")
+        if r.status == "owed" and r.tx_hash and _call(url, "eth_getTransactionReceipt", [r.tx_hash]):
+            found.append(f"refund {r.pk} is owed but its transaction {r.tx_hash} was mined")
     return found
 
 

@@ -292,8 +292,10 @@ def test_settlement_tasks_have_their_own_queue(settings) -> None:
 
     assert route_task("payments.tasks.settle_batches", (), {}, {}) == {"queue": f"{app.conf.task_default_queue}-settlement"}
     assert route_task("predictions.tasks.run_prediction", (), {}, {}) is None
+    assert route_task("payments.tasks.run_export", (), {}, {}) is None  # a long export holds no settlement slot
     settings.X402_SETTLEMENT_QUEUE = "money"
     assert route_task("payments.tasks.reconcile", (), {}, {}) == {"queue": "money"}
+    assert route_task("payments.tasks.send_refund", (), {}, {}) == {"queue": "money"}
 
 
 @pytest.mark.e2e

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import secrets
-from datetime import datetime, timedelta
+import zipfile
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import pytest
-from django.core.management import call_command
+from django.core.cache import cache
+from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from payments.exports import COLUMNS
-from payments.models import LedgerExport, Payment
+from payments import export_jobs, exports
+from payments.exports import NAMES
+from payments.models import ExportJob, NativeTokenRate, Payment
+from payments.tasks import expire_exports
 from predictions.models import Prediction
 
 pytestmark = pytest.mark.django_db
@@ -76,44 +83,118 @@ def ledger_rows(demo_model):
     return rows
 
 
-def read_csv(text: str) -> tuple[list[dict], list[list[str]]]:
+def read_csv(text: str) -> list[dict]:
+    """The data rows of an export's data.csv: the header is the columns, and every row is data."""
     lines = list(csv.reader(io.StringIO(text)))
     header, body = lines[0], lines[1:]
-    assert header == COLUMNS
-    rows = [dict(zip(header, r, strict=True)) for r in body if r and r[0] != "TOTAL"]
-    totals = [r for r in body if r and r[0] == "TOTAL"][1:]
-    return rows, totals
+    assert header == NAMES
+    return [dict(zip(header, r, strict=True)) for r in body]
 
 
-def test_csv_export_columns_decimals_and_totals(ledger_rows, capsys) -> None:
+def read_zip(path) -> tuple[list[dict], list[dict], dict]:
+    with zipfile.ZipFile(path) as archive:
+        assert sorted(archive.namelist()) == ["data.csv", "export.json", "rates.csv", "summary.csv"]
+        data = read_csv(archive.read("data.csv").decode())
+        summary = list(csv.DictReader(io.StringIO(archive.read("summary.csv").decode())))
+        about = json.loads(archive.read("export.json"))
+        assert about["data_sha256"] == hashlib.sha256(archive.read("data.csv")).hexdigest()
+    return data, summary, about
+
+
+def test_csv_export_columns_decimals_and_a_separate_summary(ledger_rows, capsys, tmp_path) -> None:
     call_command("export_ledger")
-    rows, totals = read_csv(capsys.readouterr().out)
-    assert len(rows) == 6
+    captured = capsys.readouterr()
+    rows = read_csv(captured.out)
+    assert len(rows) == 6 and not any("TOTAL" in ",".join(r.values()) for r in rows)
     first = rows[0]
+    assert first["kind"] == "payment"
     assert first["amount"] == "0.010000" and first["amount_atomic"] == "10000"
     assert rows[1]["amount"] == "0.010001"  # no float rounding
-    assert first["created_at"].endswith("Z") and first["model"] == "demo/echo-text"
+    assert datetime.fromisoformat(first["created_at"]) == ledger_rows[0].created_at
+    assert first["model"] == "demo/echo-text" and rows[-1]["model"] == ""
     assert first["hardware_tier"] in ("cpu", "") and first["prediction_status"] == "starting"
     assert "secret" not in "".join(",".join(r.values()) for r in rows)  # no inputs or outputs
-    by_status: dict[str, Decimal] = {}
-    for r in rows:
-        by_status[r["status"]] = by_status.get(r["status"], Decimal(0)) + Decimal(r["amount"])
-    assert {t[1]: Decimal(t[5]) for t in totals if t[2] == "eip155:31337"} == {
-        k: v for k, v in by_status.items() if k != "expired"
-    }
-    assert LedgerExport.objects.get().rows == 6
+    assert "status,network" in captured.err  # the summary goes beside the data, not into it
+
+    call_command("export_ledger", "--output", str(tmp_path / "ledger.zip"))
+    data, summary, about = read_zip(tmp_path / "ledger.zip")
+    assert data == rows
+    by_status: dict[tuple[str, str], Decimal] = {}
+    for r in data:
+        key = (r["status"], r["network"])
+        by_status[key] = by_status.get(key, Decimal(0)) + Decimal(r["amount"])
+    assert {(s["status"], s["network"]): Decimal(s["amount"]) for s in summary} == by_status
+    assert sum(int(s["rows"]) for s in summary) == 6 == about["rows"]
+    audit = ExportJob.objects.filter(source="command").order_by("pk")
+    assert [j.rows for j in audit] == [6, 6] and audit[1].checksum == hashlib.sha256(
+        (tmp_path / "ledger.zip").read_bytes()
+    ).hexdigest()
+
+
+def test_gas_in_the_native_token_converted_at_the_rate_finance_set(ledger_rows, staff, tmp_path) -> None:
+    answer = staff["finance"].post(
+        "/admin/payments/nativetokenrate/add/",
+        {"network": "eip155:31337", "symbol": "ETH", "usd_per_token": "3000", "source": "Coinbase close 2026-11-25"},
+    )
+    assert answer.status_code == 302
+    rate = NativeTokenRate.objects.get()
+    assert rate.set_by.username == "finn"
+    call_command("export_ledger", "--output", str(tmp_path / "ledger.zip"))
+    data, summary, about = read_zip(tmp_path / "ledger.zip")
+    confirmed = next(r for r in data if r["status"] == "confirmed")
+    # 82,900 gas at 1 gwei = 0.0000829 ETH = 0.2487 USD at 3,000 USD/ETH.
+    assert confirmed["gas_native"] == "0.000082900000000000" and confirmed["gas_usd"] == "0.248700"
+    assert Decimal(confirmed["net_amount"]) == Decimal(confirmed["amount"]) - Decimal("0.2487")
+    verified = next(r for r in data if r["status"] == "verified")
+    assert Decimal(verified["net_amount"]) == Decimal("-0.2487")  # gas spent, nothing paid
+    other_chain = next(r for r in data if r["network"] == "eip155:8453")
+    assert other_chain["gas_usd"] == other_chain["net_amount"] == ""  # no rate: no net figure
+    assert about["rates"]["eip155:31337"]["source"] == "Coinbase close 2026-11-25"
+    with zipfile.ZipFile(tmp_path / "ledger.zip") as archive:
+        assert "Coinbase close 2026-11-25" in archive.read("rates.csv").decode()
+    net = {(s["status"], s["network"]): s["net_amount"] for s in summary}
+    assert Decimal(net[("confirmed", "eip155:31337")]) == sum(
+        Decimal(r["net_amount"]) for r in data if r["status"] == "confirmed"
+    )
+    assert net[("expired", "eip155:8453")] == ""
+    # Rates are added, never edited: the history stays.
+    assert staff["finance"].post(f"/admin/payments/nativetokenrate/{rate.pk}/change/", {}).status_code == 403
+
+
+def test_periods_by_the_money_date_in_the_chosen_time_zone(demo_model, capsys) -> None:
+    paris = ZoneInfo("Europe/Paris")
+    # Accepted on 28 Nov, mined at 23:30 UTC on 30 Nov: 1 Dec in Paris.
+    late = make_payment(demo_model, status="confirmed", amount=10_000, created=datetime(2026, 11, 28, 12, tzinfo=UTC))
+    Payment.objects.filter(pk=late.pk).update(settled_at=datetime(2026, 11, 30, 23, 30, tzinfo=UTC))
+    early = make_payment(demo_model, status="confirmed", amount=20_000, created=datetime(2026, 11, 30, 9, tzinfo=UTC))
+
+    def ids(*args: str) -> list[str]:
+        call_command("export_ledger", *args)
+        return [r["payment_id"] for r in read_csv(capsys.readouterr().out)]
+
+    november = ["--since", "2026-11-01", "--until", "2026-12-01"]
+    assert ids(*november) == [str(late.pk), str(early.pk)]  # by creation
+    assert ids(*november, "--basis", "money") == [str(early.pk), str(late.pk)]  # UTC: both in November
+    assert ids(*november, "--basis", "money", "--tz", "Europe/Paris") == [str(early.pk)]
+    call_command("export_ledger", "--basis", "money", "--tz", "Europe/Paris", "--since", "2026-12-01")
+    [row] = read_csv(capsys.readouterr().out)
+    assert row["payment_id"] == str(late.pk)
+    assert datetime.fromisoformat(row["money_at"]).utcoffset() == datetime(2026, 12, 1, tzinfo=paris).utcoffset()
+    assert datetime.fromisoformat(row["money_at"]) == datetime(2026, 11, 30, 23, 30, tzinfo=UTC)
+    with pytest.raises(CommandError, match="unknown time zone"):
+        call_command("export_ledger", "--tz", "Mars/Olympus")
 
 
 def test_command_filters(ledger_rows, capsys, tmp_path) -> None:
     since = (timezone.now() - timedelta(hours=4)).isoformat()
     call_command("export_ledger", "--since", since, "--status", "settled", "--status", "verified")
-    rows, _ = read_csv(capsys.readouterr().out)
+    rows = read_csv(capsys.readouterr().out)
     assert sorted(r["status"] for r in rows) == ["settled", "verified"]
-    call_command("export_ledger", "--network", "eip155:8453", "--output", str(tmp_path / "x.csv"))
-    rows, _ = read_csv((tmp_path / "x.csv").read_text())
+    call_command("export_ledger", "--network", "eip155:8453", "--output", str(tmp_path / "x.zip"))
+    rows, _, _ = read_zip(tmp_path / "x.zip")
     assert [r["status"] for r in rows] == ["expired"] and rows[0]["model"] == ""
     call_command("export_ledger", "--model", "demo/echo-text", "--until", since)
-    rows, _ = read_csv(capsys.readouterr().out)
+    rows = read_csv(capsys.readouterr().out)
     assert sorted(r["status"] for r in rows) == ["confirmed", "confirmed"]
 
 
@@ -123,43 +204,105 @@ def test_xlsx_is_typed_with_frozen_header_and_summary(ledger_rows, tmp_path) -> 
     path = tmp_path / "ledger.xlsx"
     call_command("export_ledger", "--format", "xlsx", "--output", str(path))
     book = load_workbook(path)
-    sheet = book["Ledger"]
+    sheet = book["Data"]
     assert sheet.freeze_panes == "A2"
-    assert [c.value for c in sheet[1]] == COLUMNS
+    assert [c.value.split(" (")[0] for c in sheet[1]] == NAMES
+    assert sheet.max_row == 7  # the header and six payments: no totals in the data
     second = sheet[2]
-    col = {name: i for i, name in enumerate(COLUMNS)}
+    col = {name: i for i, name in enumerate(NAMES)}
     assert isinstance(second[col["created_at"]].value, datetime)
     assert (
         second[col["amount"]].value == pytest.approx(0.01)
         and second[col["amount"]].number_format == "0.000000"
     )
     assert isinstance(second[col["amount_atomic"]].value, int)
-    summary = {(r[0], r[1]): r[4] for r in book["Summary"].iter_rows(min_row=2, values_only=True)}
+    summary = {(r[1], r[2]): r[6] for r in book["Summary"].iter_rows(min_row=2, values_only=True) if r[0]}
     assert summary[("confirmed", "eip155:31337")] == pytest.approx(0.020001)
 
 
-def test_admin_exports_stream_and_are_audited(ledger_rows, staff) -> None:
-    response = staff["finance"].get("/admin/payments/payment/export/csv/?status__exact=confirmed")
-    assert response.status_code == 200 and response.streaming
-    rows, _ = read_csv(b"".join(response.streaming_content).decode())
-    assert [r["status"] for r in rows] == ["confirmed", "confirmed"]
-    audit = LedgerExport.objects.get()
-    assert (
-        audit.user.username == "finn"
-        and audit.rows == 2
-        and "status__exact=confirmed" in audit.filters["changelist"]
-    )
-    action = staff["finance"].post(
-        "/admin/payments/payment/",
-        {"action": "export_xlsx", "_selected_action": [str(ledger_rows[0].pk), str(ledger_rows[1].pk)]},
-    )
-    assert action.status_code == 200 and action["Content-Type"].startswith("application/vnd.openxmlformats")
+@pytest.fixture
+def inline_jobs(django_capture_on_commit_callbacks, eager_celery, settings, tmp_path):
+    settings.X402_EXPORT_DIR = tmp_path / "exports"
+    return django_capture_on_commit_callbacks
+
+
+def test_admin_export_runs_in_the_background_shows_progress_and_expires(
+    ledger_rows, staff, inline_jobs, monkeypatch
+) -> None:
+    client = staff["finance"]
+    form = client.get("/admin/payments/payment/export/?status__exact=confirmed")
+    assert form.status_code == 200 and form.context["form"].initial["statuses"] == ["confirmed"]
+    bad = client.post("/admin/payments/payment/export/", {"format": "csv", "basis": "money", "tz": "Mars/Olympus"})
+    assert bad.status_code == 200 and "unknown time zone" in bad.content.decode()
+    assert not ExportJob.objects.exists()
+
+    seen: list[tuple[int, int]] = []
+    monkeypatch.setattr(exports, "PROGRESS_EVERY", 0)
+    real = export_jobs.WRITERS["csv"]
+
+    def watched(flt, path, progress):
+        def report(done: int, total: int) -> None:
+            progress(done, total)
+            seen.append(cache.get(export_jobs._progress_key(job_id)))  # what the job's page reads
+
+        return real(flt, path, report)
+
+    monkeypatch.setitem(export_jobs.WRITERS, "csv", watched)
+    with inline_jobs(execute=True):
+        started = client.post(
+            "/admin/payments/payment/export/",
+            {"format": "csv", "basis": "created", "tz": "UTC", "statuses": ["confirmed"]},
+        )
+        job_id = ExportJob.objects.get().pk  # queued: the task runs when the request's transaction commits
+    job = ExportJob.objects.get()
+    assert started.status_code == 302 and started["Location"].endswith(f"/exportjob/{job.pk}/change/")
+    assert seen == [(2, 2)]
+    assert (job.status, job.rows, job.user.username, job.filters["statuses"]) == ("done", 2, "finn", ["confirmed"])
+    # While a job runs, its page shows rows done of total (from the cache) and refreshes itself.
+    ExportJob.objects.filter(pk=job.pk).update(status="running")
+    cache.set(export_jobs._progress_key(job.pk), (1, 2))
+    running = client.get(f"/admin/payments/exportjob/{job.pk}/change/").content.decode()
+    assert "1 of 2 (50%)" in running and 'http-equiv="refresh"' in running
+    ExportJob.objects.filter(pk=job.pk).update(status="done")
+    page = client.get(f"/admin/payments/exportjob/{job.pk}/change/").content.decode()
+    assert "Download" in page and 'http-equiv="refresh"' not in page
+    download = client.get(f"/admin/payments/exportjob/{job.pk}/download/")
+    body = b"".join(download.streaming_content)
+    assert download.status_code == 200 and hashlib.sha256(body).hexdigest() == job.checksum
+    path = export_jobs.path_of(job)
+    data, _, _ = read_zip(io.BytesIO(body))
+    assert [r["status"] for r in data] == ["confirmed", "confirmed"]
+    assert staff["operator"].get(f"/admin/payments/exportjob/{job.pk}/download/").status_code == 403
+
+    ExportJob.objects.filter(pk=job.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert expire_exports() == 1
+    job.refresh_from_db()
+    assert job.status == "expired" and not path.exists() and job.checksum  # the audit stays
+    assert client.get(f"/admin/payments/exportjob/{job.pk}/download/").status_code == 404
+
+
+def test_xlsx_job_and_a_failed_job(ledger_rows, staff, inline_jobs, monkeypatch) -> None:
+    with inline_jobs(execute=True):
+        staff["finance"].post("/admin/payments/payment/export/", {"format": "xlsx", "basis": "money", "tz": "UTC"})
+    job = ExportJob.objects.get()
+    assert job.status == "done" and job.file_name.endswith(".xlsx") and job.rows == 6
+
+    def broken(flt, path, progress):
+        path.write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setitem(export_jobs.WRITERS, "csv", broken)
+    with pytest.raises(OSError), inline_jobs(execute=True):
+        staff["finance"].post("/admin/payments/payment/export/", {"format": "csv", "basis": "created", "tz": "UTC"})
+    failed = ExportJob.objects.get(status="failed")
+    assert "disk full" in failed.error and not list(export_jobs.path_of(failed).parent.glob("*.zip"))
 
 
 def test_who_may_see_the_ledger(ledger_rows, staff, demo_model) -> None:
     pages = [
         "/admin/payments/payment/",
-        "/admin/payments/payment/export/csv/",
+        "/admin/payments/payment/export/",
+        "/admin/payments/payment/reconciliation/",
         "/admin/payments/payment/dashboard/",
         f"/admin/payments/payment/{ledger_rows[0].pk}/change/",
     ]
@@ -188,7 +331,7 @@ def test_dashboard_agrees_with_the_export(ledger_rows, staff, capsys) -> None:
     page = staff["finance"].get("/admin/payments/payment/dashboard/")
     assert page.status_code == 200 and b"<svg" in page.content
     call_command("export_ledger")
-    rows, _ = read_csv(capsys.readouterr().out)
+    rows = read_csv(capsys.readouterr().out)
     paid = sum(Decimal(r["amount"]) for r in rows if r["status"] in ("settled", "confirmed"))
     pending = sum(Decimal(r["amount"]) for r in rows if r["status"] in ("verified", "settling"))
     assert page.context["revenue"] == paid == Decimal("0.270001")
@@ -245,3 +388,14 @@ def test_the_admin_never_shows_a_payment_identifier(demo_model, staff) -> None:
     page = staff["finance"].get(f"/admin/payments/payment/{p.pk}/change/")
     assert page.status_code == 200
     assert b"payment-identifier" in page.content and key.encode() not in page.content
+
+
+def test_an_export_whose_worker_died_is_taken_over(ledger_rows, settings, tmp_path) -> None:
+    """acks_late: the broker hands a lost worker's task out again; a job running for an hour
+    (a million rows take seconds) is taken over, a job running now is left to its worker."""
+    settings.X402_EXPORT_DIR = tmp_path
+    running = ExportJob.objects.create(source="admin", format="csv", status="running", started_at=timezone.now())
+    assert export_jobs.run(running.pk).status == "running" and not list(tmp_path.iterdir())
+    ExportJob.objects.filter(pk=running.pk).update(started_at=timezone.now() - timedelta(hours=2))
+    taken = export_jobs.run(running.pk)
+    assert taken.status == "done" and taken.rows == 6 and export_jobs.path_of(taken).exists()

@@ -297,7 +297,8 @@ def test_the_relayer_key_never_leaks(chain_settings, demo_model, eager_celery, c
     pages = [
         f"/admin/payments/payment/{payment.pk}/change/",
         "/admin/payments/hardwaretier/payment-options/",
-        "/admin/payments/payment/export/csv/",
+        "/admin/payments/payment/export/",
+        "/admin/payments/payment/reconciliation/",
         "/readyz",
         "/openapi.json",
         "/facilitator/supported",

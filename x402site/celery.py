@@ -18,9 +18,14 @@ def settlement_queue() -> str:
     return settings.X402_SETTLEMENT_QUEUE or f"{app.conf.task_default_queue}-settlement"
 
 
+#: Payment tasks that are not settlement: a long export must not hold a settlement slot.
+SLOW_PAYMENT_TASKS = frozenset({"payments.tasks.run_export", "payments.tasks.expire_exports"})
+
+
 def route_task(name: str, args: object, kwargs: object, options: object, task: object = None, **kw: object) -> dict | None:
-    """Settlement and reconciliation on their own queue, so that a slow prediction never delays
-    them; prediction runs stay on the default queue (or their tier's, X402_TIER_QUEUES)."""
-    if name.startswith("payments.tasks."):
+    """Settlement, reconciliation and refunds on their own queue, so that a slow prediction (or
+    export) never delays them; prediction runs and exports stay on the default queue (or their
+    tier's, X402_TIER_QUEUES)."""
+    if name.startswith("payments.tasks.") and name not in SLOW_PAYMENT_TASKS:
         return {"queue": settlement_queue()}
     return None

@@ -148,6 +148,7 @@ CELERY_BEAT_SCHEDULE = {
     },
     "sweep-predictions": {"task": "predictions.tasks.sweep", "schedule": 15.0},
     "remove-expired-prediction-data": {"task": "predictions.tasks.remove_expired_data", "schedule": 3600.0},
+    "expire-exports": {"task": "payments.tasks.expire_exports", "schedule": 600.0},
 }
 
 # --- x402 payments -----------------------------------------------------------------------------
@@ -198,6 +199,13 @@ def _payment_options() -> tuple[list[dict], list[str]]:
 
 
 X402_PAYMENT_OPTIONS, X402_RELAYER_KEYS = _payment_options()
+#: The refund wallet's key (it sends refunds back to payers; keep it funded with the token and
+#: gas). Never stored in the database. The dev chain's own when the options come from it.
+X402_REFUND_KEY = env.str("X402_REFUND_KEY", default="") or (
+    json.loads(X402_DEVCHAIN_FILE.read_text()).get("refund_private_key", "")
+    if X402_DEVCHAIN_FILE.exists() and not env.str("X402_PAYMENT_OPTIONS", default="") and not env.str("X402_ASSET", default="")
+    else ""
+)
 #: The first lane's key (what one-relayer deployments and older settings name).
 X402_RELAYER_KEY = X402_RELAYER_KEYS[0] if X402_RELAYER_KEYS else ""
 
@@ -231,6 +239,9 @@ X402_STUCK_AFTER_SECONDS = env.int("X402_STUCK_AFTER_SECONDS", default=120)
 X402_FAULT_PAUSE_AFTER_SIGN = env.float("X402_FAULT_PAUSE_AFTER_SIGN", default=0.0)
 
 #: Where this service is reached from outside (webhook bodies carry absolute URLs).
+#: Ledger export files (background jobs) are kept here, and deleted this many hours after they are made.
+X402_EXPORT_DIR = Path(env.str("X402_EXPORT_DIR", default=str(BASE_DIR / "var" / "exports")))
+X402_EXPORT_TTL_HOURS = env.float("X402_EXPORT_TTL_HOURS", default=24.0)
 X402_PUBLIC_URL = env.str("X402_PUBLIC_URL", default="http://127.0.0.1:8000").rstrip("/")
 #: Webhook signing secret (whsec_...); derived from DJANGO_SECRET_KEY when unset.
 X402_WEBHOOK_SECRET = env.str("X402_WEBHOOK_SECRET", default="")

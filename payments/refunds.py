@@ -1,0 +1,245 @@
+"""Refunds: money a payer paid for a prediction that ended without its output, under a policy
+that promises it back.
+
+A refund is *owed* when the lifecycle says so (``predictions.lifecycle``, the one place that
+knows how a prediction ended); finance *approves* it in the admin; the refund wallet (its key
+in ``X402_REFUND_KEY``, never in the database) signs an ERC-20 ``transfer`` back to the payer,
+the signed transaction is stored with the refund (*sent*) before it is broadcast, and the
+reconciler follows it to *confirmed* (or *failed*: the transfer reverted). State changes go
+through :meth:`Refund.advance` only.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+
+from .abi import TRANSFER_TOPIC
+from .chain import RpcError, rpc, rpc_batch
+from .models import PAID_STATUSES, Payment, Refund, RefundEvent, RefundStatus, RelayerNonce
+from .options import for_payment
+from .relayer import fees
+
+log = logging.getLogger("payments.refunds")
+R = RefundStatus
+#: ERC-20 transfer(address,uint256).
+TRANSFER = "0xa9059cbb"
+#: Gas asked for above the node's estimate.
+GAS_HEADROOM = 1.3
+
+
+@lru_cache(maxsize=4)
+def _account(key: str) -> LocalAccount:
+    return Account.from_key(key)
+
+
+def wallet() -> LocalAccount:
+    """The refund wallet; ImproperlyConfigured without ``X402_REFUND_KEY``."""
+    if not settings.X402_REFUND_KEY:
+        raise ImproperlyConfigured("X402_REFUND_KEY is not set: refunds cannot be sent")
+    return _account(settings.X402_REFUND_KEY)
+
+
+def owe(payment: Payment, reason: str) -> Refund | None:
+    """Record the refund of a paid ``payment`` (once; call inside the transaction that decided
+    it, the payment locked). None if the payment did not pay."""
+    if payment.status not in PAID_STATUSES:
+        return None
+    existing = Refund.objects.filter(payment=payment).first()
+    if existing is not None:
+        return existing
+    try:
+        with transaction.atomic():
+            refund = Refund.objects.create(
+                payment=payment,
+                reason=reason[:2000],
+                network=payment.network,
+                asset=payment.asset,
+                decimals=payment.decimals,
+                recipient=payment.payer,
+                amount=payment.amount,
+            )
+    except IntegrityError:
+        return Refund.objects.get(payment=payment)
+    RefundEvent.objects.create(refund=refund, to_status=R.OWED, detail={"reason": refund.reason})
+    log.info("refund owed: %s for payment %s", refund.amount_decimal, payment.pk)
+    return refund
+
+
+def approve(refund_id: int, user: Any) -> Refund:
+    """Finance approves an owed refund (or one that failed, to try again); it is sent after
+    commit. Approving one already approved but not sent (the wallet could not) sends it again."""
+    from .tasks import send_refund
+
+    with transaction.atomic():
+        refund = Refund.objects.select_for_update().get(pk=refund_id)
+        detail = {"approved_by": str(user)}
+        if refund.status == R.FAILED:
+            refund.advance(R.OWED, detail=detail, approved_by=user, approved_at=timezone.now(), failure_reason="")
+        elif refund.status == R.OWED and refund.approved_at is None:
+            refund.approved_by, refund.approved_at = user, timezone.now()
+            refund.save(update_fields=["approved_by", "approved_at"])
+            RefundEvent.objects.create(refund=refund, from_status=R.OWED, to_status=R.OWED, detail=detail)
+        elif refund.status != R.OWED:
+            return refund
+    transaction.on_commit(lambda: send_refund.delay(refund.pk))
+    return refund
+
+
+def _nonce(url: str, network: str, sender: str) -> int:
+    """The lowest nonce the chain has not seen that no stored, unmined refund holds (the
+    wallet's RelayerNonce row locked by the caller)."""
+    pending = int(rpc(url, "eth_getTransactionCount", [sender, "pending"]), 16)
+    held = set(
+        Refund.objects.filter(
+            network=network, sender=sender, status=R.SENT, block_number=None, nonce__gte=pending
+        ).values_list("nonce", flat=True)
+    )
+    nonce = pending
+    while nonce in held:
+        nonce += 1
+    return nonce
+
+
+def _lock_wallet(network: str, address: str) -> RelayerNonce:
+    try:
+        with transaction.atomic():
+            RelayerNonce.objects.get_or_create(network=network, address=address, defaults={"next_nonce": 0})
+    except IntegrityError:
+        pass  # another worker created it
+    return RelayerNonce.objects.select_for_update().get(network=network, address=address)
+
+
+def send(refund_id: int) -> Refund:
+    """Sign and store the approved refund's transfer, then broadcast it. A refund not approved,
+    or already sent, is left alone. A wallet that cannot pay (the node's estimate reverts) leaves
+    the refund owed, with the reason; so does a missing ``X402_REFUND_KEY``."""
+    try:
+        account = wallet()
+    except ImproperlyConfigured as exc:
+        Refund.objects.filter(pk=refund_id, status=R.OWED).update(failure_reason=str(exc))
+        log.warning("refund %s not sent: %s", refund_id, exc)
+        return Refund.objects.get(pk=refund_id)
+    with transaction.atomic():
+        refund = Refund.objects.select_for_update().get(pk=refund_id)
+        if refund.status != R.OWED or refund.approved_at is None:
+            return refund
+        conf = for_payment(refund.network, refund.asset)
+        lane = _lock_wallet(refund.network, account.address)
+        data = TRANSFER + refund.recipient[2:].lower().rjust(64, "0") + hex(int(refund.amount))[2:].rjust(64, "0")
+        call = {"from": account.address, "to": refund.asset, "data": data}
+        try:
+            estimate, block = rpc_batch(
+                conf.rpc_url, [("eth_estimateGas", [call, "pending"]), ("eth_getBlockByNumber", ["latest", False])]
+            )
+        except RpcError as exc:
+            Refund.objects.filter(pk=refund.pk).update(failure_reason=f"the refund wallet cannot send: {exc}"[:2000])
+            log.warning("refund %s not sent: %s", refund.pk, exc)
+            return refund
+        nonce = _nonce(conf.rpc_url, refund.network, account.address)
+        max_fee, priority = fees(block)
+        signed = account.sign_transaction(
+            {
+                "chainId": conf.option.chain_id,
+                "nonce": nonce,
+                "to": to_checksum_address(refund.asset),
+                "data": data,
+                "gas": int(int(estimate, 16) * GAS_HEADROOM),
+                "maxFeePerGas": max_fee,
+                "maxPriorityFeePerGas": priority,
+                "value": 0,
+                "type": 2,
+            }
+        )
+        lane.next_nonce = nonce + 1
+        lane.save(update_fields=["next_nonce"])
+        refund.advance(
+            R.SENT,
+            detail={"nonce": nonce},
+            sender=account.address,
+            nonce=nonce,
+            tx_hash="0x" + signed.hash.hex().removeprefix("0x"),
+            raw_tx="0x" + signed.raw_transaction.hex().removeprefix("0x"),
+            failure_reason="",
+        )
+    _broadcast(conf.rpc_url, refund)
+    return refund
+
+
+def _broadcast(url: str, refund: Refund) -> None:
+    """Send the stored transaction (again): the same signed bytes, safe to repeat."""
+    try:
+        rpc(url, "eth_sendRawTransaction", [refund.raw_tx])
+    except RpcError as exc:
+        log.info("broadcast of refund %s: %s", refund.pk, exc)  # "already known": the receipt decides
+
+
+def _transfers(receipt: dict[str, Any], refund: Refund) -> bool:
+    """The receipt carries the token's Transfer(wallet -> payer, amount)."""
+    word = "0x" + refund.recipient[2:].lower().rjust(64, "0")
+    sender = "0x" + refund.sender[2:].lower().rjust(64, "0")
+    return any(
+        entry["address"].lower() == refund.asset.lower()
+        and [t.lower() for t in entry["topics"]] == [TRANSFER_TOPIC, sender, word]
+        and int(entry["data"], 16) == int(refund.amount)
+        for entry in receipt.get("logs", [])
+    )
+
+
+def track(refund_id: int) -> Refund:
+    """Follow one sent refund: confirmed once its transfer has the option's confirmations,
+    failed if it reverted, rebroadcast while no block has it."""
+    refund = Refund.objects.get(pk=refund_id)
+    if refund.status != R.SENT:
+        return refund
+    conf = for_payment(refund.network, refund.asset)
+    receipt, head = rpc_batch(
+        conf.rpc_url, [("eth_getTransactionReceipt", [refund.tx_hash]), ("eth_blockNumber", [])]
+    )
+    if not receipt:
+        if refund.block_number is not None:  # a reorg dropped its block
+            Refund.objects.filter(pk=refund.pk).update(block_number=None, confirmations=0)
+        _broadcast(conf.rpc_url, refund)
+        return refund
+    block = int(receipt["blockNumber"], 16)
+    confirmations = max(0, int(head, 16) - block + 1)
+    gas_used = int(receipt["gasUsed"], 16)
+    mined = {
+        "block_number": block,
+        "confirmations": confirmations,
+        "gas_used": gas_used,
+        "gas_cost_wei": gas_used * int(receipt.get("effectiveGasPrice", "0x0"), 16),
+    }
+    with transaction.atomic():
+        refund = Refund.objects.select_for_update().get(pk=refund_id)
+        if refund.status != R.SENT:
+            return refund
+        if int(receipt["status"], 16) != 1 or not _transfers(receipt, refund):
+            refund.advance(
+                R.FAILED, detail={"tx": refund.tx_hash, "receipt_status": receipt["status"]}, failure_reason="the refund transfer reverted", **mined
+            )
+        elif confirmations >= conf.option.confirmations:
+            refund.advance(R.CONFIRMED, detail={"tx": refund.tx_hash, "block": block}, **mined)
+        else:
+            Refund.objects.filter(pk=refund.pk).update(**mined)
+    return refund
+
+
+def reconcile() -> int:
+    """Follow every sent refund (the reconciler's pass); how many were looked at."""
+    ids = list(Refund.objects.filter(status=R.SENT).values_list("pk", flat=True))
+    for pk in ids:
+        try:
+            track(pk)
+        except Exception:  # noqa: BLE001 - one refund's trouble must not stop the others
+            log.exception("refund %s: tracking failed", pk)
+    return len(ids)
