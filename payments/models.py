@@ -175,7 +175,7 @@ class Payment(models.Model):
     )
     usage_price = models.JSONField(default=dict, blank=True, help_text="upto: the price per second it was accepted at")
     run_seconds = models.DecimalField(
-        max_digits=12, decimal_places=3, null=True, blank=True, help_text="upto: the measured run time charged for"
+        max_digits=18, decimal_places=9, null=True, blank=True, help_text="upto: the measured run time charged for (to the ns)"
     )
     nonce = models.CharField(max_length=66)
     valid_after = models.PositiveBigIntegerField()

@@ -32,6 +32,7 @@ from django.utils import timezone
 from prometheus_client import Counter
 
 from payments import ledger
+from payments.ledger import RunEnd
 from payments.metrics import PREDICTION_SECONDS
 from payments.models import CHARGED_STATUSES, UNPAID_STATUSES, Payment, PaymentStatus
 
@@ -91,10 +92,13 @@ def _move(
     *,
     detail: dict[str, Any] | None = None,
     stop_run: bool = False,
+    run_end: RunEnd = RunEnd.FAILED,
     **fields: Any,
 ) -> None:
     """Move a locked prediction to ``to``, set ``fields``, append the event, and arrange what
-    follows (see the module's docstring). ``stop_run``: the runner is told to cancel the run."""
+    follows (see the module's docstring). ``stop_run``: the runner is told to cancel the run.
+    ``run_end``: how a run that ends unserved is charged when it is paid per second (stopped at
+    its time limit or by the payer: its seconds; failed on our side: the failure charge)."""
     if to not in TRANSITIONS[prediction.status]:
         raise IllegalTransition(f"{prediction.status} -> {to} for prediction {prediction.pk}")
     previous, now = prediction.status, timezone.now()
@@ -115,7 +119,7 @@ def _move(
     if to in ENDED_UNSERVED and prediction.payment is not None:
         reason = f"the prediction ended {to}: {prediction.error}"[:500]
         if previous == P.PROCESSING and ledger.is_usage_priced(prediction.payment):
-            ledger.charge_usage(prediction.payment, _run_seconds(prediction, now), succeeded=False, reason=reason)
+            ledger.charge_usage(prediction.payment, _run_seconds(prediction, now), run_end, reason=reason)
         else:
             ledger.release(prediction.payment, reason)
     if stop_run:
@@ -223,7 +227,8 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
             fields["logs"] = outcome.logs
             webhooks.send(prediction, "logs")
         if not outcome.succeeded:
-            _move(prediction, P.FAILED, cause, **fields)
+            run_end = RunEnd.STOPPED if outcome.timed_out else RunEnd.FAILED
+            _move(prediction, P.FAILED, cause, run_end=run_end, **fields)
         elif (
             prediction.payment is not None and prediction.settlement_policy == SettlementPolicy.AFTER_SUCCESS
         ):
@@ -232,7 +237,7 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
                 setattr(prediction, name, value)
             prediction.save(update_fields=list(fields))
             if ledger.is_usage_priced(prediction.payment):
-                ledger.charge_usage(prediction.payment, _run_seconds(prediction, now), succeeded=True)
+                ledger.charge_usage(prediction.payment, _run_seconds(prediction, now), RunEnd.SUCCEEDED)
             else:
                 ledger.request_settlement(prediction.payment)
         else:
@@ -264,7 +269,9 @@ def cancel(
 
     What the agent pays: before the run, nothing if its authorization was not yet being settled
     (it is released); under ``before_run`` a settlement already under way is charged. During the
-    run, ``after_success`` releases the payment (no success, no charge); ``before_run`` was paid.
+    run, ``after_success`` releases the payment (no success, no charge); ``before_run`` was paid;
+    a pay-per-second run canceled by its payer (the API's cancel) is charged the seconds it ran,
+    one canceled by an operator only the model's failure charge.
     """
     with transaction.atomic():
         prediction = _lock(prediction_id)
@@ -278,6 +285,7 @@ def cancel(
             cause,
             detail=detail,
             stop_run=prediction.status == P.PROCESSING,
+            run_end=RunEnd.STOPPED if cause == Cause.CANCEL else RunEnd.FAILED,
             error="canceled",
         )
         return prediction
@@ -308,7 +316,8 @@ def abort_overdue(prediction_id: str, *, cause: str) -> bool:
 
 def cancel_past_deadline(prediction_id: str, *, cause: str) -> bool:
     """A run still going past its Cancel-After deadline is canceled and stopped on its runner
-    (Replicate's ``canceled``: under ``before_run`` it was paid for; ``after_success`` releases)."""
+    (Replicate's ``canceled``: under ``before_run`` it was paid for; ``after_success`` releases;
+    paid per second, it is charged the seconds it ran: the payer set the deadline)."""
     with transaction.atomic():
         prediction = _lock(prediction_id)
         if (
@@ -319,13 +328,14 @@ def cancel_past_deadline(prediction_id: str, *, cause: str) -> bool:
             or prediction.cancel_after_at > timezone.now()
         ):
             return False
-        _move(prediction, P.CANCELED, cause, stop_run=True, error=DEADLINE_ERROR)
+        _move(prediction, P.CANCELED, cause, stop_run=True, run_end=RunEnd.STOPPED, error=DEADLINE_ERROR)
         return True
 
 
-def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str) -> bool:
+def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str, run_end: RunEnd) -> bool:
     """Fail a run still going ``grace`` seconds past its time limit, and cancel it on its runner
-    (the time-limit watchdog with no grace; the lost-run sweep with some)."""
+    (the time-limit watchdog with no grace: ``RunEnd.STOPPED``; the lost-run sweep with some:
+    ``RunEnd.FAILED``, the runner was lost on our side)."""
     with transaction.atomic():
         prediction = _lock(prediction_id)
         if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
@@ -338,6 +348,7 @@ def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str) ->
             P.FAILED,
             cause,
             stop_run=True,
+            run_end=run_end,
             error=error.format(limit=prediction.time_limit_seconds),
         )
         return True

@@ -28,19 +28,42 @@ CHARGE = 3_000
 INVALIDATE_UNORDERED_NONCES = "0x3ff9dcb1"
 
 
-def record_upto(chain, key: str) -> Payment:
-    """A verified upto payment in the ledger, charged CHARGE of MAXIMUM and asked to settle."""
+def record_verified_upto(chain, key: str, usage: UsagePrice | None = None) -> Payment:
+    """A verified upto payment in the ledger (not yet charged): its maximum is ``usage``'s."""
+    usage = usage or UsagePrice(Decimal("0.0014"), Decimal(0), Decimal(0), Decimal("0.014"))
+    maximum = int(usage.maximum.scaleb(6))
     req = Requirement(
-        payment_options()[0], MAXIMUM, hold_seconds=10, scheme=SCHEME_UPTO, facilitators=(chain.relayer_address,)
+        payment_options()[0], maximum, hold_seconds=10, scheme=SCHEME_UPTO, facilitators=(chain.relayer_address,)
     )
     payload = parse_payload(upto_body(req, sign_upto(key, req)))
     resource = Resource("http://test/")
     verified = verification.verify(payload, [req], resource)
-    usage = UsagePrice(Decimal("0.0014"), Decimal(0), Decimal(0), Decimal("0.014"))
     with transaction.atomic():
-        p = ledger.record(verified, resource=resource, fingerprint="test", settle_now=False, usage=usage)
+        return ledger.record(verified, resource=resource, fingerprint="test", settle_now=False, usage=usage)
+
+
+def record_upto(chain, key: str) -> Payment:
+    """A verified upto payment in the ledger, charged CHARGE of MAXIMUM and asked to settle."""
+    p = record_verified_upto(chain, key)
     Payment.objects.filter(pk=p.pk).update(amount=CHARGE, run_seconds=Decimal("2.1"), settle_requested_at=timezone.now())
     return Payment.objects.get(pk=p.pk)
+
+
+def test_the_charge_is_the_measured_seconds_price_rounded_up_once(chain) -> None:
+    """2.0005 s at 0.0014 USDC/s is 2,800.7 atomic units: charged 2,801 (rounding the seconds
+    first, to 2.000 s, charged 2,800), the seconds recorded as measured, and exactly that moves."""
+    with override_settings(**option_settings(chain)):
+        payer = fresh_payer(chain)
+        devchain.approve_permit2(chain.rpc_url, chain.asset, payer["address"])
+        before = token_balance(chain, payer["address"])
+        p = record_verified_upto(chain, payer["private_key"])
+        with transaction.atomic():
+            ledger.charge_usage(p, Decimal("2.0005"), ledger.RunEnd.SUCCEEDED)
+        p.refresh_from_db()
+        assert (int(p.amount), p.run_seconds) == (2_801, Decimal("2.0005"))
+        p = settlement.settle(p.pk, wait_seconds=5)
+    assert p.status in (PaymentStatus.SETTLED, PaymentStatus.CONFIRMED)
+    assert token_balance(chain, payer["address"]) == before - 2_801
 
 
 def test_a_replaced_settlement_whose_replacement_reverts_ends_failed(chain) -> None:

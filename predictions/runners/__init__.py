@@ -34,6 +34,8 @@ class Outcome:
     #: The run's logs, when the runner reports them with its outcome (None: unchanged).
     logs: str | None = None
     predict_time: float | None = None
+    #: The runner stopped the run at its time limit (a pay-per-second run is charged its seconds).
+    timed_out: bool = False
 
 
 class RunnerBusy(Exception):

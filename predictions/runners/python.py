@@ -84,6 +84,7 @@ class PythonRunner:
                 error=f"the prediction ran longer than its time limit ({prediction.time_limit_seconds}s)",
                 logs=printed.getvalue(),
                 predict_time=time.perf_counter() - started,
+                timed_out=True,
             )
         except Exception as exc:  # a model's failure is the prediction's outcome, not the worker's
             log.warning("prediction %s failed: %s", prediction.id, exc)
