@@ -168,6 +168,34 @@ def test_a_run_past_its_time_limit_is_stopped_and_charged_its_seconds_up_to_the_
     assert token_balance(chain, payer["address"]) == before - charged
 
 
+def test_a_run_its_payer_cancels_is_charged_the_seconds_it_ran(
+    chain_settings, per_second_model, live_server, celery_worker_process
+) -> None:
+    """The payer cancels a running pay-per-second run: it is stopped and charged the seconds it
+    ran (the model charges nothing for a failure: that policy is for failures on our side)."""
+    chain = chain_settings
+    payer = approved_payer(chain)
+    before = token_balance(chain, payer["address"])
+    response = upto_session(payer, chain).post(f"{live_server.url}{PATH}", json={"input": {"seconds": 8}}, timeout=30)
+    assert response.status_code == 201, response.text
+    urls = response.json()["urls"]
+    deadline = time.monotonic() + 20
+    while requests.get(urls["get"], timeout=5).json()["status"] != "processing" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(2)
+    canceled = requests.post(urls["cancel"], timeout=10).json()
+    assert canceled["status"] == "canceled", canceled
+    p = Payment.objects.get(prediction__id=canceled["id"])
+    deadline = time.monotonic() + 20
+    while p.status not in (PaymentStatus.SETTLED, PaymentStatus.CONFIRMED) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        p.refresh_from_db()
+    assert p.status in (PaymentStatus.SETTLED, PaymentStatus.CONFIRMED), (p.status, p.failure_reason)
+    assert Decimal(2) <= p.run_seconds < Decimal(6)
+    assert int(p.amount) == charge_of(p.run_seconds) < MAXIMUM
+    assert token_balance(chain, payer["address"]) == before - int(p.amount)
+
+
 @pytest.mark.parametrize(
     "field, value, reason",
     [
