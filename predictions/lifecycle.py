@@ -23,10 +23,13 @@ creation): a model edited mid-run changes nothing about a run already paid for.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from prometheus_client import Counter
@@ -65,6 +68,16 @@ ABORTED_ERROR = "aborted: the Cancel-After deadline passed before the prediction
 DEADLINE_ERROR = "canceled: the Cancel-After deadline passed while the prediction ran"
 #: Why a prediction past its deadline ran all the same (in its PROCESSING event's detail).
 DEADLINE_WAIVED = "the Cancel-After deadline passed after the payment was settled: run, not aborted"
+#: The watchdog fires this long after a run's time limit (the runner's own limit acts first).
+WATCHDOG_SLACK = 2
+#: A held authorization (settled after the run) that cannot outlast the run: the run's limit is
+#: cut to what is left if that keeps at least this share of it (and a whole second), else it
+#: is not started.
+MIN_CUT_LIMIT_SHARE = 0.5
+EXPIRES_BEFORE_RUN_ERROR = (
+    "not started: the payment authorization expires in {left}s, too soon to run for {limit}s "
+    "and settle after the run; nothing was charged, pay again with a later deadline"
+)
 PREDICTIONS_ENDED = Counter("x402_predictions_total", "Predictions that ended, by status", ["status"])
 
 
@@ -187,12 +200,37 @@ def claim(prediction_id: str) -> Prediction | None:
             and payment.status != PaymentStatus.CONFIRMED
         ):
             return None  # no compute before the money is in; the confirmation enqueues it again
+        detail: dict[str, Any] = {}
+        fields: dict[str, Any] = {}
         if late:  # paid for: deliver it rather than abort (the deadline no longer applies)
-            waived = {"cancel_after": DEADLINE_WAIVED}
-            _move(prediction, P.PROCESSING, Cause.TASK, detail=waived, cancel_after_at=None)
-        else:
-            _move(prediction, P.PROCESSING, Cause.TASK)
+            detail["cancel_after"], fields["cancel_after_at"] = DEADLINE_WAIVED, None
+        limit = _limit_the_authorization_allows(prediction)
+        if limit is None:
+            left = max(0, int(payment.valid_before - time.time())) if payment else 0
+            error = EXPIRES_BEFORE_RUN_ERROR.format(left=left, limit=prediction.time_limit_seconds)
+            _move(prediction, P.FAILED, Cause.TASK, error=error)  # releases it: nothing charged
+            return None
+        if limit < prediction.time_limit_seconds:
+            detail["time_limit"] = f"cut from {prediction.time_limit_seconds}s: the payment authorization expires"
+            fields["time_limit_seconds"] = limit
+        _move(prediction, P.PROCESSING, Cause.TASK, detail=detail or None, **fields)
         return prediction
+
+
+def _limit_the_authorization_allows(prediction: Prediction) -> int | None:
+    """The time limit a run may start with: its own, unless its payment is held for settlement
+    after the run (``upto``, ``after_success``) and the authorization would expire before the
+    run ends and its settlement lands (queue wait counts against it). Then what is left (minus
+    the watchdog's slack and the settlement margin) if that keeps a fair share of the limit,
+    else None: the run must not start."""
+    payment, limit = prediction.payment, prediction.time_limit_seconds
+    if payment is None or payment.status != PaymentStatus.VERIFIED or payment.settle_requested_at is not None:
+        return limit  # free, paid already, or being settled now: the authorization is not held
+    margin = settings.X402_SETTLE_MARGIN_SECONDS + WATCHDOG_SLACK
+    left = math.floor(payment.valid_before - time.time() - margin)
+    if left >= limit:
+        return limit
+    return left if left >= max(1, math.ceil(limit * MIN_CUT_LIMIT_SHARE)) else None
 
 
 def running(prediction_id: str) -> Prediction | None:

@@ -31,7 +31,7 @@ from payments.ledger import RunEnd
 from payments.models import PaymentStatus
 
 from . import lifecycle
-from .lifecycle import Cause
+from .lifecycle import WATCHDOG_SLACK, Cause
 from .models import TERMINAL, Prediction, PredictionStatus, SettlementPolicy
 from .runners import Outcome, RunnerBusy, RunnerRefused
 
@@ -40,8 +40,6 @@ P = PredictionStatus
 
 #: A busy runner is asked again this many times (backing off to 15 s) before the run fails.
 MAX_START_ATTEMPTS = 120
-#: The watchdog fires this long after a run's time limit (the runner's own limit acts first).
-WATCHDOG_SLACK = 2
 OVERRAN = "the prediction ran longer than its time limit ({limit}s) and was stopped"
 LOST = "the prediction's run was lost: no result within its time limit ({limit}s); it was not run again"
 

@@ -383,3 +383,105 @@ def test_the_lane_the_permit_names_settles_it(chain_settings, per_second_model, 
     receipt = rpc(chain.rpc_url, "eth_getTransactionReceipt", [p.settle_tx_hash])
     assert receipt["from"].lower() == second.address.lower()
     assert Prediction.objects.get(payment=p).status == "succeeded"
+
+
+# --- A held authorization must outlast the run and its settlement (review C) -----------------------
+
+
+def _paid_not_run(chain: Any, monkeypatch: Any, header_for: Any) -> Prediction:
+    """A prediction paid with the header ``header_for(payer, PAYMENT-REQUIRED)`` builds, accepted
+    and queued but not yet claimed (its run task is held back: the queue is long)."""
+    from predictions import tasks
+
+    monkeypatch.setattr(tasks, "enqueue_run", lambda prediction: None)
+    challenge = Client().post(PATH, {"input": {"seconds": 1}}, content_type="application/json")
+    header = header_for(challenge["PAYMENT-REQUIRED"])
+    response = Client().post(
+        PATH, {"input": {"seconds": 1}}, content_type="application/json", HTTP_PAYMENT_SIGNATURE=header
+    )
+    assert response.status_code == 201, response.content
+    prediction = Prediction.objects.select_related("payment").latest("created_at")
+    assert prediction.status == "starting" and prediction.payment.status == PaymentStatus.VERIFIED
+    return prediction
+
+
+def _upto_header(payer: dict[str, str], chain: Any) -> Any:
+    from payments.x402.types import SCHEME_UPTO, PaymentOption, Requirement
+
+    def header(payment_required: str) -> str:
+        accepted = decode_header(payment_required)["accepts"][0]
+        option = PaymentOption(chain.chain_id, chain.asset, "USD Coin", "2", chain.pay_to)
+        req = Requirement(
+            option, int(accepted["amount"]), hold_seconds=10, scheme=SCHEME_UPTO, facilitators=(chain.relayer_address,)
+        )
+        return encode_header({"x402Version": 2, "accepted": accepted, "payload": sign_upto(payer["private_key"], req)})
+
+    return header
+
+
+def _claimed_when_left(prediction: Prediction, seconds_left: int, monkeypatch: Any) -> Prediction | None:
+    from predictions import lifecycle
+
+    valid_before = prediction.payment.valid_before
+    with monkeypatch.context() as m:
+        m.setattr(time, "time", lambda: valid_before - seconds_left)
+        return lifecycle.claim(prediction.pk)
+
+
+def test_an_upto_run_whose_permit_cannot_outlast_it_is_not_started_and_costs_nothing(
+    chain_settings, per_second_model, monkeypatch
+) -> None:
+    """Claimed 10 s before the permit's deadline (a long queue): a 10 s run and its settlement
+    cannot fit. It is not started, the permit is released, the prediction says why."""
+    from payments.settlement import LAPSE_MARGIN_SECONDS, reconcile_open
+
+    chain = chain_settings
+    payer = approved_payer(chain)
+    before = token_balance(chain, payer["address"])
+    prediction = _paid_not_run(chain, monkeypatch, _upto_header(payer, chain))
+    assert _claimed_when_left(prediction, 10, monkeypatch) is None
+    prediction.refresh_from_db()
+    p = Payment.objects.get(pk=prediction.payment_id)
+    assert prediction.status == "failed" and prediction.started_at is None, prediction.error
+    assert "authorization expires" in prediction.error and "nothing was charged" in prediction.error
+    assert p.status == PaymentStatus.LAPSING and p.unpaid_reason == UnpaidReason.RELEASED
+    monkeypatch.setattr(time, "time", lambda: p.valid_before + LAPSE_MARGIN_SECONDS + 1)
+    reconcile_open()
+    p.refresh_from_db()
+    assert p.status == PaymentStatus.EXPIRED and token_balance(chain, payer["address"]) == before
+
+
+def test_an_upto_run_is_cut_to_what_its_permit_leaves(chain_settings, per_second_model, monkeypatch) -> None:
+    """15 s before the deadline: 7 s are left once the settlement margin (6 s) and the watchdog's
+    slack (2 s) are kept, over half the 10 s limit: the run starts with a 7 s limit."""
+    chain = chain_settings
+    prediction = _paid_not_run(chain, monkeypatch, _upto_header(approved_payer(chain), chain))
+    claimed = _claimed_when_left(prediction, 15, monkeypatch)
+    assert claimed is not None and claimed.status == "processing" and claimed.time_limit_seconds == 7
+    event = claimed.events.get(to_status="processing")
+    assert "cut from 10s" in event.detail["time_limit"]
+    # With time to spare, the limit is the model's.
+    other = _paid_not_run(chain, monkeypatch, _upto_header(approved_payer(chain), chain))
+    claimed = _claimed_when_left(other, 30, monkeypatch)
+    assert claimed is not None and claimed.time_limit_seconds == 10
+    assert "time_limit" not in claimed.events.get(to_status="processing").detail
+
+
+def test_an_after_success_run_whose_authorization_cannot_outlast_it_is_not_started(
+    chain_settings, per_second_model, monkeypatch
+) -> None:
+    """The same for the exact scheme under ``after_success`` (its authorization is held)."""
+    from tests.payers import v2_header_for
+
+    Model.objects.filter(pk=per_second_model.pk).update(upto_order="off", settlement_policy="after_success")
+    from payments.pricing import invalidate
+
+    invalidate([per_second_model.pk])
+    payer = fresh_payer(chain_settings)
+    prediction = _paid_not_run(chain_settings, monkeypatch, lambda required: v2_header_for(payer["private_key"], required))
+    assert prediction.payment.scheme == "exact" and prediction.settlement_policy == "after_success"
+    assert _claimed_when_left(prediction, 12, monkeypatch) is None
+    prediction.refresh_from_db()
+    assert prediction.status == "failed" and "authorization expires" in prediction.error
+    p = Payment.objects.get(pk=prediction.payment_id)
+    assert p.status == PaymentStatus.LAPSING and p.unpaid_reason == UnpaidReason.RELEASED
