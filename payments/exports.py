@@ -30,6 +30,10 @@ COLUMNS = [
     "pay_to",
     "amount_atomic",
     "amount",
+    # What moved or is moving on chain (settling, settled, confirmed); 0 for a payment never
+    # charged (released, failed, expired, or not settled yet), whose ``amount`` is only authorized.
+    "charged_atomic",
+    "charged",
     "model",
     "version",
     "hardware_tier",
@@ -74,6 +78,8 @@ def row(p: Payment, symbols: dict[tuple[str, str], str]) -> list[Any]:
         p.pay_to,
         int(p.amount),
         _units(p.amount, p.decimals),
+        p.charged_atomic,
+        _units(p.charged_atomic, p.decimals),
         str(model) if model else "",
         prediction.version_id if prediction else "",
         model.hardware.slug if model and model.hardware else "",

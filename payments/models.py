@@ -263,6 +263,22 @@ class Payment(models.Model):
         return None if self.maximum is None else Decimal(self.maximum).scaleb(-self.decimals)
 
     @property
+    def charged_atomic(self) -> int:
+        """What moved (settled, confirmed) or is moving (settling) on chain for this payment; 0
+        otherwise (not charged yet, released, failed, expired). ``amount`` is always positive, so
+        an upto payment charged nothing keeps its signed maximum there: read this instead."""
+        return int(self.amount) if self.status in CHARGED_STATUSES else 0
+
+    @property
+    def charged_decimal(self) -> Decimal:
+        return Decimal(self.charged_atomic).scaleb(-self.decimals)
+
+    @property
+    def is_released(self) -> bool:
+        """We decided not to settle it: never charged, whatever the chain says until it lapses."""
+        return self.unpaid_reason == UnpaidReason.RELEASED
+
+    @property
     def is_terminal(self) -> bool:
         return not TRANSITIONS[self.status]
 

@@ -119,6 +119,7 @@ def test_sdk_upto_client_pays_for_the_seconds_it_ran(
     assert receipt["to"].lower() == chain.upto_proxy.lower() and int(receipt["status"], 16) == 1
     [row] = [r for r in export_rows(capsys) if r["payment_id"] == str(p.pk)]
     assert (row["scheme"], row["maximum_atomic"], row["amount_atomic"]) == ("upto", str(MAXIMUM), str(actual))
+    assert (row["charged_atomic"], row["charged"]) == (str(actual), str(Decimal(actual).scaleb(-6).quantize(Decimal("1e-6"))))
     assert row["maximum"] == "0.014000" and Decimal(row["run_seconds"]) == p.run_seconds
     # The revenue dashboard shows the maximum and the charge; the catalogue, the per-second offer.
     page = staff["finance"].get("/admin/payments/payment/dashboard/").content.decode()
@@ -287,7 +288,7 @@ def test_a_failed_settlement_is_a_clear_state_the_reconciler_finishes(
 
 
 def test_a_failed_run_with_nothing_to_charge_moves_no_money(
-    chain_settings, per_second_model, eager_celery, monkeypatch
+    chain_settings, per_second_model, eager_celery, monkeypatch, capsys, staff
 ) -> None:
     """The model charges nothing for a failed run: the permit is released (no transaction), the
     payment ends EXPIRED with ``unpaid_reason`` released once the permit lapses; the run seconds
@@ -319,10 +320,20 @@ def test_a_failed_run_with_nothing_to_charge_moves_no_money(
     assert prediction.status == "failed" and "fell over" in prediction.error
     assert p.status == PaymentStatus.LAPSING and p.unpaid_reason == UnpaidReason.RELEASED
     assert p.settle_tx_hash is None and p.settlement_tx is None and p.run_seconds is not None
+
+    def charged_cell() -> str:
+        page = staff["finance"].get("/admin/payments/payment/dashboard/").content.decode()
+        return page.split('<td class="charged">', 1)[1].split("</td>", 1)[0]
+
+    assert charged_cell() == "0"  # released: never charged (not "pending")
     monkeypatch.setattr(time, "time", lambda: p.valid_before + LAPSE_MARGIN_SECONDS + 1)
     reconcile_open()
     p.refresh_from_db()
     assert p.status == PaymentStatus.EXPIRED and p.unpaid_reason == UnpaidReason.RELEASED
+    # amount keeps the signed maximum (amounts are positive); the export says nothing was charged.
+    [row] = [r for r in export_rows(capsys) if r["payment_id"] == str(p.pk)]
+    assert (row["amount_atomic"], row["charged_atomic"], row["charged"]) == (str(MAXIMUM), "0", "0.000000")
+    assert charged_cell() == "0"
     assert token_balance(chain, payer["address"]) == before
 
 
