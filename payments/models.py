@@ -69,7 +69,8 @@ class UptoOrder(models.TextChoices):
 
 
 class FailureCharge(models.TextChoices):
-    """What a pay-per-second (``upto``) run that failed or was canceled while running costs."""
+    """What a pay-per-second (``upto``) run that failed on our side or that an operator canceled
+    costs (one stopped at its time limit or canceled by its payer is charged its seconds)."""
 
     NOTHING = "nothing", "Nothing (the permit is released)"
     MINIMUM = "minimum", "The model's minimum price"
