@@ -370,10 +370,10 @@ def cancel_past_deadline(prediction_id: str, *, cause: str) -> bool:
         return True
 
 
-def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str, run_end: RunEnd) -> bool:
+def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str, run_end: RunEnd | None) -> bool:
     """Fail a run still going ``grace`` seconds past its time limit, and cancel it on its runner
-    (the time-limit watchdog with no grace: ``RunEnd.STOPPED``; the lost-run sweep with some:
-    ``RunEnd.FAILED``, the runner was lost on our side)."""
+    (the time-limit watchdog with no grace; the lost-run sweep with some: ``RunEnd.FAILED``, the
+    run was lost on our side). ``run_end`` None: the watchdog's, see :func:`_overran`."""
     with transaction.atomic():
         prediction = _lock(prediction_id)
         if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
@@ -386,10 +386,21 @@ def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str, ru
             P.FAILED,
             cause,
             stop_run=True,
-            run_end=run_end,
+            run_end=run_end or _overran(prediction),
             error=error.format(limit=prediction.time_limit_seconds),
         )
         return True
+
+
+def _overran(prediction: Prediction) -> RunEnd:
+    """How a run the watchdog found past its time limit is charged: stopped at its limit (its
+    seconds), unless its runner stops runs at their limit and reports it (the python runner's
+    soft time limit) and the limit was not cut at the claim: then the run should have reported,
+    so it was lost on our side (the failure charge)."""
+    cut = prediction.events.filter(to_status=P.PROCESSING, detail__has_key="time_limit").exists()
+    if prediction.version.runner_impl.reports_time_limit and not cut:
+        return RunEnd.FAILED
+    return RunEnd.STOPPED
 
 
 def on_payment(payment: Payment) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import requests
 from django.core.management import call_command
+from django.db.models import F
 from django.test import Client
 from eth_account import Account
 
@@ -496,3 +497,40 @@ def test_an_after_success_run_whose_authorization_cannot_outlast_it_is_not_start
     assert prediction.status == "failed" and "authorization expires" in prediction.error
     p = Payment.objects.get(pk=prediction.payment_id)
     assert p.status == PaymentStatus.LAPSING and p.unpaid_reason == UnpaidReason.RELEASED
+
+
+def test_the_watchdog_charges_a_run_cut_short_its_seconds_and_a_lost_run_the_failure_charge(
+    chain_settings, per_second_model, eager_celery, monkeypatch
+) -> None:
+    """The watchdog finds two python runs past their limits (no report). One whose limit was cut
+    at the claim (the runner's own soft limit is the longer, uncut one) was stopped at its limit:
+    charged its seconds, up to the maximum, settled on chain. The other should have reported at
+    its own limit: it was lost on our side, and costs the model's failure charge (nothing)."""
+    from datetime import timedelta
+
+    from predictions import tasks
+
+    chain = chain_settings
+    payers = [approved_payer(chain), approved_payer(chain)]
+    before = [token_balance(chain, payer["address"]) for payer in payers]
+    cut = _paid_not_run(chain, monkeypatch, _upto_header(payers[0], chain))
+    assert _claimed_when_left(cut, 15, monkeypatch).time_limit_seconds == 7
+    lost = _paid_not_run(chain, monkeypatch, _upto_header(payers[1], chain))
+    assert _claimed_when_left(lost, 60, monkeypatch).time_limit_seconds == 10
+    Prediction.objects.filter(pk__in=[cut.pk, lost.pk]).update(started_at=F("started_at") - timedelta(seconds=12))
+    assert tasks.enforce_time_limit(cut.pk) and tasks.enforce_time_limit(lost.pk)
+    from payments.settlement import reconcile_open
+
+    cut_payment = Payment.objects.get(prediction=cut)
+    for _ in range(30):  # settled as it ended; the reconciler follows its receipt
+        if cut_payment.status in (PaymentStatus.SETTLED, PaymentStatus.CONFIRMED):
+            break
+        reconcile_open()
+        time.sleep(0.1)
+        cut_payment.refresh_from_db()
+    lost_payment = Payment.objects.get(prediction=lost)
+    assert cut_payment.status in (PaymentStatus.SETTLED, PaymentStatus.CONFIRMED), cut_payment.failure_reason
+    assert int(cut_payment.amount) == MAXIMUM and cut_payment.run_seconds >= 12  # 12 s: capped at the maximum
+    assert token_balance(chain, payers[0]["address"]) == before[0] - MAXIMUM
+    assert lost_payment.status == PaymentStatus.LAPSING and lost_payment.unpaid_reason == UnpaidReason.RELEASED
+    assert token_balance(chain, payers[1]["address"]) == before[1]

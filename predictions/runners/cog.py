@@ -136,6 +136,7 @@ def _never_sent(exc: requests.RequestException) -> bool:
 class CogRunner:
     kind = "cog"
     label = "Cog model server (HTTP)"
+    reports_time_limit = False  # the watchdog enforces it
 
     def validate(self, version: ModelVersion) -> None:
         if not version.cog_url:

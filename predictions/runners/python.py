@@ -52,6 +52,7 @@ def load_predictor(dotted_path: str) -> Predictor:
 class PythonRunner:
     kind = "python"
     label = "In-process Python predictor"
+    reports_time_limit = True  # the task's soft time limit
 
     def validate(self, version: ModelVersion) -> None:
         if not version.predictor:
