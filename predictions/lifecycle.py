@@ -8,7 +8,8 @@ and only here, follow the consequences:
   under ``after_success`` asks for settlement (``ledger.request_settlement``), an end without
   output releases an authorization not yet being settled (``ledger.release``); a pay-per-second
   (``upto``) payment is charged for the measured run instead (``ledger.charge_usage``: its
-  seconds on success, its price's failure charge once it ran);
+  seconds on success, at its time limit or when its payer cancels it; its price's failure
+  charge when it failed on our side or an operator canceled it);
 - after commit: the webhooks the prediction's filter asks for (``start``, ``logs``,
   ``output``, ``completed``), metrics, enqueuing the run, and stopping a run on its runner.
 
@@ -18,6 +19,8 @@ two never wait on each other crosswise.
 
 The settlement policy and the time limit are the prediction's own (copied from the model at
 creation): a model edited mid-run changes nothing about a run already paid for.
+A run whose authorization is held until after it (``upto``, ``after_success``) starts only if the
+authorization outlasts it and its settlement: the claim cuts its limit, or fails it unstarted.
 """
 
 from __future__ import annotations
