@@ -272,7 +272,7 @@ class Payment(models.Model):
 
     @property
     def charged_decimal(self) -> Decimal:
-        return Decimal(self.charged_atomic).scaleb(-self.decimals)
+        return Decimal(self.charged_atomic).scaleb(-self.decimals).quantize(Decimal(1).scaleb(-self.decimals))
 
     @property
     def is_released(self) -> bool:

@@ -106,6 +106,7 @@ def test_sdk_upto_client_pays_for_the_seconds_it_ran(
     prediction = poll_until_done(response.json()["urls"]["get"], timeout=40)
     assert prediction["status"] == "succeeded", prediction
     assert prediction["output"]["seconds"] >= 2
+    assert prediction["payment"]["charged_atomic"] == prediction["payment"]["amount_atomic"]
 
     p = Payment.objects.get(prediction__id=prediction["id"])
     assert (p.scheme, int(p.maximum)) == ("upto", MAXIMUM)
@@ -327,6 +328,8 @@ def test_a_failed_run_with_nothing_to_charge_moves_no_money(
         return page.split('<td class="charged">', 1)[1].split("</td>", 1)[0]
 
     assert charged_cell() == "0"  # released: never charged (not "pending")
+    shown = Client().get(f"/v1/predictions/{prediction.pk}").json()["payment"]
+    assert (shown["amount_atomic"], shown["charged_atomic"], shown["charged"]) == (str(MAXIMUM), "0", "0.000000")
     monkeypatch.setattr(time, "time", lambda: p.valid_before + LAPSE_MARGIN_SECONDS + 1)
     reconcile_open()
     p.refresh_from_db()
