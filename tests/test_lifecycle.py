@@ -255,7 +255,7 @@ def test_every_path_sends_the_webhooks_its_filter_asks_for(
     created = paid_api(
         model, {"input": {"text": "hello"}, "webhook": receiver.url, "webhook_events_filter": [event]}
     )
-    done = poll_until_done(created["urls"]["get"])
+    done = poll_until_done(created["urls"]["get"], timeout=60)  # after_success: run, then settle, on a loaded box
     assert done["status"] == "succeeded" and done["output"] == out, done
     got = receiver.wait(lambda bodies: EXPECTED[event](bodies, out))
     time.sleep(0.3)  # nothing more arrives
