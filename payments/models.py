@@ -720,7 +720,10 @@ class RefundStatus(models.TextChoices):
     OWED = "owed", "Owed"  # waits for finance's approval, then for the refund wallet
     SENT = "sent", "Sent"  # transfer signed and stored, maybe broadcast, maybe mined
     CONFIRMED = "confirmed", "Confirmed"
-    FAILED = "failed", "Failed"  # the transfer reverted: finance may approve it again
+    FAILED = "failed", "Failed"  # the transfer reverted (at depth): finance may approve it again
+    # Mined with status 1 but without the expected Transfer: money may have moved; a human
+    # checks the chain (never re-approved automatically).
+    REVIEW = "review", "Needs review"
 
 
 R = RefundStatus
@@ -729,8 +732,9 @@ R = RefundStatus
 REFUND_TRANSITIONS: dict[str, frozenset[str]] = {
     R.OWED: frozenset({R.SENT}),
     # A signed transfer that never reached a block is re-signed with the same nonce.
-    R.SENT: frozenset({R.SENT, R.CONFIRMED, R.FAILED}),
+    R.SENT: frozenset({R.SENT, R.CONFIRMED, R.FAILED, R.REVIEW}),
     R.FAILED: frozenset({R.OWED}),
+    R.REVIEW: frozenset(),
     R.CONFIRMED: frozenset(),
 }
 

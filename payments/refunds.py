@@ -5,7 +5,8 @@ A refund is *owed* when the lifecycle says so (``predictions.lifecycle``, the on
 knows how a prediction ended); finance *approves* it in the admin; the refund wallet (its key
 in ``X402_REFUND_KEY``, never in the database) signs an ERC-20 ``transfer`` back to the payer,
 the signed transaction is stored with the refund (*sent*) before it is broadcast, and the
-reconciler follows it to *confirmed* (or *failed*: the transfer reverted). State changes go
+reconciler follows it to *confirmed* (or *failed*: the transfer reverted, at the network's
+confirmation depth; or *review*: mined without the expected Transfer, for a human). State changes go
 through :meth:`Refund.advance` only.
 """
 
@@ -25,7 +26,7 @@ from eth_utils import to_checksum_address
 
 from .abi import TRANSFER_TOPIC
 from .chain import RpcError, rpc, rpc_batch
-from .models import PAID_STATUSES, Payment, Refund, RefundEvent, RefundStatus, RelayerNonce
+from .models import Payment, PaymentStatus, Refund, RefundEvent, RefundStatus, RelayerNonce
 from .options import for_payment
 from .relayer import fees
 
@@ -49,11 +50,13 @@ def wallet() -> LocalAccount:
     return _account(settings.X402_REFUND_KEY)
 
 
-def owe(payment: Payment, reason: str) -> Refund | None:
-    """Record the refund of a paid ``payment`` (once; call inside the transaction that decided
-    it, the payment locked). None if the payment did not pay."""
-    if payment.status not in PAID_STATUSES:
-        return None
+def owe(payment: Payment, reason: str, *, detail: dict[str, Any] | None = None) -> Refund:
+    """Record the refund of a CONFIRMED ``payment`` (once; call inside the transaction that
+    decided it, the payment locked). ``detail`` (the cause, the run seconds) goes on the OWED
+    event for finance. A payment not yet confirmed (still SETTLED: a reorg may undo it) or not
+    paid at all raises ValueError: nothing is owed back before the money is final."""
+    if payment.status != PaymentStatus.CONFIRMED:
+        raise ValueError(f"payment {payment.pk} is {payment.status}, not confirmed: no refund is owed yet")
     existing = Refund.objects.filter(payment=payment).first()
     if existing is not None:
         return existing
@@ -70,7 +73,7 @@ def owe(payment: Payment, reason: str) -> Refund | None:
             )
     except IntegrityError:
         return Refund.objects.get(payment=payment)
-    RefundEvent.objects.create(refund=refund, to_status=R.OWED, detail={"reason": refund.reason})
+    RefundEvent.objects.create(refund=refund, to_status=R.OWED, detail={"reason": refund.reason, **(detail or {})})
     log.info("refund owed: %s for payment %s", refund.amount_decimal, payment.pk)
     return refund
 
@@ -164,7 +167,7 @@ def send(refund_id: int) -> Refund:
         lane.save(update_fields=["next_nonce"])
         refund.advance(
             R.SENT,
-            detail={"nonce": nonce},
+            detail={"nonce": nonce, "tx": "0x" + signed.hash.hex().removeprefix("0x")},
             sender=account.address,
             nonce=nonce,
             tx_hash="0x" + signed.hash.hex().removeprefix("0x"),
@@ -197,7 +200,8 @@ def _transfers(receipt: dict[str, Any], refund: Refund) -> bool:
 
 def track(refund_id: int) -> Refund:
     """Follow one sent refund: confirmed once its transfer has the option's confirmations,
-    failed if it reverted, rebroadcast while no block has it."""
+    failed once its revert has them, in review if it was mined without its Transfer, and
+    rebroadcast while no block has it."""
     refund = Refund.objects.get(pk=refund_id)
     if refund.status != R.SENT:
         return refund
@@ -219,16 +223,30 @@ def track(refund_id: int) -> Refund:
         "gas_used": gas_used,
         "gas_cost_wei": gas_used * int(receipt.get("effectiveGasPrice", "0x0"), 16),
     }
+    depth = conf.option.confirmations
     with transaction.atomic():
         refund = Refund.objects.select_for_update().get(pk=refund_id)
         if refund.status != R.SENT:
             return refund
-        if int(receipt["status"], 16) != 1 or not _transfers(receipt, refund):
+        evidence = {"tx": refund.tx_hash, "block": block, "receipt_status": receipt["status"]}
+        if int(receipt["status"], 16) != 1:
+            # A revert is final only at the network's depth: a reorg may drop its block and the
+            # same nonce may then pay (re-approving before that would pay twice).
+            if confirmations >= depth:
+                refund.advance(R.FAILED, detail=evidence, failure_reason="the refund transfer reverted", **mined)
+            else:
+                Refund.objects.filter(pk=refund.pk).update(**mined)
+        elif not _transfers(receipt, refund):
+            # Mined and successful, yet not the Transfer we signed: money may have moved. Not
+            # FAILED (that invites a second payment): a human must look.
             refund.advance(
-                R.FAILED, detail={"tx": refund.tx_hash, "receipt_status": receipt["status"]}, failure_reason="the refund transfer reverted", **mined
+                R.REVIEW,
+                detail=evidence,
+                failure_reason="mined without the expected Transfer to the payer: check on chain before acting",
+                **mined,
             )
-        elif confirmations >= conf.option.confirmations:
-            refund.advance(R.CONFIRMED, detail={"tx": refund.tx_hash, "block": block}, **mined)
+        elif confirmations >= depth:
+            refund.advance(R.CONFIRMED, detail=evidence, **mined)
         else:
             Refund.objects.filter(pk=refund.pk).update(**mined)
     return refund

@@ -18,7 +18,7 @@ from payments import exports, reconciliation, refunds
 from payments.models import Payment, Refund
 from payments.reports import DateBasis, LedgerFilter
 from predictions.models import Prediction
-from tests.conftest import fresh_payer, token_balance
+from tests.conftest import fresh_payer, option_settings, rpc, token_balance
 from tests.invariants import refund_violations
 from tests.payers import v2_header_for
 from tests.test_lifecycle import python_model
@@ -60,7 +60,11 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
 
     refund = Refund.objects.get(payment=prediction.payment)
     assert (refund.status, int(refund.amount), refund.recipient) == ("owed", PRICE, payer["address"])
-    assert created["id"] in refund.reason
+    # The reason names the payment, never the prediction id (a bearer capability); the OWED
+    # event says why for finance: the run failed on our side, and how long it ran.
+    assert str(prediction.payment_id) in refund.reason and created["id"] not in refund.reason
+    owed = refund.events.get(to_status="owed").detail
+    assert owed["cause"] == "failed" and Decimal(owed["run_seconds"]) >= 0
     # Owed once: the payment's later moves (none) or a second look change nothing.
     assert refunds.owe(prediction.payment, "again") == refund and Refund.objects.count() == 1
 
@@ -156,3 +160,124 @@ def test_money_that_confirms_after_a_cancel_is_owed_back(chain_settings, staff) 
     assert payment.status == "confirmed"
     refund = Refund.objects.get(payment=payment)
     assert refund.status == "owed" and "canceled" in refund.reason and int(refund.amount) == PRICE
+
+
+def wallet_send(chain, data: str) -> str:
+    """A transaction from the refund wallet (unlocked on anvil) to the token, mined; its hash."""
+    rpc(chain.rpc_url, "anvil_impersonateAccount", [chain.refund_address])
+    tx = rpc(
+        chain.rpc_url,
+        "eth_sendTransaction",
+        [{"from": chain.refund_address, "to": chain.asset, "data": data, "gas": hex(100_000)}],
+    )
+    deadline = time.monotonic() + 10
+    while rpc(chain.rpc_url, "eth_getTransactionReceipt", [tx]) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return tx
+
+
+def transfer_data(to: str, amount: int) -> str:
+    return refunds.TRANSFER + to[2:].lower().rjust(64, "0") + hex(amount)[2:].rjust(64, "0")
+
+
+def as_sent(refund: Refund, tx: str) -> None:
+    """The refund as if the wallet had signed ``tx`` for it (the state send() leaves)."""
+    nonce = int(rpc(refund_chain_url(), "eth_getTransactionByHash", [tx])["nonce"], 16)
+    Refund.objects.filter(pk=refund.pk).update(
+        status="sent", sender=refunds.wallet().address, nonce=nonce, tx_hash=tx, approved_at=timezone.now()
+    )
+
+
+def refund_chain_url() -> str:
+    from payments.options import configured
+
+    return configured()[0].rpc_url
+
+
+def test_a_revert_is_final_only_at_depth_and_a_success_without_the_transfer_needs_a_human(
+    chain_settings, eager_celery
+) -> None:
+    """A reverted refund transaction whose block a reorg may still drop is not FAILED yet (the
+    same nonce could still pay, and a re-approval would pay twice); at the network's depth it is.
+    A successful transaction without the expected Transfer is not FAILED either: REVIEW."""
+    chain = chain_settings
+    payer = fresh_payer(chain)
+    model = python_model("boom", "tests.predictors.Boom", "before_run")
+    pay(model, payer["private_key"])
+    pay(model, payer["private_key"])
+    with override_settings(**option_settings(chain, confirmations=3)):
+        first, second = Refund.objects.order_by("pk")
+        reverted = wallet_send(chain, transfer_data(payer["address"], 10**30))  # more than it holds
+        as_sent(first, reverted)
+        refunds.track(first.pk)
+        first.refresh_from_db()
+        assert (first.status, first.confirmations) == ("sent", 1) and first.block_number
+        rpc(chain.rpc_url, "anvil_mine", [hex(2)])
+        refunds.track(first.pk)
+        first.refresh_from_db()
+        assert (first.status, first.confirmations) == ("failed", 3) and "reverted" in first.failure_reason
+
+        wrong = wallet_send(chain, transfer_data(payer["address"], 1))  # status 1, not the refund's Transfer
+        as_sent(second, wrong)
+        refunds.track(second.pk)
+        second.refresh_from_db()
+        assert second.status == "review" and "check on chain" in second.failure_reason
+        refunds.approve(second.pk, None)  # finance cannot re-send it by approving
+        second.refresh_from_db()
+        assert second.status == "review"
+
+        # The auditor sees a refund paid twice: a second real Transfer of the amount, named
+        # by one of the refund's events, is caught (then the test's own record is removed).
+        assert refund_violations(chain.rpc_url) == []
+        extra = wallet_send(chain, transfer_data(payer["address"], PRICE))
+        first_paid = wallet_send(chain, transfer_data(payer["address"], PRICE))
+        from payments.models import RefundEvent
+
+        marks = [RefundEvent.objects.create(refund=first, from_status="sent", to_status="sent", detail={"tx": t}) for t in (extra, first_paid)]
+        found = refund_violations(chain.rpc_url)
+        assert any("paid more than once" in f for f in found) and any("is failed but" in f for f in found)
+        RefundEvent.objects.filter(pk__in=[m.pk for m in marks]).delete()
+
+
+def test_a_cancel_after_the_run_started_is_not_refunded_but_one_before_it_is(chain_settings, staff) -> None:
+    """The refund policy: a payer who cancels after the run started had the compute (and may
+    have seen partial output): nothing is owed. One canceled before the run started is refunded
+    in full (see test_money_that_confirms_after_a_cancel_is_owed_back for the settling case)."""
+    from payments import batching, relayer
+    from payments.options import configured
+    from predictions import lifecycle
+
+    payer = fresh_payer(chain_settings)
+    model = python_model("cancelme", "tests.predictors.Slow", "before_run")
+    ran, waiting = pay(model, payer["private_key"]), pay(model, payer["private_key"])
+    conf = configured()[0]
+    formed = batching.form(conf, force=True)
+    relayer.broadcast(conf.rpc_url, formed.tx)
+    assert batching.follow([formed.tx.pk], wait_seconds=20) == []
+    assert set(Payment.objects.values_list("status", flat=True)) == {"confirmed"}
+    assert lifecycle.claim(ran["id"]) is not None  # its run started (no worker runs it here)
+
+    for created in (ran, waiting):
+        canceled = Client().post(f"/v1/predictions/{created['id']}/cancel")
+        assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+    started, not_started = (Prediction.objects.get(pk=c["id"]) for c in (ran, waiting))
+    assert not Refund.objects.filter(payment=started.payment).exists()
+    refund = Refund.objects.get(payment=not_started.payment)
+    assert refund.status == "owed" and int(refund.amount) == PRICE
+    owed = refund.events.get(to_status="owed").detail
+    assert (owed["cause"], owed["run_seconds"], owed["prediction_status"]) == ("ended_before_run", "0", "canceled")
+
+
+def test_only_a_confirmed_payment_can_be_owed_back(chain_settings) -> None:
+    """A SETTLED payment may still be undone by a reorg: nothing is owed until it is final."""
+    payer = fresh_payer(chain_settings)
+    model = python_model("cancelme", "tests.predictors.Slow", "before_run")
+    created = pay(model, payer["private_key"])
+    payment = Prediction.objects.get(pk=created["id"]).payment
+    for status in ("verified", "settled"):
+        Payment.objects.filter(pk=payment.pk).update(status=status)
+        payment.refresh_from_db()
+        with pytest.raises(ValueError, match="not confirmed"):
+            refunds.owe(payment, "test")
+    assert not Refund.objects.exists()
+    Payment.objects.filter(pk=payment.pk).update(status="verified")  # as the ledger left it
