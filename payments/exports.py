@@ -48,7 +48,7 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce, Concat, Replace
 
-from .models import PAID_STATUSES, NativeTokenRate, Payment, Refund, RefundStatus
+from .models import CHARGED_STATUSES, PAID_STATUSES, NativeTokenRate, Payment, Refund, RefundStatus
 from .options import configured
 from .reports import MONEY_AT, DateBasis, LedgerFilter
 
@@ -66,6 +66,11 @@ COLUMNS: list[tuple[str, str]] = [
     ("pay_to", "text"),
     ("amount_atomic", "numeric"),
     ("amount", "numeric"),
+    # What moved or is moving on chain (settling, settled, confirmed; a refund: once confirmed);
+    # 0 for money never charged (released, failed, expired, not settled yet), whose ``amount``
+    # is only authorized (an upto permit released keeps its signed maximum there).
+    ("charged_atomic", "numeric"),
+    ("charged", "numeric"),
     ("gas_native", "numeric"),
     ("gas_usd", "numeric"),
     ("net_amount", "numeric"),
@@ -199,6 +204,9 @@ def payment_lines(
     """The payment lines of the data file: one row per payment."""
     rate = _by_network({n: r.usd_per_token for n, r in usd_rates.items()})
     paid_amount = Case(When(status__in=PAID_STATUSES, then=F("amount")), default=Value(0), output_field=DecimalField())
+    charged = Case(
+        When(status__in=CHARGED_STATUSES, then=F("amount")), default=Value(0), output_field=DecimalField()
+    )
     columns: dict[str, Any] = {
         "kind": Value(KIND_PAYMENT, CharField()),
         "payment_id": F("id"),
@@ -212,6 +220,8 @@ def payment_lines(
         "pay_to": F("pay_to"),
         "amount_atomic": F("amount"),
         "amount": _Scaled(F("amount"), F("decimals")),
+        "charged_atomic": charged,
+        "charged": _Scaled(charged, F("decimals")),
         "gas_native": _Scaled(F("gas_cost_wei"), Value(NATIVE_DECIMALS)),
         "gas_usd": _Usd(F("gas_cost_wei"), rate),
         "net_amount": _Scaled(paid_amount, F("decimals")) - _Usd(Coalesce(F("gas_cost_wei"), Value(0)), rate),
@@ -255,6 +265,8 @@ def refund_lines(
         "pay_to": F("sender"),
         "amount_atomic": -F("amount"),
         "amount": -_Scaled(F("amount"), F("decimals")),
+        "charged_atomic": -out,
+        "charged": -_Scaled(out, F("decimals")),
         "gas_native": _Scaled(F("gas_cost_wei"), Value(NATIVE_DECIMALS)),
         "gas_usd": _Usd(F("gas_cost_wei"), rate),
         "net_amount": -_Scaled(out, F("decimals")) - _Usd(Coalesce(F("gas_cost_wei"), Value(0)), rate),
@@ -476,7 +488,7 @@ def write_xlsx(flt: LedgerFilter, path: Path, progress: Progress | None = None) 
     native = book.add_format({"num_format": "0.000000000000000000"})
     when = book.add_format({"num_format": "yyyy-mm-dd hh:mm:ss"})
     sheet.write_row(0, 0, [f"{n} ({flt.tz})" if t == "timestamptz" else n for n, t in COLUMNS])
-    formats = {"amount": money, "gas_usd": money, "net_amount": money, "gas_native": native}
+    formats = {"amount": money, "charged": money, "gas_usd": money, "net_amount": money, "gas_native": native}
     digest = hashlib.sha256()
     rows = 0
     with _snapshot(flt.tz) as cursor:

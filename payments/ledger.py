@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -142,24 +143,44 @@ def is_usage_priced(payment: Payment) -> bool:
     return payment.maximum is not None and bool(payment.usage_price)
 
 
-def charge_usage(payment: Payment, run_seconds: Decimal, *, succeeded: bool, reason: str = "") -> None:
-    """Charge a pay-per-second (``upto``) payment for its measured run (inside the transaction
-    that ends the run, payment locked): ``amount`` becomes the charge, never above the signed
-    maximum, and settlement is asked for; a charge of 0 releases the permit instead (nothing
-    moves, the ledger ends EXPIRED with ``unpaid_reason`` released once the permit lapses).
+class RunEnd(StrEnum):
+    """How a pay-per-second run ended: what decides its charge."""
 
-    A success costs its seconds' price (at least one atomic unit: a served run is never free);
-    a failure costs what the price's ``on_failure`` says (nothing, or the minimum).
+    #: Served: its seconds' price, at least one atomic unit (a served run is never free).
+    SUCCEEDED = "succeeded"
+    #: Stopped at its time limit, or canceled by the payer: the compute was used as asked, so
+    #: it costs its seconds' price like a success (capped at the signed maximum).
+    STOPPED = "stopped"
+    #: Failed on our side (the predictor raised, the runner was lost): the price's
+    #: ``on_failure`` charge (nothing, or the minimum).
+    FAILED = "failed"
+
+
+#: Run seconds are recorded to the nanosecond (the resolution of the clocks that measure them),
+#: and the charge is computed from the recorded value, so the books reproduce it exactly.
+RUN_SECONDS_QUANTUM = Decimal("1e-9")
+
+
+def usage_charge(price: UsagePrice, run_seconds: Decimal, end: RunEnd, *, maximum: int, decimals: int) -> int:
+    """Atomic units charged for a run (0: nothing, the permit is released), never above ``maximum``."""
+    if end == RunEnd.FAILED:
+        return min(maximum, atomic_amount(price.failure_charge(), decimals))
+    amount = min(maximum, price.charge_atomic(run_seconds, decimals))
+    return max(amount, 1) if end == RunEnd.SUCCEEDED else amount
+
+
+def charge_usage(payment: Payment, run_seconds: Decimal, end: RunEnd, *, reason: str = "") -> None:
+    """Charge a pay-per-second (``upto``) payment for its measured run (inside the transaction
+    that ends the run, payment locked): ``amount`` becomes the charge (:func:`usage_charge`),
+    and settlement is asked for; a charge of 0 releases the permit instead (nothing moves, the
+    ledger ends EXPIRED with ``unpaid_reason`` released once the permit lapses).
     """
     locked = Payment.objects.select_for_update().get(pk=payment.pk)
     if locked.status != PaymentStatus.VERIFIED or locked.settle_requested_at is not None:
         return  # already charged (a second report of the run) or no longer chargeable
+    run_seconds = max(run_seconds, Decimal(0)).quantize(RUN_SECONDS_QUANTUM)
     price = UsagePrice.from_snapshot(locked.usage_price)
-    run_seconds = run_seconds.quantize(Decimal("0.001"))  # as recorded: the charge is reproducible
-    usd = price.charge(run_seconds) if succeeded else price.failure_charge()
-    amount = min(int(locked.maximum), atomic_amount(usd, locked.decimals))
-    if succeeded:
-        amount = max(amount, 1)
+    amount = usage_charge(price, run_seconds, end, maximum=int(locked.maximum), decimals=locked.decimals)
     fields = {"run_seconds": run_seconds}
     if amount <= 0:
         Payment.objects.filter(pk=locked.pk).update(**fields)

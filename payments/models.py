@@ -69,7 +69,8 @@ class UptoOrder(models.TextChoices):
 
 
 class FailureCharge(models.TextChoices):
-    """What a pay-per-second (``upto``) run that failed or was canceled while running costs."""
+    """What a pay-per-second (``upto``) run that failed on our side or that an operator canceled
+    costs (one stopped at its time limit or canceled by its payer is charged its seconds)."""
 
     NOTHING = "nothing", "Nothing (the permit is released)"
     MINIMUM = "minimum", "The model's minimum price"
@@ -175,7 +176,7 @@ class Payment(models.Model):
     )
     usage_price = models.JSONField(default=dict, blank=True, help_text="upto: the price per second it was accepted at")
     run_seconds = models.DecimalField(
-        max_digits=12, decimal_places=3, null=True, blank=True, help_text="upto: the measured run time charged for"
+        max_digits=18, decimal_places=9, null=True, blank=True, help_text="upto: the measured run time charged for (to the ns)"
     )
     nonce = models.CharField(max_length=66)
     valid_after = models.PositiveBigIntegerField()
@@ -261,6 +262,22 @@ class Payment(models.Model):
     @property
     def maximum_decimal(self) -> Decimal | None:
         return None if self.maximum is None else Decimal(self.maximum).scaleb(-self.decimals)
+
+    @property
+    def charged_atomic(self) -> int:
+        """What moved (settled, confirmed) or is moving (settling) on chain for this payment; 0
+        otherwise (not charged yet, released, failed, expired). ``amount`` is always positive, so
+        an upto payment charged nothing keeps its signed maximum there: read this instead."""
+        return int(self.amount) if self.status in CHARGED_STATUSES else 0
+
+    @property
+    def charged_decimal(self) -> Decimal:
+        return Decimal(self.charged_atomic).scaleb(-self.decimals).quantize(Decimal(1).scaleb(-self.decimals))
+
+    @property
+    def is_released(self) -> bool:
+        """We decided not to settle it: never charged, whatever the chain says until it lapses."""
+        return self.unpaid_reason == UnpaidReason.RELEASED
 
     @property
     def is_terminal(self) -> bool:

@@ -122,6 +122,11 @@ class UsagePrice:
     def failure_charge(self) -> Decimal:
         return self.minimum if self.on_failure == FAILURE_CHARGES_MINIMUM else Decimal(0)
 
+    def charge_atomic(self, seconds: Decimal, decimals: int) -> int:
+        """The seconds' charge in atomic units: the exact product, rounded up once (never the
+        seconds rounded first: 2.0005 s at 0.01464/s is 29,287.32 units, charged 29,288)."""
+        return atomic_amount(self.charge(seconds), decimals)
+
     def snapshot(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
 

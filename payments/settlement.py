@@ -224,12 +224,29 @@ def _permit2_use(p: Payment, url: str) -> AuthorizationUse:
         raise ChainUnavailable(f"Permit2 nonce state unreadable: {exc}") from exc
     paid_in = next((h for h, r in zip(hashes, receipts, strict=True) if r and transfer_matches(r, p)), None)
     start = p.search_from_block or 0
-    if used and paid_in is None and any(r is None for r in receipts):
+    if used and paid_in is None and any(r is None for r in receipts) and not _lane_nonce_spent(p, url, head_block):
         # One of ours is not mined (yet, or any more): it may be the use. Ask again later.
         raise UseNotFound(f"payment {p.pk}: Permit2 nonce used, our transaction for it not mined")
     return AuthorizationUse(
         used, paid_in, None, head_block, head_ts, start, used_elsewhere=used and paid_in is None
     )
+
+
+def _lane_nonce_spent(p: Payment, url: str, head_block: int) -> bool:
+    """True when none of our transaction's unmined hashes can ever be mined: its lane's nonce was
+    spent at confirmation depth (by a sibling signature of the same nonce, e.g. the replacement
+    that reverted, or by a later transaction reusing it). A replaced signature never gets a
+    receipt; without this, a payment whose replacement reverted would wait for it forever."""
+    tx = p.settlement_tx
+    if tx is None:
+        return False  # a hash found on chain, not ours: its receipt may come back after a reorg
+    depth = for_payment(p.network, p.asset).option.confirmations
+    at = max(0, head_block - max(depth, 1) + 1)
+    try:
+        spent = int(rpc(url, "eth_getTransactionCount", [tx.relayer, hex(at)]), 16)
+    except (RpcError, TypeError, ValueError) as exc:
+        raise ChainUnavailable(f"nonce of lane {tx.relayer} unreadable: {exc}") from exc
+    return spent > tx.nonce
 
 
 def chain_use(p: Payment) -> AuthorizationUse:

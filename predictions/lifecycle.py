@@ -8,7 +8,8 @@ and only here, follow the consequences:
   under ``after_success`` asks for settlement (``ledger.request_settlement``), an end without
   output releases an authorization not yet being settled (``ledger.release``); a pay-per-second
   (``upto``) payment is charged for the measured run instead (``ledger.charge_usage``: its
-  seconds on success, its price's failure charge once it ran); an end without output whose
+  seconds on success, at its time limit or when its payer cancels it; its price's failure
+  charge when it failed on our side or an operator canceled it); an end without output whose
   payment is confirmed under ``before_run`` is owed a refund (``refunds.owe``) when it failed
   or ended before its run started (:func:`_refund_cause`);
 - after commit: the webhooks the prediction's filter asks for (``start``, ``logs``,
@@ -21,21 +22,27 @@ two never wait on each other crosswise.
 
 The settlement policy and the time limit are the prediction's own (copied from the model at
 creation): a model edited mid-run changes nothing about a run already paid for.
+A run whose authorization is held until after it (``upto``, ``after_success``) starts only if the
+authorization outlasts it and its settlement: the claim cuts its limit, or fails it unstarted.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from datetime import timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from prometheus_client import Counter
 
 from payments import ledger, refunds
+from payments.ledger import RunEnd
 from payments.metrics import PREDICTION_SECONDS
 from payments.models import CHARGED_STATUSES, UNPAID_STATUSES, Payment, PaymentStatus
 
@@ -68,6 +75,16 @@ ABORTED_ERROR = "aborted: the Cancel-After deadline passed before the prediction
 DEADLINE_ERROR = "canceled: the Cancel-After deadline passed while the prediction ran"
 #: Why a prediction past its deadline ran all the same (in its PROCESSING event's detail).
 DEADLINE_WAIVED = "the Cancel-After deadline passed after the payment was settled: run, not aborted"
+#: The watchdog fires this long after a run's time limit (the runner's own limit acts first).
+WATCHDOG_SLACK = 2
+#: A held authorization (settled after the run) that cannot outlast the run: the run's limit is
+#: cut to what is left if that keeps at least this share of it (and a whole second), else it
+#: is not started.
+MIN_CUT_LIMIT_SHARE = 0.5
+EXPIRES_BEFORE_RUN_ERROR = (
+    "not started: the payment authorization expires in {left}s, too soon to run for {limit}s "
+    "and settle after the run; nothing was charged, pay again with a later deadline"
+)
 PREDICTIONS_ENDED = Counter("x402_predictions_total", "Predictions that ended, by status", ["status"])
 
 
@@ -95,10 +112,13 @@ def _move(
     *,
     detail: dict[str, Any] | None = None,
     stop_run: bool = False,
+    run_end: RunEnd = RunEnd.FAILED,
     **fields: Any,
 ) -> None:
     """Move a locked prediction to ``to``, set ``fields``, append the event, and arrange what
-    follows (see the module's docstring). ``stop_run``: the runner is told to cancel the run."""
+    follows (see the module's docstring). ``stop_run``: the runner is told to cancel the run.
+    ``run_end``: how a run that ends unserved is charged when it is paid per second (stopped at
+    its time limit or by the payer: its seconds; failed on our side: the failure charge)."""
     if to not in TRANSITIONS[prediction.status]:
         raise IllegalTransition(f"{prediction.status} -> {to} for prediction {prediction.pk}")
     previous, now = prediction.status, timezone.now()
@@ -119,7 +139,7 @@ def _move(
     if to in ENDED_UNSERVED and prediction.payment is not None:
         reason = f"the prediction ended {to}: {prediction.error}"[:500]
         if previous == P.PROCESSING and ledger.is_usage_priced(prediction.payment):
-            ledger.charge_usage(prediction.payment, _run_seconds(prediction, now), succeeded=False, reason=reason)
+            ledger.charge_usage(prediction.payment, _run_seconds(prediction, now), run_end, reason=reason)
         else:
             ledger.release(prediction.payment, reason)
         _refund_if_owed(prediction, prediction.payment)
@@ -189,12 +209,37 @@ def claim(prediction_id: str) -> Prediction | None:
             and payment.status != PaymentStatus.CONFIRMED
         ):
             return None  # no compute before the money is in; the confirmation enqueues it again
+        detail: dict[str, Any] = {}
+        fields: dict[str, Any] = {}
         if late:  # paid for: deliver it rather than abort (the deadline no longer applies)
-            waived = {"cancel_after": DEADLINE_WAIVED}
-            _move(prediction, P.PROCESSING, Cause.TASK, detail=waived, cancel_after_at=None)
-        else:
-            _move(prediction, P.PROCESSING, Cause.TASK)
+            detail["cancel_after"], fields["cancel_after_at"] = DEADLINE_WAIVED, None
+        limit = _limit_the_authorization_allows(prediction)
+        if limit is None:
+            left = max(0, int(payment.valid_before - time.time())) if payment else 0
+            error = EXPIRES_BEFORE_RUN_ERROR.format(left=left, limit=prediction.time_limit_seconds)
+            _move(prediction, P.FAILED, Cause.TASK, error=error)  # releases it: nothing charged
+            return None
+        if limit < prediction.time_limit_seconds:
+            detail["time_limit"] = f"cut from {prediction.time_limit_seconds}s: the payment authorization expires"
+            fields["time_limit_seconds"] = limit
+        _move(prediction, P.PROCESSING, Cause.TASK, detail=detail or None, **fields)
         return prediction
+
+
+def _limit_the_authorization_allows(prediction: Prediction) -> int | None:
+    """The time limit a run may start with: its own, unless its payment is held for settlement
+    after the run (``upto``, ``after_success``) and the authorization would expire before the
+    run ends and its settlement lands (queue wait counts against it). Then what is left (minus
+    the watchdog's slack and the settlement margin) if that keeps a fair share of the limit,
+    else None: the run must not start."""
+    payment, limit = prediction.payment, prediction.time_limit_seconds
+    if payment is None or payment.status != PaymentStatus.VERIFIED or payment.settle_requested_at is not None:
+        return limit  # free, paid already, or being settled now: the authorization is not held
+    margin = settings.X402_SETTLE_MARGIN_SECONDS + WATCHDOG_SLACK
+    left = math.floor(payment.valid_before - time.time() - margin)
+    if left >= limit:
+        return limit
+    return left if left >= max(1, math.ceil(limit * MIN_CUT_LIMIT_SHARE)) else None
 
 
 def running(prediction_id: str) -> Prediction | None:
@@ -230,7 +275,8 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
             fields["logs"] = outcome.logs
             webhooks.send(prediction, "logs")
         if not outcome.succeeded:
-            _move(prediction, P.FAILED, cause, **fields)
+            run_end = RunEnd.STOPPED if outcome.timed_out else RunEnd.FAILED
+            _move(prediction, P.FAILED, cause, run_end=run_end, **fields)
         elif (
             prediction.payment is not None and prediction.settlement_policy == SettlementPolicy.AFTER_SUCCESS
         ):
@@ -239,7 +285,7 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
                 setattr(prediction, name, value)
             prediction.save(update_fields=list(fields))
             if ledger.is_usage_priced(prediction.payment):
-                ledger.charge_usage(prediction.payment, _run_seconds(prediction, now), succeeded=True)
+                ledger.charge_usage(prediction.payment, _run_seconds(prediction, now), RunEnd.SUCCEEDED)
             else:
                 ledger.request_settlement(prediction.payment)
         else:
@@ -294,7 +340,9 @@ def cancel(
 
     What the agent pays: before the run, nothing if its authorization was not yet being settled
     (it is released); under ``before_run`` a settlement already under way is charged. During the
-    run, ``after_success`` releases the payment (no success, no charge); ``before_run`` was paid.
+    run, ``after_success`` releases the payment (no success, no charge); ``before_run`` was paid;
+    a pay-per-second run canceled by its payer (the API's cancel) is charged the seconds it ran,
+    one canceled by an operator only the model's failure charge.
     """
     with transaction.atomic():
         prediction = _lock(prediction_id)
@@ -308,6 +356,7 @@ def cancel(
             cause,
             detail=detail,
             stop_run=prediction.status == P.PROCESSING,
+            run_end=RunEnd.STOPPED if cause == Cause.CANCEL else RunEnd.FAILED,
             error="canceled",
         )
         return prediction
@@ -338,7 +387,8 @@ def abort_overdue(prediction_id: str, *, cause: str) -> bool:
 
 def cancel_past_deadline(prediction_id: str, *, cause: str) -> bool:
     """A run still going past its Cancel-After deadline is canceled and stopped on its runner
-    (Replicate's ``canceled``: under ``before_run`` it was paid for; ``after_success`` releases)."""
+    (Replicate's ``canceled``: under ``before_run`` it was paid for; ``after_success`` releases;
+    paid per second, it is charged the seconds it ran: the payer set the deadline)."""
     with transaction.atomic():
         prediction = _lock(prediction_id)
         if (
@@ -349,13 +399,14 @@ def cancel_past_deadline(prediction_id: str, *, cause: str) -> bool:
             or prediction.cancel_after_at > timezone.now()
         ):
             return False
-        _move(prediction, P.CANCELED, cause, stop_run=True, error=DEADLINE_ERROR)
+        _move(prediction, P.CANCELED, cause, stop_run=True, run_end=RunEnd.STOPPED, error=DEADLINE_ERROR)
         return True
 
 
-def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str) -> bool:
+def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str, run_end: RunEnd | None) -> bool:
     """Fail a run still going ``grace`` seconds past its time limit, and cancel it on its runner
-    (the time-limit watchdog with no grace; the lost-run sweep with some)."""
+    (the time-limit watchdog with no grace; the lost-run sweep with some: ``RunEnd.FAILED``, the
+    run was lost on our side). ``run_end`` None: the watchdog's, see :func:`_overran`."""
     with transaction.atomic():
         prediction = _lock(prediction_id)
         if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
@@ -368,6 +419,7 @@ def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str) ->
             P.FAILED,
             cause,
             stop_run=True,
+            run_end=run_end or _overran(prediction),
             error=error.format(limit=prediction.time_limit_seconds),
         )
         return True
@@ -412,6 +464,17 @@ def _refund_if_owed(prediction: Prediction, payment: Payment) -> None:
             f"payment {payment.pk}: the prediction ended {prediction.status} ({cause}): {prediction.error}",
             detail={"cause": str(cause), "run_seconds": str(seconds), "prediction_status": prediction.status},
         )
+
+
+def _overran(prediction: Prediction) -> RunEnd:
+    """How a run the watchdog found past its time limit is charged: stopped at its limit (its
+    seconds), unless its runner stops runs at their limit and reports it (the python runner's
+    soft time limit) and the limit was not cut at the claim: then the run should have reported,
+    so it was lost on our side (the failure charge)."""
+    cut = prediction.events.filter(to_status=P.PROCESSING, detail__has_key="time_limit").exists()
+    if prediction.version.runner_impl.reports_time_limit and not cut:
+        return RunEnd.FAILED
+    return RunEnd.STOPPED
 
 
 def on_payment(payment: Payment) -> None:

@@ -117,7 +117,9 @@ class Model(models.Model):
         max_length=16,
         choices=FailureCharge.choices,
         default=FailureCharge.NOTHING,
-        help_text="Pay-per-second runs that fail or are canceled while running are charged this.",
+        help_text="Pay-per-second runs that fail on our side (the model raised, the runner was lost) or that an "
+        "operator cancels are charged this (a run stopped at its time limit or canceled by its payer is "
+        "charged its seconds).",
     )
     created_at = models.DateTimeField(default=timezone.now)
     # Replicate's model metadata (shown as is in the API; empty is null).

@@ -33,6 +33,12 @@ PAYMENT = {
             "description": "USDC, decimal (upto: the maximum until the run is measured, then the charge)",
         },
         "amount_atomic": {"type": "string"},
+        "charged": {
+            "type": "string",
+            "description": "USDC, decimal: what moved or is moving on chain (settling, settled, confirmed); "
+            "0 when nothing was charged (released, failed, expired) or not yet",
+        },
+        "charged_atomic": {"type": "string"},
         "network": {"type": "string", "example": "eip155:8453"},
         "asset": {"type": "string"},
         "payer": {"type": "string"},

@@ -33,6 +33,8 @@ def payment_json(payment: Payment | None) -> dict[str, Any] | None:
         "status": payment.status,
         "amount": str(payment.amount_decimal),
         "amount_atomic": str(payment.amount),
+        "charged": str(payment.charged_decimal),
+        "charged_atomic": str(payment.charged_atomic),
         "network": payment.network,
         "asset": payment.asset,
         "payer": payment.payer,

@@ -27,10 +27,11 @@ from django.utils import timezone
 from kombu.exceptions import OperationalError
 
 from payments import ledger
+from payments.ledger import RunEnd
 from payments.models import PaymentStatus
 
 from . import lifecycle
-from .lifecycle import Cause
+from .lifecycle import WATCHDOG_SLACK, Cause
 from .models import TERMINAL, Prediction, PredictionStatus, SettlementPolicy
 from .runners import Outcome, RunnerBusy, RunnerRefused
 
@@ -39,8 +40,6 @@ P = PredictionStatus
 
 #: A busy runner is asked again this many times (backing off to 15 s) before the run fails.
 MAX_START_ATTEMPTS = 120
-#: The watchdog fires this long after a run's time limit (the runner's own limit acts first).
-WATCHDOG_SLACK = 2
 OVERRAN = "the prediction ran longer than its time limit ({limit}s) and was stopped"
 LOST = "the prediction's run was lost: no result within its time limit ({limit}s); it was not run again"
 
@@ -107,7 +106,7 @@ def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
 @shared_task(acks_late=True)
 def enforce_time_limit(prediction_id: str) -> bool:
     """End a run still going past its time limit, and cancel it on its runner."""
-    return lifecycle.fail_overdue(prediction_id, grace=0, error=OVERRAN, cause=Cause.TASK)
+    return lifecycle.fail_overdue(prediction_id, grace=0, error=OVERRAN, cause=Cause.TASK, run_end=None)
 
 
 @shared_task(acks_late=True)
@@ -142,7 +141,9 @@ def sweep() -> dict[str, int]:
     grace = settings.X402_PREDICTION_LOST_GRACE
     lost = 0
     for prediction_id in Prediction.objects.overdue(grace).values_list("id", flat=True):
-        lost += lifecycle.fail_overdue(prediction_id, grace=grace, error=LOST, cause=Cause.SWEEP)
+        lost += lifecycle.fail_overdue(
+            prediction_id, grace=grace, error=LOST, cause=Cause.SWEEP, run_end=RunEnd.FAILED
+        )
     # Runs whose task was lost (a broker outage): due now, still STARTING after a minute.
     stale = Prediction.objects.filter(status=P.STARTING, created_at__lt=now - timedelta(seconds=60))
     due = stale.filter(

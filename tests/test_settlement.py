@@ -435,3 +435,47 @@ def test_a_nonce_spent_on_another_authorization_is_failed_once(chain_settings, m
     p.refresh_from_db()
     assert p.status == "failed" and p.unpaid_reason == "nonce_used_elsewhere", (p.status, p.failure_reason)
     assert PaymentEvent.objects.filter(payment=p).count() <= 5  # no settling/lapsing loop
+
+
+def test_a_replaced_exact_settlement_whose_replacement_reverts_ends_failed(chain_settings, settings) -> None:
+    """The exact scheme under the upto case of review A: our transaction replaced, the payer
+    spends the authorization's nonce elsewhere, our replacement reverts. The token logs who used
+    the nonce, so the chain's answer does not wait for the replaced signature's receipt."""
+    from payments.models import UnpaidReason
+    from tests.payers import sign_authorization
+
+    chain = chain_settings
+    settings.X402_STUCK_AFTER_SECONDS = 0
+    payer = fresh_payer(chain)
+    before = token_balance(chain, payer["address"])
+    p = record_payment(payer["private_key"])
+    rpc(chain.rpc_url, "anvil_setAutomine", [False])
+    try:
+        p = settlement.prepare(p.pk)
+        settlement.broadcast(p)
+        replaced = p.settle_tx_hash
+        rpc(chain.rpc_url, "anvil_dropTransaction", [replaced])
+        settlement.reconcile_batch([p.pk])
+        p.refresh_from_db()
+        replacement = p.settle_tx_hash
+        assert replacement != replaced and p.settlement_tx.replaced_hashes == [replaced]
+        rpc(chain.rpc_url, "anvil_dropTransaction", [replacement])
+    finally:
+        rpc(chain.rpc_url, "anvil_setAutomine", [True])
+    # The payer uses the same nonce for 1 unit to itself.
+    other = sign_authorization(
+        payer["private_key"], Requirement(payment_options()[0], 1), to=payer["address"], nonce=p.nonce,
+        valid_before=p.valid_before,
+    )
+    elsewhere = Payment(
+        payer=p.payer, pay_to=payer["address"], amount=1, valid_after=0, valid_before=p.valid_before,
+        nonce=p.nonce, signature=other["signature"],
+    )
+    send_as(chain, payer["address"], chain.asset, settlement._calldata(elsewhere))
+    settlement.broadcast(p)
+    p = settlement.track(p.pk)
+    assert rpc(chain.rpc_url, "eth_getTransactionReceipt", [replaced]) is None
+    assert int(rpc(chain.rpc_url, "eth_getTransactionReceipt", [replacement])["status"], 16) == 0
+    p = settlement.resolve_lapsing(p.pk)
+    assert p.status == "failed" and p.unpaid_reason == UnpaidReason.NONCE_USED_ELSEWHERE
+    assert token_balance(chain, payer["address"]) == before  # 1 unit to itself

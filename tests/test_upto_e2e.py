@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import requests
 from django.core.management import call_command
+from django.db.models import F
 from django.test import Client
 from eth_account import Account
 
@@ -105,6 +106,7 @@ def test_sdk_upto_client_pays_for_the_seconds_it_ran(
     prediction = poll_until_done(response.json()["urls"]["get"], timeout=40)
     assert prediction["status"] == "succeeded", prediction
     assert prediction["output"]["seconds"] >= 2
+    assert prediction["payment"]["charged_atomic"] == prediction["payment"]["amount_atomic"]
 
     p = Payment.objects.get(prediction__id=prediction["id"])
     assert (p.scheme, int(p.maximum)) == ("upto", MAXIMUM)
@@ -119,6 +121,7 @@ def test_sdk_upto_client_pays_for_the_seconds_it_ran(
     assert receipt["to"].lower() == chain.upto_proxy.lower() and int(receipt["status"], 16) == 1
     [row] = [r for r in export_rows(capsys) if r["payment_id"] == str(p.pk)]
     assert (row["scheme"], row["maximum_atomic"], row["amount_atomic"]) == ("upto", str(MAXIMUM), str(actual))
+    assert (row["charged_atomic"], row["charged"]) == (str(actual), str(Decimal(actual).scaleb(-6).quantize(Decimal("1e-6"))))
     assert row["maximum"] == "0.014000" and Decimal(row["run_seconds"]) == p.run_seconds
     # The revenue dashboard shows the maximum and the charge; the catalogue, the per-second offer.
     page = staff["finance"].get("/admin/payments/payment/dashboard/").content.decode()
@@ -138,9 +141,12 @@ def test_sdk_upto_client_pays_for_the_seconds_it_ran(
     assert decode_header(again.headers["PAYMENT-REQUIRED"])["error"] == "permit2_invalid_nonce"
 
 
-def test_a_run_past_its_time_limit_is_stopped_and_charged_at_most_the_maximum(
+def test_a_run_past_its_time_limit_is_stopped_and_charged_its_seconds_up_to_the_maximum(
     chain_settings, per_second_model, live_server, celery_worker_process
 ) -> None:
+    """An agent asks for more than the time limit: the run is stopped at the limit and charged
+    the seconds it ran (here the whole maximum), not the failure charge: the compute was used.
+    The model's ``upto_failure_charge`` (the minimum here) is for failures on our side."""
     chain = chain_settings
     Model.objects.filter(pk=per_second_model.pk).update(upto_failure_charge="minimum", minimum_price=Decimal("0.001"))
     payer = approved_payer(chain)
@@ -158,10 +164,39 @@ def test_a_run_past_its_time_limit_is_stopped_and_charged_at_most_the_maximum(
     while p.status not in (PaymentStatus.SETTLED, PaymentStatus.CONFIRMED) and time.monotonic() < deadline:
         time.sleep(0.2)
         p.refresh_from_db()
-    # Failed runs cost the model's minimum (its policy), never more than the maximum.
-    assert int(p.amount) == 1_000 <= int(p.maximum)
+    assert p.status in (PaymentStatus.SETTLED, PaymentStatus.CONFIRMED), (p.status, p.failure_reason)
     assert p.run_seconds is not None and p.run_seconds >= 9
-    assert token_balance(chain, payer["address"]) == before - 1_000
+    charged = min(MAXIMUM, charge_of(p.run_seconds))
+    assert int(p.amount) == charged > 1_000  # the seconds it ran, never more than the maximum
+    assert token_balance(chain, payer["address"]) == before - charged
+
+
+def test_a_run_its_payer_cancels_is_charged_the_seconds_it_ran(
+    chain_settings, per_second_model, live_server, celery_worker_process
+) -> None:
+    """The payer cancels a running pay-per-second run: it is stopped and charged the seconds it
+    ran (the model charges nothing for a failure: that policy is for failures on our side)."""
+    chain = chain_settings
+    payer = approved_payer(chain)
+    before = token_balance(chain, payer["address"])
+    response = upto_session(payer, chain).post(f"{live_server.url}{PATH}", json={"input": {"seconds": 8}}, timeout=30)
+    assert response.status_code == 201, response.text
+    urls = response.json()["urls"]
+    deadline = time.monotonic() + 20
+    while requests.get(urls["get"], timeout=5).json()["status"] != "processing" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(2)
+    canceled = requests.post(urls["cancel"], timeout=10).json()
+    assert canceled["status"] == "canceled", canceled
+    p = Payment.objects.get(prediction__id=canceled["id"])
+    deadline = time.monotonic() + 20
+    while p.status not in (PaymentStatus.SETTLED, PaymentStatus.CONFIRMED) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        p.refresh_from_db()
+    assert p.status in (PaymentStatus.SETTLED, PaymentStatus.CONFIRMED), (p.status, p.failure_reason)
+    assert Decimal(2) <= p.run_seconds < Decimal(6)
+    assert int(p.amount) == charge_of(p.run_seconds) < MAXIMUM
+    assert token_balance(chain, payer["address"]) == before - int(p.amount)
 
 
 @pytest.mark.parametrize(
@@ -255,7 +290,7 @@ def test_a_failed_settlement_is_a_clear_state_the_reconciler_finishes(
 
 
 def test_a_failed_run_with_nothing_to_charge_moves_no_money(
-    chain_settings, per_second_model, eager_celery, monkeypatch
+    chain_settings, per_second_model, eager_celery, monkeypatch, capsys, staff
 ) -> None:
     """The model charges nothing for a failed run: the permit is released (no transaction), the
     payment ends EXPIRED with ``unpaid_reason`` released once the permit lapses; the run seconds
@@ -287,10 +322,22 @@ def test_a_failed_run_with_nothing_to_charge_moves_no_money(
     assert prediction.status == "failed" and "fell over" in prediction.error
     assert p.status == PaymentStatus.LAPSING and p.unpaid_reason == UnpaidReason.RELEASED
     assert p.settle_tx_hash is None and p.settlement_tx is None and p.run_seconds is not None
+
+    def charged_cell() -> str:
+        page = staff["finance"].get("/admin/payments/payment/dashboard/").content.decode()
+        return page.split('<td class="charged">', 1)[1].split("</td>", 1)[0]
+
+    assert charged_cell() == "0"  # released: never charged (not "pending")
+    shown = Client().get(f"/v1/predictions/{prediction.pk}").json()["payment"]
+    assert (shown["amount_atomic"], shown["charged_atomic"], shown["charged"]) == (str(MAXIMUM), "0", "0.000000")
     monkeypatch.setattr(time, "time", lambda: p.valid_before + LAPSE_MARGIN_SECONDS + 1)
     reconcile_open()
     p.refresh_from_db()
     assert p.status == PaymentStatus.EXPIRED and p.unpaid_reason == UnpaidReason.RELEASED
+    # amount keeps the signed maximum (amounts are positive); the export says nothing was charged.
+    [row] = [r for r in export_rows(capsys) if r["payment_id"] == str(p.pk)]
+    assert (row["amount_atomic"], row["charged_atomic"], row["charged"]) == (str(MAXIMUM), "0", "0.000000")
+    assert charged_cell() == "0"
     assert token_balance(chain, payer["address"]) == before
 
 
@@ -351,3 +398,142 @@ def test_the_lane_the_permit_names_settles_it(chain_settings, per_second_model, 
     receipt = rpc(chain.rpc_url, "eth_getTransactionReceipt", [p.settle_tx_hash])
     assert receipt["from"].lower() == second.address.lower()
     assert Prediction.objects.get(payment=p).status == "succeeded"
+
+
+# --- A held authorization must outlast the run and its settlement (review C) -----------------------
+
+
+def _paid_not_run(chain: Any, monkeypatch: Any, header_for: Any) -> Prediction:
+    """A prediction paid with the header ``header_for(payer, PAYMENT-REQUIRED)`` builds, accepted
+    and queued but not yet claimed (its run task is held back: the queue is long)."""
+    from predictions import tasks
+
+    monkeypatch.setattr(tasks, "enqueue_run", lambda prediction: None)
+    challenge = Client().post(PATH, {"input": {"seconds": 1}}, content_type="application/json")
+    header = header_for(challenge["PAYMENT-REQUIRED"])
+    response = Client().post(
+        PATH, {"input": {"seconds": 1}}, content_type="application/json", HTTP_PAYMENT_SIGNATURE=header
+    )
+    assert response.status_code == 201, response.content
+    prediction = Prediction.objects.select_related("payment").latest("created_at")
+    assert prediction.status == "starting" and prediction.payment.status == PaymentStatus.VERIFIED
+    return prediction
+
+
+def _upto_header(payer: dict[str, str], chain: Any) -> Any:
+    from payments.x402.types import SCHEME_UPTO, PaymentOption, Requirement
+
+    def header(payment_required: str) -> str:
+        accepted = decode_header(payment_required)["accepts"][0]
+        option = PaymentOption(chain.chain_id, chain.asset, "USD Coin", "2", chain.pay_to)
+        req = Requirement(
+            option, int(accepted["amount"]), hold_seconds=10, scheme=SCHEME_UPTO, facilitators=(chain.relayer_address,)
+        )
+        return encode_header({"x402Version": 2, "accepted": accepted, "payload": sign_upto(payer["private_key"], req)})
+
+    return header
+
+
+def _claimed_when_left(prediction: Prediction, seconds_left: int, monkeypatch: Any) -> Prediction | None:
+    from predictions import lifecycle
+
+    valid_before = prediction.payment.valid_before
+    with monkeypatch.context() as m:
+        m.setattr(time, "time", lambda: valid_before - seconds_left)
+        return lifecycle.claim(prediction.pk)
+
+
+def test_an_upto_run_whose_permit_cannot_outlast_it_is_not_started_and_costs_nothing(
+    chain_settings, per_second_model, monkeypatch
+) -> None:
+    """Claimed 10 s before the permit's deadline (a long queue): a 10 s run and its settlement
+    cannot fit. It is not started, the permit is released, the prediction says why."""
+    from payments.settlement import LAPSE_MARGIN_SECONDS, reconcile_open
+
+    chain = chain_settings
+    payer = approved_payer(chain)
+    before = token_balance(chain, payer["address"])
+    prediction = _paid_not_run(chain, monkeypatch, _upto_header(payer, chain))
+    assert _claimed_when_left(prediction, 10, monkeypatch) is None
+    prediction.refresh_from_db()
+    p = Payment.objects.get(pk=prediction.payment_id)
+    assert prediction.status == "failed" and prediction.started_at is None, prediction.error
+    assert "authorization expires" in prediction.error and "nothing was charged" in prediction.error
+    assert p.status == PaymentStatus.LAPSING and p.unpaid_reason == UnpaidReason.RELEASED
+    monkeypatch.setattr(time, "time", lambda: p.valid_before + LAPSE_MARGIN_SECONDS + 1)
+    reconcile_open()
+    p.refresh_from_db()
+    assert p.status == PaymentStatus.EXPIRED and token_balance(chain, payer["address"]) == before
+
+
+def test_an_upto_run_is_cut_to_what_its_permit_leaves(chain_settings, per_second_model, monkeypatch) -> None:
+    """15 s before the deadline: 7 s are left once the settlement margin (6 s) and the watchdog's
+    slack (2 s) are kept, over half the 10 s limit: the run starts with a 7 s limit."""
+    chain = chain_settings
+    prediction = _paid_not_run(chain, monkeypatch, _upto_header(approved_payer(chain), chain))
+    claimed = _claimed_when_left(prediction, 15, monkeypatch)
+    assert claimed is not None and claimed.status == "processing" and claimed.time_limit_seconds == 7
+    event = claimed.events.get(to_status="processing")
+    assert "cut from 10s" in event.detail["time_limit"]
+    # With time to spare, the limit is the model's.
+    other = _paid_not_run(chain, monkeypatch, _upto_header(approved_payer(chain), chain))
+    claimed = _claimed_when_left(other, 30, monkeypatch)
+    assert claimed is not None and claimed.time_limit_seconds == 10
+    assert "time_limit" not in claimed.events.get(to_status="processing").detail
+
+
+def test_an_after_success_run_whose_authorization_cannot_outlast_it_is_not_started(
+    chain_settings, per_second_model, monkeypatch
+) -> None:
+    """The same for the exact scheme under ``after_success`` (its authorization is held)."""
+    from tests.payers import v2_header_for
+
+    Model.objects.filter(pk=per_second_model.pk).update(upto_order="off", settlement_policy="after_success")
+    from payments.pricing import invalidate
+
+    invalidate([per_second_model.pk])
+    payer = fresh_payer(chain_settings)
+    prediction = _paid_not_run(chain_settings, monkeypatch, lambda required: v2_header_for(payer["private_key"], required))
+    assert prediction.payment.scheme == "exact" and prediction.settlement_policy == "after_success"
+    assert _claimed_when_left(prediction, 12, monkeypatch) is None
+    prediction.refresh_from_db()
+    assert prediction.status == "failed" and "authorization expires" in prediction.error
+    p = Payment.objects.get(pk=prediction.payment_id)
+    assert p.status == PaymentStatus.LAPSING and p.unpaid_reason == UnpaidReason.RELEASED
+
+
+def test_the_watchdog_charges_a_run_cut_short_its_seconds_and_a_lost_run_the_failure_charge(
+    chain_settings, per_second_model, eager_celery, monkeypatch
+) -> None:
+    """The watchdog finds two python runs past their limits (no report). One whose limit was cut
+    at the claim (the runner's own soft limit is the longer, uncut one) was stopped at its limit:
+    charged its seconds, up to the maximum, settled on chain. The other should have reported at
+    its own limit: it was lost on our side, and costs the model's failure charge (nothing)."""
+    from datetime import timedelta
+
+    from predictions import tasks
+
+    chain = chain_settings
+    payers = [approved_payer(chain), approved_payer(chain)]
+    before = [token_balance(chain, payer["address"]) for payer in payers]
+    cut = _paid_not_run(chain, monkeypatch, _upto_header(payers[0], chain))
+    assert _claimed_when_left(cut, 15, monkeypatch).time_limit_seconds == 7
+    lost = _paid_not_run(chain, monkeypatch, _upto_header(payers[1], chain))
+    assert _claimed_when_left(lost, 60, monkeypatch).time_limit_seconds == 10
+    Prediction.objects.filter(pk__in=[cut.pk, lost.pk]).update(started_at=F("started_at") - timedelta(seconds=12))
+    assert tasks.enforce_time_limit(cut.pk) and tasks.enforce_time_limit(lost.pk)
+    from payments.settlement import reconcile_open
+
+    cut_payment = Payment.objects.get(prediction=cut)
+    for _ in range(30):  # settled as it ended; the reconciler follows its receipt
+        if cut_payment.status in (PaymentStatus.SETTLED, PaymentStatus.CONFIRMED):
+            break
+        reconcile_open()
+        time.sleep(0.1)
+        cut_payment.refresh_from_db()
+    lost_payment = Payment.objects.get(prediction=lost)
+    assert cut_payment.status in (PaymentStatus.SETTLED, PaymentStatus.CONFIRMED), cut_payment.failure_reason
+    assert int(cut_payment.amount) == MAXIMUM and cut_payment.run_seconds >= 12  # 12 s: capped at the maximum
+    assert token_balance(chain, payers[0]["address"]) == before[0] - MAXIMUM
+    assert lost_payment.status == PaymentStatus.LAPSING and lost_payment.unpaid_reason == UnpaidReason.RELEASED
+    assert token_balance(chain, payers[1]["address"]) == before[1]

@@ -34,6 +34,8 @@ class Outcome:
     #: The run's logs, when the runner reports them with its outcome (None: unchanged).
     logs: str | None = None
     predict_time: float | None = None
+    #: The runner stopped the run at its time limit (a pay-per-second run is charged its seconds).
+    timed_out: bool = False
 
 
 class RunnerBusy(Exception):
@@ -51,6 +53,9 @@ class Runner(Protocol):
     kind: str
     #: Shown to operators in the admin.
     label: str
+    #: The runner stops a run at the time limit it was started with and reports it
+    #: (``Outcome.timed_out``); False: the watchdog task is what enforces the limit.
+    reports_time_limit: bool
 
     def validate(self, version: ModelVersion) -> None:
         """Raise ``django.core.exceptions.ValidationError`` (by field) when ``version`` is not

@@ -60,6 +60,7 @@ def load_predictor(dotted_path: str) -> Predictor:
 class PythonRunner:
     kind = "python"
     label = "In-process Python predictor"
+    reports_time_limit = True  # the task's soft time limit
 
     def validate(self, version: ModelVersion) -> None:
         if not version.predictor:
@@ -93,6 +94,7 @@ class PythonRunner:
                 error=f"the prediction ran longer than its time limit ({prediction.time_limit_seconds}s)",
                 logs=reporter.stop(),
                 predict_time=time.perf_counter() - started,
+                timed_out=True,
             )
         except Exception as exc:  # a model's failure is the prediction's outcome, not the worker's
             log.warning("prediction %s failed: %s", prediction.id, exc)

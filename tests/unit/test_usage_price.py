@@ -64,3 +64,40 @@ def test_a_usage_price_that_is_always_zero_is_refused() -> None:
 def test_the_snapshot_round_trips() -> None:
     usage = usage_price(RULE, 10, {}, FAILURE_CHARGES_MINIMUM)
     assert UsagePrice.from_snapshot(usage.snapshot()) == usage
+
+
+# --- What a run is charged (payments.ledger.usage_charge) ------------------------------------------
+
+PER_SECOND_A100_MARKED_UP = UsagePrice(D("0.01464"), D(0), D(0), D("0.1464"), FAILURE_CHARGES_MINIMUM)
+
+
+@pytest.mark.parametrize(
+    "seconds, atomic",
+    [
+        (D("2.0005"), 29_288),  # 29,287.32 rounded up once (not 2.000 s x price = 29,280)
+        (D("2.0015"), 29_302),  # 29,301.96 (not 2.002 s x price = 29,309.28 -> 29,310)
+        (D("2.000512345"), 29_288),  # 29,287.5007... to the nanosecond
+    ],
+)
+def test_the_charge_is_the_exact_product_rounded_up_once(seconds, atomic) -> None:
+    from payments.ledger import RunEnd, usage_charge
+
+    charge = usage_charge(PER_SECOND_A100_MARKED_UP, seconds, RunEnd.SUCCEEDED, maximum=146_400, decimals=6)
+    assert charge == atomic
+
+
+def test_a_run_stopped_at_its_limit_or_by_the_payer_is_charged_its_seconds_not_the_failure_charge() -> None:
+    from payments.ledger import RunEnd, usage_charge
+
+    price = UsagePrice(D("0.0014"), D(0), D("0.001"), D("0.014"), FAILURE_CHARGES_MINIMUM)
+    # Past the 10 s limit: the whole maximum, never more.
+    assert usage_charge(price, D("10.02"), RunEnd.STOPPED, maximum=14_000, decimals=6) == 14_000
+    assert usage_charge(price, D("4.5"), RunEnd.STOPPED, maximum=14_000, decimals=6) == 6_300
+    # Failed on our side: the policy (here the minimum), whatever the seconds.
+    assert usage_charge(price, D("10.02"), RunEnd.FAILED, maximum=14_000, decimals=6) == 1_000
+    nothing = UsagePrice(D("0.0014"), D(0), D(0), D("0.014"), FAILURE_CHARGES_NOTHING)
+    assert usage_charge(nothing, D("9"), RunEnd.FAILED, maximum=14_000, decimals=6) == 0
+    assert usage_charge(nothing, D("9"), RunEnd.STOPPED, maximum=14_000, decimals=6) == 12_600
+    # A success is never free; a stop at 0 s may be (nothing ran).
+    assert usage_charge(nothing, D(0), RunEnd.SUCCEEDED, maximum=14_000, decimals=6) == 1
+    assert usage_charge(nothing, D(0), RunEnd.STOPPED, maximum=14_000, decimals=6) == 0

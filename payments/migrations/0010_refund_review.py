@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('payments', '0008_finance_books'),
+        ('payments', '0009_run_seconds_ns'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
