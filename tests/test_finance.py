@@ -21,7 +21,7 @@ from payments import export_jobs, exports
 from payments.exports import NAMES
 from payments.models import ExportJob, NativeTokenRate, Payment
 from payments.tasks import expire_exports
-from predictions.models import Prediction
+from predictions.models import Prediction, prediction_ref
 
 pytestmark = pytest.mark.django_db
 
@@ -101,7 +101,7 @@ def read_zip(path) -> tuple[list[dict], list[dict], dict]:
     return data, summary, about
 
 
-def test_csv_export_columns_decimals_and_a_separate_summary(ledger_rows, capsys, tmp_path) -> None:
+def test_csv_export_columns_decimals_and_a_separate_summary(ledger_rows, capsys, tmp_path, staff) -> None:
     call_command("export_ledger")
     captured = capsys.readouterr()
     rows = read_csv(captured.out)
@@ -114,6 +114,16 @@ def test_csv_export_columns_decimals_and_a_separate_summary(ledger_rows, capsys,
     assert first["model"] == "demo/echo-text" and rows[-1]["model"] == ""
     assert first["hardware_tier"] in ("cpu", "") and first["prediction_status"] == "starting"
     assert "secret" not in "".join(",".join(r.values()) for r in rows)  # no inputs or outputs
+    # A prediction's id is a bearer capability (read, cancel): exports name its ref instead, an
+    # HMAC of the id under a purpose-keyed secret, which the admin can look a prediction up by.
+    predictions = list(Prediction.objects.order_by("created_at"))
+    assert "prediction_id" not in rows[0] and len(predictions) == 5
+    everything = captured.out + captured.err
+    assert not any(p.pk in everything for p in predictions)
+    assert first["prediction_ref"] == predictions[0].ref == prediction_ref(predictions[0].pk)
+    assert len(first["prediction_ref"]) == 32 and rows[-1]["prediction_ref"] == ""
+    found = staff["operator"].get("/admin/predictions/prediction/", {"q": first["prediction_ref"]})
+    assert [p.pk for p in found.context["cl"].result_list] == [predictions[0].pk]
     assert "status,network" in captured.err  # the summary goes beside the data, not into it
 
     call_command("export_ledger", "--output", str(tmp_path / "ledger.zip"))
