@@ -14,7 +14,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
-from . import export_jobs, periods, reconciliation, refunds, reports
+from . import export_jobs, exports, periods, reconciliation, refunds, reports
 from .chain import ChainUnavailable, rpc
 from .charts import bar_chart
 from .forms import ExportForm
@@ -155,7 +155,7 @@ class PaymentAdmin(ReadOnlyAdmin):
             "zones": periods.zone_names(),
             "revenue": revenue,
             "refunded": refunded,
-            "net": revenue - refunded,
+            "net": exports.net_total(exports.summarize(flt)),
             "pending": sum(totals.amount(reports.PENDING).values(), Decimal(0)),
             "moved_for_others": reports.moved_for_others(flt),
             "by_status": sorted(totals.by_status().items()),

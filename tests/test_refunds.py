@@ -15,7 +15,7 @@ from django.test import Client, override_settings
 from django.utils import timezone
 
 from payments import exports, reconciliation, refunds
-from payments.models import Payment, Refund
+from payments.models import NativeTokenRate, Payment, Refund
 from payments.reports import DateBasis, LedgerFilter
 from predictions.models import Prediction
 from tests.conftest import fresh_payer, option_settings, rpc, token_balance
@@ -102,6 +102,7 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
     # The dashboard, the export and the reconciliation report agree for the same period (today,
     # by the date money moved), refunds on lines of their own.
     today = timezone.now().date().isoformat()
+    NativeTokenRate.objects.create(network=chain.network, symbol="ETH", usd_per_token=Decimal(3000), source="test")
     dashboard = staff["finance"].get(
         "/admin/payments/payment/dashboard/", {"since": today, "until": today, "basis": "money", "tz": "UTC"}
     ).context
@@ -123,7 +124,11 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
     assert report.count("matched") == 1 and not [line for line in report.lines if line.status == "ledger_only"]
     assert dashboard["revenue"] == exported_revenue == report.amount("matched") == Decimal("0.01")
     assert dashboard["refunded"] == exported_refunds == report.amount("matched", "refund") == Decimal("0.01")
-    assert dashboard["net"] == Decimal(0)
+    # Net: one definition (revenue, minus confirmed refunds, minus every transaction's gas at
+    # finance's rate), the dashboard's figure is the export summary's.
+    gas = sum(Decimal(s["gas_usd"]) for s in summary)
+    assert gas > 0 and dashboard["net"] == sum(Decimal(s["net_amount"]) for s in summary)
+    assert dashboard["net"] == dashboard["revenue"] - dashboard["refunded"] - gas
 
 
 def test_after_success_a_failed_run_is_not_charged_so_nothing_is_owed(chain_settings, eager_celery) -> None:
