@@ -791,6 +791,10 @@ class Refund(models.Model):
     gas_used = models.PositiveBigIntegerField(null=True, blank=True)
     gas_cost_wei = models.DecimalField(max_digits=78, decimal_places=0, null=True, blank=True)
     failure_reason = models.TextField(blank=True)
+    # An approved refund the wallet could not send yet: the reconciler tries again from retry_at
+    # (backing off with each attempt).
+    send_attempts = models.PositiveIntegerField(default=0)
+    retry_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
