@@ -8,6 +8,8 @@ import csv
 import io
 import time
 import zipfile
+from contextlib import contextmanager
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -286,3 +288,99 @@ def test_only_a_confirmed_payment_can_be_owed_back(chain_settings) -> None:
             refunds.owe(payment, "test")
     assert not Refund.objects.exists()
     Payment.objects.filter(pk=payment.pk).update(status="verified")  # as the ledger left it
+
+
+def owed_refund(chain) -> Refund:
+    """A paid run that failed under before_run: its refund, owed."""
+    payer = fresh_payer(chain)
+    pay(python_model(f"boom{Refund.objects.count()}", "tests.predictors.Boom", "before_run"), payer["private_key"])
+    return Refund.objects.order_by("-pk").first()
+
+
+def test_an_approved_refund_the_wallet_could_not_send_is_sent_by_the_reconciler(chain_settings, eager_celery) -> None:
+    """Approved and owed but not sent (no key, a failing estimate, a send task lost with the
+    broker): the reconciler tries again, backing off, until it goes out."""
+    from django.contrib.auth.models import User
+
+    refund = owed_refund(chain_settings)
+    finn = User.objects.create_user("finn2")
+    with override_settings(X402_REFUND_KEY=""):
+        refunds.approve(refund.pk, finn)
+        refund.refresh_from_db()
+        assert (refund.status, refund.send_attempts) == ("owed", 1) and refund.retry_at > timezone.now()
+        Refund.objects.filter(pk=refund.pk).update(retry_at=timezone.now())
+        refunds.reconcile()  # still no key: tried, and the wait doubles
+        refund.refresh_from_db()
+        assert refund.send_attempts == 2
+        assert (refund.retry_at - timezone.now()).total_seconds() > refunds.RETRY_BASE_SECONDS * 1.5
+    refunds.reconcile()  # not due yet: left alone
+    refund.refresh_from_db()
+    assert refund.status == "owed"
+    Refund.objects.filter(pk=refund.pk).update(retry_at=timezone.now())
+    assert confirm(refund).status == "confirmed" and refund.retry_at is None
+
+    # A send task lost (never tried): picked up once the grace after approval has passed.
+    lost = owed_refund(chain_settings)
+    Refund.objects.filter(pk=lost.pk).update(approved_at=timezone.now(), approved_by=finn)
+    refunds.reconcile()
+    lost.refresh_from_db()
+    assert lost.status == "owed"  # its task may still be on its way
+    Refund.objects.filter(pk=lost.pk).update(approved_at=timezone.now() - timedelta(seconds=refunds.SEND_GRACE_SECONDS + 1))
+    assert confirm(lost).status == "confirmed"
+
+
+@contextmanager
+def no_automine(chain):
+    """Blocks only when the test mines them (transactions wait in the node's pool)."""
+    rpc(chain.rpc_url, "evm_setAutomine", [False])
+    try:
+        yield
+    finally:
+        rpc(chain.rpc_url, "evm_setAutomine", [True])
+        rpc(chain.rpc_url, "anvil_mine", [hex(1)])
+
+
+def test_a_stuck_refund_is_re_signed_with_the_same_nonce_and_a_higher_fee(chain_settings, eager_celery) -> None:
+    chain = chain_settings
+    refund = owed_refund(chain)
+    with no_automine(chain):
+        refunds.approve(refund.pk, None)
+        refund.refresh_from_db()
+        first = refund.tx_hash
+        assert refund.status == "sent"
+        rpc(chain.rpc_url, "anvil_dropTransaction", [first])  # the node lost it (or its fee was too low)
+        with override_settings(X402_STUCK_AFTER_SECONDS=0):
+            refunds.track(refund.pk)
+        refund.refresh_from_db()
+        assert refund.status == "sent" and refund.tx_hash != first and refunds.hashes(refund) == [refund.tx_hash, first]
+        resent = refund.events.filter(to_status="sent").last().detail
+        assert resent["replaces"] == first and resent["nonce"] == refund.nonce
+        rpc(chain.rpc_url, "anvil_mine", [hex(1)])
+        assert confirm(refund).status == "confirmed"
+        assert refund_violations(chain.rpc_url) == []
+
+
+def test_a_refund_whose_nonce_the_wallet_used_otherwise_fails_as_dropped(chain_settings, eager_celery) -> None:
+    chain = chain_settings
+    refund = owed_refund(chain)
+    with no_automine(chain), override_settings(**option_settings(chain, confirmations=2)):
+        refunds.approve(refund.pk, None)
+        refund.refresh_from_db()
+        assert refund.status == "sent"
+        # Someone uses the wallet by hand: the same nonce, a higher fee, another transfer.
+        rpc(chain.rpc_url, "anvil_impersonateAccount", [chain.refund_address])
+        rpc(
+            chain.rpc_url,
+            "eth_sendTransaction",
+            [{"from": chain.refund_address, "to": chain.asset, "data": transfer_data(chain.pay_to, 1),
+              "gas": hex(100_000), "nonce": hex(refund.nonce), "maxFeePerGas": hex(10**12), "maxPriorityFeePerGas": hex(10**11)}],
+        )
+        rpc(chain.rpc_url, "anvil_mine", [hex(1)])
+        refunds.track(refund.pk)
+        refund.refresh_from_db()
+        assert refund.status == "sent"  # not final yet: the block could still be dropped
+        rpc(chain.rpc_url, "anvil_mine", [hex(1)])
+        refunds.track(refund.pk)
+        refund.refresh_from_db()
+        assert refund.status == "failed" and "used by another transaction" in refund.failure_reason
+        assert refund.events.last().detail["dropped"] == [refund.tx_hash]
