@@ -20,6 +20,7 @@ from .charts import bar_chart
 from .forms import ExportForm
 from .idempotency import redact_payload
 from .models import (
+    ExportDownload,
     ExportJob,
     ExportStatus,
     HardwareTier,
@@ -271,6 +272,24 @@ class PriceChangeAdmin(ReadOnlyAdmin):
     fields = readonly_fields = ("changed_at", "model", "tier", "changed_by", "old_rule", "new_rule")
 
 
+class ExportDownloadInline(admin.TabularInline):
+    """Who downloaded the file, and when (read-only)."""
+
+    model = ExportDownload
+    fields = readonly_fields = ("at", "user")
+    extra = 0
+    can_delete = False
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("payments.export_payment") or super().has_view_permission(request, obj)
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 @admin.register(ExportJob)
 class ExportJobAdmin(ReadOnlyAdmin):
     """Exports and their audit: progress while one runs, the file while it is kept."""
@@ -295,6 +314,7 @@ class ExportJobAdmin(ReadOnlyAdmin):
         "error",
     )
     change_form_template = "admin/payments/exportjob/change_form.html"
+    inlines = [ExportDownloadInline]
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm("payments.export_payment") or super().has_view_permission(request, obj)
@@ -324,11 +344,16 @@ class ExportJobAdmin(ReadOnlyAdmin):
         ]
 
     def download_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        """The file, to its maker, or to a user allowed another's (superuser, or the
+        ``download_any_export`` permission); every download is recorded (ExportDownload)."""
         if not request.user.has_perm("payments.export_payment"):
             raise PermissionDenied
         job = ExportJob.objects.filter(pk=pk, status=ExportStatus.DONE).exclude(file_name="").first()
         if job is None or not export_jobs.path_of(job).is_file():
             raise Http404("no such export file (not ready, or expired)")
+        if job.user_id != request.user.pk and not request.user.has_perm("payments.download_any_export"):
+            raise PermissionDenied
+        ExportDownload.objects.create(job=job, user=request.user)
         return FileResponse(export_jobs.path_of(job).open("rb"), as_attachment=True, filename=job.file_name)
 
 

@@ -603,9 +603,31 @@ class ExportJob(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # Without it a user downloads only the exports they made (superusers: all).
+        permissions = [("download_any_export", "Can download another user's export")]
 
     def __str__(self) -> str:
         return f"{self.format} export by {self.user or self.source} at {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class ExportDownload(models.Model):
+    """Append-only audit: who downloaded which export file, and when (the files hold every
+    payer's address and amounts, and leave the building with accountants)."""
+
+    job = models.ForeignKey(ExportJob, on_delete=models.PROTECT, related_name="downloads")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["job", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.user} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None:
+            raise IllegalTransition("export downloads are append-only")
+        super().save(*args, **kwargs)
 
 
 class NativeTokenRate(models.Model):

@@ -247,6 +247,8 @@ def track(refund_id: int) -> Refund:
     if mined_as is None:
         if refund.block_number is not None:  # a reorg dropped its block
             Refund.objects.filter(pk=refund.pk).update(block_number=None, confirmations=0)
+        # At the depth below the head the receipts were read at: a block our transaction was in
+        # would have shown its receipt.
         final = max(0, int(head, 16) - depth + 1)
         used = int(rpc(conf.rpc_url, "eth_getTransactionCount", [refund.sender, hex(final)]), 16)
         if used > refund.nonce:
@@ -268,7 +270,6 @@ def track(refund_id: int) -> Refund:
         "gas_used": gas_used,
         "gas_cost_wei": gas_used * int(receipt.get("effectiveGasPrice", "0x0"), 16),
     }
-    depth = conf.option.confirmations
     with transaction.atomic():
         refund = Refund.objects.select_for_update().get(pk=refund_id)
         if refund.status != R.SENT:

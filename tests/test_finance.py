@@ -283,6 +283,23 @@ def test_admin_export_runs_in_the_background_shows_progress_and_expires(
     data, _, _ = read_zip(io.BytesIO(body))
     assert [r["status"] for r in data] == ["confirmed", "confirmed"]
     assert staff["operator"].get(f"/admin/payments/exportjob/{job.pk}/download/").status_code == 403
+    # Downloads are audited; another finance user may not take finn's file without the
+    # download_any_export permission.
+    from django.contrib.auth.models import Group, Permission, User
+    from django.test import Client
+
+    from payments.roles import FINANCE
+
+    fay = User.objects.create_user("fay", is_staff=True)
+    fay.groups.add(Group.objects.get(name=FINANCE))
+    other = Client()
+    other.force_login(fay)
+    assert other.get(f"/admin/payments/exportjob/{job.pk}/download/").status_code == 403
+    fay.user_permissions.add(Permission.objects.get(codename="download_any_export"))
+    allowed = other.get(f"/admin/payments/exportjob/{job.pk}/download/")
+    assert allowed.status_code == 200 and b"".join(allowed.streaming_content) == body
+    assert [d.user.username for d in job.downloads.all()] == ["finn", "fay"]
+    assert "fay" in client.get(f"/admin/payments/exportjob/{job.pk}/change/").content.decode()
 
     ExportJob.objects.filter(pk=job.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     assert expire_exports() == 1

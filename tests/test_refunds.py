@@ -6,23 +6,28 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 import zipfile
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 from django.test import Client, override_settings
 from django.utils import timezone
+from eth_account import Account
 
 from payments import exports, reconciliation, refunds
 from payments.models import NativeTokenRate, Payment, Refund
+from payments.options import payment_options
 from payments.reports import DateBasis, LedgerFilter
+from payments.x402.types import Requirement
 from predictions.models import Prediction
 from tests.conftest import fresh_payer, option_settings, rpc, token_balance
 from tests.invariants import refund_violations
-from tests.payers import v2_header_for
+from tests.payers import sign_authorization, v2_header_for, v2_payload
 from tests.test_lifecycle import python_model
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
@@ -38,6 +43,18 @@ def pay(model, key: str) -> dict:
     response = Client().post(url, data=body, content_type="application/json", headers={"PAYMENT-SIGNATURE": header})
     assert response.status_code == 201, response.content
     return response.json()
+
+
+def settle_through_the_facilitator_api(key: str, pay_to: str) -> None:
+    """A payment another merchant's server (or ours) settles through our facilitator API."""
+    option = replace(payment_options()[0], pay_to=pay_to)
+    req = Requirement(option, PRICE)
+    body = {"x402Version": 2, "paymentPayload": v2_payload(req, sign_authorization(key, req)), "paymentRequirements": req.v2()}
+    with override_settings(X402_FACILITATOR_TOKENS=["t"], X402_FACILITATOR_SETTLE_WAIT=10):
+        answer = Client().post(
+            "/facilitator/settle", data=json.dumps(body), content_type="application/json", headers={"Authorization": "Bearer t"}
+        ).json()
+    assert answer["success"] is True, answer
 
 
 def confirm(refund: Refund) -> Refund:
@@ -103,13 +120,17 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
 
     # The dashboard, the export and the reconciliation report agree for the same period (today,
     # by the date money moved), refunds on lines of their own.
+    # Facilitator-API payments: one to our pay-to (revenue), one to another merchant (not ours).
+    other = fresh_payer(chain)
+    settle_through_the_facilitator_api(other["private_key"], chain.pay_to)
+    settle_through_the_facilitator_api(other["private_key"], Account.create().address)
     today = timezone.now().date().isoformat()
     NativeTokenRate.objects.create(network=chain.network, symbol="ETH", usd_per_token=Decimal(3000), source="test")
     dashboard = staff["finance"].get(
         "/admin/payments/payment/dashboard/", {"since": today, "until": today, "basis": "money", "tz": "UTC"}
     ).context
     days = dashboard["days"]
-    flt = LedgerFilter(since=days.since, until=days.until, basis=DateBasis.MONEY, tz="UTC")
+    flt = LedgerFilter(since=days.since, until=days.until, basis=DateBasis.MONEY, tz="UTC", ours_only=True)
     result = exports.write_zip(flt, tmp_path / "ledger.zip")
     with zipfile.ZipFile(tmp_path / "ledger.zip") as archive:
         data = list(csv.DictReader(io.StringIO(archive.read("data.csv").decode())))
@@ -123,8 +144,9 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
     assert {(s.kind, s.address) for s in report.scans} == {("payment", chain.pay_to), ("refund", wallet)}
     [chain_refund] = [line for line in report.lines if line.kind == "refund"]
     assert (chain_refund.status, chain_refund.refund_id, chain_refund.payer) == ("matched", refund.pk, payer["address"])
-    assert report.count("matched") == 1 and not [line for line in report.lines if line.status == "ledger_only"]
-    assert dashboard["revenue"] == exported_revenue == report.amount("matched") == Decimal("0.01")
+    assert report.count("matched") == 2 and not [line for line in report.lines if line.status == "ledger_only"]
+    assert dashboard["revenue"] == exported_revenue == report.amount("matched") == Decimal("0.02")
+    assert dashboard["moved_for_others"] == Decimal("0.01")
     assert dashboard["refunded"] == exported_refunds == report.amount("matched", "refund") == Decimal("0.01")
     # Net: one definition (revenue, minus confirmed refunds, minus every transaction's gas at
     # finance's rate), the dashboard's figure is the export summary's.
