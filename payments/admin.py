@@ -370,7 +370,7 @@ class RefundAdmin(ReadOnlyAdmin):
     search_fields = ("recipient", "tx_hash", "payment__id")
     exclude = ("raw_tx",)
     inlines = [RefundEventInline]
-    actions = ["approve"]
+    actions = ["approve", "send_again"]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         return [f.name for f in Refund._meta.fields if f.name not in self.exclude]
@@ -382,6 +382,11 @@ class RefundAdmin(ReadOnlyAdmin):
     def approve(self, request: HttpRequest, queryset: Any) -> None:
         approved = [refunds.approve(pk, request.user) for pk in queryset.values_list("pk", flat=True)]
         messages.success(request, f"{sum(1 for r in approved if r.approved_by_id == request.user.pk)} refunds approved.")
+
+    @admin.action(description="Send approved refunds again (their send failed)", permissions=["approve"])
+    def send_again(self, request: HttpRequest, queryset: Any) -> None:
+        queued = sum(refunds.send_again(pk) for pk in queryset.values_list("pk", flat=True))
+        messages.success(request, f"{queued} refunds queued to send; others left alone (not approved, or sent).")
 
 
 @admin.register(NativeTokenRate)

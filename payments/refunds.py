@@ -107,6 +107,17 @@ def approve(refund_id: int, user: Any) -> Refund:
     return refund
 
 
+def send_again(refund_id: int) -> bool:
+    """Finance's "send again" on an approved refund still owed (its send failed or its task was
+    lost): the wait is cleared and it is sent after commit. False for any other refund."""
+    from .tasks import send_refund
+
+    if not Refund.objects.filter(pk=refund_id, status=R.OWED, approved_at__isnull=False).update(retry_at=None):
+        return False
+    transaction.on_commit(lambda: send_refund.delay(refund_id))
+    return True
+
+
 def _nonce(url: str, network: str, sender: str) -> int:
     """The lowest nonce the chain has not seen that no stored, unmined refund holds (the
     wallet's RelayerNonce row locked by the caller)."""

@@ -432,17 +432,21 @@ class RefundCause(StrEnum):
     FAILED = "failed"
     #: Canceled or aborted before the run started: nothing was computed.
     NOT_STARTED = "ended_before_run"
+    #: Canceled by an operator (our decision, not the payer's), whenever.
+    OPERATOR = "canceled_by_operator"
 
 
 def _refund_cause(prediction: Prediction) -> RefundCause | None:
     """The refund policy: money back when the run failed on our side, or when the prediction was
     canceled or aborted before its run started. A cancel after the run started is not refunded
     (the payer had the compute and may have seen partial output), as Replicate bills canceled
-    runs for the time used."""
+    runs for the time used. An operator's cancel is ours, so it is refunded."""
     if prediction.status == P.FAILED:
         return RefundCause.FAILED
     if prediction.status in ENDED_UNSERVED and prediction.started_at is None:
         return RefundCause.NOT_STARTED
+    if prediction.events.filter(to_status=P.CANCELED, cause=Cause.ADMIN).exists():
+        return RefundCause.OPERATOR
     return None
 
 

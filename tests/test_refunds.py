@@ -279,12 +279,17 @@ def test_a_cancel_after_the_run_started_is_not_refunded_but_one_before_it_is(cha
     payer = fresh_payer(chain_settings)
     model = python_model("cancelme", "tests.predictors.Slow", "before_run")
     ran, waiting = pay(model, payer["private_key"]), pay(model, payer["private_key"])
+    by_operator = pay(model, payer["private_key"])
     conf = configured()[0]
     formed = batching.form(conf, force=True)
     relayer.broadcast(conf.rpc_url, formed.tx)
     assert batching.follow([formed.tx.pk], wait_seconds=20) == []
     assert set(Payment.objects.values_list("status", flat=True)) == {"confirmed"}
     assert lifecycle.claim(ran["id"]) is not None  # its run started (no worker runs it here)
+    assert lifecycle.claim(by_operator["id"]) is not None
+    lifecycle.cancel(by_operator["id"], cause=lifecycle.Cause.ADMIN)  # our decision: refunded
+    ours = Refund.objects.get(payment=Prediction.objects.get(pk=by_operator["id"]).payment)
+    assert ours.events.get(to_status="owed").detail["cause"] == "canceled_by_operator"
 
     for created in (ran, waiting):
         canceled = Client().post(f"/v1/predictions/{created['id']}/cancel")
@@ -319,7 +324,9 @@ def owed_refund(chain) -> Refund:
     return Refund.objects.order_by("-pk").first()
 
 
-def test_an_approved_refund_the_wallet_could_not_send_is_sent_by_the_reconciler(chain_settings, eager_celery) -> None:
+def test_an_approved_refund_the_wallet_could_not_send_is_sent_by_the_reconciler(
+    chain_settings, eager_celery, staff
+) -> None:
     """Approved and owed but not sent (no key, a failing estimate, a send task lost with the
     broker): the reconciler tries again, backing off, until it goes out."""
     from django.contrib.auth.models import User
@@ -338,8 +345,13 @@ def test_an_approved_refund_the_wallet_could_not_send_is_sent_by_the_reconciler(
     refunds.reconcile()  # not due yet: left alone
     refund.refresh_from_db()
     assert refund.status == "owed"
-    Refund.objects.filter(pk=refund.pk).update(retry_at=timezone.now())
-    assert confirm(refund).status == "confirmed" and refund.retry_at is None
+    # Finance need not wait: "send again" in the admin sends it now (an operator may not).
+    action = {"action": "send_again", "_selected_action": [str(refund.pk)]}
+    assert staff["operator"].post("/admin/payments/refund/", action).status_code == 403
+    assert staff["finance"].post("/admin/payments/refund/", action).status_code == 302
+    refund.refresh_from_db()
+    assert refund.status == "sent" and refund.retry_at is None
+    assert confirm(refund).status == "confirmed"
 
     # A send task lost (never tried): picked up once the grace after approval has passed.
     lost = owed_refund(chain_settings)
