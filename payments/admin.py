@@ -14,12 +14,13 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
-from . import export_jobs, periods, reconciliation, refunds, reports
+from . import export_jobs, exports, periods, reconciliation, refunds, reports
 from .chain import ChainUnavailable, rpc
 from .charts import bar_chart
 from .forms import ExportForm
 from .idempotency import redact_payload
 from .models import (
+    ExportDownload,
     ExportJob,
     ExportStatus,
     HardwareTier,
@@ -155,7 +156,7 @@ class PaymentAdmin(ReadOnlyAdmin):
             "zones": periods.zone_names(),
             "revenue": revenue,
             "refunded": refunded,
-            "net": revenue - refunded,
+            "net": exports.net_total(exports.summarize(flt)),
             "pending": sum(totals.amount(reports.PENDING).values(), Decimal(0)),
             "moved_for_others": reports.moved_for_others(flt),
             "by_status": sorted(totals.by_status().items()),
@@ -271,6 +272,24 @@ class PriceChangeAdmin(ReadOnlyAdmin):
     fields = readonly_fields = ("changed_at", "model", "tier", "changed_by", "old_rule", "new_rule")
 
 
+class ExportDownloadInline(admin.TabularInline):
+    """Who downloaded the file, and when (read-only)."""
+
+    model = ExportDownload
+    fields = readonly_fields = ("at", "user")
+    extra = 0
+    can_delete = False
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("payments.export_payment") or super().has_view_permission(request, obj)
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 @admin.register(ExportJob)
 class ExportJobAdmin(ReadOnlyAdmin):
     """Exports and their audit: progress while one runs, the file while it is kept."""
@@ -295,6 +314,7 @@ class ExportJobAdmin(ReadOnlyAdmin):
         "error",
     )
     change_form_template = "admin/payments/exportjob/change_form.html"
+    inlines = [ExportDownloadInline]
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm("payments.export_payment") or super().has_view_permission(request, obj)
@@ -324,11 +344,16 @@ class ExportJobAdmin(ReadOnlyAdmin):
         ]
 
     def download_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        """The file, to its maker, or to a user allowed another's (superuser, or the
+        ``download_any_export`` permission); every download is recorded (ExportDownload)."""
         if not request.user.has_perm("payments.export_payment"):
             raise PermissionDenied
         job = ExportJob.objects.filter(pk=pk, status=ExportStatus.DONE).exclude(file_name="").first()
         if job is None or not export_jobs.path_of(job).is_file():
             raise Http404("no such export file (not ready, or expired)")
+        if job.user_id != request.user.pk and not request.user.has_perm("payments.download_any_export"):
+            raise PermissionDenied
+        ExportDownload.objects.create(job=job, user=request.user)
         return FileResponse(export_jobs.path_of(job).open("rb"), as_attachment=True, filename=job.file_name)
 
 
@@ -345,7 +370,7 @@ class RefundAdmin(ReadOnlyAdmin):
     search_fields = ("recipient", "tx_hash", "payment__id")
     exclude = ("raw_tx",)
     inlines = [RefundEventInline]
-    actions = ["approve"]
+    actions = ["approve", "send_again"]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         return [f.name for f in Refund._meta.fields if f.name not in self.exclude]
@@ -357,6 +382,11 @@ class RefundAdmin(ReadOnlyAdmin):
     def approve(self, request: HttpRequest, queryset: Any) -> None:
         approved = [refunds.approve(pk, request.user) for pk in queryset.values_list("pk", flat=True)]
         messages.success(request, f"{sum(1 for r in approved if r.approved_by_id == request.user.pk)} refunds approved.")
+
+    @admin.action(description="Send approved refunds again (their send failed)", permissions=["approve"])
+    def send_again(self, request: HttpRequest, queryset: Any) -> None:
+        queued = sum(refunds.send_again(pk) for pk in queryset.values_list("pk", flat=True))
+        messages.success(request, f"{queued} refunds queued to send; others left alone (not approved, or sent).")
 
 
 @admin.register(NativeTokenRate)

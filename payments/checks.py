@@ -76,3 +76,32 @@ def check_assets_on_chain(app_configs: Any = None, **kwargs: Any) -> list[Error]
                 )
             )
     return errors
+
+
+def _address_of(key: str) -> str | None:
+    from eth_account import Account
+
+    try:
+        return Account.from_key(key).address
+    except (ValueError, TypeError):
+        return None
+
+
+@register("payments")
+def check_refund_key_is_its_own(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """The refund wallet must not be a relayer: refunds and settlements each count only their
+    own table's held nonces under the same RelayerNonce row, so a shared key collides nonces
+    (one transaction replaces or blocks the other)."""
+    if not settings.X402_REFUND_KEY:
+        return []
+    refund = _address_of(settings.X402_REFUND_KEY)
+    relayers = {_address_of(k) for k in [settings.X402_RELAYER_KEY, *settings.X402_RELAYER_KEYS] if k}
+    if refund is not None and refund in relayers:
+        return [
+            Error(
+                "X402_REFUND_KEY is also a relayer key: refunds and settlements would collide on nonces",
+                hint="Give the refund wallet its own key.",
+                id="payments.E007",
+            )
+        ]
+    return []

@@ -77,7 +77,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("model", "text"),
     ("version", "text"),
     ("hardware_tier", "text"),
-    ("prediction_id", "text"),
+    ("prediction_ref", "text"),
     ("prediction_status", "text"),
     ("transaction", "text"),
     ("block_number", "int8"),
@@ -228,7 +228,7 @@ def payment_lines(
         "model": _model("prediction"),
         "version": F("prediction__version_id"),
         "hardware_tier": F("prediction__model__hardware__slug"),
-        "prediction_id": F("prediction__id"),
+        "prediction_ref": F("prediction__ref"),
         "prediction_status": F("prediction__status"),
         "transaction": F("settle_tx_hash"),
         "block_number": F("block_number"),
@@ -273,7 +273,7 @@ def refund_lines(
         "model": _model("payment__prediction"),
         "version": F("payment__prediction__version_id"),
         "hardware_tier": F("payment__prediction__model__hardware__slug"),
-        "prediction_id": F("payment__prediction__id"),
+        "prediction_ref": F("payment__prediction__ref"),
         "prediction_status": F("payment__prediction__status"),
         "transaction": F("tx_hash"),
         "block_number": F("block_number"),
@@ -545,3 +545,18 @@ def paid_total(summary: list[SummaryLine]) -> dict[tuple[str, str], Decimal]:
             out[(line.network, line.asset)] = out.get((line.network, line.asset), Decimal(0)) + line.amount
     return out
 
+
+
+def summarize(flt: LedgerFilter) -> list[SummaryLine]:
+    """The export's summary for ``flt`` without writing its data (the dashboard's net)."""
+    with _snapshot(flt.tz) as cursor:
+        return _summary(cursor, *_all(_parts(flt, rates(), ordered=False, names=SUMMARY_SOURCE)))
+
+
+def net_total(summary: list[SummaryLine]) -> Decimal | None:
+    """Revenue net of refunds and gas, the one definition the dashboard and the exports share:
+    the sum of the lines' ``net_amount`` (paid amounts, minus confirmed refunds, minus every
+    transaction's gas in USD at finance's rates). None when some gas has no rate yet."""
+    if any(line.net_amount is None for line in summary):
+        return None
+    return sum((line.net_amount for line in summary if line.net_amount is not None), Decimal(0))

@@ -603,9 +603,31 @@ class ExportJob(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # Without it a user downloads only the exports they made (superusers: all).
+        permissions = [("download_any_export", "Can download another user's export")]
 
     def __str__(self) -> str:
         return f"{self.format} export by {self.user or self.source} at {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class ExportDownload(models.Model):
+    """Append-only audit: who downloaded which export file, and when (the files hold every
+    payer's address and amounts, and leave the building with accountants)."""
+
+    job = models.ForeignKey(ExportJob, on_delete=models.PROTECT, related_name="downloads")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["job", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.user} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None:
+            raise IllegalTransition("export downloads are append-only")
+        super().save(*args, **kwargs)
 
 
 class NativeTokenRate(models.Model):
@@ -737,7 +759,10 @@ class RefundStatus(models.TextChoices):
     OWED = "owed", "Owed"  # waits for finance's approval, then for the refund wallet
     SENT = "sent", "Sent"  # transfer signed and stored, maybe broadcast, maybe mined
     CONFIRMED = "confirmed", "Confirmed"
-    FAILED = "failed", "Failed"  # the transfer reverted: finance may approve it again
+    FAILED = "failed", "Failed"  # the transfer reverted (at depth): finance may approve it again
+    # Mined with status 1 but without the expected Transfer: money may have moved; a human
+    # checks the chain (never re-approved automatically).
+    REVIEW = "review", "Needs review"
 
 
 R = RefundStatus
@@ -746,8 +771,9 @@ R = RefundStatus
 REFUND_TRANSITIONS: dict[str, frozenset[str]] = {
     R.OWED: frozenset({R.SENT}),
     # A signed transfer that never reached a block is re-signed with the same nonce.
-    R.SENT: frozenset({R.SENT, R.CONFIRMED, R.FAILED}),
+    R.SENT: frozenset({R.SENT, R.CONFIRMED, R.FAILED, R.REVIEW}),
     R.FAILED: frozenset({R.OWED}),
+    R.REVIEW: frozenset(),
     R.CONFIRMED: frozenset(),
 }
 
@@ -787,6 +813,10 @@ class Refund(models.Model):
     gas_used = models.PositiveBigIntegerField(null=True, blank=True)
     gas_cost_wei = models.DecimalField(max_digits=78, decimal_places=0, null=True, blank=True)
     failure_reason = models.TextField(blank=True)
+    # An approved refund the wallet could not send yet: the reconciler tries again from retry_at
+    # (backing off with each attempt).
+    send_attempts = models.PositiveIntegerField(default=0)
+    retry_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

@@ -338,11 +338,13 @@ def transfers(
 
 
 def _paid_in(conf: ConfiguredOption, period: Period, first: int, last: int) -> list[Payment]:
-    """The ledger's paid payments to the option's pay-to in the period (ours: facilitator-API
-    payments to it included): mined in its blocks, or (no block recorded) settled in it."""
+    """The ledger's paid payments to the option's pay-to in the period: ``Payment.objects.ours()``,
+    the dashboard's revenue (facilitator-API payments to our pay-to included, those to other
+    merchants never), mined in its blocks, or (no block recorded) settled in it."""
     option = conf.option
     return list(
-        Payment.objects.filter(
+        Payment.objects.ours()
+        .filter(
             Q(block_number__gte=first, block_number__lte=last)
             | Q(block_number=None, settled_at__gte=period.since, settled_at__lt=period.until),
             network=option.network,
@@ -455,7 +457,7 @@ def _refunds_in(conf: ConfiguredOption, sender: str, period: Period, first: int,
         network=option.network,
         asset=option.asset,
         sender=sender,
-        status__in=[RefundStatus.SENT, RefundStatus.CONFIRMED],
+        status__in=[RefundStatus.SENT, RefundStatus.CONFIRMED, RefundStatus.REVIEW],
     ).order_by("sent_at")
     return [
         Entry(r.tx_hash, r.recipient, int(r.amount), r.block_number, r.sent_at, r.payment_id, r.pk) for r in rows

@@ -5,19 +5,22 @@ A refund is *owed* when the lifecycle says so (``predictions.lifecycle``, the on
 knows how a prediction ended); finance *approves* it in the admin; the refund wallet (its key
 in ``X402_REFUND_KEY``, never in the database) signs an ERC-20 ``transfer`` back to the payer,
 the signed transaction is stored with the refund (*sent*) before it is broadcast, and the
-reconciler follows it to *confirmed* (or *failed*: the transfer reverted). State changes go
+reconciler follows it to *confirmed* (or *failed*: the transfer reverted, at the network's
+confirmation depth; or *review*: mined without the expected Transfer, for a human). State changes go
 through :meth:`Refund.advance` only.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from functools import lru_cache
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -25,9 +28,9 @@ from eth_utils import to_checksum_address
 
 from .abi import TRANSFER_TOPIC
 from .chain import RpcError, rpc, rpc_batch
-from .models import PAID_STATUSES, Payment, Refund, RefundEvent, RefundStatus, RelayerNonce
+from .models import Payment, PaymentStatus, Refund, RefundEvent, RefundStatus, RelayerNonce
 from .options import for_payment
-from .relayer import fees
+from .relayer import fees, resign_raw
 
 log = logging.getLogger("payments.refunds")
 R = RefundStatus
@@ -35,6 +38,13 @@ R = RefundStatus
 TRANSFER = "0xa9059cbb"
 #: Gas asked for above the node's estimate.
 GAS_HEADROOM = 1.3
+#: An approved refund the wallet could not send is tried again after this, doubled per attempt...
+RETRY_BASE_SECONDS = 60
+#: ...up to this.
+RETRY_MAX_SECONDS = 3600
+#: An approved refund never tried this long after its approval lost its send task (the broker
+#: was down): the reconciler sends it.
+SEND_GRACE_SECONDS = 60
 
 
 @lru_cache(maxsize=4)
@@ -49,11 +59,13 @@ def wallet() -> LocalAccount:
     return _account(settings.X402_REFUND_KEY)
 
 
-def owe(payment: Payment, reason: str) -> Refund | None:
-    """Record the refund of a paid ``payment`` (once; call inside the transaction that decided
-    it, the payment locked). None if the payment did not pay."""
-    if payment.status not in PAID_STATUSES:
-        return None
+def owe(payment: Payment, reason: str, *, detail: dict[str, Any] | None = None) -> Refund:
+    """Record the refund of a CONFIRMED ``payment`` (once; call inside the transaction that
+    decided it, the payment locked). ``detail`` (the cause, the run seconds) goes on the OWED
+    event for finance. A payment not yet confirmed (still SETTLED: a reorg may undo it) or not
+    paid at all raises ValueError: nothing is owed back before the money is final."""
+    if payment.status != PaymentStatus.CONFIRMED:
+        raise ValueError(f"payment {payment.pk} is {payment.status}, not confirmed: no refund is owed yet")
     existing = Refund.objects.filter(payment=payment).first()
     if existing is not None:
         return existing
@@ -70,7 +82,7 @@ def owe(payment: Payment, reason: str) -> Refund | None:
             )
     except IntegrityError:
         return Refund.objects.get(payment=payment)
-    RefundEvent.objects.create(refund=refund, to_status=R.OWED, detail={"reason": refund.reason})
+    RefundEvent.objects.create(refund=refund, to_status=R.OWED, detail={"reason": refund.reason, **(detail or {})})
     log.info("refund owed: %s for payment %s", refund.amount_decimal, payment.pk)
     return refund
 
@@ -93,6 +105,17 @@ def approve(refund_id: int, user: Any) -> Refund:
             return refund
     transaction.on_commit(lambda: send_refund.delay(refund.pk))
     return refund
+
+
+def send_again(refund_id: int) -> bool:
+    """Finance's "send again" on an approved refund still owed (its send failed or its task was
+    lost): the wait is cleared and it is sent after commit. False for any other refund."""
+    from .tasks import send_refund
+
+    if not Refund.objects.filter(pk=refund_id, status=R.OWED, approved_at__isnull=False).update(retry_at=None):
+        return False
+    transaction.on_commit(lambda: send_refund.delay(refund_id))
+    return True
 
 
 def _nonce(url: str, network: str, sender: str) -> int:
@@ -126,8 +149,7 @@ def send(refund_id: int) -> Refund:
     try:
         account = wallet()
     except ImproperlyConfigured as exc:
-        Refund.objects.filter(pk=refund_id, status=R.OWED).update(failure_reason=str(exc))
-        log.warning("refund %s not sent: %s", refund_id, exc)
+        _not_sent(refund_id, str(exc))
         return Refund.objects.get(pk=refund_id)
     with transaction.atomic():
         refund = Refund.objects.select_for_update().get(pk=refund_id)
@@ -142,8 +164,7 @@ def send(refund_id: int) -> Refund:
                 conf.rpc_url, [("eth_estimateGas", [call, "pending"]), ("eth_getBlockByNumber", ["latest", False])]
             )
         except RpcError as exc:
-            Refund.objects.filter(pk=refund.pk).update(failure_reason=f"the refund wallet cannot send: {exc}"[:2000])
-            log.warning("refund %s not sent: %s", refund.pk, exc)
+            _not_sent(refund.pk, f"the refund wallet cannot send: {exc}")
             return refund
         nonce = _nonce(conf.rpc_url, refund.network, account.address)
         max_fee, priority = fees(block)
@@ -164,15 +185,31 @@ def send(refund_id: int) -> Refund:
         lane.save(update_fields=["next_nonce"])
         refund.advance(
             R.SENT,
-            detail={"nonce": nonce},
+            detail={"nonce": nonce, "tx": "0x" + signed.hash.hex().removeprefix("0x")},
             sender=account.address,
             nonce=nonce,
             tx_hash="0x" + signed.hash.hex().removeprefix("0x"),
             raw_tx="0x" + signed.raw_transaction.hex().removeprefix("0x"),
             failure_reason="",
+            retry_at=None,
         )
     _broadcast(conf.rpc_url, refund)
     return refund
+
+
+def _not_sent(refund_id: int, reason: str) -> None:
+    """An approved refund the wallet could not send: why, and when the reconciler tries again
+    (backing off: RETRY_BASE_SECONDS doubled per attempt, at most RETRY_MAX_SECONDS)."""
+    with transaction.atomic():
+        refund = Refund.objects.select_for_update().get(pk=refund_id)
+        if refund.status != R.OWED:
+            return
+        attempts = refund.send_attempts + 1
+        delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempts - 1))
+        refund.failure_reason, refund.send_attempts = reason[:2000], attempts
+        refund.retry_at = timezone.now() + timedelta(seconds=delay)
+        refund.save(update_fields=["failure_reason", "send_attempts", "retry_at"])
+    log.warning("refund %s not sent (attempt %s, again in %ss): %s", refund_id, attempts, delay, reason)
 
 
 def _broadcast(url: str, refund: Refund) -> None:
@@ -195,21 +232,46 @@ def _transfers(receipt: dict[str, Any], refund: Refund) -> bool:
     )
 
 
+def hashes(refund: Refund) -> list[str]:
+    """Every transaction signed for the refund, the current one first (a re-signed refund keeps
+    its earlier ones watched: any of them, one nonce, may be the one mined)."""
+    earlier = [e.detail["tx"] for e in refund.events.filter(to_status=R.SENT).order_by("-pk") if e.detail.get("tx")]
+    return list(dict.fromkeys([refund.tx_hash, *earlier]))
+
+
 def track(refund_id: int) -> Refund:
     """Follow one sent refund: confirmed once its transfer has the option's confirmations,
-    failed if it reverted, rebroadcast while no block has it."""
+    failed once its revert has them, in review if it was mined without its Transfer; while no
+    block has any of its transactions: failed (dropped) once the wallet's nonce at the
+    network's depth is past it (another transaction used the nonce), re-signed with a higher
+    fee (same nonce) once stuck, else rebroadcast."""
     refund = Refund.objects.get(pk=refund_id)
     if refund.status != R.SENT:
         return refund
     conf = for_payment(refund.network, refund.asset)
-    receipt, head = rpc_batch(
-        conf.rpc_url, [("eth_getTransactionReceipt", [refund.tx_hash]), ("eth_blockNumber", [])]
+    depth = conf.option.confirmations
+    watched = hashes(refund)
+    *receipts, head = rpc_batch(
+        conf.rpc_url, [*[("eth_getTransactionReceipt", [h]) for h in watched], ("eth_blockNumber", [])]
     )
-    if not receipt:
+    mined_as = next(((h, r) for h, r in zip(watched, receipts, strict=True) if r), None)
+    if mined_as is None:
         if refund.block_number is not None:  # a reorg dropped its block
             Refund.objects.filter(pk=refund.pk).update(block_number=None, confirmations=0)
+        # At the depth below the head the receipts were read at: a block our transaction was in
+        # would have shown its receipt.
+        final = max(0, int(head, 16) - depth + 1)
+        used = int(rpc(conf.rpc_url, "eth_getTransactionCount", [refund.sender, hex(final)]), 16)
+        if used > refund.nonce:
+            return _dropped(refund, watched, used)
+        if refund.sent_at and (timezone.now() - refund.sent_at).total_seconds() > settings.X402_STUCK_AFTER_SECONDS:
+            return _resign(conf.rpc_url, refund)
         _broadcast(conf.rpc_url, refund)
         return refund
+    tx_hash, receipt = mined_as
+    if tx_hash != refund.tx_hash:  # an earlier signing was mined: it is the refund's transaction
+        Refund.objects.filter(pk=refund.pk).update(tx_hash=tx_hash)
+        refund.tx_hash = tx_hash
     block = int(receipt["blockNumber"], 16)
     confirmations = max(0, int(head, 16) - block + 1)
     gas_used = int(receipt["gasUsed"], 16)
@@ -223,23 +285,92 @@ def track(refund_id: int) -> Refund:
         refund = Refund.objects.select_for_update().get(pk=refund_id)
         if refund.status != R.SENT:
             return refund
-        if int(receipt["status"], 16) != 1 or not _transfers(receipt, refund):
+        evidence = {"tx": refund.tx_hash, "block": block, "receipt_status": receipt["status"]}
+        if int(receipt["status"], 16) != 1:
+            # A revert is final only at the network's depth: a reorg may drop its block and the
+            # same nonce may then pay (re-approving before that would pay twice).
+            if confirmations >= depth:
+                refund.advance(R.FAILED, detail=evidence, failure_reason="the refund transfer reverted", **mined)
+            else:
+                Refund.objects.filter(pk=refund.pk).update(**mined)
+        elif not _transfers(receipt, refund):
+            # Mined and successful, yet not the Transfer we signed: money may have moved. Not
+            # FAILED (that invites a second payment): a human must look.
             refund.advance(
-                R.FAILED, detail={"tx": refund.tx_hash, "receipt_status": receipt["status"]}, failure_reason="the refund transfer reverted", **mined
+                R.REVIEW,
+                detail=evidence,
+                failure_reason="mined without the expected Transfer to the payer: check on chain before acting",
+                **mined,
             )
-        elif confirmations >= conf.option.confirmations:
-            refund.advance(R.CONFIRMED, detail={"tx": refund.tx_hash, "block": block}, **mined)
+        elif confirmations >= depth:
+            refund.advance(R.CONFIRMED, detail=evidence, **mined)
         else:
             Refund.objects.filter(pk=refund.pk).update(**mined)
     return refund
 
 
+def _dropped(refund: Refund, watched: list[str], used: int) -> Refund:
+    """No transaction of the refund was mined and the wallet's nonce is past it at depth: another
+    transaction (someone used the wallet by hand) took the nonce, so this refund can never be
+    paid by what we signed: failed (finance may approve it again)."""
+    with transaction.atomic():
+        refund = Refund.objects.select_for_update().get(pk=refund.pk)
+        if refund.status == R.SENT:
+            refund.advance(
+                R.FAILED,
+                detail={"dropped": watched, "wallet_nonce_at_depth": used},
+                failure_reason=f"nonce {refund.nonce} was used by another transaction of the wallet: nothing was paid",
+            )
+    return refund
+
+
+def _resign(url: str, refund: Refund) -> Refund:
+    """A stuck refund signed again with the same nonce and a higher fee (the relayer's rule), the
+    new transaction stored before it is broadcast; the earlier ones stay watched."""
+    block = rpc(url, "eth_getBlockByNumber", ["latest", False])
+    with transaction.atomic():
+        refund = Refund.objects.select_for_update().get(pk=refund.pk)
+        account = wallet()
+        if refund.status != R.SENT:
+            return refund
+        if account.address != refund.sender:  # the wallet's key changed: never sign anew
+            _broadcast(url, refund)
+            return refund
+        tx_hash, raw, max_fee = resign_raw(refund.raw_tx, account, block)
+        refund.advance(
+            R.SENT,
+            detail={"nonce": refund.nonce, "tx": tx_hash, "replaces": refund.tx_hash, "max_fee_per_gas": max_fee},
+            tx_hash=tx_hash,
+            raw_tx=raw,
+        )
+    _broadcast(url, refund)
+    return refund
+
+
+def _due() -> list[int]:
+    """Approved refunds still owed whose send should be tried (again): their retry time came, or
+    they were never tried (the send task was lost) SEND_GRACE_SECONDS after approval."""
+    now = timezone.now()
+    return list(
+        Refund.objects.filter(status=R.OWED, approved_at__isnull=False)
+        .filter(Q(retry_at__lte=now) | Q(retry_at=None, approved_at__lte=now - timedelta(seconds=SEND_GRACE_SECONDS)))
+        .values_list("pk", flat=True)
+    )
+
+
 def reconcile() -> int:
-    """Follow every sent refund (the reconciler's pass); how many were looked at."""
+    """The reconciler's pass: send approved refunds that are due (:func:`_due`), follow every
+    sent one; how many were looked at."""
+    due = _due()
+    for pk in due:
+        try:
+            send(pk)
+        except Exception:  # noqa: BLE001 - one refund's trouble must not stop the others
+            log.exception("refund %s: sending failed", pk)
     ids = list(Refund.objects.filter(status=R.SENT).values_list("pk", flat=True))
     for pk in ids:
         try:
             track(pk)
         except Exception:  # noqa: BLE001 - one refund's trouble must not stop the others
             log.exception("refund %s: tracking failed", pk)
-    return len(ids)
+    return len(due) + len(ids)

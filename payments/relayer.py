@@ -246,12 +246,19 @@ def locked(tx_id: int) -> Iterator[SettlementTx]:
 def resign(tx: SettlementTx, block: dict[str, Any]) -> tuple[str, str, int]:
     """The same transaction (nonce, calldata) with fees raised past the node's replacement rule:
     (hash, raw, max fee)."""
+    return resign_raw(tx.raw_tx, account_of(tx.relayer), block)
+
+
+def resign_raw(raw: str, account: LocalAccount, block: dict[str, Any]) -> tuple[str, str, int]:
+    """``raw`` (signed by ``account``) again with the same nonce and calldata and fees raised
+    past the node's replacement rule: (hash, raw, max fee). Same nonce: at most one of them is
+    ever mined (refunds use it too)."""
     from eth_utils import to_checksum_address
 
-    fields = decode(tx.raw_tx)
+    fields = decode(raw)
     base_max, _ = fees(block)
     priority = max(fields["maxPriorityFeePerGas"] * 2, PRIORITY_FEE)
     max_fee = max(base_max + priority, fields["maxFeePerGas"] * 2)
     fields.update(maxFeePerGas=max_fee, maxPriorityFeePerGas=priority, to=to_checksum_address(fields["to"]))
-    signed = account_of(tx.relayer).sign_transaction(fields)
+    signed = account.sign_transaction(fields)
     return _hex(signed.hash), _hex(signed.raw_transaction), max_fee

@@ -384,7 +384,8 @@ class PredictionAdmin(admin.ModelAdmin):
 
     list_display = ("id", "model", "status", "created_at", "predict_time", "settlement_policy", "payment")
     list_filter = ("status", "settlement_policy", "model")
-    search_fields = ("id",)
+    # By id, or by the exact ref an export names (accountants see refs, never ids).
+    search_fields = ("id", "=ref")
     date_hierarchy = "created_at"
     list_select_related = ("model", "payment")
     readonly_fields = [f.name for f in Prediction._meta.fields]

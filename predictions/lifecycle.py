@@ -10,7 +10,8 @@ and only here, follow the consequences:
   (``upto``) payment is charged for the measured run instead (``ledger.charge_usage``: its
   seconds on success, at its time limit or when its payer cancels it; its price's failure
   charge when it failed on our side or an operator canceled it); an end without output whose
-  payment is confirmed under ``before_run`` is owed a refund (``refunds.owe``);
+  payment is confirmed under ``before_run`` is owed a refund (``refunds.owe``) when it failed
+  or ended before its run started (:func:`_refund_cause`);
 - after commit: the webhooks the prediction's filter asks for (``start``, ``logs``,
   ``output``, ``completed``), the progress events its listeners wait for (``events``: logs,
   output, end), metrics, enqueuing the run, and stopping a run on its runner.
@@ -32,6 +33,7 @@ import math
 import time
 from datetime import timedelta
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 from django.conf import settings
@@ -423,16 +425,49 @@ def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str, ru
         return True
 
 
+class RefundCause(StrEnum):
+    """Why a refund is owed (on its OWED event, for finance)."""
+
+    #: The run failed on our side (predictor error, runner lost, time limit).
+    FAILED = "failed"
+    #: Canceled or aborted before the run started: nothing was computed.
+    NOT_STARTED = "ended_before_run"
+    #: Canceled by an operator (our decision, not the payer's), whenever.
+    OPERATOR = "canceled_by_operator"
+
+
+def _refund_cause(prediction: Prediction) -> RefundCause | None:
+    """The refund policy: money back when the run failed on our side, or when the prediction was
+    canceled or aborted before its run started. A cancel after the run started is not refunded
+    (the payer had the compute and may have seen partial output), as Replicate bills canceled
+    runs for the time used. An operator's cancel is ours, so it is refunded."""
+    if prediction.status == P.FAILED:
+        return RefundCause.FAILED
+    if prediction.status in ENDED_UNSERVED and prediction.started_at is None:
+        return RefundCause.NOT_STARTED
+    if prediction.events.filter(to_status=P.CANCELED, cause=Cause.ADMIN).exists():
+        return RefundCause.OPERATOR
+    return None
+
+
 def _refund_if_owed(prediction: Prediction, payment: Payment) -> None:
     """A prediction that ended without its output, under a policy that refunds, whose payment
-    is confirmed: the payer is owed the money back (payments.refunds, once per payment). A
-    payment still settling is looked at again when it confirms (:func:`on_payment`)."""
+    is confirmed, and that the refund policy covers (:func:`_refund_cause`): the payer is owed
+    the money back (payments.refunds, once per payment). A payment still settling is looked at
+    again when it confirms (:func:`on_payment`). The reason names the payment, never the
+    prediction id (a bearer capability)."""
+    cause = _refund_cause(prediction)
     if (
-        prediction.status in ENDED_UNSERVED
+        cause is not None
         and SettlementPolicy(prediction.settlement_policy).refunds_unserved
         and payment.status == PaymentStatus.CONFIRMED
     ):
-        refunds.owe(payment, f"prediction {prediction.pk} ended {prediction.status}: {prediction.error}")
+        seconds = _run_seconds(prediction, prediction.completed_at or timezone.now()) if prediction.started_at else 0
+        refunds.owe(
+            payment,
+            f"payment {payment.pk}: the prediction ended {prediction.status} ({cause}): {prediction.error}",
+            detail={"cause": str(cause), "run_seconds": str(seconds), "prediction_status": prediction.status},
+        )
 
 
 def _overran(prediction: Prediction) -> RunEnd:

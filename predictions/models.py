@@ -16,6 +16,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models, transaction
 from django.utils import timezone
+from django.utils.crypto import salted_hmac
 
 from payments.models import FailureCharge, HardwareTier, Payment, PriceChange, UptoOrder
 from payments.pricing import PriceRule, PricingError, invalidate
@@ -329,8 +330,19 @@ class PredictionQuerySet(models.QuerySet):
         return self.filter(status=PredictionStatus.PROCESSING, run_ended_at__isnull=False)
 
 
+def prediction_ref(prediction_id: str) -> str:
+    """The prediction's pseudonym for finance (exports, accountants): the id is a bearer
+    capability (GET and cancel its prediction), the ref is not. HMAC-SHA256 of the id under a
+    purpose-keyed secret derived from SECRET_KEY; stored at creation, so a later SECRET_KEY
+    rotation leaves the refs already handed out valid."""
+    return salted_hmac("predictions.prediction_ref", prediction_id, algorithm="sha256").hexdigest()[:32]
+
+
 class Prediction(models.Model):
     id = models.CharField(max_length=40, primary_key=True, default=new_prediction_id, editable=False)
+    ref = models.CharField(
+        max_length=32, db_index=True, editable=False, blank=True, help_text="Pseudonym in exports (not a capability)"
+    )
     model = models.ForeignKey(Model, on_delete=models.PROTECT, related_name="predictions")
     version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="predictions")
     input = models.JSONField()
@@ -376,6 +388,11 @@ class Prediction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.id} ({self.status})"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self.ref:
+            self.ref = prediction_ref(self.id)
+        super().save(*args, **kwargs)
 
     @property
     def is_terminal(self) -> bool:

@@ -20,7 +20,9 @@ the upto proxy (the only way our relayer settles a permit).
 For every refund:
 - CONFIRMED => the receipt of its transaction has status 1 and a ``Transfer(refund wallet,
   payer, amount)`` log of its token, and its payment is SETTLED or CONFIRMED;
-- FAILED => its transaction moved no such Transfer;
+- FAILED => none of its transactions (the current one and every one its events name) moved
+  such a Transfer;
+- at most one of a refund's transactions moved it (a refund is paid at most once);
 - OWED => no transaction of it exists on chain yet (nothing was sent before approval).
 Nothing else passes.
 """
@@ -162,12 +164,18 @@ def refund_violations(url: str) -> list[str]:
     from payments.models import Refund
 
     found = []
-    for r in Refund.objects.select_related("payment"):
+    for r in Refund.objects.select_related("payment").prefetch_related("events"):
         moved = pays(url, r.tx_hash, r.asset, r.sender, r.recipient, int(r.amount)) if r.tx_hash else False
+        # Every transaction ever signed for the refund (its SENT events name them): a refund is
+        # paid at most once, and a failed one never.
+        hashes = {r.tx_hash} | {e.detail["tx"] for e in r.events.all() if e.detail.get("tx")}
+        paid = sorted(h for h in hashes if h and pays(url, h, r.asset, r.sender, r.recipient, int(r.amount)))
         if r.status == "confirmed" and not (moved and r.payment.status in PAID):
             found.append(f"refund {r.pk} is confirmed but {r.tx_hash} carries no Transfer of {r.amount} to the payer")
-        if r.status == "failed" and moved:
-            found.append(f"refund {r.pk} is failed but {r.tx_hash} paid it")
+        if len(paid) > 1:
+            found.append(f"refund {r.pk} was paid more than once: {', '.join(paid)}")
+        if r.status == "failed" and paid:
+            found.append(f"refund {r.pk} is failed but {', '.join(paid)} paid it")
         if r.status == "owed" and r.tx_hash and _call(url, "eth_getTransactionReceipt", [r.tx_hash]):
             found.append(f"refund {r.pk} is owed but its transaction {r.tx_hash} was mined")
     return found

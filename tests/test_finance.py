@@ -21,7 +21,7 @@ from payments import export_jobs, exports
 from payments.exports import NAMES
 from payments.models import ExportJob, NativeTokenRate, Payment
 from payments.tasks import expire_exports
-from predictions.models import Prediction
+from predictions.models import Prediction, prediction_ref
 
 pytestmark = pytest.mark.django_db
 
@@ -101,7 +101,7 @@ def read_zip(path) -> tuple[list[dict], list[dict], dict]:
     return data, summary, about
 
 
-def test_csv_export_columns_decimals_and_a_separate_summary(ledger_rows, capsys, tmp_path) -> None:
+def test_csv_export_columns_decimals_and_a_separate_summary(ledger_rows, capsys, tmp_path, staff) -> None:
     call_command("export_ledger")
     captured = capsys.readouterr()
     rows = read_csv(captured.out)
@@ -114,6 +114,16 @@ def test_csv_export_columns_decimals_and_a_separate_summary(ledger_rows, capsys,
     assert first["model"] == "demo/echo-text" and rows[-1]["model"] == ""
     assert first["hardware_tier"] in ("cpu", "") and first["prediction_status"] == "starting"
     assert "secret" not in "".join(",".join(r.values()) for r in rows)  # no inputs or outputs
+    # A prediction's id is a bearer capability (read, cancel): exports name its ref instead, an
+    # HMAC of the id under a purpose-keyed secret, which the admin can look a prediction up by.
+    predictions = list(Prediction.objects.order_by("created_at"))
+    assert "prediction_id" not in rows[0] and len(predictions) == 5
+    everything = captured.out + captured.err
+    assert not any(p.pk in everything for p in predictions)
+    assert first["prediction_ref"] == predictions[0].ref == prediction_ref(predictions[0].pk)
+    assert len(first["prediction_ref"]) == 32 and rows[-1]["prediction_ref"] == ""
+    found = staff["operator"].get("/admin/predictions/prediction/", {"q": first["prediction_ref"]})
+    assert [p.pk for p in found.context["cl"].result_list] == [predictions[0].pk]
     assert "status,network" in captured.err  # the summary goes beside the data, not into it
 
     call_command("export_ledger", "--output", str(tmp_path / "ledger.zip"))
@@ -273,6 +283,23 @@ def test_admin_export_runs_in_the_background_shows_progress_and_expires(
     data, _, _ = read_zip(io.BytesIO(body))
     assert [r["status"] for r in data] == ["confirmed", "confirmed"]
     assert staff["operator"].get(f"/admin/payments/exportjob/{job.pk}/download/").status_code == 403
+    # Downloads are audited; another finance user may not take finn's file without the
+    # download_any_export permission.
+    from django.contrib.auth.models import Group, Permission, User
+    from django.test import Client
+
+    from payments.roles import FINANCE
+
+    fay = User.objects.create_user("fay", is_staff=True)
+    fay.groups.add(Group.objects.get(name=FINANCE))
+    other = Client()
+    other.force_login(fay)
+    assert other.get(f"/admin/payments/exportjob/{job.pk}/download/").status_code == 403
+    fay.user_permissions.add(Permission.objects.get(codename="download_any_export"))
+    allowed = other.get(f"/admin/payments/exportjob/{job.pk}/download/")
+    assert allowed.status_code == 200 and b"".join(allowed.streaming_content) == body
+    assert [d.user.username for d in job.downloads.all()] == ["finn", "fay"]
+    assert "fay" in client.get(f"/admin/payments/exportjob/{job.pk}/change/").content.decode()
 
     ExportJob.objects.filter(pk=job.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     assert expire_exports() == 1

@@ -6,21 +6,28 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 import zipfile
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 from django.test import Client, override_settings
 from django.utils import timezone
+from eth_account import Account
 
 from payments import exports, reconciliation, refunds
-from payments.models import Payment, Refund
+from payments.models import NativeTokenRate, Payment, Refund
+from payments.options import payment_options
 from payments.reports import DateBasis, LedgerFilter
+from payments.x402.types import Requirement
 from predictions.models import Prediction
-from tests.conftest import fresh_payer, token_balance
+from tests.conftest import fresh_payer, option_settings, rpc, token_balance
 from tests.invariants import refund_violations
-from tests.payers import v2_header_for
+from tests.payers import sign_authorization, v2_header_for, v2_payload
 from tests.test_lifecycle import python_model
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
@@ -36,6 +43,18 @@ def pay(model, key: str) -> dict:
     response = Client().post(url, data=body, content_type="application/json", headers={"PAYMENT-SIGNATURE": header})
     assert response.status_code == 201, response.content
     return response.json()
+
+
+def settle_through_the_facilitator_api(key: str, pay_to: str) -> None:
+    """A payment another merchant's server (or ours) settles through our facilitator API."""
+    option = replace(payment_options()[0], pay_to=pay_to)
+    req = Requirement(option, PRICE)
+    body = {"x402Version": 2, "paymentPayload": v2_payload(req, sign_authorization(key, req)), "paymentRequirements": req.v2()}
+    with override_settings(X402_FACILITATOR_TOKENS=["t"], X402_FACILITATOR_SETTLE_WAIT=10):
+        answer = Client().post(
+            "/facilitator/settle", data=json.dumps(body), content_type="application/json", headers={"Authorization": "Bearer t"}
+        ).json()
+    assert answer["success"] is True, answer
 
 
 def confirm(refund: Refund) -> Refund:
@@ -60,7 +79,11 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
 
     refund = Refund.objects.get(payment=prediction.payment)
     assert (refund.status, int(refund.amount), refund.recipient) == ("owed", PRICE, payer["address"])
-    assert created["id"] in refund.reason
+    # The reason names the payment, never the prediction id (a bearer capability); the OWED
+    # event says why for finance: the run failed on our side, and how long it ran.
+    assert str(prediction.payment_id) in refund.reason and created["id"] not in refund.reason
+    owed = refund.events.get(to_status="owed").detail
+    assert owed["cause"] == "failed" and Decimal(owed["run_seconds"]) >= 0
     # Owed once: the payment's later moves (none) or a second look change nothing.
     assert refunds.owe(prediction.payment, "again") == refund and Refund.objects.count() == 1
 
@@ -97,12 +120,17 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
 
     # The dashboard, the export and the reconciliation report agree for the same period (today,
     # by the date money moved), refunds on lines of their own.
+    # Facilitator-API payments: one to our pay-to (revenue), one to another merchant (not ours).
+    other = fresh_payer(chain)
+    settle_through_the_facilitator_api(other["private_key"], chain.pay_to)
+    settle_through_the_facilitator_api(other["private_key"], Account.create().address)
     today = timezone.now().date().isoformat()
+    NativeTokenRate.objects.create(network=chain.network, symbol="ETH", usd_per_token=Decimal(3000), source="test")
     dashboard = staff["finance"].get(
         "/admin/payments/payment/dashboard/", {"since": today, "until": today, "basis": "money", "tz": "UTC"}
     ).context
     days = dashboard["days"]
-    flt = LedgerFilter(since=days.since, until=days.until, basis=DateBasis.MONEY, tz="UTC")
+    flt = LedgerFilter(since=days.since, until=days.until, basis=DateBasis.MONEY, tz="UTC", ours_only=True)
     result = exports.write_zip(flt, tmp_path / "ledger.zip")
     with zipfile.ZipFile(tmp_path / "ledger.zip") as archive:
         data = list(csv.DictReader(io.StringIO(archive.read("data.csv").decode())))
@@ -116,10 +144,15 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
     assert {(s.kind, s.address) for s in report.scans} == {("payment", chain.pay_to), ("refund", wallet)}
     [chain_refund] = [line for line in report.lines if line.kind == "refund"]
     assert (chain_refund.status, chain_refund.refund_id, chain_refund.payer) == ("matched", refund.pk, payer["address"])
-    assert report.count("matched") == 1 and not [line for line in report.lines if line.status == "ledger_only"]
-    assert dashboard["revenue"] == exported_revenue == report.amount("matched") == Decimal("0.01")
+    assert report.count("matched") == 2 and not [line for line in report.lines if line.status == "ledger_only"]
+    assert dashboard["revenue"] == exported_revenue == report.amount("matched") == Decimal("0.02")
+    assert dashboard["moved_for_others"] == Decimal("0.01")
     assert dashboard["refunded"] == exported_refunds == report.amount("matched", "refund") == Decimal("0.01")
-    assert dashboard["net"] == Decimal(0)
+    # Net: one definition (revenue, minus confirmed refunds, minus every transaction's gas at
+    # finance's rate), the dashboard's figure is the export summary's.
+    gas = sum(Decimal(s["gas_usd"]) for s in summary)
+    assert gas > 0 and dashboard["net"] == sum(Decimal(s["net_amount"]) for s in summary)
+    assert dashboard["net"] == dashboard["revenue"] - dashboard["refunded"] - gas
 
 
 def test_after_success_a_failed_run_is_not_charged_so_nothing_is_owed(chain_settings, eager_celery) -> None:
@@ -156,3 +189,232 @@ def test_money_that_confirms_after_a_cancel_is_owed_back(chain_settings, staff) 
     assert payment.status == "confirmed"
     refund = Refund.objects.get(payment=payment)
     assert refund.status == "owed" and "canceled" in refund.reason and int(refund.amount) == PRICE
+
+
+def wallet_send(chain, data: str) -> str:
+    """A transaction from the refund wallet (unlocked on anvil) to the token, mined; its hash."""
+    rpc(chain.rpc_url, "anvil_impersonateAccount", [chain.refund_address])
+    tx = rpc(
+        chain.rpc_url,
+        "eth_sendTransaction",
+        [{"from": chain.refund_address, "to": chain.asset, "data": data, "gas": hex(100_000)}],
+    )
+    deadline = time.monotonic() + 10
+    while rpc(chain.rpc_url, "eth_getTransactionReceipt", [tx]) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return tx
+
+
+def transfer_data(to: str, amount: int) -> str:
+    return refunds.TRANSFER + to[2:].lower().rjust(64, "0") + hex(amount)[2:].rjust(64, "0")
+
+
+def as_sent(refund: Refund, tx: str) -> None:
+    """The refund as if the wallet had signed ``tx`` for it (the state send() leaves)."""
+    nonce = int(rpc(refund_chain_url(), "eth_getTransactionByHash", [tx])["nonce"], 16)
+    Refund.objects.filter(pk=refund.pk).update(
+        status="sent", sender=refunds.wallet().address, nonce=nonce, tx_hash=tx, approved_at=timezone.now()
+    )
+
+
+def refund_chain_url() -> str:
+    from payments.options import configured
+
+    return configured()[0].rpc_url
+
+
+def test_a_revert_is_final_only_at_depth_and_a_success_without_the_transfer_needs_a_human(
+    chain_settings, eager_celery
+) -> None:
+    """A reverted refund transaction whose block a reorg may still drop is not FAILED yet (the
+    same nonce could still pay, and a re-approval would pay twice); at the network's depth it is.
+    A successful transaction without the expected Transfer is not FAILED either: REVIEW."""
+    chain = chain_settings
+    payer = fresh_payer(chain)
+    model = python_model("boom", "tests.predictors.Boom", "before_run")
+    pay(model, payer["private_key"])
+    pay(model, payer["private_key"])
+    with override_settings(**option_settings(chain, confirmations=3)):
+        first, second = Refund.objects.order_by("pk")
+        reverted = wallet_send(chain, transfer_data(payer["address"], 10**30))  # more than it holds
+        as_sent(first, reverted)
+        refunds.track(first.pk)
+        first.refresh_from_db()
+        assert (first.status, first.confirmations) == ("sent", 1) and first.block_number
+        rpc(chain.rpc_url, "anvil_mine", [hex(2)])
+        refunds.track(first.pk)
+        first.refresh_from_db()
+        assert (first.status, first.confirmations) == ("failed", 3) and "reverted" in first.failure_reason
+
+        wrong = wallet_send(chain, transfer_data(payer["address"], 1))  # status 1, not the refund's Transfer
+        as_sent(second, wrong)
+        refunds.track(second.pk)
+        second.refresh_from_db()
+        assert second.status == "review" and "check on chain" in second.failure_reason
+        refunds.approve(second.pk, None)  # finance cannot re-send it by approving
+        second.refresh_from_db()
+        assert second.status == "review"
+
+        # The auditor sees a refund paid twice: a second real Transfer of the amount, named
+        # by one of the refund's events, is caught (then the test's own record is removed).
+        assert refund_violations(chain.rpc_url) == []
+        extra = wallet_send(chain, transfer_data(payer["address"], PRICE))
+        first_paid = wallet_send(chain, transfer_data(payer["address"], PRICE))
+        from payments.models import RefundEvent
+
+        marks = [RefundEvent.objects.create(refund=first, from_status="sent", to_status="sent", detail={"tx": t}) for t in (extra, first_paid)]
+        found = refund_violations(chain.rpc_url)
+        assert any("paid more than once" in f for f in found) and any("is failed but" in f for f in found)
+        RefundEvent.objects.filter(pk__in=[m.pk for m in marks]).delete()
+
+
+def test_a_cancel_after_the_run_started_is_not_refunded_but_one_before_it_is(chain_settings, staff) -> None:
+    """The refund policy: a payer who cancels after the run started had the compute (and may
+    have seen partial output): nothing is owed. One canceled before the run started is refunded
+    in full (see test_money_that_confirms_after_a_cancel_is_owed_back for the settling case)."""
+    from payments import batching, relayer
+    from payments.options import configured
+    from predictions import lifecycle
+
+    payer = fresh_payer(chain_settings)
+    model = python_model("cancelme", "tests.predictors.Slow", "before_run")
+    ran, waiting = pay(model, payer["private_key"]), pay(model, payer["private_key"])
+    by_operator = pay(model, payer["private_key"])
+    conf = configured()[0]
+    formed = batching.form(conf, force=True)
+    relayer.broadcast(conf.rpc_url, formed.tx)
+    assert batching.follow([formed.tx.pk], wait_seconds=20) == []
+    assert set(Payment.objects.values_list("status", flat=True)) == {"confirmed"}
+    assert lifecycle.claim(ran["id"]) is not None  # its run started (no worker runs it here)
+    assert lifecycle.claim(by_operator["id"]) is not None
+    lifecycle.cancel(by_operator["id"], cause=lifecycle.Cause.ADMIN)  # our decision: refunded
+    ours = Refund.objects.get(payment=Prediction.objects.get(pk=by_operator["id"]).payment)
+    assert ours.events.get(to_status="owed").detail["cause"] == "canceled_by_operator"
+
+    for created in (ran, waiting):
+        canceled = Client().post(f"/v1/predictions/{created['id']}/cancel")
+        assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+    started, not_started = (Prediction.objects.get(pk=c["id"]) for c in (ran, waiting))
+    assert not Refund.objects.filter(payment=started.payment).exists()
+    refund = Refund.objects.get(payment=not_started.payment)
+    assert refund.status == "owed" and int(refund.amount) == PRICE
+    owed = refund.events.get(to_status="owed").detail
+    assert (owed["cause"], owed["run_seconds"], owed["prediction_status"]) == ("ended_before_run", "0", "canceled")
+
+
+def test_only_a_confirmed_payment_can_be_owed_back(chain_settings) -> None:
+    """A SETTLED payment may still be undone by a reorg: nothing is owed until it is final."""
+    payer = fresh_payer(chain_settings)
+    model = python_model("cancelme", "tests.predictors.Slow", "before_run")
+    created = pay(model, payer["private_key"])
+    payment = Prediction.objects.get(pk=created["id"]).payment
+    for status in ("verified", "settled"):
+        Payment.objects.filter(pk=payment.pk).update(status=status)
+        payment.refresh_from_db()
+        with pytest.raises(ValueError, match="not confirmed"):
+            refunds.owe(payment, "test")
+    assert not Refund.objects.exists()
+    Payment.objects.filter(pk=payment.pk).update(status="verified")  # as the ledger left it
+
+
+def owed_refund(chain) -> Refund:
+    """A paid run that failed under before_run: its refund, owed."""
+    payer = fresh_payer(chain)
+    pay(python_model(f"boom{Refund.objects.count()}", "tests.predictors.Boom", "before_run"), payer["private_key"])
+    return Refund.objects.order_by("-pk").first()
+
+
+def test_an_approved_refund_the_wallet_could_not_send_is_sent_by_the_reconciler(
+    chain_settings, eager_celery, staff
+) -> None:
+    """Approved and owed but not sent (no key, a failing estimate, a send task lost with the
+    broker): the reconciler tries again, backing off, until it goes out."""
+    from django.contrib.auth.models import User
+
+    refund = owed_refund(chain_settings)
+    finn = User.objects.create_user("finn2")
+    with override_settings(X402_REFUND_KEY=""):
+        refunds.approve(refund.pk, finn)
+        refund.refresh_from_db()
+        assert (refund.status, refund.send_attempts) == ("owed", 1) and refund.retry_at > timezone.now()
+        Refund.objects.filter(pk=refund.pk).update(retry_at=timezone.now())
+        refunds.reconcile()  # still no key: tried, and the wait doubles
+        refund.refresh_from_db()
+        assert refund.send_attempts == 2
+        assert (refund.retry_at - timezone.now()).total_seconds() > refunds.RETRY_BASE_SECONDS * 1.5
+    refunds.reconcile()  # not due yet: left alone
+    refund.refresh_from_db()
+    assert refund.status == "owed"
+    # Finance need not wait: "send again" in the admin sends it now (an operator may not).
+    action = {"action": "send_again", "_selected_action": [str(refund.pk)]}
+    assert staff["operator"].post("/admin/payments/refund/", action).status_code == 403
+    assert staff["finance"].post("/admin/payments/refund/", action).status_code == 302
+    refund.refresh_from_db()
+    assert refund.status == "sent" and refund.retry_at is None
+    assert confirm(refund).status == "confirmed"
+
+    # A send task lost (never tried): picked up once the grace after approval has passed.
+    lost = owed_refund(chain_settings)
+    Refund.objects.filter(pk=lost.pk).update(approved_at=timezone.now(), approved_by=finn)
+    refunds.reconcile()
+    lost.refresh_from_db()
+    assert lost.status == "owed"  # its task may still be on its way
+    Refund.objects.filter(pk=lost.pk).update(approved_at=timezone.now() - timedelta(seconds=refunds.SEND_GRACE_SECONDS + 1))
+    assert confirm(lost).status == "confirmed"
+
+
+@contextmanager
+def no_automine(chain):
+    """Blocks only when the test mines them (transactions wait in the node's pool)."""
+    rpc(chain.rpc_url, "evm_setAutomine", [False])
+    try:
+        yield
+    finally:
+        rpc(chain.rpc_url, "evm_setAutomine", [True])
+        rpc(chain.rpc_url, "anvil_mine", [hex(1)])
+
+
+def test_a_stuck_refund_is_re_signed_with_the_same_nonce_and_a_higher_fee(chain_settings, eager_celery) -> None:
+    chain = chain_settings
+    refund = owed_refund(chain)
+    with no_automine(chain):
+        refunds.approve(refund.pk, None)
+        refund.refresh_from_db()
+        first = refund.tx_hash
+        assert refund.status == "sent"
+        rpc(chain.rpc_url, "anvil_dropTransaction", [first])  # the node lost it (or its fee was too low)
+        with override_settings(X402_STUCK_AFTER_SECONDS=0):
+            refunds.track(refund.pk)
+        refund.refresh_from_db()
+        assert refund.status == "sent" and refund.tx_hash != first and refunds.hashes(refund) == [refund.tx_hash, first]
+        resent = refund.events.filter(to_status="sent").last().detail
+        assert resent["replaces"] == first and resent["nonce"] == refund.nonce
+        rpc(chain.rpc_url, "anvil_mine", [hex(1)])
+        assert confirm(refund).status == "confirmed"
+        assert refund_violations(chain.rpc_url) == []
+
+
+def test_a_refund_whose_nonce_the_wallet_used_otherwise_fails_as_dropped(chain_settings, eager_celery) -> None:
+    chain = chain_settings
+    refund = owed_refund(chain)
+    with no_automine(chain), override_settings(**option_settings(chain, confirmations=2)):
+        refunds.approve(refund.pk, None)
+        refund.refresh_from_db()
+        assert refund.status == "sent"
+        # Someone uses the wallet by hand: the same nonce, a higher fee, another transfer.
+        rpc(chain.rpc_url, "anvil_impersonateAccount", [chain.refund_address])
+        rpc(
+            chain.rpc_url,
+            "eth_sendTransaction",
+            [{"from": chain.refund_address, "to": chain.asset, "data": transfer_data(chain.pay_to, 1),
+              "gas": hex(100_000), "nonce": hex(refund.nonce), "maxFeePerGas": hex(10**12), "maxPriorityFeePerGas": hex(10**11)}],
+        )
+        rpc(chain.rpc_url, "anvil_mine", [hex(1)])
+        refunds.track(refund.pk)
+        refund.refresh_from_db()
+        assert refund.status == "sent"  # not final yet: the block could still be dropped
+        rpc(chain.rpc_url, "anvil_mine", [hex(1)])
+        refunds.track(refund.pk)
+        refund.refresh_from_db()
+        assert refund.status == "failed" and "used by another transaction" in refund.failure_reason
+        assert refund.events.last().detail["dropped"] == [refund.tx_hash]

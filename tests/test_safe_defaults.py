@@ -108,6 +108,24 @@ def test_derived_secrets_use_a_keyed_derivation_with_a_purpose(settings) -> None
     assert cog.callback_token("abc") != token
 
 
+def test_the_refund_wallet_may_not_be_a_relayer(settings) -> None:
+    """Refunds and settlements each count only their own held nonces under one RelayerNonce
+    row: a shared key would collide. The check compares addresses, not the keys' spelling."""
+    from payments.checks import check_refund_key_is_its_own
+
+    relayer, refund = "0x" + "11" * 32, "0x" + "22" * 32
+    settings.X402_RELAYER_KEY, settings.X402_RELAYER_KEYS = "", [relayer, "0x" + "33" * 32]
+    settings.X402_REFUND_KEY = refund
+    assert check_refund_key_is_its_own() == []
+    settings.X402_REFUND_KEY = relayer.removeprefix("0x").upper()  # the same key, spelled otherwise
+    [error] = check_refund_key_is_its_own()
+    assert error.id == "payments.E007" and "X402_REFUND_KEY" in error.msg
+    settings.X402_RELAYER_KEYS, settings.X402_RELAYER_KEY = [], relayer  # the single-relayer setting
+    assert [e.id for e in check_refund_key_is_its_own()] == ["payments.E007"]
+    settings.X402_REFUND_KEY = ""  # no refund wallet: nothing to collide
+    assert check_refund_key_is_its_own() == []
+
+
 @pytest.mark.chain
 @pytest.mark.django_db(transaction=True)
 def test_no_rpc_url_key_in_readyz_errors_or_logs(chain, demo_model, caplog, settings) -> None:
