@@ -132,16 +132,15 @@ def _check_one(
     separator = _separator(
         req.option.asset_name, req.option.asset_version, req.option.chain_id, req.option.asset
     )
-    try:
-        signer = recover(authorization_digest(separator, auth), payload.signature)
-        problem = "" if signer == auth.from_ else "signature does not recover to authorization.from"
-    except SignatureError as exc:
-        problem = str(exc)
-    if problem:
-        if contract_signers:
-            return VerifiedPayment(requirement=req, payload=payload, contract_signature=True)
-        raise PaymentRejected(INVALID_SIGNATURE, problem)
-    return VerifiedPayment(requirement=req, payload=payload)
+    return _signed(
+        req,
+        payload,
+        authorization_digest(separator, auth),
+        auth.from_,
+        "authorization.from",
+        INVALID_SIGNATURE,
+        contract_signers,
+    )
 
 
 def verify_exact(
@@ -238,16 +237,15 @@ def _check_upto(
         raise PaymentRejected(PERMIT2_AMOUNT_MISMATCH, f"permitted.amount must be exactly {req.amount}")
     if permit.token != _address_bytes(req.option.asset):
         raise PaymentRejected(PERMIT2_TOKEN_MISMATCH, "permitted.token is not the asset")
-    try:
-        signer = recover(upto_digest(_permit2_separator(req.option.chain_id), permit), payload.signature)
-        problem = "" if signer == permit.owner else "signature does not recover to permit2Authorization.from"
-    except SignatureError as exc:
-        problem = str(exc)
-    if problem:
-        if contract_signers:
-            return VerifiedPayment(requirement=req, payload=payload, contract_signature=True)
-        raise PaymentRejected(PERMIT2_INVALID_SIGNATURE, problem)
-    return VerifiedPayment(requirement=req, payload=payload)
+    return _signed(
+        req,
+        payload,
+        upto_digest(_permit2_separator(req.option.chain_id), permit),
+        permit.owner,
+        "permit2Authorization.from",
+        PERMIT2_INVALID_SIGNATURE,
+        contract_signers,
+    )
 
 
 def verify_upto(
@@ -295,3 +293,27 @@ def verify_payment(
         clock_skew=clock_skew,
         contract_signers=contract_signers,
     )
+
+
+def _signed(
+    req: Requirement,
+    payload: PaymentPayload,
+    digest: bytes,
+    owner: bytes,
+    owner_field: str,
+    reason: str,
+    contract_signers: bool,
+) -> VerifiedPayment:
+    """The payment, if ``payload.signature`` is ``owner``'s ECDSA signature of ``digest``; else
+    passed on as a contract signature (EIP-1271, checked on chain by the caller) when
+    ``contract_signers``, or refused with ``reason``."""
+    try:
+        signer = recover(digest, payload.signature)
+        problem = "" if signer == owner else f"signature does not recover to {owner_field}"
+    except SignatureError as exc:
+        problem = str(exc)
+    if problem:
+        if contract_signers:
+            return VerifiedPayment(requirement=req, payload=payload, contract_signature=True)
+        raise PaymentRejected(reason, problem)
+    return VerifiedPayment(requirement=req, payload=payload)
