@@ -59,3 +59,47 @@ def test_pending_at_once_and_the_hash_after_prefer_wait(
     receipt = rpc(chain.rpc_url, "eth_getTransactionReceipt", [settled.transaction])
     assert int(receipt["status"], 16) == 1
     assert token_balance(chain, payer["address"]) == before - 2 * PRICE
+
+
+@pytest.mark.parametrize(
+    "status, unpaid_reason",
+    [
+        ("lapsing", "released"),  # an upto run charged nothing / a failed after_success run
+        ("expired", "released"),  # the same once the authorization lapsed
+        ("failed", "settlement_reverted"),  # a settlement that did not pay
+    ],
+)
+def test_a_payment_that_will_not_be_charged_says_so_with_nothing_charged(
+    demo_model, status: str, unpaid_reason: str
+) -> None:
+    """A released or unpaid payment is never ``settlement_pending`` with the signed maximum: it
+    answers ``invalid_transaction_state`` and the amount charged, 0, and the SDK reads it."""
+    from django.utils import timezone
+
+    from payments.ledger import settlement_answer
+    from payments.models import Payment
+    from payments.x402.codec import encode_header
+    from tests.test_finance import make_payment
+
+    maximum = 2_000_000
+    p = make_payment(demo_model, status=status, amount=maximum, created=timezone.now())
+    Payment.objects.filter(pk=p.pk).update(unpaid_reason=unpaid_reason, settle_tx_hash=None)
+    p.refresh_from_db()
+    answer = settlement_answer(p)
+    assert answer["success"] is False and answer["errorReason"] == "invalid_transaction_state"
+    assert answer["amount"] == "0"
+    read = x402HTTPClientSync(x402ClientSync()).get_payment_settle_response(
+        {"PAYMENT-RESPONSE": encode_header(answer)}.get
+    )
+    assert read.success is False and read.error_reason == "invalid_transaction_state" and read.amount == "0"
+
+
+def test_a_payment_still_on_its_way_is_pending_with_its_amount(demo_model) -> None:
+    from django.utils import timezone
+
+    from payments.ledger import settlement_answer
+    from tests.test_finance import make_payment
+
+    p = make_payment(demo_model, status="verified", amount=PRICE, created=timezone.now())
+    answer = settlement_answer(p)
+    assert (answer["success"], answer["errorReason"], answer["amount"]) == (False, "settlement_pending", str(PRICE))

@@ -322,6 +322,8 @@ def test_a_failed_run_with_nothing_to_charge_moves_no_money(
     assert prediction.status == "failed" and "fell over" in prediction.error
     assert p.status == PaymentStatus.LAPSING and p.unpaid_reason == UnpaidReason.RELEASED
     assert p.settle_tx_hash is None and p.settlement_tx is None and p.run_seconds is not None
+    answer = decode_header(response["PAYMENT-RESPONSE"])  # released: not "pending" with the maximum
+    assert (answer["success"], answer["errorReason"], answer["amount"]) == (False, "invalid_transaction_state", "0")
 
     def charged_cell() -> str:
         page = staff["finance"].get("/admin/payments/payment/dashboard/").content.decode()
