@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -156,7 +157,9 @@ class PaymentAdmin(ReadOnlyAdmin):
             "zones": periods.zone_names(),
             "revenue": revenue,
             "refunded": refunded,
-            "net": exports.net_total(exports.summarize(flt)),
+            # The whole ledger's summary, as the export's: another merchant's payment adds
+            # its gas (our cost), not its amount.
+            "net": exports.net_total(exports.summarize(replace(flt, ours_only=False))),
             "pending": sum(totals.amount(reports.PENDING).values(), Decimal(0)),
             "moved_for_others": reports.moved_for_others(flt),
             "by_status": sorted(totals.by_status().items()),

@@ -35,6 +35,7 @@ from zoneinfo import ZoneInfo
 
 from django.db import connection, transaction
 from django.db.models import (
+    BooleanField,
     Case,
     CharField,
     DecimalField,
@@ -48,7 +49,15 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce, Concat, Replace
 
-from .models import CHARGED_STATUSES, PAID_STATUSES, NativeTokenRate, Payment, Refund, RefundStatus
+from .models import (
+    CHARGED_STATUSES,
+    PAID_STATUSES,
+    NativeTokenRate,
+    Payment,
+    Refund,
+    RefundStatus,
+    for_others_q,
+)
 from .options import configured
 from .reports import MONEY_AT, DateBasis, LedgerFilter
 
@@ -84,6 +93,9 @@ COLUMNS: list[tuple[str, str]] = [
     ("confirmations", "int8"),
     ("gas_cost_wei", "numeric"),
     ("verification", "text"),
+    # False for money we moved for another merchant (our facilitator API, their pay-to): its
+    # amount is theirs, only its gas is ours (net_amount = -gas_usd).
+    ("ours", "bool"),
     ("failure_reason", "text"),
     # Pay per second (upto): the scheme, the signed maximum and the run seconds charged for.
     ("scheme", "text"),
@@ -93,9 +105,12 @@ COLUMNS: list[tuple[str, str]] = [
 ]
 NAMES = [name for name, _ in COLUMNS]
 #: The data columns the summary adds up (the others would only cost joins).
-SUMMARY_SOURCE = ["kind", "status", "network", "asset_symbol", "asset", "amount", "gas_native", "gas_usd", "net_amount"]
+SUMMARY_SOURCE = [
+    "kind", "ours", "status", "network", "asset_symbol", "asset", "amount", "gas_native", "gas_usd", "net_amount"
+]
 SUMMARY_COLUMNS = [
     "kind",
+    "ours",
     "status",
     "network",
     "asset_symbol",
@@ -203,7 +218,15 @@ def payment_lines(
 ) -> QuerySet[Payment, dict[str, Any]]:
     """The payment lines of the data file: one row per payment."""
     rate = _by_network({n: r.usd_per_token for n, r in usd_rates.items()})
-    paid_amount = Case(When(status__in=PAID_STATUSES, then=F("amount")), default=Value(0), output_field=DecimalField())
+    theirs = for_others_q()
+    ours = Case(When(theirs, then=Value(False)), default=Value(True), output_field=BooleanField())
+    # Revenue is the paid amount of our own payments only: another merchant's is theirs.
+    paid_amount = Case(
+        When(theirs, then=Value(0)),
+        When(status__in=PAID_STATUSES, then=F("amount")),
+        default=Value(0),
+        output_field=DecimalField(),
+    )
     charged = Case(
         When(status__in=CHARGED_STATUSES, then=F("amount")), default=Value(0), output_field=DecimalField()
     )
@@ -235,6 +258,7 @@ def payment_lines(
         "confirmations": F("confirmations"),
         "gas_cost_wei": F("gas_cost_wei"),
         "verification": F("verification"),
+        "ours": ours,
         "failure_reason": _one_line("failure_reason"),
         "scheme": F("scheme"),
         "maximum_atomic": F("maximum"),
@@ -280,6 +304,7 @@ def refund_lines(
         "confirmations": F("confirmations"),
         "gas_cost_wei": F("gas_cost_wei"),
         "verification": Value("", CharField()),
+        "ours": Value(True, BooleanField()),  # we refund only our own payments, from our wallet
         "failure_reason": _one_line("failure_reason"),
         "scheme": F("payment__scheme"),
         "maximum_atomic": Value(None, DecimalField()),
@@ -307,14 +332,22 @@ Query = tuple[str, tuple[Any, ...]]
 
 
 def _parts(
-    flt: LedgerFilter, usd_rates: dict[str, Rate], *, ordered: bool = True, names: list[str] = NAMES
+    flt: LedgerFilter,
+    usd_rates: dict[str, Rate],
+    *,
+    ordered: bool = True,
+    names: list[str] = NAMES,
+    words: bool = False,
 ) -> list[Query]:
     """The data queries, columns named as :data:`NAMES`, each oldest first by the filter's
     date: the payment lines, then the refund lines. Two ordered queries, not one sorted union:
     the payments' order comes from the (created_at, id) index instead of sorting a million
-    wide rows."""
+    wide rows. ``words``: booleans as ``true``/``false`` (CSV), not COPY's ``t``/``f``."""
     order = "money_at" if flt.basis == DateBasis.MONEY else "created_at"
-    outer = ", ".join(f'"x_{n}" AS "{n}"' for n in names)
+    types = dict(COLUMNS)
+    outer = ", ".join(
+        f'"x_{n}"::text AS "{n}"' if words and types[n] == "bool" else f'"x_{n}" AS "{n}"' for n in names
+    )
     parts = []
     for lines in (payment_lines(flt, usd_rates, names), refund_lines(flt, usd_rates, names)):
         sql, params = lines.query.sql_with_params()
@@ -331,6 +364,8 @@ def _all(parts: list[Query]) -> Query:
 @dataclass(frozen=True, slots=True)
 class SummaryLine:
     kind: str
+    #: False: money moved for another merchant (its amount not revenue, its gas our cost).
+    ours: bool
     status: str
     network: str
     asset_symbol: str
@@ -372,10 +407,11 @@ def _snapshot(tz: str) -> Iterator[Any]:
 
 def _summary(cursor: Any, sql: str, params: tuple[Any, ...]) -> list[SummaryLine]:
     cursor.execute(
-        "SELECT kind, status, network, asset_symbol, asset, count(*), sum(amount), coalesce(sum(gas_native), 0),"
+        "SELECT kind, ours, status, network, asset_symbol, asset, count(*), sum(amount),"
+        " coalesce(sum(gas_native), 0),"
         " CASE WHEN count(gas_usd) = count(gas_native) THEN coalesce(sum(gas_usd), 0) END,"
         " CASE WHEN count(net_amount) = count(*) THEN sum(net_amount) END"
-        f" FROM ({sql}) AS lines GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 3, 5, 2",
+        f" FROM ({sql}) AS lines GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2 DESC, 4, 6, 3",
         params,
     )
     return [SummaryLine(*row) for row in cursor.fetchall()]
@@ -405,7 +441,7 @@ def _flush(buffer: bytearray, out: IO[bytes], digest: Any) -> int:
 def copy_csv(flt: LedgerFilter, out: IO[bytes], progress: Progress | None = None) -> Result:
     """The data as CSV (header first) into ``out``, by ``COPY ... TO STDOUT``; the summary beside."""
     usd_rates = rates()
-    parts = _parts(flt, usd_rates)
+    parts = _parts(flt, usd_rates, words=True)
     digest = hashlib.sha256()
     with _snapshot(flt.tz) as cursor:
         # First: its counts are the progress's total.
@@ -426,11 +462,20 @@ def copy_csv(flt: LedgerFilter, out: IO[bytes], progress: Progress | None = None
     return Result(rows=lines - 1, summary=summary, rates=usd_rates, data_sha256=digest.hexdigest())
 
 
+def csv_cell(value: Any) -> Any:
+    """A value as data.csv writes it: nothing for NULL, booleans as ``true``/``false``."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
 def _csv_text(header: list[str], rows: list[list[Any]]) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
-    writer.writerows(["" if v is None else v for v in row] for row in rows)
+    writer.writerows([csv_cell(v) for v in row] for row in rows)
     return buffer.getvalue().encode()
 
 
@@ -444,7 +489,8 @@ def _about(flt: LedgerFilter, result: Result, fmt: str) -> dict[str, Any]:
         "notes": [
             "Times are in the export's time zone (filters.tz); money_at is when the payment was mined (settled), else confirmed.",
             "amount is in the token's units (USDC: USD); gas_native in the chain's native token; gas_usd at the rates in rates.csv.",
-            "net_amount = the amount if paid (settled or confirmed), else 0, minus gas_usd; empty where no rate is set.",
+            "net_amount = the amount if paid (settled or confirmed) and ours, else 0, minus gas_usd; empty where no rate is set.",
+            "ours = false: a payment our facilitator API settled for another merchant; its amount is theirs, its gas our cost.",
         ],
         "rates": {n: {**asdict(r), "usd_per_token": str(r.usd_per_token), "set_at": r.set_at.isoformat()} for n, r in result.rates.items()},
     }
@@ -501,7 +547,9 @@ def write_xlsx(flt: LedgerFilter, path: Path, progress: Progress | None = None) 
                 if value is None or value == "":
                     continue
                 name = NAMES[c]
-                if isinstance(value, datetime):
+                if isinstance(value, bool):
+                    sheet.write_boolean(rows, c, value)
+                elif isinstance(value, datetime):
                     sheet.write_datetime(rows, c, value.astimezone(zone).replace(tzinfo=None), when)
                 elif isinstance(value, Decimal | int) and abs(value) < 2**53:
                     sheet.write_number(rows, c, value, formats.get(name))
@@ -519,7 +567,9 @@ def _summary_sheet(book: Any, result: Result, money: Any, native: Any) -> None:
     sheet.write_row(0, 0, SUMMARY_COLUMNS)
     for r, line in enumerate(result.summary, start=1):
         for c, value in enumerate(line.values()):
-            if isinstance(value, Decimal):
+            if isinstance(value, bool):
+                sheet.write_boolean(r, c, value)
+            elif isinstance(value, Decimal):
                 sheet.write_number(r, c, value, native if SUMMARY_COLUMNS[c] == "gas_native" else money)
             elif value is not None:
                 sheet.write(r, c, value)
@@ -538,10 +588,11 @@ def sha256_of(path: Path) -> str:
 
 
 def paid_total(summary: list[SummaryLine]) -> dict[tuple[str, str], Decimal]:
-    """Paid amount per (network, asset) of a summary: what the dashboard calls revenue."""
+    """Paid amount of our own payments per (network, asset) of a summary: what the dashboard
+    calls revenue."""
     out: dict[tuple[str, str], Decimal] = {}
     for line in summary:
-        if line.kind == KIND_PAYMENT and line.status in PAID_STATUSES:
+        if line.kind == KIND_PAYMENT and line.ours and line.status in PAID_STATUSES:
             out[(line.network, line.asset)] = out.get((line.network, line.asset), Decimal(0)) + line.amount
     return out
 
@@ -555,8 +606,9 @@ def summarize(flt: LedgerFilter) -> list[SummaryLine]:
 
 def net_total(summary: list[SummaryLine]) -> Decimal | None:
     """Revenue net of refunds and gas, the one definition the dashboard and the exports share:
-    the sum of the lines' ``net_amount`` (paid amounts, minus confirmed refunds, minus every
-    transaction's gas in USD at finance's rates). None when some gas has no rate yet."""
+    the sum of the lines' ``net_amount`` (our paid amounts, minus confirmed refunds, minus every
+    transaction's gas in USD at finance's rates, also the gas of payments we settled for other
+    merchants). None when some gas has no rate yet."""
     if any(line.net_amount is None for line in summary):
         return None
     return sum((line.net_amount for line in summary if line.net_amount is not None), Decimal(0))

@@ -128,19 +128,19 @@ class PaymentQuerySet(models.QuerySet["Payment"]):
         """Payments whose money is ours: everything the gate took, and facilitator-API payments
         to one of our pay-to addresses. The rest of the facilitator API's rows is money we moved
         for other merchants: in the ledger, never in our revenue."""
-        from .options import configured
-
-        our_pay_to = {c.option.pay_to for c in configured()}
-        return self.exclude(
-            models.Q(verification=VerificationMethod.FACILITATOR_API) & ~models.Q(pay_to__in=our_pay_to)
-        )
+        return self.exclude(for_others_q())
 
     def for_others(self) -> PaymentQuerySet:
         """Facilitator-API payments to another merchant's pay-to (the complement of ``ours``)."""
-        from .options import configured
+        return self.filter(for_others_q())
 
-        our_pay_to = {c.option.pay_to for c in configured()}
-        return self.filter(verification=VerificationMethod.FACILITATOR_API).exclude(pay_to__in=our_pay_to)
+
+def for_others_q() -> models.Q:
+    """The condition of :meth:`PaymentQuerySet.for_others`, for annotations (the exports' ``ours``)."""
+    from .options import configured
+
+    our_pay_to = {c.option.pay_to for c in configured()}
+    return models.Q(verification=VerificationMethod.FACILITATOR_API) & ~models.Q(pay_to__in=our_pay_to)
 
 
 class IllegalTransition(Exception):

@@ -226,8 +226,9 @@ def test_xlsx_is_typed_with_frozen_header_and_summary(ledger_rows, tmp_path) -> 
         and second[col["amount"]].number_format == "0.000000"
     )
     assert isinstance(second[col["amount_atomic"]].value, int)
-    summary = {(r[1], r[2]): r[6] for r in book["Summary"].iter_rows(min_row=2, values_only=True) if r[0]}
-    assert summary[("confirmed", "eip155:31337")] == pytest.approx(0.020001)
+    assert second[col["ours"]].value is True  # a boolean cell, not 1
+    summary = {(r[1], r[2], r[3]): r[7] for r in book["Summary"].iter_rows(min_row=2, values_only=True) if r[0]}
+    assert summary[(True, "confirmed", "eip155:31337")] == pytest.approx(0.020001)
 
 
 @pytest.fixture

@@ -151,8 +151,24 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
     # Net: one definition (revenue, minus confirmed refunds, minus every transaction's gas at
     # finance's rate), the dashboard's figure is the export summary's.
     gas = sum(Decimal(s["gas_usd"]) for s in summary)
-    assert gas > 0 and dashboard["net"] == sum(Decimal(s["net_amount"]) for s in summary)
-    assert dashboard["net"] == dashboard["revenue"] - dashboard["refunded"] - gas
+    [moved] = Payment.objects.for_others()  # its gas, at finance's rate, as the export rounds it
+    gas_of_others = (Decimal(moved.gas_cost_wei) * 3000 / 10**18).quantize(Decimal("0.000001"))
+    assert gas > 0 and gas_of_others > 0 and dashboard["net"] == dashboard["revenue"] - dashboard["refunded"] - gas - gas_of_others
+    # The export finance downloads keeps the whole ledger (ours_only off): the other merchant's
+    # payment is a line of its own (ours false), its amount not revenue, its gas our cost, and
+    # its net is the dashboard's all the same.
+    whole = exports.write_zip(replace(flt, ours_only=False), tmp_path / "whole.zip")
+    with zipfile.ZipFile(tmp_path / "whole.zip") as archive:
+        data = list(csv.DictReader(io.StringIO(archive.read("data.csv").decode())))
+        summary = list(csv.DictReader(io.StringIO(archive.read("summary.csv").decode())))
+    [theirs] = [r for r in data if r["ours"] == "false"]
+    assert theirs["verification"] == "facilitator-api" and theirs["amount"] == "0.010000"
+    assert Decimal(theirs["net_amount"]) == -Decimal(theirs["gas_usd"]) < 0
+    assert {r["ours"] for r in data if r is not theirs} == {"true"}
+    [theirs_summed] = [s for s in summary if s["ours"] == "false"]
+    assert Decimal(theirs_summed["net_amount"]) == -gas_of_others
+    assert dashboard["net"] == sum(Decimal(s["net_amount"]) for s in summary) == exports.net_total(whole.summary)
+    assert sum(exports.paid_total(whole.summary).values(), Decimal(0)) == dashboard["revenue"]
 
 
 def test_after_success_a_failed_run_is_not_charged_so_nothing_is_owed(chain_settings, eager_celery) -> None:

@@ -71,7 +71,7 @@ class Command(BaseCommand):
             sys.stdout.flush()
             summary = csv.writer(self.stderr)
             summary.writerow(exports.SUMMARY_COLUMNS)
-            summary.writerows(["" if v is None else v for v in line.values()] for line in result.summary)
+            summary.writerows([exports.csv_cell(v) for v in line.values()] for line in result.summary)
         checksum = exports.sha256_of(output) if output else result.data_sha256
         export_jobs.record_command(flt, opts["format"], result, checksum)
         self.stderr.write(f"exported {result.rows} payments")
