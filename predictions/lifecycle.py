@@ -403,10 +403,14 @@ def cancel_past_deadline(prediction_id: str, *, cause: str) -> bool:
         return True
 
 
-def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str, run_end: RunEnd | None) -> bool:
-    """Fail a run still going ``grace`` seconds past its time limit, and cancel it on its runner
-    (the time-limit watchdog with no grace; the lost-run sweep with some: ``RunEnd.FAILED``, the
-    run was lost on our side). ``run_end`` None: the watchdog's, see :func:`_overran`."""
+def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str, run_end: RunEnd) -> bool:
+    """Fail a run still going ``grace`` seconds past its time limit, and cancel it on its runner.
+
+    The time-limit watchdog (no grace) charges ``RunEnd.STOPPED``, whatever the runner: a run
+    still going at its limit used the compute (a python predictor held in a long C call defers
+    its runner's own limit), so it is charged its seconds up to the maximum; a crash on our side
+    is FAILED when the runner reports it. The lost-run sweep (some grace) charges
+    ``RunEnd.FAILED``: nothing came back at all, the run was lost on our side."""
     with transaction.atomic():
         prediction = _lock(prediction_id)
         if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
@@ -419,7 +423,7 @@ def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str, ru
             P.FAILED,
             cause,
             stop_run=True,
-            run_end=run_end or _overran(prediction),
+            run_end=run_end,
             error=error.format(limit=prediction.time_limit_seconds),
         )
         return True
@@ -468,17 +472,6 @@ def _refund_if_owed(prediction: Prediction, payment: Payment) -> None:
             f"payment {payment.pk}: the prediction ended {prediction.status} ({cause}): {prediction.error}",
             detail={"cause": str(cause), "run_seconds": str(seconds), "prediction_status": prediction.status},
         )
-
-
-def _overran(prediction: Prediction) -> RunEnd:
-    """How a run the watchdog found past its time limit is charged: stopped at its limit (its
-    seconds), unless its runner stops runs at their limit and reports it (the python runner's
-    soft time limit) and the limit was not cut at the claim: then the run should have reported,
-    so it was lost on our side (the failure charge)."""
-    cut = prediction.events.filter(to_status=P.PROCESSING, detail__has_key="time_limit").exists()
-    if prediction.version.runner_impl.reports_time_limit and not cut:
-        return RunEnd.FAILED
-    return RunEnd.STOPPED
 
 
 def on_payment(payment: Payment) -> None:

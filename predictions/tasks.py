@@ -106,7 +106,7 @@ def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
 @shared_task(acks_late=True)
 def enforce_time_limit(prediction_id: str) -> bool:
     """End a run still going past its time limit, and cancel it on its runner."""
-    return lifecycle.fail_overdue(prediction_id, grace=0, error=OVERRAN, cause=Cause.TASK, run_end=None)
+    return lifecycle.fail_overdue(prediction_id, grace=0, error=OVERRAN, cause=Cause.TASK, run_end=RunEnd.STOPPED)
 
 
 @shared_task(acks_late=True)

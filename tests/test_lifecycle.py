@@ -460,6 +460,52 @@ def test_a_run_is_stopped_at_the_time_limit_it_paid_for(
         cog_ready(cog_server["url"])
 
 
+def _sleeping_run(name: str, limit: int) -> Prediction:
+    """A python run claimed with ``limit`` (as a claim cut it), asked to sleep 30 s."""
+    model = python_model(name, "tests.predictors.Sleepy", schema=SLOW_TEXT)
+    return Prediction.objects.create(
+        model=model,
+        version=model.latest_version,
+        input={"text": "long", "seconds": 30},
+        status="processing",
+        started_at=timezone.now(),
+        time_limit_seconds=limit,
+    )
+
+
+@pytest.mark.django_db
+def test_the_python_runner_stops_at_the_limit_decided_at_the_claim() -> None:
+    """No Celery limit here at all (the task's is the uncut one): the run's own watcher stops it
+    at the prediction's limit, out of a blocking sleep."""
+    from predictions.runners.python import PythonRunner
+
+    prediction = _sleeping_run("cut", 1)
+    started = time.monotonic()
+    outcome = PythonRunner().start(prediction)
+    assert outcome.timed_out and not outcome.succeeded and "time limit (1s)" in outcome.error
+    assert 1 <= time.monotonic() - started < 3
+    time.sleep(0.3)  # nothing is left pending to land after the run
+
+
+@pytest.mark.django_db
+def test_a_canceled_python_run_stops_computing() -> None:
+    """The payer cancels (or Cancel-After, or the watchdog, ends it): the runner's cancel stops
+    the run in whichever worker runs it, long before its limit; what it returns is discarded."""
+    from predictions.runners.python import STOPPED_ERROR, PythonRunner
+
+    prediction = _sleeping_run("canceled", 60)
+    runner = PythonRunner()
+    threading.Timer(0.5, runner.cancel, args=[prediction]).start()
+    started = time.monotonic()
+    outcome = runner.start(prediction)
+    assert not outcome.succeeded and not outcome.timed_out and outcome.error == STOPPED_ERROR
+    assert time.monotonic() - started < 2
+    quick = _sleeping_run("quick", 60)
+    Prediction.objects.filter(pk=quick.pk).update(input={"text": "fast", "seconds": 0})
+    quick.refresh_from_db()
+    assert runner.start(quick).output == "fast"  # another run is not stopped by that cancel
+
+
 # --- Runners are plug-ins ------------------------------------------------------------------
 
 
@@ -468,7 +514,6 @@ class UpperRunner:
 
     kind = "upper"
     label = "Upper-cases its text (test)"
-    reports_time_limit = False
 
     def validate(self, version) -> None:
         pass

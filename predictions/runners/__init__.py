@@ -53,9 +53,6 @@ class Runner(Protocol):
     kind: str
     #: Shown to operators in the admin.
     label: str
-    #: The runner stops a run at the time limit it was started with and reports it
-    #: (``Outcome.timed_out``); False: the watchdog task is what enforces the limit.
-    reports_time_limit: bool
 
     def validate(self, version: ModelVersion) -> None:
         """Raise ``django.core.exceptions.ValidationError`` (by field) when ``version`` is not

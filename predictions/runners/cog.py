@@ -146,7 +146,6 @@ def _streams(prediction_id: str) -> bool:
 class CogRunner:
     kind = "cog"
     label = "Cog model server (HTTP)"
-    reports_time_limit = False  # the watchdog enforces it
 
     def validate(self, version: ModelVersion) -> None:
         if not version.cog_url:

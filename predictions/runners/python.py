@@ -1,7 +1,15 @@
 """The in-process runner: a Cog-style predictor class (``setup()`` once, ``predict(**input)``).
 
-The run happens inside the Celery task, under a soft time limit of the prediction's own time
-limit (what was paid for). What the predictor prints and logs becomes the prediction's logs, as
+The run happens inside the Celery task, stopped at the prediction's own time limit (what was
+paid for) as decided at the claim, which may be shorter than when the task was sent (an
+authorization about to expire cuts it): a per-run watcher thread raises
+``SoftTimeLimitExceeded`` in the run's thread then, and :class:`RunStopped` when the prediction
+ended meanwhile (its payer canceled it, its ``Cancel-After`` passed, the watchdog gave up on
+it), so a run nobody pays for any more stops computing. Both arrive at the run's next Python
+instruction: a predictor held in one long C call finishes that call first. The task's Celery
+limits, set at enqueue from the uncut limit, are the backstop (the hard one kills the worker
+child); whatever such a run returns after its prediction ended is discarded
+(``lifecycle.finish`` records one outcome of a run still in progress). What the predictor prints and logs becomes the prediction's logs, as
 on Cog, reported while it runs (at most every :data:`REPORT_INTERVAL` seconds, by a reporter
 thread) and in full with the outcome; only the run's own thread is captured (``capture.py``).
 
@@ -11,9 +19,11 @@ yielded (Replicate's iterator outputs), each piece recorded as it comes.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import inspect
 import logging
+import signal
 import threading
 import time
 import traceback
@@ -21,6 +31,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
+from django.core.cache import cache
 from django.core.exceptions import ValidationError
 
 from . import READY, Outcome, register
@@ -36,6 +47,22 @@ HARD_LIMIT_GRACE = 30
 #: Logs are reported, and output webhooks sent, at most this often while a run goes on
 #: (Replicate throttles its logs and output webhooks to one per 500 ms).
 REPORT_INTERVAL = 0.5
+#: How often a run's watcher checks its time limit and whether its prediction ended.
+STOP_CHECK_INTERVAL = 0.2
+STOPPED_ERROR = "the prediction ended while it ran; the run was stopped"
+#: Sent to the run's thread (when it is the main thread) to wake it from a blocking call such as
+#: ``time.sleep`` so the stop is delivered; its default action is to ignore it, so one that
+#: arrives after the run is harmless.
+WAKE_SIGNAL = signal.SIGURG
+
+
+class RunStopped(BaseException):
+    """Raised in a run's thread when its prediction ended meanwhile (a BaseException: a
+    predictor's ``except Exception`` does not swallow it)."""
+
+
+def _stop_key(prediction_id: str) -> str:
+    return f"predictions:python:stop:{prediction_id}"
 
 
 class Predictor(Protocol):
@@ -60,7 +87,6 @@ def load_predictor(dotted_path: str) -> Predictor:
 class PythonRunner:
     kind = "python"
     label = "In-process Python predictor"
-    reports_time_limit = True  # the task's soft time limit
 
     def validate(self, version: ModelVersion) -> None:
         if not version.predictor:
@@ -78,6 +104,8 @@ class PythonRunner:
         return READY  # runs in whichever worker takes the task
 
     def task_options(self, prediction: Prediction) -> dict[str, Any]:
+        """Celery's limits, the backstop of the run's own (:class:`_Stopper`): the limit at
+        enqueue is the longest the run may get (the claim may only cut it)."""
         limit = prediction.time_limit_seconds
         return {"soft_time_limit": limit, "time_limit": limit + HARD_LIMIT_GRACE}
 
@@ -86,8 +114,21 @@ class PythonRunner:
         capture = Capture()
         reporter = _LogReporter(prediction.id, capture)
         reporter.start()
+        stopper = _Stopper(prediction.id, prediction.time_limit_seconds)  # the limit decided at the claim
         try:
-            output = self._run(prediction, capture, reporter)
+            try:
+                stopper.start()
+                output = self._run(prediction, capture, reporter)
+            finally:
+                stopper.disarm()
+        except RunStopped:
+            log.info("prediction %s: stopped, its prediction ended while it ran", prediction.id)
+            return Outcome(
+                succeeded=False,
+                error=STOPPED_ERROR,
+                logs=reporter.stop(),
+                predict_time=time.perf_counter() - started,
+            )
         except SoftTimeLimitExceeded:
             return Outcome(
                 succeeded=False,
@@ -134,10 +175,75 @@ class PythonRunner:
             lifecycle.record_output(prediction.id, list(pieces), cause=lifecycle.Cause.TASK, webhook=webhook)
 
     def cancel(self, prediction: Prediction) -> None:
-        """An in-process run cannot be interrupted safely; its late outcome is ignored."""
+        """Mark the run to stop: its watcher, in whichever worker runs it, raises
+        :class:`RunStopped` in it (the mark outlives the run's hard limit, then it is moot)."""
+        cache.set(_stop_key(prediction.pk), True, timeout=prediction.time_limit_seconds + HARD_LIMIT_GRACE + 60)
 
     def handle_callback(self, prediction_id: str, body: dict[str, Any]) -> None:
         """In-process runs report by returning; there is nothing to call back."""
+
+
+class _Stopper:
+    """Stops a run from a watcher thread: ``SoftTimeLimitExceeded`` in the run's thread at its
+    time limit, :class:`RunStopped` once :meth:`PythonRunner.cancel` marked it. An exception
+    raised in another thread (``PyThreadState_SetAsyncExc``) arrives at that thread's next
+    Python instruction; a no-op handler of :data:`WAKE_SIGNAL`, sent along, runs one and wakes
+    a blocking system call (a sleep, a socket read) when the run is the main thread (a worker
+    child's, an eager test's). :meth:`disarm` (the run returned) withdraws one not delivered
+    yet, so it never lands after the run."""
+
+    def __init__(self, prediction_id: str, limit: float) -> None:
+        self.prediction_id = prediction_id
+        self.limit = limit
+        self._target = threading.get_ident()
+        self._lock = threading.Lock()
+        self._armed = True
+        self._fired = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"stop-{prediction_id[:8]}", daemon=True)
+        self._wakes = threading.current_thread() is threading.main_thread()
+        self._previous: Any = None
+
+    def start(self) -> None:
+        if self._wakes:
+            self._previous = signal.signal(WAKE_SIGNAL, _wake)
+        self._thread.start()
+
+    def disarm(self) -> None:
+        self._done.set()
+        with self._lock:
+            self._armed = False
+            if self._fired:  # withdrawn if still pending; delivered already, it is being handled
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._target), None)
+        if self._wakes:
+            signal.signal(WAKE_SIGNAL, self._previous)
+        self._thread.join()
+
+    def _fire(self, exc: type[BaseException]) -> None:
+        with self._lock:
+            if self._armed:
+                self._fired = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._target), ctypes.py_object(exc))
+                if self._wakes:
+                    signal.pthread_kill(self._target, WAKE_SIGNAL)
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + self.limit
+        while not self._done.wait(STOP_CHECK_INTERVAL):
+            if time.monotonic() >= deadline:
+                return self._fire(SoftTimeLimitExceeded)
+            try:
+                marked = cache.get(_stop_key(self.prediction_id))
+            except Exception:  # noqa: BLE001 - the cache down: the limit and the watchdog still hold
+                log.exception("prediction %s: checking for a stop failed", self.prediction_id)
+                marked = False
+            if marked:
+                return self._fire(RunStopped)
+        return None
+
+
+def _wake(signum: int, frame: Any) -> None:
+    """Runs in the run's thread: the pending stop is raised here, out of the blocking call."""
 
 
 class _LogReporter:
