@@ -7,7 +7,7 @@
 The policy is the prediction's own, fixed when it was bought. A run is claimed (STARTING ->
 PROCESSING) once, in one transaction, so a task delivered twice never runs twice; a runner that
 was busy is asked again with the claim kept. Every run has a time limit (what was paid for):
-the runner enforces it where it can (the python runner's soft time limit), the watchdog task
+the runner enforces it where it can (the python runner's own watcher), the watchdog task
 ends it at the limit and cancels it on its runner, and ``sweep`` gives up on runs that never
 reported, never rerunning them; a run past its ``Cancel-After`` deadline is canceled. After
 ``X402_DATA_RETENTION_DAYS`` a finished prediction's input, output and logs are removed
