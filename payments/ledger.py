@@ -246,17 +246,20 @@ def settlement_answer(payment: Payment) -> dict[str, Any]:
     false`` with ``errorReason: settlement_pending`` (the SDK's code for a settlement not yet
     final) and the hash of a transaction already broadcast, if any; the request was accepted
     all the same (2xx), and the prediction's ``payment`` shows the outcome later. A payment
-    that ended unpaid says so (``invalid_transaction_state``).
+    that ended unpaid, or that we released (an upto run charged nothing, a failed
+    ``after_success`` run), will never be settled: it says so (``invalid_transaction_state``)
+    with the amount actually charged, 0, not the signed maximum.
     """
     paid = payment.status in PAID_STATUSES and bool(payment.settle_tx_hash)
+    unpaid = not paid and (payment.status in UNPAID_STATUSES or payment.is_released)
     reason = None
     if not paid:
-        reason = SETTLEMENT_FAILED if payment.status in UNPAID_STATUSES else SETTLEMENT_PENDING
+        reason = SETTLEMENT_FAILED if unpaid else SETTLEMENT_PENDING
     return settle_response(
         success=paid,
         transaction=payment.settle_tx_hash or "",
         network=payment.network,
         payer=payment.payer,
-        amount=int(payment.amount),
+        amount=payment.charged_atomic if unpaid else int(payment.amount),
         error_reason=reason,
     )
