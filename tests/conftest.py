@@ -261,6 +261,11 @@ def start_worker(
         "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
         "CELERY_BROKER_URL": TEST_BROKER_URL,
         "CELERY_TASK_DEFAULT_QUEUE": TEST_QUEUE,
+        # The cache the web side uses, as in production (a python run's cancel mark travels
+        # through it); the events channel stays where it was (it defaults to the cache's URL).
+        "CACHE_URL": settings.CACHES["default"]["LOCATION"],
+        "CACHE_KEY_PREFIX": settings.CACHES["default"].get("KEY_PREFIX", ""),
+        "X402_EVENTS_URL": settings.X402_EVENTS_URL,
         "X402_DEVCHAIN_FILE": str(chain.path),  # type: ignore[attr-defined]
         "X402_RECONCILE_INTERVAL": "1",
         **(env or {}),

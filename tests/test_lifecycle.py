@@ -506,6 +506,28 @@ def test_a_canceled_python_run_stops_computing() -> None:
     assert runner.start(quick).output == "fast"  # another run is not stopped by that cancel
 
 
+@pytest.mark.e2e
+@pytest.mark.chain
+@pytest.mark.django_db(transaction=True)
+def test_a_python_run_its_payer_cancels_stops_computing_in_the_worker(paid_api, worker) -> None:
+    """In a real (prefork) worker: the payer's cancel reaches the run in the worker child, which
+    stops sleeping long before its 20 s; the prediction stays canceled."""
+    model = python_model("cancelable", "tests.predictors.Sleepy", "after_success", schema=SLOW_TEXT)
+    created = paid_api(model, {"input": {"text": "long", "seconds": 20}}, payer=4)
+    deadline = time.monotonic() + 15
+    while requests.get(created["urls"]["get"], timeout=5).json()["status"] != "processing":
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.1)
+    assert requests.post(created["urls"]["cancel"], timeout=10).status_code == 200
+    canceled = time.monotonic()
+    stopped = f"prediction {created['id']}: stopped, its prediction ended"
+    while stopped not in worker["log"].read_text():
+        assert time.monotonic() - canceled < 5, "the canceled run kept computing"
+        time.sleep(0.1)
+    done = requests.get(created["urls"]["get"], timeout=5).json()
+    assert done["status"] == "canceled" and done["output"] is None
+
+
 # --- Runners are plug-ins ------------------------------------------------------------------
 
 
