@@ -198,6 +198,9 @@ def test_reorg_is_undone_and_recovered(chain) -> None:
         assert p.status == "settled" and p.confirmations == 1
         mined_in = p.block_hash
         rpc(chain.rpc_url, "evm_revert", [snapshot])  # the block holding it is gone
+        # A later clock, so the block that mines it again is not byte-identical to the lost one
+        # (same parent, number, timestamp and transaction would give the same hash).
+        rpc(chain.rpc_url, "evm_increaseTime", [1])
         assert rpc(chain.rpc_url, "eth_getTransactionReceipt", [p.settle_tx_hash]) is None
         reconcile()
         p.refresh_from_db()
