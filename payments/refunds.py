@@ -96,7 +96,22 @@ def approve(refund_id: int, user: Any) -> Refund:
         refund = Refund.objects.select_for_update().get(pk=refund_id)
         detail = {"approved_by": str(user)}
         if refund.status == R.FAILED:
-            refund.advance(R.OWED, detail=detail, approved_by=user, approved_at=timezone.now(), failure_reason="")
+            # The failed attempt's transaction is final (reverted at depth, or its nonce used
+            # otherwise) and stays named by its events; the refund forgets it, so the next
+            # attempt is judged by its own transaction only.
+            refund.advance(
+                R.OWED,
+                detail=detail,
+                approved_by=user,
+                approved_at=timezone.now(),
+                failure_reason="",
+                tx_hash="",
+                raw_tx="",
+                block_number=None,
+                confirmations=0,
+                gas_used=None,
+                gas_cost_wei=None,
+            )
         elif refund.status == R.OWED and refund.approved_at is None:
             refund.approved_by, refund.approved_at = user, timezone.now()
             refund.save(update_fields=["approved_by", "approved_at"])
@@ -233,9 +248,17 @@ def _transfers(receipt: dict[str, Any], refund: Refund) -> bool:
 
 
 def hashes(refund: Refund) -> list[str]:
-    """Every transaction signed for the refund, the current one first (a re-signed refund keeps
-    its earlier ones watched: any of them, one nonce, may be the one mined)."""
-    earlier = [e.detail["tx"] for e in refund.events.filter(to_status=R.SENT).order_by("-pk") if e.detail.get("tx")]
+    """Every transaction signed for the refund's current attempt, the current one first (a
+    re-signed refund keeps its earlier ones watched: any of them, one nonce, may be the one
+    mined). Only signings since the last time it was owed (approved again after a failure) of
+    its current nonce: a failed attempt's transaction is final, and taking its receipt for the
+    new attempt's would fail a refund whose new transfer still pays."""
+    since = refund.events.filter(to_status=R.OWED).order_by("-pk").values_list("pk", flat=True).first() or 0
+    earlier = [
+        e.detail["tx"]
+        for e in refund.events.filter(to_status=R.SENT, pk__gt=since).order_by("-pk")
+        if e.detail.get("tx") and e.detail.get("nonce") == refund.nonce
+    ]
     return list(dict.fromkeys([refund.tx_hash, *earlier]))
 
 

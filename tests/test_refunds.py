@@ -418,3 +418,41 @@ def test_a_refund_whose_nonce_the_wallet_used_otherwise_fails_as_dropped(chain_s
         refund.refresh_from_db()
         assert refund.status == "failed" and "used by another transaction" in refund.failure_reason
         assert refund.events.last().detail["dropped"] == [refund.tx_hash]
+
+
+def test_a_refund_approved_again_after_a_revert_is_judged_by_its_new_transfer_only(chain_settings, eager_celery) -> None:
+    """A refund whose transfer reverted (FAILED at depth) and that finance approves again: while
+    its new transfer waits in the pool, the old reverted receipt must not fail it again (a third
+    approval would then pay twice); once the new one is mined it is CONFIRMED, paid once."""
+    from payments.models import RefundEvent
+
+    chain = chain_settings
+    refund = owed_refund(chain)
+    start = token_balance(chain, refund.recipient)
+    with override_settings(**option_settings(chain, confirmations=1)):
+        reverted = wallet_send(chain, transfer_data(refund.recipient, 10**30))  # more than it holds
+        as_sent(refund, reverted)
+        refund.refresh_from_db()
+        RefundEvent.objects.create(
+            refund=refund, from_status="owed", to_status="sent", detail={"nonce": refund.nonce, "tx": reverted}
+        )
+        refunds.track(refund.pk)
+        refund.refresh_from_db()
+        assert refund.status == "failed" and refund.tx_hash == reverted
+        with override_settings(X402_REFUND_KEY=""):  # approved again, not sent yet: owed, no stale hash
+            refunds.approve(refund.pk, None)
+        refund.refresh_from_db()
+        assert (refund.status, refund.tx_hash, refund.raw_tx, refund.block_number) == ("owed", "", "", None)
+        assert refund_violations(chain.rpc_url) == []
+        with no_automine(chain):
+            refunds.send(refund.pk)
+            refund.refresh_from_db()
+            assert refund.status == "sent" and refund.tx_hash != reverted and refunds.hashes(refund) == [refund.tx_hash]
+            refunds.track(refund.pk)  # the new transfer is pending; the old one reverted
+            refund.refresh_from_db()
+            assert refund.status == "sent", refund.failure_reason
+        assert confirm(refund).status == "confirmed"
+    assert token_balance(chain, refund.recipient) == start + PRICE  # paid once
+    refunds.approve(refund.pk, None)  # nothing to approve any more
+    refund.refresh_from_db()
+    assert refund.status == "confirmed" and refund_violations(chain.rpc_url) == []
