@@ -456,3 +456,51 @@ def test_a_refund_approved_again_after_a_revert_is_judged_by_its_new_transfer_on
     refunds.approve(refund.pk, None)  # nothing to approve any more
     refund.refresh_from_db()
     assert refund.status == "confirmed" and refund_violations(chain.rpc_url) == []
+
+
+def paid_and_running(chain, name: str) -> str:
+    """A before_run prediction paid (its payment CONFIRMED on chain) and claimed by a worker:
+    its id (the test then plays the runner through the lifecycle)."""
+    from payments import batching, relayer
+    from payments.options import configured
+    from predictions import lifecycle
+
+    payer = fresh_payer(chain)
+    created = pay(python_model(name, "tests.predictors.Slow", "before_run"), payer["private_key"])
+    conf = configured()[0]
+    formed = batching.form(conf, force=True)
+    relayer.broadcast(conf.rpc_url, formed.tx)
+    assert batching.follow([formed.tx.pk], wait_seconds=20) == []
+    assert Payment.objects.get(prediction__pk=created["id"]).status == "confirmed"
+    assert lifecycle.claim(created["id"]) is not None
+    return created["id"]
+
+
+def test_a_run_that_streamed_output_or_hit_its_time_limit_is_not_refunded(chain_settings) -> None:
+    """Refund policy: owed only when the run failed on our side and delivered no output. A
+    before_run payer sees streamed pieces during the run, so a failure after them, or a stop at
+    the time limit its input ran into (the compute was used), is not refunded."""
+    from predictions import lifecycle
+    from predictions.runners import Outcome
+
+    task = lifecycle.Cause.TASK
+    streamed = paid_and_running(chain_settings, "streamer")
+    lifecycle.record_output(streamed, ["all", "the"], cause=task)
+    assert Client().get(f"/v1/predictions/{streamed}").json()["output"] == ["all", "the"]  # delivered
+    lifecycle.finish(streamed, Outcome(succeeded=False, error="boom", predict_time=1.0), cause=task)
+
+    limited = paid_and_running(chain_settings, "limited")
+    lifecycle.finish(limited, Outcome(succeeded=False, error="time limit", timed_out=True, predict_time=9.0), cause=task)
+
+    failed = paid_and_running(chain_settings, "failing")
+    lifecycle.finish(failed, Outcome(succeeded=False, error="boom", predict_time=1.0), cause=task)
+
+    assert {p.pk: p.status for p in Prediction.objects.all()} == {streamed: "failed", limited: "failed", failed: "failed"}
+    ended = {pk: Prediction.objects.get(pk=pk).events.last().detail for pk in (streamed, limited, failed)}
+    assert (ended[streamed]["output_pieces"], ended[streamed]["run_end"]) == (2, "failed")
+    assert ended[limited]["run_end"] == "stopped"
+    assert list(Refund.objects.values_list("payment__prediction__pk", flat=True)) == [failed]
+    owed = Refund.objects.get().events.get(to_status="owed").detail
+    assert (owed["cause"], owed["output_pieces"]) == ("failed", 0)
+    assert lifecycle._refund_cause(Prediction.objects.get(pk=streamed)) == lifecycle.RefundCause.FAILED_AFTER_OUTPUT
+    assert lifecycle._refund_cause(Prediction.objects.get(pk=limited)) == lifecycle.RefundCause.TIME_LIMIT
