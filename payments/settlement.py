@@ -719,7 +719,10 @@ def replace_tx(tx_id: int, conf: ConfiguredOption) -> SettlementTx:
         )
         if not waiting or tx.block_number is not None:
             return tx
-        new_hash, raw, max_fee = relayers.resign(tx, block)
+        resigned = relayers.resign(tx, block)
+        if resigned is None:  # at the fee cap: the last one is rebroadcast
+            return tx
+        new_hash, raw, max_fee = resigned
         old = tx.tx_hash
         tx.replaced_hashes = tx.hashes
         tx.tx_hash, tx.raw_tx, tx.signed_at = new_hash, raw, timezone.now()

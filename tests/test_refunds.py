@@ -19,7 +19,8 @@ from django.test import Client, override_settings
 from django.utils import timezone
 from eth_account import Account
 
-from payments import exports, reconciliation, refunds
+from payments import exports, reconciliation, refunds, relayer
+from payments.metrics import REFUND_BROADCAST_ERRORS
 from payments.models import NativeTokenRate, Payment, Refund
 from payments.options import payment_options
 from payments.reports import DateBasis, LedgerFilter
@@ -382,8 +383,14 @@ def test_a_stuck_refund_is_re_signed_with_the_same_nonce_and_a_higher_fee(chain_
         refund.refresh_from_db()
         first = refund.tx_hash
         assert refund.status == "sent"
-        rpc(chain.rpc_url, "anvil_dropTransaction", [first])  # the node lost it (or its fee was too low)
+        # Dropped by the node: not re-signed (the node never had it, or lost it), the same bytes
+        # are sent again.
+        rpc(chain.rpc_url, "anvil_dropTransaction", [first])
         with override_settings(X402_STUCK_AFTER_SECONDS=0):
+            refunds.track(refund.pk)
+        refund.refresh_from_db()
+        assert refund.tx_hash == first and rpc(chain.rpc_url, "eth_getTransactionByHash", [first]) is not None
+        with override_settings(X402_STUCK_AFTER_SECONDS=0):  # in the pool and not mined: its fee is too low
             refunds.track(refund.pk)
         refund.refresh_from_db()
         assert refund.status == "sent" and refund.tx_hash != first and refunds.hashes(refund) == [refund.tx_hash, first]
@@ -504,3 +511,49 @@ def test_a_run_that_streamed_output_or_hit_its_time_limit_is_not_refunded(chain_
     assert (owed["cause"], owed["output_pieces"]) == ("failed", 0)
     assert lifecycle._refund_cause(Prediction.objects.get(pk=streamed)) == lifecycle.RefundCause.FAILED_AFTER_OUTPUT
     assert lifecycle._refund_cause(Prediction.objects.get(pk=limited)) == lifecycle.RefundCause.TIME_LIMIT
+
+
+def test_re_signing_a_stuck_refund_never_passes_the_fee_cap(chain_settings, eager_celery) -> None:
+    """Fees rise by 12.5% per re-sign (or to what the chain asks), never past
+    X402_MAX_FEE_PER_GAS; at the cap the last transaction is only rebroadcast."""
+    chain = chain_settings
+    refund = owed_refund(chain)
+    with no_automine(chain):
+        refunds.approve(refund.pk, None)
+        refund.refresh_from_db()
+        first_fee = relayer.decode(refund.raw_tx)["maxFeePerGas"]
+        cap = first_fee * 2
+        with override_settings(X402_STUCK_AFTER_SECONDS=0, X402_MAX_FEE_PER_GAS=cap):
+            for _ in range(20):
+                refunds.track(refund.pk)
+        refund.refresh_from_db()
+        signed = [e.detail["max_fee_per_gas"] for e in refund.events.filter(to_status="sent") if "max_fee_per_gas" in e.detail]
+        assert len(signed) == 5  # 1.125**5 < 2 < 1.125**6: then the cap leaves no room
+        assert all(b >= a * 9 // 8 for a, b in zip([first_fee, *signed], signed, strict=False))
+        assert max(signed) <= cap and relayer.decode(refund.raw_tx)["maxFeePerGas"] == signed[-1]
+    assert confirm(refund).status == "confirmed" and refund_violations(chain.rpc_url) == []
+
+
+def test_a_refund_wallet_without_gas_money_is_not_re_signed_and_says_why(chain_settings, eager_celery, staff) -> None:
+    """Every broadcast refused (the wallet has no ETH): the same transaction is rebroadcast, its
+    fees never raised; the node's answer is on the refund (the admin shows it) and counted.
+    Topped up, the same transaction pays."""
+    chain = chain_settings
+    refund = owed_refund(chain)
+    rpc(chain.rpc_url, "anvil_setBalance", [chain.refund_address, hex(10**9)])  # dust
+    refunds.approve(refund.pk, None)
+    refund.refresh_from_db()
+    first = refund.tx_hash
+    assert refund.status == "sent" and "insufficient funds" in refund.broadcast_error.lower()
+    refused = REFUND_BROADCAST_ERRORS._value.get()
+    with override_settings(X402_STUCK_AFTER_SECONDS=0):
+        for _ in range(20):
+            refunds.track(refund.pk)
+    refund.refresh_from_db()
+    assert refund.tx_hash == first and refund.events.filter(to_status="sent").count() == 1
+    assert REFUND_BROADCAST_ERRORS._value.get() == refused + 20
+    page = staff["finance"].get(f"/admin/payments/refund/{refund.pk}/change/")
+    assert b"nsufficient funds" in page.content
+    rpc(chain.rpc_url, "anvil_setBalance", [chain.refund_address, hex(10**18)])
+    refund = confirm(refund)
+    assert refund.status == "confirmed" and refund.tx_hash == first and refund.broadcast_error == ""
