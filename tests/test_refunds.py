@@ -35,9 +35,9 @@ pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
 PRICE = 10_000  # the test models' 0.01 USDC
 
 
-def pay(model, key: str) -> dict:
+def pay(model, key: str, given: dict | None = None) -> dict:
     url = f"/v1/models/{model}/predictions"
-    body = {"input": {"text": "hello"}}
+    body = {"input": given or {"text": "hello"}}
     challenge = Client().post(url, data=body, content_type="application/json")
     assert challenge.status_code == 402, challenge.content
     header = v2_header_for(key, challenge["PAYMENT-REQUIRED"])
@@ -557,3 +557,18 @@ def test_a_refund_wallet_without_gas_money_is_not_re_signed_and_says_why(chain_s
     rpc(chain.rpc_url, "anvil_setBalance", [chain.refund_address, hex(10**18)])
     refund = confirm(refund)
     assert refund.status == "confirmed" and refund.tx_hash == first and refund.broadcast_error == ""
+
+
+def test_a_streaming_run_that_fails_after_yielding_is_not_refunded(chain_settings, eager_celery) -> None:
+    """End to end through the python runner: a paid before_run generator yields two pieces (its
+    payer sees them while it runs), then raises: failed, the pieces counted, nothing owed."""
+    from tests.test_progress import COUNT
+
+    payer = fresh_payer(chain_settings)
+    model = python_model("countdown", "tests.predictors.Countdown", "before_run", schema=COUNT)
+    created = pay(model, payer["private_key"], {"n": 3, "fail": True})
+    prediction = Prediction.objects.get(pk=created["id"])
+    assert (prediction.status, prediction.payment.status) == ("failed", "confirmed")
+    assert "lost count" in prediction.error
+    assert prediction.events.last().detail["output_pieces"] == 2
+    assert not Refund.objects.exists()
