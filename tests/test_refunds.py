@@ -572,3 +572,24 @@ def test_a_streaming_run_that_fails_after_yielding_is_not_refunded(chain_setting
     assert "lost count" in prediction.error
     assert prediction.events.last().detail["output_pieces"] == 2
     assert not Refund.objects.exists()
+
+
+def test_re_signed_fees_follow_the_chain_up_to_the_cap(settings) -> None:
+    """The rule settlements and refunds share: 12.5% over the last fees, or what the latest block
+    asks if more, never above X402_MAX_FEE_PER_GAS; None when the cap leaves no valid bump."""
+    account = Account.create()
+    raw = account.sign_transaction(
+        {"chainId": 1, "nonce": 7, "to": account.address, "data": "0x", "gas": 21_000,
+         "maxFeePerGas": 1_000_000_000, "maxPriorityFeePerGas": 1_000_000, "value": 0, "type": 2}
+    ).raw_transaction.hex()
+    raw = "0x" + raw.removeprefix("0x")
+    settings.X402_MAX_FEE_PER_GAS = 10**10
+    calm = {"baseFeePerGas": hex(10**8)}
+    _, bumped, fee = relayer.resign_raw(raw, account, calm)
+    assert fee == 1_125_000_000 and relayer.decode(bumped)["maxPriorityFeePerGas"] == 1_125_000
+    assert relayer.decode(bumped)["nonce"] == 7
+    surge = {"baseFeePerGas": hex(3 * 10**9)}  # the chain asks 2 x 3 gwei + the tip
+    assert relayer.resign_raw(raw, account, surge)[2] == 6 * 10**9 + relayer.PRIORITY_FEE
+    assert relayer.resign_raw(raw, account, {"baseFeePerGas": hex(10**11)})[2] == 10**10  # capped
+    settings.X402_MAX_FEE_PER_GAS = 1_100_000_000  # below the least valid replacement
+    assert relayer.resign_raw(raw, account, calm) is None
