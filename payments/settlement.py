@@ -702,8 +702,9 @@ def _reconcile_group(
     if tx.block_number is not None:
         return
     if relayers.is_stuck(tx):
+        stuck_hash = tx.tx_hash
         tx = replace_tx(tx.pk, conf)
-        stats["replaced"] += 1
+        stats["replaced"] += tx.tx_hash != stuck_hash
     relayers.broadcast(conf.rpc_url, tx)
     stats["rebroadcast"] += 1
 
