@@ -235,6 +235,28 @@ def test_stuck_transaction_is_replaced(chain) -> None:
     assert p.status == "confirmed" and p.settle_tx_hash != stuck
 
 
+def test_a_stuck_transaction_at_the_fee_cap_is_rebroadcast_not_replaced(chain) -> None:
+    """X402_MAX_FEE_PER_GAS: a stuck settlement already offering the most we pay is only sent
+    again (same hash), however many passes find it stuck."""
+    with override_settings(**option_settings(chain), X402_STUCK_AFTER_SECONDS=0):
+        p = record_payment(fresh_payer(chain)["private_key"])
+        rpc(chain.rpc_url, "anvil_setAutomine", [False])
+        try:
+            p = settlement.prepare(p.pk)
+            settlement.broadcast(p)
+            stuck = p.settle_tx_hash
+            with override_settings(X402_MAX_FEE_PER_GAS=p.settlement_tx.max_fee_per_gas):
+                for _ in range(3):
+                    settlement.reconcile_batch([p.pk])
+            p.refresh_from_db()
+            assert p.settle_tx_hash == stuck and p.settlement_tx.replaced_hashes == []
+            rpc(chain.rpc_url, "evm_mine", [])
+        finally:
+            rpc(chain.rpc_url, "anvil_setAutomine", [True])
+        p = settlement.track(p.pk)
+    assert p.status == "confirmed" and p.settle_tx_hash == stuck
+
+
 def test_many_payments_settled_concurrently_without_nonce_collisions(chain_settings, settings) -> None:
     """One transaction per payment (batching off): six threads, contiguous nonces."""
     chain = chain_settings
