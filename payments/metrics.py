@@ -37,6 +37,10 @@ EXPIRIES = Counter(
     "Payments whose authorization lapsed unsettled (EXPIRED), by why they went lapsing",
     ["reason"],
 )
+REFUND_BROADCAST_ERRORS = Counter(
+    "x402_refund_broadcast_errors_total",
+    "Refund transfers the node refused to take (e.g. the refund wallet is out of gas money)",
+)
 BACKPRESSURE = Counter(
     "x402_backpressure_rejections_total", "Paid requests answered 503 because the settlement backlog is too old"
 )

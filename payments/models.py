@@ -813,6 +813,9 @@ class Refund(models.Model):
     gas_used = models.PositiveBigIntegerField(null=True, blank=True)
     gas_cost_wei = models.DecimalField(max_digits=78, decimal_places=0, null=True, blank=True)
     failure_reason = models.TextField(blank=True)
+    broadcast_error = models.TextField(
+        blank=True, help_text="The node's answer to the last refused broadcast (e.g. the wallet has no gas money)"
+    )
     # An approved refund the wallet could not send yet: the reconciler tries again from retry_at
     # (backing off with each attempt).
     send_attempts = models.PositiveIntegerField(default=0)

@@ -28,6 +28,7 @@ from eth_utils import to_checksum_address
 
 from .abi import TRANSFER_TOPIC
 from .chain import RpcError, rpc, rpc_batch
+from .metrics import REFUND_BROADCAST_ERRORS
 from .models import Payment, PaymentStatus, Refund, RefundEvent, RefundStatus, RelayerNonce
 from .options import for_payment
 from .relayer import fees, resign_raw
@@ -96,7 +97,22 @@ def approve(refund_id: int, user: Any) -> Refund:
         refund = Refund.objects.select_for_update().get(pk=refund_id)
         detail = {"approved_by": str(user)}
         if refund.status == R.FAILED:
-            refund.advance(R.OWED, detail=detail, approved_by=user, approved_at=timezone.now(), failure_reason="")
+            # The failed attempt's transaction is final (reverted at depth, or its nonce used
+            # otherwise) and stays named by its events; the refund forgets it, so the next
+            # attempt is judged by its own transaction only.
+            refund.advance(
+                R.OWED,
+                detail=detail,
+                approved_by=user,
+                approved_at=timezone.now(),
+                failure_reason="",
+                tx_hash="",
+                raw_tx="",
+                block_number=None,
+                confirmations=0,
+                gas_used=None,
+                gas_cost_wei=None,
+            )
         elif refund.status == R.OWED and refund.approved_at is None:
             refund.approved_by, refund.approved_at = user, timezone.now()
             refund.save(update_fields=["approved_by", "approved_at"])
@@ -212,12 +228,27 @@ def _not_sent(refund_id: int, reason: str) -> None:
     log.warning("refund %s not sent (attempt %s, again in %ss): %s", refund_id, attempts, delay, reason)
 
 
-def _broadcast(url: str, refund: Refund) -> None:
-    """Send the stored transaction (again): the same signed bytes, safe to repeat."""
+#: Node answers to a rebroadcast that mean it has the transaction (or mined it): not errors.
+ACCEPTED_ANSWERS = ("already known", "already imported", "nonce too low", "transaction already exists")
+#: A node's refusal because the wallet cannot pay for gas: higher fees would not help.
+NO_FUNDS = "insufficient funds"
+
+
+def _broadcast(url: str, refund: Refund) -> str | None:
+    """Send the stored transaction (again): the same signed bytes, safe to repeat. The node's
+    refusal (None when it took it or already has it) is recorded on the refund for finance
+    (shown in the admin), counted, and logged as a warning."""
     try:
         rpc(url, "eth_sendRawTransaction", [refund.raw_tx])
     except RpcError as exc:
-        log.info("broadcast of refund %s: %s", refund.pk, exc)  # "already known": the receipt decides
+        error = str(exc)
+        if not any(answer in error.lower() for answer in ACCEPTED_ANSWERS):
+            Refund.objects.filter(pk=refund.pk).update(broadcast_error=error[:2000])
+            REFUND_BROADCAST_ERRORS.inc()
+            log.warning("the node refused refund %s from %s: %s", refund.pk, refund.sender, error)
+            return error
+    Refund.objects.filter(pk=refund.pk).exclude(broadcast_error="").update(broadcast_error="")
+    return None
 
 
 def _transfers(receipt: dict[str, Any], refund: Refund) -> bool:
@@ -233,9 +264,17 @@ def _transfers(receipt: dict[str, Any], refund: Refund) -> bool:
 
 
 def hashes(refund: Refund) -> list[str]:
-    """Every transaction signed for the refund, the current one first (a re-signed refund keeps
-    its earlier ones watched: any of them, one nonce, may be the one mined)."""
-    earlier = [e.detail["tx"] for e in refund.events.filter(to_status=R.SENT).order_by("-pk") if e.detail.get("tx")]
+    """Every transaction signed for the refund's current attempt, the current one first (a
+    re-signed refund keeps its earlier ones watched: any of them, one nonce, may be the one
+    mined). Only signings since the last time it was owed (approved again after a failure) of
+    its current nonce: a failed attempt's transaction is final, and taking its receipt for the
+    new attempt's would fail a refund whose new transfer still pays."""
+    since = refund.events.filter(to_status=R.OWED).order_by("-pk").values_list("pk", flat=True).first() or 0
+    earlier = [
+        e.detail["tx"]
+        for e in refund.events.filter(to_status=R.SENT, pk__gt=since).order_by("-pk")
+        if e.detail.get("tx") and e.detail.get("nonce") == refund.nonce
+    ]
     return list(dict.fromkeys([refund.tx_hash, *earlier]))
 
 
@@ -264,9 +303,17 @@ def track(refund_id: int) -> Refund:
         used = int(rpc(conf.rpc_url, "eth_getTransactionCount", [refund.sender, hex(final)]), 16)
         if used > refund.nonce:
             return _dropped(refund, watched, used)
-        if refund.sent_at and (timezone.now() - refund.sent_at).total_seconds() > settings.X402_STUCK_AFTER_SECONDS:
+        stuck = (
+            refund.sent_at and (timezone.now() - refund.sent_at).total_seconds() > settings.X402_STUCK_AFTER_SECONDS
+        )
+        if stuck and rpc(conf.rpc_url, "eth_getTransactionByHash", [refund.tx_hash]) is not None:
+            return _resign(conf.rpc_url, refund)  # in the node's pool, not mined: its fee is too low
+        # Not in the pool (never taken, or dropped): the same bytes again. Re-signed only when
+        # stuck and refused for another reason than the wallet's funds (a fee below the base
+        # fee, say): a higher fee cannot help a wallet without gas money.
+        error = _broadcast(conf.rpc_url, refund)
+        if stuck and error is not None and NO_FUNDS not in error.lower():
             return _resign(conf.rpc_url, refund)
-        _broadcast(conf.rpc_url, refund)
         return refund
     tx_hash, receipt = mined_as
     if tx_hash != refund.tx_hash:  # an earlier signing was mined: it is the refund's transaction
@@ -336,7 +383,11 @@ def _resign(url: str, refund: Refund) -> Refund:
         if account.address != refund.sender:  # the wallet's key changed: never sign anew
             _broadcast(url, refund)
             return refund
-        tx_hash, raw, max_fee = resign_raw(refund.raw_tx, account, block)
+        resigned = resign_raw(refund.raw_tx, account, block)
+        if resigned is None:  # at X402_MAX_FEE_PER_GAS: the last one is rebroadcast
+            _broadcast(url, refund)
+            return refund
+        tx_hash, raw, max_fee = resigned
         refund.advance(
             R.SENT,
             detail={"nonce": refund.nonce, "tx": tx_hash, "replaces": refund.tx_hash, "max_fee_per_gas": max_fee},

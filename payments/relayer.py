@@ -33,6 +33,9 @@ log = logging.getLogger("payments.relayer")
 
 #: 0.001 gwei: ample on Base and on anvil.
 PRIORITY_FEE = 10**6
+#: A replacement (same nonce) must raise both fees by at least 10% (geth's and anvil's price
+#: bump); 9/8 of the last fees clears it.
+REPLACEMENT_BUMP_EIGHTHS = 9
 
 
 @lru_cache(maxsize=16)
@@ -243,22 +246,41 @@ def locked(tx_id: int) -> Iterator[SettlementTx]:
         yield SettlementTx.objects.select_for_update().get(pk=tx_id)
 
 
-def resign(tx: SettlementTx, block: dict[str, Any]) -> tuple[str, str, int]:
+def resign(tx: SettlementTx, block: dict[str, Any]) -> tuple[str, str, int] | None:
     """The same transaction (nonce, calldata) with fees raised past the node's replacement rule:
-    (hash, raw, max fee)."""
+    (hash, raw, max fee); None at the fee cap (see :func:`resign_raw`)."""
     return resign_raw(tx.raw_tx, account_of(tx.relayer), block)
 
 
-def resign_raw(raw: str, account: LocalAccount, block: dict[str, Any]) -> tuple[str, str, int]:
+def _bumped(fee: int) -> int:
+    """``fee`` raised by the smallest replacement bump nodes accept, rounded up."""
+    return -(-fee * REPLACEMENT_BUMP_EIGHTHS // 8)
+
+
+def resign_raw(raw: str, account: LocalAccount, block: dict[str, Any]) -> tuple[str, str, int] | None:
     """``raw`` (signed by ``account``) again with the same nonce and calldata and fees raised
     past the node's replacement rule: (hash, raw, max fee). Same nonce: at most one of them is
-    ever mined (refunds use it too)."""
+    ever mined (refunds use it too).
+
+    Each fee is the higher of the last one raised by 12.5% (the least a node accepts for a
+    replacement) and what the latest block asks, never above ``X402_MAX_FEE_PER_GAS``: fees do
+    not compound while the sender cannot pay (every broadcast refused) or the chain is
+    congested. None when the cap leaves no room for a valid replacement (the caller keeps
+    rebroadcasting the last one)."""
     from eth_utils import to_checksum_address
 
     fields = decode(raw)
-    base_max, _ = fees(block)
-    priority = max(fields["maxPriorityFeePerGas"] * 2, PRIORITY_FEE)
-    max_fee = max(base_max + priority, fields["maxFeePerGas"] * 2)
+    cap = settings.X402_MAX_FEE_PER_GAS
+    floor_max, floor_priority = fees(block)
+    least_max, least_priority = _bumped(fields["maxFeePerGas"]), _bumped(fields["maxPriorityFeePerGas"])
+    max_fee = min(cap, max(least_max, floor_max))
+    priority = min(max_fee, max(least_priority, floor_priority))
+    if max_fee < least_max or priority < least_priority:
+        log.warning(
+            "nonce %s of %s not re-signed: its fees (%s wei/gas) are at X402_MAX_FEE_PER_GAS (%s)",
+            fields["nonce"], account.address, fields["maxFeePerGas"], cap,
+        )
+        return None
     fields.update(maxFeePerGas=max_fee, maxPriorityFeePerGas=priority, to=to_checksum_address(fields["to"]))
     signed = account.sign_transaction(fields)
     return _hex(signed.hash), _hex(signed.raw_transaction), max_fee

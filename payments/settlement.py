@@ -702,8 +702,9 @@ def _reconcile_group(
     if tx.block_number is not None:
         return
     if relayers.is_stuck(tx):
+        stuck_hash = tx.tx_hash
         tx = replace_tx(tx.pk, conf)
-        stats["replaced"] += 1
+        stats["replaced"] += tx.tx_hash != stuck_hash
     relayers.broadcast(conf.rpc_url, tx)
     stats["rebroadcast"] += 1
 
@@ -719,7 +720,10 @@ def replace_tx(tx_id: int, conf: ConfiguredOption) -> SettlementTx:
         )
         if not waiting or tx.block_number is not None:
             return tx
-        new_hash, raw, max_fee = relayers.resign(tx, block)
+        resigned = relayers.resign(tx, block)
+        if resigned is None:  # at the fee cap: the last one is rebroadcast
+            return tx
+        new_hash, raw, max_fee = resigned
         old = tx.tx_hash
         tx.replaced_hashes = tx.hashes
         tx.tx_hash, tx.raw_tx, tx.signed_at = new_hash, raw, timezone.now()

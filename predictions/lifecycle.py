@@ -11,7 +11,7 @@ and only here, follow the consequences:
   seconds on success, at its time limit or when its payer cancels it; its price's failure
   charge when it failed on our side or an operator canceled it); an end without output whose
   payment is confirmed under ``before_run`` is owed a refund (``refunds.owe``) when it failed
-  or ended before its run started (:func:`_refund_cause`);
+  on our side before any output left, or ended before its run started (:func:`_refund_cause`);
 - after commit: the webhooks the prediction's filter asks for (``start``, ``logs``,
   ``output``, ``completed``), the progress events its listeners wait for (``events``: logs,
   output, end), metrics, enqueuing the run, and stopping a run on its runner.
@@ -126,13 +126,19 @@ def _move(
         fields.setdefault("started_at", now)
     if to in TERMINAL:
         fields.setdefault("completed_at", now)
+    ended_run: dict[str, Any] = {}
     if to in ENDED_UNSERVED:
+        if previous == P.PROCESSING:
+            # How the run ended and how many output pieces its payer may have seen (a before_run
+            # run streams them while it runs): what the refund policy asks (:func:`_refund_cause`).
+            pieces = len(prediction.output) if isinstance(prediction.output, list) else 0
+            ended_run = {"run_end": str(run_end), "output_pieces": pieces}
         fields["output"] = None
     prediction.status = to
     for name, value in fields.items():
         setattr(prediction, name, value)
     prediction.save(update_fields=["status", *fields])
-    event_detail = {**({"error": prediction.error} if to in ENDED_UNSERVED else {}), **(detail or {})}
+    event_detail = {**({"error": prediction.error} if to in ENDED_UNSERVED else {}), **ended_run, **(detail or {})}
     PredictionEvent.objects.create(
         prediction=prediction, from_status=previous, to_status=to, cause=cause, detail=event_detail
     )
@@ -430,28 +436,58 @@ def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str, ru
 
 
 class RefundCause(StrEnum):
-    """Why a refund is owed (on its OWED event, for finance)."""
+    """Why a prediction that ended unserved is, or is not, owed a refund (on the OWED event, for
+    finance): see :attr:`owed`."""
 
-    #: The run failed on our side (predictor error, runner lost, time limit).
+    #: The run failed on our side (predictor error, runner lost) before any output left.
     FAILED = "failed"
     #: Canceled or aborted before the run started: nothing was computed.
     NOT_STARTED = "ended_before_run"
     #: Canceled by an operator (our decision, not the payer's), whenever.
     OPERATOR = "canceled_by_operator"
+    #: Stopped at its time limit: the compute was used as asked (the payer's input decides how
+    #: long it runs), as Replicate bills it. Not owed.
+    TIME_LIMIT = "time_limit"
+    #: Failed after output pieces were delivered (a before_run run streams them while it
+    #: runs): the payer has part of what it paid for. Not owed.
+    FAILED_AFTER_OUTPUT = "failed_after_output"
+    #: Canceled by its payer after the run started. Not owed.
+    CANCELED_RUNNING = "canceled_while_running"
+
+    @property
+    def owed(self) -> bool:
+        return self in {RefundCause.FAILED, RefundCause.NOT_STARTED, RefundCause.OPERATOR}
+
+
+def _ended_run(prediction: Prediction) -> dict[str, Any]:
+    """How its run ended (``run_end``, ``output_pieces``: recorded by :func:`_move` on the event
+    that ended it while it ran), or {} when it ended before its run."""
+    event = prediction.events.filter(to_status=prediction.status).order_by("-pk").first()
+    return event.detail if event is not None else {}
 
 
 def _refund_cause(prediction: Prediction) -> RefundCause | None:
-    """The refund policy: money back when the run failed on our side, or when the prediction was
-    canceled or aborted before its run started. A cancel after the run started is not refunded
-    (the payer had the compute and may have seen partial output), as Replicate bills canceled
-    runs for the time used. An operator's cancel is ours, so it is refunded."""
+    """The refund policy, for a prediction that ended unserved: money back only when the
+    payer got nothing and it is not the payer's doing: the run failed on our side before any
+    output left, or the prediction was canceled or aborted before its run started, or an
+    operator canceled it. Not refunded: a run stopped at its time limit (the compute was used as
+    asked), a run that failed after streaming output pieces (a before_run payer sees them while
+    it runs), a cancel by its payer after the run started; all as Replicate bills runs for the
+    time used. None: not ended unserved."""
     if prediction.status == P.FAILED:
+        run = _ended_run(prediction)
+        if run.get("run_end") == RunEnd.STOPPED:
+            return RefundCause.TIME_LIMIT
+        if run.get("output_pieces", 0) > 0:
+            return RefundCause.FAILED_AFTER_OUTPUT
         return RefundCause.FAILED
-    if prediction.status in ENDED_UNSERVED and prediction.started_at is None:
+    if prediction.status not in ENDED_UNSERVED:
+        return None
+    if prediction.started_at is None:
         return RefundCause.NOT_STARTED
     if prediction.events.filter(to_status=P.CANCELED, cause=Cause.ADMIN).exists():
         return RefundCause.OPERATOR
-    return None
+    return RefundCause.CANCELED_RUNNING
 
 
 def _refund_if_owed(prediction: Prediction, payment: Payment) -> None:
@@ -463,6 +499,7 @@ def _refund_if_owed(prediction: Prediction, payment: Payment) -> None:
     cause = _refund_cause(prediction)
     if (
         cause is not None
+        and cause.owed
         and SettlementPolicy(prediction.settlement_policy).refunds_unserved
         and payment.status == PaymentStatus.CONFIRMED
     ):
@@ -470,7 +507,12 @@ def _refund_if_owed(prediction: Prediction, payment: Payment) -> None:
         refunds.owe(
             payment,
             f"payment {payment.pk}: the prediction ended {prediction.status} ({cause}): {prediction.error}",
-            detail={"cause": str(cause), "run_seconds": str(seconds), "prediction_status": prediction.status},
+            detail={
+                "cause": str(cause),
+                "run_seconds": str(seconds),
+                "prediction_status": prediction.status,
+                "output_pieces": _ended_run(prediction).get("output_pieces", 0),
+            },
         )
 
 

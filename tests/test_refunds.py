@@ -19,7 +19,8 @@ from django.test import Client, override_settings
 from django.utils import timezone
 from eth_account import Account
 
-from payments import exports, reconciliation, refunds
+from payments import exports, reconciliation, refunds, relayer
+from payments.metrics import REFUND_BROADCAST_ERRORS
 from payments.models import NativeTokenRate, Payment, Refund
 from payments.options import payment_options
 from payments.reports import DateBasis, LedgerFilter
@@ -34,9 +35,9 @@ pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
 PRICE = 10_000  # the test models' 0.01 USDC
 
 
-def pay(model, key: str) -> dict:
+def pay(model, key: str, given: dict | None = None) -> dict:
     url = f"/v1/models/{model}/predictions"
-    body = {"input": {"text": "hello"}}
+    body = {"input": given or {"text": "hello"}}
     challenge = Client().post(url, data=body, content_type="application/json")
     assert challenge.status_code == 402, challenge.content
     header = v2_header_for(key, challenge["PAYMENT-REQUIRED"])
@@ -398,8 +399,14 @@ def test_a_stuck_refund_is_re_signed_with_the_same_nonce_and_a_higher_fee(chain_
         refund.refresh_from_db()
         first = refund.tx_hash
         assert refund.status == "sent"
-        rpc(chain.rpc_url, "anvil_dropTransaction", [first])  # the node lost it (or its fee was too low)
+        # Dropped by the node: not re-signed (the node never had it, or lost it), the same bytes
+        # are sent again.
+        rpc(chain.rpc_url, "anvil_dropTransaction", [first])
         with override_settings(X402_STUCK_AFTER_SECONDS=0):
+            refunds.track(refund.pk)
+        refund.refresh_from_db()
+        assert refund.tx_hash == first and rpc(chain.rpc_url, "eth_getTransactionByHash", [first]) is not None
+        with override_settings(X402_STUCK_AFTER_SECONDS=0):  # in the pool and not mined: its fee is too low
             refunds.track(refund.pk)
         refund.refresh_from_db()
         assert refund.status == "sent" and refund.tx_hash != first and refunds.hashes(refund) == [refund.tx_hash, first]
@@ -434,3 +441,171 @@ def test_a_refund_whose_nonce_the_wallet_used_otherwise_fails_as_dropped(chain_s
         refund.refresh_from_db()
         assert refund.status == "failed" and "used by another transaction" in refund.failure_reason
         assert refund.events.last().detail["dropped"] == [refund.tx_hash]
+
+
+def test_a_refund_approved_again_after_a_revert_is_judged_by_its_new_transfer_only(chain_settings, eager_celery) -> None:
+    """A refund whose transfer reverted (FAILED at depth) and that finance approves again: while
+    its new transfer waits in the pool, the old reverted receipt must not fail it again (a third
+    approval would then pay twice); once the new one is mined it is CONFIRMED, paid once."""
+    from payments.models import RefundEvent
+
+    chain = chain_settings
+    refund = owed_refund(chain)
+    start = token_balance(chain, refund.recipient)
+    with override_settings(**option_settings(chain, confirmations=1)):
+        reverted = wallet_send(chain, transfer_data(refund.recipient, 10**30))  # more than it holds
+        as_sent(refund, reverted)
+        refund.refresh_from_db()
+        RefundEvent.objects.create(
+            refund=refund, from_status="owed", to_status="sent", detail={"nonce": refund.nonce, "tx": reverted}
+        )
+        refunds.track(refund.pk)
+        refund.refresh_from_db()
+        assert refund.status == "failed" and refund.tx_hash == reverted
+        with override_settings(X402_REFUND_KEY=""):  # approved again, not sent yet: owed, no stale hash
+            refunds.approve(refund.pk, None)
+        refund.refresh_from_db()
+        assert (refund.status, refund.tx_hash, refund.raw_tx, refund.block_number) == ("owed", "", "", None)
+        assert refund_violations(chain.rpc_url) == []
+        with no_automine(chain):
+            refunds.send(refund.pk)
+            refund.refresh_from_db()
+            assert refund.status == "sent" and refund.tx_hash != reverted and refunds.hashes(refund) == [refund.tx_hash]
+            refunds.track(refund.pk)  # the new transfer is pending; the old one reverted
+            refund.refresh_from_db()
+            assert refund.status == "sent", refund.failure_reason
+        assert confirm(refund).status == "confirmed"
+    assert token_balance(chain, refund.recipient) == start + PRICE  # paid once
+    refunds.approve(refund.pk, None)  # nothing to approve any more
+    refund.refresh_from_db()
+    assert refund.status == "confirmed" and refund_violations(chain.rpc_url) == []
+
+
+def paid_and_running(chain, name: str) -> str:
+    """A before_run prediction paid (its payment CONFIRMED on chain) and claimed by a worker:
+    its id (the test then plays the runner through the lifecycle)."""
+    from payments import batching, relayer
+    from payments.options import configured
+    from predictions import lifecycle
+
+    payer = fresh_payer(chain)
+    created = pay(python_model(name, "tests.predictors.Slow", "before_run"), payer["private_key"])
+    conf = configured()[0]
+    formed = batching.form(conf, force=True)
+    relayer.broadcast(conf.rpc_url, formed.tx)
+    assert batching.follow([formed.tx.pk], wait_seconds=20) == []
+    assert Payment.objects.get(prediction__pk=created["id"]).status == "confirmed"
+    assert lifecycle.claim(created["id"]) is not None
+    return created["id"]
+
+
+def test_a_run_that_streamed_output_or_hit_its_time_limit_is_not_refunded(chain_settings) -> None:
+    """Refund policy: owed only when the run failed on our side and delivered no output. A
+    before_run payer sees streamed pieces during the run, so a failure after them, or a stop at
+    the time limit its input ran into (the compute was used), is not refunded."""
+    from predictions import lifecycle
+    from predictions.runners import Outcome
+
+    task = lifecycle.Cause.TASK
+    streamed = paid_and_running(chain_settings, "streamer")
+    lifecycle.record_output(streamed, ["all", "the"], cause=task)
+    assert Client().get(f"/v1/predictions/{streamed}").json()["output"] == ["all", "the"]  # delivered
+    lifecycle.finish(streamed, Outcome(succeeded=False, error="boom", predict_time=1.0), cause=task)
+
+    limited = paid_and_running(chain_settings, "limited")
+    lifecycle.finish(limited, Outcome(succeeded=False, error="time limit", timed_out=True, predict_time=9.0), cause=task)
+
+    failed = paid_and_running(chain_settings, "failing")
+    lifecycle.finish(failed, Outcome(succeeded=False, error="boom", predict_time=1.0), cause=task)
+
+    assert {p.pk: p.status for p in Prediction.objects.all()} == {streamed: "failed", limited: "failed", failed: "failed"}
+    ended = {pk: Prediction.objects.get(pk=pk).events.last().detail for pk in (streamed, limited, failed)}
+    assert (ended[streamed]["output_pieces"], ended[streamed]["run_end"]) == (2, "failed")
+    assert ended[limited]["run_end"] == "stopped"
+    assert list(Refund.objects.values_list("payment__prediction__pk", flat=True)) == [failed]
+    owed = Refund.objects.get().events.get(to_status="owed").detail
+    assert (owed["cause"], owed["output_pieces"]) == ("failed", 0)
+    assert lifecycle._refund_cause(Prediction.objects.get(pk=streamed)) == lifecycle.RefundCause.FAILED_AFTER_OUTPUT
+    assert lifecycle._refund_cause(Prediction.objects.get(pk=limited)) == lifecycle.RefundCause.TIME_LIMIT
+
+
+def test_re_signing_a_stuck_refund_never_passes_the_fee_cap(chain_settings, eager_celery) -> None:
+    """Fees rise by 12.5% per re-sign (or to what the chain asks), never past
+    X402_MAX_FEE_PER_GAS; at the cap the last transaction is only rebroadcast."""
+    chain = chain_settings
+    refund = owed_refund(chain)
+    with no_automine(chain):
+        refunds.approve(refund.pk, None)
+        refund.refresh_from_db()
+        first_fee = relayer.decode(refund.raw_tx)["maxFeePerGas"]
+        cap = first_fee * 2
+        with override_settings(X402_STUCK_AFTER_SECONDS=0, X402_MAX_FEE_PER_GAS=cap):
+            for _ in range(20):
+                refunds.track(refund.pk)
+        refund.refresh_from_db()
+        signed = [e.detail["max_fee_per_gas"] for e in refund.events.filter(to_status="sent") if "max_fee_per_gas" in e.detail]
+        assert len(signed) == 5  # 1.125**5 < 2 < 1.125**6: then the cap leaves no room
+        assert all(b >= a * 9 // 8 for a, b in zip([first_fee, *signed], signed, strict=False))
+        assert max(signed) <= cap and relayer.decode(refund.raw_tx)["maxFeePerGas"] == signed[-1]
+    assert confirm(refund).status == "confirmed" and refund_violations(chain.rpc_url) == []
+
+
+def test_a_refund_wallet_without_gas_money_is_not_re_signed_and_says_why(chain_settings, eager_celery, staff) -> None:
+    """Every broadcast refused (the wallet has no ETH): the same transaction is rebroadcast, its
+    fees never raised; the node's answer is on the refund (the admin shows it) and counted.
+    Topped up, the same transaction pays."""
+    chain = chain_settings
+    refund = owed_refund(chain)
+    rpc(chain.rpc_url, "anvil_setBalance", [chain.refund_address, hex(10**9)])  # dust
+    refunds.approve(refund.pk, None)
+    refund.refresh_from_db()
+    first = refund.tx_hash
+    assert refund.status == "sent" and "insufficient funds" in refund.broadcast_error.lower()
+    refused = REFUND_BROADCAST_ERRORS._value.get()
+    with override_settings(X402_STUCK_AFTER_SECONDS=0):
+        for _ in range(20):
+            refunds.track(refund.pk)
+    refund.refresh_from_db()
+    assert refund.tx_hash == first and refund.events.filter(to_status="sent").count() == 1
+    assert REFUND_BROADCAST_ERRORS._value.get() == refused + 20
+    page = staff["finance"].get(f"/admin/payments/refund/{refund.pk}/change/")
+    assert b"nsufficient funds" in page.content
+    rpc(chain.rpc_url, "anvil_setBalance", [chain.refund_address, hex(10**18)])
+    refund = confirm(refund)
+    assert refund.status == "confirmed" and refund.tx_hash == first and refund.broadcast_error == ""
+
+
+def test_a_streaming_run_that_fails_after_yielding_is_not_refunded(chain_settings, eager_celery) -> None:
+    """End to end through the python runner: a paid before_run generator yields two pieces (its
+    payer sees them while it runs), then raises: failed, the pieces counted, nothing owed."""
+    from tests.test_progress import COUNT
+
+    payer = fresh_payer(chain_settings)
+    model = python_model("countdown", "tests.predictors.Countdown", "before_run", schema=COUNT)
+    created = pay(model, payer["private_key"], {"n": 3, "fail": True})
+    prediction = Prediction.objects.get(pk=created["id"])
+    assert (prediction.status, prediction.payment.status) == ("failed", "confirmed")
+    assert "lost count" in prediction.error
+    assert prediction.events.last().detail["output_pieces"] == 2
+    assert not Refund.objects.exists()
+
+
+def test_re_signed_fees_follow_the_chain_up_to_the_cap(settings) -> None:
+    """The rule settlements and refunds share: 12.5% over the last fees, or what the latest block
+    asks if more, never above X402_MAX_FEE_PER_GAS; None when the cap leaves no valid bump."""
+    account = Account.create()
+    raw = account.sign_transaction(
+        {"chainId": 1, "nonce": 7, "to": account.address, "data": "0x", "gas": 21_000,
+         "maxFeePerGas": 1_000_000_000, "maxPriorityFeePerGas": 1_000_000, "value": 0, "type": 2}
+    ).raw_transaction.hex()
+    raw = "0x" + raw.removeprefix("0x")
+    settings.X402_MAX_FEE_PER_GAS = 10**10
+    calm = {"baseFeePerGas": hex(10**8)}
+    _, bumped, fee = relayer.resign_raw(raw, account, calm)
+    assert fee == 1_125_000_000 and relayer.decode(bumped)["maxPriorityFeePerGas"] == 1_125_000
+    assert relayer.decode(bumped)["nonce"] == 7
+    surge = {"baseFeePerGas": hex(3 * 10**9)}  # the chain asks 2 x 3 gwei + the tip
+    assert relayer.resign_raw(raw, account, surge)[2] == 6 * 10**9 + relayer.PRIORITY_FEE
+    assert relayer.resign_raw(raw, account, {"baseFeePerGas": hex(10**11)})[2] == 10**10  # capped
+    settings.X402_MAX_FEE_PER_GAS = 1_100_000_000  # below the least valid replacement
+    assert relayer.resign_raw(raw, account, calm) is None

@@ -198,6 +198,9 @@ def test_reorg_is_undone_and_recovered(chain) -> None:
         assert p.status == "settled" and p.confirmations == 1
         mined_in = p.block_hash
         rpc(chain.rpc_url, "evm_revert", [snapshot])  # the block holding it is gone
+        # A later clock, so the block that mines it again is not byte-identical to the lost one
+        # (same parent, number, timestamp and transaction would give the same hash).
+        rpc(chain.rpc_url, "evm_increaseTime", [1])
         assert rpc(chain.rpc_url, "eth_getTransactionReceipt", [p.settle_tx_hash]) is None
         reconcile()
         p.refresh_from_db()
@@ -230,6 +233,28 @@ def test_stuck_transaction_is_replaced(chain) -> None:
             rpc(chain.rpc_url, "anvil_setAutomine", [True])
         p = settlement.track(p.pk)
     assert p.status == "confirmed" and p.settle_tx_hash != stuck
+
+
+def test_a_stuck_transaction_at_the_fee_cap_is_rebroadcast_not_replaced(chain) -> None:
+    """X402_MAX_FEE_PER_GAS: a stuck settlement already offering the most we pay is only sent
+    again (same hash), however many passes find it stuck."""
+    with override_settings(**option_settings(chain), X402_STUCK_AFTER_SECONDS=0):
+        p = record_payment(fresh_payer(chain)["private_key"])
+        rpc(chain.rpc_url, "anvil_setAutomine", [False])
+        try:
+            p = settlement.prepare(p.pk)
+            settlement.broadcast(p)
+            stuck = p.settle_tx_hash
+            with override_settings(X402_MAX_FEE_PER_GAS=p.settlement_tx.max_fee_per_gas):
+                for _ in range(3):
+                    settlement.reconcile_batch([p.pk])
+            p.refresh_from_db()
+            assert p.settle_tx_hash == stuck and p.settlement_tx.replaced_hashes == []
+            rpc(chain.rpc_url, "evm_mine", [])
+        finally:
+            rpc(chain.rpc_url, "anvil_setAutomine", [True])
+        p = settlement.track(p.pk)
+    assert p.status == "confirmed" and p.settle_tx_hash == stuck
 
 
 def test_many_payments_settled_concurrently_without_nonce_collisions(chain_settings, settings) -> None:

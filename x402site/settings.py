@@ -234,6 +234,9 @@ X402_LOG_SPAN_BLOCKS = env.int("X402_LOG_SPAN_BLOCKS", default=2_000)
 
 #: A settlement not mined this long after it was signed is re-signed with higher fees.
 X402_STUCK_AFTER_SECONDS = env.int("X402_STUCK_AFTER_SECONDS", default=120)
+#: The highest maxFeePerGas (wei) a re-signed transaction (settlement or refund) may offer: each
+#: re-sign raises the fees by 12.5% or to what the chain asks, never past this. 50 gwei.
+X402_MAX_FEE_PER_GAS = env.int("X402_MAX_FEE_PER_GAS", default=50 * 10**9)
 
 #: Tests only: seconds a worker sleeps between storing a signed settlement and broadcasting it.
 X402_FAULT_PAUSE_AFTER_SIGN = env.float("X402_FAULT_PAUSE_AFTER_SIGN", default=0.0)
