@@ -197,10 +197,12 @@ def test_reorg_is_undone_and_recovered(chain) -> None:
         p = settlement.settle(p.pk, wait_seconds=0.5)
         assert p.status == "settled" and p.confirmations == 1
         mined_in = p.block_hash
+        lost_at = int(rpc(chain.rpc_url, "eth_getBlockByHash", [mined_in, False])["timestamp"], 16)
         rpc(chain.rpc_url, "evm_revert", [snapshot])  # the block holding it is gone
-        # A later clock, so the block that mines it again is not byte-identical to the lost one
-        # (same parent, number, timestamp and transaction would give the same hash).
-        rpc(chain.rpc_url, "evm_increaseTime", [1])
+        # The block that mines it again gets a later timestamp: with the same parent, number,
+        # timestamp and transaction it would be byte-identical to the lost one (the same hash),
+        # which happens when blocks come faster than one a second (anvil then counts +1 s each).
+        rpc(chain.rpc_url, "evm_setNextBlockTimestamp", [lost_at + 1])
         assert rpc(chain.rpc_url, "eth_getTransactionReceipt", [p.settle_tx_hash]) is None
         reconcile()
         p.refresh_from_db()
