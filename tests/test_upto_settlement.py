@@ -3,6 +3,7 @@ whose replacement reverts after the payer spent the Permit2 nonce elsewhere."""
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 
 import pytest
@@ -92,6 +93,10 @@ def test_a_replaced_settlement_whose_replacement_reverts_ends_failed(chain) -> N
         word, bit = permit.nonce_word.to_bytes(32, "big").hex(), permit.nonce_bit.to_bytes(32, "big").hex()
         send_as(chain, payer["address"], PERMIT2_ADDRESS, INVALIDATE_UNORDERED_NONCES + word + bit)
         settlement.broadcast(p)  # the replacement mines now, and reverts (the nonce is spent)
+        deadline = time.monotonic() + 10  # anvil answers the send before the receipt exists
+        while rpc(chain.rpc_url, "eth_getTransactionReceipt", [replacement]) is None:
+            assert time.monotonic() < deadline, "the replacement was not mined"
+            time.sleep(0.05)
         p = settlement.track(p.pk)
         assert rpc(chain.rpc_url, "eth_getTransactionReceipt", [replaced]) is None
         assert int(rpc(chain.rpc_url, "eth_getTransactionReceipt", [replacement])["status"], 16) == 0
