@@ -1,20 +1,20 @@
 // Compile contracts/*.sol with the npm solc package into contracts/build/<Name>.json
 // ({abi, bytecode, deployedBytecode}: the runtime code is what anvil_setCode places).
-// Usage: node contracts/compile.js   (skips the work when the build is newer than the source)
+// The build is committed: the service deploys from it, so no host needs Node to deploy, and
+// tests/test_contracts.py compiles afresh into a temporary directory and compares.
+// Usage: node contracts/compile.js [OUT_DIR]   (`make contracts` after editing a .sol file)
 const fs = require("fs");
 const path = require("path");
 const solc = require("solc");
 
 const dir = __dirname;
-const outDir = path.join(dir, "build");
+const outDir = process.argv[2] ? path.resolve(process.argv[2]) : path.join(dir, "build");
 fs.mkdirSync(outDir, { recursive: true });
 
 for (const file of fs.readdirSync(dir).filter((f) => f.endsWith(".sol"))) {
   const name = path.basename(file, ".sol");
   const src = path.join(dir, file);
   const out = path.join(outDir, `${name}.json`);
-  const fresh = (f) => fs.statSync(out).mtimeMs >= fs.statSync(f).mtimeMs;
-  if (fs.existsSync(out) && fresh(src) && fresh(__filename)) continue;
   const input = {
     language: "Solidity",
     sources: { [file]: { content: fs.readFileSync(src, "utf8") } },

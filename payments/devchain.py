@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -19,10 +18,10 @@ from typing import Any
 
 import requests
 
+from . import contracts
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 ANVIL = BASE_DIR / "node_modules" / ".bin" / "anvil"
-CONTRACTS = BASE_DIR / "contracts"
-TOKEN_BUILD = CONTRACTS / "build" / "TestUSDC.json"
 CHAIN_ID = 31337
 #: USDC (6 decimals) minted to every demo payer.
 PAYER_FUNDS = 1_000 * 10**6
@@ -67,45 +66,6 @@ class DevChain:
         return cls(**json.loads(path.read_text()))
 
 
-def compile_contract(name: str) -> dict[str, Any]:
-    """``contracts/build/<name>.json`` ({abi, bytecode}), compiled first if missing or stale."""
-    build, source = CONTRACTS / "build" / f"{name}.json", CONTRACTS / f"{name}.sol"
-    if not build.exists() or build.stat().st_mtime < source.stat().st_mtime:
-        node = shutil.which("node")
-        if node is None:
-            raise RuntimeError(f"node is not installed: cannot compile contracts/{name}.sol")
-        subprocess.run([node, str(CONTRACTS / "compile.js")], check=True, cwd=BASE_DIR)
-    return json.loads(build.read_text())
-
-
-def compile_token() -> dict[str, Any]:
-    return compile_contract("TestUSDC")
-
-
-def deploy_contract(rpc_url: str, name: str, sender: str, *args: Any, private_key: str = "") -> str:
-    """Deploy ``contracts/<name>.sol``; its address. ``private_key`` signs (a real network),
-    else ``sender`` must be an account the node unlocks (anvil's)."""
-    from web3 import Web3
-
-    w3 = Web3(Web3.HTTPProvider(rpc_url))
-    build = compile_contract(name)
-    factory = w3.eth.contract(abi=build["abi"], bytecode=build["bytecode"])
-    if private_key:
-        from eth_account import Account
-
-        account = Account.from_key(private_key)
-        tx = factory.constructor(*args).build_transaction(
-            {"from": account.address, "nonce": w3.eth.get_transaction_count(account.address, "pending")}
-        )
-        tx_hash = w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
-    else:
-        tx_hash = factory.constructor(*args).transact({"from": sender})
-    receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=180)
-    if receipt["status"] != 1:
-        raise RuntimeError(f"deploying {name} reverted ({tx_hash.hex()})")
-    return receipt["contractAddress"]
-
-
 def place_upto_contracts(rpc_url: str) -> tuple[str, str]:
     """Put our Permit2 and x402 upto proxy (contracts/Permit2.sol, X402UptoPermit2Proxy.sol) at
     the canonical addresses the x402 SDK signs for, with ``anvil_setCode``: their runtime code
@@ -113,7 +73,7 @@ def place_upto_contracts(rpc_url: str) -> tuple[str, str]:
     from .x402.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 
     for name, address in (("Permit2", PERMIT2_ADDRESS), ("X402UptoPermit2Proxy", UPTO_PROXY_ADDRESS)):
-        code = compile_contract(name)["deployedBytecode"]
+        code = contracts.artifact(name)["deployedBytecode"]
         r = requests.post(
             rpc_url,
             json={"jsonrpc": "2.0", "id": 1, "method": "anvil_setCode", "params": [address, code]},
@@ -131,7 +91,7 @@ def approve_permit2(rpc_url: str, asset: str, payer: str) -> None:
     from .x402.permit2 import PERMIT2_ADDRESS
 
     w3 = Web3(Web3.HTTPProvider(rpc_url))
-    token = w3.eth.contract(address=Web3.to_checksum_address(asset), abi=compile_token()["abi"])
+    token = w3.eth.contract(address=Web3.to_checksum_address(asset), abi=contracts.artifact("TestUSDC")["abi"])
     tx = token.functions.approve(PERMIT2_ADDRESS, UINT256_MAX).transact({"from": Web3.to_checksum_address(payer)})
     if w3.eth.wait_for_transaction_receipt(tx)["status"] != 1:
         raise RuntimeError(f"approve(Permit2) by {payer} reverted")
@@ -233,7 +193,7 @@ def deploy(
     addresses = [Web3.to_checksum_address(a) for a in config["available_accounts"]]
     keys = config["private_keys"]
     deployer, pay_to = addresses[0], addresses[1]
-    build = compile_token()
+    build = contracts.artifact("TestUSDC")
     factory = w3.eth.contract(abi=build["abi"], bytecode=build["bytecode"])
     tx = factory.constructor(asset_name, asset_version).transact({"from": deployer})
     asset = w3.eth.wait_for_transaction_receipt(tx)["contractAddress"]
@@ -264,7 +224,7 @@ def deploy(
         relayer_address=deployer,
         relayer_private_key=keys[0],
         relayer_private_keys=[keys[0], *lanes],
-        batch_settler=deploy_contract(rpc_url, "BatchSettler", deployer),
+        batch_settler=contracts.deploy(rpc_url, "BatchSettler", sender=deployer),
         permit2=permit2,
         upto_proxy=upto_proxy,
         refund_address=refunds.address,

@@ -9,7 +9,7 @@ from django.test import Client
 from eth_account import Account
 from web3 import Web3
 
-from payments.devchain import BASE_DIR
+from payments import contracts
 from payments.models import Payment
 from payments.options import payment_options
 from payments.x402.codec import encode_header
@@ -40,7 +40,7 @@ def test_pure_verification_defers_a_non_eoa_signature_to_the_chain() -> None:
 def wallet(chain):
     """A MockERC1271Wallet owned by a fresh key, holding test USDC."""
     w3 = Web3(Web3.HTTPProvider(chain.rpc_url))
-    build = json.loads((BASE_DIR / "contracts" / "build" / "MockERC1271Wallet.json").read_text())
+    build = contracts.artifact("MockERC1271Wallet")
     owner = Account.create()
     tx = (
         w3.eth.contract(abi=build["abi"], bytecode=build["bytecode"])
@@ -48,7 +48,7 @@ def wallet(chain):
         .transact({"from": chain.relayer_address})
     )
     address = w3.eth.wait_for_transaction_receipt(tx)["contractAddress"]
-    token = json.loads((BASE_DIR / "contracts" / "build" / "TestUSDC.json").read_text())
+    token = contracts.artifact("TestUSDC")
     mint = w3.eth.contract(address=chain.asset, abi=token["abi"]).functions.mint(address, 10**9)
     w3.eth.wait_for_transaction_receipt(mint.transact({"from": chain.relayer_address}))
     return address, owner

@@ -11,7 +11,7 @@ import pytest
 from web3 import Web3
 from web3.exceptions import ContractLogicError
 
-from payments import devchain
+from payments import contracts, devchain
 from payments.devchain import DevChain
 from payments.x402.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 from payments.x402.types import SCHEME_UPTO, PaymentOption, Requirement
@@ -27,11 +27,11 @@ def _requirement(chain: DevChain, facilitator: str) -> Requirement:
 
 
 def _proxy(w3: Web3) -> Any:
-    return w3.eth.contract(address=UPTO_PROXY_ADDRESS, abi=devchain.compile_contract("X402UptoPermit2Proxy")["abi"])
+    return w3.eth.contract(address=UPTO_PROXY_ADDRESS, abi=contracts.artifact("X402UptoPermit2Proxy")["abi"])
 
 
 def _permit2(w3: Web3) -> Any:
-    return w3.eth.contract(address=PERMIT2_ADDRESS, abi=devchain.compile_contract("Permit2")["abi"])
+    return w3.eth.contract(address=PERMIT2_ADDRESS, abi=contracts.artifact("Permit2")["abi"])
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_contracts_are_at_the_canonical_addresses(chain: DevChain) -> None:
 
     assert domain == permit2_domain_separator(chain.chain_id)
     # The demo payers approved Permit2 at deploy time.
-    token = w3.eth.contract(address=chain.asset, abi=devchain.compile_token()["abi"])
+    token = w3.eth.contract(address=chain.asset, abi=contracts.artifact("TestUSDC")["abi"])
     assert token.functions.allowance(chain.payers[0]["address"], PERMIT2_ADDRESS).call() == 2**256 - 1
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from payments import devchain
+from payments import contracts
 from payments.options import configured
 from payments.relayer import lanes
 
@@ -38,7 +38,7 @@ class Command(BaseCommand):
                 key = lanes()[0].key.hex()
             except RuntimeError as exc:
                 raise CommandError(str(exc)) from None
-        address = devchain.deploy_contract(rpc_url, "BatchSettler", "", private_key=key)
+        address = contracts.deploy(rpc_url, "BatchSettler", private_key=key)
         self.stdout.write(self.style.SUCCESS(f"BatchSettler deployed at {address}"))
         if options:
             self.stdout.write(
