@@ -5,5 +5,7 @@ second server) inherit DJANGO_DEBUG from this process's environment."""
 import os
 
 os.environ.setdefault("DJANGO_DEBUG", "true")
+# The quick start's .env (debug on, dev values) must not change what the suite tests.
+os.environ["DJANGO_ENV_FILE"] = ""
 
 from x402site.settings import *  # noqa: E402, F403

@@ -39,6 +39,7 @@ PUBLIC = "http://127.0.0.1:8000"  # X402_PUBLIC_URL's default
 def run_django(code: str, **env: str) -> subprocess.CompletedProcess:
     """``code`` in a fresh process configured by ``env`` alone (nothing of the test settings)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "X402_"))}
+    base["DJANGO_ENV_FILE"] = ""  # not the checkout's .env (the quick start's, if it ran here)
     return subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
@@ -76,6 +77,7 @@ def test_production_is_the_default_and_a_weak_key_is_refused(env: dict[str, str]
 
 def test_the_quick_start_needs_nothing_configured_and_check_deploy_reports_the_key() -> None:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "X402_"))}
+    base["DJANGO_ENV_FILE"] = ""
     quick = subprocess.run(
         [sys.executable, "manage.py", "quickstart", "--help"], cwd=ROOT, env=base, capture_output=True, text=True
     )
@@ -309,3 +311,18 @@ def test_a_listing_proof_is_bound_to_this_deployment_and_used_once(chain_setting
     assert again.status_code == 403 and "invalid_siwx_nonce" in again.json()["detail"]
     old = listing(siwx_header(key, PUBLIC, issued_at=datetime.now(UTC) - timedelta(minutes=6)))
     assert old.status_code == 403 and "too_old" in old.json()["detail"]
+
+
+def test_the_quick_starts_env_file_lets_its_checkouts_commands_run(tmp_path) -> None:
+    """`make run` writes a .env (debug on) that every later manage.py command of the checkout
+    reads, so the README's commands run as printed; a .env of the user's is never overwritten."""
+    from payments.management.commands.quickstart import write_dev_env
+
+    path = tmp_path / ".env"
+    assert write_dev_env(path) and write_dev_env(path)  # ours: rewritten on every run
+    started = run_django(SETUP, DJANGO_ENV_FILE=str(path))
+    assert started.returncode == 0, started.stderr[-2000:]
+    assert "DEBUG True" in started.stdout
+    path.write_text("DJANGO_SECRET_KEY=mine\n")
+    assert not write_dev_env(path)
+    assert path.read_text() == "DJANGO_SECRET_KEY=mine\n"

@@ -6,6 +6,7 @@ Keys come only from the environment or a file it names; never from the database.
 """
 
 import json
+import os
 from pathlib import Path
 
 import environ
@@ -13,8 +14,12 @@ import environ
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
-if (BASE_DIR / ".env").exists():
-    env.read_env(BASE_DIR / ".env")
+#: django-environ's convention: a ``.env`` beside manage.py (the quick start writes one for its
+#: checkout, git-ignored) sets what the environment does not. ``DJANGO_ENV_FILE`` names another
+#: file; empty reads none (the test suite: a developer's .env must not change what it tests).
+ENV_FILE = os.environ.get("DJANGO_ENV_FILE", str(BASE_DIR / ".env"))
+if ENV_FILE and Path(ENV_FILE).is_file():
+    env.read_env(ENV_FILE)
 
 #: Off unless asked for: the quick start (manage.py quickstart) and the tests turn it on.
 DEBUG = env.bool("DJANGO_DEBUG", default=False)

@@ -49,6 +49,25 @@ def ensure_database(fresh: bool) -> None:
             conn.execute(f'CREATE DATABASE "{db["NAME"]}"')
 
 
+#: The first line of the .env the quick start writes: a file without it is the user's, never touched.
+DEV_ENV_MARK = "# Written by `make run` (manage.py quickstart): development values for this checkout only."
+DEV_ENV = f"""{DEV_ENV_MARK}
+# It lets every manage.py command of the README run here as printed (e.g. export_ledger) against
+# the quick start's database and dev chain. Never copy it to a server: production sets its own
+# environment (docs/deploy.md). Rewritten by every `make run`; delete it to go back to defaults.
+DJANGO_DEBUG=true
+"""
+
+
+def write_dev_env(path: Path) -> bool:
+    """Write the quick start's ``.env`` at ``path`` unless a file of the user's is there; whether
+    it wrote it."""
+    if path.exists() and not path.read_text().startswith(DEV_ENV_MARK):
+        return False
+    path.write_text(DEV_ENV)
+    return True
+
+
 class Command(BaseCommand):
     help = __doc__
 
@@ -79,6 +98,9 @@ class Command(BaseCommand):
                 f"http://127.0.0.1:{opts['chain_port']}", config, extra_relayers=EXTRA_LANES
             )
             chain.write(settings.X402_DEVCHAIN_FILE)
+            if not write_dev_env(BASE_DIR / ".env"):
+                self.stdout.write(self.style.WARNING(".env is yours, left as it is: without DJANGO_DEBUG=true in it, "
+                                                     "manage.py commands here refuse the development key"))
             manage = [sys.executable, str(BASE_DIR / "manage.py")]
             subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], check=True)
             subprocess.run([*manage, "seed_demo"], check=True)
