@@ -52,6 +52,11 @@ def main() -> int:
     parser.add_argument("--payer", type=int, default=0, help="index into devchain payers")
     parser.add_argument("--max-usdc", default="1.00", help="refuse to pay more than this per call")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--header", action="append", default=[], metavar="NAME:VALUE",
+        help="send this header too (e.g. X-Forwarded-Proto:https, as a TLS proxy in front would)",
+    )
+    parser.add_argument("--confirmed", action="store_true", help="then wait until the payment is confirmed")
     args = parser.parse_args()
 
     chain = json.loads(Path(args.devchain).read_text())
@@ -72,7 +77,10 @@ def main() -> int:
             ]
         }
     )
+    plain = requests.Session()
+    plain.headers.update(dict(h.split(":", 1) for h in args.header))
     session = wrapRequestsWithPayment(requests.Session(), client)
+    session.headers.update(plain.headers)
 
     before = balance_of(chain["rpc_url"], chain["asset"], account.address)
     started = time.monotonic()
@@ -94,13 +102,19 @@ def main() -> int:
             print("timed out waiting for the prediction")
             return 1
         time.sleep(0.25)
-        prediction = requests.get(prediction["urls"]["get"], timeout=10).json()
+        prediction = plain.get(f"{args.base_url}/v1/predictions/{prediction['id']}", timeout=10).json()
+    while args.confirmed and prediction["payment"]["status"] != "confirmed":
+        if time.monotonic() > deadline or prediction["payment"]["status"] in ("failed", "expired"):
+            print(f"the payment is {prediction['payment']['status']}, not confirmed")
+            return 1
+        time.sleep(0.5)
+        prediction = plain.get(f"{args.base_url}/v1/predictions/{prediction['id']}", timeout=10).json()
     elapsed = time.monotonic() - started
     after = balance_of(chain["rpc_url"], chain["asset"], account.address)
 
     print(f"status      {prediction['status']}")
     print(f"output      {prediction['output']!r}")
-    print(f"transaction {prediction['payment']['transaction']}")
+    print(f"transaction {prediction['payment']['transaction']} ({prediction['payment']['status']})")
     print(f"paid        {(before - after) / 10**6} USDC (balance {before / 10**6} -> {after / 10**6})")
     print(f"end to end  {elapsed:.2f}s")
     return 0 if prediction["status"] == "succeeded" else 1

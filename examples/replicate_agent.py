@@ -62,10 +62,12 @@ def main() -> int:
     else:
         client = agent_client(args.base_url, json.loads(Path(args.devchain).read_text()), args.payer)
     if args.stream:
+        streamed = ""
         for event in client.stream("demo/stream-words", input={"text": args.text}):
             print(str(event), end="", flush=True)  # output events print their text; others nothing
+            streamed += str(event)
         print()
-        return 0
+        return 0 if streamed.split() == args.text.split() else 1  # every word, in order
     prediction = client.models.predictions.create(model="demo/echo-text", input={"text": args.text})
     prediction.wait()
     print(f"{prediction.id} {prediction.status}: {prediction.output!r}")

@@ -25,7 +25,7 @@ from payments.permissions import V2_HEADER, challenge_for
 from payments.x402.codec import decode_header
 
 from . import lifecycle
-from .demo import version_id
+from .catalog import version_id
 from .models import (
     Model,
     ModelVersion,

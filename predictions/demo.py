@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 from decimal import Decimal
 from typing import Any
 
-from payments.models import HardwareTier
-
-from .models import Model, ModelVersion
+from .catalog import ModelSpec, publish
+from .models import Model
 
 DEMO_MODELS: list[dict[str, Any]] = [
     {
@@ -104,35 +101,22 @@ ML_MODELS: list[dict[str, Any]] = [
 ]
 
 
-def version_id(predictor: str, input_schema: dict[str, Any], output_schema: dict[str, Any]) -> str:
-    blob = json.dumps([predictor, input_schema, output_schema], sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
 def seed() -> list[Model]:
     """Create or update the demo models (idempotent)."""
-    models = []
     available = [m for m in ML_MODELS if importlib.util.find_spec(m["requires"]) is not None]
-    for spec in DEMO_MODELS + available:
-        model, _ = Model.objects.update_or_create(
-            owner=spec["owner"],
-            name=spec["name"],
-            defaults={
-                "description": spec["description"],
-                "price": spec["price"],
-                "hardware": HardwareTier.objects.filter(slug=spec.get("hardware", "cpu")).first(),
-                **spec.get("pricing", {}),
-            },
+    return [
+        publish(
+            ModelSpec(
+                owner=spec["owner"],
+                name=spec["name"],
+                price=spec["price"],
+                predictor=spec["predictor"],
+                input_schema=spec["input_schema"],
+                output_schema=spec["output_schema"],
+                description=spec["description"],
+                hardware=spec.get("hardware", "cpu"),
+                options=spec.get("pricing", {}),
+            )
         )
-        vid = version_id(spec["predictor"], spec["input_schema"], spec["output_schema"])
-        ModelVersion.objects.get_or_create(
-            id=vid,
-            defaults={
-                "model": model,
-                "predictor": spec["predictor"],
-                "input_schema": spec["input_schema"],
-                "output_schema": spec["output_schema"],
-            },
-        )
-        models.append(model)
-    return models
+        for spec in DEMO_MODELS + available
+    ]
