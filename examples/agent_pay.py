@@ -5,8 +5,8 @@ It calls POST /v1/models/demo/echo-text/predictions, gets HTTP 402, signs the US
 authorization with a funded demo key from var/devchain.json, retries, then polls the
 prediction until it finishes and prints the output and the settlement transaction.
 
-    .venv/bin/python examples/agent_pay.py "hello"           # against the quick start
-    .venv/bin/python examples/agent_pay.py --base-url URL --devchain FILE --payer 1 "text"
+    .venv-agent/bin/python examples/agent_pay.py "hello"           # against the quick start
+    .venv-agent/bin/python examples/agent_pay.py --base-url URL --devchain FILE --payer 1 "text"
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ It calls POST /v1/models/demo/count-seconds/predictions with ``{"seconds": N}``,
 time limit), retries, waits for the prediction, and prints the maximum it permitted and what it
 was charged for the seconds the run took. The demo payers approved Permit2 in the quick start.
 
-    .venv/bin/python examples/agent_pay_upto.py 2           # against the quick start
+    .venv-agent/bin/python examples/agent_pay_upto.py 2           # against the quick start
 """
 
 from __future__ import annotations

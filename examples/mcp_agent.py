@@ -11,8 +11,8 @@ with the settlement in the result's ``_meta``.
 offers (``/mcp/sse``, under ASGI); the session it yields, ``x402MCPSession``, is used here over
 Streamable HTTP.
 
-    .venv/bin/python examples/mcp_agent.py "hello"          # against the quick start
-    .venv/bin/python examples/mcp_agent.py --base-url URL --devchain FILE --payer 1 "text"
+    .venv-agent/bin/python examples/mcp_agent.py "hello"          # against the quick start
+    .venv-agent/bin/python examples/mcp_agent.py --base-url URL --devchain FILE --payer 1 "text"
 """
 
 from __future__ import annotations

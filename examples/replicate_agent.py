@@ -4,9 +4,9 @@
 - as an agent: no API token; an httpx transport pays each x402 challenge with a funded key;
 - as an operator: an API token from X402_OPERATOR_TOKENS runs without payment and can list.
 
-    .venv/bin/python examples/replicate_agent.py "hello"            # agent, against the quick start
-    .venv/bin/python examples/replicate_agent.py --token TOKEN "hi" # operator
-    .venv/bin/python examples/replicate_agent.py --stream "a b c"   # replicate.stream, word by word
+    .venv-agent/bin/python examples/replicate_agent.py "hello"            # agent, against the quick start
+    .venv-agent/bin/python examples/replicate_agent.py --token TOKEN "hi" # operator
+    .venv-agent/bin/python examples/replicate_agent.py --stream "a b c"   # replicate.stream, word by word
 """
 
 from __future__ import annotations

@@ -116,7 +116,8 @@ def seed() -> list[Model]:
                 description=spec["description"],
                 hardware=spec.get("hardware", "cpu"),
                 options=spec.get("pricing", {}),
-            )
+            ),
+            validate=False,
         )
         for spec in DEMO_MODELS + available
     ]

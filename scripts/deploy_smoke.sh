@@ -34,6 +34,7 @@ finish() {
     echo "deploy smoke FAILED (exit $code); component logs:" >&2
     for f in "$W"/log/*.log; do [ -f "$f" ] && { echo "----- $f" >&2; tail -n 60 "$f" >&2; }; done
   else
+    rm -rf "$W/app"  # the release copy and its venv; the logs stay
     echo "deploy smoke passed in $((SECONDS - started))s"
   fi
 }

@@ -28,7 +28,9 @@ def blocks(readme: Path) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--list", action="store_true", help="print the blocks, run nothing")
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()

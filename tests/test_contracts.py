@@ -21,13 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_shipped_build_is_what_the_sources_compile_to(tmp_path: Path) -> None:
     node = shutil.which("node")
     assert node, "node is needed to compile the contracts (make test installs the npm packages)"
-    subprocess.run([node, str(ROOT / "contracts" / "compile.js"), str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [node, str(ROOT / "contracts" / "compile.js"), str(tmp_path)], check=True, capture_output=True
+    )
     sources = sorted(p.stem for p in (ROOT / "contracts").glob("*.sol"))
     shipped = sorted(p.stem for p in contracts.BUILD.glob("*.json"))
     assert shipped == sources
     for name in sources:
         fresh = json.loads((tmp_path / f"{name}.json").read_text())
-        assert fresh == contracts.artifact(name), f"contracts/build/{name}.json is stale: run `make contracts`"
+        assert fresh == contracts.artifact(name), (
+            f"contracts/build/{name}.json is stale: run `make contracts`"
+        )
 
 
 @pytest.mark.chain
@@ -35,9 +39,20 @@ def test_deploy_batch_settler_needs_no_node(chain, tmp_path: Path) -> None:
     """The production command deploys from the shipped build with no Node on the PATH."""
     key = tmp_path / "key"
     key.write_text(chain.relayer_private_keys[0])
-    env = {k: v for k, v in os.environ.items() if k != "PATH"} | {"PATH": str(tmp_path), "DJANGO_DEBUG": "true"}
+    env = {k: v for k, v in os.environ.items() if k != "PATH"} | {
+        "PATH": str(tmp_path),
+        "DJANGO_DEBUG": "true",
+    }
     done = subprocess.run(
-        [sys.executable, "manage.py", "deploy_batch_settler", "--rpc-url", chain.rpc_url, "--key-file", str(key)],
+        [
+            sys.executable,
+            "manage.py",
+            "deploy_batch_settler",
+            "--rpc-url",
+            chain.rpc_url,
+            "--key-file",
+            str(key),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -47,4 +62,6 @@ def test_deploy_batch_settler_needs_no_node(chain, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     address = done.stdout.split("BatchSettler deployed at ")[1].split()[0]
     code = Web3(Web3.HTTPProvider(chain.rpc_url)).eth.get_code(Web3.to_checksum_address(address))
-    assert code.hex().removeprefix("0x") == contracts.artifact("BatchSettler")["deployedBytecode"].removeprefix("0x")
+    assert code.hex().removeprefix("0x") == contracts.artifact("BatchSettler")[
+        "deployedBytecode"
+    ].removeprefix("0x")

@@ -160,9 +160,10 @@ class Command(BaseCommand):
                 f"  admin      http://127.0.0.1:{opts['port']}/admin/ (user admin, password admin: dev only)\n"
                 f"  logs       {var}/worker.log, {var}/anvil.log\n\n"
                 "Pay for a prediction as an agent would (in another terminal):\n"
-                '  .venv/bin/python examples/agent_pay.py "hello"\n'
+                "  make agent\n"
+                '  .venv-agent/bin/python examples/agent_pay.py "hello"\n'
                 "and watch a streaming model's words arrive one by one (replicate.stream):\n"
-                '  .venv/bin/python examples/replicate_agent.py --stream "streams arrive word by word"\n\n'
+                '  .venv-agent/bin/python examples/replicate_agent.py --stream "streams arrive word by word"\n\n'
                 "Ctrl-C stops everything.\n"
             )
             while all(c.poll() is None for c in children):

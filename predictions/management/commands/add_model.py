@@ -20,6 +20,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
+from payments.models import HardwareTier
 from predictions.catalog import ModelSpec, publish
 from predictions.models import SettlementPolicy
 from predictions.runners import cog
@@ -52,7 +53,9 @@ class Command(BaseCommand):
         parser.add_argument("--description", default="")
         parser.add_argument("--hardware", default="cpu", help="hardware tier slug (default cpu)")
         parser.add_argument(
-            "--settlement-policy", choices=SettlementPolicy.values, help="before_run (default) or after_success"
+            "--settlement-policy",
+            choices=SettlementPolicy.values,
+            help="before_run (default) or after_success",
         )
 
     def handle(self, *args: Any, **opts: Any) -> None:
@@ -63,6 +66,8 @@ class Command(BaseCommand):
             price = Decimal(opts["price"])
         except InvalidOperation:
             raise CommandError(f"not a price: {opts['price']!r}") from None
+        if not HardwareTier.objects.filter(slug=opts["hardware"]).exists():
+            raise CommandError(f"no hardware tier {opts['hardware']!r}")
         options = {"settlement_policy": opts["settlement_policy"]} if opts["settlement_policy"] else {}
         spec = ModelSpec(
             owner=owner,
@@ -82,5 +87,7 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         version = model.versions.order_by("-created_at").first()
         self.stdout.write(
-            self.style.SUCCESS(f"{model} at {model.price_per_run.normalize():f} USDC per run, version {version.id}")
+            self.style.SUCCESS(
+                f"{model} at {model.price_per_run.normalize():f} USDC per run, version {version.id}"
+            )
         )
