@@ -23,10 +23,17 @@ pid=
 say() { printf '\n== %s (%ss)\n' "$*" "$((SECONDS - started))"; }
 finish() {
   local code=$?
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-    kill -INT -- "-$pid" 2>/dev/null || true  # Ctrl-C, as a user stops it
-    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
+  if [ -n "$pid" ] && pgrep -g "$pid" >/dev/null; then
+    kill -INT -- "-$pid" 2>/dev/null || true  # Ctrl-C, as a user stops it: the quick start stops its components
+    for _ in $(seq 1 60); do pgrep -g "$pid" >/dev/null || break; sleep 1; done
+    if pgrep -g "$pid" >/dev/null; then
+      echo "Ctrl-C did not stop the quick start in 60 s" >&2
+      kill -KILL -- "-$pid" 2>/dev/null || true
+      [ "$code" != 0 ] || code=1
+    fi
+  fi
+  if [ "$code" = 0 ] && ss -ltn | grep -qE '127.0.0.1:(8000|8545) '; then
+    echo "a component still listens after Ctrl-C:" >&2; ss -ltnp | grep -E ':(8000|8545) ' >&2; code=1
   fi
   if [ "$code" != 0 ]; then
     echo "quick-start smoke FAILED (exit $code); component logs:" >&2
@@ -34,13 +41,16 @@ finish() {
   else
     echo "quick-start smoke passed in $((SECONDS - started))s"
   fi
+  exit "$code"
 }
 trap finish EXIT
 alive() { kill -0 "$pid" 2>/dev/null || { echo "make run exited:" >&2; tail -n 20 "$OUT" >&2; return 1; }; }
 
 say "make run (runtime-only environment: $VENV)"
 rm -f var/worker.log
-setsid make run VENV="$VENV" >"$OUT" 2>&1 &
+# In its own session, with Ctrl-C's signal restored (a script's background job starts with it ignored).
+python3 -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.setsid(); os.execvp("make", sys.argv[1:])' \
+  make run VENV="$VENV" >"$OUT" 2>&1 &
 pid=$!
 for _ in $(seq 1 900); do
   grep -q "^Ready in" "$OUT" && break
