@@ -426,8 +426,8 @@ class _Reader:
     def uint(self, parent: dict[str, Any], key: str, maximum: int, code: ErrorCode | None = None) -> int:
         """A decimal string (a JSON integer is tolerated: the SDK sends ``withdrawDelay`` as one)."""
         value = parent.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= maximum:
+            return value
         if not isinstance(value, str) or not _UINT.fullmatch(value) or int(value) > maximum:
             raise ChannelRejected(code or self.code, f"{key} must be a decimal integer of at most {maximum}")
         return int(value)

@@ -217,6 +217,9 @@ _AUTH = "deposit.authorization.erc3009Authorization"
         ("channelConfig.withdrawDelay", 30 * 86400 + 1, _E.WITHDRAW_DELAY_OUT_OF_RANGE),
         ("channelConfig.withdrawDelay", 2**40, _E.DEPOSIT_PAYLOAD),
         ("channelConfig.withdrawDelay", True, _E.DEPOSIT_PAYLOAD),
+        ("channelConfig.withdrawDelay", -900, _E.DEPOSIT_PAYLOAD),
+        ("channelConfig.withdrawDelay", "900", None),
+        ("voucher.maxClaimableAmount", 2**128, _E.DEPOSIT_PAYLOAD),
         ("channelConfig.extra", "x", _E.DEPOSIT_PAYLOAD),
         ("deposit.amount", "0", _E.DEPOSIT_PAYLOAD),
         ("deposit.amount", str(2**128), _E.DEPOSIT_PAYLOAD),
@@ -226,10 +229,13 @@ _AUTH = "deposit.authorization.erc3009Authorization"
         (f"{_AUTH}.validBefore", str(2**256), _E.DEPOSIT_PAYLOAD),
     ],
 )
-def test_parsing_is_strict(agent: Agent, req: Any, path: str, value: Any, code: bs.ErrorCode) -> None:
+def test_parsing_is_strict(agent: Agent, req: Any, path: str, value: Any, code: bs.ErrorCode | None) -> None:
     wire = agent.pay(req)
     assert bs.parse_payload(wire, CHAIN_ID)  # the untouched payload parses
-    _rejected(code, bs.parse_payload, _set(wire, path, value), CHAIN_ID)
+    if code is None:  # a tolerated spelling
+        assert bs.parse_payload(_set(wire, path, value), CHAIN_ID) == bs.parse_payload(wire, CHAIN_ID)
+    else:
+        _rejected(code, bs.parse_payload, _set(wire, path, value), CHAIN_ID)
 
 
 @pytest.mark.parametrize(
