@@ -66,22 +66,39 @@ class DevChain:
         return cls(**json.loads(path.read_text()))
 
 
+def set_code(rpc_url: str, name: str, address: str) -> None:
+    """Make ``address`` run our compiled contract ``name`` (its runtime code, ``anvil_setCode``)."""
+    code = contracts.artifact(name)["deployedBytecode"]
+    r = requests.post(
+        rpc_url,
+        json={"jsonrpc": "2.0", "id": 1, "method": "anvil_setCode", "params": [address, code]},
+        timeout=10,
+    )
+    if "error" in r.json():
+        raise RuntimeError(f"anvil_setCode {name}: {r.json()['error']}")
+
+
 def place_upto_contracts(rpc_url: str) -> tuple[str, str]:
     """Put our Permit2 and x402 upto proxy (contracts/Permit2.sol, X402UptoPermit2Proxy.sol) at
     the canonical addresses the x402 SDK signs for, with ``anvil_setCode``: their runtime code
     needs no constructor state (see the contracts). (Permit2, proxy) addresses."""
     from .x402.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 
-    for name, address in (("Permit2", PERMIT2_ADDRESS), ("X402UptoPermit2Proxy", UPTO_PROXY_ADDRESS)):
-        code = contracts.artifact(name)["deployedBytecode"]
-        r = requests.post(
-            rpc_url,
-            json={"jsonrpc": "2.0", "id": 1, "method": "anvil_setCode", "params": [address, code]},
-            timeout=10,
-        )
-        if "error" in r.json():
-            raise RuntimeError(f"anvil_setCode {name}: {r.json()['error']}")
+    set_code(rpc_url, "Permit2", PERMIT2_ADDRESS)
+    set_code(rpc_url, "X402UptoPermit2Proxy", UPTO_PROXY_ADDRESS)
     return PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
+
+
+def place_batch_settlement_contracts(rpc_url: str) -> tuple[str, str]:
+    """Put our x402 batch-settlement contract and its EIP-3009 deposit collector
+    (contracts/X402BatchSettlement.sol, X402ERC3009DepositCollector.sol) at the canonical
+    addresses the x402 SDK's ``batch-settlement`` client signs for, with ``anvil_setCode``
+    (their runtime code needs no constructor state). (Settlement, collector) addresses."""
+    from .x402.batch_settlement import BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS
+
+    set_code(rpc_url, "X402BatchSettlement", BATCH_SETTLEMENT_ADDRESS)
+    set_code(rpc_url, "X402ERC3009DepositCollector", ERC3009_DEPOSIT_COLLECTOR_ADDRESS)
+    return BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS
 
 
 def approve_permit2(rpc_url: str, asset: str, payer: str) -> None:
