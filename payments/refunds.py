@@ -99,7 +99,8 @@ def approve(refund_id: int, user: Any) -> Refund:
         if refund.status == R.FAILED:
             # The failed attempt's transaction is final (reverted at depth, or its nonce used
             # otherwise) and stays named by its events; the refund forgets it, so the next
-            # attempt is judged by its own transaction only.
+            # attempt is judged by its own transaction only. Its gas was spent all the same: the
+            # refund's gas stays the total of its attempts (see _earlier_gas).
             refund.advance(
                 R.OWED,
                 detail=detail,
@@ -110,8 +111,6 @@ def approve(refund_id: int, user: Any) -> Refund:
                 raw_tx="",
                 block_number=None,
                 confirmations=0,
-                gas_used=None,
-                gas_cost_wei=None,
             )
         elif refund.status == R.OWED and refund.approved_at is None:
             refund.approved_by, refund.approved_at = user, timezone.now()
@@ -263,6 +262,18 @@ def _transfers(receipt: dict[str, Any], refund: Refund) -> bool:
     )
 
 
+def _earlier_gas(refund: Refund) -> tuple[int, int]:
+    """(gas used, wei paid) by the refund's earlier, failed attempts: each FAILED event records
+    what its attempt's transaction spent on chain (a reverted transfer pays its gas; one whose
+    nonce was used otherwise paid none). The refund's ``gas_used``/``gas_cost_wei`` are these
+    plus the current attempt's, so a refund approved again never loses gas already spent."""
+    used = cost = 0
+    for detail in refund.events.filter(to_status=R.FAILED).values_list("detail", flat=True):
+        used += int(detail.get("gas_used") or 0)
+        cost += int(detail.get("gas_cost_wei") or 0)
+    return used, cost
+
+
 def hashes(refund: Refund) -> list[str]:
     """Every transaction signed for the refund's current attempt, the current one first (a
     re-signed refund keeps its earlier ones watched: any of them, one nonce, may be the one
@@ -294,9 +305,12 @@ def track(refund_id: int) -> Refund:
         conf.rpc_url, [*[("eth_getTransactionReceipt", [h]) for h in watched], ("eth_blockNumber", [])]
     )
     mined_as = next(((h, r) for h, r in zip(watched, receipts, strict=True) if r), None)
+    earlier_gas, earlier_cost = _earlier_gas(refund)
     if mined_as is None:
-        if refund.block_number is not None:  # a reorg dropped its block
-            Refund.objects.filter(pk=refund.pk).update(block_number=None, confirmations=0)
+        if refund.block_number is not None:  # a reorg dropped its block, and with it this attempt's gas
+            Refund.objects.filter(pk=refund.pk).update(
+                block_number=None, confirmations=0, gas_used=earlier_gas or None, gas_cost_wei=earlier_cost or None
+            )
         # At the depth below the head the receipts were read at: a block our transaction was in
         # would have shown its receipt.
         final = max(0, int(head, 16) - depth + 1)
@@ -322,11 +336,13 @@ def track(refund_id: int) -> Refund:
     block = int(receipt["blockNumber"], 16)
     confirmations = max(0, int(head, 16) - block + 1)
     gas_used = int(receipt["gasUsed"], 16)
+    gas_cost = gas_used * int(receipt.get("effectiveGasPrice", "0x0"), 16)
+    # The refund's gas is every attempt's: the earlier failed ones' and this one's.
     mined = {
         "block_number": block,
         "confirmations": confirmations,
-        "gas_used": gas_used,
-        "gas_cost_wei": gas_used * int(receipt.get("effectiveGasPrice", "0x0"), 16),
+        "gas_used": earlier_gas + gas_used,
+        "gas_cost_wei": earlier_cost + gas_cost,
     }
     with transaction.atomic():
         refund = Refund.objects.select_for_update().get(pk=refund_id)
@@ -337,7 +353,12 @@ def track(refund_id: int) -> Refund:
             # A revert is final only at the network's depth: a reorg may drop its block and the
             # same nonce may then pay (re-approving before that would pay twice).
             if confirmations >= depth:
-                refund.advance(R.FAILED, detail=evidence, failure_reason="the refund transfer reverted", **mined)
+                refund.advance(
+                    R.FAILED,
+                    detail={**evidence, "gas_used": gas_used, "gas_cost_wei": gas_cost},
+                    failure_reason="the refund transfer reverted",
+                    **mined,
+                )
             else:
                 Refund.objects.filter(pk=refund.pk).update(**mined)
         elif not _transfers(receipt, refund):
@@ -363,9 +384,13 @@ def _dropped(refund: Refund, watched: list[str], used: int) -> Refund:
     with transaction.atomic():
         refund = Refund.objects.select_for_update().get(pk=refund.pk)
         if refund.status == R.SENT:
+            earlier_gas, earlier_cost = _earlier_gas(refund)
             refund.advance(
                 R.FAILED,
-                detail={"dropped": watched, "wallet_nonce_at_depth": used},
+                # Nothing of this attempt was mined: it spent no gas.
+                detail={"dropped": watched, "wallet_nonce_at_depth": used, "gas_used": 0, "gas_cost_wei": 0},
+                gas_used=earlier_gas or None,
+                gas_cost_wei=earlier_cost or None,
                 failure_reason=f"nonce {refund.nonce} was used by another transaction of the wallet: nothing was paid",
             )
     return refund

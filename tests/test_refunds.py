@@ -609,3 +609,58 @@ def test_re_signed_fees_follow_the_chain_up_to_the_cap(settings) -> None:
     assert relayer.resign_raw(raw, account, {"baseFeePerGas": hex(10**11)})[2] == 10**10  # capped
     settings.X402_MAX_FEE_PER_GAS = 1_100_000_000  # below the least valid replacement
     assert relayer.resign_raw(raw, account, calm) is None
+
+
+def _token_balance_slot(holder: str) -> str:
+    """The storage slot of ``balanceOf[holder]`` in TestUSDC (its mapping is slot 5)."""
+    from eth_utils import keccak
+
+    return "0x" + keccak(bytes.fromhex(holder[2:].lower().rjust(64, "0") + "5".rjust(64, "0"))).hex()
+
+
+def test_a_refund_approved_again_after_it_reverted_on_chain_keeps_the_gas_of_both_attempts(
+    chain_settings, eager_celery, tmp_path
+) -> None:
+    """Issue 25, defect 6: finance approves a refund whose transfer reverted on chain (its gas
+    spent) again, and the second transfer pays. The refund's gas is both attempts' (the FAILED
+    event records the first one's), equal to what the chain's receipts say, and the ledger
+    export shows all of it."""
+    chain = chain_settings
+    refund = owed_refund(chain)
+    slot = _token_balance_slot(chain.refund_address)
+    with override_settings(**option_settings(chain, confirmations=1)):
+        with no_automine(chain):
+            refunds.approve(refund.pk, None)  # estimated, signed and in the pool
+            refund.refresh_from_db()
+            assert refund.status == "sent"
+            first = refund.tx_hash
+            # Before it is mined, the wallet's token balance is gone: the transfer reverts.
+            held = rpc(chain.rpc_url, "eth_getStorageAt", [chain.asset, slot, "latest"])
+            rpc(chain.rpc_url, "anvil_setStorageAt", [chain.asset, slot, "0x" + "0" * 64])
+            rpc(chain.rpc_url, "anvil_mine", [hex(1)])
+            rpc(chain.rpc_url, "anvil_setStorageAt", [chain.asset, slot, held])
+        refunds.reconcile()
+        refund.refresh_from_db()
+        assert refund.status == "failed" and refund.tx_hash == first
+        reverted = rpc(chain.rpc_url, "eth_getTransactionReceipt", [first])
+        assert reverted["status"] == "0x0" and int(reverted["gasUsed"], 16) > 0
+        failed = refund.events.get(to_status="failed").detail
+        assert failed["gas_used"] == int(reverted["gasUsed"], 16)
+
+        refunds.approve(refund.pk, None)  # again: sent at once, then confirmed
+        refund = confirm(refund)
+        assert refund.status == "confirmed" and refund.tx_hash != first
+    paid = rpc(chain.rpc_url, "eth_getTransactionReceipt", [refund.tx_hash])
+
+    def cost(receipt: dict) -> int:
+        return int(receipt["gasUsed"], 16) * int(receipt["effectiveGasPrice"], 16)
+
+    assert refund.gas_used == int(reverted["gasUsed"], 16) + int(paid["gasUsed"], 16)
+    assert int(refund.gas_cost_wei) == cost(reverted) + cost(paid)
+    exports.write_zip(LedgerFilter(), tmp_path / "ledger.zip")
+    with zipfile.ZipFile(tmp_path / "ledger.zip") as archive:
+        data = list(csv.DictReader(io.StringIO(archive.read("data.csv").decode())))
+    [line] = [r for r in data if r["kind"] == "refund" and r["transaction"] == refund.tx_hash]
+    assert Decimal(line["gas_cost_wei"]) == cost(reverted) + cost(paid)
+    assert Decimal(line["gas_native"]) == Decimal(cost(reverted) + cost(paid)).scaleb(-18)
+    assert refund_violations(chain.rpc_url) == []
