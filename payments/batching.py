@@ -140,6 +140,10 @@ def form(conf: ConfiguredOption, *, force: bool) -> Formed | None:
     """Claim ready payments and, if the batch is due (or ``force``), sign and store it with every
     payment moved to SETTLING in one ledger transaction. None: nothing ready, or not due yet."""
     limit = settings.X402_BATCH_MAX
+    if not relayers.funded_lanes(conf.option.network):
+        # No lane can pay for gas: no new batch (the payments wait, VERIFIED, for a refilled lane).
+        log.warning("no batch formed on %s: no relayer lane can pay for gas", conf.option.network)
+        return None
     with transaction.atomic():
         rows = _claim(conf, limit)
         if not rows:
@@ -236,7 +240,11 @@ def run(conf: ConfiguredOption, *, force: bool = False) -> list[SettlementTx]:
     """
     sent = []
     while True:
-        formed = form(conf, force=force)
+        try:
+            formed = form(conf, force=force)
+        except relayers.NoLaneCanPay as exc:  # a lane was flagged while the batch formed
+            log.warning("batch not signed on %s: %s", conf.option.network, exc)
+            break
         force = False
         if formed is None:
             break

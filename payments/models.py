@@ -445,8 +445,14 @@ class RelayerNonce(models.Model):
     network = models.CharField(max_length=64)
     address = models.CharField(max_length=42)
     next_nonce = models.PositiveBigIntegerField()
+    #: Set when the node refused one of the lane's transactions for lack of gas money; the lane
+    #: then takes no new transactions (its stored ones are rebroadcast as they are, never
+    #: re-signed with higher fees) until a balance check shows funds (``relayer.recheck_unfunded``).
+    unfunded_since = models.DateTimeField(null=True, blank=True)
+    unfunded_reason = models.TextField(blank=True, help_text="The node's refusal that flagged the lane")
 
     class Meta:
+        verbose_name = "relayer lane"
         constraints = [models.UniqueConstraint(fields=["network", "address"], name="relayer_nonce_unique")]
 
     def __str__(self) -> str:
@@ -810,8 +816,11 @@ class Refund(models.Model):
     raw_tx = models.TextField(blank=True)
     block_number = models.PositiveBigIntegerField(null=True, blank=True)
     confirmations = models.PositiveIntegerField(default=0)
-    gas_used = models.PositiveBigIntegerField(null=True, blank=True)
-    gas_cost_wei = models.DecimalField(max_digits=78, decimal_places=0, null=True, blank=True)
+    # Every attempt's gas (a failed attempt's transaction paid its gas too; see refunds._earlier_gas).
+    gas_used = models.PositiveBigIntegerField(null=True, blank=True, help_text="Gas of all its attempts")
+    gas_cost_wei = models.DecimalField(
+        max_digits=78, decimal_places=0, null=True, blank=True, help_text="Wei paid for gas by all its attempts"
+    )
     failure_reason = models.TextField(blank=True)
     broadcast_error = models.TextField(
         blank=True, help_text="The node's answer to the last refused broadcast (e.g. the wallet has no gas money)"

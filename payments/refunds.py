@@ -26,6 +26,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
+from . import relayer as relayers
 from .abi import TRANSFER_TOPIC
 from .chain import RpcError, rpc, rpc_batch
 from .metrics import REFUND_BROADCAST_ERRORS
@@ -172,6 +173,9 @@ def send(refund_id: int) -> Refund:
             return refund
         conf = for_payment(refund.network, refund.asset)
         lane = _lock_wallet(refund.network, account.address)
+        if lane.unfunded_since is not None:  # flagged by a refused broadcast; cleared by a balance check
+            _not_sent(refund.pk, f"the refund wallet cannot pay for gas: {lane.unfunded_reason}")
+            return refund
         data = TRANSFER + refund.recipient[2:].lower().rjust(64, "0") + hex(int(refund.amount))[2:].rjust(64, "0")
         call = {"from": account.address, "to": refund.asset, "data": data}
         try:
@@ -227,25 +231,19 @@ def _not_sent(refund_id: int, reason: str) -> None:
     log.warning("refund %s not sent (attempt %s, again in %ss): %s", refund_id, attempts, delay, reason)
 
 
-#: Node answers to a rebroadcast that mean it has the transaction (or mined it): not errors.
-ACCEPTED_ANSWERS = ("already known", "already imported", "nonce too low", "transaction already exists")
-#: A node's refusal because the wallet cannot pay for gas: higher fees would not help.
-NO_FUNDS = "insufficient funds"
-
-
 def _broadcast(url: str, refund: Refund) -> str | None:
     """Send the stored transaction (again): the same signed bytes, safe to repeat. The node's
     refusal (None when it took it or already has it) is recorded on the refund for finance
-    (shown in the admin), counted, and logged as a warning."""
-    try:
-        rpc(url, "eth_sendRawTransaction", [refund.raw_tx])
-    except RpcError as exc:
-        error = str(exc)
-        if not any(answer in error.lower() for answer in ACCEPTED_ANSWERS):
-            Refund.objects.filter(pk=refund.pk).update(broadcast_error=error[:2000])
-            REFUND_BROADCAST_ERRORS.inc()
-            log.warning("the node refused refund %s from %s: %s", refund.pk, refund.sender, error)
-            return error
+    (shown in the admin), counted, and logged as a warning; a refusal for lack of gas money
+    flags the wallet as a lane that cannot pay (as the relayer's lanes)."""
+    error = relayers.send_raw(url, refund.raw_tx)
+    if error is not None:
+        Refund.objects.filter(pk=refund.pk).update(broadcast_error=error[:2000])
+        REFUND_BROADCAST_ERRORS.inc()
+        log.warning("the node refused refund %s from %s: %s", refund.pk, refund.sender, error)
+        if relayers.cannot_pay(error):
+            relayers.flag_unfunded(refund.network, refund.sender, error)
+        return error
     Refund.objects.filter(pk=refund.pk).exclude(broadcast_error="").update(broadcast_error="")
     return None
 
@@ -317,16 +315,13 @@ def track(refund_id: int) -> Refund:
         used = int(rpc(conf.rpc_url, "eth_getTransactionCount", [refund.sender, hex(final)]), 16)
         if used > refund.nonce:
             return _dropped(refund, watched, used)
-        stuck = (
+        stuck = bool(
             refund.sent_at and (timezone.now() - refund.sent_at).total_seconds() > settings.X402_STUCK_AFTER_SECONDS
         )
-        if stuck and rpc(conf.rpc_url, "eth_getTransactionByHash", [refund.tx_hash]) is not None:
-            return _resign(conf.rpc_url, refund)  # in the node's pool, not mined: its fee is too low
-        # Not in the pool (never taken, or dropped): the same bytes again. Re-signed only when
-        # stuck and refused for another reason than the wallet's funds (a fee below the base
-        # fee, say): a higher fee cannot help a wallet without gas money.
-        error = _broadcast(conf.rpc_url, refund)
-        if stuck and error is not None and NO_FUNDS not in error.lower():
+        # The rule of every outgoing transaction (relayer.resend): re-signed with a higher fee
+        # only when stuck and in the node's pool, or refused for another reason than funds.
+        step = relayers.resend(conf.rpc_url, refund.tx_hash, stuck=stuck, send=lambda: _broadcast(conf.rpc_url, refund))
+        if step == relayers.Resend.RESIGN:
             return _resign(conf.rpc_url, refund)
         return refund
     tx_hash, receipt = mined_as

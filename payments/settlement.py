@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 from eth_utils import to_checksum_address
 
@@ -365,28 +365,42 @@ def prepare(payment_id: Any) -> Payment:
             if p.status == S.VERIFIED:
                 _lapse(p, UnpaidReason.SIMULATION_REVERTED, f"simulation reverted: {_revert_message(exc)}")
         return resolve_lapsing(payment_id)
-    with transaction.atomic():
-        p = _lock(payment_id)
-        if p.status != S.VERIFIED:
-            return p
-        tx = relayers.sign_and_store(
-            conf,
-            relayers.take_lane(p.network, settle.sender),
-            kind=SettlementTx.Kind.SINGLE,
-            to=settle.to,
-            data=settle.data,
-            gas_limit=settle.gas_limit,
-            items=1,
-            block=block,
-        )
-        p.advance(
-            S.SETTLING,
-            settle_tx_hash=tx.tx_hash,
-            settlement_tx=tx,
-            settlement_index=0,
-            search_from_block=p.search_from_block or int(block["number"], 16),
-        )
+    try:
+        with transaction.atomic():
+            p = _lock(payment_id)
+            if p.status != S.VERIFIED:
+                return p
+            lane = relayers.take_lane(p.network, settle.sender)
+            p = _sign(p, conf, settle, lane, block)
+    except relayers.NoLaneCanPay as exc:
+        # Nothing signed: the payment waits, VERIFIED, until a lane can pay again (the
+        # reconciler then sends it its way, see reconcile_all).
+        log.warning("payment %s not signed: %s", payment_id, exc)
+        return Payment.objects.get(pk=payment_id)
     _fault_pause()
+    return p
+
+
+def _sign(p: Payment, conf: ConfiguredOption, settle: SettlementCall, lane: relayers.Lane, block: dict[str, Any]) -> Payment:
+    """Sign and store the payment's transaction on ``lane`` and move it to SETTLING (the payment
+    and the lane locked by the caller)."""
+    tx = relayers.sign_and_store(
+        conf,
+        lane,
+        kind=SettlementTx.Kind.SINGLE,
+        to=settle.to,
+        data=settle.data,
+        gas_limit=settle.gas_limit,
+        items=1,
+        block=block,
+    )
+    p.advance(
+        S.SETTLING,
+        settle_tx_hash=tx.tx_hash,
+        settlement_tx=tx,
+        settlement_index=0,
+        search_from_block=p.search_from_block or int(block["number"], 16),
+    )
     return p
 
 
@@ -701,12 +715,17 @@ def _reconcile_group(
     tx = SettlementTx.objects.get(pk=waiting[0].settlement_tx_id)
     if tx.block_number is not None:
         return
-    if relayers.is_stuck(tx):
-        stuck_hash = tx.tx_hash
-        tx = replace_tx(tx.pk, conf)
-        stats["replaced"] += tx.tx_hash != stuck_hash
-    relayers.broadcast(conf.rpc_url, tx)
+    sent = tx
+    step = relayers.resend(
+        conf.rpc_url, tx.tx_hash, stuck=relayers.is_stuck(tx), send=lambda: relayers.broadcast(conf.rpc_url, sent)
+    )
     stats["rebroadcast"] += 1
+    if step == relayers.Resend.NO_FUNDS:
+        stats["unfunded"] += 1
+    elif step == relayers.Resend.RESIGN:
+        tx = replace_tx(tx.pk, conf)
+        stats["replaced"] += tx.tx_hash != sent.tx_hash
+        relayers.broadcast(conf.rpc_url, tx)
 
 
 def replace_tx(tx_id: int, conf: ConfiguredOption) -> SettlementTx:
@@ -878,10 +897,13 @@ def reconcile_all() -> Counter[str]:
     from . import batching
     from .tasks import SWEEP_AFTER, settle_payment
 
+    refilled = _recheck_lanes()
     stats = reconcile_open()
     stale = timezone.now() - SWEEP_AFTER
     batched = timezone.now() - timedelta(seconds=2 * settings.X402_BATCH_MAX_AGE)
-    ready = Payment.objects.filter(status=S.VERIFIED, settle_requested_at__lt=max(stale, batched))
+    # A lane that can pay again: the payments that waited for one are sent their way now.
+    waited = Q(network__in=refilled)
+    ready = Payment.objects.filter(status=S.VERIFIED).filter(Q(settle_requested_at__lt=max(stale, batched)) | waited)
     for network, asset in ready.values_list("network", "asset").distinct().order_by():
         try:
             conf = for_payment(network, asset)
@@ -891,11 +913,24 @@ def reconcile_all() -> Counter[str]:
             batching.kick(conf, delay=0)
             stats["swept"] += 1
             continue
-        lost = ready.filter(network=network, asset=asset, settle_requested_at__lt=stale)
+        lost = ready.filter(network=network, asset=asset).filter(Q(settle_requested_at__lt=stale) | waited)
         for pk in lost.values_list("pk", flat=True):
             settle_payment.delay(str(pk))
             stats["swept"] += 1
     return stats
+
+
+def _recheck_lanes() -> set[str]:
+    """The balance check of the lanes flagged as unable to pay (:func:`relayer.recheck_unfunded`);
+    the networks where one can pay again. An RPC failure leaves them flagged until next pass."""
+    from .options import configured
+
+    urls = {c.option.network: c.rpc_url for c in configured()}
+    try:
+        return relayers.recheck_unfunded(urls)
+    except (RpcError, ChainUnavailable, ValueError, TypeError) as exc:
+        log.warning("reconcile: balance check of unfunded lanes failed (%s); next pass", exc)
+        return set()
 
 
 def reconcile_open() -> Counter[str]:
