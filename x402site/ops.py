@@ -44,6 +44,10 @@ class NotReady(RuntimeError):
     """A failure described in our own words (safe to show an operator)."""
 
 
+class Degraded(NotReady):
+    """A failure that leaves the service able to work, less well (some lanes cannot pay)."""
+
+
 def _check(fn: Any) -> dict[str, Any]:
     try:
         detail = fn()
@@ -88,10 +92,6 @@ def _chains() -> dict[str, Any]:
     if not blocks:
         raise NotReady("no payment option is configured")
     return {"latest_blocks": blocks}
-
-
-class Degraded(NotReady):
-    """A failure that leaves the service able to work, less well (some lanes cannot pay)."""
 
 
 def _lanes() -> None:

@@ -27,7 +27,11 @@ class Migration(migrations.Migration):
             model_name="refund",
             name="gas_cost_wei",
             field=models.DecimalField(
-                blank=True, decimal_places=0, help_text="Wei paid for gas by all its attempts", max_digits=78, null=True
+                blank=True,
+                decimal_places=0,
+                help_text="Wei paid for gas by all its attempts",
+                max_digits=78,
+                null=True,
             ),
         ),
     ]
