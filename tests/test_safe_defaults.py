@@ -92,6 +92,21 @@ def test_the_quick_start_needs_nothing_configured_and_check_deploy_reports_the_k
     assert deploy.returncode != 0 and "x402site.E001" in deploy.stderr, deploy.stderr[-2000:]
 
 
+def test_the_suite_does_not_take_the_quick_starts_dev_chain() -> None:
+    """Issue 25 (a CI flake): CI runs the quick start before the suite, which leaves
+    var/devchain.json behind: another chain, whose extra relayer lanes and refund wallet have no
+    gas money on the suite's anvil. The suite's settings take no option, lane or key from it
+    (tests name their chain), so no test settles on a lane that cannot pay."""
+    from django.conf import settings
+
+    from x402site.settings import _relayer_keys
+
+    assert "X402_DEVCHAIN_FILE" not in os.environ  # only the suite's subprocesses get theirs
+    assert settings.X402_PAYMENT_OPTIONS == []
+    assert _relayer_keys() == settings.X402_RELAYER_KEYS  # the environment's, never the file's
+    assert os.environ.get("X402_REFUND_KEY", "") == settings.X402_REFUND_KEY
+
+
 def test_derived_secrets_use_a_keyed_derivation_with_a_purpose(settings) -> None:
     import base64
 
