@@ -101,10 +101,8 @@ class LedgerCollector(Collector):
             "1 for a relayer lane (or the refund wallet) that cannot pay for gas: it takes no new transactions",
             labels=["network", "address"],
         )
-        for network, address in RelayerNonce.objects.filter(unfunded_since__isnull=False).values_list(
-            "network", "address"
-        ):
-            unfunded.add_metric([network, address], 1)
+        for network, address, since in RelayerNonce.objects.values_list("network", "address", "unfunded_since"):
+            unfunded.add_metric([network, address], 0 if since is None else 1)
         yield unfunded
 
 

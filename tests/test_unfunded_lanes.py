@@ -134,3 +134,36 @@ def test_a_lane_that_cannot_pay_is_flagged_its_fees_never_climb_and_refilled_it_
         # Normal fees: the tip is our PRIORITY_FEE, never a bumped one.
         assert int(receipt["effectiveGasPrice"], 16) == int(block["baseFeePerGas"], 16) + PRIORITY_FEE
     assert Payment.objects.get(prediction__pk=first["id"]).settle_tx_hash == signed_hash
+
+
+def test_readyz_is_degraded_while_another_lane_can_pay_and_the_balance_check_clears_the_flags(chain) -> None:
+    """One of two lanes flagged: degraded (200), the public answer naming the check only; both
+    flagged: not ready (503). Both hold gas money, so the reconciler's balance check clears them."""
+    from django.utils import timezone
+
+    from payments.settlement import reconcile_all
+
+    keys = [chain.relayer_private_key, chain.spare_keys[1]]  # type: ignore[attr-defined]
+    addresses = [Account.from_key(k).address for k in keys]
+    with override_settings(**{**option_settings(chain), "X402_RELAYER_KEYS": keys}):
+        for address in addresses:
+            RelayerNonce.objects.create(network=chain.network, address=address, next_nonce=0)
+        refused = "Insufficient funds for gas * price + value"
+        RelayerNonce.objects.filter(address=addresses[1]).update(
+            unfunded_since=timezone.now(), unfunded_reason=refused
+        )
+        degraded = Client().get("/readyz")
+        assert degraded.status_code == 200 and degraded.json()["status"] == "degraded"
+        assert addresses[1] in degraded.json()["checks"]["lanes"]["error"]
+        public = Client(REMOTE_ADDR="203.0.113.9").get("/readyz").json()
+        assert public["status"] == "degraded" and public["checks"]["lanes"] == {"ok": False}
+
+        RelayerNonce.objects.update(unfunded_since=timezone.now(), unfunded_reason=refused)
+        down = Client().get("/readyz")
+        assert (
+            down.status_code == 503 and "no relayer lane can pay" in down.json()["checks"]["lanes"]["error"]
+        )
+
+        reconcile_all()  # the balance check: both hold gas money
+        assert not RelayerNonce.objects.filter(unfunded_since__isnull=False).exists()
+        assert Client().get("/readyz").json()["status"] == "ready"
