@@ -260,13 +260,18 @@ def _transfers(receipt: dict[str, Any], refund: Refund) -> bool:
     )
 
 
-def _earlier_gas(refund: Refund) -> tuple[int, int]:
+def _earlier_gas(refund: Refund, url: str) -> tuple[int, int]:
     """(gas used, wei paid) by the refund's earlier, failed attempts: each FAILED event records
     what its attempt's transaction spent on chain (a reverted transfer pays its gas; one whose
     nonce was used otherwise paid none). The refund's ``gas_used``/``gas_cost_wei`` are these
-    plus the current attempt's, so a refund approved again never loses gas already spent."""
+    plus the current attempt's, so a refund approved again never loses gas already spent. A
+    revert recorded before the events carried gas (issue 25) is read from its receipt."""
     used = cost = 0
     for detail in refund.events.filter(to_status=R.FAILED).values_list("detail", flat=True):
+        if "gas_used" not in detail and detail.get("tx"):
+            receipt = rpc(url, "eth_getTransactionReceipt", [detail["tx"]]) or {}
+            gas = int(receipt.get("gasUsed", "0x0"), 16)
+            detail = {"gas_used": gas, "gas_cost_wei": gas * int(receipt.get("effectiveGasPrice", "0x0"), 16)}
         used += int(detail.get("gas_used") or 0)
         cost += int(detail.get("gas_cost_wei") or 0)
     return used, cost
@@ -303,7 +308,7 @@ def track(refund_id: int) -> Refund:
         conf.rpc_url, [*[("eth_getTransactionReceipt", [h]) for h in watched], ("eth_blockNumber", [])]
     )
     mined_as = next(((h, r) for h, r in zip(watched, receipts, strict=True) if r), None)
-    earlier_gas, earlier_cost = _earlier_gas(refund)
+    earlier_gas, earlier_cost = _earlier_gas(refund, conf.rpc_url)
     if mined_as is None:
         if refund.block_number is not None:  # a reorg dropped its block, and with it this attempt's gas
             Refund.objects.filter(pk=refund.pk).update(
@@ -314,7 +319,7 @@ def track(refund_id: int) -> Refund:
         final = max(0, int(head, 16) - depth + 1)
         used = int(rpc(conf.rpc_url, "eth_getTransactionCount", [refund.sender, hex(final)]), 16)
         if used > refund.nonce:
-            return _dropped(refund, watched, used)
+            return _dropped(refund, watched, used, (earlier_gas, earlier_cost))
         stuck = bool(
             refund.sent_at and (timezone.now() - refund.sent_at).total_seconds() > settings.X402_STUCK_AFTER_SECONDS
         )
@@ -372,14 +377,14 @@ def track(refund_id: int) -> Refund:
     return refund
 
 
-def _dropped(refund: Refund, watched: list[str], used: int) -> Refund:
+def _dropped(refund: Refund, watched: list[str], used: int, earlier: tuple[int, int]) -> Refund:
     """No transaction of the refund was mined and the wallet's nonce is past it at depth: another
     transaction (someone used the wallet by hand) took the nonce, so this refund can never be
     paid by what we signed: failed (finance may approve it again)."""
     with transaction.atomic():
         refund = Refund.objects.select_for_update().get(pk=refund.pk)
         if refund.status == R.SENT:
-            earlier_gas, earlier_cost = _earlier_gas(refund)
+            earlier_gas, earlier_cost = earlier  # of the earlier attempts (_earlier_gas)
             refund.advance(
                 R.FAILED,
                 # Nothing of this attempt was mined: it spent no gas.

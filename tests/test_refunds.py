@@ -664,3 +664,7 @@ def test_a_refund_approved_again_after_it_reverted_on_chain_keeps_the_gas_of_bot
     assert Decimal(line["gas_cost_wei"]) == cost(reverted) + cost(paid)
     assert Decimal(line["gas_native"]) == Decimal(cost(reverted) + cost(paid)).scaleb(-18)
     assert refund_violations(chain.rpc_url) == []
+    # A revert recorded before FAILED events carried gas: its gas is read from its receipt.
+    legacy = {k: v for k, v in failed.items() if k not in ("gas_used", "gas_cost_wei")}
+    refund.events.filter(to_status="failed").update(detail=legacy)
+    assert refunds._earlier_gas(refund, chain.rpc_url) == (int(reverted["gasUsed"], 16), cost(reverted))
