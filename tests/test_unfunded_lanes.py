@@ -1,6 +1,7 @@
 """Issue 25, defect 7: a relayer lane that cannot pay for gas, on anvil, through a real Celery
 worker and its beat (the reconciler every second, X402_STUCK_AFTER_SECONDS=0: every pass finds
-the transaction stuck).
+the transaction stuck), for an option settled in batches and for one settled one payment per
+transaction.
 
 The lane is an account of the test's own (drained with ``anvil_setBalance``, nothing shared
 is touched): its first settlement is refused ("insufficient funds"), the lane is flagged and
@@ -31,6 +32,8 @@ pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
 URL = "/v1/models/demo/echo-text/predictions"
 #: Reconciler passes the worker's beat runs while the lane cannot pay (one a second).
 PASSES = 8
+#: What the batcher logs when no lane can pay.
+NO_BATCH = "no batch formed on eip155:31337: no relayer lane can pay for gas"
 
 
 def pay(key: str, text: str) -> dict[str, Any]:
@@ -57,26 +60,25 @@ def unfunded_passes(log: Path) -> int:
     return len(re.findall(r"payments\.tasks\.reconcile\[.*?succeeded.*'rebroadcast': [1-9]", log.read_text()))
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batches", "one-per-payment"])
 def test_a_lane_that_cannot_pay_is_flagged_its_fees_never_climb_and_refilled_it_pays_normal_fees(
-    chain, demo_model, staff, live_server, tmp_path
+    chain, demo_model, staff, live_server, tmp_path, batched
 ) -> None:
     lane = Account.create()
     key = "0x" + lane.key.hex().removeprefix("0x")
     rpc(chain.rpc_url, "anvil_setBalance", [lane.address, "0x0"])  # our own lane, drained
     log = tmp_path / "worker.log"
     mine = {**option_settings(chain), "X402_RELAYER_KEYS": [key], "X402_RELAYER_KEY": key}
-    with override_settings(**mine, X402_STUCK_AFTER_SECONDS=0, X402_PUBLIC_URL=live_server.url):
-        worker = start_worker(
-            chain,
-            log,
-            TEST_QUEUE,
-            beat=True,
-            env={
-                "X402_RELAYER_KEYS": key,
-                "X402_STUCK_AFTER_SECONDS": "0",
-                "X402_PUBLIC_URL": live_server.url,
-            },
-        )
+    env = {
+        "X402_RELAYER_KEYS": key,
+        "X402_STUCK_AFTER_SECONDS": "0",
+        "X402_PUBLIC_URL": live_server.url,
+        "X402_BATCH_SETTLEMENT": str(batched).lower(),
+    }
+    with override_settings(
+        **mine, X402_STUCK_AFTER_SECONDS=0, X402_PUBLIC_URL=live_server.url, X402_BATCH_SETTLEMENT=batched
+    ):
+        worker = start_worker(chain, log, TEST_QUEUE, beat=True, env=env)
         try:
             first = pay(fresh_payer(chain)["private_key"], "first")
             wait_for(lambda: SettlementTx.objects.exists(), 30, "the settlement to be signed")
@@ -92,10 +94,17 @@ def test_a_lane_that_cannot_pay_is_flagged_its_fees_never_climb_and_refilled_it_
             # Flagged, and it takes no new transaction: the next payment waits, verified.
             row = RelayerNonce.objects.get(address=lane.address)
             assert row.unfunded_since is not None and "insufficient funds" in row.unfunded_reason.lower()
+            refusals = log.read_text().count(NO_BATCH)
             second = pay(fresh_payer(chain)["private_key"], "second")
-            wait_for(lambda: unfunded_passes(log) >= PASSES + 3, 30, "more passes")
+            waiting = Payment.objects.get(prediction__pk=second["id"])
+            # Its settlement ran (the batcher, or its own task) and signed nothing.
+            if batched:
+                wait_for(lambda: log.read_text().count(NO_BATCH) > refusals, 60, "the batcher")
+            else:
+                wait_for(lambda: f"payment {waiting.pk} not signed" in log.read_text(), 60, "its settle task")
             assert SettlementTx.objects.count() == 1
-            assert Payment.objects.get(prediction__pk=second["id"]).status == "verified"
+            waiting.refresh_from_db()
+            assert waiting.status == "verified"
 
             # Reported: /readyz (its only lane cannot pay: not ready, and why), the metric, the admin.
             ready = Client().get("/readyz")
