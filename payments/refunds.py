@@ -312,7 +312,10 @@ def track(refund_id: int) -> Refund:
     if mined_as is None:
         if refund.block_number is not None:  # a reorg dropped its block, and with it this attempt's gas
             Refund.objects.filter(pk=refund.pk).update(
-                block_number=None, confirmations=0, gas_used=earlier_gas or None, gas_cost_wei=earlier_cost or None
+                block_number=None,
+                confirmations=0,
+                gas_used=earlier_gas or None,
+                gas_cost_wei=earlier_cost or None,
             )
         # At the depth below the head the receipts were read at: a block our transaction was in
         # would have shown its receipt.
@@ -325,7 +328,9 @@ def track(refund_id: int) -> Refund:
         )
         # The rule of every outgoing transaction (relayer.resend): re-signed with a higher fee
         # only when stuck and in the node's pool, or refused for another reason than funds.
-        step = relayers.resend(conf.rpc_url, refund.tx_hash, stuck=stuck, send=lambda: _broadcast(conf.rpc_url, refund))
+        step = relayers.resend(
+            conf.rpc_url, refund.tx_hash, stuck=stuck, send=lambda: _broadcast(conf.rpc_url, refund)
+        )
         if step == relayers.Resend.RESIGN:
             return _resign(conf.rpc_url, refund)
         return refund

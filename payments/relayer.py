@@ -88,13 +88,12 @@ class NoLaneCanPay(RuntimeError):
     is signed (the payment waits, VERIFIED, until a balance check shows funds)."""
 
 
-def funded_lanes(network: str, address: str | None = None) -> list[LocalAccount]:
-    """The configured lanes (or the one named ``address``) not flagged as unable to pay."""
-    accounts = [account_of(address)] if address is not None else lanes()
-    flagged = set(
-        RelayerNonce.objects.filter(network=network, unfunded_since__isnull=False).values_list("address", flat=True)
-    )
-    return [a for a in accounts if a.address not in flagged]
+def funded_lanes(network: str) -> list[LocalAccount]:
+    """The configured lanes not flagged as unable to pay."""
+    accounts = lanes()
+    flagged = RelayerNonce.objects.filter(network=network, unfunded_since__isnull=False)
+    addresses = set(flagged.values_list("address", flat=True))
+    return [a for a in accounts if a.address not in addresses]
 
 
 def _ensure_rows(network: str, accounts: list[LocalAccount]) -> None:
@@ -280,7 +279,7 @@ def recheck_unfunded(rpc_urls: dict[str, str]) -> set[str]:
         need = settings.X402_RELAYER_MIN_BALANCE_WEI + sum(t.gas_limit * t.max_fee_per_gas for t in waiting)
         if wei >= need:
             RelayerNonce.objects.filter(pk=row.pk).update(unfunded_since=None, unfunded_reason="")
-            log.warning("lane %s on %s can pay again (%s wei): it takes transactions again", row.address, row.network, wei)
+            log.warning("lane %s on %s can pay again (%s wei)", row.address, row.network, wei)
             cleared.add(row.network)
     return cleared
 

@@ -381,7 +381,9 @@ def prepare(payment_id: Any) -> Payment:
     return p
 
 
-def _sign(p: Payment, conf: ConfiguredOption, settle: SettlementCall, lane: relayers.Lane, block: dict[str, Any]) -> Payment:
+def _sign(
+    p: Payment, conf: ConfiguredOption, settle: SettlementCall, lane: relayers.Lane, block: dict[str, Any]
+) -> Payment:
     """Sign and store the payment's transaction on ``lane`` and move it to SETTLING (the payment
     and the lane locked by the caller)."""
     tx = relayers.sign_and_store(
@@ -716,9 +718,8 @@ def _reconcile_group(
     if tx.block_number is not None:
         return
     sent = tx
-    step = relayers.resend(
-        conf.rpc_url, tx.tx_hash, stuck=relayers.is_stuck(tx), send=lambda: relayers.broadcast(conf.rpc_url, sent)
-    )
+    stuck = relayers.is_stuck(tx)
+    step = relayers.resend(conf.rpc_url, tx.tx_hash, stuck=stuck, send=lambda: relayers.broadcast(conf.rpc_url, sent))
     stats["rebroadcast"] += 1
     if step == relayers.Resend.NO_FUNDS:
         stats["unfunded"] += 1
@@ -903,7 +904,9 @@ def reconcile_all() -> Counter[str]:
     batched = timezone.now() - timedelta(seconds=2 * settings.X402_BATCH_MAX_AGE)
     # A lane that can pay again: the payments that waited for one are sent their way now.
     waited = Q(network__in=refilled)
-    ready = Payment.objects.filter(status=S.VERIFIED).filter(Q(settle_requested_at__lt=max(stale, batched)) | waited)
+    ready = Payment.objects.filter(status=S.VERIFIED).filter(
+        Q(settle_requested_at__lt=max(stale, batched)) | waited
+    )
     for network, asset in ready.values_list("network", "asset").distinct().order_by():
         try:
             conf = for_payment(network, asset)
