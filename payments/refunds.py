@@ -44,6 +44,8 @@ GAS_HEADROOM = 1.3
 RETRY_BASE_SECONDS = 60
 #: ...up to this.
 RETRY_MAX_SECONDS = 3600
+#: Why an approved refund waits while the wallet is flagged as unable to pay (relayer.flag_unfunded).
+WALLET_CANNOT_PAY = "the refund wallet cannot pay for gas"
 #: An approved refund never tried this long after its approval lost its send task (the broker
 #: was down): the reconciler sends it.
 SEND_GRACE_SECONDS = 60
@@ -174,7 +176,7 @@ def send(refund_id: int) -> Refund:
         conf = for_payment(refund.network, refund.asset)
         lane = _lock_wallet(refund.network, account.address)
         if lane.unfunded_since is not None:  # flagged by a refused broadcast; cleared by a balance check
-            _not_sent(refund.pk, f"the refund wallet cannot pay for gas: {lane.unfunded_reason}")
+            _not_sent(refund.pk, f"{WALLET_CANNOT_PAY}: {lane.unfunded_reason}")
             return refund
         data = TRANSFER + refund.recipient[2:].lower().rjust(64, "0") + hex(int(refund.amount))[2:].rjust(64, "0")
         call = {"from": account.address, "to": refund.asset, "data": data}
@@ -430,13 +432,28 @@ def _resign(url: str, refund: Refund) -> Refund:
 
 def _due() -> list[int]:
     """Approved refunds still owed whose send should be tried (again): their retry time came, or
-    they were never tried (the send task was lost) SEND_GRACE_SECONDS after approval."""
+    they were never tried (the send task was lost) SEND_GRACE_SECONDS after approval, or they
+    waited for a wallet flagged as unable to pay that a balance check has since cleared."""
     now = timezone.now()
+    flagged = RelayerNonce.objects.filter(unfunded_since__isnull=False, address=_wallet_address())
+    refilled = Q(failure_reason__startswith=WALLET_CANNOT_PAY) & ~Q(network__in=flagged.values("network"))
     return list(
         Refund.objects.filter(status=R.OWED, approved_at__isnull=False)
-        .filter(Q(retry_at__lte=now) | Q(retry_at=None, approved_at__lte=now - timedelta(seconds=SEND_GRACE_SECONDS)))
+        .filter(
+            Q(retry_at__lte=now)
+            | Q(retry_at=None, approved_at__lte=now - timedelta(seconds=SEND_GRACE_SECONDS))
+            | refilled
+        )
         .values_list("pk", flat=True)
     )
+
+
+def _wallet_address() -> str:
+    """The refund wallet's address ("" without ``X402_REFUND_KEY``)."""
+    try:
+        return wallet().address
+    except ImproperlyConfigured:
+        return ""
 
 
 def reconcile() -> int:

@@ -570,9 +570,23 @@ def test_a_refund_wallet_without_gas_money_is_not_re_signed_and_says_why(chain_s
     assert REFUND_BROADCAST_ERRORS._value.get() == refused + 20
     page = staff["finance"].get(f"/admin/payments/refund/{refund.pk}/change/")
     assert b"nsufficient funds" in page.content
+    # Issue 25: the wallet is flagged as a lane that cannot pay; a refund approved meanwhile is
+    # not signed (it waits, owed, and says why) until a balance check shows funds.
+    later = owed_refund(chain)
+    refunds.approve(later.pk, None)
+    later.refresh_from_db()
+    assert later.status == "owed" and later.failure_reason.startswith(refunds.WALLET_CANNOT_PAY)
     rpc(chain.rpc_url, "anvil_setBalance", [chain.refund_address, hex(10**18)])
+    from payments.models import RelayerNonce
+    from payments.tasks import reconcile
+
+    reconcile.delay()  # the beat's pass: the balance check clears the flag, the waiting refund is sent
+    assert not RelayerNonce.objects.filter(address=chain.refund_address, unfunded_since__isnull=False).exists()
+    later.refresh_from_db()
+    assert later.status in ("sent", "confirmed")
     refund = confirm(refund)
     assert refund.status == "confirmed" and refund.tx_hash == first and refund.broadcast_error == ""
+    assert confirm(later).status == "confirmed"
 
 
 def test_a_streaming_run_that_fails_after_yielding_is_not_refunded(chain_settings, eager_celery) -> None:
