@@ -80,6 +80,18 @@ TEMPLATES = [
 
 DATABASES = {"default": env.db("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/x402")}
 DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=60))
+# A pool of connections per process (psycopg_pool, Django 5.1+): the ASGI server turns it on
+# (x402site/asgi.py), where each request's sync code runs in a thread of its own and a
+# persistent connection would be left behind with every thread. A pooled connection goes back
+# to the pool at the end of the request instead of being closed (docs/deploy.md sizes it).
+if env.bool("DATABASE_POOL", default=False):
+    DATABASES["default"]["CONN_MAX_AGE"] = 0  # Django refuses persistent connections with a pool
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env.int("DATABASE_POOL_MIN_SIZE", default=2),
+        "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=20),
+        # How long a request waits for a free connection before it fails (seconds).
+        "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10.0),
+    }
 DATABASES["default"]["TEST"] = {"NAME": env.str("DATABASE_TEST_NAME", default="test_x402")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
