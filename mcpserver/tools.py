@@ -37,12 +37,13 @@ from payments.exceptions import (
     count_refusal,
 )
 from payments.ledger import settlement_answer
-from payments.permissions import challenge_for, check_payment, is_operator
+from payments.permissions import challenge_for, check_payment
 from payments.x402.codec import DecodeError
 from predictions.models import Model, ModelVersion, Prediction, PredictionStatus
 from predictions.serializers import base_url, model_json, prediction_json
 from predictions.services import create_prediction, replayed
 from predictions.views import charge_for, check_runner, validate_input, wait_until_done
+from x402site.authentication import is_operator
 
 log = logging.getLogger("mcpserver")
 

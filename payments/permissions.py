@@ -8,7 +8,6 @@ view's job, in the same transaction as the prediction it buys.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -17,6 +16,8 @@ from typing import Any
 from django.conf import settings
 from rest_framework import exceptions
 from rest_framework.permissions import SAFE_METHODS, BasePermission
+
+from x402site.authentication import is_operator
 
 from . import backpressure, idempotency, ratelimit, verification
 from .exceptions import Challenge, PaymentRequired, SettlementBacklogged
@@ -128,20 +129,6 @@ def honour_window_seconds(hold_seconds: int = 0) -> int:
     for a payment held through a run, see Requirement.max_timeout_seconds)."""
     longest = max((c.option.max_timeout_seconds for c in configured()), default=0)
     return max(longest, hold_seconds + HOLD_SLACK_SECONDS) + settings.X402_CLOCK_SKEW_SECONDS
-
-
-def is_operator(request) -> bool:  # type: ignore[no-untyped-def]
-    """A request with one of ``X402_OPERATOR_TOKENS`` as its bearer token runs without payment
-    (our own staff and integrations, e.g. the replicate client with an API token)."""
-    tokens = settings.X402_OPERATOR_TOKENS
-    if not tokens:
-        return False
-    given = request.headers.get("Authorization", "")
-    scheme, _, token = given.partition(" ")
-    given_bytes = token.strip().encode("utf-8", "surrogatepass")  # compare_digest: str must be ASCII
-    return scheme.lower() in ("bearer", "token") and any(
-        hmac.compare_digest(given_bytes, t.encode()) for t in tokens
-    )
 
 
 class X402Payment(BasePermission):

@@ -25,15 +25,16 @@ from payments import ratelimit
 from payments.exceptions import InvalidInput, payment_required_response, paywall_response, wants_html
 from payments.ledger import request_fingerprint, settlement_answer
 from payments.models import HardwareTier, UptoOrder
-from payments.permissions import Charge, X402Payment, challenge_for, honour_window_seconds, is_operator
+from payments.permissions import Charge, X402Payment, challenge_for, honour_window_seconds
 from payments.pricing import PriceRule, PricingError, pricing_state, usage_price
 from payments.x402 import bazaar
 from payments.x402.codec import encode_header
 from payments.x402.types import Resource
+from x402site.authentication import OperatorToken, is_operator
 from x402site.inputs import ascii_uint
 
 from . import lifecycle, schema
-from .auth import AuthenticationRequired, payer_of
+from .auth import AuthenticationRequired, SignInWithX, payer_of
 from .models import Model, ModelVersion, Prediction, PredictionStatus, SettlementPolicy
 from .pagination import CursorPagination
 from .runners import READY, cog
@@ -443,6 +444,8 @@ class PredictionList(PredictionCreate):
     sees the predictions its payments bought.
     """
 
+    authentication_classes = [OperatorToken, SignInWithX]
+
     @schema.list_schema
     def get(self, request: Request) -> Response:
         queryset = Prediction.objects.select_related("payment", "model")
@@ -479,6 +482,8 @@ class AccountDetail(APIView):
     """GET /v1/account: who is asking. There are no accounts here: an operator token is the
     operator (an organization); an agent proves its payer address with a sign-in-with-x proof
     (401 with the declaration without one), and that address is its username."""
+
+    authentication_classes = [OperatorToken, SignInWithX]
 
     @schema.account_schema
     def get(self, request: Request) -> Response:

@@ -126,7 +126,8 @@ STORAGES = {
 STATICFILES_DIRS = [BASE_DIR / "static"]
 
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    # Operators' bearer tokens (x402site.authentication); agents are not authenticated: they pay.
+    "DEFAULT_AUTHENTICATION_CLASSES": ["x402site.authentication.OperatorToken"],
     "DEFAULT_PERMISSION_CLASSES": [],
     "UNAUTHENTICATED_USER": None,
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
