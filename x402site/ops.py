@@ -17,9 +17,9 @@ from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from payments.exceptions import problem_response
 from payments.ratelimit import client_address
 from x402site.authentication import OpsToken
+from x402site.exceptions import problem_response
 
 
 def healthz(request: HttpRequest) -> JsonResponse:

@@ -48,7 +48,7 @@ MIDDLEWARE = [
     "x402site.logging.RequestIdMiddleware",
     "x402site.inputs.RefuseUnsafeInput",
     "django.middleware.security.SecurityMiddleware",
-    "payments.middleware.X402CorsMiddleware",
+    "x402site.cors.X402CorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -132,7 +132,7 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": None,
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["x402site.parsers.JSONParser"],
-    "EXCEPTION_HANDLER": "payments.exceptions.api_exception_handler",
+    "EXCEPTION_HANDLER": "x402site.exceptions.api_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     # The client address (rate limits, /metrics access) is the X-Forwarded-For entry this many
     # trusted proxies from the right; 0: REMOTE_ADDR, the header ignored (its left is forgeable).
