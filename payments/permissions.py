@@ -20,7 +20,7 @@ from rest_framework.permissions import SAFE_METHODS, BasePermission
 
 from x402site.authentication import is_operator
 
-from . import backpressure, idempotency, ratelimit, verification
+from . import backpressure, idempotency, metrics, ratelimit, verification
 from .exceptions import Challenge, PaymentRequired, SettlementBacklogged
 from .models import Payment
 from .options import SettlementMode, configured
@@ -214,6 +214,7 @@ def check_payment(header: str, challenge: Challenge, path: str) -> Accepted:
         return Accepted(replay_of=replay_of)
     if backpressure.overloaded():
         # Refused before verification: the authorization stays unused, the agent may resend it.
+        metrics.BACKPRESSURE.inc()
         raise SettlementBacklogged(settings.X402_BACKPRESSURE_RETRY_AFTER)
     try:
         verified = verification.verify(payload, [*challenge.requirements, *challenge.honoured], challenge.resource)

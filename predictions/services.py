@@ -27,7 +27,7 @@ from payments.x402.types import Resource
 from payments.x402.verify import NONCE_ALREADY_USED
 from x402site.exceptions import InvalidInput
 
-from . import lifecycle
+from . import lifecycle, scheduling
 from .models import ModelVersion, Prediction, SettlementPolicy
 from .runners import READY
 
@@ -48,8 +48,6 @@ def create_prediction(
     request) that lost the race with its first attempt gets that prediction back; anything
     else is refused with ``invalid_exact_evm_nonce_already_used`` and learns nothing of it.
     """
-    from .tasks import start_prediction  # late: tasks import this module's models
-
     policy = version.model.settlement_policy  # read once: the prediction keeps it for good
     usage = None
     if paid is not None and paid.payment.payload.permit is not None:
@@ -72,7 +70,7 @@ def create_prediction(
             prediction = lifecycle.create(
                 version, inputs, payment=payment, settlement_policy=policy, options=options
             )
-            transaction.on_commit(lambda: start_prediction(prediction))
+            transaction.on_commit(lambda: scheduling.start_prediction(prediction))
             return prediction, True
     except IntegrityError as exc:
         if paid is None or not ledger.is_duplicate(exc):
