@@ -26,6 +26,8 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
+from x402site import dispatch
+
 from . import relayer as relayers
 from .abi import TRANSFER_TOPIC
 from .chain import RpcError, rpc, rpc_batch
@@ -94,8 +96,6 @@ def owe(payment: Payment, reason: str, *, detail: dict[str, Any] | None = None) 
 def approve(refund_id: int, user: Any) -> Refund:
     """Finance approves an owed refund (or one that failed, to try again); it is sent after
     commit. Approving one already approved but not sent (the wallet could not) sends it again."""
-    from .tasks import send_refund
-
     with transaction.atomic():
         refund = Refund.objects.select_for_update().get(pk=refund_id)
         detail = {"approved_by": str(user)}
@@ -121,18 +121,16 @@ def approve(refund_id: int, user: Any) -> Refund:
             RefundEvent.objects.create(refund=refund, from_status=R.OWED, to_status=R.OWED, detail=detail)
         elif refund.status != R.OWED:
             return refund
-    transaction.on_commit(lambda: send_refund.delay(refund.pk))
+    transaction.on_commit(lambda: dispatch.send(dispatch.SEND_REFUND, refund.pk))
     return refund
 
 
 def send_again(refund_id: int) -> bool:
     """Finance's "send again" on an approved refund still owed (its send failed or its task was
     lost): the wait is cleared and it is sent after commit. False for any other refund."""
-    from .tasks import send_refund
-
     if not Refund.objects.filter(pk=refund_id, status=R.OWED, approved_at__isnull=False).update(retry_at=None):
         return False
-    transaction.on_commit(lambda: send_refund.delay(refund_id))
+    transaction.on_commit(lambda: dispatch.send(dispatch.SEND_REFUND, refund_id))
     return True
 
 

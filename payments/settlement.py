@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F
 from django.utils import timezone
 from eth_utils import to_checksum_address
 
@@ -374,7 +374,7 @@ def prepare(payment_id: Any) -> Payment:
             p = _sign(p, conf, settle, lane, block)
     except relayers.NoLaneCanPay as exc:
         # Nothing signed: the payment waits, VERIFIED, until a lane can pay again (the
-        # reconciler then sends it its way, see reconcile_all).
+        # reconciler then sends it its way, see ledger.resend_lost).
         log.warning("payment %s not signed: %s", payment_id, exc)
         return Payment.objects.get(pk=payment_id)
     _fault_pause()
@@ -797,23 +797,6 @@ class RelayerSettler:
         return p  # our own settlements always carry their hash; the chain search decides
 
 
-class BatchSettlement:
-    """Our relayer settles many payments per transaction through the option's BatchSettler.
-
-    ``start`` settles the payment now, in a batch with whatever else is ready (a payment a
-    batch cannot carry, a contract wallet's signature, goes alone); the batcher
-    (:mod:`payments.batching`) normally forms batches by size and age.
-    """
-
-    def start(self, payment_id: Any) -> Payment:
-        from . import batching
-
-        return batching.settle_now(payment_id)
-
-    def retry_unknown(self, p: Payment, conf: ConfiguredOption) -> Payment:
-        return p  # our own settlements always carry their hash; the chain search decides
-
-
 class FacilitatorSettler:
     """The option's x402 facilitator settles; an unknown outcome stays SETTLING for the reconciler."""
 
@@ -863,9 +846,10 @@ class FacilitatorSettler:
         return resolve_lapsing(p.pk) if p.status == S.LAPSING else p
 
 
+#: How each SettlementMode settles; payments.batching registers SettlementMode.BATCH's
+#: (imported by PaymentsConfig.ready), as the module that forms batches.
 SETTLERS: dict[str, Settler] = {
     SettlementMode.RELAYER: RelayerSettler(),
-    SettlementMode.BATCH: BatchSettlement(),
     SettlementMode.FACILITATOR: FacilitatorSettler(),
 }
 
@@ -892,38 +876,7 @@ def resolve_unknown(payment_id: Any) -> Payment:
     return SETTLERS[conf.mode].retry_unknown(p, conf)
 
 
-def reconcile_all() -> Counter[str]:
-    """One reconciliation pass (:func:`reconcile_open`), then re-enqueue VERIFIED payments whose
-    settle task was lost: the batcher of a batched option (once), else the payment's own task."""
-    from . import batching
-    from .tasks import SWEEP_AFTER, settle_payment
-
-    refilled = _recheck_lanes()
-    stats = reconcile_open()
-    stale = timezone.now() - SWEEP_AFTER
-    batched = timezone.now() - timedelta(seconds=2 * settings.X402_BATCH_MAX_AGE)
-    # A lane that can pay again: the payments that waited for one are sent their way now.
-    waited = Q(network__in=refilled)
-    ready = Payment.objects.filter(status=S.VERIFIED).filter(
-        Q(settle_requested_at__lt=max(stale, batched)) | waited
-    )
-    for network, asset in ready.values_list("network", "asset").distinct().order_by():
-        try:
-            conf = for_payment(network, asset)
-        except LookupError:
-            continue
-        if conf.mode == SettlementMode.BATCH:
-            batching.kick(conf, delay=0)
-            stats["swept"] += 1
-            continue
-        lost = ready.filter(network=network, asset=asset).filter(Q(settle_requested_at__lt=stale) | waited)
-        for pk in lost.values_list("pk", flat=True):
-            settle_payment.delay(str(pk))
-            stats["swept"] += 1
-    return stats
-
-
-def _recheck_lanes() -> set[str]:
+def recheck_lanes() -> set[str]:
     """The balance check of the lanes flagged as unable to pay (:func:`relayer.recheck_unfunded`);
     the networks where one can pay again. An RPC failure leaves them flagged until next pass."""
     from .options import configured

@@ -46,7 +46,7 @@ from payments.ledger import RunEnd
 from payments.metrics import PREDICTION_SECONDS
 from payments.models import CHARGED_STATUSES, UNPAID_STATUSES, Payment, PaymentStatus
 
-from . import events, webhooks
+from . import events, scheduling, webhooks
 from .models import (
     TERMINAL,
     ModelVersion,
@@ -537,9 +537,7 @@ def on_payment(payment: Payment) -> None:
         if prediction.status == P.PROCESSING and prediction.run_ended_at is not None:
             _move(prediction, P.SUCCEEDED, Cause.PAYMENT, detail={"payment": str(payment.pk)})
         elif prediction.status == P.STARTING and prediction.settlement_policy == SettlementPolicy.BEFORE_RUN:
-            from .tasks import enqueue_run
-
-            transaction.on_commit(lambda: enqueue_run(prediction))
+            transaction.on_commit(lambda: scheduling.enqueue_run(prediction))
     elif payment.status in UNPAID_STATUSES:
         _move(
             prediction,
