@@ -263,7 +263,9 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
     reported is written, so a cancel during the run, or a second report, changes nothing.
 
     A success under ``after_success`` keeps its output back (status stays PROCESSING) and asks
-    for settlement; the payment's confirmation releases it (:func:`on_payment`).
+    for settlement; the payment's confirmation releases it (:func:`on_payment`). A payment
+    already confirmed (settled before the run ended, by whomever) releases it at once: the
+    confirmation that would have released it has come and gone.
     """
     with transaction.atomic():
         prediction = _lock(prediction_id)
@@ -284,7 +286,9 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
             run_end = RunEnd.STOPPED if outcome.timed_out else RunEnd.FAILED
             _move(prediction, P.FAILED, cause, run_end=run_end, **fields)
         elif (
-            prediction.payment is not None and prediction.settlement_policy == SettlementPolicy.AFTER_SUCCESS
+            prediction.payment is not None
+            and prediction.settlement_policy == SettlementPolicy.AFTER_SUCCESS
+            and prediction.payment.status != PaymentStatus.CONFIRMED
         ):
             fields["output"] = outcome.output
             for name, value in fields.items():
@@ -453,10 +457,18 @@ class RefundCause(StrEnum):
     FAILED_AFTER_OUTPUT = "failed_after_output"
     #: Canceled by its payer after the run started. Not owed.
     CANCELED_RUNNING = "canceled_while_running"
+    #: Released unsettled (or refused before the run), then paid on chain by someone who
+    #: submitted the authorization: owed whatever the policy (see :func:`_refund_if_owed`).
+    PAID_ALTHOUGH_RELEASED = "paid_although_released"
 
     @property
     def owed(self) -> bool:
-        return self in {RefundCause.FAILED, RefundCause.NOT_STARTED, RefundCause.OPERATOR}
+        return self in {
+            RefundCause.FAILED,
+            RefundCause.NOT_STARTED,
+            RefundCause.OPERATOR,
+            RefundCause.PAID_ALTHOUGH_RELEASED,
+        }
 
 
 def _ended_run(prediction: Prediction) -> dict[str, Any]:
@@ -493,16 +505,25 @@ def _refund_cause(prediction: Prediction) -> RefundCause | None:
 def _refund_if_owed(prediction: Prediction, payment: Payment) -> None:
     """A prediction that ended without its output, under a policy that refunds, whose payment
     is confirmed, and that the refund policy covers (:func:`_refund_cause`): the payer is owed
-    the money back (payments.refunds, once per payment). A payment still settling is looked at
-    again when it confirms (:func:`on_payment`). The reason names the payment, never the
-    prediction id (a bearer capability)."""
+    the money back (payments.refunds, once per payment). So is any payment that ends paid
+    although we released it unsettled (``settle_requested_at`` never set: an ``after_success``
+    authorization someone else submitted after its run failed, or one refused before its run).
+    A payment still settling is looked at again when it confirms (:func:`on_payment`). The
+    reason names the payment, never the prediction id (a bearer capability)."""
+    if payment.status != PaymentStatus.CONFIRMED:
+        return
+    if payment.settle_requested_at is None and prediction.status != P.SUCCEEDED:
+        # Paid although we never asked for it (released, or refused before its run): someone
+        # submitted the authorization we let go. Whatever the policy, it is the payer's money.
+        refunds.owe(
+            payment,
+            f"payment {payment.pk}: paid on chain although released unsettled; the prediction ended "
+            f"{prediction.status}: {prediction.error}",
+            detail={"cause": str(RefundCause.PAID_ALTHOUGH_RELEASED), "prediction_status": prediction.status},
+        )
+        return
     cause = _refund_cause(prediction)
-    if (
-        cause is not None
-        and cause.owed
-        and SettlementPolicy(prediction.settlement_policy).refunds_unserved
-        and payment.status == PaymentStatus.CONFIRMED
-    ):
+    if cause is not None and cause.owed and SettlementPolicy(prediction.settlement_policy).refunds_unserved:
         seconds = _run_seconds(prediction, prediction.completed_at or timezone.now()) if prediction.started_at else 0
         refunds.owe(
             payment,
@@ -522,7 +543,8 @@ def on_payment(payment: Payment) -> None:
     Confirmed: a finished ``after_success`` run is released (SUCCEEDED: ``output`` and
     ``completed`` webhooks), a waiting ``before_run`` prediction is enqueued, and one that
     already ended unserved is owed a refund. Failed or expired: an unfinished prediction fails
-    (and a run in progress is canceled on its runner).
+    (and a run in progress is canceled on its runner). LAPSING (we will not settle it, or its
+    settlement failed): a prediction not started fails at once, with the reason.
     """
     prediction_id = Prediction.objects.filter(payment=payment).values_list("pk", flat=True).first()
     if prediction_id is None:
@@ -540,7 +562,11 @@ def on_payment(payment: Payment) -> None:
             from .tasks import enqueue_run
 
             transaction.on_commit(lambda: enqueue_run(prediction))
-    elif payment.status in UNPAID_STATUSES:
+    elif payment.status in UNPAID_STATUSES or (
+        payment.status == PaymentStatus.LAPSING and prediction.status == P.STARTING
+    ):
+        # Unpaid, or not going to be settled by us (LAPSING: only the chain may still say it was
+        # paid, and then it is refunded): a prediction never left STARTING for it.
         _move(
             prediction,
             P.FAILED,

@@ -26,7 +26,7 @@ from django.db.models import Q
 from django.utils import timezone
 from kombu.exceptions import OperationalError
 
-from payments import ledger
+from payments import ledger, settlement
 from payments.ledger import RunEnd
 from payments.models import PaymentStatus
 
@@ -78,6 +78,8 @@ def start_prediction(prediction: Prediction) -> None:
 def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
     """Claim the prediction and hand it to its runner. ``resume``: a start the runner refused as
     busy is tried again on the prediction already claimed."""
+    if not resume:
+        _refuse_unsettleable(prediction_id)
     prediction = lifecycle.running(prediction_id) if resume else lifecycle.claim(prediction_id)
     if prediction is None:
         return "skipped"
@@ -101,6 +103,16 @@ def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
     if outcome is None:
         return "started"  # the runner reports back through its callback
     return lifecycle.finish(prediction_id, outcome, cause=Cause.TASK)
+
+
+def _refuse_unsettleable(prediction_id: str) -> None:
+    """Before a run whose payment is held until after it (upto, after_success): its settlement
+    is simulated, and a payment that could not be settled is refused (the prediction then fails
+    unstarted, see payments.settlement.refuse_if_unsettleable); the claim finds nothing to run."""
+    starting = Prediction.objects.filter(pk=prediction_id, status=P.STARTING)
+    payment_id = starting.values_list("payment_id", flat=True).first()
+    if payment_id is not None:
+        settlement.refuse_if_unsettleable(payment_id)
 
 
 @shared_task(acks_late=True)
