@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from django.conf import settings
 from django.db import transaction
@@ -59,6 +59,7 @@ from .x402.verify import VerifiedPayment
 __all__ = ["relayer_account"]  # re-exported: views and ops name the relayer through this module
 
 log = logging.getLogger("payments.settlement")
+T = TypeVar("T")
 S = PaymentStatus
 
 #: Gas limit for one transferWithAuthorization (82,900 measured on anvil; USDC needs a little more).
@@ -195,12 +196,22 @@ def not_yet_valid(exc: RpcError) -> bool:
     return NOT_YET_VALID_MESSAGE in str(exc) or data.lower().startswith(PAYMENT_TOO_EARLY)
 
 
-def wait_until_valid(valid_after: int) -> None:
-    """Wait (a few seconds at most) until a block mined now may use an authorization whose
-    ``validAfter`` is ``valid_after``: its timestamp must be past it."""
+def when_valid(valid_after: int, simulation: Callable[[], T]) -> T:
+    """``simulation()`` once a block mined now may use an authorization valid after
+    ``valid_after`` (its timestamp must be past it): waited out for a few seconds at most,
+    by our clock and then by the node's (asked again while it answers "not yet valid"). Raises
+    the last RpcError."""
+    deadline = time.monotonic() + VALID_AFTER_WAIT_SECONDS
     wait = valid_after + 1 - time.time()
     if 0 < wait <= VALID_AFTER_WAIT_SECONDS:
         time.sleep(wait)
+    while True:
+        try:
+            return simulation()
+        except RpcError as exc:
+            if not not_yet_valid(exc) or time.monotonic() + 0.5 > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def simulate(url: str, call: SettlementCall) -> None:
@@ -410,9 +421,9 @@ def refusal_before_run(verified: VerifiedPayment, conf: ConfiguredOption) -> str
     remote facilitator is that facilitator's to judge (its ``/verify``): None."""
     if conf.mode == SettlementMode.FACILITATOR:
         return None
-    wait_until_valid(verified.payload.authorization.valid_after)
+    call = held_settlement_call(verified)
     try:
-        simulate(conf.rpc_url, held_settlement_call(verified))
+        when_valid(verified.payload.authorization.valid_after, lambda: simulate(conf.rpc_url, call))
     except RpcError as exc:
         return None if not_yet_valid(exc) else _revert_message(exc)
     return None
@@ -435,9 +446,8 @@ def refuse_if_unsettleable(payment_id: Any) -> Payment:
         call = _upto_call(permit, _permit_calldata(permit, permit.maximum, signature))
     else:
         call = settlement_call(p)
-    wait_until_valid(p.valid_after)
     try:
-        simulate(conf.rpc_url, call)
+        when_valid(p.valid_after, lambda: simulate(conf.rpc_url, call))
     except RpcError as exc:
         if not_yet_valid(exc):
             return p
@@ -469,12 +479,14 @@ def prepare(payment_id: Any) -> Payment:
     conf = for_payment(p.network, p.asset)
     settle = settlement_call(p)
     call = {"from": settle.sender or relayers.lanes()[0].address, "to": settle.to, "data": settle.data}
-    wait_until_valid(p.valid_after)
     try:
         # Simulated in the block the transaction will be mined in (see simulate).
-        block, _ = rpc_batch(
-            conf.rpc_url,
-            [("eth_getBlockByNumber", ["latest", False]), ("eth_estimateGas", [call, "pending"])],
+        block, _ = when_valid(
+            p.valid_after,
+            lambda: rpc_batch(
+                conf.rpc_url,
+                [("eth_getBlockByNumber", ["latest", False]), ("eth_estimateGas", [call, "pending"])],
+            ),
         )
     except RpcError as exc:
         if not_yet_valid(exc):
