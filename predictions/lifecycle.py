@@ -44,7 +44,7 @@ from prometheus_client import Counter
 from payments import ledger, refunds
 from payments.ledger import RunEnd
 from payments.metrics import PREDICTION_SECONDS
-from payments.models import CHARGED_STATUSES, UNPAID_STATUSES, Payment, PaymentStatus
+from payments.models import CHARGED_STATUSES, UNPAID_STATUSES, Payment, PaymentStatus, UnpaidReason
 
 from . import events, webhooks
 from .models import (
@@ -543,8 +543,9 @@ def on_payment(payment: Payment) -> None:
     Confirmed: a finished ``after_success`` run is released (SUCCEEDED: ``output`` and
     ``completed`` webhooks), a waiting ``before_run`` prediction is enqueued, and one that
     already ended unserved is owed a refund. Failed or expired: an unfinished prediction fails
-    (and a run in progress is canceled on its runner). LAPSING (we will not settle it, or its
-    settlement failed): a prediction not started fails at once, with the reason.
+    (and a run in progress is canceled on its runner). LAPSING because we will not settle it or
+    its settlement failed (not because it lapsed): a prediction not started fails at once,
+    with the reason.
     """
     prediction_id = Prediction.objects.filter(payment=payment).values_list("pk", flat=True).first()
     if prediction_id is None:
@@ -563,7 +564,9 @@ def on_payment(payment: Payment) -> None:
 
             transaction.on_commit(lambda: enqueue_run(prediction))
     elif payment.status in UNPAID_STATUSES or (
-        payment.status == PaymentStatus.LAPSING and prediction.status == P.STARTING
+        payment.status == PaymentStatus.LAPSING
+        and prediction.status == P.STARTING
+        and UnpaidReason(payment.unpaid_reason).ends_unstarted_prediction
     ):
         # Unpaid, or not going to be settled by us (LAPSING: only the chain may still say it was
         # paid, and then it is refunded): a prediction never left STARTING for it.
