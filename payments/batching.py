@@ -149,6 +149,9 @@ def form(conf: ConfiguredOption, *, force: bool) -> Formed | None:
         if not force and len(rows) < limit and age < settings.X402_BATCH_MAX_AGE:
             return None
         formed = Formed(full=len(rows) == limit)
+        # An authorization valid from this very second (a client may sign validAfter = now) is
+        # waited out (rare, a second at most); a block mined now could not use it yet.
+        settlement.wait_for_valid_after(max(p.valid_after for p in rows))
         soon = time.time() + settlement.SETTLE_SAFETY_SECONDS
         items = []
         for p in rows:

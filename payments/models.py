@@ -104,13 +104,6 @@ class UnpaidReason(models.TextChoices):
         return S.EXPIRED if self in (self.RELEASED, self.NOT_SETTLED_IN_TIME, self.NOT_MINED) else S.FAILED
 
     @property
-    def ends_unstarted_prediction(self) -> bool:
-        """A prediction waiting for this payment (not started) ends at once when it goes LAPSING
-        for this reason: we will not, or could not, settle it. Not when it lapsed (then the
-        chain's answer, unused or paid by someone, is read at once and decides)."""
-        return self not in (self.NOT_SETTLED_IN_TIME, self.NOT_MINED)
-
-    @property
     def retryable(self) -> bool:
         """A failed attempt (not a decision of ours) may be tried again if the proof verifies again."""
         return self in (self.SIMULATION_REVERTED, self.SETTLEMENT_REVERTED, self.FACILITATOR_REFUSED)

@@ -51,6 +51,7 @@ from .metrics import RECONCILE_ERRORS
 from .models import Payment, PaymentStatus, SettlementTx, UnpaidReason
 from .options import ConfiguredOption, SettlementMode, for_payment
 from .relayer import relayer_account
+from .signals import payment_unsettled
 from .x402.eip712 import Authorization
 from .x402.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit
 from .x402.types import SCHEME_UPTO, parse_payload
@@ -196,15 +197,20 @@ def not_yet_valid(exc: RpcError) -> bool:
     return NOT_YET_VALID_MESSAGE in str(exc) or data.lower().startswith(PAYMENT_TOO_EARLY)
 
 
+def wait_for_valid_after(valid_after: int) -> None:
+    """Sleep until our clock is past ``valid_after`` if that is at most a few seconds away."""
+    wait = valid_after + 1 - time.time()
+    if 0 < wait <= VALID_AFTER_WAIT_SECONDS:
+        time.sleep(wait)
+
+
 def when_valid(valid_after: int, simulation: Callable[[], T]) -> T:
     """``simulation()`` once a block mined now may use an authorization valid after
     ``valid_after`` (its timestamp must be past it): waited out for a few seconds at most,
     by our clock and then by the node's (asked again while it answers "not yet valid"). Raises
     the last RpcError."""
     deadline = time.monotonic() + VALID_AFTER_WAIT_SECONDS
-    wait = valid_after + 1 - time.time()
-    if 0 < wait <= VALID_AFTER_WAIT_SECONDS:
-        time.sleep(wait)
+    wait_for_valid_after(valid_after)
     while True:
         try:
             return simulation()
@@ -361,7 +367,8 @@ def resolve_lapsing(payment_id: Any) -> Payment:
     receipt then decides SETTLED or CONFIRMED), so money that moved is always on the books and
     its prediction is served. Used without that Transfer (the payer spent the nonce on another
     authorization) or canceled by the payer: FAILED. Unused and lapsed: the reason's terminal
-    state. Otherwise it may still be used: nothing changes.
+    state. Otherwise it may still be used: nothing changes (``payment_unsettled`` is sent: what
+    waits for the payment need not wait for its lapse).
     """
     p = Payment.objects.get(pk=payment_id)
     if p.status != S.LAPSING:
@@ -409,6 +416,8 @@ def resolve_lapsing(payment_id: Any) -> Payment:
             )
         elif has_lapsed(p, use):
             p.advance(UnpaidReason(p.unpaid_reason).final_status, detail={"chain": chain})
+        else:
+            payment_unsettled.send(sender=Payment, payment=p)
     if p.status == S.SETTLING:
         p = track(p.pk)
     return p

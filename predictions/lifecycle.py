@@ -44,7 +44,7 @@ from prometheus_client import Counter
 from payments import ledger, refunds
 from payments.ledger import RunEnd
 from payments.metrics import PREDICTION_SECONDS
-from payments.models import CHARGED_STATUSES, UNPAID_STATUSES, Payment, PaymentStatus, UnpaidReason
+from payments.models import CHARGED_STATUSES, UNPAID_STATUSES, Payment, PaymentStatus
 
 from . import events, webhooks
 from .models import (
@@ -543,9 +543,7 @@ def on_payment(payment: Payment) -> None:
     Confirmed: a finished ``after_success`` run is released (SUCCEEDED: ``output`` and
     ``completed`` webhooks), a waiting ``before_run`` prediction is enqueued, and one that
     already ended unserved is owed a refund. Failed or expired: an unfinished prediction fails
-    (and a run in progress is canceled on its runner). LAPSING because we will not settle it or
-    its settlement failed (not because it lapsed): a prediction not started fails at once,
-    with the reason.
+    (and a run in progress is canceled on its runner).
     """
     prediction_id = Prediction.objects.filter(payment=payment).values_list("pk", flat=True).first()
     if prediction_id is None:
@@ -563,13 +561,7 @@ def on_payment(payment: Payment) -> None:
             from .tasks import enqueue_run
 
             transaction.on_commit(lambda: enqueue_run(prediction))
-    elif payment.status in UNPAID_STATUSES or (
-        payment.status == PaymentStatus.LAPSING
-        and prediction.status == P.STARTING
-        and UnpaidReason(payment.unpaid_reason).ends_unstarted_prediction
-    ):
-        # Unpaid, or not going to be settled by us (LAPSING: only the chain may still say it was
-        # paid, and then it is refunded): a prediction never left STARTING for it.
+    elif payment.status in UNPAID_STATUSES:
         _move(
             prediction,
             P.FAILED,
@@ -578,3 +570,21 @@ def on_payment(payment: Payment) -> None:
             stop_run=prediction.status == P.PROCESSING and prediction.run_ended_at is None,
             error=f"payment {payment.status}: {payment.failure_reason}",
         )
+
+
+def on_unsettled(payment: Payment) -> None:
+    """The chain says ``payment`` (LAPSING: we will not, or could not, settle it) is unused
+    (called inside its transaction, payment locked). A prediction still waiting to start for it
+    fails now, with the reason, instead of staying ``starting`` until the authorization lapses;
+    if someone still submits it, it is paid and refunded (:func:`_refund_if_owed`)."""
+    prediction_id = Prediction.objects.filter(payment=payment).values_list("pk", flat=True).first()
+    prediction = _lock(prediction_id) if prediction_id is not None else None
+    if prediction is None or prediction.status != P.STARTING:
+        return
+    _move(
+        prediction,
+        P.FAILED,
+        Cause.PAYMENT,
+        detail={"payment": str(payment.pk)},
+        error=f"payment not settled: {payment.failure_reason}",
+    )

@@ -28,7 +28,7 @@ from kombu.exceptions import OperationalError
 
 from payments import ledger, settlement
 from payments.ledger import RunEnd
-from payments.models import PaymentStatus
+from payments.models import PaymentStatus, UnpaidReason
 
 from . import lifecycle
 from .lifecycle import WATCHDOG_SLACK, Cause
@@ -78,8 +78,8 @@ def start_prediction(prediction: Prediction) -> None:
 def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
     """Claim the prediction and hand it to its runner. ``resume``: a start the runner refused as
     busy is tried again on the prediction already claimed."""
-    if not resume:
-        _refuse_unsettleable(prediction_id)
+    if not resume and _refused_before_run(prediction_id):
+        return "refused"
     prediction = lifecycle.running(prediction_id) if resume else lifecycle.claim(prediction_id)
     if prediction is None:
         return "skipped"
@@ -105,14 +105,16 @@ def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
     return lifecycle.finish(prediction_id, outcome, cause=Cause.TASK)
 
 
-def _refuse_unsettleable(prediction_id: str) -> None:
+def _refused_before_run(prediction_id: str) -> bool:
     """Before a run whose payment is held until after it (upto, after_success): its settlement
-    is simulated, and a payment that could not be settled is refused (the prediction then fails
-    unstarted, see payments.settlement.refuse_if_unsettleable); the claim finds nothing to run."""
+    is simulated, and a payment that could not be settled is refused, never run (its prediction
+    fails unstarted, see payments.settlement.refuse_if_unsettleable)."""
     starting = Prediction.objects.filter(pk=prediction_id, status=P.STARTING)
     payment_id = starting.values_list("payment_id", flat=True).first()
-    if payment_id is not None:
-        settlement.refuse_if_unsettleable(payment_id)
+    if payment_id is None:
+        return False
+    payment = settlement.refuse_if_unsettleable(payment_id)
+    return payment.unpaid_reason == UnpaidReason.REFUSED_BEFORE_RUN
 
 
 @shared_task(acks_late=True)

@@ -215,13 +215,16 @@ def test_an_upto_payment_whose_settlement_would_revert_is_refused_before_its_run
 # --- defect 9 -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one_per_tx"])
 @pytest.mark.parametrize("valid_after_ago", [1, 0])
 def test_a_correct_payment_settles_on_a_chain_idle_past_its_valid_after(
-    chain_settings, demo_model, eager_celery, valid_after_ago
+    chain_settings, demo_model, eager_celery, settings, valid_after_ago, batched
 ) -> None:
     """The chain mined nothing for a few seconds: its latest block is older than the payment's
     validAfter (now - 1 s, or now as the spec allows). Simulated at the latest block the
-    settlement reverted "not yet valid" and the payment lapsed; it must settle and run."""
+    settlement reverted "not yet valid" and the payment lapsed; it must settle and run, in
+    batches or one payment per transaction."""
+    settings.X402_BATCH_SETTLEMENT = batched
     chain = chain_settings
     payer = fresh_payer(chain, PRICE)
     time.sleep(3)  # the chain idles: no block is mined
