@@ -441,8 +441,8 @@ def refusal_before_run(verified: VerifiedPayment, conf: ConfiguredOption) -> str
 def refuse_if_unsettleable(payment_id: Any) -> Payment:
     """Before a held payment's run starts (VERIFIED, its settlement not asked for yet): simulate
     the settlement at the most it can settle; if it would revert, the payment is refused before
-    the run (LAPSING, ``refused_before_run``; the chain then says what it became) and its
-    prediction fails unstarted (``predictions.lifecycle.on_payment``)."""
+    the run (LAPSING, ``refused_before_run``; the chain then says what it became) and, once the
+    chain says it is unused, its prediction fails unstarted (``payment_unsettled``)."""
     p = Payment.objects.get(pk=payment_id)
     if p.status != S.VERIFIED or p.settle_requested_at is not None:
         return p
