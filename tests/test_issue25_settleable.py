@@ -29,7 +29,7 @@ from payments.models import Payment, PaymentStatus, Refund, UnpaidReason
 from payments.options import payment_options
 from payments.x402.codec import decode_header, encode_header
 from payments.x402.types import SCHEME_UPTO, PaymentOption, Requirement
-from payments.x402.verify import PERMIT2_INVALID_SIGNATURE
+from payments.x402.verify import PERMIT2_INVALID_SIGNATURE, SETTLEMENT_WOULD_REVERT
 from predictions.models import ModelVersion, Prediction
 from tests.conftest import fresh_payer, rpc, token_balance
 from tests.payers import sign_authorization, v2_header_for, v2_payload
@@ -77,16 +77,15 @@ def after_success(model: Any) -> None:
     model.save()
 
 
+def transfer_data(to: str, amount: int) -> str:
+    return "0xa9059cbb" + to[2:].lower().rjust(64, "0") + hex(amount)[2:].rjust(64, "0")
+
+
 def drain(chain: Any, payer: dict[str, str]) -> None:
     """The payer moves its whole balance away (an unlocked fresh payer)."""
     balance = token_balance(chain, payer["address"])
     to = Account.create().address
-    send_as(
-        chain,
-        payer["address"],
-        chain.asset,
-        "0xa9059cbb" + to[2:].lower().rjust(64, "0") + hex(balance)[2:].rjust(64, "0"),
-    )
+    send_as(chain, payer["address"], chain.asset, transfer_data(to, balance))
 
 
 def lapse_and_reconcile(monkeypatch: Any, p: Payment) -> None:
@@ -128,6 +127,36 @@ def test_an_upto_permit_signed_with_v_0_or_1_is_refused_before_any_run(
     assert decode_header(response["PAYMENT-REQUIRED"])["error"] == PERMIT2_INVALID_SIGNATURE
     assert Prediction.objects.count() == 0 and Payment.objects.count() == 0  # no run
     assert token_balance(chain, payer["address"]) == before
+
+
+def test_a_held_payment_whose_settlement_would_revert_is_refused_at_the_gate(
+    chain_settings, demo_model, monkeypatch
+) -> None:
+    """The payer's transfer of all its funds is pending when it pays: the chain checks (at the
+    latest block) pass, but the settlement, simulated in the block it would be mined in,
+    reverts: a 402 with the reason, no payment recorded, no run."""
+    chain = chain_settings
+    after_success(demo_model)
+    started: list[Prediction] = []
+    monkeypatch.setattr("predictions.tasks.start_prediction", started.append)
+    payer = fresh_payer(chain, PRICE)
+    header = v2_header_for(payer["private_key"], challenge())
+    rpc(chain.rpc_url, "anvil_setAutomine", [False])
+    try:
+        tx = {
+            "from": payer["address"],
+            "to": chain.asset,
+            "data": transfer_data(Account.create().address, PRICE),
+        }
+        rpc(chain.rpc_url, "eth_sendTransaction", [tx])
+        response = post(URL, header)
+    finally:
+        rpc(chain.rpc_url, "anvil_setAutomine", [True])
+        rpc(chain.rpc_url, "evm_mine", [])
+    assert response.status_code == 402, response.content
+    assert decode_header(response["PAYMENT-REQUIRED"])["error"] == SETTLEMENT_WOULD_REVERT
+    assert "exceeds balance" in response.json()["message"]
+    assert Payment.objects.count() == 0 and Prediction.objects.count() == 0 and not started
 
 
 def test_an_after_success_payment_whose_settlement_would_revert_is_refused_before_its_run(
