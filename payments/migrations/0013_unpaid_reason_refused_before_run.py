@@ -4,15 +4,28 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('payments', '0012_refund_broadcast_error'),
+        ("payments", "0012_refund_broadcast_error"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='payment',
-            name='unpaid_reason',
-            field=models.CharField(blank=True, choices=[('released', 'Released unsettled (nothing to charge)'), ('not_settled_in_time', 'Lapsed before settlement'), ('simulation_reverted', 'Settlement simulation reverted'), ('settlement_reverted', 'Settlement transaction reverted'), ('not_mined', 'Settlement not mined before validBefore'), ('facilitator_refused', 'The facilitator refused to settle'), ('payer_canceled', 'The payer canceled the authorization'), ('nonce_used_elsewhere', 'The payer used the nonce for another authorization'), ('refused_before_run', 'Refused before the run: its settlement would revert')], max_length=32),
+            model_name="payment",
+            name="unpaid_reason",
+            field=models.CharField(
+                blank=True,
+                choices=[
+                    ("released", "Released unsettled (nothing to charge)"),
+                    ("not_settled_in_time", "Lapsed before settlement"),
+                    ("simulation_reverted", "Settlement simulation reverted"),
+                    ("settlement_reverted", "Settlement transaction reverted"),
+                    ("not_mined", "Settlement not mined before validBefore"),
+                    ("facilitator_refused", "The facilitator refused to settle"),
+                    ("payer_canceled", "The payer canceled the authorization"),
+                    ("nonce_used_elsewhere", "The payer used the nonce for another authorization"),
+                    ("refused_before_run", "Refused before the run: its settlement would revert"),
+                ],
+                max_length=32,
+            ),
         ),
     ]
