@@ -94,15 +94,19 @@ def record(
     return payment
 
 
-def same_proof(verified: VerifiedPayment) -> Payment | None:
-    """The ledger row holding exactly this proof (same authorization fields and signature), if any.
+def same_proof(verified: VerifiedPayment, *, recorded_by: str) -> Payment | None:
+    """The ledger row holding exactly this proof (same authorization fields and signature),
+    recorded by ``recorded_by`` (a VerificationMethod), if any.
 
     Only a caller that has just verified the proof may use this: a row found by payer and nonce
-    alone proves nothing, since both are public once a payment settles.
+    alone proves nothing, since both are public once a payment settles. And a caller answers
+    only for the rows it recorded itself: the facilitator API must never settle a payment the
+    gate holds until after its run (issue 25).
     """
     auth = verified.payload.authorization
     return (
-        Payment.objects.of_authorization(
+        Payment.objects.filter(verification=recorded_by)
+        .of_authorization(
             verified.requirement.option.network,
             verified.requirement.option.asset,
             to_checksum_address(auth.from_),
@@ -255,7 +259,10 @@ def settlement_answer(payment: Payment) -> dict[str, Any]:
     with the amount actually charged, 0, not the signed maximum.
     """
     paid = payment.status in PAID_STATUSES and bool(payment.settle_tx_hash)
-    unpaid = not paid and (payment.status in UNPAID_STATUSES or payment.is_released)
+    # Released and not (yet) found paid on chain; once the chain says someone paid it, the
+    # ledger follows it (SETTLING, the reason cleared) and so does this answer.
+    released = payment.is_released and payment.status == PaymentStatus.LAPSING
+    unpaid = not paid and (payment.status in UNPAID_STATUSES or released)
     reason = None
     if not paid:
         reason = SETTLEMENT_FAILED if unpaid else SETTLEMENT_PENDING

@@ -94,6 +94,9 @@ class UnpaidReason(models.TextChoices):
     FACILITATOR_REFUSED = "facilitator_refused", "The facilitator refused to settle"
     PAYER_CANCELED = "payer_canceled", "The payer canceled the authorization"
     NONCE_USED_ELSEWHERE = "nonce_used_elsewhere", "The payer used the nonce for another authorization"
+    #: Held until after its run (upto, after_success), its settlement was simulated before the
+    #: run and would revert: refused, the run never started (issue 25).
+    REFUSED_BEFORE_RUN = "refused_before_run", "Refused before the run: its settlement would revert"
 
     @property
     def final_status(self) -> str:
@@ -276,8 +279,10 @@ class Payment(models.Model):
 
     @property
     def is_released(self) -> bool:
-        """We decided not to settle it: never charged, whatever the chain says until it lapses."""
-        return self.unpaid_reason == UnpaidReason.RELEASED
+        """We decided not to settle it (released, or refused before its run): never charged by
+        us, whatever the chain says until it lapses (if someone else submits it, it is paid and
+        refunded: ``predictions.lifecycle._refund_if_owed``)."""
+        return self.unpaid_reason in (UnpaidReason.RELEASED, UnpaidReason.REFUSED_BEFORE_RUN)
 
     @property
     def is_terminal(self) -> bool:

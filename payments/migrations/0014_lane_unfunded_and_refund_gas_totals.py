@@ -3,7 +3,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("payments", "0012_refund_broadcast_error"),
+        ("payments", "0013_unpaid_reason_refused_before_run"),
     ]
 
     operations = [
