@@ -168,19 +168,19 @@ def test_an_after_success_payment_whose_settlement_would_revert_is_refused_befor
     chain = chain_settings
     after_success(demo_model)
     payer = fresh_payer(chain, PRICE)
-    from predictions import tasks
+    from predictions import scheduling
 
-    real = tasks.enqueue_run
+    real = scheduling.enqueue_run
 
     def drain_then_run(prediction: Any) -> None:
         drain(chain, payer)
         real(prediction)
 
-    tasks.enqueue_run = drain_then_run
+    scheduling.enqueue_run = drain_then_run
     try:
         response = post(URL, v2_header_for(payer["private_key"], challenge()))
     finally:
-        tasks.enqueue_run = real
+        scheduling.enqueue_run = real
     assert response.status_code == 201, response.content
     prediction = Prediction.objects.get()
     p = prediction.payment
@@ -214,9 +214,9 @@ def test_an_upto_payment_whose_settlement_would_revert_is_refused_before_its_run
     header = encode_header(
         {"x402Version": 2, "accepted": accepted, "payload": sign_upto(payer["private_key"], req)}
     )
-    from predictions import tasks
+    from predictions import scheduling
 
-    real = tasks.enqueue_run
+    real = scheduling.enqueue_run
 
     def revoke_then_run(prediction: Any) -> None:
         send_as(
@@ -227,7 +227,7 @@ def test_an_upto_payment_whose_settlement_would_revert_is_refused_before_its_run
         )
         real(prediction)
 
-    monkeypatch.setattr(tasks, "enqueue_run", revoke_then_run)
+    monkeypatch.setattr(scheduling, "enqueue_run", revoke_then_run)
     response = post(UPTO_PATH, header, "1")
     assert response.status_code == 201, response.content
     prediction = Prediction.objects.get()
@@ -341,17 +341,17 @@ def test_a_run_whose_payment_is_already_confirmed_is_served(
     release the output, since the confirmation that would release it has already come."""
     chain = chain_settings
     after_success(demo_model)
-    from predictions import tasks
+    from predictions import scheduling
 
     held: list[Prediction] = []
-    monkeypatch.setattr(tasks, "start_prediction", held.append)
+    monkeypatch.setattr(scheduling, "start_prediction", held.append)
     payer = chain.payers[5]
     response = post(URL, v2_header_for(payer["private_key"], challenge()), "early")
     assert response.status_code == 201, response.content
     p = Payment.objects.get()
     assert settlement.settle(p.pk).status == PaymentStatus.CONFIRMED  # settled before the run
     monkeypatch.undo()
-    tasks.start_prediction(held[0])  # the run, through its task
+    scheduling.start_prediction(held[0])  # the run, through its task
     prediction = Prediction.objects.get()
     assert prediction.status == "succeeded" and prediction.output == "early"
 
