@@ -87,7 +87,7 @@ DEADLINE_WAIVED = "the Cancel-After deadline passed after the payment was settle
 WATCHDOG_SLACK = 2
 #: A run's last sign of life (``alive_at``) this recent is evidence it is alive (the python
 #: runner beats every ``runners.python.HEARTBEAT_INTERVAL`` seconds).
-ALIVE_WINDOW = 10
+ALIVE_WINDOW = 5
 OVERRAN_ERROR = "the prediction ran longer than its time limit ({limit}s) and was stopped"
 LOST_ERROR = (
     "the prediction's run was lost on our side: no sign of life at its time limit ({limit}s); "
@@ -611,10 +611,12 @@ def _refund_cause(prediction: Prediction) -> RefundCause | None:
         return RefundCause.FAILED
     if prediction.status not in ENDED_UNSERVED:
         return None
-    if prediction.run_started_at is None:
+    if prediction.started_at is None:
         return RefundCause.NOT_STARTED
     if prediction.events.filter(to_status=P.CANCELED, cause=Cause.ADMIN).exists():
         return RefundCause.OPERATOR
+    if prediction.run_started_at is None:
+        return RefundCause.NOT_STARTED
     return RefundCause.CANCELED_RUNNING
 
 

@@ -311,7 +311,8 @@ def test_the_sweep_leaves_a_finished_run_waiting_for_its_settlement(chain_settin
     run_prediction(created["id"])
     payment = Payment.objects.get()
     assert settlement.prepare(payment.pk).status == "settling"
-    Prediction.objects.filter(pk=created["id"]).update(started_at=timezone.now() - timedelta(hours=2))
+    two_hours_ago = timezone.now() - timedelta(hours=2)
+    Prediction.objects.filter(pk=created["id"]).update(started_at=two_hours_ago, run_started_at=two_hours_ago)
 
     assert sweep()["lost"] == 0
     kept = Prediction.objects.get(pk=created["id"])
@@ -339,7 +340,7 @@ def test_the_sweep_cancels_on_cog_a_run_it_gives_up_on(paid_api, cog_server, wor
         time.sleep(0.1)
     limit = Prediction.objects.get(pk=created["id"]).time_limit_seconds
     Prediction.objects.filter(pk=created["id"]).update(
-        started_at=timezone.now() - timedelta(seconds=limit + settings.X402_PREDICTION_LOST_GRACE + 1)
+        run_started_at=timezone.now() - timedelta(seconds=limit + settings.X402_PREDICTION_LOST_GRACE + 1)
     )
     assert sweep()["lost"] == 1
     body = requests.get(created["urls"]["get"], timeout=5).json()

@@ -302,7 +302,8 @@ def test_a_cancel_after_the_run_started_is_not_refunded_but_one_before_it_is(cha
     relayer.broadcast(conf.rpc_url, formed.tx)
     assert batching.follow([formed.tx.pk], wait_seconds=20) == []
     assert set(Payment.objects.values_list("status", flat=True)) == {"confirmed"}
-    assert lifecycle.claim(ran["id"]) is not None  # its run started (no worker runs it here)
+    assert lifecycle.claim(ran["id"]) is not None  # claimed, and its runner confirmed the run:
+    assert lifecycle.run_started(ran["id"]) is not None  # its run started (no worker runs it here)
     assert lifecycle.claim(by_operator["id"]) is not None
     lifecycle.cancel(by_operator["id"], cause=lifecycle.Cause.ADMIN)  # our decision: refunded
     ours = Refund.objects.get(payment=Prediction.objects.get(pk=by_operator["id"]).payment)
@@ -317,6 +318,29 @@ def test_a_cancel_after_the_run_started_is_not_refunded_but_one_before_it_is(cha
     assert refund.status == "owed" and int(refund.amount) == PRICE
     owed = refund.events.get(to_status="owed").detail
     assert (owed["cause"], owed["run_seconds"], owed["prediction_status"]) == ("ended_before_run", "0", "canceled")
+
+
+def test_a_cancel_while_the_runner_has_not_started_the_run_is_refunded(chain_settings) -> None:
+    """Claimed, but its runner never confirmed the run (busy): the payer's cancel ends it before
+    its run, so it is refunded in full, and nothing of the wait is counted as run time."""
+    from payments import batching, relayer
+    from payments.options import configured
+    from predictions import lifecycle
+
+    payer = fresh_payer(chain_settings)
+    model = python_model("waiting", "tests.predictors.Slow", "before_run")
+    created = pay(model, payer["private_key"])
+    conf = configured()[0]
+    formed = batching.form(conf, force=True)
+    relayer.broadcast(conf.rpc_url, formed.tx)
+    assert batching.follow([formed.tx.pk], wait_seconds=20) == []
+    assert lifecycle.claim(created["id"]) is not None  # the runner answers busy: never started
+    time.sleep(1)
+    assert Client().post(f"/v1/predictions/{created['id']}/cancel").json()["status"] == "canceled"
+    refund = Refund.objects.get(payment=Prediction.objects.get(pk=created["id"]).payment)
+    assert int(refund.amount) == PRICE
+    owed = refund.events.get(to_status="owed").detail
+    assert (owed["cause"], owed["run_seconds"]) == ("ended_before_run", "0")
 
 
 def test_only_a_confirmed_payment_can_be_owed_back(chain_settings) -> None:

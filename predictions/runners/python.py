@@ -58,7 +58,7 @@ REPORT_INTERVAL = 0.5
 STOP_CHECK_INTERVAL = 0.2
 #: How often a run's watcher records that the run is alive (``lifecycle.record_alive``); well
 #: within ``lifecycle.ALIVE_WINDOW``.
-HEARTBEAT_INTERVAL = 2.0
+HEARTBEAT_INTERVAL = 1.0
 STOPPED_ERROR = "the prediction ended while it ran; the run was stopped"
 #: Sent to the run's thread (when it is the main thread) to wake it from a blocking call such as
 #: ``time.sleep`` so the stop is delivered; its default action is to ignore it, so one that
