@@ -489,6 +489,31 @@ def test_the_python_runner_stops_at_the_limit_decided_at_the_claim() -> None:
 
 
 @pytest.mark.django_db
+def test_a_stop_that_lands_after_the_run_returned_keeps_the_runs_outcome(monkeypatch) -> None:
+    """Issue 25 (8): the predictor returns just before its limit and the limit's stop lands
+    while the runner is still disarming its watcher (held here in Python code): the run
+    finished, so it succeeds with its output; it is not turned into a timed-out run."""
+    from predictions.runners import python as runner_module
+
+    prediction = _sleeping_run("photo-finish", 1)
+    Prediction.objects.filter(pk=prediction.pk).update(input={"text": "done", "seconds": 0.7})
+    prediction.refresh_from_db()
+    disarm = runner_module._Stopper.disarm
+
+    def late_disarm(stopper: Any) -> None:
+        until = time.monotonic() + 0.8
+        while time.monotonic() < until:  # the limit's stop lands here, after predict returned
+            pass
+        disarm(stopper)
+
+    monkeypatch.setattr(runner_module._Stopper, "disarm", late_disarm)
+    outcome = runner_module.PythonRunner().start(prediction)
+    assert outcome.succeeded and not outcome.timed_out, outcome.error
+    assert outcome.output == "done"
+    time.sleep(0.3)  # nothing is left pending to land after the run
+
+
+@pytest.mark.django_db
 def test_a_canceled_python_run_stops_computing() -> None:
     """The payer cancels (or Cancel-After, or the watchdog, ends it): the runner's cancel stops
     the run in whichever worker runs it, long before its limit; what it returns is discarded."""

@@ -292,3 +292,37 @@ def test_a_worker_killed_mid_run_is_lost_on_our_side_and_refunded(clock, tmp_pat
     _refund_confirmed(prediction.payment)
     assert token_balance(clock, payer["address"]) == 10**8
     assert runs.read_text().splitlines() == ["once"]
+
+
+def test_loading_the_model_is_never_billed_nor_stopped(clock, live_server) -> None:
+    """Issue 25 (2): a cold worker loads a predictor whose ``setup()`` takes 2 s, twice its
+    model's 1 s time limit, then runs it in 0.2 s. Loading happens before the run clock and the
+    limit: the run succeeds and the upto payer is charged for the run's seconds only."""
+    from tests.test_upto_e2e import charge_of
+
+    tier, _ = HardwareTier.objects.get_or_create(
+        slug="gpu-a100-80gb", defaults={"name": "A100", "price_per_second": Decimal("0.0014")}
+    )
+    model = Model.objects.create(
+        owner="clock",
+        name="cold-start",
+        price="0.01",
+        pricing_mode="per_second",
+        hardware=tier,
+        expected_seconds=Decimal("0.5"),  # a 1 s time limit
+        upto_order="upto_first",
+    )
+    ModelVersion.objects.create(
+        id="e" * 64, model=model, predictor="tests.predictors.SlowSetup", input_schema=SCHEMA
+    )
+    url = f"{live_server.url}/v1/models/clock/cold-start/predictions"
+    payer, created = _pay(clock, url, "upto")
+    prediction = _ended(created["id"], timeout=30)
+    while prediction.status == PredictionStatus.PROCESSING:  # succeeded, waiting for its settlement
+        prediction = _ended(created["id"], timeout=30)
+    assert prediction.status == PredictionStatus.SUCCEEDED, prediction.error
+    assert prediction.time_limit_seconds == 1 and prediction.predict_time < 1
+    payment = prediction.payment
+    assert Decimal("0.2") <= payment.run_seconds < 1
+    assert payment.status == PaymentStatus.CONFIRMED and int(payment.amount) == charge_of(payment.run_seconds)
+    assert token_balance(clock, payer["address"]) == 10**8 - int(payment.amount)
