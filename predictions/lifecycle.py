@@ -346,7 +346,8 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
             predict_time = (now - (prediction.run_started_at or now)).total_seconds()
         fields: dict[str, Any] = {"run_ended_at": now, "predict_time": predict_time, "error": outcome.error}
         if outcome.logs is not None and outcome.logs != prediction.logs:
-            events.logs_grew(prediction.pk, prediction.logs, outcome.logs)
+            if prediction.logs_released:
+                events.logs_grew(prediction.pk, prediction.logs, outcome.logs)
             fields["logs"] = outcome.logs
             webhooks.send(prediction, "logs")
         if not outcome.succeeded:
@@ -378,10 +379,11 @@ def record_logs(prediction_id: str, logs: str, *, cause: str) -> None:
         if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
             return
         if len(logs) > len(prediction.logs):
-            events.logs_grew(prediction_id, prediction.logs, logs)
+            if prediction.logs_released:  # held ones are told with the end (see logs_released)
+                events.logs_grew(prediction_id, prediction.logs, logs)
+                webhooks.send(prediction, "logs")
             prediction.logs = logs
             prediction.save(update_fields=["logs"])
-            webhooks.send(prediction, "logs")
             log.debug("prediction %s: logs from %s", prediction_id, cause)
 
 

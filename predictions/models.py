@@ -421,6 +421,18 @@ class Prediction(models.Model):
             or (self.status == PredictionStatus.PROCESSING and self.settlement_policy == SettlementPolicy.BEFORE_RUN)
         )
 
+    @property
+    def logs_released(self) -> bool:
+        """Its logs may be shown: not while its payment is held for after the run
+        (``after_success``, and every ``upto`` run), as its output is not (a model that prints
+        its result would hand it out before payment); they are shown once it ended (paid, or
+        its authorization released: nothing was charged for them)."""
+        return not (
+            self.status == PredictionStatus.PROCESSING
+            and self.payment_id is not None
+            and self.settlement_policy == SettlementPolicy.AFTER_SUCCESS
+        )
+
 
 class PredictionEvent(models.Model):
     """Append-only: one row per status change, with what caused it."""

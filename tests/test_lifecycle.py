@@ -325,6 +325,35 @@ def test_the_sweep_leaves_a_finished_run_waiting_for_its_settlement(chain_settin
     assert token_balance(chain_settings, payer["address"]) == before - PRICE
 
 
+@pytest.mark.chain
+@pytest.mark.django_db(transaction=True)
+def test_logs_are_kept_back_with_the_output_while_the_payment_is_held(chain_settings, monkeypatch) -> None:
+    """Issue 25 (8): a model that prints its result (tests.predictors.Chatty) under
+    ``after_success``: until its payment confirms, neither its output nor its logs are shown;
+    then both are."""
+    from django.test import Client
+
+    from payments import settlement
+    from predictions.tasks import run_prediction
+
+    monkeypatch.setattr("predictions.tasks.start_prediction", lambda prediction: None)
+    monkeypatch.setattr("payments.tasks.settle_payment.delay", lambda payment_id: None)  # the test drives it
+    model = python_model("printer", "tests.predictors.Chatty", "after_success")
+    created = pay_in_process(chain_settings, model, {"input": {"text": "the answer"}}, payer=2)
+    run_prediction(created["id"])
+    held = Client().get(f"/v1/predictions/{created['id']}").json()
+    assert held["status"] == "processing" and held["output"] is None
+    assert held["logs"] == "", held["logs"]
+    assert "the answer" in Prediction.objects.get(pk=created["id"]).logs  # kept, not lost
+    payment = Payment.objects.get()
+    assert settlement.prepare(payment.pk).status == "settling"
+    settlement.broadcast(Payment.objects.get(pk=payment.pk))
+    assert settlement.settle(payment.pk).status == "confirmed"
+    paid = Client().get(f"/v1/predictions/{created['id']}").json()
+    assert paid["status"] == "succeeded" and paid["output"] == "the answer"
+    assert "chatting about 'the answer'" in paid["logs"]
+
+
 @pytest.mark.e2e
 @pytest.mark.chain
 @pytest.mark.django_db(transaction=True)
