@@ -343,6 +343,31 @@ def test_a_cancel_while_the_runner_has_not_started_the_run_is_refunded(chain_set
     assert (owed["cause"], owed["run_seconds"]) == ("ended_before_run", "0")
 
 
+def test_refunds_up_to_the_auto_approve_threshold_are_paid_without_a_human(
+    chain_settings, eager_celery, settings
+) -> None:
+    """The refund policy (issue 25): a refund owed at or under X402_REFUND_AUTO_APPROVE_MAX is
+    approved as it is owed, by the service finance uses, and paid back on chain; one above it
+    waits for finance, as before."""
+    chain = chain_settings
+    payer = fresh_payer(chain)
+    start = token_balance(chain, payer["address"])
+    model = python_model("boom", "tests.predictors.Boom", "before_run")
+    settings.X402_REFUND_AUTO_APPROVE_MAX = PRICE - 1
+    reviewed = pay(model, payer["private_key"])
+    waiting = Refund.objects.get(payment__prediction__pk=reviewed["id"])
+    assert waiting.status == "owed" and waiting.approved_at is None
+    settings.X402_REFUND_AUTO_APPROVE_MAX = PRICE
+    automatic = pay(model, payer["private_key"])
+    refund = confirm(Refund.objects.get(payment__prediction__pk=automatic["id"]))
+    assert refund.status == "confirmed" and refund.approved_by is None and refund.approved_at is not None
+    assert refund.events.filter(detail__approved_by=refunds.AUTO_APPROVER).exists()
+    assert token_balance(chain, payer["address"]) == start - PRICE  # the reviewed one is still owed
+    settings.X402_REFUND_AUTO_APPROVE_MAX = 0
+    waiting.refresh_from_db()
+    assert waiting.status == "owed" and waiting.approved_at is None
+
+
 def test_only_a_confirmed_payment_can_be_owed_back(chain_settings) -> None:
     """A SETTLED payment may still be undone by a reorg: nothing is owed until it is final."""
     payer = fresh_payer(chain_settings)
