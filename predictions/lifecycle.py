@@ -277,6 +277,14 @@ def run_started(prediction_id: str) -> int | None:
     A held authorization (``upto``, ``after_success``) was checked at the claim; the wait for
     the runner (busy retries, model loading) counts against it, so the limit may be cut again
     here, by the claim's rule (:func:`_limit_the_authorization_allows`)."""
+    started = (
+        Prediction.objects.running()
+        .filter(pk=prediction_id, run_started_at__isnull=False)
+        .values_list("time_limit_seconds", flat=True)
+        .first()
+    )
+    if started is not None:
+        return started  # confirmed already (a runner's later reports): no lock taken
     with transaction.atomic():
         prediction = _lock(prediction_id)
         if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
