@@ -23,6 +23,9 @@ two never wait on each other crosswise.
 The settlement policy and the time limit are the prediction's own (copied from the model at
 creation): a model edited mid-run changes nothing about a run already paid for.
 
+A run whose authorization is held until after it (``upto``, ``after_success``) starts only if the
+authorization outlasts it and its settlement: the claim cuts its limit, or fails it unstarted.
+
 The run clock: a claim (STARTING -> PROCESSING) is not a run. The billable clock and the
 time-limit watchdog start when the runner confirms it has the run (:func:`run_started`: Cog
 accepted the PUT, the python runner loaded its predictor and entered ``predict``); a claimed
@@ -30,8 +33,6 @@ run whose runner never confirms within ``X402_RUN_START_TIMEOUT`` ended on our s
 (:func:`fail_unstarted`). At its limit a run ends "stopped" (its compute used, charged) only on
 evidence it was alive (:func:`end_at_limit`: a recent heartbeat or report, or its runner's own
 word); without it the run was lost on our side (failed: refunded, released, failure charge).
-A run whose authorization is held until after it (``upto``, ``after_success``) starts only if the
-authorization outlasts it and its settlement: the claim cuts its limit, or fails it unstarted.
 """
 
 from __future__ import annotations
@@ -387,11 +388,11 @@ def record_logs(prediction_id: str, logs: str, *, cause: str) -> None:
         if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
             return
         if len(logs) > len(prediction.logs):
-            if prediction.logs_released:  # held ones are told with the end (see logs_released)
-                events.logs_grew(prediction_id, prediction.logs, logs)
-                webhooks.send(prediction, "logs")
-            prediction.logs = logs
+            before, prediction.logs = prediction.logs, logs
             prediction.save(update_fields=["logs"])
+            if prediction.logs_released:  # held ones are told with the end (see logs_released)
+                events.logs_grew(prediction_id, before, logs)
+                webhooks.send(prediction, "logs")
             log.debug("prediction %s: logs from %s", prediction_id, cause)
 
 
