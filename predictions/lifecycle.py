@@ -22,7 +22,6 @@ two never wait on each other crosswise.
 
 The settlement policy and the time limit are the prediction's own (copied from the model at
 creation): a model edited mid-run changes nothing about a run already paid for.
-
 A run whose authorization is held until after it (``upto``, ``after_success``) starts only if the
 authorization outlasts it and its settlement: the claim cuts its limit, or fails it unstarted.
 
