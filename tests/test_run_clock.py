@@ -282,12 +282,12 @@ def test_a_worker_killed_mid_run_is_lost_on_our_side_and_refunded(clock, tmp_pat
         os.killpg(doomed.pid, signal.SIGKILL)
     finally:
         doomed.wait(10)
-    assert Prediction.objects.get(pk=prediction_id).run_started_at is not None
     assert run_prediction(prediction_id) == "skipped"  # a redelivered task runs nothing
     prediction = _ended(prediction_id, timeout=30)
     assert prediction.status == PredictionStatus.FAILED and "lost on our side" in prediction.error, (
         prediction.error
     )
+    assert prediction.run_started_at is not None  # its runner had confirmed the run
     assert prediction.events.get(to_status=PredictionStatus.FAILED).detail["run_end"] == RunEnd.FAILED
     _refund_confirmed(prediction.payment)
     assert token_balance(clock, payer["address"]) == 10**8
