@@ -609,6 +609,9 @@ class UpperRunner:
     def cancel(self, prediction) -> None:
         pass
 
+    def alive(self, prediction) -> bool:
+        return False
+
     def handle_callback(self, prediction_id: str, body: dict) -> None:
         pass
 
