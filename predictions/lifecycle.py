@@ -141,7 +141,7 @@ def _move(
     its time limit or by the payer: its seconds; failed on our side: the failure charge)."""
     if to not in TRANSITIONS[prediction.status]:
         raise IllegalTransition(f"{prediction.status} -> {to} for prediction {prediction.pk}")
-    previous, now = prediction.status, timezone.now()
+    previous, now, held_logs = prediction.status, timezone.now(), not prediction.logs_released
     if to == P.PROCESSING:
         fields.setdefault("started_at", now)
     if to in TERMINAL:
@@ -176,6 +176,8 @@ def _move(
         webhooks.send(prediction, "start")
     if to == P.SUCCEEDED and prediction.output is not None:
         webhooks.send(prediction, "output")
+    if to in TERMINAL and previous == P.PROCESSING and held_logs and prediction.logs:
+        webhooks.send(prediction, "logs")  # kept back while the payment was held: released now
     if to in TERMINAL:
         events.ended(prediction.pk)
         webhooks.send(prediction, "completed")
@@ -189,8 +191,9 @@ def _run_seconds(prediction: Prediction, now: Any) -> Decimal:
     (waiting for a busy runner is not billed)."""
     if prediction.predict_time is not None:
         return Decimal(str(prediction.predict_time))
-    started = prediction.run_started_at or now
-    return Decimal(str(max(0.0, (now - started).total_seconds())))
+    if prediction.run_started_at is None:
+        return Decimal(0)
+    return Decimal(str(max(0.0, (now - prediction.run_started_at).total_seconds())))
 
 
 def create(
@@ -354,10 +357,10 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
             predict_time = (now - (prediction.run_started_at or now)).total_seconds()
         fields: dict[str, Any] = {"run_ended_at": now, "predict_time": predict_time, "error": outcome.error}
         if outcome.logs is not None and outcome.logs != prediction.logs:
-            if prediction.logs_released:
+            if prediction.logs_released:  # held ones are told when they are released (_move)
                 events.logs_grew(prediction.pk, prediction.logs, outcome.logs)
+                webhooks.send(prediction, "logs")
             fields["logs"] = outcome.logs
-            webhooks.send(prediction, "logs")
         if not outcome.succeeded:
             run_end = RunEnd.STOPPED if outcome.timed_out else RunEnd.FAILED
             _move(prediction, P.FAILED, cause, run_end=run_end, **fields)
