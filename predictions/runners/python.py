@@ -148,7 +148,7 @@ class PythonRunner:
                 stopper.disarm()
         except (RunStopped, SoftTimeLimitExceeded):
             stopper.disarm()  # completes a disarm the stop interrupted
-            if run.result:  # the stop landed after the run returned: the run's outcome stands
+            if run.finished:  # the stop landed after the run returned: the run's outcome stands
                 return Outcome(
                     succeeded=True,
                     output=run.result[0],
@@ -198,7 +198,6 @@ class PythonRunner:
         result = run.result[0]
         if not inspect.isgenerator(result):
             return
-        run.result = ()
         pieces: list[Any] = []
         notified = 0.0
         while True:
@@ -234,6 +233,12 @@ class _Run:
 
     def __init__(self) -> None:
         self.result: tuple[Any, ...] = ()
+
+    @property
+    def finished(self) -> bool:
+        """It returned its output (a generator returned by ``predict`` has not run yet: its
+        run ends when it is exhausted, and ``result`` then holds its pieces)."""
+        return bool(self.result) and not inspect.isgenerator(self.result[0])
 
 
 class _Stopper:
