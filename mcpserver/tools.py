@@ -5,7 +5,7 @@ A paid call follows the x402 MCP convention (``x402.mcp``): the payment payload 
 call's ``_meta["x402/payment"]``; without it, or when it is refused, the result is an error whose
 ``structuredContent`` is the x402 v2 PaymentRequired object, and a paid result carries the
 settlement in its ``_meta["x402/payment-response"]``. The payment goes through the same gate as
-the REST API (``payments.permissions.challenge_for`` and ``check_payment``, hence
+the REST API (``payments.permissions.admit``, hence
 ``payments.verification.verify``), the same write path (``predictions.services.create_prediction``),
 ledger and settlement: a tool call is one more way to reach them, not another copy.
 
@@ -28,21 +28,20 @@ from django.http import HttpRequest
 from mcp import types
 from rest_framework.exceptions import APIException, NotFound
 
-from payments import ratelimit
-from payments.exceptions import (
-    Challenge,
-    DatabaseUnavailable,
-    PaymentRequired,
-    api_exception_handler,
-    count_refusal,
-)
+from payments.exceptions import PaymentRequired, count_refusal
 from payments.ledger import settlement_answer
-from payments.permissions import challenge_for, check_payment, is_operator
-from payments.x402.codec import DecodeError
+from payments.permissions import admit
 from predictions.models import Model, ModelVersion, Prediction, PredictionStatus
 from predictions.serializers import base_url, model_json, prediction_json
-from predictions.services import create_prediction, replayed
-from predictions.views import charge_for, check_runner, validate_input, wait_until_done
+from predictions.services import (
+    charge_for,
+    check_runner,
+    create_prediction,
+    replayed,
+    validate_input,
+    wait_until_done,
+)
+from x402site.exceptions import DatabaseUnavailable, api_exception_handler
 
 log = logging.getLogger("mcpserver")
 
@@ -187,34 +186,26 @@ def _run_model(model: Model, arguments: dict[str, Any], payment: Any, request: H
     check_runner(version)
     url = resource_url(tool_name(model))
     charge = charge_for(version, inputs, url, url)
-    paid, challenge = None, None
     # As over REST: free models, and operators (a bearer token from X402_OPERATOR_TOKENS), run unpaid.
-    if not charge.free and not is_operator(request):
-        challenge = challenge_for(charge)
-        if payment is None:
-            ratelimit.hit(request, "challenge")
-            raise challenge.reject(PAYMENT_MISSING)
-        try:
-            accepted = check_payment(_as_header(payment, challenge), challenge, urlsplit(url).path)
-        except PaymentRequired:
-            ratelimit.hit(request, "failed")
-            raise
-        if accepted.replay_of is not None:
-            return prediction_result(replayed(accepted.replay_of, charge), request)
-        paid = accepted.verification
-    prediction, _ = create_prediction(version, inputs, paid=paid, charge=charge, challenge=challenge)
+    header = None if payment is None else _as_header(payment)
+    admission = admit(charge, header, request, path=urlsplit(url).path, missing=PAYMENT_MISSING)
+    if admission.replay_of is not None:
+        return prediction_result(replayed(admission.replay_of, charge), request)
+    prediction, _ = create_prediction(
+        version, inputs, paid=admission.verification, charge=charge, challenge=admission.challenge
+    )
     log.info("mcp tool %s created prediction %s", tool_name(model), prediction.id)
     done = wait_until_done(prediction, min(settings.X402_MCP_WAIT_SECONDS, model.time_limit_seconds))
     return prediction_result(done, request)
 
 
-def _as_header(payment: Any, challenge: Challenge) -> str:
+def _as_header(payment: Any) -> str:
     """The ``_meta`` payment (a JSON object, or its text) as the gate takes it: base64 JSON,
     so it meets the same size, depth and type checks as a ``PAYMENT-SIGNATURE`` header."""
     try:
         text = payment if isinstance(payment, str) else json.dumps(payment, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError):
-        raise challenge.reject(DecodeError.reason, "the payment is not a JSON object") from None
+        text = "null"  # not a JSON object: the gate refuses it as an invalid payload
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 

@@ -8,7 +8,8 @@ class PaymentsConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_migrate
 
-        from . import checks, metrics, options, roles  # noqa: F401  (checks registers itself)
+        # checks registers itself; batching registers the batch settler (settlement.SETTLERS).
+        from . import batching, checks, metrics, options, roles  # noqa: F401
         from .signals import payment_advanced
 
         options.connect_signals()

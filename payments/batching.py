@@ -31,6 +31,8 @@ from django.utils import timezone
 from eth_abi import decode, encode
 from eth_utils import to_checksum_address
 
+from x402site import dispatch
+
 from . import relayer as relayers
 from . import settlement
 from .abi import BATCH_SETTLE, BATCH_SETTLE_TYPES
@@ -305,15 +307,13 @@ def kick(conf: ConfiguredOption, *, delay: float | None = None, force: bool = Tr
     kicks again for anything left."""
     from django.core.cache import cache
 
-    from .tasks import settle_batches
-
     delay = settings.X402_BATCH_MAX_AGE if delay is None else delay
     network, asset = conf.option.network, conf.option.asset
     key = _kick_key(conf, delay)
     try:
         if cache.add(key, 1, timeout=max(1, math.ceil(delay))):
             try:
-                settle_batches.apply_async(args=[network, asset], kwargs={"force": force}, countdown=delay)
+                dispatch.send(dispatch.SETTLE_BATCHES, network, asset, kwargs={"force": force}, countdown=delay)
             except Exception:
                 cache.delete(key)  # not queued: the next payment kicks again
                 raise
@@ -340,3 +340,21 @@ def is_batched(network: str, asset: str) -> bool:
         return for_payment(network, asset).mode == SettlementMode.BATCH
     except LookupError:
         return False
+
+
+class BatchSettlement:
+    """Our relayer settles many payments per transaction through the option's BatchSettler.
+
+    ``start`` settles the payment now, in a batch with whatever else is ready (a payment a
+    batch cannot carry, a contract wallet's signature, goes alone); the batcher
+    (:mod:`payments.batching`) normally forms batches by size and age.
+    """
+
+    def start(self, payment_id: Any) -> Payment:
+        return settle_now(payment_id)
+
+    def retry_unknown(self, p: Payment, conf: ConfiguredOption) -> Payment:
+        return p  # our own settlements always carry their hash; the chain search decides
+
+
+settlement.SETTLERS[SettlementMode.BATCH] = BatchSettlement()

@@ -1,8 +1,8 @@
-"""The x402 challenge as a DRF exception, and the API's JSON error format.
+"""The x402 challenge as a DRF exception and its 402 answer.
 
 A 402 carries the v2 challenge in the ``PAYMENT-REQUIRED`` header and the v1 challenge as its
-JSON body, so both generations of clients can pay. Other errors are problem-details JSON in the
-shape Replicate uses (``title``, ``detail``, ``status``).
+JSON body, so both generations of clients can pay; a browser gets the paywall page with the same
+headers. Every other error is the site's problem-details JSON (x402site/exceptions.py).
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from django import db
-from django.http import Http404, HttpResponse, JsonResponse
+from django.http import HttpResponse
 from django.template.loader import render_to_string
 from rest_framework import exceptions, status
 from rest_framework.response import Response
-from rest_framework.views import exception_handler
 
 from . import idempotency
 from .x402.codec import encode_header
@@ -65,11 +63,6 @@ class PaymentRequired(exceptions.APIException):
         self.message = message or error
 
 
-class DatabaseUnavailable(exceptions.APIException):
-    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    default_detail = "The service is briefly unavailable; retry shortly."
-
-
 class SettlementBacklogged(exceptions.APIException):
     """Settlement is behind: a payment accepted now could lapse before it is settled."""
 
@@ -79,15 +72,6 @@ class SettlementBacklogged(exceptions.APIException):
     def __init__(self, retry_after: int) -> None:
         super().__init__()
         self.retry_after = retry_after
-
-
-class InvalidInput(exceptions.APIException):
-    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
-    default_detail = "Invalid input"
-
-    def __init__(self, detail: str, fields: dict[str, str]) -> None:
-        super().__init__(detail)
-        self.fields = fields
 
 
 def count_refusal(exc: PaymentRequired) -> None:
@@ -112,31 +96,6 @@ def payment_required_response(exc: PaymentRequired) -> Response:
         status=status.HTTP_402_PAYMENT_REQUIRED,
         headers={PAYMENT_REQUIRED_HEADER: header, "Cache-Control": "no-store"},
     )
-
-
-_TITLES = {
-    400: "Bad request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not found",
-    405: "Method not allowed",
-    409: "Conflict",
-    413: "Payload too large",
-    415: "Unsupported media type",
-    422: "Invalid input",
-    429: "Too many requests",
-    503: "Service unavailable",
-}
-
-
-def problem(status_code: int, detail: str) -> dict[str, Any]:
-    """The problem-details body every error of this API has."""
-    return {"title": _TITLES.get(status_code, "Error"), "detail": detail, "status": status_code}
-
-
-def problem_response(status_code: int, detail: str) -> JsonResponse:
-    """A problem-details answer outside DRF (middleware, plain Django views)."""
-    return JsonResponse(problem(status_code, detail), status=status_code, content_type="application/problem+json")
 
 
 def wants_html(request: Any) -> bool:
@@ -182,44 +141,11 @@ def _input_schema(ch: Challenge) -> dict[str, Any]:
     return schema if isinstance(schema, dict) else {"type": "object"}
 
 
-def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | HttpResponse | None:
-    if isinstance(exc, PaymentRequired):
-        response = payment_required_response(exc)
-        request = context.get("request")
-        if not wants_html(request):
-            return response
-        data = getattr(request, "data", None)
-        fields = {k: v for k, v in data.items() if k != "input"} if isinstance(data, dict) else {}
-        return paywall_response(exc, response, fields)
-    if isinstance(exc, Http404):
-        exc = exceptions.NotFound(str(exc) or "Not found.")
-    if isinstance(exc, (db.OperationalError, db.InterfaceError)):
-        # The database is down or out of connections: nothing was written that is not
-        # rolled back; the client may retry.
-        log.error("database unavailable: %s", exc)
-        exc = DatabaseUnavailable()
-    response = exception_handler(exc, context)
-    if response is None:
-        return None
-    detail = response.data.get("detail") if isinstance(response.data, dict) else response.data
-    body = problem(response.status_code, str(detail) if detail is not None else str(response.data))
-    if title := getattr(exc, "title", None):
-        body["title"] = title  # a more specific title than the status's (as Replicate gives)
-    if extensions := getattr(exc, "extensions", None):
-        body["extensions"] = extensions  # e.g. the sign-in-with-x challenge of a 401
-    if isinstance(exc, InvalidInput):
-        body["invalid_fields"] = exc.fields
-    elif isinstance(exc, exceptions.ValidationError) and isinstance(exc.detail, dict):
-        body["detail"] = "Invalid request"
-        body["invalid_fields"] = {
-            k: " ".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in exc.detail.items()
-        }
-    response.data = body
-    response.content_type = "application/problem+json"
-    if response.status_code == status.HTTP_503_SERVICE_UNAVAILABLE:
-        response.headers.setdefault("Retry-After", "5")
-    if isinstance(exc, SettlementBacklogged):
-        response.headers["Retry-After"] = str(exc.retry_after)
-    if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
-        response.headers["Retry-After"] = str(max(1, int(exc.wait + 0.999)))
-    return response
+def payment_required_answer(exc: PaymentRequired, request: Any) -> Response | HttpResponse:
+    """A 402: the JSON challenge, or for a browser the paywall page with the same headers."""
+    response = payment_required_response(exc)
+    if not wants_html(request):
+        return response
+    data = getattr(request, "data", None)
+    fields = {k: v for k, v in data.items() if k != "input"} if isinstance(data, dict) else {}
+    return paywall_response(exc, response, fields)

@@ -20,6 +20,8 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from x402site import dispatch
+
 from . import exports
 from .models import ExportJob, ExportStatus
 from .reports import LedgerFilter
@@ -61,8 +63,6 @@ def progress(job: ExportJob) -> Progress:
 
 def start(flt: LedgerFilter, fmt: str, *, user: Any) -> ExportJob:
     """Record the job and queue it once its record is committed."""
-    from .tasks import run_export
-
     if fmt not in WRITERS:
         raise ValueError(f"unknown export format: {fmt!r}")
     job = ExportJob.objects.create(
@@ -71,7 +71,7 @@ def start(flt: LedgerFilter, fmt: str, *, user: Any) -> ExportJob:
         format=fmt,
         filters=flt.as_dict(),
     )
-    transaction.on_commit(lambda: run_export.delay(job.pk))
+    transaction.on_commit(lambda: dispatch.send(dispatch.RUN_EXPORT, job.pk))
     return job
 
 

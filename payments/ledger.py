@@ -5,18 +5,23 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from datetime import timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from eth_utils import to_checksum_address
 from kombu.exceptions import OperationalError
 
-from . import idempotency
+from x402site import dispatch
+
+from . import batching, idempotency
 from .metrics import ACCEPTED
 from .models import PAID_STATUSES, UNPAID_STATUSES, Payment, PaymentEvent, PaymentStatus, UnpaidReason
+from .options import SettlementMode, for_payment
 from .pricing import UsagePrice, atomic_amount
 from .verification import Verification
 from .x402.types import Resource, settle_response, wire_requirement
@@ -117,14 +122,11 @@ def start_settlement(payment: Payment) -> None:
     """Get a payment whose settlement was asked for on its way (after commit): the option's
     batcher is kicked (one cache write per batch window), else the payment's own task is queued.
     Raises the broker's error for the latter (the caller decides; the sweep retries)."""
-    from . import batching
-    from .options import for_payment
-    from .tasks import settle_payment
 
     if batching.is_batched(payment.network, payment.asset):
         batching.kick(for_payment(payment.network, payment.asset))
     else:
-        settle_payment.delay(str(payment.pk))
+        dispatch.send(dispatch.SETTLE_PAYMENT, str(payment.pk))
 
 
 def request_settlement(payment: Payment) -> None:
@@ -263,3 +265,30 @@ def settlement_answer(payment: Payment) -> dict[str, Any]:
         amount=payment.charged_atomic if unpaid else int(payment.amount),
         error_reason=reason,
     )
+
+
+#: A VERIFIED payment whose settlement was asked for this long ago lost its task (broker outage...).
+SWEEP_AFTER = timedelta(seconds=30)
+
+
+def resend_lost() -> int:
+    """Re-enqueue VERIFIED payments whose settle task was lost (a broker outage...): the batcher
+    of a batched option (once), else the payment's own task. How many were sent again."""
+    swept = 0
+    stale = timezone.now() - SWEEP_AFTER
+    batched = timezone.now() - timedelta(seconds=2 * settings.X402_BATCH_MAX_AGE)
+    ready = Payment.objects.filter(status=PaymentStatus.VERIFIED, settle_requested_at__lt=max(stale, batched))
+    for network, asset in ready.values_list("network", "asset").distinct().order_by():
+        try:
+            conf = for_payment(network, asset)
+        except LookupError:
+            continue
+        if conf.mode == SettlementMode.BATCH:
+            batching.kick(conf, delay=0)
+            swept += 1
+            continue
+        lost = ready.filter(network=network, asset=asset, settle_requested_at__lt=stale)
+        for pk in lost.values_list("pk", flat=True):
+            dispatch.send(dispatch.SETTLE_PAYMENT, str(pk))
+            swept += 1
+    return swept

@@ -59,6 +59,7 @@ class LedgerCollector(Collector):
         from django.db.models import Count, Min, Sum
         from django.utils import timezone
 
+        from .backpressure import backlog
         from .models import OPEN_STATUSES, Payment, PaymentStatus
 
         by_status = GaugeMetricFamily("x402_payments", "Payments in the ledger by status", labels=["status"])
@@ -79,8 +80,6 @@ class LedgerCollector(Collector):
         oldest = Payment.objects.filter(status=PaymentStatus.SETTLED).aggregate(t=Min("settled_at"))["t"]
         lag.add_metric([], (timezone.now() - oldest).total_seconds() if oldest else 0.0)
         yield lag
-        from .backpressure import backlog
-
         now = backlog()
         size = GaugeMetricFamily("x402_settlement_backlog", "Payments ready to settle, not yet in a transaction")
         size.add_metric([], now.ready)

@@ -2,13 +2,13 @@
 
 The view says what the request costs (``get_charge``); this class issues the challenge, or
 decodes and verifies the payment header (pure checks first, then one batched chain read) and
-hands the verified payment to the view as ``request.x402``. Recording it in the ledger is the
+hands its answer to the view as ``request.x402`` (an ``Admission``; ``admit`` is the one
+entry, which MCP calls too). Recording it in the ledger is the
 view's job, in the same transaction as the prediction it buys.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -18,7 +18,9 @@ from django.conf import settings
 from rest_framework import exceptions
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
-from . import backpressure, idempotency, ratelimit, verification
+from x402site.authentication import is_operator
+
+from . import backpressure, idempotency, metrics, ratelimit, verification
 from .exceptions import Challenge, PaymentRequired, SettlementBacklogged
 from .models import Payment
 from .options import SettlementMode, configured
@@ -130,49 +132,59 @@ def honour_window_seconds(hold_seconds: int = 0) -> int:
     return max(longest, hold_seconds + HOLD_SLACK_SECONDS) + settings.X402_CLOCK_SKEW_SECONDS
 
 
-def is_operator(request) -> bool:  # type: ignore[no-untyped-def]
-    """A request with one of ``X402_OPERATOR_TOKENS`` as its bearer token runs without payment
-    (our own staff and integrations, e.g. the replicate client with an API token)."""
-    tokens = settings.X402_OPERATOR_TOKENS
-    if not tokens:
-        return False
-    given = request.headers.get("Authorization", "")
-    scheme, _, token = given.partition(" ")
-    given_bytes = token.strip().encode("utf-8", "surrogatepass")  # compare_digest: str must be ASCII
-    return scheme.lower() in ("bearer", "token") and any(
-        hmac.compare_digest(given_bytes, t.encode()) for t in tokens
-    )
-
-
 class X402Payment(BasePermission):
-    """Allow safe methods and free resources; require a verified x402 payment otherwise."""
+    """Allow safe methods and free resources; require a verified x402 payment otherwise. The
+    view reads the gate's answer as ``request.x402`` (an ``Admission``)."""
 
     def has_permission(self, request, view) -> bool:  # type: ignore[no-untyped-def]
         if request.method in SAFE_METHODS:
             return True
         charge: Charge | None = view.get_charge(request)
-        if charge is None or charge.free or is_operator(request):
-            request.x402 = None
-            return True
-        challenge = challenge_for(charge)
-        request.x402_challenge = challenge
-        request.x402_charge = charge
         header = request.headers.get(V2_HEADER) or request.headers.get(V1_HEADER)
-        if not header:
-            ratelimit.hit(request, "challenge")
-            raise challenge.reject(f"{V2_HEADER} header is required")
-        try:
-            accepted = check_payment(header, challenge, request.path)
-        except PaymentRequired:
-            ratelimit.hit(request, "failed")
-            raise
-        request.x402, request.x402_replay_of = accepted.verification, accepted.replay_of
+        request.x402 = admit(charge, header, request, path=request.path, missing=f"{V2_HEADER} header is required")
         return True
 
 
 @dataclass(frozen=True, slots=True)
+class Admission:
+    """The gate's answer to a request it lets through: free (no charge, a free resource, or an
+    operator), a newly verified payment, or the first payment of an idempotent retry."""
+
+    charge: Charge | None = None
+    challenge: Challenge | None = None
+    verification: Verification | None = None
+    replay_of: Payment | None = None
+
+    @property
+    def free(self) -> bool:
+        return self.challenge is None
+
+
+def admit(charge: Charge | None, header: str | None, request: Any, *, path: str, missing: str) -> Admission:
+    """The one gate every transport calls (the DRF permission, the MCP tools): let a free or
+    operator request through, else take the payment in ``header`` (base64 JSON) for the resource
+    at ``path``. ``request`` is the client's request (operator token, rate limits); ``missing``
+    is the refusal's reason when no payment came, in the transport's own words.
+
+    Raises PaymentRequired (a challenge, or a fresh one with the reason) or ServiceUnavailable.
+    """
+    if charge is None or charge.free or is_operator(request):
+        return Admission(charge=charge)
+    challenge = challenge_for(charge)
+    if not header:
+        ratelimit.hit(request, "challenge")
+        raise challenge.reject(missing)
+    try:
+        accepted = check_payment(header, challenge, path)
+    except PaymentRequired:
+        ratelimit.hit(request, "failed")
+        raise
+    return Admission(charge, challenge, accepted.verification, accepted.replay_of)
+
+
+@dataclass(frozen=True, slots=True)
 class Accepted:
-    """A payment the gate let through: newly verified, or the first payment of an idempotent retry."""
+    """What ``check_payment`` let through: newly verified, or the first payment of an idempotent retry."""
 
     verification: Verification | None = None
     replay_of: Payment | None = None
@@ -180,7 +192,7 @@ class Accepted:
 
 def check_payment(header: str, challenge: Challenge, path: str) -> Accepted:
     """The gate's checks of one payment (base64 JSON, as in ``PAYMENT-SIGNATURE``) for the
-    resource at ``path``: the DRF permission and the MCP tools both call this.
+    resource at ``path`` (``admit``'s, for a paid request).
 
     Raises PaymentRequired (a fresh challenge with the reason) or ServiceUnavailable.
     """
@@ -202,6 +214,7 @@ def check_payment(header: str, challenge: Challenge, path: str) -> Accepted:
         return Accepted(replay_of=replay_of)
     if backpressure.overloaded():
         # Refused before verification: the authorization stays unused, the agent may resend it.
+        metrics.BACKPRESSURE.inc()
         raise SettlementBacklogged(settings.X402_BACKPRESSURE_RETRY_AFTER)
     try:
         verified = verification.verify(payload, [*challenge.requirements, *challenge.honoured], challenge.resource)

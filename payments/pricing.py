@@ -177,12 +177,8 @@ def pricing_state(model: Any, honour_seconds: int) -> PricingState:
     key = _cache_key(model.pk)
     state = cache.get(key)
     if state is None:
-        from .models import PriceChange
-
         since = timezone.now() - timedelta(seconds=honour_seconds)
-        old = PriceChange.objects.filter(model_id=model.pk, changed_at__gte=since).values_list(
-            "old_rule", "changed_at"
-        )
+        old = model.price_changes.filter(changed_at__gte=since).values_list("old_rule", "changed_at")
         state = PricingState(
             current=model.pricing_rule(), honoured=tuple(PriceRule.from_snapshot(rule) for rule, _ in old)
         )

@@ -28,6 +28,8 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
+from x402site import dispatch
+
 from .abi import TRANSFER_TOPIC
 from .chain import RpcError, rpc, rpc_batch
 from .metrics import REFUND_BROADCAST_ERRORS
@@ -101,8 +103,6 @@ def approve(refund_id: int, user: Any) -> Refund:
     """Finance approves an owed refund (or one that failed, to try again); it is sent after
     commit. Approving one already approved but not sent (the wallet could not) sends it again.
     ``user`` None: the refund policy approves it (see :func:`owe`)."""
-    from .tasks import send_refund
-
     with transaction.atomic():
         refund = Refund.objects.select_for_update().get(pk=refund_id)
         detail = {"approved_by": str(user) if user is not None else AUTO_APPROVER}
@@ -129,18 +129,16 @@ def approve(refund_id: int, user: Any) -> Refund:
             RefundEvent.objects.create(refund=refund, from_status=R.OWED, to_status=R.OWED, detail=detail)
         elif refund.status != R.OWED:
             return refund
-    transaction.on_commit(lambda: send_refund.delay(refund.pk))
+    transaction.on_commit(lambda: dispatch.send(dispatch.SEND_REFUND, refund.pk))
     return refund
 
 
 def send_again(refund_id: int) -> bool:
     """Finance's "send again" on an approved refund still owed (its send failed or its task was
     lost): the wait is cleared and it is sent after commit. False for any other refund."""
-    from .tasks import send_refund
-
     if not Refund.objects.filter(pk=refund_id, status=R.OWED, approved_at__isnull=False).update(retry_at=None):
         return False
-    transaction.on_commit(lambda: send_refund.delay(refund_id))
+    transaction.on_commit(lambda: dispatch.send(dispatch.SEND_REFUND, refund_id))
     return True
 
 

@@ -777,23 +777,6 @@ class RelayerSettler:
         return p  # our own settlements always carry their hash; the chain search decides
 
 
-class BatchSettlement:
-    """Our relayer settles many payments per transaction through the option's BatchSettler.
-
-    ``start`` settles the payment now, in a batch with whatever else is ready (a payment a
-    batch cannot carry, a contract wallet's signature, goes alone); the batcher
-    (:mod:`payments.batching`) normally forms batches by size and age.
-    """
-
-    def start(self, payment_id: Any) -> Payment:
-        from . import batching
-
-        return batching.settle_now(payment_id)
-
-    def retry_unknown(self, p: Payment, conf: ConfiguredOption) -> Payment:
-        return p  # our own settlements always carry their hash; the chain search decides
-
-
 class FacilitatorSettler:
     """The option's x402 facilitator settles; an unknown outcome stays SETTLING for the reconciler."""
 
@@ -843,9 +826,10 @@ class FacilitatorSettler:
         return resolve_lapsing(p.pk) if p.status == S.LAPSING else p
 
 
+#: How each SettlementMode settles; payments.batching registers SettlementMode.BATCH's
+#: (imported by PaymentsConfig.ready), as the module that forms batches.
 SETTLERS: dict[str, Settler] = {
     SettlementMode.RELAYER: RelayerSettler(),
-    SettlementMode.BATCH: BatchSettlement(),
     SettlementMode.FACILITATOR: FacilitatorSettler(),
 }
 
@@ -870,32 +854,6 @@ def resolve_unknown(payment_id: Any) -> Payment:
         return track(payment_id)
     conf = for_payment(p.network, p.asset)
     return SETTLERS[conf.mode].retry_unknown(p, conf)
-
-
-def reconcile_all() -> Counter[str]:
-    """One reconciliation pass (:func:`reconcile_open`), then re-enqueue VERIFIED payments whose
-    settle task was lost: the batcher of a batched option (once), else the payment's own task."""
-    from . import batching
-    from .tasks import SWEEP_AFTER, settle_payment
-
-    stats = reconcile_open()
-    stale = timezone.now() - SWEEP_AFTER
-    batched = timezone.now() - timedelta(seconds=2 * settings.X402_BATCH_MAX_AGE)
-    ready = Payment.objects.filter(status=S.VERIFIED, settle_requested_at__lt=max(stale, batched))
-    for network, asset in ready.values_list("network", "asset").distinct().order_by():
-        try:
-            conf = for_payment(network, asset)
-        except LookupError:
-            continue
-        if conf.mode == SettlementMode.BATCH:
-            batching.kick(conf, delay=0)
-            stats["swept"] += 1
-            continue
-        lost = ready.filter(network=network, asset=asset, settle_requested_at__lt=stale)
-        for pk in lost.values_list("pk", flat=True):
-            settle_payment.delay(str(pk))
-            stats["swept"] += 1
-    return stats
 
 
 def reconcile_open() -> Counter[str]:

@@ -7,19 +7,14 @@ redelivered or retried task never moves money twice.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
 from celery import shared_task
 
-from . import refunds, settlement
+from . import ledger, refunds, settlement
 from .chain import ChainUnavailable
 from .locks import advisory_lock
 
 log = logging.getLogger("payments.tasks")
-
-#: A VERIFIED payment whose settlement was asked for this long ago lost its task (broker outage...).
-SWEEP_AFTER = timedelta(seconds=30)
-
 
 @shared_task(
     acks_late=True,
@@ -78,13 +73,15 @@ def track_settlements(self, tx_ids: list[int]) -> int:  # type: ignore[no-untype
 
 @shared_task(acks_late=True)
 def reconcile() -> dict[str, int]:
-    """One reconciliation pass (settlement.reconcile_all); passes never overlap across workers:
+    """One reconciliation pass (settlement.reconcile_open, then ledger.resend_lost for tasks the
+    broker lost); passes never overlap across workers:
     a pass over many rows can outlast the beat interval, and the next one then skips."""
     with advisory_lock("payments.reconcile") as mine:
         if not mine:
             log.info("reconcile: a pass is already running; skipped")
             return {"skipped": 1}
-        stats = settlement.reconcile_all()
+        stats = settlement.reconcile_open()
+        stats["swept"] += ledger.resend_lost()
         stats["refunds_tracked"] = refunds.reconcile()
         return dict(stats)
 

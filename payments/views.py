@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import hmac
 import json
 import logging
 import re
@@ -22,10 +21,13 @@ from django.http import Http404
 from drf_spectacular.utils import extend_schema, inline_serializer
 from eth_utils import is_address, to_checksum_address
 from rest_framework import serializers
+from rest_framework.exceptions import PermissionDenied
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
+
+from x402site.authentication import FacilitatorToken, has_role
 
 from . import ledger, settlement, verification
 from .chain import ChainUnavailable
@@ -41,14 +43,15 @@ log = logging.getLogger("payments.facilitator_api")
 S = PaymentStatus
 
 
-class FacilitatorToken(BasePermission):
+class FacilitatorClient(BasePermission):
+    """The facilitator API answers its clients only (``FacilitatorToken``); 404 while it is off."""
+
     def has_permission(self, request, view) -> bool:  # type: ignore[no-untyped-def]
-        tokens = settings.X402_FACILITATOR_TOKENS
-        if not tokens:
+        if not settings.X402_FACILITATOR_TOKENS:
             raise Http404("The facilitator API is not enabled on this server.")
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        given_bytes = given.encode("utf-8", "surrogatepass")  # compare_digest: str must be ASCII
-        return any(hmac.compare_digest(given_bytes, t.encode()) for t in tokens)
+        if not has_role(request, FacilitatorToken):
+            raise PermissionDenied("A facilitator token is required.")
+        return True
 
 
 class _Invalid(Exception):
@@ -153,7 +156,8 @@ def _unavailable() -> Response:
 class FacilitatorVerify(APIView):
     """POST /facilitator/verify: the same verification the payment gate runs, nothing less."""
 
-    permission_classes = [FacilitatorToken]
+    authentication_classes = [FacilitatorToken]
+    permission_classes = [FacilitatorClient]
 
     @facilitator_schema
     def post(self, request: Request) -> Response:
@@ -188,7 +192,8 @@ class FacilitatorSettle(APIView):
     a new request); a retry of a proof we are still settling gets that settlement's state.
     """
 
-    permission_classes = [FacilitatorToken]
+    authentication_classes = [FacilitatorToken]
+    permission_classes = [FacilitatorClient]
 
     @facilitator_schema
     def post(self, request: Request) -> Response:
@@ -254,7 +259,8 @@ class FacilitatorSettle(APIView):
 
 
 class FacilitatorSupported(APIView):
-    permission_classes = [FacilitatorToken]
+    authentication_classes = [FacilitatorToken]
+    permission_classes = [FacilitatorClient]
 
     @extend_schema(tags=["facilitator"], responses={200: {"type": "object"}, 403: {"type": "object"}})
     def get(self, request: Request) -> Response:

@@ -36,7 +36,7 @@ from .models import (
     validate_server_url,
 )
 from .runners import cog
-from .views import charge_for, example_input, validate_input
+from .services import charge_for, example_input, validate_input
 
 USDC = Decimal("0.000001")
 

@@ -42,7 +42,9 @@ from django.core.cache import cache
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils import is_address, to_checksum_address
+from rest_framework.authentication import BaseAuthentication
 from rest_framework.exceptions import APIException, PermissionDenied
+from rest_framework.permissions import SAFE_METHODS
 from rest_framework.request import Request
 
 from payments.options import configured
@@ -239,16 +241,31 @@ def check(proof: SignIn, now: datetime) -> None:
         raise Refused("invalid_siwx_not_yet_valid", "notBefore is in the future")
 
 
-def payer_of(request: Request, what: str = "Listing") -> str:
-    """The payer a ``SIGN-IN-WITH-X`` proof names (checksummed); 401 without one, 403 if it fails.
-    ``what`` names what needs the proof, in the 401's detail."""
-    header = request.headers.get(HEADER, "")
-    if not header:
-        raise SignInRequired(
-            f"{what} needs an operator token, or a {HEADER} proof (x402 sign-in-with-x, EIP-4361): "
-            "sign the declaration in extensions.",
-            declaration(request),
-        )
+@dataclass(frozen=True, slots=True)
+class SignedInPayer:
+    """A payer proven by a ``SIGN-IN-WITH-X`` proof (``request.user`` under DRF)."""
+
+    address: str
+    is_authenticated: bool = True
+
+
+class SignInWithX(BaseAuthentication):
+    """DRF authentication by a ``SIGN-IN-WITH-X`` proof: ``request.auth`` is the payer's
+    checksummed address. No header: unauthenticated (``payer_of`` then answers 401 with the
+    declaration to sign); a proof that fails: 403 (``Refused``). Read on reads only: a create
+    is paid, not signed in, and must not spend a proof sent along by mistake."""
+
+    def authenticate(self, request: Request) -> tuple[SignedInPayer, str] | None:
+        if request.method not in SAFE_METHODS or not request.headers.get(HEADER):
+            return None
+        address = _verified_signer(request.headers[HEADER])
+        return SignedInPayer(address), address
+
+    def authenticate_header(self, request: Request) -> str:
+        return HEADER
+
+
+def _verified_signer(header: str) -> str:
     proof = SignIn.parse(header)
     check(proof, datetime.now(UTC))
     try:
@@ -261,3 +278,15 @@ def payer_of(request: Request, what: str = "Listing") -> str:
     if not cache.add(f"x402:siwx:{proof.nonce}", 1, WINDOW_SECONDS + settings.X402_CLOCK_SKEW_SECONDS):
         raise Refused("invalid_siwx_nonce", "this proof was already used; sign a new one")
     return signer
+
+
+def payer_of(request: Request, what: str = "Listing") -> str:
+    """The payer ``SignInWithX`` authenticated (checksummed); 401 with the declaration without a
+    proof. ``what`` names what needs the proof, in the 401's detail."""
+    if isinstance(request.user, SignedInPayer):
+        return request.user.address
+    raise SignInRequired(
+        f"{what} needs an operator token, or a {HEADER} proof (x402 sign-in-with-x, EIP-4361): "
+        "sign the declaration in extensions.",
+        declaration(request),
+    )

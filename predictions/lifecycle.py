@@ -47,14 +47,16 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from kombu.exceptions import OperationalError
 from prometheus_client import Counter
 
 from payments import ledger, refunds
 from payments.ledger import RunEnd
 from payments.metrics import PREDICTION_SECONDS
 from payments.models import CHARGED_STATUSES, UNPAID_STATUSES, Payment, PaymentStatus
+from x402site import dispatch
 
-from . import events, webhooks
+from . import events, scheduling, webhooks
 from .models import (
     TERMINAL,
     ModelVersion,
@@ -311,12 +313,8 @@ def run_started(prediction_id: str) -> int | None:
 def _arm_watchdog(prediction_id: str, limit: int) -> None:
     """The watchdog of a run just started (after commit); with the broker down, the lost-run
     sweep is the backstop."""
-    from kombu.exceptions import OperationalError
-
-    from .tasks import enforce_time_limit
-
     try:
-        enforce_time_limit.apply_async(args=[prediction_id], countdown=limit + WATCHDOG_SLACK)
+        dispatch.send(dispatch.ENFORCE_TIME_LIMIT, prediction_id, countdown=limit + WATCHDOG_SLACK)
     except (OperationalError, OSError) as exc:
         log.error("prediction %s: watchdog not armed (broker: %s), left for the sweep", prediction_id, exc)
 
@@ -680,9 +678,7 @@ def on_payment(payment: Payment) -> None:
         if prediction.status == P.PROCESSING and prediction.run_ended_at is not None:
             _move(prediction, P.SUCCEEDED, Cause.PAYMENT, detail={"payment": str(payment.pk)})
         elif prediction.status == P.STARTING and prediction.settlement_policy == SettlementPolicy.BEFORE_RUN:
-            from .tasks import enqueue_run
-
-            transaction.on_commit(lambda: enqueue_run(prediction))
+            transaction.on_commit(lambda: scheduling.enqueue_run(prediction))
     elif payment.status in UNPAID_STATUSES:
         _move(
             prediction,

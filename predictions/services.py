@@ -1,21 +1,35 @@
-"""Creating a prediction: the one path shared by the API, commands and tests."""
+"""The domain side of a paid create, shared by the API, MCP, the admin, commands and tests:
+the input checked against the model's schema, the runner's readiness, the charge (price rule,
+honoured prices, the resource the 402 describes), creating the prediction with its payment,
+and waiting for it (MCP)."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from decimal import Decimal
 from typing import Any
 
+import jsonschema
 from django.db import IntegrityError, transaction
+from rest_framework.exceptions import APIException, ParseError
 
 from payments import idempotency, ledger
 from payments.exceptions import Challenge
 from payments.idempotency import IdempotencyConflict
-from payments.models import Payment
-from payments.permissions import Charge
+from payments.ledger import request_fingerprint
+from payments.models import Payment, UptoOrder
+from payments.permissions import Charge, honour_window_seconds
+from payments.pricing import PriceRule, PricingError, pricing_state, usage_price
 from payments.verification import Verification
+from payments.x402 import bazaar
+from payments.x402.types import Resource
 from payments.x402.verify import NONCE_ALREADY_USED
+from x402site.exceptions import InvalidInput
 
-from . import lifecycle
+from . import lifecycle, scheduling
 from .models import ModelVersion, Prediction, SettlementPolicy
+from .runners import READY
 
 
 def create_prediction(
@@ -34,8 +48,6 @@ def create_prediction(
     request) that lost the race with its first attempt gets that prediction back; anything
     else is refused with ``invalid_exact_evm_nonce_already_used`` and learns nothing of it.
     """
-    from .tasks import start_prediction  # late: tasks import this module's models
-
     policy = version.model.settlement_policy  # read once: the prediction keeps it for good
     usage = None
     if paid is not None and paid.payment.payload.permit is not None:
@@ -58,7 +70,7 @@ def create_prediction(
             prediction = lifecycle.create(
                 version, inputs, payment=payment, settlement_policy=policy, options=options
             )
-            transaction.on_commit(lambda: start_prediction(prediction))
+            transaction.on_commit(lambda: scheduling.start_prediction(prediction))
             return prediction, True
     except IntegrityError as exc:
         if paid is None or not ledger.is_duplicate(exc):
@@ -77,3 +89,129 @@ def replayed(payment: Payment, charge: Charge) -> Prediction:
         raise IdempotencyConflict("This payment-identifier was already used for another request.")
     return prediction
 
+
+def _field_of(error: jsonschema.ValidationError) -> str:
+    path = [str(p) for p in error.absolute_path]
+    if error.validator == "required" and isinstance(error.instance, dict):
+        missing = [name for name in error.validator_value if name not in error.instance]
+        path += missing[:1]
+    return ".".join(path) or "input"
+
+
+def validate_input(version: ModelVersion, data: Any) -> dict[str, Any]:
+    """The request's ``input`` object, checked against the version's schema (422 naming fields)."""
+    if not isinstance(data, dict):
+        raise ParseError("The request body must be a JSON object.")
+    inputs = data.get("input")
+    if not isinstance(inputs, dict):
+        raise InvalidInput("`input` must be an object.", {"input": "required object"})
+    validator = jsonschema.Draft202012Validator(version.input_schema or {"type": "object"})
+    errors = sorted(validator.iter_errors(inputs), key=lambda e: list(e.absolute_path))
+    if errors:
+        fields = {_field_of(e): e.message for e in errors}
+        raise InvalidInput("Input does not match the model's schema: " + "; ".join(fields), fields)
+    return inputs
+
+
+class ModelUnavailable(APIException):
+    status_code = 503
+    default_detail = "The model cannot take a prediction right now; retry shortly."
+
+
+def check_runner(version: ModelVersion) -> None:
+    """The model's runner must be ready (a Cog server set up, a slot free) before we ask for money."""
+    state = version.runner_impl.health(version)
+    if state != READY:
+        raise ModelUnavailable(f"The model is {state.lower()}; retry shortly.")
+
+
+def example_input(version: ModelVersion | None) -> dict[str, Any]:
+    """An input that fits the version's schema, from its defaults and examples."""
+    props = (version.input_schema or {}).get("properties", {}) if version else {}
+    example: dict[str, Any] = {}
+    for name, spec in props.items():
+        if "default" in spec or "examples" in spec:
+            example[name] = spec.get("default", (spec.get("examples") or [None])[0])
+        elif spec.get("type") == "string":
+            example[name] = "hello"
+        elif spec.get("type") in ("number", "integer"):
+            example[name] = spec.get("minimum", 1)
+    return example
+
+
+def body_schema(version: ModelVersion) -> dict[str, Any]:
+    """The JSON Schema of a create's body: ``input``, by the version's input schema."""
+    return {
+        "type": "object",
+        "properties": {"input": version.input_schema or {"type": "object"}},
+        "required": ["input"],
+    }
+
+
+def discovery_extension(version: ModelVersion) -> dict[str, Any]:
+    return bazaar.post_json({"input": example_input(version)}, body_schema(version))
+
+
+def v1_output_schema(version: ModelVersion) -> dict[str, Any]:
+    return {
+        "input": {"type": "http", "method": "POST", "bodyType": "json", "body": body_schema(version)},
+        "output": version.output_schema or {},
+    }
+
+
+def _honoured_prices(rules: tuple[PriceRule, ...], inputs: dict[str, Any], price: Decimal) -> tuple[Decimal, ...]:
+    prices = set()
+    for rule in rules:
+        with contextlib.suppress(PricingError):  # an old rule that cannot price this input honours nothing
+            prices.add(rule.quote(inputs))
+    return tuple(prices - {price})
+
+
+def charge_for(version: ModelVersion, inputs: dict[str, Any], url: str, path: str) -> Charge:
+    """What running ``version`` on ``inputs`` costs (the gate and the admin preview share it).
+
+    The input is priced as the run will get it (schema defaults filled in). A payment settled
+    only after the run (``after_success``) must stay settleable for the run's time limit.
+    """
+    model = version.model
+    settled_after_run = model.settlement_policy == SettlementPolicy.AFTER_SUCCESS
+    hold = model.time_limit_seconds if settled_after_run and not model.is_free else 0
+    state = pricing_state(model, honour_window_seconds(hold))
+    priced = {**version.defaults(), **inputs}  # as the run gets it (the create path fills them in)
+    try:
+        price = state.current.quote(priced)
+        # Pay per second (upto) as well, when the model offers it: at the same (cached) rule.
+        usage = (
+            usage_price(state.current, model.time_limit_seconds, priced, model.upto_failure_charge)
+            if model.offers_upto
+            else None
+        )
+    except PricingError as exc:
+        raise InvalidInput(str(exc), {state.current.unit_field or "input": str(exc)}) from None
+    free = state.current.is_free
+    return Charge(
+        usage=usage,
+        usage_hold_seconds=model.time_limit_seconds,
+        upto_first=model.upto_order == UptoOrder.UPTO_FIRST,
+        extensions=discovery_extension(version),
+        example_input=example_input(version),
+        output_schema=v1_output_schema(version),
+        price=price,
+        free=free,
+        hold_seconds=0 if free else hold,
+        honoured=_honoured_prices(state.honoured, priced, price),
+        resource=Resource(url=url, description=f"One prediction of {model}", mime_type="application/json"),
+        fingerprint=request_fingerprint(path, {"version": version.id, "input": inputs}),
+    )
+
+
+def wait_until_done(prediction: Prediction, seconds: float) -> Prediction:
+    """The prediction once it has ended, or as it stands after ``seconds`` (holding the thread:
+    for callers that are sync anyway, the MCP tools)."""
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    while not prediction.is_terminal and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+        prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
+    return prediction

@@ -37,7 +37,7 @@ from django import db
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from payments.exceptions import problem_response
+from x402site.exceptions import problem_response
 
 from . import events
 from .models import TERMINAL, Prediction, PredictionStatus

@@ -28,12 +28,10 @@ from celery import shared_task
 from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
-from kombu.exceptions import OperationalError
 
-from payments import ledger
 from payments.models import PaymentStatus
 
-from . import lifecycle
+from . import lifecycle, scheduling
 from .lifecycle import Cause
 from .models import TERMINAL, Prediction, PredictionStatus, SettlementPolicy
 from .runners import Outcome, RunnerBusy, RunnerRefused
@@ -44,36 +42,6 @@ P = PredictionStatus
 #: A busy runner is asked again this many times (backing off to 15 s) before the run fails,
 #: unless ``X402_RUN_START_TIMEOUT`` ends it first (``enforce_start``).
 MAX_START_ATTEMPTS = 120
-
-
-def queue_for(model: Any) -> str | None:
-    """The queue of the model's hardware tier (X402_TIER_QUEUES, by slug prefix), if routed."""
-    slug = model.hardware.slug if model.hardware_id else ""
-    for prefix, queue in settings.X402_TIER_QUEUES.items():
-        if slug.startswith(prefix):
-            return queue
-    return None
-
-
-def enqueue_run(prediction: Prediction) -> None:
-    """Send the run task, with the options its runner asks for (its time limits)."""
-    options = prediction.version.runner_impl.task_options(prediction)
-    run_prediction.apply_async(args=[prediction.id], queue=queue_for(prediction.model), **options)
-
-
-def start_prediction(prediction: Prediction) -> None:
-    """After commit: run now (free, or after_success) or settle first (before_run).
-
-    With the broker down the request still succeeds (the payment and prediction are committed);
-    the sweeps (payments.tasks.reconcile, sweep below) enqueue the work once it is back.
-    """
-    try:
-        if prediction.payment_id is None or prediction.settlement_policy == SettlementPolicy.AFTER_SUCCESS:
-            enqueue_run(prediction)
-        else:
-            ledger.start_settlement(prediction.payment)
-    except (OperationalError, OSError) as exc:
-        log.error("broker unavailable, prediction %s left for the sweep: %s", prediction.id, exc)
 
 
 @shared_task(bind=True, acks_late=True, max_retries=MAX_START_ATTEMPTS)
@@ -167,7 +135,7 @@ def sweep() -> dict[str, int]:
         | Q(payment__status=PaymentStatus.CONFIRMED)
     ).select_related("model__hardware", "version")
     for prediction in due:
-        enqueue_run(prediction)
+        scheduling.enqueue_run(prediction)
     aborted = 0
     overdue = Prediction.objects.filter(status=P.STARTING, cancel_after_at__lt=now)
     for prediction_id in overdue.values_list("id", flat=True):

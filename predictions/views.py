@@ -2,43 +2,45 @@
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import logging
 import re
-import time
 from datetime import timedelta
-from decimal import Decimal
 from typing import Any
 
-import jsonschema
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import status
-from rest_framework.exceptions import APIException, MethodNotAllowed, NotFound, ParseError
+from rest_framework.exceptions import MethodNotAllowed, NotFound, ParseError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from payments import ratelimit
-from payments.exceptions import InvalidInput, payment_required_response, paywall_response, wants_html
-from payments.ledger import request_fingerprint, settlement_answer
-from payments.models import HardwareTier, UptoOrder
-from payments.permissions import Charge, X402Payment, challenge_for, honour_window_seconds, is_operator
-from payments.pricing import PriceRule, PricingError, pricing_state, usage_price
-from payments.x402 import bazaar
+from payments.exceptions import payment_required_response, paywall_response, wants_html
+from payments.ledger import settlement_answer
+from payments.models import HardwareTier
+from payments.permissions import Admission, Charge, X402Payment, challenge_for
 from payments.x402.codec import encode_header
-from payments.x402.types import Resource
+from x402site.authentication import OperatorToken, is_operator
+from x402site.exceptions import InvalidInput
 from x402site.inputs import ascii_uint
 
 from . import lifecycle, schema
-from .auth import AuthenticationRequired, payer_of
-from .models import Model, ModelVersion, Prediction, PredictionStatus, SettlementPolicy
+from .auth import AuthenticationRequired, SignInWithX, payer_of
+from .models import Model, ModelVersion, Prediction, PredictionStatus
 from .pagination import CursorPagination
-from .runners import READY, cog
+from .runners import cog
 from .serializers import base_url, model_json, prediction_json, version_json
-from .services import create_prediction, replayed
+from .services import (
+    charge_for,
+    check_runner,
+    create_prediction,
+    example_input,
+    replayed,
+    validate_input,
+)
 from .streams import WaitThenRespond
 from .webhooks import EVENTS, UnsafeWebhook, check_url
 from .webhooks import secret as webhook_secret
@@ -47,121 +49,6 @@ PAYMENT_RESPONSE_HEADERS = {1: "X-PAYMENT-RESPONSE", 2: "PAYMENT-RESPONSE"}
 #: Replicate's account types, and the username an operator token reads as.
 ACCOUNT_USER, ACCOUNT_ORGANIZATION, OPERATOR = "user", "organization", "operator"
 log = logging.getLogger("predictions.api")
-
-
-def _field_of(error: jsonschema.ValidationError) -> str:
-    path = [str(p) for p in error.absolute_path]
-    if error.validator == "required" and isinstance(error.instance, dict):
-        missing = [name for name in error.validator_value if name not in error.instance]
-        path += missing[:1]
-    return ".".join(path) or "input"
-
-
-def validate_input(version: ModelVersion, data: Any) -> dict[str, Any]:
-    """The request's ``input`` object, checked against the version's schema (422 naming fields)."""
-    if not isinstance(data, dict):
-        raise ParseError("The request body must be a JSON object.")
-    inputs = data.get("input")
-    if not isinstance(inputs, dict):
-        raise InvalidInput("`input` must be an object.", {"input": "required object"})
-    validator = jsonschema.Draft202012Validator(version.input_schema or {"type": "object"})
-    errors = sorted(validator.iter_errors(inputs), key=lambda e: list(e.absolute_path))
-    if errors:
-        fields = {_field_of(e): e.message for e in errors}
-        raise InvalidInput("Input does not match the model's schema: " + "; ".join(fields), fields)
-    return inputs
-
-
-class ModelUnavailable(APIException):
-    status_code = 503
-    default_detail = "The model cannot take a prediction right now; retry shortly."
-
-
-def check_runner(version: ModelVersion) -> None:
-    """The model's runner must be ready (a Cog server set up, a slot free) before we ask for money."""
-    state = version.runner_impl.health(version)
-    if state != READY:
-        raise ModelUnavailable(f"The model is {state.lower()}; retry shortly.")
-
-
-def example_input(version: ModelVersion | None) -> dict[str, Any]:
-    """An input that fits the version's schema, from its defaults and examples."""
-    props = (version.input_schema or {}).get("properties", {}) if version else {}
-    example: dict[str, Any] = {}
-    for name, spec in props.items():
-        if "default" in spec or "examples" in spec:
-            example[name] = spec.get("default", (spec.get("examples") or [None])[0])
-        elif spec.get("type") == "string":
-            example[name] = "hello"
-        elif spec.get("type") in ("number", "integer"):
-            example[name] = spec.get("minimum", 1)
-    return example
-
-
-def body_schema(version: ModelVersion) -> dict[str, Any]:
-    """The JSON Schema of a create's body: ``input``, by the version's input schema."""
-    return {
-        "type": "object",
-        "properties": {"input": version.input_schema or {"type": "object"}},
-        "required": ["input"],
-    }
-
-
-def discovery_extension(version: ModelVersion) -> dict[str, Any]:
-    return bazaar.post_json({"input": example_input(version)}, body_schema(version))
-
-
-def v1_output_schema(version: ModelVersion) -> dict[str, Any]:
-    return {
-        "input": {"type": "http", "method": "POST", "bodyType": "json", "body": body_schema(version)},
-        "output": version.output_schema or {},
-    }
-
-
-def _honoured_prices(rules: tuple[PriceRule, ...], inputs: dict[str, Any], price: Decimal) -> tuple[Decimal, ...]:
-    prices = set()
-    for rule in rules:
-        with contextlib.suppress(PricingError):  # an old rule that cannot price this input honours nothing
-            prices.add(rule.quote(inputs))
-    return tuple(prices - {price})
-
-
-def charge_for(version: ModelVersion, inputs: dict[str, Any], url: str, path: str) -> Charge:
-    """What running ``version`` on ``inputs`` costs (the gate and the admin preview share it).
-
-    The input is priced as the run will get it (schema defaults filled in). A payment settled
-    only after the run (``after_success``) must stay settleable for the run's time limit.
-    """
-    model = version.model
-    settled_after_run = model.settlement_policy == SettlementPolicy.AFTER_SUCCESS
-    hold = model.time_limit_seconds if settled_after_run and not model.is_free else 0
-    state = pricing_state(model, honour_window_seconds(hold))
-    priced = {**version.defaults(), **inputs}  # as the run gets it (the create path fills them in)
-    try:
-        price = state.current.quote(priced)
-        # Pay per second (upto) as well, when the model offers it: at the same (cached) rule.
-        usage = (
-            usage_price(state.current, model.time_limit_seconds, priced, model.upto_failure_charge)
-            if model.offers_upto
-            else None
-        )
-    except PricingError as exc:
-        raise InvalidInput(str(exc), {state.current.unit_field or "input": str(exc)}) from None
-    free = state.current.is_free
-    return Charge(
-        usage=usage,
-        usage_hold_seconds=model.time_limit_seconds,
-        upto_first=model.upto_order == UptoOrder.UPTO_FIRST,
-        extensions=discovery_extension(version),
-        example_input=example_input(version),
-        output_schema=v1_output_schema(version),
-        price=price,
-        free=free,
-        hold_seconds=0 if free else hold,
-        honoured=_honoured_prices(state.honoured, priced, price),
-        resource=Resource(url=url, description=f"One prediction of {model}", mime_type="application/json"),
-        fingerprint=request_fingerprint(path, {"version": version.id, "input": inputs}),
-    )
 
 
 _DURATION = re.compile(r"(?:([0-9]{1,9})h)?(?:([0-9]{1,9})m(?!s))?(?:([0-9]{1,9})s)?(?:([0-9]{1,9})ms)?")
@@ -246,18 +133,6 @@ def waited_json(request: Request, prediction: Prediction) -> dict[str, Any]:
     return body
 
 
-def wait_until_done(prediction: Prediction, seconds: float) -> Prediction:
-    """The prediction once it has ended, or as it stands after ``seconds`` (holding the thread:
-    for callers that are sync anyway, the MCP tools)."""
-    deadline = time.monotonic() + seconds
-    delay = 0.05
-    while not prediction.is_terminal and time.monotonic() < deadline:
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
-        prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction.pk)
-    return prediction
-
-
 def model_or_404(owner: str, name: str) -> Model:
     model = Model.objects.select_related("hardware").filter(owner=owner, name=name).first()
     if model is None:
@@ -284,9 +159,9 @@ class PaidPredictionCreate(APIView):
 
     @schema.create_schema
     def post(self, request: Request, **kwargs: Any) -> Response:
-        replay_of = getattr(request, "x402_replay_of", None)
-        if replay_of is not None:
-            prediction, created = replayed(replay_of, request.x402_charge), False
+        admission: Admission = request.x402
+        if admission.replay_of is not None:
+            prediction, created = replayed(admission.replay_of, admission.charge), False
         else:
             prediction, created = self._create(request)
         seconds = wait_seconds(request)
@@ -304,9 +179,9 @@ class PaidPredictionCreate(APIView):
             self.version,
             self.inputs,
             options=self.options,
-            paid=request.x402,
-            charge=getattr(request, "x402_charge", None),
-            challenge=getattr(request, "x402_challenge", None),
+            paid=request.x402.verification,
+            charge=request.x402.charge,
+            challenge=request.x402.challenge,
         )
 
     def _respond(self, request: Request, prediction: Prediction, created: bool) -> Response:
@@ -443,6 +318,8 @@ class PredictionList(PredictionCreate):
     sees the predictions its payments bought.
     """
 
+    authentication_classes = [OperatorToken, SignInWithX]
+
     @schema.list_schema
     def get(self, request: Request) -> Response:
         queryset = Prediction.objects.select_related("payment", "model")
@@ -479,6 +356,8 @@ class AccountDetail(APIView):
     """GET /v1/account: who is asking. There are no accounts here: an operator token is the
     operator (an organization); an agent proves its payer address with a sign-in-with-x proof
     (401 with the declaration without one), and that address is its username."""
+
+    authentication_classes = [OperatorToken, SignInWithX]
 
     @schema.account_schema
     def get(self, request: Request) -> Response:

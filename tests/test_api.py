@@ -329,7 +329,7 @@ def test_after_success_refuses_a_payment_that_would_lapse_before_the_run_ends(
 def test_paid_output_is_withheld_until_the_payment_is_confirmed(
     chain_settings, demo_model, monkeypatch
 ) -> None:
-    monkeypatch.setattr("predictions.tasks.start_prediction", lambda prediction: None)  # no run, no settle
+    monkeypatch.setattr("predictions.scheduling.start_prediction", lambda prediction: None)  # no run, no settle
     demo_model.settlement_policy = "after_success"
     demo_model.save()
     payer = chain_settings.payers[7]

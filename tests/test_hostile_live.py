@@ -192,7 +192,7 @@ def hostile_server(chain_settings, demo_model, live_server, settings, monkeypatc
     settings.X402_PUBLIC_URL = live_server.url
     settings.X402_RATE_LIMITS = {"challenge": "100000/60", "failed": "100000/60", "webhook": "100000/60"}
     # Accepted predictions are recorded, not run: this test is about what gets recorded.
-    monkeypatch.setattr("predictions.tasks.start_prediction", lambda prediction: None)
+    monkeypatch.setattr("predictions.scheduling.start_prediction", lambda prediction: None)
     monkeypatch.setattr("predictions.views.MAX_WAIT", 0.1)  # Prefer: wait on runs that never start
     tally = Tally()
     yield RawClient(live_server.url, tally), tally, chain_settings

@@ -302,7 +302,7 @@ def test_the_sweep_leaves_a_finished_run_waiting_for_its_settlement(chain_settin
     from payments import settlement
     from predictions.tasks import run_prediction, sweep
 
-    monkeypatch.setattr("predictions.tasks.start_prediction", lambda prediction: None)
+    monkeypatch.setattr("predictions.scheduling.start_prediction", lambda prediction: None)
     monkeypatch.setattr("payments.tasks.settle_payment.delay", lambda payment_id: None)  # the test drives it
     model = python_model("patient", "predictions.runners.demo.EchoText", "after_success")
     payer = chain_settings.payers[2]
@@ -336,7 +336,7 @@ def test_logs_are_kept_back_with_the_output_while_the_payment_is_held(chain_sett
     from payments import settlement
     from predictions.tasks import run_prediction
 
-    monkeypatch.setattr("predictions.tasks.start_prediction", lambda prediction: None)
+    monkeypatch.setattr("predictions.scheduling.start_prediction", lambda prediction: None)
     monkeypatch.setattr("payments.tasks.settle_payment.delay", lambda payment_id: None)  # the test drives it
     model = python_model("printer", "tests.predictors.Chatty", "after_success")
     created = pay_in_process(chain_settings, model, {"input": {"text": "the answer"}}, payer=2)

@@ -47,7 +47,7 @@ def paid(chain, payer: int, body: dict, **headers: str):
 @pytest.fixture
 def no_tasks(monkeypatch):
     """Record predictions without settling or running them."""
-    monkeypatch.setattr("predictions.tasks.start_prediction", lambda prediction: None)
+    monkeypatch.setattr("predictions.scheduling.start_prediction", lambda prediction: None)
 
 
 def payer_headers(key: str, origin: str = "http://127.0.0.1:8000", **overrides) -> dict[str, str]:

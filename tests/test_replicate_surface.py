@@ -295,7 +295,7 @@ def test_a_deadline_passed_after_payment_runs_rather_than_charging_for_nothing(
     from predictions.models import Prediction
     from predictions.tasks import run_prediction, sweep
 
-    monkeypatch.setattr("predictions.tasks.enqueue_run", lambda prediction: None)  # settle, do not run yet
+    monkeypatch.setattr("predictions.scheduling.enqueue_run", lambda prediction: None)  # settle, do not run yet
     created = paid(chain_settings, 1, {"input": {"text": "late but paid"}}, **{"Cancel-After": "500ms"})
     assert created.status_code == 201, created.content
     prediction = Prediction.objects.get(pk=created.json()["id"])

@@ -27,6 +27,6 @@ def test_no_server_errors(case, chain_settings, demo_model, monkeypatch) -> None
     from django.core.cache import cache
 
     cache.clear()
-    monkeypatch.setattr("predictions.tasks.start_prediction", lambda prediction: None)
+    monkeypatch.setattr("predictions.scheduling.start_prediction", lambda prediction: None)
     response = case.call()
     assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:500])

@@ -131,7 +131,7 @@ def _no_5xx(response) -> None:  # type: ignore[no-untyped-def]
 @pytest.fixture
 def quiet_runs(monkeypatch):  # type: ignore[no-untyped-def]
     """Accepted predictions are recorded, not run, and Prefer: wait does not wait."""
-    monkeypatch.setattr("predictions.tasks.start_prediction", lambda prediction: None)
+    monkeypatch.setattr("predictions.scheduling.start_prediction", lambda prediction: None)
     monkeypatch.setattr("predictions.views.MAX_WAIT", 0, raising=False)
 
 

@@ -263,9 +263,9 @@ def test_a_failed_settlement_is_a_clear_state_the_reconciler_finishes(
 
         return run
 
-    from predictions import tasks
+    from predictions import scheduling
 
-    monkeypatch.setattr(tasks, "enqueue_run", revoke_then_run(tasks.enqueue_run))
+    monkeypatch.setattr(scheduling, "enqueue_run", revoke_then_run(scheduling.enqueue_run))
     response = Client().post(
         PATH, {"input": {"seconds": 0.2}}, content_type="application/json", HTTP_PAYMENT_SIGNATURE=header
     )
@@ -407,9 +407,9 @@ def test_the_lane_the_permit_names_settles_it(chain_settings, per_second_model, 
 def _paid_not_run(chain: Any, monkeypatch: Any, header_for: Any) -> Prediction:
     """A prediction paid with the header ``header_for(payer, PAYMENT-REQUIRED)`` builds, accepted
     and queued but not yet claimed (its run task is held back: the queue is long)."""
-    from predictions import tasks
+    from predictions import scheduling
 
-    monkeypatch.setattr(tasks, "enqueue_run", lambda prediction: None)
+    monkeypatch.setattr(scheduling, "enqueue_run", lambda prediction: None)
     challenge = Client().post(PATH, {"input": {"seconds": 1}}, content_type="application/json")
     header = header_for(challenge["PAYMENT-REQUIRED"])
     response = Client().post(

@@ -15,8 +15,9 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "x402site.settings")
 # Each request runs its sync code in a thread of its own here: a persistent connection would be
 # left behind with every one of those threads (Django's advice: no persistent connections
-# under ASGI). Unless the operator says otherwise, connections close at the end of a request.
-os.environ.setdefault("DATABASE_CONN_MAX_AGE", "0")
+# under ASGI), and a new connection per request costs a PostgreSQL backend start each time.
+# Unless the operator says otherwise, connections come from a pool of the process's own.
+os.environ.setdefault("DATABASE_POOL", "true")
 django_application = get_asgi_application()
 
 from django.conf import settings  # noqa: E402 (configured by the call above)

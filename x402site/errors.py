@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from django.http import HttpRequest, JsonResponse
 
-from payments.exceptions import problem_response
+from .exceptions import problem_response
 
 
 def bad_request(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:

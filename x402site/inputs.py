@@ -19,7 +19,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
-from payments.exceptions import problem_response
+from x402site.exceptions import problem_response
 
 #: Control characters (tab excepted) have no place in a path, a query or a header value.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")

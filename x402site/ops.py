@@ -9,7 +9,6 @@ URL, a token or a key: failures are reported by the exception's class name only.
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 from decimal import Decimal
 from typing import Any
@@ -18,8 +17,9 @@ from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from payments.exceptions import problem_response
 from payments.ratelimit import client_address
+from x402site.authentication import OpsToken
+from x402site.exceptions import problem_response
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -29,11 +29,8 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 def is_ops(request: HttpRequest) -> bool:
     """An operator's request: a bearer token of X402_OPS_TOKENS, or (none configured) local."""
-    tokens = settings.X402_OPS_TOKENS
-    if tokens:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        given_bytes = given.strip().encode("utf-8", "surrogatepass")
-        return scheme.lower() == "bearer" and any(hmac.compare_digest(given_bytes, t.encode()) for t in tokens)
+    if settings.X402_OPS_TOKENS:
+        return OpsToken.holds(request)
     try:
         return ipaddress.ip_address(client_address(request)).is_loopback
     except ValueError:

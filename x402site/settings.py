@@ -48,7 +48,7 @@ MIDDLEWARE = [
     "x402site.logging.RequestIdMiddleware",
     "x402site.inputs.RefuseUnsafeInput",
     "django.middleware.security.SecurityMiddleware",
-    "payments.middleware.X402CorsMiddleware",
+    "x402site.cors.X402CorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -80,6 +80,18 @@ TEMPLATES = [
 
 DATABASES = {"default": env.db("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/x402")}
 DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=60))
+# A pool of connections per process (psycopg_pool, Django 5.1+): the ASGI server turns it on
+# (x402site/asgi.py), where each request's sync code runs in a thread of its own and a
+# persistent connection would be left behind with every thread. A pooled connection goes back
+# to the pool at the end of the request instead of being closed (docs/deploy.md sizes it).
+if env.bool("DATABASE_POOL", default=False):
+    DATABASES["default"]["CONN_MAX_AGE"] = 0  # Django refuses persistent connections with a pool
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env.int("DATABASE_POOL_MIN_SIZE", default=2),
+        "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=20),
+        # How long a request waits for a free connection before it fails (seconds).
+        "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10.0),
+    }
 DATABASES["default"]["TEST"] = {"NAME": env.str("DATABASE_TEST_NAME", default="test_x402")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -114,12 +126,13 @@ STORAGES = {
 STATICFILES_DIRS = [BASE_DIR / "static"]
 
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    # Operators' bearer tokens (x402site.authentication); agents are not authenticated: they pay.
+    "DEFAULT_AUTHENTICATION_CLASSES": ["x402site.authentication.OperatorToken"],
     "DEFAULT_PERMISSION_CLASSES": [],
     "UNAUTHENTICATED_USER": None,
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["x402site.parsers.JSONParser"],
-    "EXCEPTION_HANDLER": "payments.exceptions.api_exception_handler",
+    "EXCEPTION_HANDLER": "x402site.exceptions.api_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     # The client address (rate limits, /metrics access) is the X-Forwarded-For entry this many
     # trusted proxies from the right; 0: REMOTE_ADDR, the header ignored (its left is forgeable).
