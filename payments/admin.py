@@ -32,6 +32,7 @@ from .models import (
     ReconciliationNote,
     Refund,
     RefundEvent,
+    RelayerNonce,
     SettlementTx,
 )
 from .options import configured
@@ -73,6 +74,17 @@ class SettlementTxAdmin(ReadOnlyAdmin):
     search_fields = ("tx_hash", "relayer")
     exclude = ("raw_tx",)
     date_hierarchy = "created_at"
+
+
+@admin.register(RelayerNonce)
+class RelayerLaneAdmin(ReadOnlyAdmin):
+    """Our sending accounts (relayer lanes and the refund wallet): a lane flagged "cannot pay"
+    had a transaction refused for lack of gas money and takes no new transactions until a
+    balance check shows funds (top it up; the reconciler clears the flag)."""
+
+    list_display = ("address", "network", "next_nonce", "unfunded_since", "unfunded_reason")
+    list_filter = ("network", ("unfunded_since", admin.EmptyFieldListFilter))
+    search_fields = ("address",)
 
 
 @admin.register(Payment)

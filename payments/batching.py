@@ -86,11 +86,12 @@ def calldata(conf: ConfiguredOption, payments: list[Payment]) -> str:
 
 
 def simulate(conf: ConfiguredOption, payments: list[Payment]) -> tuple[dict[str, Any], list[bool]]:
-    """The head block and, per item, whether its transfer would succeed now (one RPC batch)."""
+    """The head block and, per item, whether its transfer would succeed in the block it will be
+    mined in (``pending``, see settlement.simulate; one RPC batch)."""
     call = {"to": conf.batch_settler, "data": calldata(conf, payments), "gas": hex(gas_limit(len(payments)))}
     try:
         block, answer = rpc_batch(
-            conf.rpc_url, [("eth_getBlockByNumber", ["latest", False]), ("eth_call", [call, "latest"])]
+            conf.rpc_url, [("eth_getBlockByNumber", ["latest", False]), ("eth_call", [call, "pending"])]
         )
     except RpcError as exc:
         raise ChainUnavailable(f"batch simulation failed as a whole: {exc}") from exc
@@ -106,7 +107,7 @@ def simulate(conf: ConfiguredOption, payments: list[Payment]) -> tuple[dict[str,
 def _why(conf: ConfiguredOption, payments: list[Payment]) -> list[str]:
     """Why each dropped item would fail: the token's revert message for it alone (one batch)."""
     calls = [
-        ("eth_call", [{"to": p.asset, "data": settlement._calldata(p)}, "latest"]) for p in payments
+        ("eth_call", [{"to": p.asset, "data": settlement._calldata(p)}, "pending"]) for p in payments
     ]
     try:
         answers = rpc_batch(conf.rpc_url, calls, errors_inline=True)
@@ -142,6 +143,10 @@ def form(conf: ConfiguredOption, *, force: bool) -> Formed | None:
     """Claim ready payments and, if the batch is due (or ``force``), sign and store it with every
     payment moved to SETTLING in one ledger transaction. None: nothing ready, or not due yet."""
     limit = settings.X402_BATCH_MAX
+    if not relayers.funded_lanes(conf.option.network):
+        # No lane can pay for gas: no new batch (the payments wait, VERIFIED, for a refilled lane).
+        log.warning("no batch formed on %s: no relayer lane can pay for gas", conf.option.network)
+        return None
     with transaction.atomic():
         rows = _claim(conf, limit)
         if not rows:
@@ -150,9 +155,14 @@ def form(conf: ConfiguredOption, *, force: bool) -> Formed | None:
         if not force and len(rows) < limit and age < settings.X402_BATCH_MAX_AGE:
             return None
         formed = Formed(full=len(rows) == limit)
+        # An authorization valid from this very second (a client may sign validAfter = now) is
+        # waited out (rare, a second at most); a block mined now could not use it yet.
+        settlement.wait_for_valid_after(max(p.valid_after for p in rows))
         soon = time.time() + settlement.SETTLE_SAFETY_SECONDS
         items = []
         for p in rows:
+            if p.valid_after >= time.time():
+                continue  # not yet usable by a block mined now: left VERIFIED for the next batch
             if p.valid_before <= soon:
                 settlement._lapse(p, UnpaidReason.NOT_SETTLED_IN_TIME, "authorization expired before settlement")
                 formed.dropped.append(p.pk)
@@ -166,6 +176,8 @@ def form(conf: ConfiguredOption, *, force: bool) -> Formed | None:
         head = int(block["timestamp"], 16)
         failing = [p for p, good in zip(items, ok, strict=True) if not good]
         for p, why in zip(failing, _why(conf, failing) if failing else [], strict=True):
+            if settlement.NOT_YET_VALID_MESSAGE in why:
+                continue  # the node's clock is behind validAfter: left VERIFIED, never lapsed
             if p.valid_before <= max(head, time.time()) + settlement.SETTLE_SAFETY_SECONDS:
                 settlement._lapse(p, UnpaidReason.NOT_SETTLED_IN_TIME, "authorization expired before settlement")
             else:
@@ -238,7 +250,11 @@ def run(conf: ConfiguredOption, *, force: bool = False) -> list[SettlementTx]:
     """
     sent = []
     while True:
-        formed = form(conf, force=force)
+        try:
+            formed = form(conf, force=force)
+        except relayers.NoLaneCanPay as exc:  # a lane was flagged while the batch formed
+            log.warning("batch not signed on %s: %s", conf.option.network, exc)
+            break
         force = False
         if formed is None:
             break

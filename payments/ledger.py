@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Collection
 from datetime import timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -12,6 +13,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 from eth_utils import to_checksum_address
 from kombu.exceptions import OperationalError
@@ -92,15 +94,19 @@ def record(
     return payment
 
 
-def same_proof(verified: VerifiedPayment) -> Payment | None:
-    """The ledger row holding exactly this proof (same authorization fields and signature), if any.
+def same_proof(verified: VerifiedPayment, *, recorded_by: str) -> Payment | None:
+    """The ledger row holding exactly this proof (same authorization fields and signature),
+    recorded by ``recorded_by`` (a VerificationMethod), if any.
 
     Only a caller that has just verified the proof may use this: a row found by payer and nonce
-    alone proves nothing, since both are public once a payment settles.
+    alone proves nothing, since both are public once a payment settles. And a caller answers
+    only for the rows it recorded itself: the facilitator API must never settle a payment the
+    gate holds until after its run (issue 25).
     """
     auth = verified.payload.authorization
     return (
-        Payment.objects.of_authorization(
+        Payment.objects.filter(verification=recorded_by)
+        .of_authorization(
             verified.requirement.option.network,
             verified.requirement.option.asset,
             to_checksum_address(auth.from_),
@@ -253,7 +259,10 @@ def settlement_answer(payment: Payment) -> dict[str, Any]:
     with the amount actually charged, 0, not the signed maximum.
     """
     paid = payment.status in PAID_STATUSES and bool(payment.settle_tx_hash)
-    unpaid = not paid and (payment.status in UNPAID_STATUSES or payment.is_released)
+    # Released and not (yet) found paid on chain; once the chain says someone paid it, the
+    # ledger follows it (SETTLING, the reason cleared) and so does this answer.
+    released = payment.is_released and payment.status == PaymentStatus.LAPSING
+    unpaid = not paid and (payment.status in UNPAID_STATUSES or released)
     reason = None
     if not paid:
         reason = SETTLEMENT_FAILED if unpaid else SETTLEMENT_PENDING
@@ -271,13 +280,18 @@ def settlement_answer(payment: Payment) -> dict[str, Any]:
 SWEEP_AFTER = timedelta(seconds=30)
 
 
-def resend_lost() -> int:
+def resend_lost(refilled: Collection[str] = ()) -> int:
     """Re-enqueue VERIFIED payments whose settle task was lost (a broker outage...): the batcher
-    of a batched option (once), else the payment's own task. How many were sent again."""
+    of a batched option (once), else the payment's own task. How many were sent again.
+    ``refilled``: networks where a lane that could not pay can pay again
+    (settlement.recheck_lanes): the payments that waited for one are sent their way now."""
     swept = 0
     stale = timezone.now() - SWEEP_AFTER
     batched = timezone.now() - timedelta(seconds=2 * settings.X402_BATCH_MAX_AGE)
-    ready = Payment.objects.filter(status=PaymentStatus.VERIFIED, settle_requested_at__lt=max(stale, batched))
+    waited = Q(network__in=list(refilled))
+    ready = Payment.objects.filter(status=PaymentStatus.VERIFIED).filter(
+        Q(settle_requested_at__lt=max(stale, batched)) | waited
+    )
     for network, asset in ready.values_list("network", "asset").distinct().order_by():
         try:
             conf = for_payment(network, asset)
@@ -287,7 +301,7 @@ def resend_lost() -> int:
             batching.kick(conf, delay=0)
             swept += 1
             continue
-        lost = ready.filter(network=network, asset=asset, settle_requested_at__lt=stale)
+        lost = ready.filter(network=network, asset=asset).filter(Q(settle_requested_at__lt=stale) | waited)
         for pk in lost.values_list("pk", flat=True):
             dispatch.send(dispatch.SETTLE_PAYMENT, str(pk))
             swept += 1

@@ -41,6 +41,11 @@ REFUND_BROADCAST_ERRORS = Counter(
     "x402_refund_broadcast_errors_total",
     "Refund transfers the node refused to take (e.g. the refund wallet is out of gas money)",
 )
+UNFUNDED_BROADCASTS = Counter(
+    "x402_relayer_unfunded_broadcasts_total",
+    "Transactions of a relayer lane or the refund wallet the node refused for lack of gas money",
+    ["network"],
+)
 BACKPRESSURE = Counter(
     "x402_backpressure_rejections_total", "Paid requests answered 503 because the settlement backlog is too old"
 )
@@ -60,7 +65,7 @@ class LedgerCollector(Collector):
         from django.utils import timezone
 
         from .backpressure import backlog
-        from .models import OPEN_STATUSES, Payment, PaymentStatus
+        from .models import OPEN_STATUSES, Payment, PaymentStatus, RelayerNonce
 
         by_status = GaugeMetricFamily("x402_payments", "Payments in the ledger by status", labels=["status"])
         for row in Payment.objects.values("status").annotate(n=Count("id")):
@@ -90,6 +95,14 @@ class LedgerCollector(Collector):
         )
         age.add_metric([], now.oldest_age)
         yield age
+        unfunded = GaugeMetricFamily(
+            "x402_relayer_lane_unfunded",
+            "1 for a relayer lane (or the refund wallet) that cannot pay for gas: it takes no new transactions",
+            labels=["network", "address"],
+        )
+        for network, address, since in RelayerNonce.objects.values_list("network", "address", "unfunded_since"):
+            unfunded.add_metric([network, address], 0 if since is None else 1)
+        yield unfunded
 
 
 def render() -> bytes:

@@ -94,6 +94,9 @@ class UnpaidReason(models.TextChoices):
     FACILITATOR_REFUSED = "facilitator_refused", "The facilitator refused to settle"
     PAYER_CANCELED = "payer_canceled", "The payer canceled the authorization"
     NONCE_USED_ELSEWHERE = "nonce_used_elsewhere", "The payer used the nonce for another authorization"
+    #: Held until after its run (upto, after_success), its settlement was simulated before the
+    #: run and would revert: refused, the run never started (issue 25).
+    REFUSED_BEFORE_RUN = "refused_before_run", "Refused before the run: its settlement would revert"
 
     @property
     def final_status(self) -> str:
@@ -276,8 +279,10 @@ class Payment(models.Model):
 
     @property
     def is_released(self) -> bool:
-        """We decided not to settle it: never charged, whatever the chain says until it lapses."""
-        return self.unpaid_reason == UnpaidReason.RELEASED
+        """We decided not to settle it (released, or refused before its run): never charged by
+        us, whatever the chain says until it lapses (if someone else submits it, it is paid and
+        refunded: ``predictions.lifecycle._refund_if_owed``)."""
+        return self.unpaid_reason in (UnpaidReason.RELEASED, UnpaidReason.REFUSED_BEFORE_RUN)
 
     @property
     def is_terminal(self) -> bool:
@@ -445,8 +450,14 @@ class RelayerNonce(models.Model):
     network = models.CharField(max_length=64)
     address = models.CharField(max_length=42)
     next_nonce = models.PositiveBigIntegerField()
+    #: Set when the node refused one of the lane's transactions for lack of gas money; the lane
+    #: then takes no new transactions (its stored ones are rebroadcast as they are, never
+    #: re-signed with higher fees) until a balance check shows funds (``relayer.recheck_unfunded``).
+    unfunded_since = models.DateTimeField(null=True, blank=True)
+    unfunded_reason = models.TextField(blank=True, help_text="The node's refusal that flagged the lane")
 
     class Meta:
+        verbose_name = "relayer lane"
         constraints = [models.UniqueConstraint(fields=["network", "address"], name="relayer_nonce_unique")]
 
     def __str__(self) -> str:
@@ -810,8 +821,11 @@ class Refund(models.Model):
     raw_tx = models.TextField(blank=True)
     block_number = models.PositiveBigIntegerField(null=True, blank=True)
     confirmations = models.PositiveIntegerField(default=0)
-    gas_used = models.PositiveBigIntegerField(null=True, blank=True)
-    gas_cost_wei = models.DecimalField(max_digits=78, decimal_places=0, null=True, blank=True)
+    # Every attempt's gas (a failed attempt's transaction paid its gas too; see refunds._earlier_gas).
+    gas_used = models.PositiveBigIntegerField(null=True, blank=True, help_text="Gas of all its attempts")
+    gas_cost_wei = models.DecimalField(
+        max_digits=78, decimal_places=0, null=True, blank=True, help_text="Wei paid for gas by all its attempts"
+    )
     failure_reason = models.TextField(blank=True)
     broadcast_error = models.TextField(
         blank=True, help_text="The node's answer to the last refused broadcast (e.g. the wallet has no gas money)"

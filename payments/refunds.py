@@ -30,6 +30,7 @@ from eth_utils import to_checksum_address
 
 from x402site import dispatch
 
+from . import relayer as relayers
 from .abi import TRANSFER_TOPIC
 from .chain import RpcError, rpc, rpc_batch
 from .metrics import REFUND_BROADCAST_ERRORS
@@ -47,6 +48,8 @@ GAS_HEADROOM = 1.3
 RETRY_BASE_SECONDS = 60
 #: ...up to this.
 RETRY_MAX_SECONDS = 3600
+#: Why an approved refund waits while the wallet is flagged as unable to pay (relayer.flag_unfunded).
+WALLET_CANNOT_PAY = "the refund wallet cannot pay for gas"
 #: An approved refund never tried this long after its approval lost its send task (the broker
 #: was down): the reconciler sends it.
 SEND_GRACE_SECONDS = 60
@@ -109,7 +112,8 @@ def approve(refund_id: int, user: Any) -> Refund:
         if refund.status == R.FAILED:
             # The failed attempt's transaction is final (reverted at depth, or its nonce used
             # otherwise) and stays named by its events; the refund forgets it, so the next
-            # attempt is judged by its own transaction only.
+            # attempt is judged by its own transaction only. Its gas was spent all the same: the
+            # refund's gas stays the total of its attempts (see _earlier_gas).
             refund.advance(
                 R.OWED,
                 detail=detail,
@@ -120,8 +124,6 @@ def approve(refund_id: int, user: Any) -> Refund:
                 raw_tx="",
                 block_number=None,
                 confirmations=0,
-                gas_used=None,
-                gas_cost_wei=None,
             )
         elif refund.status == R.OWED and refund.approved_at is None:
             refund.approved_by, refund.approved_at = user, timezone.now()
@@ -181,6 +183,9 @@ def send(refund_id: int) -> Refund:
             return refund
         conf = for_payment(refund.network, refund.asset)
         lane = _lock_wallet(refund.network, account.address)
+        if lane.unfunded_since is not None:  # flagged by a refused broadcast; cleared by a balance check
+            _not_sent(refund.pk, f"{WALLET_CANNOT_PAY}: {lane.unfunded_reason}")
+            return refund
         data = TRANSFER + refund.recipient[2:].lower().rjust(64, "0") + hex(int(refund.amount))[2:].rjust(64, "0")
         call = {"from": account.address, "to": refund.asset, "data": data}
         try:
@@ -236,25 +241,19 @@ def _not_sent(refund_id: int, reason: str) -> None:
     log.warning("refund %s not sent (attempt %s, again in %ss): %s", refund_id, attempts, delay, reason)
 
 
-#: Node answers to a rebroadcast that mean it has the transaction (or mined it): not errors.
-ACCEPTED_ANSWERS = ("already known", "already imported", "nonce too low", "transaction already exists")
-#: A node's refusal because the wallet cannot pay for gas: higher fees would not help.
-NO_FUNDS = "insufficient funds"
-
-
 def _broadcast(url: str, refund: Refund) -> str | None:
     """Send the stored transaction (again): the same signed bytes, safe to repeat. The node's
     refusal (None when it took it or already has it) is recorded on the refund for finance
-    (shown in the admin), counted, and logged as a warning."""
-    try:
-        rpc(url, "eth_sendRawTransaction", [refund.raw_tx])
-    except RpcError as exc:
-        error = str(exc)
-        if not any(answer in error.lower() for answer in ACCEPTED_ANSWERS):
-            Refund.objects.filter(pk=refund.pk).update(broadcast_error=error[:2000])
-            REFUND_BROADCAST_ERRORS.inc()
-            log.warning("the node refused refund %s from %s: %s", refund.pk, refund.sender, error)
-            return error
+    (shown in the admin), counted, and logged as a warning; a refusal for lack of gas money
+    flags the wallet as a lane that cannot pay (as the relayer's lanes)."""
+    error = relayers.send_raw(url, refund.raw_tx)
+    if error is not None:
+        Refund.objects.filter(pk=refund.pk).update(broadcast_error=error[:2000])
+        REFUND_BROADCAST_ERRORS.inc()
+        log.warning("the node refused refund %s from %s: %s", refund.pk, refund.sender, error)
+        if relayers.cannot_pay(error):
+            relayers.flag_unfunded(refund.network, refund.sender, error)
+        return error
     Refund.objects.filter(pk=refund.pk).exclude(broadcast_error="").update(broadcast_error="")
     return None
 
@@ -269,6 +268,23 @@ def _transfers(receipt: dict[str, Any], refund: Refund) -> bool:
         and int(entry["data"], 16) == int(refund.amount)
         for entry in receipt.get("logs", [])
     )
+
+
+def _earlier_gas(refund: Refund, url: str) -> tuple[int, int]:
+    """(gas used, wei paid) by the refund's earlier, failed attempts: each FAILED event records
+    what its attempt's transaction spent on chain (a reverted transfer pays its gas; one whose
+    nonce was used otherwise paid none). The refund's ``gas_used``/``gas_cost_wei`` are these
+    plus the current attempt's, so a refund approved again never loses gas already spent. A
+    revert recorded before the events carried gas (issue 25) is read from its receipt."""
+    used = cost = 0
+    for detail in refund.events.filter(to_status=R.FAILED).values_list("detail", flat=True):
+        if "gas_used" not in detail and detail.get("tx"):
+            receipt = rpc(url, "eth_getTransactionReceipt", [detail["tx"]]) or {}
+            gas = int(receipt.get("gasUsed", "0x0"), 16)
+            detail = {"gas_used": gas, "gas_cost_wei": gas * int(receipt.get("effectiveGasPrice", "0x0"), 16)}
+        used += int(detail.get("gas_used") or 0)
+        cost += int(detail.get("gas_cost_wei") or 0)
+    return used, cost
 
 
 def hashes(refund: Refund) -> list[str]:
@@ -302,25 +318,30 @@ def track(refund_id: int) -> Refund:
         conf.rpc_url, [*[("eth_getTransactionReceipt", [h]) for h in watched], ("eth_blockNumber", [])]
     )
     mined_as = next(((h, r) for h, r in zip(watched, receipts, strict=True) if r), None)
+    earlier_gas, earlier_cost = _earlier_gas(refund, conf.rpc_url)
     if mined_as is None:
-        if refund.block_number is not None:  # a reorg dropped its block
-            Refund.objects.filter(pk=refund.pk).update(block_number=None, confirmations=0)
+        if refund.block_number is not None:  # a reorg dropped its block, and with it this attempt's gas
+            Refund.objects.filter(pk=refund.pk).update(
+                block_number=None,
+                confirmations=0,
+                gas_used=earlier_gas or None,
+                gas_cost_wei=earlier_cost or None,
+            )
         # At the depth below the head the receipts were read at: a block our transaction was in
         # would have shown its receipt.
         final = max(0, int(head, 16) - depth + 1)
         used = int(rpc(conf.rpc_url, "eth_getTransactionCount", [refund.sender, hex(final)]), 16)
         if used > refund.nonce:
-            return _dropped(refund, watched, used)
-        stuck = (
+            return _dropped(refund, watched, used, (earlier_gas, earlier_cost))
+        stuck = bool(
             refund.sent_at and (timezone.now() - refund.sent_at).total_seconds() > settings.X402_STUCK_AFTER_SECONDS
         )
-        if stuck and rpc(conf.rpc_url, "eth_getTransactionByHash", [refund.tx_hash]) is not None:
-            return _resign(conf.rpc_url, refund)  # in the node's pool, not mined: its fee is too low
-        # Not in the pool (never taken, or dropped): the same bytes again. Re-signed only when
-        # stuck and refused for another reason than the wallet's funds (a fee below the base
-        # fee, say): a higher fee cannot help a wallet without gas money.
-        error = _broadcast(conf.rpc_url, refund)
-        if stuck and error is not None and NO_FUNDS not in error.lower():
+        # The rule of every outgoing transaction (relayer.resend): re-signed with a higher fee
+        # only when stuck and in the node's pool, or refused for another reason than funds.
+        step = relayers.resend(
+            conf.rpc_url, refund.tx_hash, stuck=stuck, send=lambda: _broadcast(conf.rpc_url, refund)
+        )
+        if step == relayers.Resend.RESIGN:
             return _resign(conf.rpc_url, refund)
         return refund
     tx_hash, receipt = mined_as
@@ -330,11 +351,13 @@ def track(refund_id: int) -> Refund:
     block = int(receipt["blockNumber"], 16)
     confirmations = max(0, int(head, 16) - block + 1)
     gas_used = int(receipt["gasUsed"], 16)
+    gas_cost = gas_used * int(receipt.get("effectiveGasPrice", "0x0"), 16)
+    # The refund's gas is every attempt's: the earlier failed ones' and this one's.
     mined = {
         "block_number": block,
         "confirmations": confirmations,
-        "gas_used": gas_used,
-        "gas_cost_wei": gas_used * int(receipt.get("effectiveGasPrice", "0x0"), 16),
+        "gas_used": earlier_gas + gas_used,
+        "gas_cost_wei": earlier_cost + gas_cost,
     }
     with transaction.atomic():
         refund = Refund.objects.select_for_update().get(pk=refund_id)
@@ -345,7 +368,12 @@ def track(refund_id: int) -> Refund:
             # A revert is final only at the network's depth: a reorg may drop its block and the
             # same nonce may then pay (re-approving before that would pay twice).
             if confirmations >= depth:
-                refund.advance(R.FAILED, detail=evidence, failure_reason="the refund transfer reverted", **mined)
+                refund.advance(
+                    R.FAILED,
+                    detail={**evidence, "gas_used": gas_used, "gas_cost_wei": gas_cost},
+                    failure_reason="the refund transfer reverted",
+                    **mined,
+                )
             else:
                 Refund.objects.filter(pk=refund.pk).update(**mined)
         elif not _transfers(receipt, refund):
@@ -364,16 +392,20 @@ def track(refund_id: int) -> Refund:
     return refund
 
 
-def _dropped(refund: Refund, watched: list[str], used: int) -> Refund:
+def _dropped(refund: Refund, watched: list[str], used: int, earlier: tuple[int, int]) -> Refund:
     """No transaction of the refund was mined and the wallet's nonce is past it at depth: another
     transaction (someone used the wallet by hand) took the nonce, so this refund can never be
     paid by what we signed: failed (finance may approve it again)."""
     with transaction.atomic():
         refund = Refund.objects.select_for_update().get(pk=refund.pk)
         if refund.status == R.SENT:
+            earlier_gas, earlier_cost = earlier  # of the earlier attempts (_earlier_gas)
             refund.advance(
                 R.FAILED,
-                detail={"dropped": watched, "wallet_nonce_at_depth": used},
+                # Nothing of this attempt was mined: it spent no gas.
+                detail={"dropped": watched, "wallet_nonce_at_depth": used, "gas_used": 0, "gas_cost_wei": 0},
+                gas_used=earlier_gas or None,
+                gas_cost_wei=earlier_cost or None,
                 failure_reason=f"nonce {refund.nonce} was used by another transaction of the wallet: nothing was paid",
             )
     return refund
@@ -408,13 +440,28 @@ def _resign(url: str, refund: Refund) -> Refund:
 
 def _due() -> list[int]:
     """Approved refunds still owed whose send should be tried (again): their retry time came, or
-    they were never tried (the send task was lost) SEND_GRACE_SECONDS after approval."""
+    they were never tried (the send task was lost) SEND_GRACE_SECONDS after approval, or they
+    waited for a wallet flagged as unable to pay that a balance check has since cleared."""
     now = timezone.now()
+    flagged = RelayerNonce.objects.filter(unfunded_since__isnull=False, address=_wallet_address())
+    refilled = Q(failure_reason__startswith=WALLET_CANNOT_PAY) & ~Q(network__in=flagged.values("network"))
     return list(
         Refund.objects.filter(status=R.OWED, approved_at__isnull=False)
-        .filter(Q(retry_at__lte=now) | Q(retry_at=None, approved_at__lte=now - timedelta(seconds=SEND_GRACE_SECONDS)))
+        .filter(
+            Q(retry_at__lte=now)
+            | Q(retry_at=None, approved_at__lte=now - timedelta(seconds=SEND_GRACE_SECONDS))
+            | refilled
+        )
         .values_list("pk", flat=True)
     )
+
+
+def _wallet_address() -> str:
+    """The refund wallet's address ("" without ``X402_REFUND_KEY``)."""
+    try:
+        return wallet().address
+    except ImproperlyConfigured:
+        return ""
 
 
 def reconcile() -> int:

@@ -6,15 +6,23 @@ or replaced with the same nonce and higher fees while it is stuck. Each lane (on
 ``X402_RELAYER_KEYS``) has its own nonce sequence, allocated under its ``RelayerNonce`` row
 lock; a worker takes the least loaded lane it can lock (``SKIP LOCKED``), so workers sign in
 parallel and a transaction stuck on one lane does not hold the payments of the others.
+
+Every outgoing transaction not mined yet (a settlement, a batch, an upto settle, a refund)
+follows one rule, :func:`resend`: it is re-signed with higher fees only when the node holds it
+as pending (its fee is too low) or refused it for another reason than the sender's funds; a
+sender that cannot pay has the same bytes rebroadcast, its fees never raised, and its lane is
+flagged (``RelayerNonce.unfunded_since``): reported (metric, ``/readyz``, admin) and given no new
+transactions until a balance check shows funds (:func:`recheck_unfunded`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
@@ -26,6 +34,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from .chain import RpcError, rpc
+from .metrics import UNFUNDED_BROADCASTS
 from .models import PaymentStatus, RelayerNonce, SettlementTx
 from .options import ConfiguredOption
 
@@ -74,6 +83,19 @@ class Lane:
     row: RelayerNonce
 
 
+class NoLaneCanPay(RuntimeError):
+    """Every lane that could send the transaction is flagged as unable to pay for gas: nothing
+    is signed (the payment waits, VERIFIED, until a balance check shows funds)."""
+
+
+def funded_lanes(network: str) -> list[LocalAccount]:
+    """The configured lanes not flagged as unable to pay."""
+    accounts = lanes()
+    flagged = RelayerNonce.objects.filter(network=network, unfunded_since__isnull=False)
+    addresses = set(flagged.values_list("address", flat=True))
+    return [a for a in accounts if a.address not in addresses]
+
+
 def _ensure_rows(network: str, accounts: list[LocalAccount]) -> None:
     known = set(
         RelayerNonce.objects.filter(network=network, address__in=[a.address for a in accounts]).values_list(
@@ -109,15 +131,20 @@ def take_lane(network: str, address: str | None = None) -> Lane:
     if address is not None:
         account = account_of(address)
         _ensure_rows(network, [account])
-        return Lane(account, RelayerNonce.objects.select_for_update().get(network=network, address=account.address))
-    accounts = lanes()
-    _ensure_rows(network, accounts)
+        row = RelayerNonce.objects.select_for_update().get(network=network, address=account.address)
+        if row.unfunded_since is not None:
+            raise NoLaneCanPay(f"lane {account.address} on {network} cannot pay for gas: {row.unfunded_reason}")
+        return Lane(account, row)
+    _ensure_rows(network, lanes())
+    accounts = funded_lanes(network)
+    if not accounts:
+        raise NoLaneCanPay(f"no relayer lane on {network} can pay for gas")
     load = loads(network)
     order = sorted(accounts, key=lambda a: (load.get(a.address, 0), random.random()))
     for account in order:
         row = (
             RelayerNonce.objects.select_for_update(skip_locked=True)
-            .filter(network=network, address=account.address)
+            .filter(network=network, address=account.address, unfunded_since=None)
             .first()
         )
         if row is not None:
@@ -204,14 +231,98 @@ def sign_and_store(
     return tx
 
 
-def broadcast(url: str, tx: SettlementTx) -> None:
-    """Send the stored transaction (again). Safe to repeat: it is the same signed bytes."""
+#: Node answers to a (re)broadcast that mean it has the transaction (or mined it): not errors.
+ACCEPTED_ANSWERS = ("already known", "already imported", "nonce too low", "transaction already exists")
+#: A node's refusal because the sender cannot pay for gas: higher fees would not help.
+NO_FUNDS = "insufficient funds"
+
+
+def send_raw(url: str, raw: str) -> str | None:
+    """Send signed bytes (again; safe to repeat): the node's refusal, or None when it took them
+    or already has them (the receipt decides the rest)."""
     try:
-        rpc(url, "eth_sendRawTransaction", [tx.raw_tx])
+        rpc(url, "eth_sendRawTransaction", [raw])
     except RpcError as exc:
-        # "already known", "nonce too low" (mined already) and the like: the receipt decides.
-        log.info("broadcast of %s (%s payments): %s", tx.tx_hash, tx.items, exc)
+        error = str(exc)
+        if not any(answer in error.lower() for answer in ACCEPTED_ANSWERS):
+            return error
+    return None
+
+
+def cannot_pay(error: str | None) -> bool:
+    """The node refused because the sender has not the gas money."""
+    return error is not None and NO_FUNDS in error.lower()
+
+
+def flag_unfunded(network: str, address: str, error: str) -> None:
+    """The node refused a transaction of this lane for lack of gas money: flag it (once; the
+    first refusal's time is kept) and count it."""
+    UNFUNDED_BROADCASTS.labels(network=network).inc()
+    flagged = RelayerNonce.objects.filter(network=network, address=address, unfunded_since=None).update(
+        unfunded_since=timezone.now(), unfunded_reason=error[:2000]
+    )
+    if flagged:
+        log.error("lane %s on %s cannot pay for gas; it takes no new transactions: %s", address, network, error)
+
+
+def recheck_unfunded(rpc_urls: dict[str, str]) -> set[str]:
+    """The balance check of every flagged lane (``rpc_urls``: network -> RPC URL): a lane
+    holding at least ``X402_RELAYER_MIN_BALANCE_WEI`` and what its signed, unmined transactions
+    may cost (gas limit x max fee) can pay again; its flag is cleared. The networks where a lane
+    was cleared."""
+    cleared = set()
+    for row in RelayerNonce.objects.filter(unfunded_since__isnull=False, network__in=list(rpc_urls)):
+        wei = int(rpc(rpc_urls[row.network], "eth_getBalance", [row.address, "latest"]), 16)
+        waiting = SettlementTx.objects.filter(
+            network=row.network, relayer=row.address, block_number=None, payments__status=PaymentStatus.SETTLING
+        ).distinct()
+        need = settings.X402_RELAYER_MIN_BALANCE_WEI + sum(t.gas_limit * t.max_fee_per_gas for t in waiting)
+        if wei >= need:
+            RelayerNonce.objects.filter(pk=row.pk).update(unfunded_since=None, unfunded_reason="")
+            log.warning("lane %s on %s can pay again (%s wei)", row.address, row.network, wei)
+            cleared.add(row.network)
+    return cleared
+
+
+def broadcast(url: str, tx: SettlementTx) -> str | None:
+    """Send the stored transaction (again). Safe to repeat: it is the same signed bytes. The
+    node's refusal (None: it took it or has it); a refusal for lack of gas money flags the lane."""
+    error = send_raw(url, tx.raw_tx)
+    if error is not None:
+        log.info("broadcast of %s (%s payments): %s", tx.tx_hash, tx.items, error)
+        if cannot_pay(error):
+            flag_unfunded(tx.network, tx.relayer, error)
     SettlementTx.objects.filter(pk=tx.pk).update(broadcast_at=timezone.now())
+    return error
+
+
+class Resend(StrEnum):
+    """What a pass did with an outgoing transaction not mined yet (:func:`resend`)."""
+
+    #: The same bytes were sent again (the node took them, has them, or refused them for a
+    #: reason that higher fees would not cure yet: not stuck).
+    SENT = "sent"
+    #: The sender cannot pay for gas: the same bytes stay, fees are never raised.
+    NO_FUNDS = "no_funds"
+    #: Stuck, and the node holds it as pending (its fee is too low) or refused it for another
+    #: reason than funds (a fee below the base fee): sign it again with higher fees.
+    RESIGN = "resign"
+
+
+def resend(url: str, tx_hash: str, *, stuck: bool, send: Callable[[], str | None]) -> Resend:
+    """The one rule for every outgoing transaction not mined yet (settlements, batches, upto
+    settles, refunds). ``send`` rebroadcasts the stored bytes and returns the node's refusal.
+
+    Re-signing raises the fees 12.5% a time; done on every pass while the sender cannot pay,
+    the fees would compound for hours and a refilled relayer would pay tips thousands of times
+    normal. So: re-sign only when stuck and the node holds the transaction as pending, or
+    refused it for a reason other than the sender's funds."""
+    if stuck and rpc(url, "eth_getTransactionByHash", [tx_hash]) is not None:
+        return Resend.RESIGN
+    error = send()
+    if cannot_pay(error):
+        return Resend.NO_FUNDS
+    return Resend.RESIGN if stuck and error is not None else Resend.SENT
 
 
 def is_stuck(tx: SettlementTx) -> bool:

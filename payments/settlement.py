@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from django.conf import settings
 from django.db import transaction
@@ -51,12 +51,16 @@ from .metrics import RECONCILE_ERRORS
 from .models import Payment, PaymentStatus, SettlementTx, UnpaidReason
 from .options import ConfiguredOption, SettlementMode, for_payment
 from .relayer import relayer_account
+from .signals import payment_unsettled
+from .x402.eip712 import Authorization
 from .x402.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit
 from .x402.types import SCHEME_UPTO, parse_payload
+from .x402.verify import VerifiedPayment
 
 __all__ = ["relayer_account"]  # re-exported: views and ops name the relayer through this module
 
 log = logging.getLogger("payments.settlement")
+T = TypeVar("T")
 S = PaymentStatus
 
 #: Gas limit for one transferWithAuthorization (82,900 measured on anvil; USDC needs a little more).
@@ -77,28 +81,39 @@ def _token_contract() -> Any:
     return Web3().eth.contract(abi=TOKEN_ABI)
 
 
-def _calldata(p: Payment) -> str:
-    """transferWithAuthorization with (v, r, s) for a 65-byte signature, else the ``bytes``
-    overload (contract wallets: EIP-1271)."""
-    sig = bytes.fromhex(p.signature[2:])
+def _exact_calldata(auth: Authorization, pay_to: str, signature: bytes) -> str:
+    """transferWithAuthorization with (v, r, s) for a canonical 65-byte ECDSA signature, else the
+    ``bytes`` overload (contract wallets, EIP-1271): the chain gets the bytes that were verified."""
     head = [
-        to_checksum_address(p.payer),
-        to_checksum_address(p.pay_to),
-        int(p.amount),
-        p.valid_after,
-        p.valid_before,
-        bytes.fromhex(p.nonce[2:]),
+        to_checksum_address("0x" + auth.from_.hex()),
+        to_checksum_address(pay_to),
+        auth.value,
+        auth.valid_after,
+        auth.valid_before,
+        auth.nonce,
     ]
     contract = _token_contract()
-    if len(sig) != 65:
-        signature = "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"
-        return contract.encode_abi(signature, [*head, sig])
-    signature = (
-        "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
-    )
+    if len(signature) != 65 or signature[64] not in (27, 28):
+        return contract.encode_abi(
+            "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)",
+            [*head, signature],
+        )
     return contract.encode_abi(
-        signature, [*head, sig[64] if sig[64] >= 27 else sig[64] + 27, sig[:32], sig[32:64]]
+        "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)",
+        [*head, signature[64], signature[:32], signature[32:64]],
     )
+
+
+def _calldata(p: Payment) -> str:
+    auth = Authorization(
+        from_=bytes.fromhex(p.payer[2:]),
+        to=bytes.fromhex(p.pay_to[2:]),
+        value=int(p.amount),
+        valid_after=p.valid_after,
+        valid_before=p.valid_before,
+        nonce=bytes.fromhex(p.nonce[2:]),
+    )
+    return _exact_calldata(auth, p.pay_to, bytes.fromhex(p.signature[2:]))
 
 
 def _permit(p: Payment) -> UptoPermit:
@@ -108,23 +123,26 @@ def _permit(p: Payment) -> UptoPermit:
     return permit
 
 
-def _upto_calldata(p: Payment) -> str:
-    """The upto proxy's ``settle(permit, amount, owner, witness, signature)`` for the charge."""
+def _permit_calldata(permit: UptoPermit, amount: int, signature: bytes) -> str:
+    """The upto proxy's ``settle(permit, amount, owner, witness, signature)`` for ``amount``."""
     from eth_abi import encode
-
-    permit = _permit(p)
 
     def address(raw: bytes) -> str:
         return to_checksum_address("0x" + raw.hex())
 
     args = [
         ((address(permit.token), permit.maximum), permit.nonce, permit.deadline),
-        int(p.amount),
+        amount,
         address(permit.owner),
         (address(permit.to), address(permit.facilitator), permit.valid_after),
-        bytes.fromhex(p.signature[2:]),
+        signature,
     ]
     return "0x" + (UPTO_SETTLE + encode(UPTO_SETTLE_TYPES, args)).hex()
+
+
+def _upto_calldata(p: Payment) -> str:
+    """The upto proxy's settle for the charge."""
+    return _permit_calldata(_permit(p), int(p.amount), bytes.fromhex(p.signature[2:]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,13 +156,77 @@ class SettlementCall:
     sender: str | None = None
 
 
+def _upto_call(permit: UptoPermit, data: str) -> SettlementCall:
+    """From the lane the permit names as its facilitator (the proxy refuses any other sender)."""
+    facilitator = to_checksum_address("0x" + permit.facilitator.hex())
+    return SettlementCall(UPTO_PROXY_ADDRESS, data, UPTO_GAS_LIMIT, facilitator)
+
+
 def settlement_call(p: Payment) -> SettlementCall:
     """exact: the token's transferWithAuthorization, from any lane. upto: the proxy's settle for
     the charge, from the lane the permit names as its facilitator."""
     if p.scheme == SCHEME_UPTO:
-        facilitator = to_checksum_address("0x" + _permit(p).facilitator.hex())
-        return SettlementCall(UPTO_PROXY_ADDRESS, _upto_calldata(p), UPTO_GAS_LIMIT, facilitator)
+        return _upto_call(_permit(p), _upto_calldata(p))
     return SettlementCall(p.asset, _calldata(p), GAS_LIMIT)
+
+
+def held_settlement_call(verified: VerifiedPayment) -> SettlementCall:
+    """The call that will settle a payment held until after its run, at the most it can settle
+    (an upto permit's signed maximum), as it will be sent."""
+    payload, option = verified.payload, verified.requirement.option
+    if payload.permit is not None:
+        permit = payload.permit
+        return _upto_call(permit, _permit_calldata(permit, permit.maximum, payload.signature))
+    data = _exact_calldata(payload.authorization, option.pay_to, payload.signature)
+    return SettlementCall(option.asset, data, GAS_LIMIT)
+
+
+#: How the chain says a settlement came before its authorization's ``validAfter``: the token's
+#: require message, and the upto proxy's ``PaymentTooEarly()`` error (its selector).
+NOT_YET_VALID_MESSAGE = "authorization is not yet valid"
+PAYMENT_TOO_EARLY = "0xa65539fa"
+#: Longest wait, in a settlement or at the gate, for an authorization that becomes valid in the
+#: next seconds (the token wants ``block.timestamp > validAfter``, and a client may sign
+#: ``validAfter`` = now): waited out, never called a failure.
+VALID_AFTER_WAIT_SECONDS = 3
+
+
+def not_yet_valid(exc: RpcError) -> bool:
+    """The call reverted only because its block is earlier than the authorization's validAfter."""
+    data = exc.data if isinstance(exc.data, str) else ""
+    return NOT_YET_VALID_MESSAGE in str(exc) or data.lower().startswith(PAYMENT_TOO_EARLY)
+
+
+def wait_for_valid_after(valid_after: int) -> None:
+    """Sleep until our clock is past ``valid_after`` if that is at most a few seconds away."""
+    wait = valid_after + 1 - time.time()
+    if 0 < wait <= VALID_AFTER_WAIT_SECONDS:
+        time.sleep(wait)
+
+
+def when_valid(valid_after: int, simulation: Callable[[], T]) -> T:
+    """``simulation()`` once a block mined now may use an authorization valid after
+    ``valid_after`` (its timestamp must be past it): waited out for a few seconds at most,
+    by our clock and then by the node's (asked again while it answers "not yet valid"). Raises
+    the last RpcError."""
+    deadline = time.monotonic() + VALID_AFTER_WAIT_SECONDS
+    wait_for_valid_after(valid_after)
+    while True:
+        try:
+            return simulation()
+        except RpcError as exc:
+            if not not_yet_valid(exc) or time.monotonic() + 0.5 > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def simulate(url: str, call: SettlementCall) -> None:
+    """Run ``call`` as the transaction that will be sent: from its lane, in the block it will be
+    mined in (``pending``: on a chain idle for a while the latest block is minutes old, and an
+    authorization valid now would look not yet valid there). Raises RpcError when it reverts."""
+    sender = call.sender or relayers.lanes()[0].address
+    tx = {"from": sender, "to": call.to, "data": call.data, "gas": hex(call.gas_limit)}
+    rpc(url, "eth_call", [tx, "pending"])
 
 
 def _lock(payment_id: Any) -> Payment:
@@ -285,7 +367,8 @@ def resolve_lapsing(payment_id: Any) -> Payment:
     receipt then decides SETTLED or CONFIRMED), so money that moved is always on the books and
     its prediction is served. Used without that Transfer (the payer spent the nonce on another
     authorization) or canceled by the payer: FAILED. Unused and lapsed: the reason's terminal
-    state. Otherwise it may still be used: nothing changes.
+    state. Otherwise it may still be used: nothing changes (``payment_unsettled`` is sent: what
+    waits for the payment need not wait for its lapse).
     """
     p = Payment.objects.get(pk=payment_id)
     if p.status != S.LAPSING:
@@ -304,11 +387,15 @@ def resolve_lapsing(payment_id: Any) -> Payment:
         if receipt is not None and transfer_matches(receipt, p):
             # Ours only if it is one of our transaction's hashes (a replaced signature mined late).
             ours = p.settlement_tx if p.settlement_tx and use.used_in in p.settlement_tx.hashes else None
+            # Paid: why it was going unpaid no longer holds (kept in the event for the books; a
+            # payment we had released is refunded, see predictions.lifecycle._refund_if_owed).
             p.advance(
                 S.SETTLING,
                 settle_tx_hash=use.used_in,
                 settlement_tx=ours,
-                detail={"found_on_chain": use.used_in, "chain": chain},
+                unpaid_reason="",
+                failure_reason="",
+                detail={"found_on_chain": use.used_in, "chain": chain, "was_unpaid": p.unpaid_reason},
             )
         elif receipt is not None or use.canceled_in or use.used_elsewhere:
             reason = (
@@ -329,8 +416,57 @@ def resolve_lapsing(payment_id: Any) -> Payment:
             )
         elif has_lapsed(p, use):
             p.advance(UnpaidReason(p.unpaid_reason).final_status, detail={"chain": chain})
+        else:
+            payment_unsettled.send(sender=Payment, payment=p)
     if p.status == S.SETTLING:
         p = track(p.pk)
+    return p
+
+
+def refusal_before_run(verified: VerifiedPayment, conf: ConfiguredOption) -> str | None:
+    """Why the settlement of a payment held until after its run (upto, ``after_success``) would
+    revert if sent now (the chain's message), else None. Simulated as it will be sent: from the
+    lane that sends it, at the most it can settle, in the next block. An option settled by a
+    remote facilitator is that facilitator's to judge (its ``/verify``): None."""
+    if conf.mode == SettlementMode.FACILITATOR:
+        return None
+    call = held_settlement_call(verified)
+    try:
+        when_valid(verified.payload.authorization.valid_after, lambda: simulate(conf.rpc_url, call))
+    except RpcError as exc:
+        return None if not_yet_valid(exc) else _revert_message(exc)
+    return None
+
+
+def refuse_if_unsettleable(payment_id: Any) -> Payment:
+    """Before a held payment's run starts (VERIFIED, its settlement not asked for yet): simulate
+    the settlement at the most it can settle; if it would revert, the payment is refused before
+    the run (LAPSING, ``refused_before_run``; the chain then says what it became) and, once the
+    chain says it is unused, its prediction fails unstarted (``payment_unsettled``)."""
+    p = Payment.objects.get(pk=payment_id)
+    if p.status != S.VERIFIED or p.settle_requested_at is not None:
+        return p
+    conf = for_payment(p.network, p.asset)
+    if conf.mode == SettlementMode.FACILITATOR:
+        return p
+    signature = bytes.fromhex(p.signature[2:])
+    if p.scheme == SCHEME_UPTO:
+        permit = _permit(p)
+        call = _upto_call(permit, _permit_calldata(permit, permit.maximum, signature))
+    else:
+        call = settlement_call(p)
+    try:
+        when_valid(p.valid_after, lambda: simulate(conf.rpc_url, call))
+    except RpcError as exc:
+        if not_yet_valid(exc):
+            return p
+        with transaction.atomic():
+            p = _lock(payment_id)
+            if p.status != S.VERIFIED or p.settle_requested_at is not None:
+                return p
+            why = f"refused before the run: its settlement would revert: {_revert_message(exc)}"
+            _lapse(p, UnpaidReason.REFUSED_BEFORE_RUN, why)
+        return resolve_lapsing(payment_id)
     return p
 
 
@@ -353,11 +489,20 @@ def prepare(payment_id: Any) -> Payment:
     settle = settlement_call(p)
     call = {"from": settle.sender or relayers.lanes()[0].address, "to": settle.to, "data": settle.data}
     try:
-        block, _ = rpc_batch(
-            conf.rpc_url,
-            [("eth_getBlockByNumber", ["latest", False]), ("eth_estimateGas", [call, "latest"])],
+        # Simulated in the block the transaction will be mined in (see simulate).
+        block, _ = when_valid(
+            p.valid_after,
+            lambda: rpc_batch(
+                conf.rpc_url,
+                [("eth_getBlockByNumber", ["latest", False]), ("eth_estimateGas", [call, "pending"])],
+            ),
         )
     except RpcError as exc:
+        if not_yet_valid(exc):
+            # The node's clock is behind validAfter: a correct payment, settled later (it stays
+            # VERIFIED: the reconciler's sweep sends it again), never lapsed.
+            log.info("payment %s: not yet valid on chain (validAfter %s), settled later", p.pk, p.valid_after)
+            return p
         # The transfer would revert: maybe someone already settled it (front-running), maybe
         # the payer moved the funds. The chain decides which (resolve_lapsing).
         with transaction.atomic():
@@ -365,28 +510,44 @@ def prepare(payment_id: Any) -> Payment:
             if p.status == S.VERIFIED:
                 _lapse(p, UnpaidReason.SIMULATION_REVERTED, f"simulation reverted: {_revert_message(exc)}")
         return resolve_lapsing(payment_id)
-    with transaction.atomic():
-        p = _lock(payment_id)
-        if p.status != S.VERIFIED:
-            return p
-        tx = relayers.sign_and_store(
-            conf,
-            relayers.take_lane(p.network, settle.sender),
-            kind=SettlementTx.Kind.SINGLE,
-            to=settle.to,
-            data=settle.data,
-            gas_limit=settle.gas_limit,
-            items=1,
-            block=block,
-        )
-        p.advance(
-            S.SETTLING,
-            settle_tx_hash=tx.tx_hash,
-            settlement_tx=tx,
-            settlement_index=0,
-            search_from_block=p.search_from_block or int(block["number"], 16),
-        )
+    try:
+        with transaction.atomic():
+            p = _lock(payment_id)
+            if p.status != S.VERIFIED:
+                return p
+            lane = relayers.take_lane(p.network, settle.sender)
+            p = _sign(p, conf, settle, lane, block)
+    except relayers.NoLaneCanPay as exc:
+        # Nothing signed: the payment waits, VERIFIED, until a lane can pay again (the
+        # reconciler then sends it its way, see ledger.resend_lost).
+        log.warning("payment %s not signed: %s", payment_id, exc)
+        return Payment.objects.get(pk=payment_id)
     _fault_pause()
+    return p
+
+
+def _sign(
+    p: Payment, conf: ConfiguredOption, settle: SettlementCall, lane: relayers.Lane, block: dict[str, Any]
+) -> Payment:
+    """Sign and store the payment's transaction on ``lane`` and move it to SETTLING (the payment
+    and the lane locked by the caller)."""
+    tx = relayers.sign_and_store(
+        conf,
+        lane,
+        kind=SettlementTx.Kind.SINGLE,
+        to=settle.to,
+        data=settle.data,
+        gas_limit=settle.gas_limit,
+        items=1,
+        block=block,
+    )
+    p.advance(
+        S.SETTLING,
+        settle_tx_hash=tx.tx_hash,
+        settlement_tx=tx,
+        settlement_index=0,
+        search_from_block=p.search_from_block or int(block["number"], 16),
+    )
     return p
 
 
@@ -701,12 +862,16 @@ def _reconcile_group(
     tx = SettlementTx.objects.get(pk=waiting[0].settlement_tx_id)
     if tx.block_number is not None:
         return
-    if relayers.is_stuck(tx):
-        stuck_hash = tx.tx_hash
-        tx = replace_tx(tx.pk, conf)
-        stats["replaced"] += tx.tx_hash != stuck_hash
-    relayers.broadcast(conf.rpc_url, tx)
+    sent = tx
+    stuck = relayers.is_stuck(tx)
+    step = relayers.resend(conf.rpc_url, tx.tx_hash, stuck=stuck, send=lambda: relayers.broadcast(conf.rpc_url, sent))
     stats["rebroadcast"] += 1
+    if step == relayers.Resend.NO_FUNDS:
+        stats["unfunded"] += 1
+    elif step == relayers.Resend.RESIGN:
+        tx = replace_tx(tx.pk, conf)
+        stats["replaced"] += tx.tx_hash != sent.tx_hash
+        relayers.broadcast(conf.rpc_url, tx)
 
 
 def replace_tx(tx_id: int, conf: ConfiguredOption) -> SettlementTx:
@@ -854,6 +1019,19 @@ def resolve_unknown(payment_id: Any) -> Payment:
         return track(payment_id)
     conf = for_payment(p.network, p.asset)
     return SETTLERS[conf.mode].retry_unknown(p, conf)
+
+
+def recheck_lanes() -> set[str]:
+    """The balance check of the lanes flagged as unable to pay (:func:`relayer.recheck_unfunded`);
+    the networks where one can pay again. An RPC failure leaves them flagged until next pass."""
+    from .options import configured
+
+    urls = {c.option.network: c.rpc_url for c in configured()}
+    try:
+        return relayers.recheck_unfunded(urls)
+    except (RpcError, ChainUnavailable, ValueError, TypeError) as exc:
+        log.warning("reconcile: balance check of unfunded lanes failed (%s); next pass", exc)
+        return set()
 
 
 def reconcile_open() -> Counter[str]:

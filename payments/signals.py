@@ -2,3 +2,8 @@ from django.dispatch import Signal
 
 #: Sent inside the transaction that moved a payment (kwargs: payment, previous).
 payment_advanced = Signal()
+
+#: Sent inside the transaction in which the chain, asked about a LAPSING payment, said its
+#: authorization is unused and may still be used until it lapses (kwargs: payment): we will not,
+#: or could not, settle it; only someone else still could (then it is paid, and followed).
+payment_unsettled = Signal()

@@ -73,15 +73,17 @@ def track_settlements(self, tx_ids: list[int]) -> int:  # type: ignore[no-untype
 
 @shared_task(acks_late=True)
 def reconcile() -> dict[str, int]:
-    """One reconciliation pass (settlement.reconcile_open, then ledger.resend_lost for tasks the
-    broker lost); passes never overlap across workers:
+    """One reconciliation pass (the balance check of lanes that could not pay, then
+    settlement.reconcile_open, then ledger.resend_lost for tasks the broker lost and payments that
+    waited for a lane); passes never overlap across workers:
     a pass over many rows can outlast the beat interval, and the next one then skips."""
     with advisory_lock("payments.reconcile") as mine:
         if not mine:
             log.info("reconcile: a pass is already running; skipped")
             return {"skipped": 1}
+        refilled = settlement.recheck_lanes()  # lanes flagged as unable to pay: their balance check
         stats = settlement.reconcile_open()
-        stats["swept"] += ledger.resend_lost()
+        stats["swept"] += ledger.resend_lost(refilled)
         stats["refunds_tracked"] = refunds.reconcile()
         return dict(stats)
 

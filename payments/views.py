@@ -231,7 +231,7 @@ class FacilitatorSettle(APIView):
             # The nonce is unused on chain (we just checked) and already in our ledger: only
             # the very same proof is answered with its settlement (tried again if an earlier
             # attempt failed and it now verifies).
-            same = ledger.same_proof(verified.payment)
+            same = ledger.same_proof(verified.payment, recorded_by=VerificationMethod.FACILITATOR_API)
             if same is None:
                 raise _Invalid(
                     NONCE_ALREADY_USED, "this authorization is already being settled", parsed.payer

@@ -341,7 +341,9 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
     reported is written, so a cancel during the run, or a second report, changes nothing.
 
     A success under ``after_success`` keeps its output back (status stays PROCESSING) and asks
-    for settlement; the payment's confirmation releases it (:func:`on_payment`).
+    for settlement; the payment's confirmation releases it (:func:`on_payment`). A payment
+    already confirmed (settled before the run ended, by whomever) releases it at once: the
+    confirmation that would have released it has come and gone.
     """
     with transaction.atomic():
         prediction = _lock(prediction_id)
@@ -363,7 +365,9 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
             run_end = RunEnd.STOPPED if outcome.timed_out else RunEnd.FAILED
             _move(prediction, P.FAILED, cause, run_end=run_end, **fields)
         elif (
-            prediction.payment is not None and prediction.settlement_policy == SettlementPolicy.AFTER_SUCCESS
+            prediction.payment is not None
+            and prediction.settlement_policy == SettlementPolicy.AFTER_SUCCESS
+            and prediction.payment.status != PaymentStatus.CONFIRMED
         ):
             fields["output"] = outcome.output
             for name, value in fields.items():
@@ -591,10 +595,18 @@ class RefundCause(StrEnum):
     FAILED_AFTER_OUTPUT = "failed_after_output"
     #: Canceled by its payer after the run started. Not owed.
     CANCELED_RUNNING = "canceled_while_running"
+    #: Released unsettled (or refused before the run), then paid on chain by someone who
+    #: submitted the authorization: owed whatever the policy (see :func:`_refund_if_owed`).
+    PAID_ALTHOUGH_RELEASED = "paid_although_released"
 
     @property
     def owed(self) -> bool:
-        return self in {RefundCause.FAILED, RefundCause.NOT_STARTED, RefundCause.OPERATOR}
+        return self in {
+            RefundCause.FAILED,
+            RefundCause.NOT_STARTED,
+            RefundCause.OPERATOR,
+            RefundCause.PAID_ALTHOUGH_RELEASED,
+        }
 
 
 def _ended_run(prediction: Prediction) -> dict[str, Any]:
@@ -634,16 +646,25 @@ def _refund_cause(prediction: Prediction) -> RefundCause | None:
 def _refund_if_owed(prediction: Prediction, payment: Payment) -> None:
     """A prediction that ended without its output, under a policy that refunds, whose payment
     is confirmed, and that the refund policy covers (:func:`_refund_cause`): the payer is owed
-    the money back (payments.refunds, once per payment). A payment still settling is looked at
-    again when it confirms (:func:`on_payment`). The reason names the payment, never the
-    prediction id (a bearer capability)."""
+    the money back (payments.refunds, once per payment). So is any payment that ends paid
+    although we released it unsettled (``settle_requested_at`` never set: an ``after_success``
+    authorization someone else submitted after its run failed, or one refused before its run).
+    A payment still settling is looked at again when it confirms (:func:`on_payment`). The
+    reason names the payment, never the prediction id (a bearer capability)."""
+    if payment.status != PaymentStatus.CONFIRMED:
+        return
+    if payment.settle_requested_at is None and prediction.status != P.SUCCEEDED:
+        # Paid although we never asked for it (released, or refused before its run): someone
+        # submitted the authorization we let go. Whatever the policy, it is the payer's money.
+        refunds.owe(
+            payment,
+            f"payment {payment.pk}: paid on chain although released unsettled; the prediction ended "
+            f"{prediction.status}: {prediction.error}",
+            detail={"cause": str(RefundCause.PAID_ALTHOUGH_RELEASED), "prediction_status": prediction.status},
+        )
+        return
     cause = _refund_cause(prediction)
-    if (
-        cause is not None
-        and cause.owed
-        and SettlementPolicy(prediction.settlement_policy).refunds_unserved
-        and payment.status == PaymentStatus.CONFIRMED
-    ):
+    if cause is not None and cause.owed and SettlementPolicy(prediction.settlement_policy).refunds_unserved:
         seconds = _run_seconds(prediction, prediction.completed_at or timezone.now()) if prediction.started_at else 0
         refunds.owe(
             payment,
@@ -688,3 +709,21 @@ def on_payment(payment: Payment) -> None:
             stop_run=prediction.status == P.PROCESSING and prediction.run_ended_at is None,
             error=f"payment {payment.status}: {payment.failure_reason}",
         )
+
+
+def on_unsettled(payment: Payment) -> None:
+    """The chain says ``payment`` (LAPSING: we will not, or could not, settle it) is unused
+    (called inside its transaction, payment locked). A prediction still waiting to start for it
+    fails now, with the reason, instead of staying ``starting`` until the authorization lapses;
+    if someone still submits it, it is paid and refunded (:func:`_refund_if_owed`)."""
+    prediction_id = Prediction.objects.filter(payment=payment).values_list("pk", flat=True).first()
+    prediction = _lock(prediction_id) if prediction_id is not None else None
+    if prediction is None or prediction.status != P.STARTING:
+        return
+    _move(
+        prediction,
+        P.FAILED,
+        Cause.PAYMENT,
+        detail={"payment": str(payment.pk)},
+        error=f"payment not settled: {payment.failure_reason}",
+    )

@@ -7,7 +7,7 @@ from typing import Any
 from django.dispatch import receiver
 
 from payments.models import Payment
-from payments.signals import payment_advanced
+from payments.signals import payment_advanced, payment_unsettled
 
 from . import lifecycle
 
@@ -15,3 +15,8 @@ from . import lifecycle
 @receiver(payment_advanced, sender=Payment, dispatch_uid="predictions.on_payment")
 def on_payment_advanced(payment: Payment, previous: str, **kwargs: Any) -> None:
     lifecycle.on_payment(payment)
+
+
+@receiver(payment_unsettled, sender=Payment, dispatch_uid="predictions.on_unsettled")
+def on_payment_unsettled(payment: Payment, **kwargs: Any) -> None:
+    lifecycle.on_unsettled(payment)

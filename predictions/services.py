@@ -14,17 +14,18 @@ import jsonschema
 from django.db import IntegrityError, transaction
 from rest_framework.exceptions import APIException, ParseError
 
-from payments import idempotency, ledger
+from payments import idempotency, ledger, settlement
+from payments.chain import ChainUnavailable
 from payments.exceptions import Challenge
 from payments.idempotency import IdempotencyConflict
 from payments.ledger import request_fingerprint
 from payments.models import Payment, UptoOrder
-from payments.permissions import Charge, honour_window_seconds
+from payments.permissions import Charge, ServiceUnavailable, honour_window_seconds
 from payments.pricing import PriceRule, PricingError, pricing_state, usage_price
 from payments.verification import Verification
 from payments.x402 import bazaar
 from payments.x402.types import Resource
-from payments.x402.verify import NONCE_ALREADY_USED
+from payments.x402.verify import NONCE_ALREADY_USED, SETTLEMENT_WOULD_REVERT
 from x402site.exceptions import InvalidInput
 
 from . import lifecycle, scheduling
@@ -55,6 +56,8 @@ def create_prediction(
         # run first and settled after, whatever the model's policy for fixed quotes.
         assert charge is not None and charge.usage is not None
         policy, usage = SettlementPolicy.AFTER_SUCCESS, charge.usage
+    if paid is not None and policy == SettlementPolicy.AFTER_SUCCESS:
+        _refuse_unless_settleable(paid, challenge)
     try:
         with transaction.atomic():
             payment = None
@@ -80,6 +83,21 @@ def create_prediction(
     if first is not None:
         return replayed(first, charge), False
     raise challenge.reject(NONCE_ALREADY_USED, "this authorization was already presented")
+
+
+def _refuse_unless_settleable(paid: Verification, challenge: Challenge | None) -> None:
+    """A payment held until after its run is settled only then: its settlement is simulated now
+    (as it will be sent, at the most it can settle), and refused (402, no run) if it would
+    revert, so a run is never given for an authorization the chain will not honour."""
+    assert challenge is not None
+    try:
+        why = settlement.refusal_before_run(paid.payment, paid.conf)
+    except ChainUnavailable:
+        raise ServiceUnavailable() from None
+    if why is not None:
+        raise challenge.reject(
+            SETTLEMENT_WOULD_REVERT, f"this payment could not be settled after the run: {why}"
+        )
 
 
 def replayed(payment: Payment, charge: Charge) -> Prediction:

@@ -29,7 +29,8 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from payments.models import PaymentStatus
+from payments import settlement
+from payments.models import PaymentStatus, UnpaidReason
 
 from . import lifecycle, scheduling
 from .lifecycle import Cause
@@ -48,6 +49,8 @@ MAX_START_ATTEMPTS = 120
 def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
     """Claim the prediction and hand it to its runner. ``resume``: a start the runner refused as
     busy is tried again on the prediction already claimed."""
+    if not resume and _refused_before_run(prediction_id):
+        return "refused"
     prediction = lifecycle.running(prediction_id) if resume else lifecycle.claim(prediction_id)
     if prediction is None:
         return "skipped"
@@ -70,6 +73,18 @@ def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
     if outcome is None:
         return "started"  # the runner reports back through its callback
     return lifecycle.finish(prediction_id, outcome, cause=Cause.TASK)
+
+
+def _refused_before_run(prediction_id: str) -> bool:
+    """Before a run whose payment is held until after it (upto, after_success): its settlement
+    is simulated, and a payment that could not be settled is refused, never run (its prediction
+    fails unstarted, see payments.settlement.refuse_if_unsettleable)."""
+    starting = Prediction.objects.filter(pk=prediction_id, status=P.STARTING)
+    payment_id = starting.values_list("payment_id", flat=True).first()
+    if payment_id is None:
+        return False
+    payment = settlement.refuse_if_unsettleable(payment_id)
+    return payment.unpaid_reason == UnpaidReason.REFUSED_BEFORE_RUN
 
 
 @shared_task(acks_late=True)

@@ -15,3 +15,16 @@ from x402site.settings import *  # noqa: E402, F403
 
 # Users made by tests (the admin's, finance's) need no slow key stretching.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# Nor the quick start's dev chain (var/devchain.json, left by `make run` and by CI's quick-start
+# stage before `make test`): it is another chain, whose extra lanes (anvil accounts 10-13) and
+# refund wallet hold no gas money on the suite's anvil (12 accounts), so a test that named only
+# X402_RELAYER_KEY settled on a random one of them and its broadcast was refused ("Insufficient
+# funds for gas * price + value"). Tests name their chain (tests/conftest.py option_settings);
+# the suite's subprocesses are given theirs (X402_DEVCHAIN_FILE in their environment).
+if not {"X402_DEVCHAIN_FILE", "X402_PAYMENT_OPTIONS", "X402_ASSET"} & {k for k, v in os.environ.items() if v}:
+    from x402site.settings import _relayer_keys  # noqa: E402
+
+    X402_PAYMENT_OPTIONS, X402_RELAYER_KEYS = [], _relayer_keys()
+    X402_RELAYER_KEY = X402_RELAYER_KEYS[0] if X402_RELAYER_KEYS else ""
+    X402_REFUND_KEY = os.environ.get("X402_REFUND_KEY", "")

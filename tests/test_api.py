@@ -254,7 +254,8 @@ def test_several_options_in_a_stable_order_and_each_pays(
 ) -> None:
     first = option_settings(chain)["X402_PAYMENT_OPTIONS"][0]
     second = option_settings(second_token)["X402_PAYMENT_OPTIONS"][0]
-    with override_settings(X402_PAYMENT_OPTIONS=[first, second], X402_RELAYER_KEY=chain.relayer_private_key):
+    one_lane = {"X402_RELAYER_KEY": chain.relayer_private_key, "X402_RELAYER_KEYS": [chain.relayer_private_key]}
+    with override_settings(X402_PAYMENT_OPTIONS=[first, second], **one_lane):
         challenges = [
             decode_header(post(Client(), {"input": {"text": "x"}})["PAYMENT-REQUIRED"]) for _ in range(3)
         ]

@@ -620,9 +620,23 @@ def test_a_refund_wallet_without_gas_money_is_not_re_signed_and_says_why(chain_s
     assert REFUND_BROADCAST_ERRORS._value.get() == refused + 20
     page = staff["finance"].get(f"/admin/payments/refund/{refund.pk}/change/")
     assert b"nsufficient funds" in page.content
+    # Issue 25: the wallet is flagged as a lane that cannot pay; a refund approved meanwhile is
+    # not signed (it waits, owed, and says why) until a balance check shows funds.
+    later = owed_refund(chain)
+    refunds.approve(later.pk, None)
+    later.refresh_from_db()
+    assert later.status == "owed" and later.failure_reason.startswith(refunds.WALLET_CANNOT_PAY)
     rpc(chain.rpc_url, "anvil_setBalance", [chain.refund_address, hex(10**18)])
+    from payments.models import RelayerNonce
+    from payments.tasks import reconcile
+
+    reconcile.delay()  # the beat's pass: the balance check clears the flag, the waiting refund is sent
+    assert not RelayerNonce.objects.filter(address=chain.refund_address, unfunded_since__isnull=False).exists()
+    later.refresh_from_db()
+    assert later.status in ("sent", "confirmed")
     refund = confirm(refund)
     assert refund.status == "confirmed" and refund.tx_hash == first and refund.broadcast_error == ""
+    assert confirm(later).status == "confirmed"
 
 
 def test_a_streaming_run_that_fails_after_yielding_is_not_refunded(chain_settings, eager_celery) -> None:
@@ -659,3 +673,62 @@ def test_re_signed_fees_follow_the_chain_up_to_the_cap(settings) -> None:
     assert relayer.resign_raw(raw, account, {"baseFeePerGas": hex(10**11)})[2] == 10**10  # capped
     settings.X402_MAX_FEE_PER_GAS = 1_100_000_000  # below the least valid replacement
     assert relayer.resign_raw(raw, account, calm) is None
+
+
+def _token_balance_slot(holder: str) -> str:
+    """The storage slot of ``balanceOf[holder]`` in TestUSDC (its mapping is slot 5)."""
+    from eth_utils import keccak
+
+    return "0x" + keccak(bytes.fromhex(holder[2:].lower().rjust(64, "0") + "5".rjust(64, "0"))).hex()
+
+
+def test_a_refund_approved_again_after_it_reverted_on_chain_keeps_the_gas_of_both_attempts(
+    chain_settings, eager_celery, tmp_path
+) -> None:
+    """Issue 25, defect 6: finance approves a refund whose transfer reverted on chain (its gas
+    spent) again, and the second transfer pays. The refund's gas is both attempts' (the FAILED
+    event records the first one's), equal to what the chain's receipts say, and the ledger
+    export shows all of it."""
+    chain = chain_settings
+    refund = owed_refund(chain)
+    slot = _token_balance_slot(chain.refund_address)
+    with override_settings(**option_settings(chain, confirmations=1)):
+        with no_automine(chain):
+            refunds.approve(refund.pk, None)  # estimated, signed and in the pool
+            refund.refresh_from_db()
+            assert refund.status == "sent"
+            first = refund.tx_hash
+            # Before it is mined, the wallet's token balance is gone: the transfer reverts.
+            held = rpc(chain.rpc_url, "eth_getStorageAt", [chain.asset, slot, "latest"])
+            rpc(chain.rpc_url, "anvil_setStorageAt", [chain.asset, slot, "0x" + "0" * 64])
+            rpc(chain.rpc_url, "anvil_mine", [hex(1)])
+            rpc(chain.rpc_url, "anvil_setStorageAt", [chain.asset, slot, held])
+        refunds.reconcile()
+        refund.refresh_from_db()
+        assert refund.status == "failed" and refund.tx_hash == first
+        reverted = rpc(chain.rpc_url, "eth_getTransactionReceipt", [first])
+        assert reverted["status"] == "0x0" and int(reverted["gasUsed"], 16) > 0
+        failed = refund.events.get(to_status="failed").detail
+        assert failed["gas_used"] == int(reverted["gasUsed"], 16)
+
+        refunds.approve(refund.pk, None)  # again: sent at once, then confirmed
+        refund = confirm(refund)
+        assert refund.status == "confirmed" and refund.tx_hash != first
+    paid = rpc(chain.rpc_url, "eth_getTransactionReceipt", [refund.tx_hash])
+
+    def cost(receipt: dict) -> int:
+        return int(receipt["gasUsed"], 16) * int(receipt["effectiveGasPrice"], 16)
+
+    assert refund.gas_used == int(reverted["gasUsed"], 16) + int(paid["gasUsed"], 16)
+    assert int(refund.gas_cost_wei) == cost(reverted) + cost(paid)
+    exports.write_zip(LedgerFilter(), tmp_path / "ledger.zip")
+    with zipfile.ZipFile(tmp_path / "ledger.zip") as archive:
+        data = list(csv.DictReader(io.StringIO(archive.read("data.csv").decode())))
+    [line] = [r for r in data if r["kind"] == "refund" and r["transaction"] == refund.tx_hash]
+    assert Decimal(line["gas_cost_wei"]) == cost(reverted) + cost(paid)
+    assert Decimal(line["gas_native"]) == Decimal(cost(reverted) + cost(paid)).scaleb(-18)
+    assert refund_violations(chain.rpc_url) == []
+    # A revert recorded before FAILED events carried gas: its gas is read from its receipt.
+    legacy = {k: v for k, v in failed.items() if k not in ("gas_used", "gas_cost_wei")}
+    refund.events.filter(to_status="failed").update(detail=legacy)
+    assert refunds._earlier_gas(refund, chain.rpc_url) == (int(reverted["gasUsed"], 16), cost(reverted))

@@ -92,6 +92,20 @@ def test_the_quick_start_needs_nothing_configured_and_check_deploy_reports_the_k
     assert deploy.returncode != 0 and "x402site.E001" in deploy.stderr, deploy.stderr[-2000:]
 
 
+def test_the_suite_does_not_take_the_quick_starts_dev_chain() -> None:
+    """Issue 25 (a CI flake): CI runs the quick start before the suite, which leaves
+    var/devchain.json behind: another chain, whose extra relayer lanes and refund wallet have no
+    gas money on the suite's anvil. The suite's settings take no option, lane or key from it
+    (tests name their chain), so no test settles on a lane that cannot pay."""
+    from tests import settings as suite
+    from x402site.settings import _relayer_keys
+
+    assert "X402_DEVCHAIN_FILE" not in os.environ  # only the suite's subprocesses get theirs
+    assert suite.X402_PAYMENT_OPTIONS == []
+    assert _relayer_keys() == suite.X402_RELAYER_KEYS  # the environment's, never the file's
+    assert os.environ.get("X402_REFUND_KEY", "") == suite.X402_REFUND_KEY
+
+
 def test_derived_secrets_use_a_keyed_derivation_with_a_purpose(settings) -> None:
     import base64
 
@@ -137,9 +151,11 @@ def test_no_rpc_url_key_in_readyz_errors_or_logs(chain, demo_model, caplog, sett
 
     caplog.set_level(logging.DEBUG)
     secret_url = f"http://127.0.0.1:{free_port()}/v2/SECRETPATHKEY?apikey=SECRETQUERYKEY"
+    # Set before override_settings: set inside it, the settings fixture's restore at teardown
+    # would bring back the overridden options (the secret URL) for the tests that follow.
+    settings.X402_OPS_TOKENS = ["ops-token"]
     with override_settings(**option_settings(chain, rpc_url=secret_url)):
         seen = [Client(REMOTE_ADDR="203.0.113.9").get("/readyz")]
-        settings.X402_OPS_TOKENS = ["ops-token"]
         seen.append(Client().get("/readyz", headers={"Authorization": "Bearer ops-token"}))
         seen.append(Client().get("/readyz"))
         header = v2_header(chain.payers[0]["private_key"], Requirement(payment_options()[0], 10_000))

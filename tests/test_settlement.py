@@ -226,8 +226,13 @@ def test_stuck_transaction_is_replaced(chain) -> None:
             p = settlement.prepare(p.pk)
             settlement.broadcast(p)
             stuck = p.settle_tx_hash
-            rpc(chain.rpc_url, "anvil_dropTransaction", [stuck])  # it never gets mined
+            # Dropped by the node: not re-signed (a higher fee cannot help what the node does
+            # not hold), the same bytes are sent again (issue 25: one rule for every transaction).
+            rpc(chain.rpc_url, "anvil_dropTransaction", [stuck])
             settlement.reconcile_batch([p.pk])
+            p.refresh_from_db()
+            assert p.settle_tx_hash == stuck and rpc(chain.rpc_url, "eth_getTransactionByHash", [stuck])
+            settlement.reconcile_batch([p.pk])  # in the pool and not mined: its fee is too low
             p.refresh_from_db()
             assert p.settle_tx_hash != stuck and p.settlement_tx.replaced_hashes == [stuck]
             rpc(chain.rpc_url, "evm_mine", [])
@@ -481,8 +486,7 @@ def test_a_replaced_exact_settlement_whose_replacement_reverts_ends_failed(chain
         p = settlement.prepare(p.pk)
         settlement.broadcast(p)
         replaced = p.settle_tx_hash
-        rpc(chain.rpc_url, "anvil_dropTransaction", [replaced])
-        settlement.reconcile_batch([p.pk])
+        settlement.reconcile_batch([p.pk])  # stuck in the pool: re-signed with higher fees
         p.refresh_from_db()
         replacement = p.settle_tx_hash
         assert replacement != replaced and p.settlement_tx.replaced_hashes == [replaced]

@@ -254,18 +254,19 @@ def test_a_failed_settlement_is_a_clear_state_the_reconciler_finishes(
     header = encode_header({"x402Version": 2, "accepted": accepted, "payload": payload})
 
     def revoke_then_run(original: Any) -> Any:
-        def run(prediction: Any) -> Any:
+        def run(self: Any, seconds: float = 1.0) -> Any:
             token = "0x095ea7b3" + chain.permit2[2:].lower().rjust(64, "0") + "0" * 64  # approve(Permit2, 0)
             tx = rpc(chain.rpc_url, "eth_sendTransaction", [{"from": payer["address"], "to": chain.asset, "data": token}])
             while rpc(chain.rpc_url, "eth_getTransactionReceipt", [tx]) is None:
                 time.sleep(0.02)
-            return original(prediction)
+            return original(self, seconds)
 
         return run
 
-    from predictions import scheduling
+    from predictions.runners.demo import CountSeconds
 
-    monkeypatch.setattr(scheduling, "enqueue_run", revoke_then_run(scheduling.enqueue_run))
+    # During the run (before it, its settlement's simulation refuses the payment: issue 25).
+    monkeypatch.setattr(CountSeconds, "predict", revoke_then_run(CountSeconds.predict))
     response = Client().post(
         PATH, {"input": {"seconds": 0.2}}, content_type="application/json", HTTP_PAYMENT_SIGNATURE=header
     )

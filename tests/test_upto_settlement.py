@@ -80,8 +80,7 @@ def test_a_replaced_settlement_whose_replacement_reverts_ends_failed(chain) -> N
         try:
             p = settlement.prepare(p.pk)
             settlement.broadcast(p)
-            replaced = p.settle_tx_hash
-            rpc(chain.rpc_url, "anvil_dropTransaction", [replaced])  # stuck: never mined
+            replaced = p.settle_tx_hash  # stuck in the pool: never mined
             settlement.reconcile_batch([p.pk])  # replaced with higher fees
             p.refresh_from_db()
             replacement = p.settle_tx_hash

@@ -41,10 +41,16 @@ class NotReady(RuntimeError):
     """A failure described in our own words (safe to show an operator)."""
 
 
+class Degraded(NotReady):
+    """A failure that leaves the service able to work, less well (some lanes cannot pay)."""
+
+
 def _check(fn: Any) -> dict[str, Any]:
     try:
         detail = fn()
         return {"ok": True, **(detail or {})}
+    except Degraded as exc:
+        return {"ok": False, "degraded": True, "error": str(exc)}
     except NotReady as exc:
         return {"ok": False, "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - every failure is reported, none raised
@@ -85,18 +91,47 @@ def _chains() -> dict[str, Any]:
     return {"latest_blocks": blocks}
 
 
+def _lanes() -> None:
+    """Sending accounts flagged as unable to pay for gas (``RelayerNonce.unfunded_since``): they
+    take no new transactions. Degraded while another lane of each network can still send;
+    not ready when every configured lane of a network is flagged."""
+    from payments.models import RelayerNonce
+    from payments.options import configured
+    from payments.relayer import funded_lanes, relayer_keys
+
+    flagged = list(RelayerNonce.objects.filter(unfunded_since__isnull=False).order_by("network", "address"))
+    if not flagged:
+        return
+    reasons = "; ".join(
+        f"{row.address} on {row.network} cannot pay for gas since {row.unfunded_since:%Y-%m-%d %H:%M:%S} UTC"
+        f" ({row.unfunded_reason[:200]})"
+        for row in flagged
+    )
+    networks = {c.option.network for c in configured() if not c.facilitator_url}
+    if relayer_keys() and any(not funded_lanes(network) for network in networks):
+        raise NotReady(f"no relayer lane can pay: {reasons}")
+    raise Degraded(f"lanes that take no new transactions: {reasons}")
+
+
 def readyz(request: HttpRequest) -> JsonResponse:
-    """Readiness: database, broker, chain RPC, relayer gas balance. 503 if any fails.
+    """Readiness: database, broker, chain RPC, relayer gas balance, lanes that cannot pay. 503
+    if any fails; "degraded" (200) when only some lanes cannot pay and each network still has
+    one that can.
 
     Everyone learns which check failed; operators (``is_ops``) also get the details.
     """
-    checks = {"database": _check(_database), "broker": _check(_broker), "chain": _check(_chains)}
+    checks = {
+        "database": _check(_database),
+        "broker": _check(_broker),
+        "chain": _check(_chains),
+        "lanes": _check(_lanes),
+    }
     ready = all(c["ok"] for c in checks.values())
+    degraded = not ready and all(c["ok"] or c.get("degraded") for c in checks.values())
     if not is_ops(request):
         checks = {name: {"ok": c["ok"]} for name, c in checks.items()}
-    return JsonResponse(
-        {"status": "ready" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
-    )
+    status = "ready" if ready else "degraded" if degraded else "unavailable"
+    return JsonResponse({"status": status, "checks": checks}, status=200 if ready or degraded else 503)
 
 
 def metrics(request: HttpRequest) -> HttpResponse:

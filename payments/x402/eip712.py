@@ -73,16 +73,19 @@ def authorization_digest(separator: bytes, auth: Authorization) -> bytes:
 
 
 def split_signature(signature: bytes) -> tuple[int, int, int]:
-    """(v, r, s) of a 65-byte ``r || s || v`` signature, refusing what the token would refuse."""
+    """(v, r, s) of a 65-byte ``r || s || v`` signature, refusing what the chain would refuse.
+
+    The bytes are settled as they are: the token's ``ECRecover`` and Permit2's ``ecrecover``
+    both take v only as 27 or 28 (v = 0/1 recovers nothing there), and the token refuses a high
+    s. So a signature is accepted only in that canonical form (issue 25: what we accept we can
+    settle)."""
     if len(signature) != 65:
         raise SignatureError("signature must be 65 bytes")
     r = int.from_bytes(signature[:32], "big")
     s = int.from_bytes(signature[32:64], "big")
     v = signature[64]
-    if v in (0, 1):
-        v += 27
     if v not in (27, 28):
-        raise SignatureError("signature v must be 27 or 28")
+        raise SignatureError("signature v must be 27 or 28 (v = 0/1 cannot be settled on chain)")
     if not 0 < r < SECP256K1_N or not 0 < s <= HALF_N:
         raise SignatureError("signature s is not in the lower half order (malleable)")
     return v, r, s

@@ -28,6 +28,8 @@ VALIDITY_TOO_LONG = "invalid_exact_evm_payload_authorization_validity_too_long"
 INVALID_SIGNATURE = "invalid_exact_evm_payload_signature"
 NONCE_ALREADY_USED = "invalid_exact_evm_nonce_already_used"
 INSUFFICIENT_BALANCE = "invalid_exact_evm_insufficient_balance"
+#: Either scheme, held until after the run: its settlement, simulated before the run, reverts.
+SETTLEMENT_WOULD_REVERT = "settlement_simulation_reverted"
 
 # ``upto`` (Permit2) reason codes, spelled as the x402 SDK spells them where it has one.
 PERMIT2_INVALID_SPENDER = "invalid_permit2_spender"

@@ -206,3 +206,12 @@ def test_decode_header_then_parse() -> None:
 
     obj = v2_payload(REQ, sign_authorization(KEY, REQ))
     assert parse_payload(decode_header(encode_header(obj))).authorization.value == 10_000
+
+
+def test_a_signature_with_v_0_or_1_is_refused() -> None:
+    """Issue 25: the chain takes v only as 27/28; we settle the bytes we verified, so v = 0/1
+    (which recovers here after normalising) is refused rather than accepted and rewritten."""
+    payload = sign_authorization(KEY, REQ)
+    sig = bytes.fromhex(payload["signature"][2:])
+    payload["signature"] = "0x" + (sig[:64] + bytes([sig[64] - 27])).hex()
+    rejected(v2_payload(REQ, payload), V.INVALID_SIGNATURE)

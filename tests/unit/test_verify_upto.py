@@ -199,3 +199,22 @@ def test_the_proxy_address_is_the_sdks() -> None:
     from x402.mechanisms.evm.constants import X402_UPTO_PERMIT2_PROXY_ADDRESS
 
     assert (PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS) == (SDK_PERMIT2, X402_UPTO_PERMIT2_PROXY_ADDRESS)
+
+
+@pytest.mark.parametrize("non_canonical", ["v_0_1", "high_s"])
+def test_a_non_canonical_signature_is_refused(non_canonical: str) -> None:
+    """Issue 25: Permit2's ecrecover recovers nothing from v = 0/1 (the permit could never be
+    settled, after a run already given), and we refuse a high s like the token: refused as
+    ECDSA (an EOA's), so only an EIP-1271 wallet's approval on chain could still accept it."""
+    from payments.x402.eip712 import SECP256K1_N
+
+    payload = sign_upto(KEY, REQ)
+    sig = bytes.fromhex(payload["signature"][2:])
+    if non_canonical == "v_0_1":
+        sig = sig[:64] + bytes([sig[64] - 27])
+    else:
+        s = int.from_bytes(sig[32:64], "big")
+        sig = sig[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - sig[64]])
+    payload["signature"] = "0x" + sig.hex()
+    rejected(payload, V.PERMIT2_INVALID_SIGNATURE)
+    assert check(payload, contract_signers=True).contract_signature
