@@ -2,7 +2,9 @@
 that promises it back.
 
 A refund is *owed* when the lifecycle says so (``predictions.lifecycle``, the one place that
-knows how a prediction ended); finance *approves* it in the admin; the refund wallet (its key
+knows how a prediction ended); finance *approves* it in the admin, or, up to
+``X402_REFUND_AUTO_APPROVE_MAX``, the refund policy approves it as it is owed (:func:`owe`), so
+a payer is made whole in minutes; the refund wallet (its key
 in ``X402_REFUND_KEY``, never in the database) signs an ERC-20 ``transfer`` back to the payer,
 the signed transaction is stored with the refund (*sent*) before it is broadcast, and the
 reconciler follows it to *confirmed* (or *failed*: the transfer reverted, at the network's
@@ -51,6 +53,8 @@ WALLET_CANNOT_PAY = "the refund wallet cannot pay for gas"
 #: An approved refund never tried this long after its approval lost its send task (the broker
 #: was down): the reconciler sends it.
 SEND_GRACE_SECONDS = 60
+#: Who approved a refund the policy approved (on its APPROVED event; ``approved_by`` stays empty).
+AUTO_APPROVER = "refund policy (X402_REFUND_AUTO_APPROVE_MAX)"
 
 
 @lru_cache(maxsize=4)
@@ -69,7 +73,10 @@ def owe(payment: Payment, reason: str, *, detail: dict[str, Any] | None = None) 
     """Record the refund of a CONFIRMED ``payment`` (once; call inside the transaction that
     decided it, the payment locked). ``detail`` (the cause, the run seconds) goes on the OWED
     event for finance. A payment not yet confirmed (still SETTLED: a reorg may undo it) or not
-    paid at all raises ValueError: nothing is owed back before the money is final."""
+    paid at all raises ValueError: nothing is owed back before the money is final. A refund of
+    at most ``X402_REFUND_AUTO_APPROVE_MAX`` is approved here (sent after commit); a larger one
+    waits for finance. Every refund owed is money taken for a run we did not deliver (the
+    lifecycle's refund policy), so the threshold alone decides whether a human looks first."""
     if payment.status != PaymentStatus.CONFIRMED:
         raise ValueError(f"payment {payment.pk} is {payment.status}, not confirmed: no refund is owed yet")
     existing = Refund.objects.filter(payment=payment).first()
@@ -90,15 +97,18 @@ def owe(payment: Payment, reason: str, *, detail: dict[str, Any] | None = None) 
         return Refund.objects.get(payment=payment)
     RefundEvent.objects.create(refund=refund, to_status=R.OWED, detail={"reason": refund.reason, **(detail or {})})
     log.info("refund owed: %s for payment %s", refund.amount_decimal, payment.pk)
+    if 0 < refund.amount <= settings.X402_REFUND_AUTO_APPROVE_MAX:
+        return approve(refund.pk, None)
     return refund
 
 
 def approve(refund_id: int, user: Any) -> Refund:
     """Finance approves an owed refund (or one that failed, to try again); it is sent after
-    commit. Approving one already approved but not sent (the wallet could not) sends it again."""
+    commit. Approving one already approved but not sent (the wallet could not) sends it again.
+    ``user`` None: the refund policy approves it (see :func:`owe`)."""
     with transaction.atomic():
         refund = Refund.objects.select_for_update().get(pk=refund_id)
-        detail = {"approved_by": str(user)}
+        detail = {"approved_by": str(user) if user is not None else AUTO_APPROVER}
         if refund.status == R.FAILED:
             # The failed attempt's transaction is final (reverted at depth, or its nonce used
             # otherwise) and stays named by its events; the refund forgets it, so the next

@@ -24,6 +24,14 @@ The settlement policy and the time limit are the prediction's own (copied from t
 creation): a model edited mid-run changes nothing about a run already paid for.
 A run whose authorization is held until after it (``upto``, ``after_success``) starts only if the
 authorization outlasts it and its settlement: the claim cuts its limit, or fails it unstarted.
+
+The run clock: a claim (STARTING -> PROCESSING) is not a run. The billable clock and the
+time-limit watchdog start when the runner confirms it has the run (:func:`run_started`: Cog
+accepted the PUT, the python runner loaded its predictor and entered ``predict``); a claimed
+run whose runner never confirms within ``X402_RUN_START_TIMEOUT`` ended on our side
+(:func:`fail_unstarted`). At its limit a run ends "stopped" (its compute used, charged) only on
+evidence it was alive (:func:`end_at_limit`: a recent heartbeat or report, or its runner's own
+word); without it the run was lost on our side (failed: refunded, released, failure charge).
 """
 
 from __future__ import annotations
@@ -39,12 +47,14 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from kombu.exceptions import OperationalError
 from prometheus_client import Counter
 
 from payments import ledger, refunds
 from payments.ledger import RunEnd
 from payments.metrics import PREDICTION_SECONDS
 from payments.models import CHARGED_STATUSES, UNPAID_STATUSES, Payment, PaymentStatus
+from x402site import dispatch
 
 from . import events, scheduling, webhooks
 from .models import (
@@ -77,6 +87,18 @@ DEADLINE_ERROR = "canceled: the Cancel-After deadline passed while the predictio
 DEADLINE_WAIVED = "the Cancel-After deadline passed after the payment was settled: run, not aborted"
 #: The watchdog fires this long after a run's time limit (the runner's own limit acts first).
 WATCHDOG_SLACK = 2
+#: A run's last sign of life (``alive_at``) this recent is evidence it is alive (the python
+#: runner beats every ``runners.python.HEARTBEAT_INTERVAL`` seconds).
+ALIVE_WINDOW = 5
+OVERRAN_ERROR = "the prediction ran longer than its time limit ({limit}s) and was stopped"
+LOST_ERROR = (
+    "the prediction's run was lost on our side: no sign of life at its time limit ({limit}s); "
+    "it was not run again"
+)
+NOT_STARTED_ERROR = (
+    "the prediction's runner never started the run within {timeout}s (busy, unreachable, or "
+    "lost); it was not run"
+)
 #: A held authorization (settled after the run) that cannot outlast the run: the run's limit is
 #: cut to what is left if that keeps at least this share of it (and a whole second), else it
 #: is not started.
@@ -121,7 +143,7 @@ def _move(
     its time limit or by the payer: its seconds; failed on our side: the failure charge)."""
     if to not in TRANSITIONS[prediction.status]:
         raise IllegalTransition(f"{prediction.status} -> {to} for prediction {prediction.pk}")
-    previous, now = prediction.status, timezone.now()
+    previous, now, held_logs = prediction.status, timezone.now(), not prediction.logs_released
     if to == P.PROCESSING:
         fields.setdefault("started_at", now)
     if to in TERMINAL:
@@ -156,6 +178,8 @@ def _move(
         webhooks.send(prediction, "start")
     if to == P.SUCCEEDED and prediction.output is not None:
         webhooks.send(prediction, "output")
+    if to in TERMINAL and previous == P.PROCESSING and held_logs and prediction.logs:
+        webhooks.send(prediction, "logs")  # kept back while the payment was held: released now
     if to in TERMINAL:
         events.ended(prediction.pk)
         webhooks.send(prediction, "completed")
@@ -164,12 +188,14 @@ def _move(
 
 
 def _run_seconds(prediction: Prediction, now: Any) -> Decimal:
-    """The run's measured seconds: the runner's ``predict_time``, else the wall time since the
-    claim (a run stopped before it reported)."""
+    """The run's measured seconds: the runner's ``predict_time``, else the wall time since its
+    runner confirmed the run (a run stopped before it reported); 0 for a run never started
+    (waiting for a busy runner is not billed)."""
     if prediction.predict_time is not None:
         return Decimal(str(prediction.predict_time))
-    started = prediction.started_at or now
-    return Decimal(str(max(0.0, (now - started).total_seconds())))
+    if prediction.run_started_at is None:
+        return Decimal(0)
+    return Decimal(str(max(0.0, (now - prediction.run_started_at).total_seconds())))
 
 
 def create(
@@ -248,6 +274,58 @@ def _limit_the_authorization_allows(prediction: Prediction) -> int | None:
     return left if left >= max(1, math.ceil(limit * MIN_CUT_LIMIT_SHARE)) else None
 
 
+def run_started(prediction_id: str) -> int | None:
+    """Its runner confirmed it has the run: the run clock starts (once) and the time-limit
+    watchdog is armed. The time limit the run has, or None when it must not run (it ended
+    meanwhile; or its held authorization can no longer outlast it: it fails, nothing charged).
+
+    A held authorization (``upto``, ``after_success``) was checked at the claim; the wait for
+    the runner (busy retries, model loading) counts against it, so the limit may be cut again
+    here, by the claim's rule (:func:`_limit_the_authorization_allows`)."""
+    started = (
+        Prediction.objects.running()
+        .filter(pk=prediction_id, run_started_at__isnull=False)
+        .values_list("time_limit_seconds", flat=True)
+        .first()
+    )
+    if started is not None:
+        return started  # confirmed already (a runner's later reports): no lock taken
+    with transaction.atomic():
+        prediction = _lock(prediction_id)
+        if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
+            return None
+        if prediction.run_started_at is not None:
+            return prediction.time_limit_seconds
+        limit = _limit_the_authorization_allows(prediction)
+        if limit is None:
+            left = max(0, int(prediction.payment.valid_before - time.time())) if prediction.payment else 0
+            error = EXPIRES_BEFORE_RUN_ERROR.format(left=left, limit=prediction.time_limit_seconds)
+            _move(prediction, P.FAILED, Cause.TASK, stop_run=True, error=error)
+            return None
+        now = timezone.now()
+        prediction.run_started_at = prediction.alive_at = now
+        prediction.time_limit_seconds = limit
+        prediction.save(update_fields=["run_started_at", "alive_at", "time_limit_seconds"])
+        transaction.on_commit(lambda: _arm_watchdog(prediction_id, limit))
+        return limit
+
+
+def _arm_watchdog(prediction_id: str, limit: int) -> None:
+    """The watchdog of a run just started (after commit); with the broker down, the lost-run
+    sweep is the backstop."""
+    try:
+        dispatch.send(dispatch.ENFORCE_TIME_LIMIT, prediction_id, countdown=limit + WATCHDOG_SLACK)
+    except (OperationalError, OSError) as exc:
+        log.error("prediction %s: watchdog not armed (broker: %s), left for the sweep", prediction_id, exc)
+
+
+def record_alive(prediction_id: str) -> None:
+    """A sign of life of a run going on (its runner's heartbeat or report)."""
+    Prediction.objects.running().filter(pk=prediction_id, run_started_at__isnull=False).update(
+        alive_at=timezone.now()
+    )
+
+
 def running(prediction_id: str) -> Prediction | None:
     """The prediction if it is claimed and its runner has not reported yet (a start retried)."""
     return (
@@ -276,12 +354,13 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
         now = timezone.now()
         predict_time = outcome.predict_time
         if predict_time is None:
-            predict_time = (now - (prediction.started_at or now)).total_seconds()
+            predict_time = (now - (prediction.run_started_at or now)).total_seconds()
         fields: dict[str, Any] = {"run_ended_at": now, "predict_time": predict_time, "error": outcome.error}
         if outcome.logs is not None and outcome.logs != prediction.logs:
-            events.logs_grew(prediction.pk, prediction.logs, outcome.logs)
+            if prediction.logs_released:  # held ones are told when they are released (_move)
+                events.logs_grew(prediction.pk, prediction.logs, outcome.logs)
+                webhooks.send(prediction, "logs")
             fields["logs"] = outcome.logs
-            webhooks.send(prediction, "logs")
         if not outcome.succeeded:
             run_end = RunEnd.STOPPED if outcome.timed_out else RunEnd.FAILED
             _move(prediction, P.FAILED, cause, run_end=run_end, **fields)
@@ -313,10 +392,11 @@ def record_logs(prediction_id: str, logs: str, *, cause: str) -> None:
         if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
             return
         if len(logs) > len(prediction.logs):
-            events.logs_grew(prediction_id, prediction.logs, logs)
-            prediction.logs = logs
+            before, prediction.logs = prediction.logs, logs
             prediction.save(update_fields=["logs"])
-            webhooks.send(prediction, "logs")
+            if prediction.logs_released:  # held ones are told with the end (see logs_released)
+                events.logs_grew(prediction_id, before, logs)
+                webhooks.send(prediction, "logs")
             log.debug("prediction %s: logs from %s", prediction_id, cause)
 
 
@@ -352,7 +432,9 @@ def cancel(
     (it is released); under ``before_run`` a settlement already under way is charged. During the
     run, ``after_success`` releases the payment (no success, no charge); ``before_run`` was paid;
     a pay-per-second run canceled by its payer (the API's cancel) is charged the seconds it ran,
-    one canceled by an operator only the model's failure charge.
+    one canceled by an operator only the model's failure charge. Claimed but not yet started on
+    its runner (waiting for a busy one) is before the run: nothing of the wait is charged
+    (``before_run`` is owed a refund, per-second only the failure charge).
     """
     with transaction.atomic():
         prediction = _lock(prediction_id)
@@ -366,7 +448,7 @@ def cancel(
             cause,
             detail=detail,
             stop_run=prediction.status == P.PROCESSING,
-            run_end=RunEnd.STOPPED if cause == Cause.CANCEL else RunEnd.FAILED,
+            run_end=RunEnd.STOPPED if cause == Cause.CANCEL and prediction.run_started_at else RunEnd.FAILED,
             error="canceled",
         )
         return prediction
@@ -409,32 +491,88 @@ def cancel_past_deadline(prediction_id: str, *, cause: str) -> bool:
             or prediction.cancel_after_at > timezone.now()
         ):
             return False
-        _move(prediction, P.CANCELED, cause, stop_run=True, run_end=RunEnd.STOPPED, error=DEADLINE_ERROR)
+        run_end = RunEnd.STOPPED if prediction.run_started_at else RunEnd.FAILED
+        _move(prediction, P.CANCELED, cause, stop_run=True, run_end=run_end, error=DEADLINE_ERROR)
         return True
 
 
-def fail_overdue(prediction_id: str, *, grace: float, error: str, cause: str, run_end: RunEnd) -> bool:
-    """Fail a run still going ``grace`` seconds past its time limit, and cancel it on its runner.
+def end_at_limit(prediction_id: str, *, runner_alive: bool, cause: str) -> bool:
+    """The time-limit watchdog: end a run still going at its time limit (counted from its
+    start on its runner), and cancel it on its runner.
 
-    The time-limit watchdog (no grace) charges ``RunEnd.STOPPED``, whatever the runner: a run
-    still going at its limit used the compute (a python predictor held in a long C call defers
-    its runner's own limit), so it is charged its seconds up to the maximum; a crash on our side
-    is FAILED when the runner reports it. The lost-run sweep (some grace) charges
-    ``RunEnd.FAILED``: nothing came back at all, the run was lost on our side."""
+    Stopped (``RunEnd.STOPPED``: its compute was used, charged its seconds, not refunded) only
+    on evidence the run was alive: a sign of life within :data:`ALIVE_WINDOW` (the python
+    runner's heartbeat, a Cog report) or ``runner_alive`` (its runner's own word, asked just
+    before). Without it the run ended on our side (a killed worker, a lost runner): failed
+    (``RunEnd.FAILED``: refunded, released, or the failure charge)."""
+    with transaction.atomic():
+        prediction = _lock(prediction_id)
+        if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
+            return False
+        now = timezone.now()
+        started, limit = prediction.run_started_at, prediction.time_limit_seconds
+        if started is None or started + timedelta(seconds=limit) > now:
+            return False
+        beat = prediction.alive_at
+        alive = runner_alive or (beat is not None and beat >= now - timedelta(seconds=ALIVE_WINDOW))
+        _move(
+            prediction,
+            P.FAILED,
+            cause,
+            detail={"alive": "runner" if runner_alive else str(beat)} if alive else None,
+            stop_run=True,
+            run_end=RunEnd.STOPPED if alive else RunEnd.FAILED,
+            error=(OVERRAN_ERROR if alive else LOST_ERROR).format(limit=limit),
+        )
+        return True
+
+
+def fail_overdue(prediction_id: str, *, grace: float, cause: str) -> bool:
+    """The lost-run sweep: fail a run still going ``grace`` seconds past its time limit (its
+    watchdog was lost), and cancel it on its runner. ``RunEnd.FAILED``: nothing came back at
+    all, the run was lost on our side."""
     with transaction.atomic():
         prediction = _lock(prediction_id)
         if prediction is None or prediction.status != P.PROCESSING or prediction.run_ended_at is not None:
             return False
         limit = timedelta(seconds=prediction.time_limit_seconds + grace)
-        if prediction.started_at is None or prediction.started_at + limit > timezone.now():
+        if prediction.run_started_at is None or prediction.run_started_at + limit > timezone.now():
             return False
         _move(
             prediction,
             P.FAILED,
             cause,
             stop_run=True,
-            run_end=run_end,
-            error=error.format(limit=prediction.time_limit_seconds),
+            run_end=RunEnd.FAILED,
+            error=LOST_ERROR.format(limit=prediction.time_limit_seconds),
+        )
+        return True
+
+
+def fail_unstarted(prediction_id: str, *, cause: str) -> bool:
+    """A claimed run whose runner never confirmed it within ``X402_RUN_START_TIMEOUT`` (busy
+    retries exhausted, a worker killed before the run, a PUT answered 5xx and never run) ended
+    on our side: failed (refunded, released, or the failure charge) and canceled on its runner,
+    so a late start runs nothing (:func:`run_started` answers None)."""
+    timeout = settings.X402_RUN_START_TIMEOUT
+    with transaction.atomic():
+        prediction = _lock(prediction_id)
+        if (
+            prediction is None
+            or prediction.status != P.PROCESSING
+            or prediction.run_ended_at is not None
+            or prediction.run_started_at is not None
+            or prediction.started_at is None
+            or prediction.started_at + timedelta(seconds=timeout) > timezone.now()
+        ):
+            return False
+        _move(
+            prediction,
+            P.FAILED,
+            cause,
+            stop_run=True,
+            run_end=RunEnd.FAILED,
+            error=NOT_STARTED_ERROR.format(timeout=timeout),
         )
         return True
 
@@ -445,7 +583,7 @@ class RefundCause(StrEnum):
 
     #: The run failed on our side (predictor error, runner lost) before any output left.
     FAILED = "failed"
-    #: Canceled or aborted before the run started: nothing was computed.
+    #: Canceled or aborted before the run started (on its runner): nothing was computed.
     NOT_STARTED = "ended_before_run"
     #: Canceled by an operator (our decision, not the payer's), whenever.
     OPERATOR = "canceled_by_operator"
@@ -485,7 +623,8 @@ def _refund_cause(prediction: Prediction) -> RefundCause | None:
     operator canceled it. Not refunded: a run stopped at its time limit (the compute was used as
     asked), a run that failed after streaming output pieces (a before_run payer sees them while
     it runs), a cancel by its payer after the run started; all as Replicate bills runs for the
-    time used. None: not ended unserved."""
+    time used. "Started" is its runner's confirmation (``run_started_at``), not the claim: a
+    wait for a busy runner is before the run. None: not ended unserved."""
     if prediction.status == P.FAILED:
         run = _ended_run(prediction)
         if run.get("run_end") == RunEnd.STOPPED:
@@ -499,6 +638,8 @@ def _refund_cause(prediction: Prediction) -> RefundCause | None:
         return RefundCause.NOT_STARTED
     if prediction.events.filter(to_status=P.CANCELED, cause=Cause.ADMIN).exists():
         return RefundCause.OPERATOR
+    if prediction.run_started_at is None:
+        return RefundCause.NOT_STARTED
     return RefundCause.CANCELED_RUNNING
 
 

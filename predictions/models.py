@@ -312,18 +312,23 @@ class PredictionQuerySet(models.QuerySet):
         return self.filter(status=PredictionStatus.PROCESSING, run_ended_at=None)
 
     def overdue(self, grace: float = 0) -> PredictionQuerySet:
-        """Running more than ``grace`` seconds past its own time limit."""
+        """Running more than ``grace`` seconds past its own time limit, counted from when its
+        runner confirmed the run (:attr:`Prediction.run_started_at`)."""
         limit = models.ExpressionWrapper(
             models.F("time_limit_seconds") * timedelta(seconds=1), output_field=models.DurationField()
         )
         deadline = models.ExpressionWrapper(
-            models.F("started_at") + limit, output_field=models.DateTimeField()
+            models.F("run_started_at") + limit, output_field=models.DateTimeField()
         )
         return (
             self.running()
             .alias(deadline=deadline)
             .filter(deadline__lt=timezone.now() - timedelta(seconds=grace))
         )
+
+    def unstarted(self, timeout: float) -> PredictionQuerySet:
+        """Claimed more than ``timeout`` seconds ago and its runner never confirmed the run."""
+        return self.running().filter(run_started_at=None, started_at__lt=timezone.now() - timedelta(seconds=timeout))
 
     def awaiting_payment(self) -> PredictionQuerySet:
         """Ran successfully (``after_success``); its output is released once the payment is confirmed."""
@@ -353,7 +358,14 @@ class Prediction(models.Model):
         max_length=16, choices=PredictionStatus.choices, default=PredictionStatus.STARTING
     )
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    #: When it was claimed for a run (Replicate's ``started_at``); its runner may not have it yet.
     started_at = models.DateTimeField(null=True, blank=True)
+    #: When its runner confirmed it has the run (Cog accepted the PUT, the python runner entered
+    #: ``predict``): the billable run clock and the time-limit watchdog start here.
+    run_started_at = models.DateTimeField(null=True, blank=True)
+    #: The run's last sign of life (a heartbeat of the python runner, a report of Cog's): the
+    #: evidence that a run found at its time limit was alive, hence "stopped", not lost.
+    alive_at = models.DateTimeField(null=True, blank=True)
     #: When the runner reported the outcome (a success under after_success then waits for payment).
     run_ended_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -407,6 +419,18 @@ class Prediction(models.Model):
             self.status == PredictionStatus.SUCCEEDED
             or self.payment_id is None
             or (self.status == PredictionStatus.PROCESSING and self.settlement_policy == SettlementPolicy.BEFORE_RUN)
+        )
+
+    @property
+    def logs_released(self) -> bool:
+        """Its logs may be shown: not while its payment is held for after the run
+        (``after_success``, and every ``upto`` run), as its output is not (a model that prints
+        its result would hand it out before payment); they are shown once it ended (paid, or
+        its authorization released: nothing was charged for them)."""
+        return not (
+            self.status == PredictionStatus.PROCESSING
+            and self.payment_id is not None
+            and self.settlement_policy == SettlementPolicy.AFTER_SUCCESS
         )
 
 

@@ -81,7 +81,8 @@ def prediction_json(prediction: Prediction, base: str) -> dict[str, Any]:
         "input": prediction.input,
         # A paid output is released only once its payment is confirmed (after_success policy).
         "output": prediction.output if prediction.output_released else None,
-        "logs": prediction.logs,
+        # Held payment (after_success, upto): the logs are kept back with the output.
+        "logs": prediction.logs if prediction.logs_released else "",
         "error": prediction.error or None,
         "status": prediction.status,
         "created_at": _iso(prediction.created_at),

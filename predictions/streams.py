@@ -20,7 +20,7 @@ as they come; any other output is sent as one ``output`` event when the predicti
 
 Who may listen is who may read the prediction: its 160-bit random id is the capability, as
 for ``GET /v1/predictions/{id}``. A paid output kept back until its payment confirms
-(``after_success``) is kept back from the stream too.
+(``after_success``, ``upto``) is kept back from the stream too, and so are its logs.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ class Snapshot:
     @classmethod
     def of(cls, prediction: Prediction) -> Snapshot:
         output = prediction.output if prediction.output_released else None
-        return cls(prediction.status, prediction.logs or "", output, prediction.error)
+        logs = prediction.logs if prediction.logs_released else ""
+        return cls(prediction.status, logs or "", output, prediction.error)
 
     @property
     def ended(self) -> bool:

@@ -6,10 +6,14 @@
 
 The policy is the prediction's own, fixed when it was bought. A run is claimed (STARTING ->
 PROCESSING) once, in one transaction, so a task delivered twice never runs twice; a runner that
-was busy is asked again with the claim kept. Every run has a time limit (what was paid for):
-the runner enforces it where it can (the python runner's own watcher), the watchdog task
-ends it at the limit and cancels it on its runner, and ``sweep`` gives up on runs that never
-reported, never rerunning them; a run past its ``Cancel-After`` deadline is canceled. After
+was busy is asked again with the claim kept, until ``X402_RUN_START_TIMEOUT`` after the claim:
+then (``enforce_start``, armed at the claim) the run ended on our side, unstarted. Every run has
+a time limit (what was paid for), counted from when its runner confirmed the run
+(``lifecycle.run_started``, which arms the watchdog): the runner enforces it where it can (the
+python runner's own watcher), the watchdog task ends it at the limit (stopped if it was alive,
+else lost on our side: see ``lifecycle.end_at_limit``) and cancels it on its runner, and
+``sweep`` gives up on runs that never reported, never rerunning them; a run past its
+``Cancel-After`` deadline is canceled. After
 ``X402_DATA_RETENTION_DAYS`` a finished prediction's input, output and logs are removed
 (``remove_expired_data``). Status changes all go through ``lifecycle``.
 """
@@ -26,21 +30,19 @@ from django.db.models import Q
 from django.utils import timezone
 
 from payments import settlement
-from payments.ledger import RunEnd
 from payments.models import PaymentStatus, UnpaidReason
 
 from . import lifecycle, scheduling
-from .lifecycle import WATCHDOG_SLACK, Cause
+from .lifecycle import Cause
 from .models import TERMINAL, Prediction, PredictionStatus, SettlementPolicy
 from .runners import Outcome, RunnerBusy, RunnerRefused
 
 log = logging.getLogger("predictions.tasks")
 P = PredictionStatus
 
-#: A busy runner is asked again this many times (backing off to 15 s) before the run fails.
+#: A busy runner is asked again this many times (backing off to 15 s) before the run fails,
+#: unless ``X402_RUN_START_TIMEOUT`` ends it first (``enforce_start``).
 MAX_START_ATTEMPTS = 120
-OVERRAN = "the prediction ran longer than its time limit ({limit}s) and was stopped"
-LOST = "the prediction's run was lost: no result within its time limit ({limit}s); it was not run again"
 
 
 @shared_task(bind=True, acks_late=True, max_retries=MAX_START_ATTEMPTS)
@@ -53,9 +55,8 @@ def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
     if prediction is None:
         return "skipped"
     if not resume:
-        enforce_time_limit.apply_async(
-            args=[prediction.id], countdown=prediction.time_limit_seconds + WATCHDOG_SLACK
-        )
+        # The time-limit watchdog is armed when the runner confirms the run (lifecycle.run_started).
+        enforce_start.apply_async(args=[prediction.id], countdown=settings.X402_RUN_START_TIMEOUT)
         if prediction.cancel_after_at is not None:
             enforce_cancel_after.apply_async(args=[prediction.id], eta=prediction.cancel_after_at)
     try:
@@ -87,9 +88,20 @@ def _refused_before_run(prediction_id: str) -> bool:
 
 
 @shared_task(acks_late=True)
+def enforce_start(prediction_id: str) -> bool:
+    """End a claimed run its runner never confirmed within ``X402_RUN_START_TIMEOUT``."""
+    return lifecycle.fail_unstarted(prediction_id, cause=Cause.TASK)
+
+
+@shared_task(acks_late=True)
 def enforce_time_limit(prediction_id: str) -> bool:
-    """End a run still going past its time limit, and cancel it on its runner."""
-    return lifecycle.fail_overdue(prediction_id, grace=0, error=OVERRAN, cause=Cause.TASK, run_end=RunEnd.STOPPED)
+    """End a run still going past its time limit, and cancel it on its runner: stopped if it
+    was alive (its runner is asked first), else lost on our side (``lifecycle.end_at_limit``)."""
+    prediction = lifecycle.running(prediction_id)
+    if prediction is None:
+        return False
+    alive = prediction.version.runner_impl.alive(prediction)
+    return lifecycle.end_at_limit(prediction_id, runner_alive=alive, cause=Cause.TASK)
 
 
 @shared_task(acks_late=True)
@@ -115,7 +127,9 @@ def remove_expired_data() -> int:
 @shared_task(acks_late=True)
 def sweep() -> dict[str, int]:
     """Give up on runs that never reported (past their time limit plus grace: failed, canceled
-    on their runner, never rerun); enqueue runs whose task was lost; abort overdue Cancel-After.
+    on their runner, never rerun) or never started (past ``X402_RUN_START_TIMEOUT`` plus grace:
+    their ``enforce_start`` was lost); enqueue runs whose task was lost; abort overdue
+    Cancel-After.
 
     A run that finished and waits for its payment (``after_success``) is not lost: its payment's
     outcome ends it (see lifecycle.on_payment).
@@ -124,9 +138,10 @@ def sweep() -> dict[str, int]:
     grace = settings.X402_PREDICTION_LOST_GRACE
     lost = 0
     for prediction_id in Prediction.objects.overdue(grace).values_list("id", flat=True):
-        lost += lifecycle.fail_overdue(
-            prediction_id, grace=grace, error=LOST, cause=Cause.SWEEP, run_end=RunEnd.FAILED
-        )
+        lost += lifecycle.fail_overdue(prediction_id, grace=grace, cause=Cause.SWEEP)
+    unstarted = Prediction.objects.unstarted(settings.X402_RUN_START_TIMEOUT + grace)
+    for prediction_id in unstarted.values_list("id", flat=True):
+        lost += lifecycle.fail_unstarted(prediction_id, cause=Cause.SWEEP)
     # Runs whose task was lost (a broker outage): due now, still STARTING after a minute.
     stale = Prediction.objects.filter(status=P.STARTING, created_at__lt=now - timedelta(seconds=60))
     due = stale.filter(

@@ -116,3 +116,18 @@ class Countdown:
             if fail and i == n - 2:
                 raise ValueError("lost count")
             yield i
+
+
+class SlowSetup:
+    """Takes 2 s to load (``setup``), longer than its model's time limit; runs in 0.2 s."""
+
+    def setup(self) -> None:
+        import time
+
+        time.sleep(2)
+
+    def predict(self, text: str) -> str:
+        import time
+
+        time.sleep(0.2)
+        return text

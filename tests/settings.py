@@ -7,6 +7,9 @@ import os
 os.environ.setdefault("DJANGO_DEBUG", "true")
 # The quick start's .env (debug on, dev values) must not change what the suite tests.
 os.environ["DJANGO_ENV_FILE"] = ""
+# Refunds wait for finance in the suite (the tests of finance's approval), unless a test turns
+# automatic approval on (its settings, its worker's environment).
+os.environ.setdefault("X402_REFUND_AUTO_APPROVE_MAX", "0")
 
 from x402site.settings import *  # noqa: E402, F403
 

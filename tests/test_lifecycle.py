@@ -311,7 +311,8 @@ def test_the_sweep_leaves_a_finished_run_waiting_for_its_settlement(chain_settin
     run_prediction(created["id"])
     payment = Payment.objects.get()
     assert settlement.prepare(payment.pk).status == "settling"
-    Prediction.objects.filter(pk=created["id"]).update(started_at=timezone.now() - timedelta(hours=2))
+    two_hours_ago = timezone.now() - timedelta(hours=2)
+    Prediction.objects.filter(pk=created["id"]).update(started_at=two_hours_ago, run_started_at=two_hours_ago)
 
     assert sweep()["lost"] == 0
     kept = Prediction.objects.get(pk=created["id"])
@@ -322,6 +323,35 @@ def test_the_sweep_leaves_a_finished_run_waiting_for_its_settlement(chain_settin
     done = Client().get(f"/v1/predictions/{created['id']}").json()
     assert done["status"] == "succeeded" and done["output"] == "keep me"
     assert token_balance(chain_settings, payer["address"]) == before - PRICE
+
+
+@pytest.mark.chain
+@pytest.mark.django_db(transaction=True)
+def test_logs_are_kept_back_with_the_output_while_the_payment_is_held(chain_settings, monkeypatch) -> None:
+    """Issue 25 (8): a model that prints its result (tests.predictors.Chatty) under
+    ``after_success``: until its payment confirms, neither its output nor its logs are shown;
+    then both are."""
+    from django.test import Client
+
+    from payments import settlement
+    from predictions.tasks import run_prediction
+
+    monkeypatch.setattr("predictions.scheduling.start_prediction", lambda prediction: None)
+    monkeypatch.setattr("payments.tasks.settle_payment.delay", lambda payment_id: None)  # the test drives it
+    model = python_model("printer", "tests.predictors.Chatty", "after_success")
+    created = pay_in_process(chain_settings, model, {"input": {"text": "the answer"}}, payer=2)
+    run_prediction(created["id"])
+    held = Client().get(f"/v1/predictions/{created['id']}").json()
+    assert held["status"] == "processing" and held["output"] is None
+    assert held["logs"] == "", held["logs"]
+    assert "the answer" in Prediction.objects.get(pk=created["id"]).logs  # kept, not lost
+    payment = Payment.objects.get()
+    assert settlement.prepare(payment.pk).status == "settling"
+    settlement.broadcast(Payment.objects.get(pk=payment.pk))
+    assert settlement.settle(payment.pk).status == "confirmed"
+    paid = Client().get(f"/v1/predictions/{created['id']}").json()
+    assert paid["status"] == "succeeded" and paid["output"] == "the answer"
+    assert "chatting about 'the answer'" in paid["logs"]
 
 
 @pytest.mark.e2e
@@ -339,7 +369,7 @@ def test_the_sweep_cancels_on_cog_a_run_it_gives_up_on(paid_api, cog_server, wor
         time.sleep(0.1)
     limit = Prediction.objects.get(pk=created["id"]).time_limit_seconds
     Prediction.objects.filter(pk=created["id"]).update(
-        started_at=timezone.now() - timedelta(seconds=limit + settings.X402_PREDICTION_LOST_GRACE + 1)
+        run_started_at=timezone.now() - timedelta(seconds=limit + settings.X402_PREDICTION_LOST_GRACE + 1)
     )
     assert sweep()["lost"] == 1
     body = requests.get(created["urls"]["get"], timeout=5).json()
@@ -488,6 +518,31 @@ def test_the_python_runner_stops_at_the_limit_decided_at_the_claim() -> None:
 
 
 @pytest.mark.django_db
+def test_a_stop_that_lands_after_the_run_returned_keeps_the_runs_outcome(monkeypatch) -> None:
+    """Issue 25 (8): the predictor returns just before its limit and the limit's stop lands
+    while the runner is still disarming its watcher (held here in Python code): the run
+    finished, so it succeeds with its output; it is not turned into a timed-out run."""
+    from predictions.runners import python as runner_module
+
+    prediction = _sleeping_run("photo-finish", 1)
+    Prediction.objects.filter(pk=prediction.pk).update(input={"text": "done", "seconds": 0.7})
+    prediction.refresh_from_db()
+    disarm = runner_module._Stopper.disarm
+
+    def late_disarm(stopper: Any) -> None:
+        until = time.monotonic() + 0.8
+        while time.monotonic() < until:  # the limit's stop lands here, after predict returned
+            pass
+        disarm(stopper)
+
+    monkeypatch.setattr(runner_module._Stopper, "disarm", late_disarm)
+    outcome = runner_module.PythonRunner().start(prediction)
+    assert outcome.succeeded and not outcome.timed_out, outcome.error
+    assert outcome.output == "done"
+    time.sleep(0.3)  # nothing is left pending to land after the run
+
+
+@pytest.mark.django_db
 def test_a_canceled_python_run_stops_computing() -> None:
     """The payer cancels (or Cancel-After, or the watchdog, ends it): the runner's cancel stops
     the run in whichever worker runs it, long before its limit; what it returns is discarded."""
@@ -553,6 +608,9 @@ class UpperRunner:
 
     def cancel(self, prediction) -> None:
         pass
+
+    def alive(self, prediction) -> bool:
+        return False
 
     def handle_callback(self, prediction_id: str, body: dict) -> None:
         pass

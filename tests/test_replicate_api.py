@@ -240,14 +240,17 @@ def test_worker_killed_mid_run_never_runs_twice(
     chain_settings, demo_model, celery_worker_process, tmp_path, settings, no_tasks
 ):
     """SIGKILL the worker while a paid (after_success) prediction runs: it is not run again;
-    the sweep fails it and releases the payment, so the agent is not charged."""
+    its heartbeat stops, so the watchdog (armed when the run started, run by the other worker)
+    finds it lost on our side at its limit, fails it and releases the payment: the agent is not
+    charged. (tests/test_run_clock.py: the same for a payment settled before the run, refunded.)"""
     import os
     import signal
 
     from predictions.models import ModelVersion
-    from predictions.tasks import run_prediction, sweep
+    from predictions.tasks import run_prediction
     from tests.conftest import start_worker
 
+    settings.X402_PREDICTION_TIME_LIMIT = 5
     runs = tmp_path / "runs.txt"
     runs.touch()
     demo_model.settlement_policy = "after_success"
@@ -274,8 +277,12 @@ def test_worker_killed_mid_run_never_runs_twice(
         doomed.wait(10)
     assert Prediction.objects.get(pk=prediction_id).status == "processing"
     assert run_prediction(prediction_id) == "skipped"  # a redelivered task runs nothing
-    Prediction.objects.filter(pk=prediction_id).update(started_at=timezone.now() - timedelta(hours=1))
-    assert sweep()["lost"] == 1
+    deadline = time.monotonic() + 20  # the watchdog: the limit (5 s) and its slack after the run started
+    while Prediction.objects.get(pk=prediction_id).status == "processing" and time.monotonic() < deadline:
+        time.sleep(0.2)
     body = Client().get(f"/v1/predictions/{prediction_id}").json()
-    assert body["status"] == "failed" and body["payment"]["status"] == "lapsing"
+    assert body["status"] == "failed" and "lost on our side" in body["error"], body["error"]
+    assert body["payment"]["status"] == "lapsing"
+    ended = Prediction.objects.get(pk=prediction_id).events.get(to_status="failed")
+    assert ended.cause == "task" and ended.detail["run_end"] == "failed"  # the watchdog: lost, not stopped
     assert runs.read_text().splitlines() == ["once"]

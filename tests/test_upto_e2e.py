@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import requests
 from django.core.management import call_command
-from django.db.models import F
 from django.test import Client
 from eth_account import Account
 
@@ -505,37 +504,47 @@ def test_an_after_success_run_whose_authorization_cannot_outlast_it_is_not_start
     assert p.status == PaymentStatus.LAPSING and p.unpaid_reason == UnpaidReason.RELEASED
 
 
-def test_the_watchdog_charges_a_run_past_its_limit_its_seconds_whatever_its_limit(
-    chain_settings, per_second_model, eager_celery, monkeypatch
+def test_the_watchdog_charges_an_alive_run_past_its_limit_its_seconds_and_a_lost_one_nothing(
+    chain_settings, per_second_model, celery_worker_process, monkeypatch
 ) -> None:
-    """The watchdog finds two python runs past their limits (no report): one whose limit was cut
-    at the claim, one whose limit was not (its runner should have stopped it itself, but an
-    input that holds the predictor in a long C call defers that). Both used the compute: both
-    are stopped and charged their seconds, up to the maximum, settled on chain; neither gets the
-    model's failure charge (nothing), which is for failures on our side."""
-    from datetime import timedelta
-
-    from predictions import tasks
+    """Two python runs start on their runner (``lifecycle.run_started``, as the runner confirms
+    them; the real worker's watchdog is armed then) and never report: one whose limit was cut
+    at the claim (7 s) and whose runner's watcher keeps beating (a predictor held in a long C
+    call defers its runner's own stop, not its heartbeat), one with its full limit (10 s) and
+    no sign of life (its worker died). At each limit the watchdog stops the alive one, charged
+    its seconds (at most the maximum), settled on chain; the silent one was lost on our side:
+    failed, charged the model's failure charge (nothing): its permit is released."""
+    from predictions import lifecycle
 
     chain = chain_settings
     payers = [approved_payer(chain), approved_payer(chain)]
     before = [token_balance(chain, payer["address"]) for payer in payers]
-    cut = _paid_not_run(chain, monkeypatch, _upto_header(payers[0], chain))
-    assert _claimed_when_left(cut, 15, monkeypatch).time_limit_seconds == 7
+    alive = _paid_not_run(chain, monkeypatch, _upto_header(payers[0], chain))
+    assert _claimed_when_left(alive, 15, monkeypatch).time_limit_seconds == 7
     lost = _paid_not_run(chain, monkeypatch, _upto_header(payers[1], chain))
     assert _claimed_when_left(lost, 60, monkeypatch).time_limit_seconds == 10
-    Prediction.objects.filter(pk__in=[cut.pk, lost.pk]).update(started_at=F("started_at") - timedelta(seconds=12))
-    assert tasks.enforce_time_limit(cut.pk) and tasks.enforce_time_limit(lost.pk)
-    from payments.settlement import reconcile_open
-
-    for prediction, payer, balance in zip((cut, lost), payers, before, strict=True):
-        payment = Payment.objects.get(prediction=prediction)
-        for _ in range(30):  # settled as it ended; the reconciler follows its receipt
-            if payment.status in (PaymentStatus.SETTLED, PaymentStatus.CONFIRMED):
-                break
-            reconcile_open()
-            time.sleep(0.1)
-            payment.refresh_from_db()
-        assert payment.status in (PaymentStatus.SETTLED, PaymentStatus.CONFIRMED), payment.failure_reason
-        assert int(payment.amount) == MAXIMUM and payment.run_seconds >= 12  # 12 s: capped at the maximum
-        assert token_balance(chain, payer["address"]) == balance - MAXIMUM
+    for prediction, left in ((alive, 15), (lost, 60)):
+        with monkeypatch.context() as m:
+            m.setattr(time, "time", lambda p=prediction, left=left: p.payment.valid_before - left)
+            assert lifecycle.run_started(prediction.pk) == (7 if prediction is alive else 10)
+    deadline = time.monotonic() + 30
+    while Prediction.objects.filter(pk__in=[alive.pk, lost.pk], status="processing").exists():
+        assert time.monotonic() < deadline, "the watchdog never ended them"
+        lifecycle.record_alive(alive.pk)  # the alive run's heartbeat
+        time.sleep(0.5)
+    for prediction in (alive, lost):
+        prediction.refresh_from_db()
+    assert alive.status == lost.status == "failed"
+    assert alive.events.get(to_status="failed").detail["run_end"] == "stopped" and "stopped" in alive.error
+    assert lost.events.get(to_status="failed").detail["run_end"] == "failed" and "lost on our side" in lost.error
+    paid, released = Payment.objects.get(prediction=alive), Payment.objects.get(prediction=lost)
+    for _ in range(100):  # settled as it ended; the worker's reconciler follows its receipt
+        if paid.status == PaymentStatus.CONFIRMED:
+            break
+        time.sleep(0.2)
+        paid.refresh_from_db()
+    assert paid.status == PaymentStatus.CONFIRMED, paid.failure_reason
+    assert 7 <= paid.run_seconds < 12 and int(paid.amount) == min(MAXIMUM, charge_of(paid.run_seconds))
+    assert token_balance(chain, payers[0]["address"]) == before[0] - int(paid.amount)
+    assert released.status == PaymentStatus.LAPSING and released.unpaid_reason == UnpaidReason.RELEASED
+    assert released.settle_tx_hash is None and token_balance(chain, payers[1]["address"]) == before[1]

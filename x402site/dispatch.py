@@ -22,8 +22,9 @@ SETTLE_BATCHES = "payments.tasks.settle_batches"
 SEND_REFUND = "payments.tasks.send_refund"
 RUN_EXPORT = "payments.tasks.run_export"
 RUN_PREDICTION = "predictions.tasks.run_prediction"
+ENFORCE_TIME_LIMIT = "predictions.tasks.enforce_time_limit"
 #: Every task name domain code sends (a test checks each is registered).
-SENT = (SETTLE_PAYMENT, SETTLE_BATCHES, SEND_REFUND, RUN_EXPORT, RUN_PREDICTION)
+SENT = (SETTLE_PAYMENT, SETTLE_BATCHES, SEND_REFUND, RUN_EXPORT, RUN_PREDICTION, ENFORCE_TIME_LIMIT)
 
 
 def task(name: str) -> Task:

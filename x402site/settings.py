@@ -224,6 +224,10 @@ X402_REFUND_KEY = env.str("X402_REFUND_KEY", default="") or (
     if X402_DEVCHAIN_FILE.exists() and not env.str("X402_PAYMENT_OPTIONS", default="") and not env.str("X402_ASSET", default="")
     else ""
 )
+#: Refunds owed (a run that failed on our side, a prediction that ended before its run) up to
+#: this amount, in the token's base units, are approved without a human, through the same
+#: service finance uses; above it finance approves them. 0: every refund waits for finance.
+X402_REFUND_AUTO_APPROVE_MAX = env.int("X402_REFUND_AUTO_APPROVE_MAX", default=50_000)
 #: The first lane's key (what one-relayer deployments and older settings name).
 X402_RELAYER_KEY = X402_RELAYER_KEYS[0] if X402_RELAYER_KEYS else ""
 
@@ -280,6 +284,11 @@ X402_DATA_RETENTION_DAYS = env.float("X402_DATA_RETENTION_DAYS", default=7.0)
 #: A run with no result this long past its own time limit is lost: the sweep fails it (and cancels
 #: it on its runner), never reruns it.
 X402_PREDICTION_LOST_GRACE = env.int("X402_PREDICTION_LOST_GRACE", default=60)
+#: A claimed run's runner must confirm it has the run (Cog accepted the PUT, the python runner
+#: loaded its predictor and entered ``predict``) within this many seconds, busy retries and
+#: model loading included; otherwise the run ended on our side (failed: refunded, released, or
+#: charged only its failure charge). The run clock and its time limit start at that confirmation.
+X402_RUN_START_TIMEOUT = env.int("X402_RUN_START_TIMEOUT", default=120)
 #: Seconds to wait for a Cog server's answer to a request (a PUT whose answer is lost may still
 #: have started the run: it is not sent again; the callback brings the result).
 X402_COG_TIMEOUT = env.float("X402_COG_TIMEOUT", default=10.0)

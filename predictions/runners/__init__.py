@@ -68,10 +68,17 @@ class Runner(Protocol):
     def start(self, prediction: Prediction) -> Outcome | None:
         """Run ``prediction`` (claimed: PROCESSING). Returns its outcome when the run happened
         in the call, None when the runner reports later through :meth:`handle_callback`.
-        Raises :class:`RunnerBusy` (retry later) or :class:`RunnerRefused` (the run fails)."""
+        Raises :class:`RunnerBusy` (retry later) or :class:`RunnerRefused` (the run fails).
+        Once the runner has the run it says so (``lifecycle.run_started``: the run clock and
+        the watchdog start there; it answers the time limit, or None: do not run it)."""
 
     def cancel(self, prediction: Prediction) -> None:
         """Stop the run if the runner can (best effort: the prediction has already ended)."""
+
+    def alive(self, prediction: Prediction) -> bool:
+        """The runner's own word, asked by the time-limit watchdog, that the run is going on
+        now; False when it cannot tell (the signs of life it records, ``lifecycle.record_alive``,
+        are the other evidence)."""
 
     def handle_callback(self, prediction_id: str, body: dict[str, Any]) -> None:
         """A report the runner's server sent about a run (authenticated by the caller)."""

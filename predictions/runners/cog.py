@@ -7,9 +7,11 @@ run, and ``GET /openapi.json`` gives the model's input and output schemas (admin
 
 A run is started once: when the PUT's answer is lost (a read timeout, a dropped connection, a
 gateway error) Cog may have started it, so it is not sent again; the outcome is accepted
-whenever Cog's callback brings it, and a run that never reports is ended (and canceled on Cog)
-by the time-limit watchdog or the lost-run sweep. Only a refusal that proves nothing started
-(connection refused, 409 busy, 503 not ready) is retried.
+whenever Cog's callback brings it. Only a refusal that proves nothing started (connection
+refused, 409 busy, 503 not ready) is retried. The run clock starts when Cog accepts the PUT
+(2xx) or, after a lost or 5xx answer, when its first report arrives; a run Cog never confirms
+is ended on our side at ``X402_RUN_START_TIMEOUT`` (``lifecycle.fail_unstarted``). Each report
+is a sign of life; at the time limit the watchdog also asks Cog's health (BUSY: alive).
 """
 
 from __future__ import annotations
@@ -186,7 +188,24 @@ class CogRunner:
             raise RunnerRefused(f"Cog refused the input (HTTP {status}): {response.text[:500]}")
         if status >= 500:
             log.warning("PUT of %s to Cog: HTTP %s; waiting for its callback", prediction.id, status)
+            return None
+        self._started(prediction.id)
         return None
+
+    def _started(self, prediction_id: str) -> None:
+        """Cog has the run: its clock starts; a run that ended meanwhile is canceled on Cog."""
+        from .. import lifecycle
+        from ..models import Prediction
+
+        if lifecycle.run_started(prediction_id) is None:
+            ended = Prediction.objects.select_related("version").filter(pk=prediction_id).first()
+            if ended is not None:
+                self.cancel(ended)
+
+    def alive(self, prediction: Prediction) -> bool:
+        """Cog runs one prediction at a time per slot: BUSY while ours goes on."""
+        _health.pop(prediction.version.cog_url, None)
+        return health(prediction.version.cog_url) == "BUSY"
 
     def cancel(self, prediction: Prediction) -> None:
         # If this fails the run ends on its own; our prediction has already ended.
@@ -213,7 +232,9 @@ class CogRunner:
                 predict_time=float(predict_time) if isinstance(predict_time, (int, float)) else None,
             )
             lifecycle.finish(prediction_id, outcome, cause=lifecycle.Cause.CALLBACK)
-        else:  # progress: the logs so far, and a streaming model's output pieces so far
+        else:  # progress (a sign of life): the logs so far, a streaming model's output pieces so far
+            self._started(prediction_id)  # the PUT's answer may have been lost: Cog has the run
+            lifecycle.record_alive(prediction_id)
             if logs is not None:
                 lifecycle.record_logs(prediction_id, logs, cause=lifecycle.Cause.CALLBACK)
             if isinstance(body.get("output"), list) and _streams(prediction_id):

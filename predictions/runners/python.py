@@ -1,14 +1,19 @@
 """The in-process runner: a Cog-style predictor class (``setup()`` once, ``predict(**input)``).
 
-The run happens inside the Celery task, stopped at the prediction's own time limit (what was
-paid for) as decided at the claim, which may be shorter than when the task was sent (an
-authorization about to expire cuts it): a per-run watcher thread raises
+The predictor is loaded (its ``setup()``, once per worker process) before the run: loading is
+never billed nor counted against the time limit, and a predictor that cannot load fails the
+run on our side. Then the run is confirmed (``lifecycle.run_started``: the run clock and the
+watchdog start) and happens inside the Celery task, stopped at the prediction's own time limit
+(what was paid for) as decided then, which may be shorter than when the task was sent (an
+authorization about to expire cuts it): a per-run watcher thread beats (``alive_at``, the
+watchdog's evidence that the run is alive) and raises
 ``SoftTimeLimitExceeded`` in the run's thread then, and :class:`RunStopped` when the prediction
 ended meanwhile (its payer canceled it, its ``Cancel-After`` passed, the watchdog gave up on
 it), so a run nobody pays for any more stops computing. Both arrive at the run's next Python
 instruction: a predictor held in one long C call finishes that call first. The task's Celery
-limits, set at enqueue from the uncut limit, are the backstop (the hard one kills the worker
-child); whatever such a run returns after its prediction ended is discarded
+limits, set at enqueue from the uncut limit plus the time the run may take to start, are the
+backstop (the hard one kills the worker child); whatever such a run returns after its prediction
+ended is discarded
 (``lifecycle.finish`` records one outcome of a run still in progress). What the predictor prints and logs becomes the prediction's logs, as
 on Cog, reported while it runs (at most every :data:`REPORT_INTERVAL` seconds, by a reporter
 thread) and in full with the outcome; only the run's own thread is captured (``capture.py``).
@@ -24,6 +29,7 @@ import importlib
 import inspect
 import logging
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -31,6 +37,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
 
@@ -49,6 +56,9 @@ HARD_LIMIT_GRACE = 30
 REPORT_INTERVAL = 0.5
 #: How often a run's watcher checks its time limit and whether its prediction ended.
 STOP_CHECK_INTERVAL = 0.2
+#: How often a run's watcher records that the run is alive (``lifecycle.record_alive``); well
+#: within ``lifecycle.ALIVE_WINDOW``.
+HEARTBEAT_INTERVAL = 1.0
 STOPPED_ERROR = "the prediction ended while it ran; the run was stopped"
 #: Sent to the run's thread (when it is the main thread) to wake it from a blocking call such as
 #: ``time.sleep`` so the stop is delivered; its default action is to ignore it, so one that
@@ -105,38 +115,47 @@ class PythonRunner:
 
     def task_options(self, prediction: Prediction) -> dict[str, Any]:
         """Celery's limits, the backstop of the run's own (:class:`_Stopper`): the limit at
-        enqueue is the longest the run may get (the claim may only cut it)."""
-        limit = prediction.time_limit_seconds
+        enqueue is the longest the run may get (the claim may only cut it), after loading the
+        predictor within ``X402_RUN_START_TIMEOUT``."""
+        limit = prediction.time_limit_seconds + settings.X402_RUN_START_TIMEOUT
         return {"soft_time_limit": limit, "time_limit": limit + HARD_LIMIT_GRACE}
 
+    def alive(self, prediction: Prediction) -> bool:
+        return False  # its watcher's heartbeat (alive_at) is the evidence
+
     def start(self, prediction: Prediction) -> Outcome:
+        from .. import lifecycle
+
+        try:
+            predictor = load_predictor(prediction.version.predictor)
+        except Exception as exc:  # noqa: BLE001 - a predictor that cannot load fails the run on our side
+            log.warning("prediction %s: the predictor did not load: %s", prediction.id, exc)
+            return Outcome(succeeded=False, error=f"the model could not be loaded: {exc.__class__.__name__}: {exc}")
+        limit = lifecycle.run_started(prediction.id)
+        if limit is None:  # it ended while the predictor loaded: nothing runs
+            return Outcome(succeeded=False, error=STOPPED_ERROR)
         started = time.perf_counter()
         capture = Capture()
         reporter = _LogReporter(prediction.id, capture)
         reporter.start()
-        stopper = _Stopper(prediction.id, prediction.time_limit_seconds)  # the limit decided at the claim
+        stopper = _Stopper(prediction.id, limit)
+        run = _Run()
         try:
             try:
                 stopper.start()
-                output = self._run(prediction, capture, reporter)
+                self._run(prediction, predictor, capture, reporter, run)
             finally:
                 stopper.disarm()
-        except RunStopped:
-            log.info("prediction %s: stopped, its prediction ended while it ran", prediction.id)
-            return Outcome(
-                succeeded=False,
-                error=STOPPED_ERROR,
-                logs=reporter.stop(),
-                predict_time=time.perf_counter() - started,
-            )
-        except SoftTimeLimitExceeded:
-            return Outcome(
-                succeeded=False,
-                error=f"the prediction ran longer than its time limit ({prediction.time_limit_seconds}s)",
-                logs=reporter.stop(),
-                predict_time=time.perf_counter() - started,
-                timed_out=True,
-            )
+        except (RunStopped, SoftTimeLimitExceeded):
+            stopper.disarm()  # completes a disarm the stop interrupted
+            if run.finished:  # the stop landed after the run returned: the run's outcome stands
+                return Outcome(
+                    succeeded=True,
+                    output=run.result[0],
+                    logs=reporter.stop(),
+                    predict_time=time.perf_counter() - started,
+                )
+            return self._stopped(prediction, limit, reporter, started, sys.exc_info()[0] is RunStopped)
         except Exception as exc:  # a model's failure is the prediction's outcome, not the worker's
             log.warning("prediction %s failed: %s", prediction.id, exc)
             return Outcome(
@@ -146,19 +165,39 @@ class PythonRunner:
                 predict_time=time.perf_counter() - started,
             )
         return Outcome(
-            succeeded=True, output=output, logs=reporter.stop(), predict_time=time.perf_counter() - started
+            succeeded=True, output=run.result[0], logs=reporter.stop(), predict_time=time.perf_counter() - started
         )
 
     @staticmethod
-    def _run(prediction: Prediction, capture: Capture, reporter: _LogReporter) -> Any:
-        """The predictor's output; a generator's pieces are recorded one by one as they come
-        (the logs written before each piece first), and its output is their list."""
+    def _stopped(prediction: Prediction, limit: int, reporter: _LogReporter, started: float, ended: bool) -> Outcome:
+        """The outcome of a run stopped before it returned: its prediction ended meanwhile
+        (``ended``), or its time limit came."""
+        if ended:
+            log.info("prediction %s: stopped, its prediction ended while it ran", prediction.id)
+            return Outcome(
+                succeeded=False, error=STOPPED_ERROR, logs=reporter.stop(), predict_time=time.perf_counter() - started
+            )
+        return Outcome(
+            succeeded=False,
+            error=f"the prediction ran longer than its time limit ({limit}s)",
+            logs=reporter.stop(),
+            predict_time=time.perf_counter() - started,
+            timed_out=True,
+        )
+
+    @staticmethod
+    def _run(prediction: Prediction, predictor: Predictor, capture: Capture, reporter: _LogReporter, run: _Run) -> None:
+        """Run the predictor into ``run.result``; a generator's pieces are recorded one by one
+        as they come (the logs written before each piece first), and its output is their list.
+        The result is stored by the statement that receives it, before any other Python code
+        runs: a stop that lands later finds it there (see :class:`_Run`)."""
         from .. import lifecycle
 
         with capturing(capture):
-            result = load_predictor(prediction.version.predictor).predict(**prediction.input)
+            run.result = (predictor.predict(**prediction.input),)
+        result = run.result[0]
         if not inspect.isgenerator(result):
-            return result
+            return
         pieces: list[Any] = []
         notified = 0.0
         while True:
@@ -166,7 +205,8 @@ class PythonRunner:
                 try:
                     piece = next(result)
                 except StopIteration:
-                    return pieces
+                    run.result = (pieces,)
+                    return
             pieces.append(piece)
             reporter.report()
             # Every piece reaches the streams; webhooks at most every REPORT_INTERVAL.
@@ -181,6 +221,24 @@ class PythonRunner:
 
     def handle_callback(self, prediction_id: str, body: dict[str, Any]) -> None:
         """In-process runs report by returning; there is nothing to call back."""
+
+
+class _Run:
+    """What a run returned, once it returned: ``result`` is empty until then, then the one-item
+    tuple of its output. A stop exception (``PyThreadState_SetAsyncExc``) can land after the
+    predictor returned but before :meth:`_Stopper.disarm` withdrew it; the result being there
+    says the run finished, so a finished run is never turned into a stopped or timed-out one."""
+
+    __slots__ = ("result",)
+
+    def __init__(self) -> None:
+        self.result: tuple[Any, ...] = ()
+
+    @property
+    def finished(self) -> bool:
+        """It returned its output (a generator returned by ``predict`` has not run yet: its
+        run ends when it is exhausted, and ``result`` then holds its pieces)."""
+        return bool(self.result) and not inspect.isgenerator(self.result[0])
 
 
 class _Stopper:
@@ -228,10 +286,28 @@ class _Stopper:
                     signal.pthread_kill(self._target, WAKE_SIGNAL)
 
     def _loop(self) -> None:
+        from django.db import connection
+
+        try:
+            self._watch()
+        finally:
+            connection.close()  # this thread's own connection (its heartbeats)
+
+    def _watch(self) -> None:
+        from .. import lifecycle
+
         deadline = time.monotonic() + self.limit
+        beat = time.monotonic()
         while not self._done.wait(STOP_CHECK_INTERVAL):
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 return self._fire(SoftTimeLimitExceeded)
+            if now - beat >= HEARTBEAT_INTERVAL:
+                beat = now
+                try:
+                    lifecycle.record_alive(self.prediction_id)
+                except Exception:  # noqa: BLE001 - a missed beat only weakens the evidence
+                    log.exception("prediction %s: recording a heartbeat failed", self.prediction_id)
             try:
                 marked = cache.get(_stop_key(self.prediction_id))
             except Exception:  # noqa: BLE001 - the cache down: the limit and the watchdog still hold
