@@ -22,7 +22,7 @@ def add(*args: str) -> str:
     return out.getvalue()
 
 
-def test_add_model_publishes_a_priced_model_whose_402_carries_the_price(settings) -> None:
+def test_add_model_publishes_a_priced_model_whose_402_carries_the_price(offline_options) -> None:
     said = add(
         "acme/echo",
         "--predictor",
