@@ -158,9 +158,22 @@ def _clear_cache() -> None:
 
 def pytest_itemcollected(item: pytest.Item) -> None:
     """A test that needs the chain (the ``chain`` fixture, itself or through another fixture) is
-    marked ``chain``: ``-m "not chain"`` runs exactly the tests that start no anvil."""
+    marked ``chain``: ``-m "not chain"`` runs exactly the tests that start no anvil.
+
+    schemathesis names each operation's test ``test_no_server_errors[GET /v1/...]`` but gives
+    them all one node id; pytest-xdist schedules by node id and would run one of them: each gets
+    its name as its id."""
     if "chain" in getattr(item, "fixturenames", ()):
         item.add_marker(pytest.mark.chain)
+    if item.parent is not None and not item.nodeid.endswith(f"::{item.name}"):
+        item._id = item.parent.id.child(item.name)  # pytest 9 derives nodeid from it
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The quick benchmark (minutes, in a process of its own) goes first: on ``pytest -n 2`` one
+    worker runs it while the other starts the rest, rather than it running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("bench") is None)
 
 
 @pytest.fixture(scope="session")
