@@ -63,6 +63,9 @@ def _restore(tables: list[str], snapshot: dict[str, tuple[list[str], list[tuple[
 
     quote = connection.ops.quote_name
     with transaction.atomic(), connection.cursor() as cursor:
+        # As TRUNCATE does, keep every other writer (a module's worker process) out until the
+        # end; readers go on.
+        cursor.execute(f"LOCK TABLE {', '.join(quote(t) for t in tables)} IN SHARE ROW EXCLUSIVE MODE")
         cursor.execute("SET CONSTRAINTS ALL DEFERRED")
         cursor.execute("".join(f"DELETE FROM {quote(table)};" for table in tables))
         for table, (columns, rows) in snapshot.items():
