@@ -13,8 +13,11 @@ ML := $(VENV)/.ml-installed
 run: $(RUNTIME) $(NODE)
 	$(PY) manage.py quickstart
 
+# Two pytest-xdist workers, each with its own anvil, test database (test_x402_gw0, _gw1), Celery
+# queue and cache prefix; a test file stays on one worker (its module-scoped worker process), in
+# collection order (the quick benchmark first: tests/conftest.py).
 test: $(DEV) $(ML) $(NODE) tools
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # The benchmark suite (about 10 minutes) and its smoke run; results in benchmarks/results/.
 bench: $(DEV) $(NODE) tools

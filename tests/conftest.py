@@ -41,24 +41,85 @@ def celery_test_broker() -> None:
     app.conf.update(broker_url=TEST_BROKER_URL, task_default_queue=TEST_QUEUE)
 
 
+def _table_rows(tables: list[str]) -> dict[str, tuple[list[str], list[tuple[Any, ...]]]]:
+    """Each non-empty table's columns and rows."""
+    from django.db import connection
+
+    found = {}
+    with connection.cursor() as cursor:
+        for table in tables:
+            cursor.execute(f"SELECT * FROM {connection.ops.quote_name(table)}")
+            rows = cursor.fetchall()
+            if rows:
+                found[table] = ([c.name for c in cursor.description], rows)
+    return found
+
+
+def _restore(tables: list[str], snapshot: dict[str, tuple[list[str], list[tuple[Any, ...]]]]) -> None:
+    """Empty every table, then put back the rows of ``snapshot``, in one transaction (Django's
+    foreign keys are deferrable, so the order does not matter)."""
+    from django.contrib.contenttypes.models import ContentType
+    from django.db import connection, transaction
+
+    quote = connection.ops.quote_name
+    with transaction.atomic(), connection.cursor() as cursor:
+        # As TRUNCATE does, keep every other writer (a module's worker process) out until the
+        # end; readers go on.
+        cursor.execute(f"LOCK TABLE {', '.join(quote(t) for t in tables)} IN SHARE ROW EXCLUSIVE MODE")
+        cursor.execute("SET CONSTRAINTS ALL DEFERRED")
+        cursor.execute("".join(f"DELETE FROM {quote(table)};" for table in tables))
+        for table, (columns, rows) in snapshot.items():
+            names = ", ".join(quote(c) for c in columns)
+            marks = ", ".join(["%s"] * len(columns))
+            cursor.executemany(f"INSERT INTO {quote(table)} ({names}) VALUES ({marks})", rows)
+    ContentType.objects.clear_cache()
+
+
 @pytest.fixture(scope="session", autouse=True)
-def flush_retries_deadlocks() -> Iterator[None]:
-    """Transactional tests truncate every table after each test while a module's worker process
-    (its beat reconciling and sweeping every second) may be reading them: PostgreSQL can pick the
-    TRUNCATE as a deadlock victim. Try the flush again rather than fail the test's teardown."""
+def fast_flush() -> Iterator[None]:
+    """The flush after each transactional test, to the same state in a fraction of the time.
+
+    Django's flush TRUNCATEs every table (PostgreSQL makes new files for each: ~0.2 s), then
+    emits post_migrate, which recreates the content types, the permissions and our roles (~0.3
+    s): half a second after each of ~300 tests. The first flush is Django's own; what it leaves
+    (exactly what post_migrate made) is kept, and each later flush DELETEs every row and puts
+    those rows back, with the same ids. A flush with other options is Django's own.
+
+    Transactional tests also flush while a module's worker process (its beat reconciling and
+    sweeping every second) may be reading the tables: PostgreSQL can pick the flush as a deadlock
+    victim. Try it again rather than fail the test's teardown."""
     from django.core.management.commands import flush
-    from django.db import OperationalError
+    from django.db import DEFAULT_DB_ALIAS, OperationalError, connection
 
     real = flush.Command.handle
+    snapshot: dict[str, tuple[list[str], list[tuple[Any, ...]]]] | None = None
+
+    def once(self: Any, *args: Any, **options: Any) -> Any:
+        nonlocal snapshot
+        plain = (
+            options.get("database", DEFAULT_DB_ALIAS) == DEFAULT_DB_ALIAS
+            and not options.get("reset_sequences")
+            and not options.get("inhibit_post_migrate")
+            and not options.get("allow_cascade")
+        )
+        tables = connection.introspection.django_table_names(only_existing=True, include_views=False)
+        if not plain or snapshot is None:
+            result = real(self, *args, **options)
+            if plain:
+                snapshot = _table_rows(tables)
+            return result
+        _restore(tables, snapshot)
+        return None
 
     def handle(self: Any, *args: Any, **options: Any) -> Any:
         for attempt in range(5):
             try:
-                return real(self, *args, **options)
+                return once(self, *args, **options)
             except Exception as exc:  # flush wraps the database error in a CommandError
-                if "deadlock detected" not in str(exc) and not isinstance(exc.__cause__, OperationalError):
-                    raise
-                if attempt == 4:
+                deadlock = "deadlock detected" in str(exc) or any(
+                    isinstance(e, OperationalError) for e in (exc, exc.__cause__)
+                )
+                if not deadlock or attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
         return None
@@ -81,9 +142,10 @@ def short_db_connections() -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def test_cache() -> Iterator[None]:
-    """A cache of this session's own (Redis database 14, a fresh key prefix)."""
+    """A cache of this session's own (Redis database 14, a fresh key prefix; clearing it leaves
+    other keys alone: tests.cache)."""
     location = os.environ.get("TEST_CACHE_URL", "redis://127.0.0.1:6379/14")
-    backend = "django.core.cache.backends.redis.RedisCache"
+    backend = "tests.cache.RunCache"
     with override_settings(
         CACHES={"default": {"BACKEND": backend, "LOCATION": location, "KEY_PREFIX": TEST_QUEUE}}
     ):
@@ -95,6 +157,26 @@ def _clear_cache() -> None:
     from django.core.cache import cache
 
     cache.clear()
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """A test that needs the chain (the ``chain`` fixture, itself or through another fixture) is
+    marked ``chain``: ``-m "not chain"`` runs exactly the tests that start no anvil.
+
+    schemathesis names each operation's test ``test_no_server_errors[GET /v1/...]`` but gives
+    them all one node id; pytest-xdist schedules by node id and would run one of them: each gets
+    its name as its id."""
+    if "chain" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.chain)
+    if item.parent is not None and not item.nodeid.endswith(f"::{item.name}"):
+        item._id = item.parent.id.child(item.name)  # pytest 9 derives nodeid from it
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The quick benchmark (minutes, in a process of its own) goes first: on ``pytest -n 2`` one
+    worker runs it while the other starts the rest, rather than it running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("bench") is None)
 
 
 @pytest.fixture(scope="session")
@@ -162,6 +244,36 @@ def option_settings(dev: DevChain, **extra: Any) -> dict[str, Any]:
 def chain_settings(chain: DevChain) -> Iterator[DevChain]:
     with override_settings(**option_settings(chain)):
         yield chain
+
+
+def _offline_chain() -> DevChain:
+    """The test chain's network and token domain, made-up keys, and no node behind the URL."""
+    from eth_account import Account
+
+    relayer, refund, pay_to = (Account.from_key("0x" + byte * 32) for byte in ("11", "22", "33"))
+    return DevChain(
+        rpc_url="http://127.0.0.1:9",  # discard: nothing answers
+        chain_id=31337,
+        network="eip155:31337",
+        asset="0x5FbDB2315678afecb367f032d93F642f64180aa3",  # where anvil's first deployment lands
+        asset_name="USD Coin",
+        asset_version="2",
+        pay_to=pay_to.address,
+        relayer_address=relayer.address,
+        relayer_private_key="0x" + relayer.key.hex().removeprefix("0x"),
+        refund_address=refund.address,
+        refund_private_key="0x" + refund.key.hex().removeprefix("0x"),
+    )
+
+
+@pytest.fixture
+def offline_options() -> Iterator[DevChain]:
+    """Payment options as on the test chain, without a chain: for tests of what a 402 says
+    (prices, the challenge, listings), which read nothing from the chain. A test that verifies
+    or settles a payment uses ``chain_settings``."""
+    offline = _offline_chain()
+    with override_settings(**option_settings(offline)):
+        yield offline
 
 
 @pytest.fixture
@@ -402,6 +514,7 @@ def staff(db: None) -> dict[str, Any]:
 def poll_until_done(url: str, timeout: float = 20.0) -> dict[str, Any]:
     """GET a prediction until it is terminal (or the time is up); its last JSON."""
     from predictions.models import TERMINAL
+
     deadline = time.monotonic() + timeout
     while True:
         body = requests.get(url, timeout=5).json()
@@ -435,7 +548,16 @@ def start_asgi_server(chain: DevChain, log_path: Path, env: dict[str, str] | Non
     }
     full_env.pop("X402_ASSET", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "x402site.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "x402site.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         cwd=Path(__file__).resolve().parent.parent,
         env=full_env,
         stdout=open(log_path, "wb"),

@@ -26,7 +26,7 @@ from payments.x402.codec import decode_header
 from predictions.models import Model, ModelVersion, Prediction, PredictionEvent
 from tests.conftest import free_port
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 ROOT = Path(__file__).resolve().parent.parent
 ADD = "/admin/predictions/model/add-from-cog/"
 

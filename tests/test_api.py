@@ -40,10 +40,10 @@ def held_header(key: str) -> str:
     return v2_header(key, req, valid_before=int(time.time()) + req.max_timeout_seconds)
 
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 
 
-def test_unpaid_request_gets_a_v2_header_and_a_v1_body(chain_settings, demo_model) -> None:
+def test_unpaid_request_gets_a_v2_header_and_a_v1_body(offline_options, demo_model) -> None:
     response = post(Client(), {"input": {"text": "hi"}})
     assert response.status_code == 402
     assert response["Cache-Control"] == "no-store"
@@ -55,8 +55,8 @@ def test_unpaid_request_gets_a_v2_header_and_a_v1_body(chain_settings, demo_mode
         "scheme": "exact",
         "network": "eip155:31337",
         "amount": str(PRICE),
-        "asset": chain_settings.asset,
-        "payTo": chain_settings.pay_to,
+        "asset": offline_options.asset,
+        "payTo": offline_options.pay_to,
         "maxTimeoutSeconds": 300,
         "extra": {"name": "USD Coin", "version": "2"},
     }
@@ -67,7 +67,7 @@ def test_unpaid_request_gets_a_v2_header_and_a_v1_body(chain_settings, demo_mode
     assert v1["accepts"][0]["resource"] == "http://testserver" + URL
 
 
-def test_price_change_shows_in_the_next_challenge(chain_settings, demo_model) -> None:
+def test_price_change_shows_in_the_next_challenge(offline_options, demo_model) -> None:
     demo_model.price = "0.25"
     demo_model.save()
     v2 = decode_header(post(Client(), {"input": {"text": "hi"}})["PAYMENT-REQUIRED"])
@@ -86,7 +86,7 @@ def test_price_change_shows_in_the_next_challenge(chain_settings, demo_model) ->
         ({"input": {"text": "x", "other": 1}}, 422, "input"),
     ],
 )
-def test_bad_input_is_refused_before_any_challenge(chain_settings, demo_model, body, status, field) -> None:
+def test_bad_input_is_refused_before_any_challenge(offline_options, demo_model, body, status, field) -> None:
     response = post(Client(), body)
     assert response.status_code == status, response.content
     problem = response.json()
@@ -96,7 +96,7 @@ def test_bad_input_is_refused_before_any_challenge(chain_settings, demo_model, b
         assert field in problem["invalid_fields"]
 
 
-def test_unknown_model_is_a_json_404(chain_settings, db) -> None:
+def test_unknown_model_is_a_json_404(offline_options, db) -> None:
     response = Client().post(
         "/v1/models/nobody/nothing/predictions", data={"input": {}}, content_type="application/json"
     )
@@ -106,7 +106,7 @@ def test_unknown_model_is_a_json_404(chain_settings, db) -> None:
 
 
 @pytest.mark.parametrize("header", ["garbage", "e30=", "eyJ4NDAyVmVyc2lvbiI6IDJ9", "A" * 20_000])
-def test_garbage_payment_header_gets_402_with_reason(chain_settings, demo_model, header) -> None:
+def test_garbage_payment_header_gets_402_with_reason(offline_options, demo_model, header) -> None:
     response = post(Client(), {"input": {"text": "hi"}}, **{"PAYMENT-SIGNATURE": header})
     assert response.status_code == 402
     assert response.json()["error"] == "invalid_payload"

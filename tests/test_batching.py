@@ -23,7 +23,7 @@ from payments.tasks import reconcile
 from tests.conftest import fresh_payer, rpc, token_balance
 from tests.test_settlement import PRICE, after_lapse, chain_nonce, record_payment, send_as, transfers_of
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 #: Ahead of our batch in the same block.
 HIGH_TIP = {"maxPriorityFeePerGas": hex(10**10), "maxFeePerGas": hex(10**11)}
 

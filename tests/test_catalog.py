@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from io import StringIO
 
@@ -16,13 +17,22 @@ pytestmark = pytest.mark.django_db
 SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
 
 
+@pytest.fixture(autouse=True)
+def seeded_tiers(db: None) -> None:
+    """The hardware tiers the migrations seed (add_model refuses an unknown tier): a
+    transactional test run earlier in the same process flushed them."""
+    from django.apps import apps
+
+    importlib.import_module("payments.migrations.0003_seed_hardware_tiers").seed(apps, None)
+
+
 def add(*args: str) -> str:
     out = StringIO()
     call_command("add_model", *args, stdout=out)
     return out.getvalue()
 
 
-def test_add_model_publishes_a_priced_model_whose_402_carries_the_price(settings) -> None:
+def test_add_model_publishes_a_priced_model_whose_402_carries_the_price(offline_options) -> None:
     said = add(
         "acme/echo",
         "--predictor",

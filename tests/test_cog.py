@@ -12,7 +12,7 @@ from predictions.runners import cog
 from tests.conftest import free_port, poll_until_done, token_balance
 from tests.payers import v2_header_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 PRICE = 10_000
 SCHEMA = {
     "type": "object",

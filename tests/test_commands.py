@@ -11,7 +11,7 @@ from payments.models import Payment
 from tests.conftest import rpc
 from tests.test_settlement import record_payment, send_as
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 
 
 def run(*args: str) -> str:

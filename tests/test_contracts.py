@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from web3 import Web3
 
 from payments import contracts
@@ -34,7 +33,6 @@ def test_the_shipped_build_is_what_the_sources_compile_to(tmp_path: Path) -> Non
         )
 
 
-@pytest.mark.chain
 def test_deploy_batch_settler_needs_no_node(chain, tmp_path: Path) -> None:
     """The production command deploys from the shipped build with no Node on the PATH."""
     key = tmp_path / "key"

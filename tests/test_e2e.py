@@ -17,7 +17,7 @@ from predictions.models import Prediction
 from tests.conftest import poll_until_done, token_balance, transfer_count
 from tests.payers import record
 
-pytestmark = [pytest.mark.e2e, pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 PRICE = 10_000
 

@@ -18,7 +18,7 @@ from payments.x402.verify import verify_exact
 from tests.conftest import token_balance
 from tests.payers import sign_authorization, v2_payload
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 URL = "/v1/models/demo/echo-text/predictions"
 PRICE = 10_000
 

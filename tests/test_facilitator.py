@@ -22,7 +22,7 @@ from tests.payers import record, sign_authorization, v2_header, v2_payload
 from tests.sdk_facilitator import serve_sdk_facilitator
 from tests.test_settlement import send_as
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 PRICE = 10_000
 TOKEN = "facilitator-test-token"
 

@@ -32,7 +32,7 @@ from predictions.models import Prediction
 from tests.payers import sign_authorization, v2_payload
 from tests.siwx import siwx_header
 
-pytestmark = [pytest.mark.security, pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.security, pytest.mark.django_db(transaction=True)]
 
 URL = "/v1/models/demo/echo-text/predictions"
 OPERATOR = "operator-hostile-test-token"

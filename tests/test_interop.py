@@ -17,7 +17,7 @@ from x402.mechanisms.evm.exact import register_exact_evm_client
 
 from tests.conftest import poll_until_done, token_balance
 
-pytestmark = [pytest.mark.e2e, pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 ROOT = Path(__file__).resolve().parent.parent
 PRICE = 10_000
 PATH = "/v1/models/demo/echo-text/predictions"

@@ -238,7 +238,6 @@ EXPECTED: dict[str, Any] = {
 
 
 @pytest.mark.e2e
-@pytest.mark.chain
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("event", list(EXPECTED))
 @pytest.mark.parametrize("policy", ["before_run", "after_success"])
@@ -269,7 +268,6 @@ def test_every_path_sends_the_webhooks_its_filter_asks_for(
 
 
 @pytest.mark.e2e
-@pytest.mark.chain
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize(
     "bought, flipped_to", [("after_success", "before_run"), ("before_run", "after_success")]
@@ -292,7 +290,6 @@ def test_a_policy_flipped_mid_run_changes_nothing_about_a_paid_run(
 # --- The lost-run sweep (issue 13, defect 4) -------------------------------------------------
 
 
-@pytest.mark.chain
 @pytest.mark.django_db(transaction=True)
 def test_the_sweep_leaves_a_finished_run_waiting_for_its_settlement(chain_settings, monkeypatch) -> None:
     """after_success: the run succeeded, its payment is settling (signed, not yet mined) long
@@ -355,7 +352,6 @@ def test_logs_are_kept_back_with_the_output_while_the_payment_is_held(chain_sett
 
 
 @pytest.mark.e2e
-@pytest.mark.chain
 @pytest.mark.django_db(transaction=True)
 def test_the_sweep_cancels_on_cog_a_run_it_gives_up_on(paid_api, cog_server, worker, settings) -> None:
     from predictions.tasks import sweep
@@ -423,7 +419,6 @@ class SlowPutProxy:
 
 
 @pytest.mark.e2e
-@pytest.mark.chain
 @pytest.mark.django_db(transaction=True)
 def test_a_cog_put_answered_too_late_runs_once_and_its_result_is_accepted(
     paid_api, cog_server, worker, chain_settings
@@ -461,7 +456,6 @@ def per_second(model: Model, expected_seconds: Decimal) -> Model:
 
 
 @pytest.mark.e2e
-@pytest.mark.chain
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("runner", ["python", "cog"])
 def test_a_run_is_stopped_at_the_time_limit_it_paid_for(
@@ -562,7 +556,6 @@ def test_a_canceled_python_run_stops_computing() -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.chain
 @pytest.mark.django_db(transaction=True)
 def test_a_python_run_its_payer_cancels_stops_computing_in_the_worker(paid_api, worker) -> None:
     """In a real (prefork) worker: the payer's cancel reaches the run in the worker child, which
@@ -616,7 +609,6 @@ class UpperRunner:
         pass
 
 
-@pytest.mark.chain
 @pytest.mark.django_db(transaction=True)
 def test_a_third_runner_is_one_class_and_a_registration(chain_settings, eager_celery, monkeypatch) -> None:
     from django.test import Client

@@ -33,7 +33,7 @@ from tests.conftest import rpc, token_balance
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from mcp_agent import call_paid_tool, tool_of  # noqa: E402
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 
 PRICE = 10_000  # demo/echo-text: 0.01 USDC
 TOOL = "demo__echo-text"

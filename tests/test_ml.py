@@ -14,7 +14,7 @@ from predictions.runners.python import load_predictor
 from tests.conftest import token_balance
 from tests.payers import v2_header
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 
 
 def cosine(a: list[float], b: list[float]) -> float:

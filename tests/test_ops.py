@@ -21,7 +21,7 @@ from payments.x402.types import Requirement
 from tests.conftest import free_port, option_settings
 from tests.payers import v2_header
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 ROOT = Path(__file__).resolve().parent.parent
 URL = "/v1/models/demo/echo-text/predictions"
 

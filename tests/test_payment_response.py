@@ -18,7 +18,7 @@ from x402.mechanisms.evm.exact import register_exact_evm_client
 
 from tests.conftest import fresh_payer, poll_until_done, rpc, token_balance
 
-pytestmark = [pytest.mark.e2e, pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 PRICE = 10_000
 PATH = "/v1/models/demo/echo-text/predictions"
 

@@ -18,7 +18,7 @@ from payments.x402.codec import decode_header
 from predictions.models import Prediction, SettlementPolicy
 from tests.conftest import token_balance
 
-pytestmark = [pytest.mark.e2e, pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"

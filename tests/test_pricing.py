@@ -76,7 +76,7 @@ def _unit_priced(model, default: int | None) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_an_omitted_unit_field_is_priced_at_its_schema_default(chain_settings, demo_model) -> None:
+def test_an_omitted_unit_field_is_priced_at_its_schema_default(offline_options, demo_model) -> None:
     """The run gets the schema's default (4 outputs): the price must be for 4, not 1."""
     _unit_priced(demo_model, default=4)
     challenge = Client().post(URL, data={"input": {"text": "x"}}, content_type="application/json")
@@ -87,7 +87,7 @@ def test_an_omitted_unit_field_is_priced_at_its_schema_default(chain_settings, d
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_zero_unit_count_never_makes_a_paid_model_free(chain_settings, demo_model, eager_celery) -> None:
+def test_a_zero_unit_count_never_makes_a_paid_model_free(offline_options, demo_model, eager_celery) -> None:
     """0 outputs on a model priced only per output used to price at 0, and the gate then ran it
     without asking for payment."""
     from predictions.models import Prediction
@@ -158,7 +158,7 @@ def _change_form(model, **changes) -> dict:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_price_changed_in_admin_shows_in_the_very_next_402(chain_settings, demo_model, staff) -> None:
+def test_price_changed_in_admin_shows_in_the_very_next_402(offline_options, demo_model, staff) -> None:
     first = Client().post(URL, data={"input": {"text": "x"}}, content_type="application/json")
     assert decode_header(first["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == "10000"
     change_url = f"/admin/predictions/model/{demo_model.pk}/change/"
@@ -174,7 +174,7 @@ def test_price_changed_in_admin_shows_in_the_very_next_402(chain_settings, demo_
 
 
 @pytest.mark.django_db(transaction=True)
-def test_who_may_edit_prices_and_see_the_ledger(chain_settings, demo_model, staff) -> None:
+def test_who_may_edit_prices_and_see_the_ledger(offline_options, demo_model, staff) -> None:
     change_url = f"/admin/predictions/model/{demo_model.pk}/change/"
     assert staff["operator"].get(change_url).status_code == 200
     assert staff["operator"].get("/admin/payments/hardwaretier/").status_code == 200
@@ -228,7 +228,7 @@ def test_a_quote_is_honoured_through_its_window_then_refused(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_tier_price_change_reprices_its_models_and_is_audited(chain_settings, demo_model) -> None:
+def test_tier_price_change_reprices_its_models_and_is_audited(offline_options, demo_model) -> None:
     tier = HardwareTier.objects.create(slug="gpu-x", name="GPU X", price_per_second=D("0.001"))
     demo_model.hardware, demo_model.pricing_mode, demo_model.expected_seconds = tier, "per_second", D(10)
     demo_model.save()
@@ -254,7 +254,7 @@ def test_tier_price_change_reprices_its_models_and_is_audited(chain_settings, de
 
 
 @pytest.mark.django_db(transaction=True)
-def test_models_api_lists_prices_per_option(chain_settings, demo_model) -> None:
+def test_models_api_lists_prices_per_option(offline_options, demo_model) -> None:
     listing = Client().get("/v1/models").json()
     [model] = [m for m in listing["results"] if m["name"] == "echo-text"]
     assert model["owner"] == "demo" and model["name"] == "echo-text"
@@ -263,9 +263,9 @@ def test_models_api_lists_prices_per_option(chain_settings, demo_model) -> None:
         {
             "scheme": "exact",
             "network": "eip155:31337",
-            "asset": chain_settings.asset,
+            "asset": offline_options.asset,
             "amount": "10000",
-            "payTo": chain_settings.pay_to,
+            "payTo": offline_options.pay_to,
         }
     ]
     latest = Client().get("/v1/models/demo/echo-text").json()["latest_version"]
@@ -274,7 +274,7 @@ def test_models_api_lists_prices_per_option(chain_settings, demo_model) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_admin_preview_shows_the_exact_challenge(chain_settings, demo_model, staff) -> None:
+def test_admin_preview_shows_the_exact_challenge(offline_options, demo_model, staff) -> None:
     page = staff["operator"].post(
         f"/admin/predictions/model/{demo_model.pk}/preview/", data={"input": json.dumps({"text": "hi"})}
     )

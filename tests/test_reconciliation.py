@@ -19,7 +19,7 @@ from payments.reconciliation import LineStatus, Period
 from tests.conftest import fresh_payer, option_settings, rpc
 from tests.test_settlement import PRICE, record_payment, send_as
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 
 
 def start_period(chain) -> datetime:

@@ -31,7 +31,7 @@ from tests.invariants import refund_violations
 from tests.payers import sign_authorization, v2_header_for, v2_payload
 from tests.test_lifecycle import python_model
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 PRICE = 10_000  # the test models' 0.01 USDC
 
 

@@ -26,7 +26,7 @@ from tests.siwx import siwx_header
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 URL = "/v1/models/demo/echo-text/predictions"
 PRICE = 10_000
 TOKEN = "operator-test-token"

@@ -28,7 +28,7 @@ from tests.conftest import fresh_payer, token_balance
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from x402_transport import X402Transport  # noqa: E402
 
-pytestmark = [pytest.mark.chain, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 PRICE = 10_000
 SLEEPY = "7" * 64
 

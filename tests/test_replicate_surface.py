@@ -14,7 +14,7 @@ from django.test import Client
 from predictions.models import ModelVersion
 from tests.payers import v2_header_for
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 FIELDS = json.loads((Path(__file__).parent / "fixtures" / "replicate_fields.json").read_text())
 URL = "/v1/models/demo/echo-text/predictions"
 

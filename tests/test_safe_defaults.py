@@ -142,7 +142,6 @@ def test_the_refund_wallet_may_not_be_a_relayer(settings) -> None:
     assert check_refund_key_is_its_own() == []
 
 
-@pytest.mark.chain
 @pytest.mark.django_db(transaction=True)
 def test_no_rpc_url_key_in_readyz_errors_or_logs(chain, demo_model, caplog, settings) -> None:
     """An RPC URL carries the provider's key in its path or query: never shown, never logged."""
@@ -191,7 +190,6 @@ def test_metrics_are_for_operators(settings) -> None:
     assert outside.get("/metrics", headers={"Authorization": "Bearer ops-token"}).status_code == 200
 
 
-@pytest.mark.chain
 @pytest.mark.django_db(transaction=True)
 def test_rate_limits_count_the_client_from_the_right_of_x_forwarded_for(
     chain_settings, demo_model, settings
@@ -286,7 +284,6 @@ def test_webhook_delivery_goes_to_the_address_that_passed_the_check(demo_model, 
     assert rebinding_resolver == ["rebind.test"]  # resolved once, by the check
 
 
-@pytest.mark.chain
 @pytest.mark.django_db(transaction=True)
 def test_webhook_check_is_rate_limited_and_has_a_short_dns_timeout(
     chain_settings, demo_model, rebinding_resolver, settings, monkeypatch
@@ -309,7 +306,6 @@ def test_webhook_check_is_rate_limited_and_has_a_short_dns_timeout(
     assert rebinding_resolver.count("public.test") == 1  # the refused request resolved nothing
 
 
-@pytest.mark.chain
 @pytest.mark.django_db(transaction=True)
 def test_a_listing_proof_is_bound_to_this_deployment_and_used_once(chain_settings, demo_model) -> None:
     key = chain_settings.payers[0]["private_key"]

@@ -25,7 +25,7 @@ from tests.conftest import fresh_payer, option_settings, rpc, token_balance
 from tests.payers import record
 from tests.rpc_proxy import rpc_proxy
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 PRICE = 10_000
 
 

@@ -25,7 +25,6 @@ from tests.payers import v2_header
 pytestmark = [
     pytest.mark.security,
     pytest.mark.e2e,
-    pytest.mark.chain,
     pytest.mark.django_db(transaction=True),
 ]
 URL = "/v1/models/demo/echo-text/predictions"

@@ -21,7 +21,7 @@ from tests.payers import v2_header_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-pytestmark = [pytest.mark.e2e, pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 PRICE = 10_000
 COUNT = {
     "type": "object",

@@ -26,7 +26,7 @@ from predictions.models import Model, Prediction
 from tests.conftest import fresh_payer, poll_until_done, rpc, token_balance
 from tests.upto import sign_upto
 
-pytestmark = [pytest.mark.e2e, pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 MODEL = "demo/count-seconds"
 PATH = f"/v1/models/{MODEL}/predictions"

@@ -22,7 +22,7 @@ from tests.conftest import fresh_payer, option_settings, token_balance
 from tests.test_settlement import send_as
 from tests.upto import sign_upto, upto_body
 
-pytestmark = [pytest.mark.chain, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 MAXIMUM = 14_000
 CHARGE = 3_000
 #: Permit2's invalidateUnorderedNonces(uint256 wordPos, uint256 mask): the payer spends a nonce.
