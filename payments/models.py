@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from .pricing import PER_SECOND, PriceRule, PricingError
 from .signals import payment_advanced
+from .x402.types import SCHEME_EXACT
 
 
 class PaymentStatus(models.TextChoices):
@@ -161,7 +162,7 @@ class Payment(models.Model):
 
     # What was paid, as signed.
     x402_version = models.PositiveSmallIntegerField()
-    scheme = models.CharField(max_length=32, default="exact")
+    scheme = models.CharField(max_length=32, default=SCHEME_EXACT)
     network = models.CharField(max_length=64, help_text="CAIP-2, e.g. eip155:8453")
     asset = models.CharField(max_length=42)
     decimals = models.PositiveSmallIntegerField(default=6)

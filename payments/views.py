@@ -36,7 +36,7 @@ from .options import configured
 from .relayer import relayer_account, relayer_keys
 from .verification import Verification, VerificationUnavailable
 from .x402.codec import DecodeError
-from .x402.types import PaymentPayload, Requirement, Resource, parse_payload
+from .x402.types import SCHEME_EXACT, PaymentPayload, Requirement, Resource, parse_payload
 from .x402.verify import NONCE_ALREADY_USED, PaymentRejected
 
 log = logging.getLogger("payments.facilitator_api")
@@ -266,7 +266,7 @@ class FacilitatorSupported(APIView):
     def get(self, request: Request) -> Response:
         kinds = []
         for c in configured():
-            kinds.append({"x402Version": 2, "scheme": "exact", "network": c.option.network})
-            kinds.append({"x402Version": 1, "scheme": "exact", "network": c.option.v1_network})
+            kinds.append({"x402Version": 2, "scheme": SCHEME_EXACT, "network": c.option.network})
+            kinds.append({"x402Version": 1, "scheme": SCHEME_EXACT, "network": c.option.v1_network})
         signers = [relayer_account(key).address for key in relayer_keys()]  # every lane may submit
         return Response({"kinds": kinds, "extensions": [], "signers": {"eip155:*": signers}})

@@ -14,6 +14,7 @@ from drf_spectacular.utils import (
 from rest_framework import serializers
 
 from payments.models import PaymentStatus
+from payments.x402.types import SCHEME_EXACT, SCHEME_UPTO
 
 from .models import PredictionStatus
 
@@ -23,7 +24,7 @@ PAYMENT = {
     "description": "The x402 payment that bought this prediction (added by this server).",
     "properties": {
         "id": {"type": "string"},
-        "scheme": {"type": "string", "enum": ["exact", "upto"]},
+        "scheme": {"type": "string", "enum": [SCHEME_EXACT, SCHEME_UPTO]},
         "status": {
             "type": "string",
             "enum": PaymentStatus.values,
@@ -96,7 +97,7 @@ CHALLENGE_V1 = {
             "items": {
                 "type": "object",
                 "properties": {
-                    "scheme": {"type": "string", "enum": ["exact"]},
+                    "scheme": {"type": "string", "enum": [SCHEME_EXACT]},
                     "network": {"type": "string"},
                     "maxAmountRequired": {"type": "string"},
                     "resource": {"type": "string"},
