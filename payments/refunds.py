@@ -69,14 +69,16 @@ def wallet() -> LocalAccount:
     return _account(settings.X402_REFUND_KEY)
 
 
-def owe(payment: Payment, reason: str, *, detail: dict[str, Any] | None = None) -> Refund:
+def owe(payment: Payment, reason: str, *, detail: dict[str, Any] | None = None, auto_approve: bool = True) -> Refund:
     """Record the refund of a CONFIRMED ``payment`` (once; call inside the transaction that
     decided it, the payment locked). ``detail`` (the cause, the run seconds) goes on the OWED
     event for finance. A payment not yet confirmed (still SETTLED: a reorg may undo it) or not
     paid at all raises ValueError: nothing is owed back before the money is final. A refund of
-    at most ``X402_REFUND_AUTO_APPROVE_MAX`` is approved here (sent after commit); a larger one
-    waits for finance. Every refund owed is money taken for a run we did not deliver (the
-    lifecycle's refund policy), so the threshold alone decides whether a human looks first."""
+    at most ``X402_REFUND_AUTO_APPROVE_MAX`` is approved here (sent after commit) when the
+    caller says it may be (``auto_approve``: a failure on our side) and fewer than
+    ``X402_REFUND_AUTO_APPROVE_PER_HOUR`` were approved so in the last hour (failures an input
+    can provoke must not become a loop that spends our gas unwatched); any other waits for
+    finance."""
     if payment.status != PaymentStatus.CONFIRMED:
         raise ValueError(f"payment {payment.pk} is {payment.status}, not confirmed: no refund is owed yet")
     existing = Refund.objects.filter(payment=payment).first()
@@ -97,9 +99,16 @@ def owe(payment: Payment, reason: str, *, detail: dict[str, Any] | None = None) 
         return Refund.objects.get(payment=payment)
     RefundEvent.objects.create(refund=refund, to_status=R.OWED, detail={"reason": refund.reason, **(detail or {})})
     log.info("refund owed: %s for payment %s", refund.amount_decimal, payment.pk)
-    if 0 < refund.amount <= settings.X402_REFUND_AUTO_APPROVE_MAX:
+    if auto_approve and 0 < refund.amount <= settings.X402_REFUND_AUTO_APPROVE_MAX and _auto_budget_left():
         return approve(refund.pk, None)
     return refund
+
+
+def _auto_budget_left() -> bool:
+    """Whether the refund policy may approve one more refund now (approved without a user)."""
+    since = timezone.now() - timedelta(hours=1)
+    recent = Refund.objects.filter(approved_by=None, approved_at__gte=since).count()
+    return recent < settings.X402_REFUND_AUTO_APPROVE_PER_HOUR
 
 
 def approve(refund_id: int, user: Any) -> Refund:

@@ -150,7 +150,10 @@ def take_lane(network: str, address: str | None = None) -> Lane:
         if row is not None:
             return Lane(account, row)
     account = order[0]
-    return Lane(account, RelayerNonce.objects.select_for_update().get(network=network, address=account.address))
+    row = RelayerNonce.objects.select_for_update().get(network=network, address=account.address)
+    if row.unfunded_since is not None:  # flagged while we waited for its lock
+        raise NoLaneCanPay(f"relayer lane {account.address} on {network} cannot pay for gas")
+    return Lane(account, row)
 
 
 def allocate_nonce(conf: ConfiguredOption, network: str, relayer: str) -> int:

@@ -197,6 +197,14 @@ def not_yet_valid(exc: RpcError) -> bool:
     return NOT_YET_VALID_MESSAGE in str(exc) or data.lower().startswith(PAYMENT_TOO_EARLY)
 
 
+def is_revert(exc: RpcError) -> bool:
+    """The call reverted (the EVM said no: JSON-RPC code 3, a revert message or revert data), as
+    opposed to the node failing to answer it (a provider's rate limit, missing state): only a
+    revert may refuse a payment; anything else is the chain being unavailable."""
+    data = exc.data if isinstance(exc.data, str) else ""
+    return exc.code == 3 or "revert" in str(exc).lower() or len(data) > 2
+
+
 def wait_for_valid_after(valid_after: int) -> None:
     """Sleep until our clock is past ``valid_after`` if that is at most a few seconds away."""
     wait = valid_after + 1 - time.time()
@@ -434,7 +442,11 @@ def refusal_before_run(verified: VerifiedPayment, conf: ConfiguredOption) -> str
     try:
         when_valid(verified.payload.authorization.valid_after, lambda: simulate(conf.rpc_url, call))
     except RpcError as exc:
-        return None if not_yet_valid(exc) else _revert_message(exc)
+        if not_yet_valid(exc):
+            return None
+        if not is_revert(exc):
+            raise ChainUnavailable(f"settlement simulation: {exc}") from exc
+        return _revert_message(exc)
     return None
 
 
@@ -442,7 +454,8 @@ def refuse_if_unsettleable(payment_id: Any) -> Payment:
     """Before a held payment's run starts (VERIFIED, its settlement not asked for yet): simulate
     the settlement at the most it can settle; if it would revert, the payment is refused before
     the run (LAPSING, ``refused_before_run``; the chain then says what it became) and, once the
-    chain says it is unused, its prediction fails unstarted (``payment_unsettled``)."""
+    chain says it is unused, its prediction fails unstarted (``payment_unsettled``). A node that
+    does not answer (not a revert) raises ChainUnavailable: the caller tries again later."""
     p = Payment.objects.get(pk=payment_id)
     if p.status != S.VERIFIED or p.settle_requested_at is not None:
         return p
@@ -460,6 +473,8 @@ def refuse_if_unsettleable(payment_id: Any) -> Payment:
     except RpcError as exc:
         if not_yet_valid(exc):
             return p
+        if not is_revert(exc):
+            raise ChainUnavailable(f"settlement simulation: {exc}") from exc
         with transaction.atomic():
             p = _lock(payment_id)
             if p.status != S.VERIFIED or p.settle_requested_at is not None:

@@ -178,7 +178,7 @@ def _move(
         webhooks.send(prediction, "start")
     if to == P.SUCCEEDED and prediction.output is not None:
         webhooks.send(prediction, "output")
-    if to in TERMINAL and previous == P.PROCESSING and held_logs and prediction.logs:
+    if to in TERMINAL and previous == P.PROCESSING and held_logs and prediction.logs_released and prediction.logs:
         webhooks.send(prediction, "logs")  # kept back while the payment was held: released now
     if to in TERMINAL:
         events.ended(prediction.pk)
@@ -191,11 +191,12 @@ def _run_seconds(prediction: Prediction, now: Any) -> Decimal:
     """The run's measured seconds: the runner's ``predict_time``, else the wall time since its
     runner confirmed the run (a run stopped before it reported); 0 for a run never started
     (waiting for a busy runner is not billed)."""
+    limit = prediction.time_limit_seconds  # what the payer was told it could run; never billed past it
     if prediction.predict_time is not None:
-        return Decimal(str(prediction.predict_time))
+        return Decimal(str(min(prediction.predict_time, limit)))
     if prediction.run_started_at is None:
         return Decimal(0)
-    return Decimal(str(max(0.0, (now - prediction.run_started_at).total_seconds())))
+    return Decimal(str(min(max(0.0, (now - prediction.run_started_at).total_seconds()), limit)))
 
 
 def create(
@@ -608,6 +609,15 @@ class RefundCause(StrEnum):
             RefundCause.PAID_ALTHOUGH_RELEASED,
         }
 
+    @property
+    def ours(self) -> bool:
+        """Owed for what we did (a failure on our side, an operator's cancel): paid without a
+        human under the refund policy. A payer's own cancel (or Cancel-After) before its run,
+        and an authorization someone submitted after we released it, are owed too but
+        reviewed by finance: otherwise paying, canceling and being refunded is a loop that
+        costs the payer nothing and us a settlement and a refund transfer each time."""
+        return self in {RefundCause.FAILED, RefundCause.OPERATOR}
+
 
 def _ended_run(prediction: Prediction) -> dict[str, Any]:
     """How its run ended (``run_end``, ``output_pieces``: recorded by :func:`_move` on the event
@@ -661,6 +671,7 @@ def _refund_if_owed(prediction: Prediction, payment: Payment) -> None:
             f"payment {payment.pk}: paid on chain although released unsettled; the prediction ended "
             f"{prediction.status}: {prediction.error}",
             detail={"cause": str(RefundCause.PAID_ALTHOUGH_RELEASED), "prediction_status": prediction.status},
+            auto_approve=RefundCause.PAID_ALTHOUGH_RELEASED.ours,
         )
         return
     cause = _refund_cause(prediction)
@@ -675,6 +686,7 @@ def _refund_if_owed(prediction: Prediction, payment: Payment) -> None:
                 "prediction_status": prediction.status,
                 "output_pieces": _ended_run(prediction).get("output_pieces", 0),
             },
+            auto_approve=cause.ours,
         )
 
 

@@ -425,12 +425,14 @@ class Prediction(models.Model):
     def logs_released(self) -> bool:
         """Its logs may be shown: not while its payment is held for after the run
         (``after_success``, and every ``upto`` run), as its output is not (a model that prints
-        its result would hand it out before payment); they are shown once it ended (paid, or
-        its authorization released: nothing was charged for them)."""
-        return not (
-            self.status == PredictionStatus.PROCESSING
-            and self.payment_id is not None
-            and self.settlement_policy == SettlementPolicy.AFTER_SUCCESS
+        its result would hand it out before payment), and never when such a run ended unserved
+        (canceled or failed: the authorization released, or only a failure charge taken; its
+        logs were not paid for, and a cancel just before the end would hand them out free).
+        Its ``error`` says what went wrong."""
+        return (
+            self.payment_id is None
+            or self.settlement_policy != SettlementPolicy.AFTER_SUCCESS
+            or self.status in (PredictionStatus.SUCCEEDED, PredictionStatus.STARTING)
         )
 
 

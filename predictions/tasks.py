@@ -30,6 +30,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from payments import settlement
+from payments.chain import ChainUnavailable
 from payments.models import PaymentStatus, UnpaidReason
 
 from . import lifecycle, scheduling
@@ -49,8 +50,12 @@ MAX_START_ATTEMPTS = 120
 def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
     """Claim the prediction and hand it to its runner. ``resume``: a start the runner refused as
     busy is tried again on the prediction already claimed."""
-    if not resume and _refused_before_run(prediction_id):
-        return "refused"
+    try:
+        if not resume and _refused_before_run(prediction_id):
+            return "refused"
+    except ChainUnavailable as exc:  # the simulation got no answer: neither refused nor run yet
+        log.info("prediction %s: settlement simulation unavailable (%s), retrying", prediction_id, exc)
+        raise self.retry(countdown=min(2 + self.request.retries, 15)) from None
     prediction = lifecycle.running(prediction_id) if resume else lifecycle.claim(prediction_id)
     if prediction is None:
         return "skipped"

@@ -182,6 +182,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
     """anvil + test USDC ("USD Coin"/"2"), 8 funded payers; the file other processes read."""
+    yield from new_chain(tmp_path_factory)
+
+
+def new_chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
+    """A chain of its own (the ``chain`` fixture's); a module whose tests need the chain's clock
+    to agree with ours (no earlier test moved its timestamps ahead) overrides ``chain`` with
+    one of these."""
     port = free_port()
     root = tmp_path_factory.mktemp("chain")
     proc, config = devchain.start_anvil(port, accounts=12, log_path=root / "anvil.log")

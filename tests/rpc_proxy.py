@@ -1,7 +1,9 @@
 """A scriptable JSON-RPC fault proxy between the app and anvil (loopback only).
 
 Modes: ``up`` (forward), ``down`` (refuse with HTTP 503), ``drop_send`` (forward
-eth_sendRawTransaction but lose the answer). It counts calls by method.
+eth_sendRawTransaction but lose the answer), ``limit_pending_calls`` (answer an ``eth_call`` on
+the pending block with a provider's rate-limit error, a JSON-RPC error that is not a revert).
+It counts calls by method.
 """
 
 from __future__ import annotations
@@ -39,6 +41,19 @@ class RpcProxy:
                 if proxy.mode == "down":
                     self.send_response(503)
                     self.end_headers()
+                    return
+                calls = request if isinstance(request, list) else [request]
+                if proxy.mode == "limit_pending_calls" and all(
+                    c.get("method") == "eth_call" and c.get("params", [None, None])[1:] == ["pending"] for c in calls
+                ):
+                    error = {"code": -32005, "message": "rate limit exceeded"}
+                    errors = [{"jsonrpc": "2.0", "id": c.get("id"), "error": error} for c in calls]
+                    reply = json.dumps(errors if isinstance(request, list) else errors[0]).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
                     return
                 answer = requests.post(
                     proxy.upstream, data=body, headers={"Content-Type": "application/json"}, timeout=10

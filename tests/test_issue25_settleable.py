@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,13 +26,14 @@ from django.test import Client, override_settings
 from eth_account import Account
 
 from payments import ledger, settlement
+from payments.devchain import DevChain
 from payments.models import Payment, PaymentStatus, Refund, UnpaidReason
 from payments.options import payment_options
 from payments.x402.codec import decode_header, encode_header
 from payments.x402.types import SCHEME_UPTO, PaymentOption, Requirement
 from payments.x402.verify import PERMIT2_INVALID_SIGNATURE, SETTLEMENT_WOULD_REVERT
 from predictions.models import ModelVersion, Prediction
-from tests.conftest import fresh_payer, rpc, token_balance
+from tests.conftest import fresh_payer, new_chain, rpc, token_balance
 from tests.payers import sign_authorization, v2_header_for, v2_payload
 from tests.test_settlement import send_as
 from tests.test_upto_e2e import PATH as UPTO_PATH
@@ -57,6 +59,15 @@ def per_second_model(db: None) -> Any:
     )
     seed()
     return Model.objects.get(owner="demo", name="count-seconds")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
+    """This module's own chain: the idle-chain tests need its clock to agree with ours, and a
+    test elsewhere in the run may have moved the shared chain's timestamps ahead (the latest
+    block would then never be older than a validAfter of now)."""
+    yield from new_chain(tmp_path_factory)
+
 
 
 def post(path: str, header: str | None = None, text: str = "hello") -> Any:
@@ -157,6 +168,27 @@ def test_a_held_payment_whose_settlement_would_revert_is_refused_at_the_gate(
     assert decode_header(response["PAYMENT-REQUIRED"])["error"] == SETTLEMENT_WOULD_REVERT
     assert "exceeds balance" in response.json()["message"]
     assert Payment.objects.count() == 0 and Prediction.objects.count() == 0 and not started
+
+
+def test_a_simulation_the_node_does_not_answer_is_not_a_revert(chain_settings, demo_model, monkeypatch) -> None:
+    """Review of issue 25: a provider's error (a rate limit) on the settlement's simulation is
+    not the chain refusing the payment: a 503 to retry, never a 402 that calls a correct
+    payment unsettleable; nothing is recorded."""
+    from django.test import override_settings
+
+    from tests.conftest import option_settings
+    from tests.rpc_proxy import rpc_proxy
+
+    chain = chain_settings
+    after_success(demo_model)
+    monkeypatch.setattr("predictions.scheduling.start_prediction", lambda prediction: None)
+    payer = fresh_payer(chain, PRICE)
+    with rpc_proxy(chain.rpc_url) as proxy, override_settings(**option_settings(chain, rpc_url=proxy.url)):
+        header = v2_header_for(payer["private_key"], challenge())
+        proxy.mode = "limit_pending_calls"
+        response = post(URL, header)
+    assert response.status_code == 503, (response.content, proxy.calls)
+    assert Payment.objects.count() == 0 and Prediction.objects.count() == 0
 
 
 def test_an_after_success_payment_whose_settlement_would_revert_is_refused_before_its_run(

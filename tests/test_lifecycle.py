@@ -351,6 +351,34 @@ def test_logs_are_kept_back_with_the_output_while_the_payment_is_held(chain_sett
     assert "chatting about 'the answer'" in paid["logs"]
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_held_run_canceled_before_it_is_paid_never_shows_its_logs(chain_settings, monkeypatch) -> None:
+    """Canceled while it runs (just before it would end), a held run's authorization is
+    released (nothing is charged): its logs, which carry its result here, stay withheld for
+    good; its error says why."""
+    import threading
+
+    from django.test import Client
+
+    from predictions.tasks import run_prediction
+
+    monkeypatch.setattr("predictions.scheduling.start_prediction", lambda prediction: None)
+    model = python_model("talker", "tests.predictors.Talkative", "after_success")
+    created = pay_in_process(chain_settings, model, {"input": {"text": "the answer", "seconds": 5}}, payer=2)
+    runner = threading.Thread(target=run_prediction, args=[created["id"]])
+    runner.start()
+    deadline = time.monotonic() + 15
+    while "printed the answer" not in (Prediction.objects.get(pk=created["id"]).logs or ""):
+        assert time.monotonic() < deadline, "the run never printed"
+        time.sleep(0.05)
+    assert Client().post(f"/v1/predictions/{created['id']}/cancel").json()["status"] == "canceled"
+    runner.join(15)
+    ended = Client().get(f"/v1/predictions/{created['id']}").json()
+    assert ended["status"] == "canceled" and ended["output"] is None
+    assert "the answer" not in (ended["logs"] or ""), ended["logs"]
+    assert Payment.objects.get().status not in ("settled", "confirmed")  # nothing was charged
+
+
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_the_sweep_cancels_on_cog_a_run_it_gives_up_on(paid_api, cog_server, worker, settings) -> None:

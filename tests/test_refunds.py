@@ -321,9 +321,12 @@ def test_a_cancel_after_the_run_started_is_not_refunded_but_one_before_it_is(cha
     assert (owed["cause"], owed["run_seconds"], owed["prediction_status"]) == ("ended_before_run", "0", "canceled")
 
 
-def test_a_cancel_while_the_runner_has_not_started_the_run_is_refunded(chain_settings) -> None:
+def test_a_cancel_while_the_runner_has_not_started_the_run_is_refunded(chain_settings, settings) -> None:
     """Claimed, but its runner never confirmed the run (busy): the payer's cancel ends it before
-    its run, so it is refunded in full, and nothing of the wait is counted as run time."""
+    its run, so it is refunded in full, and nothing of the wait is counted as run time. The
+    payer's own cancel is reviewed by finance, whatever the auto-approval threshold: paying,
+    canceling and being refunded must not be a loop that spends our gas unwatched."""
+    settings.X402_REFUND_AUTO_APPROVE_MAX = 10 * PRICE
     from payments import batching, relayer
     from payments.options import configured
     from predictions import lifecycle
@@ -342,6 +345,7 @@ def test_a_cancel_while_the_runner_has_not_started_the_run_is_refunded(chain_set
     assert int(refund.amount) == PRICE
     owed = refund.events.get(to_status="owed").detail
     assert (owed["cause"], owed["run_seconds"]) == ("ended_before_run", "0")
+    assert refund.status == "owed" and refund.approved_at is None  # finance decides
 
 
 def test_refunds_up_to_the_auto_approve_threshold_are_paid_without_a_human(
@@ -366,6 +370,20 @@ def test_refunds_up_to_the_auto_approve_threshold_are_paid_without_a_human(
     assert token_balance(chain, payer["address"]) == start - PRICE  # the reviewed one is still owed
     settings.X402_REFUND_AUTO_APPROVE_MAX = 0
     waiting.refresh_from_db()
+    assert waiting.status == "owed" and waiting.approved_at is None
+
+
+def test_the_refund_policy_approves_at_most_its_hourly_budget(chain_settings, eager_celery, settings) -> None:
+    """Failures an input can provoke must not turn auto-approval into an unwatched loop: past
+    X402_REFUND_AUTO_APPROVE_PER_HOUR approvals in the last hour, refunds wait for finance."""
+    payer = fresh_payer(chain_settings)
+    model = python_model("boom", "tests.predictors.Boom", "before_run")
+    settings.X402_REFUND_AUTO_APPROVE_MAX = PRICE
+    settings.X402_REFUND_AUTO_APPROVE_PER_HOUR = 1
+    first, second = pay(model, payer["private_key"]), pay(model, payer["private_key"])
+    approved = confirm(Refund.objects.get(payment__prediction__pk=first["id"]))
+    assert approved.status == "confirmed" and approved.approved_by is None
+    waiting = Refund.objects.get(payment__prediction__pk=second["id"])
     assert waiting.status == "owed" and waiting.approved_at is None
 
 

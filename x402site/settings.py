@@ -228,6 +228,8 @@ X402_REFUND_KEY = env.str("X402_REFUND_KEY", default="") or (
 #: this amount, in the token's base units, are approved without a human, through the same
 #: service finance uses; above it finance approves them. 0: every refund waits for finance.
 X402_REFUND_AUTO_APPROVE_MAX = env.int("X402_REFUND_AUTO_APPROVE_MAX", default=50_000)
+#: At most this many refunds an hour are approved by the policy; the rest wait for finance.
+X402_REFUND_AUTO_APPROVE_PER_HOUR = env.int("X402_REFUND_AUTO_APPROVE_PER_HOUR", default=20)
 #: The first lane's key (what one-relayer deployments and older settings name).
 X402_RELAYER_KEY = X402_RELAYER_KEYS[0] if X402_RELAYER_KEYS else ""
 
