@@ -131,3 +131,22 @@ class SlowSetup:
 
         time.sleep(0.2)
         return text
+
+
+class Stubborn:
+    """Swallows every exception, the stop at its time limit included, and runs on for
+    ``seconds`` (a predictor that catches ``Exception`` around a long loop)."""
+
+    def setup(self) -> None:
+        pass
+
+    def predict(self, text: str, seconds: float = 4) -> str:
+        import contextlib
+        import time
+
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            with contextlib.suppress(Exception):  # the point of this predictor
+                time.sleep(0.05)
+        return text
+

@@ -379,6 +379,29 @@ def test_a_held_run_canceled_before_it_is_paid_never_shows_its_logs(chain_settin
     assert Payment.objects.get().status not in ("settled", "confirmed")  # nothing was charged
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_run_that_outlives_its_limit_keeps_beating_until_it_returns(chain_settings, settings, monkeypatch) -> None:
+    """Review of issue 25: a run still computing past its limit (here a predictor that swallowed
+    the stop) shows signs of life until it returns, so the watchdog calls it stopped at its
+    limit (compute used), not lost on our side (refunded)."""
+    import threading
+
+    from predictions.tasks import run_prediction
+
+    settings.X402_PREDICTION_TIME_LIMIT = 1
+    monkeypatch.setattr("predictions.scheduling.start_prediction", lambda prediction: None)
+    model = python_model("stubborn", "tests.predictors.Stubborn", "after_success", schema=SLOW_TEXT)
+    created = pay_in_process(chain_settings, model, {"input": {"text": "x", "seconds": 4}}, payer=3)
+    runner = threading.Thread(target=run_prediction, args=[created["id"]])
+    runner.start()
+    time.sleep(3.5)
+    running = Prediction.objects.get(pk=created["id"])
+    runner.join(15)
+    assert running.time_limit_seconds == 1 and running.run_started_at is not None
+    assert running.alive_at is not None
+    assert running.alive_at >= running.run_started_at + timedelta(seconds=2), (running.run_started_at, running.alive_at)
+
+
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_the_sweep_cancels_on_cog_a_run_it_gives_up_on(paid_api, cog_server, worker, settings) -> None:

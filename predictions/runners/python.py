@@ -298,16 +298,23 @@ class _Stopper:
 
         deadline = time.monotonic() + self.limit
         beat = time.monotonic()
+        fired = False
         while not self._done.wait(STOP_CHECK_INTERVAL):
             now = time.monotonic()
-            if now >= deadline:
-                return self._fire(SoftTimeLimitExceeded)
+            if not fired and now >= deadline:
+                # Stopped at its limit; the heartbeat goes on until the run returns (a long call
+                # that outlives the limit, or a predictor that swallowed the stop, still
+                # computes: the watchdog must not take it for a run lost on our side).
+                fired = True
+                self._fire(SoftTimeLimitExceeded)
             if now - beat >= HEARTBEAT_INTERVAL:
                 beat = now
                 try:
                     lifecycle.record_alive(self.prediction_id)
                 except Exception:  # noqa: BLE001 - a missed beat only weakens the evidence
                     log.exception("prediction %s: recording a heartbeat failed", self.prediction_id)
+            if fired:
+                continue  # one stop only: a second could land while the first is handled
             try:
                 marked = cache.get(_stop_key(self.prediction_id))
             except Exception:  # noqa: BLE001 - the cache down: the limit and the watchdog still hold
