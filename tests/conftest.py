@@ -335,15 +335,23 @@ def transfer_count(dev: DevChain, to: str) -> int:
     return len(logs)
 
 
+def wait_mined(rpc_url: str, tx_hash: str, timeout: float = 10) -> dict:
+    """The receipt of ``tx_hash`` once it exists: anvil answers a send (automine on) before the
+    block holding it is there, so a read straight after may see nothing yet."""
+    deadline = time.monotonic() + timeout
+    while (receipt := rpc(rpc_url, "eth_getTransactionReceipt", [tx_hash])) is None:
+        assert time.monotonic() < deadline, f"{tx_hash} was not mined within {timeout} s"
+        time.sleep(0.02)
+    return receipt
+
+
 def send_as_mint(dev: DevChain, to: str, amount: int) -> None:
     """Mint test USDC to ``to`` (the deployer owns the token) and wait for it."""
     data = "0x40c10f19" + to[2:].lower().rjust(64, "0") + hex(amount)[2:].rjust(64, "0")
     tx = rpc(
         dev.rpc_url, "eth_sendTransaction", [{"from": dev.relayer_address, "to": dev.asset, "data": data}]
     )
-    deadline = time.monotonic() + 10
-    while rpc(dev.rpc_url, "eth_getTransactionReceipt", [tx]) is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_mined(dev.rpc_url, tx)
 
 
 def fresh_payer(dev: DevChain, amount: int = 10**9) -> dict[str, str]:

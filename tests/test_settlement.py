@@ -21,7 +21,7 @@ from payments.models import Payment, PaymentEvent
 from payments.options import payment_options
 from payments.tasks import reconcile
 from payments.x402.types import Requirement
-from tests.conftest import fresh_payer, option_settings, rpc, token_balance
+from tests.conftest import fresh_payer, option_settings, rpc, token_balance, wait_mined
 from tests.payers import record
 from tests.rpc_proxy import rpc_proxy
 
@@ -503,7 +503,8 @@ def test_a_replaced_exact_settlement_whose_replacement_reverts_ends_failed(chain
         nonce=p.nonce, signature=other["signature"],
     )
     send_as(chain, payer["address"], chain.asset, settlement._calldata(elsewhere))
-    settlement.broadcast(p)
+    settlement.broadcast(p)  # the replacement mines now, and reverts (the nonce is spent)
+    wait_mined(chain.rpc_url, replacement)
     p = settlement.track(p.pk)
     assert rpc(chain.rpc_url, "eth_getTransactionReceipt", [replaced]) is None
     assert int(rpc(chain.rpc_url, "eth_getTransactionReceipt", [replacement])["status"], 16) == 0

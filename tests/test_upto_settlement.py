@@ -18,7 +18,7 @@ from payments.options import payment_options
 from payments.pricing import UsagePrice
 from payments.x402.permit2 import PERMIT2_ADDRESS
 from payments.x402.types import SCHEME_UPTO, Requirement, Resource, parse_payload
-from tests.conftest import fresh_payer, option_settings, token_balance
+from tests.conftest import fresh_payer, option_settings, token_balance, wait_mined
 from tests.test_settlement import send_as
 from tests.upto import sign_upto, upto_body
 
@@ -92,10 +92,7 @@ def test_a_replaced_settlement_whose_replacement_reverts_ends_failed(chain) -> N
         word, bit = permit.nonce_word.to_bytes(32, "big").hex(), permit.nonce_bit.to_bytes(32, "big").hex()
         send_as(chain, payer["address"], PERMIT2_ADDRESS, INVALIDATE_UNORDERED_NONCES + word + bit)
         settlement.broadcast(p)  # the replacement mines now, and reverts (the nonce is spent)
-        deadline = time.monotonic() + 10  # anvil answers the send before the receipt exists
-        while rpc(chain.rpc_url, "eth_getTransactionReceipt", [replacement]) is None:
-            assert time.monotonic() < deadline, "the replacement was not mined"
-            time.sleep(0.05)
+        wait_mined(chain.rpc_url, replacement)
         p = settlement.track(p.pk)
         assert rpc(chain.rpc_url, "eth_getTransactionReceipt", [replaced]) is None
         assert int(rpc(chain.rpc_url, "eth_getTransactionReceipt", [replacement])["status"], 16) == 0
@@ -108,8 +105,6 @@ def test_a_replaced_settlement_whose_replacement_reverts_ends_failed(chain) -> N
 def test_a_settlement_still_waiting_to_be_mined_is_not_called_unpaid(chain, monkeypatch) -> None:
     """The converse: the Permit2 nonce is spent while our (only) signature is still unmined with
     its lane nonce unspent. It may yet be the use: nothing is decided until its nonce is spent."""
-    import time
-
     from payments import relayer
 
     with override_settings(**option_settings(chain)):
@@ -131,8 +126,6 @@ def test_a_settlement_still_waiting_to_be_mined_is_not_called_unpaid(chain, monk
         assert p.status == PaymentStatus.LAPSING
         # Mined after all: it reverts (the nonce is spent), and its lane nonce is spent with it.
         relayer.broadcast(chain.rpc_url, p.settlement_tx)
-        deadline = time.monotonic() + 10
-        while rpc(chain.rpc_url, "eth_getTransactionReceipt", [p.settle_tx_hash]) is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_mined(chain.rpc_url, p.settle_tx_hash)
         p = settlement.resolve_lapsing(p.pk)
     assert p.status == PaymentStatus.FAILED and p.unpaid_reason == UnpaidReason.NONCE_USED_ELSEWHERE
