@@ -181,7 +181,7 @@ class Stack:
         self.servers: dict[str, subprocess.Popen] = {}
 
     def start(self) -> None:
-        from payments import devchain
+        from payments.chain import devchain
 
         self.devchain = devchain
         port = free_port()
@@ -294,7 +294,7 @@ class Stack:
         """n fresh payers, each minted USDC."""
         from eth_account import Account
 
-        from payments.chain import rpc
+        from payments.chain.node import rpc
 
         accounts = [Account.create() for _ in range(n)]
         # The deployer mints.
@@ -495,7 +495,7 @@ def bench_settlement(stack: Stack, single_n: int, batched_n: int, workers: int =
     from django.conf import settings
     from django.db import connection
 
-    from payments import batching, settlement
+    from payments.chain import batching, settlement
     from payments.models import Payment, SettlementTx
     from payments.options import configured
 
@@ -580,8 +580,8 @@ def bench_reconciliation(sizes: list[int]) -> list[dict[str, Any]]:
 
     from django.utils import timezone
 
-    from payments import chain as chain_module
-    from payments import settlement
+    from payments.chain import node as chain_module
+    from payments.chain import settlement
     from payments.models import Payment
     from payments.options import payment_options
 
@@ -824,7 +824,7 @@ def closed_loop(url: str, make_header: Any, seconds: int, connections: int) -> d
 
 
 def token_balance(stack: Stack, address: str) -> int:
-    from payments.chain import rpc
+    from payments.chain.node import rpc
 
     data = "0x70a08231" + address[2:].lower().rjust(64, "0")
     return int(rpc(stack.chain.rpc_url, "eth_call", [{"to": stack.chain.asset, "data": data}, "latest"]), 16)
@@ -926,7 +926,7 @@ import django
 django.setup()
 from pathlib import Path
 from payments.models import Payment
-from payments.reports import LedgerFilter
+from payments.finance.reports import LedgerFilter
 mode, out, network = sys.argv[1:4]
 flt = LedgerFilter(network=network)
 t0 = time.perf_counter()
@@ -935,7 +935,7 @@ if mode == "baseline-csv":
     with open(out, "w", encoding="utf-8", newline="") as handle:
         export_csv(Payment.objects.filter(network=network), handle)
 else:
-    from payments import exports
+    from payments.finance import exports
     if mode == "copy-csv":
         with open(out, "wb") as handle:
             exports.copy_csv(flt, handle)

@@ -15,12 +15,14 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
-from . import export_jobs, exports, periods, reconciliation, refunds, reports
-from .chain import ChainUnavailable, rpc
-from .charts import bar_chart
-from .forms import ExportForm
-from .idempotency import redact_payload
-from .models import (
+from payments import refunds
+from payments.chain.node import ChainUnavailable, rpc
+from payments.finance import export_jobs, exports, periods, reconciliation, reports
+from payments.finance.charts import bar_chart
+from payments.finance.reports import DateBasis, LedgerFilter
+from payments.forms import ExportForm
+from payments.idempotency import redact_payload
+from payments.models import (
     ExportDownload,
     ExportJob,
     ExportStatus,
@@ -35,8 +37,7 @@ from .models import (
     RelayerNonce,
     SettlementTx,
 )
-from .options import configured
-from .reports import DateBasis, LedgerFilter
+from payments.options import configured
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -129,7 +130,7 @@ class PaymentAdmin(ReadOnlyAdmin):
         ]
 
     def export(self, request: HttpRequest) -> HttpResponse:
-        """Start a background export (payments.export_jobs); its page shows the progress."""
+        """Start a background export (payments.finance.export_jobs); its page shows the progress."""
         if not self.has_export_permission(request):
             raise PermissionDenied
         if request.method == "POST":
@@ -189,7 +190,7 @@ class PaymentAdmin(ReadOnlyAdmin):
         return TemplateResponse(request, "admin/payments/dashboard.html", context)
 
     def reconciliation(self, request: HttpRequest) -> HttpResponse:
-        """The ledger beside the chain for a period (payments.reconciliation); finance notes
+        """The ledger beside the chain for a period (payments.finance.reconciliation); finance notes
         why an unmatched line is so."""
         if not request.user.has_perm("payments.view_payment"):
             raise PermissionDenied

@@ -9,8 +9,9 @@ class PaymentsConfig(AppConfig):
         from django.db.models.signals import post_migrate
 
         # checks registers itself; batching registers the batch settler (settlement.SETTLERS).
-        from . import batching, checks, metrics, options, roles  # noqa: F401
-        from .signals import payment_advanced
+        from payments import checks, metrics, options, roles  # noqa: F401
+        from payments.chain import batching  # noqa: F401
+        from payments.signals import payment_advanced
 
         options.connect_signals()
         payment_advanced.connect(metrics.on_payment_advanced, dispatch_uid="payments.metrics")

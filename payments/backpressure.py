@@ -18,8 +18,8 @@ from django.conf import settings
 from django.db.models import Min
 from django.utils import timezone
 
-from .models import Payment, PaymentStatus
-from .options import configured
+from payments.models import Payment, PaymentStatus
+from payments.options import configured
 
 S = PaymentStatus
 #: How long one process trusts its last reading of the backlog's age.

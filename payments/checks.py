@@ -8,7 +8,7 @@ from django.conf import settings
 from django.core.checks import Error, Warning, register
 from eth_utils import is_address, is_checksum_address
 
-from .x402.networks import chain_id_of
+from payments.x402.networks import chain_id_of
 
 REQUIRED = ("network", "rpc_url", "asset", "asset_name", "asset_version", "pay_to")
 
@@ -53,7 +53,7 @@ def check_payment_options(app_configs: Any = None, **kwargs: Any) -> list[Error 
 @register("payments", deploy=True)
 def check_assets_on_chain(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     """With --deploy: every asset must be a contract on its chain (one call per option)."""
-    from .chain import ChainUnavailable, endpoint, rpc
+    from payments.chain.node import ChainUnavailable, endpoint, rpc
 
     errors = []
     for i, option in enumerate(settings.X402_PAYMENT_OPTIONS):

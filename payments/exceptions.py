@@ -18,9 +18,9 @@ from django.template.loader import render_to_string
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
-from . import idempotency
-from .x402.codec import encode_header
-from .x402.types import Requirement, Resource, payment_required_v1, payment_required_v2
+from payments import idempotency
+from payments.x402.codec import encode_header
+from payments.x402.types import Requirement, Resource, payment_required_v1, payment_required_v2
 
 log = logging.getLogger("payments.api")
 
@@ -76,7 +76,7 @@ class SettlementBacklogged(exceptions.APIException):
 
 def count_refusal(exc: PaymentRequired) -> None:
     """Count a 402 in the metrics: a challenge to an unpaid request, or a refused payment."""
-    from .metrics import CHALLENGES, REJECTED
+    from payments.metrics import CHALLENGES, REJECTED
 
     if exc.error.endswith(" is required"):
         CHALLENGES.inc()

@@ -13,7 +13,7 @@ from typing import Any
 import requests
 from django.conf import settings
 
-from .chain import endpoint
+from payments.chain.node import endpoint
 
 log = logging.getLogger("payments.facilitator")
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from django import forms
 
-from . import periods
-from .models import ExportJob, PaymentStatus
-from .options import configured
-from .reports import DateBasis, LedgerFilter
+from payments.finance import periods
+from payments.finance.reports import DateBasis, LedgerFilter
+from payments.models import ExportJob, PaymentStatus
+from payments.options import configured
 
 
 class ExportForm(forms.Form):

@@ -16,8 +16,8 @@ from django.utils import timezone
 from eth_utils import to_checksum_address
 from rest_framework import exceptions
 
-from .models import Payment, PaymentIdentifier
-from .x402.types import PaymentPayload
+from payments.models import Payment, PaymentIdentifier
+from payments.x402.types import PaymentPayload
 
 EXTENSION = "payment-identifier"
 _ID = re.compile(r"[A-Za-z0-9_-]{16,128}")

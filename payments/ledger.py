@@ -18,16 +18,16 @@ from django.utils import timezone
 from eth_utils import to_checksum_address
 from kombu.exceptions import OperationalError
 
+from payments import idempotency
+from payments.chain import batching
+from payments.metrics import ACCEPTED
+from payments.models import PAID_STATUSES, UNPAID_STATUSES, Payment, PaymentEvent, PaymentStatus, UnpaidReason
+from payments.options import SettlementMode, for_payment
+from payments.pricing import UsagePrice, atomic_amount
+from payments.verification import Verification
+from payments.x402.types import Resource, settle_response, wire_requirement
+from payments.x402.verify import VerifiedPayment
 from x402site import dispatch
-
-from . import batching, idempotency
-from .metrics import ACCEPTED
-from .models import PAID_STATUSES, UNPAID_STATUSES, Payment, PaymentEvent, PaymentStatus, UnpaidReason
-from .options import SettlementMode, for_payment
-from .pricing import UsagePrice, atomic_amount
-from .verification import Verification
-from .x402.types import Resource, settle_response, wire_requirement
-from .x402.verify import VerifiedPayment
 
 #: Settlement not finished (the x402 SDK's reason code): we answer before the transfer is mined.
 SETTLEMENT_PENDING = "settlement_pending"

@@ -64,8 +64,8 @@ class LedgerCollector(Collector):
         from django.db.models import Count, Min, Sum
         from django.utils import timezone
 
-        from .backpressure import backlog
-        from .models import OPEN_STATUSES, Payment, PaymentStatus, RelayerNonce
+        from payments.backpressure import backlog
+        from payments.models import OPEN_STATUSES, Payment, PaymentStatus, RelayerNonce
 
         by_status = GaugeMetricFamily("x402_payments", "Payments in the ledger by status", labels=["status"])
         for row in Payment.objects.values("status").annotate(n=Count("id")):
@@ -116,7 +116,7 @@ def render() -> bytes:
 
 
 def on_payment_advanced(payment, previous: str, **kwargs) -> None:  # type: ignore[no-untyped-def]
-    from .models import PaymentStatus
+    from payments.models import PaymentStatus
 
     if payment.status == PaymentStatus.CONFIRMED and payment.confirmed_at and payment.created_at:
         SETTLEMENT_SECONDS.observe((payment.confirmed_at - payment.created_at).total_seconds())

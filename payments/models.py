@@ -16,9 +16,9 @@ from django.core.validators import MinValueValidator
 from django.db import models, transaction
 from django.utils import timezone
 
-from .pricing import PER_SECOND, PriceRule, PricingError
-from .signals import payment_advanced
-from .x402.types import SCHEME_EXACT
+from payments.pricing import PER_SECOND, PriceRule, PricingError
+from payments.signals import payment_advanced
+from payments.x402.types import SCHEME_EXACT
 
 
 class PaymentStatus(models.TextChoices):
@@ -141,7 +141,7 @@ class PaymentQuerySet(models.QuerySet["Payment"]):
 
 def for_others_q() -> models.Q:
     """The condition of :meth:`PaymentQuerySet.for_others`, for annotations (the exports' ``ours``)."""
-    from .options import configured
+    from payments.options import configured
 
     our_pay_to = {c.option.pay_to for c in configured()}
     return models.Q(verification=VerificationMethod.FACILITATOR_API) & ~models.Q(pay_to__in=our_pay_to)
@@ -491,7 +491,7 @@ class HardwareTier(models.Model):
         return self.name
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        from .pricing import invalidate
+        from payments.pricing import invalidate
 
         previous = HardwareTier.objects.filter(pk=self.pk).first() if self.pk else None
         super().save(*args, **kwargs)

@@ -15,8 +15,8 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from eth_utils import to_checksum_address
 
-from .x402.networks import chain_id_of, default_confirmations
-from .x402.types import PaymentOption
+from payments.x402.networks import chain_id_of, default_confirmations
+from payments.x402.types import PaymentOption
 
 
 class SettlementMode(StrEnum):

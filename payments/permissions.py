@@ -18,17 +18,16 @@ from django.conf import settings
 from rest_framework import exceptions
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
+from payments import backpressure, idempotency, metrics, ratelimit, verification
+from payments.exceptions import Challenge, PaymentRequired, SettlementBacklogged
+from payments.models import Payment
+from payments.options import SettlementMode, configured
+from payments.pricing import UsagePrice, atomic_amount
+from payments.verification import Verification, VerificationUnavailable
+from payments.x402.codec import DecodeError, decode_header
+from payments.x402.types import HOLD_SLACK_SECONDS, SCHEME_UPTO, Requirement, Resource, parse_payload
+from payments.x402.verify import PaymentRejected
 from x402site.authentication import is_operator
-
-from . import backpressure, idempotency, metrics, ratelimit, verification
-from .exceptions import Challenge, PaymentRequired, SettlementBacklogged
-from .models import Payment
-from .options import SettlementMode, configured
-from .pricing import UsagePrice, atomic_amount
-from .verification import Verification, VerificationUnavailable
-from .x402.codec import DecodeError, decode_header
-from .x402.types import HOLD_SLACK_SECONDS, SCHEME_UPTO, Requirement, Resource, parse_payload
-from .x402.verify import PaymentRejected
 
 log = logging.getLogger("payments.gate")
 
@@ -107,7 +106,7 @@ def upto_requirements(charge: Charge) -> list[Requirement]:
     through a remote facilitator."""
     if charge.usage is None:
         return []
-    from .relayer import lanes
+    from payments.chain.relayer import lanes
 
     own = [c for c in configured() if c.mode != SettlementMode.FACILITATOR]
     if not own:

@@ -28,15 +28,14 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
+from payments.chain import relayer as relayers
+from payments.chain.abi import TRANSFER_TOPIC
+from payments.chain.node import RpcError, rpc, rpc_batch
+from payments.chain.relayer import fees, resign_raw
+from payments.metrics import REFUND_BROADCAST_ERRORS
+from payments.models import Payment, PaymentStatus, Refund, RefundEvent, RefundStatus, RelayerNonce
+from payments.options import for_payment
 from x402site import dispatch
-
-from . import relayer as relayers
-from .abi import TRANSFER_TOPIC
-from .chain import RpcError, rpc, rpc_batch
-from .metrics import REFUND_BROADCAST_ERRORS
-from .models import Payment, PaymentStatus, Refund, RefundEvent, RefundStatus, RelayerNonce
-from .options import for_payment
-from .relayer import fees, resign_raw
 
 log = logging.getLogger("payments.refunds")
 R = RefundStatus

@@ -10,9 +10,10 @@ import logging
 
 from celery import shared_task
 
-from . import ledger, refunds, settlement
-from .chain import ChainUnavailable
-from .locks import advisory_lock
+from payments import ledger, refunds
+from payments.chain import settlement
+from payments.chain.node import ChainUnavailable
+from payments.locks import advisory_lock
 
 log = logging.getLogger("payments.tasks")
 
@@ -37,10 +38,10 @@ def settle_payment(payment_id: str) -> str:
     max_retries=None,
 )
 def settle_batches(network: str, asset: str, force: bool = False) -> int:
-    """Form, store and broadcast the due batches of one option (payments.batching), then follow
+    """Form, store and broadcast the due batches of one option (payments.chain.batching), then follow
     them for a moment; a transaction not confirmed by then is handed to ``track_settlements``."""
-    from . import batching
-    from .options import for_payment
+    from payments.chain import batching
+    from payments.options import for_payment
 
     conf = for_payment(network, asset)
     if force:
@@ -63,7 +64,7 @@ TRACK_TRIES = 150
 def track_settlements(self, tx_ids: list[int]) -> int:  # type: ignore[no-untyped-def]
     """Follow our transactions until their payments are confirmed (one receipt read per
     transaction), without holding a worker slot while blocks are mined."""
-    from . import batching
+    from payments.chain import batching
 
     open_ids = batching.follow(tx_ids, wait_seconds=0)
     if open_ids and self.request.retries < TRACK_TRIES:
@@ -90,8 +91,8 @@ def reconcile() -> dict[str, int]:
 
 @shared_task(acks_late=True)
 def run_export(job_id: int) -> int:
-    """Write one queued ledger export (payments.export_jobs); its row count."""
-    from . import export_jobs
+    """Write one queued ledger export (payments.finance.export_jobs); its row count."""
+    from payments.finance import export_jobs
 
     return export_jobs.run(job_id).rows
 
@@ -99,7 +100,7 @@ def run_export(job_id: int) -> int:
 @shared_task
 def expire_exports() -> int:
     """Delete the files of exports past their expiry."""
-    from . import export_jobs
+    from payments.finance import export_jobs
 
     return export_jobs.expire()
 

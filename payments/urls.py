@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from payments import views
 
 urlpatterns = [
     path("verify", views.FacilitatorVerify.as_view(), name="facilitator-verify"),

@@ -19,12 +19,19 @@ from typing import Protocol
 
 from django.conf import settings
 
-from .chain import ChainUnavailable, PayerState, payer_state, permit2_state
-from .facilitator import FacilitatorClient, FacilitatorUnavailable
-from .models import VerificationMethod
-from .options import ConfiguredOption, SettlementMode, for_payment
-from .x402.types import SCHEME_EXACT, SCHEME_UPTO, PaymentPayload, Requirement, Resource, wire_requirement
-from .x402.verify import (
+from payments.chain.node import ChainUnavailable, PayerState, payer_state, permit2_state
+from payments.facilitator import FacilitatorClient, FacilitatorUnavailable
+from payments.models import VerificationMethod
+from payments.options import ConfiguredOption, SettlementMode, for_payment
+from payments.x402.types import (
+    SCHEME_EXACT,
+    SCHEME_UPTO,
+    PaymentPayload,
+    Requirement,
+    Resource,
+    wire_requirement,
+)
+from payments.x402.verify import (
     INSUFFICIENT_BALANCE,
     INVALID_SIGNATURE,
     NONCE_ALREADY_USED,

@@ -27,17 +27,17 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from payments import ledger, verification
+from payments.chain import settlement
+from payments.chain.node import ChainUnavailable
+from payments.chain.relayer import relayer_account, relayer_keys
+from payments.models import Payment, PaymentStatus, VerificationMethod
+from payments.options import configured
+from payments.verification import Verification, VerificationUnavailable
+from payments.x402.codec import DecodeError
+from payments.x402.types import SCHEME_EXACT, PaymentPayload, Requirement, Resource, parse_payload
+from payments.x402.verify import NONCE_ALREADY_USED, PaymentRejected
 from x402site.authentication import FacilitatorToken, has_role
-
-from . import ledger, settlement, verification
-from .chain import ChainUnavailable
-from .models import Payment, PaymentStatus, VerificationMethod
-from .options import configured
-from .relayer import relayer_account, relayer_keys
-from .verification import Verification, VerificationUnavailable
-from .x402.codec import DecodeError
-from .x402.types import SCHEME_EXACT, PaymentPayload, Requirement, Resource, parse_payload
-from .x402.verify import NONCE_ALREADY_USED, PaymentRejected
 
 log = logging.getLogger("payments.facilitator_api")
 S = PaymentStatus

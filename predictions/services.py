@@ -14,8 +14,9 @@ import jsonschema
 from django.db import IntegrityError, transaction
 from rest_framework.exceptions import APIException, ParseError
 
-from payments import idempotency, ledger, settlement
-from payments.chain import ChainUnavailable
+from payments import idempotency, ledger
+from payments.chain import settlement
+from payments.chain.node import ChainUnavailable
 from payments.exceptions import Challenge
 from payments.idempotency import IdempotencyConflict
 from payments.ledger import request_fingerprint

@@ -29,8 +29,8 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from payments import settlement
-from payments.chain import ChainUnavailable
+from payments.chain import settlement
+from payments.chain.node import ChainUnavailable
 from payments.models import PaymentStatus, UnpaidReason
 
 from . import lifecycle, scheduling
@@ -83,7 +83,7 @@ def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
 def _refused_before_run(prediction_id: str) -> bool:
     """Before a run whose payment is held until after it (upto, after_success): its settlement
     is simulated, and a payment that could not be settled is refused, never run (its prediction
-    fails unstarted, see payments.settlement.refuse_if_unsettleable)."""
+    fails unstarted, see payments.chain.settlement.refuse_if_unsettleable)."""
     starting = Prediction.objects.filter(pk=prediction_id, status=P.STARTING)
     payment_id = starting.values_list("payment_id", flat=True).first()
     if payment_id is None:

@@ -28,7 +28,7 @@ SYNTHETIC_ROWS = int(os.environ.get("X402_SHOTS_ROWS", "400000"))
 
 
 def main() -> int:
-    from payments import devchain
+    from payments.chain import devchain
     from tests.conftest import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="x402-shots-"))
@@ -100,7 +100,8 @@ def seed(chain) -> datetime:  # type: ignore[no-untyped-def]
     from django.contrib.auth.models import Group, User
     from django.utils import timezone
 
-    from payments import batching, reconciliation
+    from payments.chain import batching
+    from payments.finance import reconciliation
     from payments.models import NativeTokenRate, Payment
     from payments.options import configured, payment_options
     from payments.roles import FINANCE, ensure_roles

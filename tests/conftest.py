@@ -18,8 +18,8 @@ import pytest
 import requests
 from django.test import override_settings
 
-from payments import devchain
-from payments.devchain import DevChain
+from payments.chain import devchain
+from payments.chain.devchain import DevChain
 
 
 def free_port() -> int:
@@ -318,7 +318,7 @@ def token_balance(dev: DevChain, address: str) -> int:
 
 def transfer_count(dev: DevChain, to: str) -> int:
     """Token Transfer events to ``to`` over the whole chain."""
-    from payments.abi import TRANSFER_TOPIC
+    from payments.chain.abi import TRANSFER_TOPIC
 
     logs = rpc(
         dev.rpc_url,

@@ -183,8 +183,8 @@ def refund_violations(url: str) -> list[str]:
 
 def settle_the_ledger(passes: int = 6) -> None:
     """Let the reconciler finish what it can (as its beat would), until nothing changes."""
+    from payments.chain.settlement import reconcile_open
     from payments.models import Payment
-    from payments.settlement import reconcile_open
 
     before = None
     for _ in range(passes):

@@ -167,7 +167,7 @@ def test_a_v1_header_rebuilt_from_settled_calldata_is_refused(chain_settings, de
     X-PAYMENT header with the same input, and read the victim's prediction."""
     from eth_abi import decode
 
-    from payments.abi import BATCH_SETTLE_TYPES
+    from payments.chain.abi import BATCH_SETTLE_TYPES
     from payments.x402.codec import encode_header
 
     payer = chain_settings.payers[1]

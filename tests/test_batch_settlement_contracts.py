@@ -21,8 +21,8 @@ from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
 from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
 from x402.schemas import PaymentRequired
 
-from payments import contracts, devchain
-from payments.devchain import DevChain
+from payments.chain import contracts, devchain
+from payments.chain.devchain import DevChain
 from payments.x402 import batch_settlement as bs
 from tests.batch_settlement import NETWORK, WITHDRAW_DELAY, Agent, requirements
 from tests.conftest import fresh_payer, rpc, token_balance

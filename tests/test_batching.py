@@ -15,8 +15,9 @@ from django.test import Client
 from django.utils import timezone
 from eth_account import Account
 
-from payments import backpressure, batching, settlement
-from payments import relayer as relayers
+from payments import backpressure
+from payments.chain import batching, settlement
+from payments.chain import relayer as relayers
 from payments.models import Payment, SettlementTx
 from payments.options import configured
 from payments.tasks import reconcile

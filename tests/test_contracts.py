@@ -12,7 +12,7 @@ from pathlib import Path
 
 from web3 import Web3
 
-from payments import contracts
+from payments.chain import contracts
 
 ROOT = Path(__file__).resolve().parent.parent
 

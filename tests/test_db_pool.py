@@ -9,7 +9,7 @@ import requests
 from django.conf import settings
 from django.db import connection
 
-from payments import devchain
+from payments.chain import devchain
 from tests.conftest import start_asgi_server
 
 POOL_MAX = 4

@@ -209,7 +209,7 @@ def test_two_worker_processes_settle_many_payments_without_nonce_collisions(
     all confirmed, the relayer's nonces contiguous."""
     from eth_account import Account
 
-    from payments import devchain
+    from payments.chain import devchain
     from payments.options import payment_options
     from payments.tasks import settle_payment
     from payments.x402.types import Requirement

@@ -9,7 +9,7 @@ from django.test import Client
 from eth_account import Account
 from web3 import Web3
 
-from payments import contracts
+from payments.chain import contracts
 from payments.models import Payment
 from payments.options import payment_options
 from payments.x402.codec import encode_header

@@ -135,7 +135,7 @@ def test_a_facilitator_failure_answer_does_not_outvote_the_chain(chain, demo_mod
 def test_a_facilitator_hash_that_never_mines_is_resolved_from_the_chain(chain, demo_model, monkeypatch) -> None:
     """The facilitator reports one hash, but the transaction that lands is another (it replaced
     its own): when the reported one never mines, the chain shows what did."""
-    from payments import settlement
+    from payments.chain import settlement
 
     def other_hash(answer: dict) -> dict:
         return {**answer, "transaction": "0x" + "ee" * 32}
@@ -243,7 +243,7 @@ def our_facilitator_process(chain, tmp_path):
     import psycopg
     from django.conf import settings
 
-    from payments import devchain
+    from payments.chain import devchain
     from tests.conftest import free_port
 
     name = settings.DATABASES["default"]["NAME"] + "_facilitator"  # this run's own (parallel runs)

@@ -25,8 +25,9 @@ import pytest
 from django.test import Client, override_settings
 from eth_account import Account
 
-from payments import ledger, settlement
-from payments.devchain import DevChain
+from payments import ledger
+from payments.chain import settlement
+from payments.chain.devchain import DevChain
 from payments.models import Payment, PaymentStatus, Refund, UnpaidReason
 from payments.options import payment_options
 from payments.x402.codec import decode_header, encode_header

@@ -150,7 +150,7 @@ def worker(chain, django_db_setup, django_db_blocker, live_server, tmp_path_fact
     try:
         yield {"log": log_path}
     finally:
-        from payments import devchain
+        from payments.chain import devchain
 
         devchain.stop(proc)
 
@@ -296,7 +296,7 @@ def test_the_sweep_leaves_a_finished_run_waiting_for_its_settlement(chain_settin
     after the run started. The sweep must neither fail it nor drop its output."""
     from django.test import Client
 
-    from payments import settlement
+    from payments.chain import settlement
     from predictions.tasks import run_prediction, sweep
 
     monkeypatch.setattr("predictions.scheduling.start_prediction", lambda prediction: None)
@@ -330,7 +330,7 @@ def test_logs_are_kept_back_with_the_output_while_the_payment_is_held(chain_sett
     then both are."""
     from django.test import Client
 
-    from payments import settlement
+    from payments.chain import settlement
     from predictions.tasks import run_prediction
 
     monkeypatch.setattr("predictions.scheduling.start_prediction", lambda prediction: None)

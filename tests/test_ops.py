@@ -164,7 +164,7 @@ def test_two_workers_on_separate_queues(chain_settings, demo_model, live_server,
             time.sleep(0.2)
             body = requests.get(created["urls"]["get"], timeout=5).json()
     finally:
-        from payments import devchain
+        from payments.chain import devchain
 
         devchain.stop(main)
         devchain.stop(gpu)

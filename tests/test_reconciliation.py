@@ -12,10 +12,11 @@ from django.test import override_settings
 from django.utils import timezone
 from eth_account import Account
 
-from payments import batching, reconciliation
+from payments.chain import batching
+from payments.finance import reconciliation
+from payments.finance.reconciliation import LineStatus, Period
 from payments.models import ChainTransfer, Payment, ReconciliationNote, ScannedRange
 from payments.options import configured
-from payments.reconciliation import LineStatus, Period
 from tests.conftest import fresh_payer, option_settings, rpc
 from tests.test_settlement import PRICE, record_payment, send_as
 

@@ -19,11 +19,13 @@ from django.test import Client, override_settings
 from django.utils import timezone
 from eth_account import Account
 
-from payments import exports, reconciliation, refunds, relayer
+from payments import refunds
+from payments.chain import relayer
+from payments.finance import exports, reconciliation
+from payments.finance.reports import DateBasis, LedgerFilter
 from payments.metrics import REFUND_BROADCAST_ERRORS
 from payments.models import NativeTokenRate, Payment, Refund
 from payments.options import payment_options
-from payments.reports import DateBasis, LedgerFilter
 from payments.x402.types import Requirement
 from predictions.models import Prediction
 from tests.conftest import fresh_payer, option_settings, rpc, token_balance
@@ -188,7 +190,7 @@ def test_money_that_confirms_after_a_cancel_is_owed_back(chain_settings, staff) 
     """before_run: the payment is being settled (signed and stored) when the agent cancels; the
     prediction ends unserved with nothing paid yet, then the settlement confirms: the lifecycle
     hears it from the ledger and records the refund then."""
-    from payments import batching, relayer
+    from payments.chain import batching, relayer
     from payments.options import configured
 
     payer = fresh_payer(chain_settings)
@@ -290,7 +292,7 @@ def test_a_cancel_after_the_run_started_is_not_refunded_but_one_before_it_is(cha
     """The refund policy: a payer who cancels after the run started had the compute (and may
     have seen partial output): nothing is owed. One canceled before the run started is refunded
     in full (see test_money_that_confirms_after_a_cancel_is_owed_back for the settling case)."""
-    from payments import batching, relayer
+    from payments.chain import batching, relayer
     from payments.options import configured
     from predictions import lifecycle
 
@@ -327,7 +329,7 @@ def test_a_cancel_while_the_runner_has_not_started_the_run_is_refunded(chain_set
     payer's own cancel is reviewed by finance, whatever the auto-approval threshold: paying,
     canceling and being refunded must not be a loop that spends our gas unwatched."""
     settings.X402_REFUND_AUTO_APPROVE_MAX = 10 * PRICE
-    from payments import batching, relayer
+    from payments.chain import batching, relayer
     from payments.options import configured
     from predictions import lifecycle
 
@@ -552,7 +554,7 @@ def test_a_refund_approved_again_after_a_revert_is_judged_by_its_new_transfer_on
 def paid_and_running(chain, name: str) -> str:
     """A before_run prediction paid (its payment CONFIRMED on chain) and claimed by a worker:
     its id (the test then plays the runner through the lifecycle)."""
-    from payments import batching, relayer
+    from payments.chain import batching, relayer
     from payments.options import configured
     from predictions import lifecycle
 

@@ -25,7 +25,7 @@ import pytest
 import requests
 from django.test import Client
 
-from payments import devchain
+from payments.chain import devchain
 from payments.ledger import RunEnd
 from payments.models import HardwareTier, Payment, PaymentStatus, Refund, RefundStatus
 from predictions.models import Model, ModelVersion, Prediction, PredictionStatus

@@ -14,9 +14,10 @@ from django.db import connection, transaction
 from django.test import override_settings
 from eth_account import Account
 
-from payments import ledger, settlement
-from payments.abi import TRANSFER_TOPIC
-from payments.chain import ChainUnavailable
+from payments import ledger
+from payments.chain import settlement
+from payments.chain.abi import TRANSFER_TOPIC
+from payments.chain.node import ChainUnavailable
 from payments.models import Payment, PaymentEvent
 from payments.options import payment_options
 from payments.tasks import reconcile

@@ -37,7 +37,7 @@ SLEEPY = {
 @pytest.fixture(scope="module")
 def asgi(chain, django_db_setup, django_db_blocker, tmp_path_factory) -> Any:
     """uvicorn serving the project, and a real Celery worker (with beat) reporting to it."""
-    from payments import devchain
+    from payments.chain import devchain
 
     logs = tmp_path_factory.mktemp("asgi")
     server, url = start_asgi_server(chain, logs / "uvicorn.log")

@@ -21,9 +21,9 @@ import pytest
 from django.test import Client, override_settings
 from eth_account import Account
 
-from payments import devchain
+from payments.chain import devchain
+from payments.chain.relayer import PRIORITY_FEE
 from payments.models import Payment, RelayerNonce, SettlementTx
-from payments.relayer import PRIORITY_FEE
 from predictions.models import Prediction
 from tests.conftest import TEST_QUEUE, fresh_payer, option_settings, rpc, start_worker
 from tests.payers import v2_header_for

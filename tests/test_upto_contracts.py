@@ -11,8 +11,8 @@ import pytest
 from web3 import Web3
 from web3.exceptions import ContractLogicError
 
-from payments import contracts, devchain
-from payments.devchain import DevChain
+from payments.chain import contracts, devchain
+from payments.chain.devchain import DevChain
 from payments.x402.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 from payments.x402.types import SCHEME_UPTO, PaymentOption, Requirement
 from tests.conftest import fresh_payer, token_balance

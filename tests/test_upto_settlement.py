@@ -11,8 +11,9 @@ from django.db import transaction
 from django.test import override_settings
 from django.utils import timezone
 
-from payments import devchain, ledger, settlement, verification
-from payments.chain import rpc
+from payments import ledger, verification
+from payments.chain import devchain, settlement
+from payments.chain.node import rpc
 from payments.models import Payment, PaymentStatus, UnpaidReason
 from payments.options import payment_options
 from payments.pricing import UsagePrice
@@ -105,7 +106,7 @@ def test_a_replaced_settlement_whose_replacement_reverts_ends_failed(chain) -> N
 def test_a_settlement_still_waiting_to_be_mined_is_not_called_unpaid(chain, monkeypatch) -> None:
     """The converse: the Permit2 nonce is spent while our (only) signature is still unmined with
     its lane nonce unspent. It may yet be the use: nothing is decided until its nonce is spent."""
-    from payments import relayer
+    from payments.chain import relayer
 
     with override_settings(**option_settings(chain)):
         payer = fresh_payer(chain)

@@ -71,9 +71,9 @@ def _broker() -> None:
 
 
 def _chains() -> dict[str, Any]:
-    from payments.chain import rpc
+    from payments.chain.node import rpc
+    from payments.chain.settlement import relayer_account
     from payments.options import configured
-    from payments.settlement import relayer_account
 
     blocks: dict[str, int] = {}
     low = []
@@ -95,9 +95,9 @@ def _lanes() -> None:
     """Sending accounts flagged as unable to pay for gas (``RelayerNonce.unfunded_since``): they
     take no new transactions. Degraded while another lane of each network can still send;
     not ready when every configured lane of a network is flagged."""
+    from payments.chain.relayer import funded_lanes, relayer_keys
     from payments.models import RelayerNonce
     from payments.options import configured
-    from payments.relayer import funded_lanes, relayer_keys
 
     flagged = list(RelayerNonce.objects.filter(unfunded_since__isnull=False).order_by("network", "address"))
     if not flagged:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from payments import chain
+from payments.chain import node as chain
 
 MAGIC = "1626ba7e"
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from eth_account import Account
 
-from payments import chain, verification
+from payments import verification
+from payments.chain import node as chain
 from payments.options import ConfiguredOption
 from payments.x402 import verify as V
 from payments.x402.codec import DecodeError

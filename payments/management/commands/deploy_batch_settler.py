@@ -13,9 +13,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from payments import contracts
+from payments.chain import contracts
+from payments.chain.relayer import lanes
 from payments.options import configured
-from payments.relayer import lanes
 
 
 class Command(BaseCommand):

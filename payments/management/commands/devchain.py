@@ -10,7 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from payments import devchain
+from payments.chain import devchain
 
 
 class Command(BaseCommand):

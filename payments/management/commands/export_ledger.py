@@ -15,9 +15,9 @@ from zoneinfo import ZoneInfo
 
 from django.core.management.base import BaseCommand, CommandError
 
-from payments import export_jobs, exports, periods
+from payments.finance import export_jobs, exports, periods
+from payments.finance.reports import DateBasis, LedgerFilter
 from payments.models import ExportJob, PaymentStatus
-from payments.reports import DateBasis, LedgerFilter
 
 
 def _date(value: str) -> datetime | str:

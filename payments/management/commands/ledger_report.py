@@ -11,8 +11,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from payments.abi import TRANSFER_TOPIC
-from payments.chain import rpc
+from payments.chain.abi import TRANSFER_TOPIC
+from payments.chain.node import rpc
 from payments.models import Payment, PaymentStatus
 from payments.options import configured
 

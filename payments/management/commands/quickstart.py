@@ -17,7 +17,7 @@ import psycopg
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from payments import devchain
+from payments.chain import devchain
 
 BASE_DIR = Path(settings.BASE_DIR)
 #: Relayer lanes besides the first (anvil accounts 10 and up).

@@ -8,8 +8,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from payments import settlement
-from payments.chain import rpc_batch
+from payments.chain import settlement
+from payments.chain.node import rpc_batch
 from payments.models import Payment, PaymentStatus
 from payments.options import for_payment
 from payments.tasks import reconcile

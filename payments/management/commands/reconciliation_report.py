@@ -14,9 +14,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django.core.management.base import BaseCommand, CommandError
 
-from payments import reconciliation
-from payments.chain import ChainUnavailable
-from payments.reconciliation import Period
+from payments.chain.node import ChainUnavailable
+from payments.finance import reconciliation
+from payments.finance.reconciliation import Period
 
 
 def _zone(value: str) -> ZoneInfo:

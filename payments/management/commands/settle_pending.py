@@ -6,8 +6,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from payments import settlement
-from payments.chain import ChainUnavailable
+from payments.chain import settlement
+from payments.chain.node import ChainUnavailable
 from payments.models import Payment, PaymentStatus
 
 

@@ -20,13 +20,12 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from payments.finance import exports
+from payments.finance.reports import LedgerFilter
+from payments.models import ExportJob, ExportStatus
 from x402site import dispatch
 
-from . import exports
-from .models import ExportJob, ExportStatus
-from .reports import LedgerFilter
-
-log = logging.getLogger("payments.exports")
+log = logging.getLogger("payments.finance.exports")
 
 WRITERS = {ExportJob.Format.CSV: exports.write_zip, ExportJob.Format.XLSX: exports.write_xlsx}
 SUFFIX = {ExportJob.Format.CSV: ".zip", ExportJob.Format.XLSX: ".xlsx"}

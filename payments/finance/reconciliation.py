@@ -28,9 +28,9 @@ from django.db.models import Q, TextChoices
 from eth_account import Account
 from eth_utils import to_checksum_address
 
-from .abi import TRANSFER_TOPIC
-from .chain import ChainUnavailable, RpcError, rpc, rpc_batch
-from .models import (
+from payments.chain.abi import TRANSFER_TOPIC
+from payments.chain.node import ChainUnavailable, RpcError, rpc, rpc_batch
+from payments.models import (
     PAID_STATUSES,
     ChainTransfer,
     Payment,
@@ -40,7 +40,7 @@ from .models import (
     ScannedRange,
     TransferDirection,
 )
-from .options import ConfiguredOption, configured
+from payments.options import ConfiguredOption, configured
 
 
 class LineKind(TextChoices):

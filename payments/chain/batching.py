@@ -31,18 +31,17 @@ from django.utils import timezone
 from eth_abi import decode, encode
 from eth_utils import to_checksum_address
 
+from payments.chain import relayer as relayers
+from payments.chain import settlement
+from payments.chain.abi import BATCH_SETTLE, BATCH_SETTLE_TYPES
+from payments.chain.node import ChainUnavailable, RpcError, rpc_batch
+from payments.metrics import BATCH_SIZE
+from payments.models import Payment, PaymentStatus, SettlementTx, UnpaidReason
+from payments.options import ConfiguredOption, SettlementMode, for_payment
+from payments.x402.types import SCHEME_EXACT
 from x402site import dispatch
 
-from . import relayer as relayers
-from . import settlement
-from .abi import BATCH_SETTLE, BATCH_SETTLE_TYPES
-from .chain import ChainUnavailable, RpcError, rpc_batch
-from .metrics import BATCH_SIZE
-from .models import Payment, PaymentStatus, SettlementTx, UnpaidReason
-from .options import ConfiguredOption, SettlementMode, for_payment
-from .x402.types import SCHEME_EXACT
-
-log = logging.getLogger("payments.batching")
+log = logging.getLogger("payments.chain.batching")
 S = PaymentStatus
 
 #: Gas each item's transferWithAuthorization may use inside a batch (BatchSettler caps it, so a
@@ -363,7 +362,7 @@ class BatchSettlement:
 
     ``start`` settles the payment now, in a batch with whatever else is ready (a payment a
     batch cannot carry, a contract wallet's signature, goes alone); the batcher
-    (:mod:`payments.batching`) normally forms batches by size and age.
+    (:mod:`payments.chain.batching`) normally forms batches by size and age.
     """
 
     def start(self, payment_id: Any) -> Payment:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import requests
 from django.conf import settings
 
-from .abi import (
+from payments.chain.abi import (
     ALLOWANCE,
     AUTHORIZATION_CANCELED_TOPIC,
     AUTHORIZATION_STATE,
@@ -24,7 +24,7 @@ from .abi import (
     BALANCE_OF,
     NONCE_BITMAP,
 )
-from .x402.permit2 import PERMIT2_ADDRESS, UptoPermit
+from payments.x402.permit2 import PERMIT2_ADDRESS, UptoPermit
 
 
 class ChainUnavailable(Exception):

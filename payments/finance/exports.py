@@ -49,7 +49,8 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce, Concat, Replace
 
-from .models import (
+from payments.finance.reports import MONEY_AT, DateBasis, LedgerFilter
+from payments.models import (
     CHARGED_STATUSES,
     PAID_STATUSES,
     NativeTokenRate,
@@ -58,8 +59,7 @@ from .models import (
     RefundStatus,
     for_others_q,
 )
-from .options import configured
-from .reports import MONEY_AT, DateBasis, LedgerFilter
+from payments.options import configured
 
 #: The data columns and their PostgreSQL types (the XLSX path reads them typed).
 COLUMNS: list[tuple[str, str]] = [

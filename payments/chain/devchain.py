@@ -18,9 +18,9 @@ from typing import Any
 
 import requests
 
-from . import contracts
+from payments.chain import contracts
 
-BASE_DIR = Path(__file__).resolve().parent.parent
+BASE_DIR = Path(__file__).resolve().parents[2]
 ANVIL = BASE_DIR / "node_modules" / ".bin" / "anvil"
 CHAIN_ID = 31337
 #: USDC (6 decimals) minted to every demo payer.
@@ -82,7 +82,7 @@ def place_upto_contracts(rpc_url: str) -> tuple[str, str]:
     """Put our Permit2 and x402 upto proxy (contracts/Permit2.sol, X402UptoPermit2Proxy.sol) at
     the canonical addresses the x402 SDK signs for, with ``anvil_setCode``: their runtime code
     needs no constructor state (see the contracts). (Permit2, proxy) addresses."""
-    from .x402.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
+    from payments.x402.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 
     set_code(rpc_url, "Permit2", PERMIT2_ADDRESS)
     set_code(rpc_url, "X402UptoPermit2Proxy", UPTO_PROXY_ADDRESS)
@@ -94,7 +94,7 @@ def place_batch_settlement_contracts(rpc_url: str) -> tuple[str, str]:
     (contracts/X402BatchSettlement.sol, X402ERC3009DepositCollector.sol) at the canonical
     addresses the x402 SDK's ``batch-settlement`` client signs for, with ``anvil_setCode``
     (their runtime code needs no constructor state). (Settlement, collector) addresses."""
-    from .x402.batch_settlement import BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS
+    from payments.x402.batch_settlement import BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS
 
     set_code(rpc_url, "X402BatchSettlement", BATCH_SETTLEMENT_ADDRESS)
     set_code(rpc_url, "X402ERC3009DepositCollector", ERC3009_DEPOSIT_COLLECTOR_ADDRESS)
@@ -105,7 +105,7 @@ def approve_permit2(rpc_url: str, asset: str, payer: str) -> None:
     """``payer`` (an account the node unlocks) lets Permit2 move its ``asset`` (once, unlimited)."""
     from web3 import Web3
 
-    from .x402.permit2 import PERMIT2_ADDRESS
+    from payments.x402.permit2 import PERMIT2_ADDRESS
 
     w3 = Web3(Web3.HTTPProvider(rpc_url))
     token = w3.eth.contract(address=Web3.to_checksum_address(asset), abi=contracts.artifact("TestUSDC")["abi"])

@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-BUILD = Path(__file__).resolve().parent.parent / "contracts" / "build"
+BUILD = Path(__file__).resolve().parents[2] / "contracts" / "build"
 
 
 @cache

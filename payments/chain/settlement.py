@@ -36,8 +36,8 @@ from django.db.models import F
 from django.utils import timezone
 from eth_utils import to_checksum_address
 
-from . import relayer as relayers
-from .abi import (
+from payments.chain import relayer as relayers
+from payments.chain.abi import (
     AUTHORIZATION_USED_TOPIC,
     NONCE_BITMAP,
     TOKEN_ABI,
@@ -45,21 +45,28 @@ from .abi import (
     UPTO_SETTLE,
     UPTO_SETTLE_TYPES,
 )
-from .chain import AuthorizationUse, ChainUnavailable, RpcError, authorization_use, rpc, rpc_batch
-from .facilitator import FacilitatorClient, FacilitatorUnavailable
-from .metrics import RECONCILE_ERRORS
-from .models import Payment, PaymentStatus, SettlementTx, UnpaidReason
-from .options import ConfiguredOption, SettlementMode, for_payment
-from .relayer import relayer_account
-from .signals import payment_unsettled
-from .x402.eip712 import Authorization
-from .x402.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit
-from .x402.types import SCHEME_UPTO, parse_payload
-from .x402.verify import VerifiedPayment
+from payments.chain.node import (
+    AuthorizationUse,
+    ChainUnavailable,
+    RpcError,
+    authorization_use,
+    rpc,
+    rpc_batch,
+)
+from payments.chain.relayer import relayer_account
+from payments.facilitator import FacilitatorClient, FacilitatorUnavailable
+from payments.metrics import RECONCILE_ERRORS
+from payments.models import Payment, PaymentStatus, SettlementTx, UnpaidReason
+from payments.options import ConfiguredOption, SettlementMode, for_payment
+from payments.signals import payment_unsettled
+from payments.x402.eip712 import Authorization
+from payments.x402.permit2 import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPermit
+from payments.x402.types import SCHEME_UPTO, parse_payload
+from payments.x402.verify import VerifiedPayment
 
 __all__ = ["relayer_account"]  # re-exported: views and ops name the relayer through this module
 
-log = logging.getLogger("payments.settlement")
+log = logging.getLogger("payments.chain.settlement")
 T = TypeVar("T")
 S = PaymentStatus
 
@@ -1006,7 +1013,7 @@ class FacilitatorSettler:
         return resolve_lapsing(p.pk) if p.status == S.LAPSING else p
 
 
-#: How each SettlementMode settles; payments.batching registers SettlementMode.BATCH's
+#: How each SettlementMode settles; payments.chain.batching registers SettlementMode.BATCH's
 #: (imported by PaymentsConfig.ready), as the module that forms batches.
 SETTLERS: dict[str, Settler] = {
     SettlementMode.RELAYER: RelayerSettler(),
@@ -1039,7 +1046,7 @@ def resolve_unknown(payment_id: Any) -> Payment:
 def recheck_lanes() -> set[str]:
     """The balance check of the lanes flagged as unable to pay (:func:`relayer.recheck_unfunded`);
     the networks where one can pay again. An RPC failure leaves them flagged until next pass."""
-    from .options import configured
+    from payments.options import configured
 
     urls = {c.option.network: c.rpc_url for c in configured()}
     try:

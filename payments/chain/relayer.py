@@ -33,12 +33,12 @@ from django.utils import timezone
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from .chain import RpcError, rpc
-from .metrics import UNFUNDED_BROADCASTS
-from .models import PaymentStatus, RelayerNonce, SettlementTx
-from .options import ConfiguredOption
+from payments.chain.node import RpcError, rpc
+from payments.metrics import UNFUNDED_BROADCASTS
+from payments.models import PaymentStatus, RelayerNonce, SettlementTx
+from payments.options import ConfiguredOption
 
-log = logging.getLogger("payments.relayer")
+log = logging.getLogger("payments.chain.relayer")
 
 #: 0.001 gwei: ample on Base and on anvil.
 PRIORITY_FEE = 10**6

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 from django.db.models import Count, QuerySet, Sum, TextChoices
 from django.db.models.functions import Coalesce, TruncDate
 
-from .models import Payment, PaymentStatus
+from payments.models import Payment, PaymentStatus
 
 S = PaymentStatus
 #: Payments whose money is in (settled or confirmed): revenue.
@@ -186,7 +186,7 @@ def needing_attention(flt: LedgerFilter, limit: int = 50) -> QuerySet[Payment]:
 def refunded(flt: LedgerFilter) -> Decimal:
     """Refunds confirmed (money sent back) in the filter's period: by confirmation for the money
     basis, else by creation; all stablecoin assets together."""
-    from .models import Refund, RefundStatus
+    from payments.models import Refund, RefundStatus
 
     qs = Refund.objects.filter(status=RefundStatus.CONFIRMED)
     date = "confirmed_at" if flt.basis == DateBasis.MONEY else "created_at"

@@ -1,0 +1,1 @@
+"""On chain: the node client, relayer lanes, settlement, batching, contracts, the dev chain."""
