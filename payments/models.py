@@ -13,7 +13,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.validators import MinValueValidator
-from django.db import models, transaction
+from django.db import models
 from django.utils import timezone
 
 from payments.pricing import PER_SECOND, PriceRule, PricingError
@@ -491,7 +491,6 @@ class HardwareTier(models.Model):
         return self.name
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        from payments.pricing import invalidate
 
         previous = HardwareTier.objects.filter(pk=self.pk).first() if self.pk else None
         super().save(*args, **kwargs)
@@ -513,7 +512,7 @@ class HardwareTier(models.Model):
                 new_rule=new_rule.snapshot(),
             )
             affected.append(model.pk)
-        transaction.on_commit(lambda: invalidate(affected))
+        self.models.model.objects.bump_price_version(affected)
 
 
 class PriceChange(models.Model):

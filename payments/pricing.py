@@ -1,4 +1,4 @@
-"""What one run costs: typed pricing rules, cached, with old quotes honoured.
+"""What one run costs: typed pricing rules, with old quotes honoured.
 
 A :class:`PriceRule` is a frozen value. The same rule prices the current model, an old one from
 the audit history (``PriceChange`` keeps rules as JSON snapshots) and the admin's preview:
@@ -17,17 +17,22 @@ units (amounts round up).
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
-from django.core.cache import cache
 from django.utils import timezone
 
 FLAT = "flat"
 PER_SECOND = "per_second"
+#: How long a process keeps a model's honoured rules at most (sooner when one's window ends).
 CACHE_SECONDS = 300
+#: Models whose honoured rules a process keeps (least recently used dropped first).
+CACHE_MODELS = 1024
 #: The largest unit count a request may ask for (a bound on what a hostile input can make us price).
 MAX_UNITS = 10**6
 _DECIMALS = ("price", "tier_price_per_second", "expected_seconds", "minimum", "markup_percent", "unit_price")
@@ -168,28 +173,54 @@ class PricingState:
     honoured: tuple[PriceRule, ...]
 
 
-def _cache_key(model_id: int) -> str:
-    return f"x402:pricing:{model_id}"
+class _HonouredCache:
+    """Each process's copy of the rules still honoured per model, keyed by the model's
+    ``price_version`` (bumped in the same transaction as every price change): the model row the
+    request already read says whether the copy is current, so the hot path asks neither Redis
+    nor the database, and a change is seen by every process as soon as it commits."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple[int, int, int], tuple[float, tuple[PriceRule, ...]]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple[int, int, int]) -> tuple[PriceRule, ...] | None:
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None or entry[0] <= time.monotonic():
+                return None
+            self.entries.move_to_end(key)
+            return entry[1]
+
+    def put(self, key: tuple[int, int, int], rules: tuple[PriceRule, ...], ttl: float) -> None:
+        with self.lock:
+            self.entries[key] = (time.monotonic() + ttl, rules)
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+
+honoured_cache = _HonouredCache(CACHE_MODELS)
 
 
 def pricing_state(model: Any, honour_seconds: int) -> PricingState:
-    """The model's pricing, from the cache (invalidated on every save that can change it)."""
-    key = _cache_key(model.pk)
-    state = cache.get(key)
-    if state is None:
+    """The model's pricing: its current rule from the row itself (with its hardware tier,
+    selected with it), and the rules still honoured for challenges issued within
+    ``honour_seconds``, from this process's cache (:class:`_HonouredCache`)."""
+    key = (model.pk, model.price_version, honour_seconds)
+    honoured = honoured_cache.get(key)
+    if honoured is None:
         since = timezone.now() - timedelta(seconds=honour_seconds)
-        old = model.price_changes.filter(changed_at__gte=since).values_list("old_rule", "changed_at")
-        state = PricingState(
-            current=model.pricing_rule(), honoured=tuple(PriceRule.from_snapshot(rule) for rule, _ in old)
-        )
-        # Expire no later than the oldest honoured quote's window.
-        ttl = CACHE_SECONDS
+        old = list(model.price_changes.filter(changed_at__gte=since).values_list("old_rule", "changed_at"))
+        honoured = tuple(PriceRule.from_snapshot(rule) for rule, _ in old)
+        # Kept no longer than the oldest honoured quote's window.
+        ttl = float(CACHE_SECONDS)
         for _, changed_at in old:
             left = (changed_at + timedelta(seconds=honour_seconds) - timezone.now()).total_seconds()
-            ttl = max(1, min(ttl, int(left)))
-        cache.set(key, state, ttl)
-    return state
-
-
-def invalidate(model_ids: list[int]) -> None:
-    cache.delete_many([_cache_key(pk) for pk in model_ids])
+            ttl = max(0.0, min(ttl, left))
+        honoured_cache.put(key, honoured, ttl)
+    return PricingState(current=model.pricing_rule(), honoured=honoured)

@@ -14,12 +14,12 @@ import jsonschema
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
-from django.db import models, transaction
+from django.db import models
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
 
 from payments.models import FailureCharge, HardwareTier, Payment, PriceChange, UptoOrder
-from payments.pricing import PriceRule, PricingError, invalidate
+from payments.pricing import PriceRule, PricingError
 
 from . import runners
 
@@ -74,6 +74,14 @@ PRICING_FIELDS = (
 _money = {"max_digits": 20, "decimal_places": 6, "validators": [MinValueValidator(Decimal(0))]}
 
 
+class ModelQuerySet(models.QuerySet["Model"]):
+    def bump_price_version(self, pks: list[int]) -> dict[int, int]:
+        """Mark these models' prices changed (each process's cache of honoured rules is keyed by
+        the version); their new versions."""
+        self.filter(pk__in=pks).update(price_version=models.F("price_version") + 1)
+        return dict(self.filter(pk__in=pks).values_list("pk", "price_version"))
+
+
 class Model(models.Model):
     owner = models.CharField(max_length=64, validators=[_slug])
     name = models.CharField(max_length=128, validators=[_slug])
@@ -123,11 +131,16 @@ class Model(models.Model):
         "charged its seconds).",
     )
     created_at = models.DateTimeField(default=timezone.now)
+    price_version = models.PositiveIntegerField(
+        default=0, editable=False, help_text="Bumped with every price change (the pricing cache's key)"
+    )
     # Replicate's model metadata (shown as is in the API; empty is null).
     github_url = models.URLField(max_length=500, blank=True, help_text="The model's source code")
     paper_url = models.URLField(max_length=500, blank=True)
     license_url = models.URLField(max_length=500, blank=True)
     cover_image_url = models.URLField(max_length=500, blank=True)
+
+    objects = ModelQuerySet.as_manager()
 
     class Meta:
         constraints = [
@@ -145,6 +158,8 @@ class Model(models.Model):
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         previous = Model.objects.select_related("hardware").filter(pk=self.pk).first() if self.pk else None
+        if previous is not None:
+            self.price_version = previous.price_version  # never written back older by a stale copy
         super().save(*args, **kwargs)
         if previous is None:
             return
@@ -157,8 +172,7 @@ class Model(models.Model):
                 old_rule=old_rule.snapshot(),
                 new_rule=new_rule.snapshot(),
             )
-        pk = self.pk
-        transaction.on_commit(lambda: invalidate([pk]))
+            self.price_version = Model.objects.bump_price_version([self.pk])[self.pk]
 
     def pricing_rule(self) -> PriceRule:
         """The model's pricing rule (see payments.pricing)."""

@@ -246,7 +246,7 @@ class PredictionCreate(PaidPredictionCreate):  # noqa: D101 (see PredictionList 
             raise InvalidInput("`version` is required.", {"version": "required string"})
         # Replicate also accepts "owner/name:version" (the name must then be the version's model).
         named, _, version_id = version_id.rpartition(":")
-        version = ModelVersion.objects.select_related("model").filter(pk=version_id).first()
+        version = ModelVersion.objects.select_related("model__hardware").filter(pk=version_id).first()
         if version is None or (named and named != str(version.model)):
             raise InvalidVersion()
         return version

@@ -7,15 +7,15 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.test import Client
 
 from payments.models import HardwareTier, PriceChange
 from payments.options import payment_options
-from payments.pricing import PriceRule, PricingError, atomic_amount
+from payments.pricing import PriceRule, PricingError, atomic_amount, honoured_cache
 from payments.x402.codec import decode_header
 from payments.x402.types import Requirement
+from predictions.models import Model
 from tests.payers import v2_header
 
 URL = "/v1/models/demo/echo-text/predictions"
@@ -215,7 +215,7 @@ def test_a_quote_is_honoured_through_its_window_then_refused(
 
     # Once the old challenge's maxTimeoutSeconds has run out, the old price is refused.
     PriceChange.objects.update(changed_at=PriceChange.objects.get().changed_at - timedelta(seconds=400))
-    cache.clear()
+    honoured_cache.clear()  # what the end of its window does to this process's copy
     late = Client().post(
         URL,
         data={"input": {"text": "too late"}},
@@ -225,6 +225,32 @@ def test_a_quote_is_honoured_through_its_window_then_refused(
     assert late.status_code == 402
     assert late.json()["error"] == "invalid_exact_evm_payload_authorization_value_mismatch"
     assert decode_header(late["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == "20000"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_honoured_rules_a_process_keeps_follow_the_price_version(offline_options, demo_model) -> None:
+    """Each process keeps the honoured rules under the model's price_version: a change made
+    anywhere is seen at once (nothing to invalidate), the copy lives no longer than its window,
+    and a stale copy of the model saved later never takes the version back."""
+    from payments.pricing import pricing_state
+
+    stale = Model.objects.get(pk=demo_model.pk)
+    assert pricing_state(stale, 330).honoured == ()
+    tier = HardwareTier.objects.create(slug="gpu-v", name="GPU V", price_per_second=D("0.001"))
+    demo_model.hardware, demo_model.pricing_mode, demo_model.expected_seconds = tier, "per_second", D(10)
+    demo_model.save()
+    assert demo_model.price_version == 1
+    tier.price_per_second = D("0.003")
+    tier.save()  # another process's change, as far as ``stale`` knows
+    fresh = Model.objects.select_related("hardware").get(pk=demo_model.pk)
+    assert fresh.price_version == 2
+    state = pricing_state(fresh, 330)
+    assert state.current.quote({"text": "x"}) == D("0.03")
+    assert sorted(rule.mode for rule in state.honoured) == ["flat", "per_second"]  # both earlier rules
+    stale.description = "edited from a page opened before the changes"
+    stale.hardware, stale.pricing_mode, stale.expected_seconds = tier, "per_second", D(10)
+    stale.save()  # no price change against the row: no new version, and none taken back
+    assert Model.objects.get(pk=demo_model.pk).price_version == 2
 
 
 @pytest.mark.django_db(transaction=True)

@@ -85,9 +85,6 @@ def test_the_402_offers_upto_first_with_the_time_limits_price(chain_settings, pe
     assert upto["maxTimeoutSeconds"] >= 10  # held through the run
     # The operator's order: exact first.
     Model.objects.filter(pk=per_second_model.pk).update(upto_order="exact_first")
-    from payments.pricing import invalidate
-
-    invalidate([per_second_model.pk])
     response = Client().post(PATH, {"input": {"seconds": 1}}, content_type="application/json")
     assert [a["scheme"] for a in decode_header(response["PAYMENT-REQUIRED"])["accepts"]] == ["exact", "upto"]
 
@@ -491,9 +488,6 @@ def test_an_after_success_run_whose_authorization_cannot_outlast_it_is_not_start
     from tests.payers import v2_header_for
 
     Model.objects.filter(pk=per_second_model.pk).update(upto_order="off", settlement_policy="after_success")
-    from payments.pricing import invalidate
-
-    invalidate([per_second_model.pk])
     payer = fresh_payer(chain_settings)
     prediction = _paid_not_run(chain_settings, monkeypatch, lambda required: v2_header_for(payer["private_key"], required))
     assert prediction.payment.scheme == "exact" and prediction.settlement_policy == "after_success"

@@ -95,8 +95,8 @@ if env.bool("DATABASE_POOL", default=False):
 DATABASES["default"]["TEST"] = {"NAME": env.str("DATABASE_TEST_NAME", default="test_x402")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# Prices are read on every paid request: cached in Redis, shared by every process, invalidated
-# on save (payments.pricing).
+# Shared by every process: rate limits, sign-in nonces, the batcher's kicks, export progress
+# (prices are read with the model's row and cached per process: payments.pricing).
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
