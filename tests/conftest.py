@@ -154,9 +154,16 @@ def test_cache() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _clear_cache() -> None:
+    """Every test starts with an empty cache, and so does what each process keeps in memory
+    (the honoured price rules, the batcher kicks it knows of): the flush gives rows the same ids."""
     from django.core.cache import cache
 
+    from payments.chain import batching
+    from payments.pricing import honoured_cache
+
     cache.clear()
+    honoured_cache.clear()
+    batching._scheduled_until.clear()
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:

@@ -355,3 +355,31 @@ def test_worker_killed_between_signing_and_broadcasting_a_batch(
     assert {p.status for p in refreshed(payments)} == {"confirmed"}
     assert [token_balance(chain, p["address"]) for p in payers] == [b - PRICE for b in balances]
     assert chain_nonce(chain, chain.relayer_address) == relayer_nonce + 1
+
+
+def test_a_process_kicks_the_batcher_once_per_window(offline_options, monkeypatch, settings) -> None:
+    """On the hot path a process that scheduled the batcher sends nothing more (not even a cache
+    write) until that batcher runs; once it has started, the next payment kicks again."""
+    from django.core.cache import cache
+
+    from x402site import dispatch
+
+    settings.X402_BATCH_MAX_AGE = 5.0
+    sent, adds = [], []
+    real_add = cache.add
+    monkeypatch.setattr(dispatch, "send", lambda name, *args, **options: sent.append((name, args, options)))
+    monkeypatch.setattr(cache, "add", lambda *a, **k: adds.append(a) or real_add(*a, **k))
+    conf = configured()[0]
+    for _ in range(5):
+        batching.kick(conf)
+    assert len(sent) == 1 and sent[0][2]["countdown"] == 5.0
+    assert len(adds) == 1
+    batching.started(conf)
+    batching.kick(conf)
+    assert len(sent) == 2 and len(adds) == 2
+    # Another process's kick (the key is there, this process did not write it): trusted briefly.
+    batching._scheduled_until.clear()
+    batching.kick(conf)
+    assert len(sent) == 2 and len(adds) == 3
+    batching.kick(conf)
+    assert len(adds) == 3

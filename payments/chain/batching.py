@@ -315,16 +315,23 @@ def settle_now(payment_id: Any) -> Payment:
     return p
 
 
+#: Per process: until when (monotonic) a batcher is known to be scheduled, per kick key.
+_scheduled_until: dict[str, float] = {}
+
+
 def kick(conf: ConfiguredOption, *, delay: float | None = None, force: bool = True) -> None:
     """Make sure a batcher runs for this option within ``delay`` seconds (default
-    ``X402_BATCH_MAX_AGE``). On the paid request's hot path: one cache write per window; the
-    batcher it queues takes every payment ready by then. Best effort: the reconciler's sweep
-    kicks again for anything left."""
+    ``X402_BATCH_MAX_AGE``). On the paid request's hot path: nothing while this process knows a
+    batcher is scheduled, else one cache write per window; the batcher it queues takes every
+    payment ready by then. Best effort: the reconciler's sweep kicks again for anything left."""
     from django.core.cache import cache
 
     delay = settings.X402_BATCH_MAX_AGE if delay is None else delay
     network, asset = conf.option.network, conf.option.asset
     key = _kick_key(conf, delay)
+    now = time.monotonic()
+    if delay > 0 and _scheduled_until.get(key, 0.0) > now:
+        return  # a batcher runs by then and takes this payment
     try:
         if cache.add(key, 1, timeout=max(1, math.ceil(delay))):
             try:
@@ -332,6 +339,12 @@ def kick(conf: ConfiguredOption, *, delay: float | None = None, force: bool = Tr
             except Exception:
                 cache.delete(key)  # not queued: the next payment kicks again
                 raise
+            _scheduled_until[key] = now + delay
+        else:
+            # Another process scheduled it, when is not known: trust that for a tenth of the
+            # window (a batcher that started since takes what came before it; later payments
+            # kick again at most that much later).
+            _scheduled_until[key] = now + delay / 10
     except Exception as exc:  # noqa: BLE001 - the sweep settles it; a request never fails for this
         log.warning("could not kick the batcher for %s %s: %s", network, asset, exc)
 
@@ -344,8 +357,10 @@ def started(conf: ConfiguredOption) -> None:
     """A kicked batcher starts: payments recorded from now on need a kick of their own."""
     from django.core.cache import cache
 
+    key = _kick_key(conf, settings.X402_BATCH_MAX_AGE)
+    _scheduled_until.pop(key, None)
     try:
-        cache.delete(_kick_key(conf, settings.X402_BATCH_MAX_AGE))
+        cache.delete(key)
     except Exception as exc:  # noqa: BLE001 - the key expires by itself
         log.warning("could not clear the batcher's kick: %s", exc)
 
