@@ -230,10 +230,27 @@ def transfer_data(to: str, amount: int) -> str:
 
 
 def as_sent(refund: Refund, tx: str) -> None:
-    """The refund as if the wallet had signed ``tx`` for it (the state send() leaves)."""
-    nonce = int(rpc(refund_chain_url(), "eth_getTransactionByHash", [tx])["nonce"], 16)
+    """The refund as if the wallet had signed ``tx`` for it (the state send() leaves: its outbox
+    row, the refund pointing to it)."""
+    from payments.models import SettlementTx
+
+    url = refund_chain_url()
+    signed = rpc(url, "eth_getTransactionByHash", [tx])
+    row = SettlementTx.objects.create(
+        network=refund.network,
+        relayer=refunds.wallet().address,
+        nonce=int(signed["nonce"], 16),
+        kind=SettlementTx.Kind.REFUND,
+        to=refund.asset,
+        items=1,
+        tx_hash=tx,
+        raw_tx=rpc(url, "eth_getRawTransactionByHash", [tx]),
+        gas_limit=int(signed["gas"], 16),
+        max_fee_per_gas=int(signed.get("maxFeePerGas") or signed["gasPrice"], 16),
+        max_priority_fee_per_gas=int(signed.get("maxPriorityFeePerGas") or signed["gasPrice"], 16),
+    )
     Refund.objects.filter(pk=refund.pk).update(
-        status="sent", sender=refunds.wallet().address, nonce=nonce, tx_hash=tx, approved_at=timezone.now()
+        status="sent", sender=refunds.wallet().address, tx=row, tx_hash=tx, approved_at=timezone.now()
     )
 
 
