@@ -4,13 +4,14 @@ that promises it back.
 A refund is *owed* when the lifecycle says so (``predictions.lifecycle``, the one place that
 knows how a prediction ended); finance *approves* it in the admin, or, up to
 ``X402_REFUND_AUTO_APPROVE_MAX``, the refund policy approves it as it is owed (:func:`owe`), so
-a payer is made whole in minutes; the refund wallet (its key
-in ``X402_REFUND_KEY``, never in the database) signs an ERC-20 ``transfer`` back to the payer,
-the signed transaction is stored in the outbox with the settlements' (``chain.relayer``: the
-wallet is one more signer, with its own nonces) and the refund points to it (*sent*) before it
-is broadcast, and the reconciler follows it to *confirmed* (or *failed*: the transfer reverted, at the network's
-confirmation depth; or *review*: mined without the expected Transfer, for a human). State changes go
-through :meth:`Refund.advance` only.
+a payer is made whole in minutes; the refund wallet (its key in ``X402_REFUND_KEY``, never in
+the database) signs an ERC-20 ``transfer`` back to the payer. The wallet is one more signer of
+the relayer (``chain.relayer``, its own nonces): the signed transaction is stored in the outbox
+with the settlements' and the refund points to it (*sent*) before it is broadcast; the
+reconciler follows it to *confirmed* (or *failed*: the transfer reverted, at the network's
+confirmation depth; or *review*: mined without the expected Transfer, for a human). State
+changes go through :meth:`Refund.advance` only; what a receipt means for a refund is decided
+here, how a transaction is sent, rebroadcast and replaced is the relayer's.
 """
 
 from __future__ import annotations

@@ -140,7 +140,9 @@ def take_lane(network: str, address: str | None = None) -> Lane:
     if address is not None:
         lane = lock_signer(network, account_of(address))
         if lane.row.unfunded_since is not None:
-            raise NoLaneCanPay(f"lane {address} on {network} cannot pay for gas: {lane.row.unfunded_reason}")
+            raise NoLaneCanPay(
+                f"lane {lane.account.address} on {network} cannot pay for gas: {lane.row.unfunded_reason}"
+            )
         return lane
     _ensure_rows(network, lanes())
     accounts = funded_lanes(network)
@@ -297,7 +299,7 @@ def broadcast(url: str, tx: SettlementTx) -> str | None:
     node's refusal (None: it took it or has it); a refusal for lack of gas money flags the lane."""
     error = send_raw(url, tx.raw_tx)
     if error is not None:
-        log.info("broadcast of %s (%s payments): %s", tx.tx_hash, tx.items, error)
+        log.info("broadcast of %s %s (%s items): %s", tx.kind, tx.tx_hash, tx.items, error)
         if cannot_pay(error):
             flag_unfunded(tx.network, tx.relayer, error)
     SettlementTx.objects.filter(pk=tx.pk).update(broadcast_at=timezone.now())
