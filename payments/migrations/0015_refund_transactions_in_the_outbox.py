@@ -58,6 +58,9 @@ def from_outbox(apps, schema_editor):
         refund.save(update_fields=["raw_tx", "nonce"])
     Refund.objects.update(tx=None)
     apps.get_model("payments", "SettlementTx").objects.filter(kind="refund").delete()
+    if schema_editor.connection.vendor == "postgresql":
+        # The refund table is altered next (its tx column goes) in this transaction.
+        schema_editor.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
 
 class Migration(migrations.Migration):
