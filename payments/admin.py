@@ -68,7 +68,8 @@ class PaymentEventInline(admin.TabularInline):
 
 @admin.register(SettlementTx)
 class SettlementTxAdmin(ReadOnlyAdmin):
-    """Our signed settlement transactions (a batch carries many payments); the raw bytes stay out."""
+    """Our signed transactions, the outbox (settlements, where a batch carries many payments, and
+    refunds); the raw bytes stay out."""
 
     list_display = ("created_at", "kind", "items", "relayer", "nonce", "tx_hash", "block_number", "gas_used")
     list_filter = ("kind", "network", "relayer")
@@ -379,17 +380,17 @@ class RefundEventInline(PaymentEventInline):
 
 @admin.register(Refund)
 class RefundAdmin(ReadOnlyAdmin):
-    """Refunds owed, sent and confirmed; finance approves them here (the signed bytes stay out)."""
+    """Refunds owed, sent and confirmed; finance approves them here (the signed bytes stay out:
+    they are on the refund's outbox row, ``tx``, whose admin does not show them either)."""
 
     list_display = ("created_at", "status", "amount_decimal", "recipient", "approved_by", "tx_hash", "confirmations")
     list_filter = ("status", "network")
     search_fields = ("recipient", "tx_hash", "payment__id")
-    exclude = ("raw_tx",)
     inlines = [RefundEventInline]
     actions = ["approve", "send_again"]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
-        return [f.name for f in Refund._meta.fields if f.name not in self.exclude]
+        return [f.name for f in Refund._meta.fields] + ["nonce"]
 
     def has_approve_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("payments.approve_refund")

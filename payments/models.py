@@ -373,28 +373,31 @@ class PaymentEvent(models.Model):
 
 class SettlementTxQuerySet(models.QuerySet["SettlementTx"]):
     def holding_nonce(self) -> SettlementTxQuerySet:
-        """Signed, not (yet) mined, and still waited for by a SETTLING payment: its nonce is taken
-        (it is rebroadcast or replaced until mined), and it is its lane's load."""
-        return self.filter(block_number=None, payments__status=PaymentStatus.SETTLING).distinct()
+        """Signed, not (yet) mined, and still waited for (by a SETTLING payment, or by the SENT
+        refund it pays): its nonce is taken (it is rebroadcast or replaced until mined)."""
+        waited = models.Q(payments__status=PaymentStatus.SETTLING) | models.Q(refunds__status=RefundStatus.SENT)
+        return self.filter(waited, block_number=None).distinct()
 
 
 class SettlementTx(models.Model):
-    """One transaction our relayer signed to settle payments: a single transferWithAuthorization
-    or a batch through the BatchSettler contract. Stored before it is broadcast; the payments it
-    carries point to it. Replaced (same nonce, higher fees) while stuck: every hash it ever had
-    may be mined, so all are kept."""
+    """The outbox: one transaction we signed (a relayer lane settling payments, single or in a
+    batch; the refund wallet paying a refund back). Stored before it is broadcast (see
+    ``chain.relayer``); the payments it carries, or the refund it pays, point to it. Replaced
+    (same nonce, higher fees) while stuck: every hash it ever had may be mined, so all are kept."""
 
     class Kind(models.TextChoices):
         SINGLE = "single", "One payment (the token's transferWithAuthorization)"
         BATCH = "batch", "A batch (BatchSettler.settle)"
+        REFUND = "refund", "A refund (the token's transfer from the refund wallet)"
 
     network = models.CharField(max_length=64)
+    #: The signer: a relayer lane, or the refund wallet.
     relayer = models.CharField(max_length=42)
     nonce = models.PositiveBigIntegerField()
     kind = models.CharField(max_length=8, choices=Kind.choices)
-    #: The contract called: the token (single) or the batch settler.
+    #: The contract called: the token (single, refund) or the batch settler.
     to = models.CharField(max_length=42)
-    items = models.PositiveIntegerField(help_text="Payments carried (the gas is shared among them)")
+    items = models.PositiveIntegerField(help_text="Payments carried (the gas is shared among them); 1 for a refund")
     tx_hash = models.CharField(max_length=66, unique=True, help_text="The current (or the mined) hash")
     raw_tx = models.TextField(help_text="Signed before broadcast, for rebroadcast")
     replaced_hashes = models.JSONField(
@@ -814,11 +817,14 @@ class Refund(models.Model):
     sent_at = models.DateTimeField(null=True, blank=True)
     confirmed_at = models.DateTimeField(null=True, blank=True)
     failed_at = models.DateTimeField(null=True, blank=True)
-    # The transfer, signed and stored before it is broadcast.
+    # The transfer of the current attempt: signed and stored in the outbox (``tx``) before it is
+    # broadcast. ``tx_hash`` is its current (or mined) hash, as finance reads it (the payments'
+    # ``settle_tx_hash`` likewise); forgotten when the refund is approved again after a failure.
+    tx = models.ForeignKey(
+        SettlementTx, null=True, blank=True, on_delete=models.PROTECT, related_name="refunds"
+    )
     sender = models.CharField(max_length=42, blank=True, help_text="The refund wallet")
-    nonce = models.PositiveBigIntegerField(null=True, blank=True)
     tx_hash = models.CharField(max_length=66, blank=True, db_index=True)
-    raw_tx = models.TextField(blank=True)
     block_number = models.PositiveBigIntegerField(null=True, blank=True)
     confirmations = models.PositiveIntegerField(default=0)
     # Every attempt's gas (a failed attempt's transaction paid its gas too; see refunds._earlier_gas).
@@ -849,6 +855,16 @@ class Refund(models.Model):
     @property
     def amount_decimal(self) -> Decimal:
         return Decimal(self.amount).scaleb(-self.decimals)
+
+    @property
+    def nonce(self) -> int | None:
+        """The refund wallet's nonce of the current attempt (its outbox row's)."""
+        return self.tx.nonce if self.tx is not None else None
+
+    @property
+    def raw_tx(self) -> str:
+        """The signed bytes of the current attempt ("" before it is signed)."""
+        return self.tx.raw_tx if self.tx is not None else ""
 
     def advance(self, to: str, *, detail: dict[str, Any] | None = None, **fields: Any) -> None:
         """Move to ``to``, setting ``fields``, and append the event (inside ``transaction.atomic()``,

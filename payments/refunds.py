@@ -4,12 +4,14 @@ that promises it back.
 A refund is *owed* when the lifecycle says so (``predictions.lifecycle``, the one place that
 knows how a prediction ended); finance *approves* it in the admin, or, up to
 ``X402_REFUND_AUTO_APPROVE_MAX``, the refund policy approves it as it is owed (:func:`owe`), so
-a payer is made whole in minutes; the refund wallet (its key
-in ``X402_REFUND_KEY``, never in the database) signs an ERC-20 ``transfer`` back to the payer,
-the signed transaction is stored with the refund (*sent*) before it is broadcast, and the
+a payer is made whole in minutes; the refund wallet (its key in ``X402_REFUND_KEY``, never in
+the database) signs an ERC-20 ``transfer`` back to the payer. The wallet is one more signer of
+the relayer (``chain.relayer``, its own nonces): the signed transaction is stored in the outbox
+with the settlements' and the refund points to it (*sent*) before it is broadcast; the
 reconciler follows it to *confirmed* (or *failed*: the transfer reverted, at the network's
-confirmation depth; or *review*: mined without the expected Transfer, for a human). State changes go
-through :meth:`Refund.advance` only.
+confirmation depth; or *review*: mined without the expected Transfer, for a human). State
+changes go through :meth:`Refund.advance` only; what a receipt means for a refund is decided
+here, how a transaction is sent, rebroadcast and replaced is the relayer's.
 """
 
 from __future__ import annotations
@@ -29,11 +31,18 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
 from payments.chain import relayer as relayers
-from payments.chain.abi import TRANSFER_TOPIC
 from payments.chain.node import RpcError, rpc, rpc_batch
-from payments.chain.relayer import fees, resign_raw
+from payments.chain.receipts import gas_of, has_transfer, note_mined, raise_refused, read_receipts, word
 from payments.metrics import REFUND_BROADCAST_ERRORS
-from payments.models import Payment, PaymentStatus, Refund, RefundEvent, RefundStatus, RelayerNonce
+from payments.models import (
+    Payment,
+    PaymentStatus,
+    Refund,
+    RefundEvent,
+    RefundStatus,
+    RelayerNonce,
+    SettlementTx,
+)
 from payments.options import for_payment
 from x402site import dispatch
 
@@ -128,8 +137,8 @@ def approve(refund_id: int, user: Any) -> Refund:
                 approved_by=user,
                 approved_at=timezone.now(),
                 failure_reason="",
+                tx=None,
                 tx_hash="",
-                raw_tx="",
                 block_number=None,
                 confirmations=0,
             )
@@ -152,30 +161,6 @@ def send_again(refund_id: int) -> bool:
     return True
 
 
-def _nonce(url: str, network: str, sender: str) -> int:
-    """The lowest nonce the chain has not seen that no stored, unmined refund holds (the
-    wallet's RelayerNonce row locked by the caller)."""
-    pending = int(rpc(url, "eth_getTransactionCount", [sender, "pending"]), 16)
-    held = set(
-        Refund.objects.filter(
-            network=network, sender=sender, status=R.SENT, block_number=None, nonce__gte=pending
-        ).values_list("nonce", flat=True)
-    )
-    nonce = pending
-    while nonce in held:
-        nonce += 1
-    return nonce
-
-
-def _lock_wallet(network: str, address: str) -> RelayerNonce:
-    try:
-        with transaction.atomic():
-            RelayerNonce.objects.get_or_create(network=network, address=address, defaults={"next_nonce": 0})
-    except IntegrityError:
-        pass  # another worker created it
-    return RelayerNonce.objects.select_for_update().get(network=network, address=address)
-
-
 def send(refund_id: int) -> Refund:
     """Sign and store the approved refund's transfer, then broadcast it. A refund not approved,
     or already sent, is left alone. A wallet that cannot pay (the node's estimate reverts) leaves
@@ -190,11 +175,11 @@ def send(refund_id: int) -> Refund:
         if refund.status != R.OWED or refund.approved_at is None:
             return refund
         conf = for_payment(refund.network, refund.asset)
-        lane = _lock_wallet(refund.network, account.address)
-        if lane.unfunded_since is not None:  # flagged by a refused broadcast; cleared by a balance check
-            _not_sent(refund.pk, f"{WALLET_CANNOT_PAY}: {lane.unfunded_reason}")
+        lane = relayers.lock_signer(refund.network, account)
+        if lane.row.unfunded_since is not None:  # flagged by a refused broadcast; cleared by a balance check
+            _not_sent(refund.pk, f"{WALLET_CANNOT_PAY}: {lane.row.unfunded_reason}")
             return refund
-        data = TRANSFER + refund.recipient[2:].lower().rjust(64, "0") + hex(int(refund.amount))[2:].rjust(64, "0")
+        data = TRANSFER + word(refund.recipient)[2:] + hex(int(refund.amount))[2:].rjust(64, "0")
         call = {"from": account.address, "to": refund.asset, "data": data}
         try:
             estimate, block = rpc_batch(
@@ -203,30 +188,22 @@ def send(refund_id: int) -> Refund:
         except RpcError as exc:
             _not_sent(refund.pk, f"the refund wallet cannot send: {exc}")
             return refund
-        nonce = _nonce(conf.rpc_url, refund.network, account.address)
-        max_fee, priority = fees(block)
-        signed = account.sign_transaction(
-            {
-                "chainId": conf.option.chain_id,
-                "nonce": nonce,
-                "to": to_checksum_address(refund.asset),
-                "data": data,
-                "gas": int(int(estimate, 16) * GAS_HEADROOM),
-                "maxFeePerGas": max_fee,
-                "maxPriorityFeePerGas": priority,
-                "value": 0,
-                "type": 2,
-            }
+        tx = relayers.sign_and_store(
+            conf,
+            lane,
+            kind=SettlementTx.Kind.REFUND,
+            to=to_checksum_address(refund.asset),
+            data=data,
+            gas_limit=int(int(estimate, 16) * GAS_HEADROOM),
+            items=1,
+            block=block,
         )
-        lane.next_nonce = nonce + 1
-        lane.save(update_fields=["next_nonce"])
         refund.advance(
             R.SENT,
-            detail={"nonce": nonce, "tx": "0x" + signed.hash.hex().removeprefix("0x")},
+            detail={"nonce": tx.nonce, "tx": tx.tx_hash},
+            tx=tx,
             sender=account.address,
-            nonce=nonce,
-            tx_hash="0x" + signed.hash.hex().removeprefix("0x"),
-            raw_tx="0x" + signed.raw_transaction.hex().removeprefix("0x"),
+            tx_hash=tx.tx_hash,
             failure_reason="",
             retry_at=None,
         )
@@ -250,32 +227,18 @@ def _not_sent(refund_id: int, reason: str) -> None:
 
 
 def _broadcast(url: str, refund: Refund) -> str | None:
-    """Send the stored transaction (again): the same signed bytes, safe to repeat. The node's
-    refusal (None when it took it or already has it) is recorded on the refund for finance
-    (shown in the admin), counted, and logged as a warning; a refusal for lack of gas money
-    flags the wallet as a lane that cannot pay (as the relayer's lanes)."""
-    error = relayers.send_raw(url, refund.raw_tx)
+    """Send the stored transaction (again; :func:`relayer.broadcast`: the same signed bytes, safe
+    to repeat; a refusal for lack of gas money flags the wallet as a lane that cannot pay). The
+    node's refusal (None when it took it or already has it) is recorded on the refund for
+    finance (shown in the admin), counted, and logged as a warning."""
+    error = relayers.broadcast(url, refund.tx)
     if error is not None:
         Refund.objects.filter(pk=refund.pk).update(broadcast_error=error[:2000])
         REFUND_BROADCAST_ERRORS.inc()
         log.warning("the node refused refund %s from %s: %s", refund.pk, refund.sender, error)
-        if relayers.cannot_pay(error):
-            relayers.flag_unfunded(refund.network, refund.sender, error)
         return error
     Refund.objects.filter(pk=refund.pk).exclude(broadcast_error="").update(broadcast_error="")
     return None
-
-
-def _transfers(receipt: dict[str, Any], refund: Refund) -> bool:
-    """The receipt carries the token's Transfer(wallet -> payer, amount)."""
-    word = "0x" + refund.recipient[2:].lower().rjust(64, "0")
-    sender = "0x" + refund.sender[2:].lower().rjust(64, "0")
-    return any(
-        entry["address"].lower() == refund.asset.lower()
-        and [t.lower() for t in entry["topics"]] == [TRANSFER_TOPIC, sender, word]
-        and int(entry["data"], 16) == int(refund.amount)
-        for entry in receipt.get("logs", [])
-    )
 
 
 def _earlier_gas(refund: Refund, url: str) -> tuple[int, int]:
@@ -287,27 +250,20 @@ def _earlier_gas(refund: Refund, url: str) -> tuple[int, int]:
     used = cost = 0
     for detail in refund.events.filter(to_status=R.FAILED).values_list("detail", flat=True):
         if "gas_used" not in detail and detail.get("tx"):
-            receipt = rpc(url, "eth_getTransactionReceipt", [detail["tx"]]) or {}
-            gas = int(receipt.get("gasUsed", "0x0"), 16)
-            detail = {"gas_used": gas, "gas_cost_wei": gas * int(receipt.get("effectiveGasPrice", "0x0"), 16)}
+            gas, paid = gas_of(rpc(url, "eth_getTransactionReceipt", [detail["tx"]]) or {})
+            detail = {"gas_used": gas, "gas_cost_wei": paid}
         used += int(detail.get("gas_used") or 0)
         cost += int(detail.get("gas_cost_wei") or 0)
     return used, cost
 
 
 def hashes(refund: Refund) -> list[str]:
-    """Every transaction signed for the refund's current attempt, the current one first (a
-    re-signed refund keeps its earlier ones watched: any of them, one nonce, may be the one
-    mined). Only signings since the last time it was owed (approved again after a failure) of
-    its current nonce: a failed attempt's transaction is final, and taking its receipt for the
-    new attempt's would fail a refund whose new transfer still pays."""
-    since = refund.events.filter(to_status=R.OWED).order_by("-pk").values_list("pk", flat=True).first() or 0
-    earlier = [
-        e.detail["tx"]
-        for e in refund.events.filter(to_status=R.SENT, pk__gt=since).order_by("-pk")
-        if e.detail.get("tx") and e.detail.get("nonce") == refund.nonce
-    ]
-    return list(dict.fromkeys([refund.tx_hash, *earlier]))
+    """Every transaction signed for the refund's current attempt, the current one first: its
+    outbox row's (a re-signed refund keeps its earlier ones watched: any of them, one nonce, may
+    be the one mined). A failed attempt's row is forgotten when the refund is approved again:
+    its transaction is final, and taking its receipt for the new attempt's would fail a refund
+    whose new transfer still pays."""
+    return refund.tx.hashes if refund.tx is not None else []
 
 
 def track(refund_id: int) -> Refund:
@@ -315,17 +271,18 @@ def track(refund_id: int) -> Refund:
     failed once its revert has them, in review if it was mined without its Transfer; while no
     block has any of its transactions: failed (dropped) once the wallet's nonce at the
     network's depth is past it (another transaction used the nonce), re-signed with a higher
-    fee (same nonce) once stuck, else rebroadcast."""
-    refund = Refund.objects.get(pk=refund_id)
+    fee (same nonce) once stuck, else rebroadcast (the relayer's rules for every outgoing
+    transaction)."""
+    refund = Refund.objects.select_related("tx").get(pk=refund_id)
     if refund.status != R.SENT:
         return refund
     conf = for_payment(refund.network, refund.asset)
     depth = conf.option.confirmations
-    watched = hashes(refund)
-    *receipts, head = rpc_batch(
-        conf.rpc_url, [*[("eth_getTransactionReceipt", [h]) for h in watched], ("eth_blockNumber", [])]
-    )
-    mined_as = next(((h, r) for h, r in zip(watched, receipts, strict=True) if r), None)
+    tx = refund.tx
+    watched = tx.hashes
+    found, latest = read_receipts(conf.rpc_url, watched)
+    raise_refused(found, watched)
+    mined_as = note_mined(tx, found)
     earlier_gas, earlier_cost = _earlier_gas(refund, conf.rpc_url)
     if mined_as is None:
         if refund.block_number is not None:  # a reorg dropped its block, and with it this attempt's gas
@@ -337,17 +294,11 @@ def track(refund_id: int) -> Refund:
             )
         # At the depth below the head the receipts were read at: a block our transaction was in
         # would have shown its receipt.
-        final = max(0, int(head, 16) - depth + 1)
-        used = int(rpc(conf.rpc_url, "eth_getTransactionCount", [refund.sender, hex(final)]), 16)
-        if used > refund.nonce:
+        used = relayers.nonces_used(conf.rpc_url, tx, latest, depth)
+        if used > tx.nonce:
             return _dropped(refund, watched, used, (earlier_gas, earlier_cost))
-        stuck = bool(
-            refund.sent_at and (timezone.now() - refund.sent_at).total_seconds() > settings.X402_STUCK_AFTER_SECONDS
-        )
-        # The rule of every outgoing transaction (relayer.resend): re-signed with a higher fee
-        # only when stuck and in the node's pool, or refused for another reason than funds.
         step = relayers.resend(
-            conf.rpc_url, refund.tx_hash, stuck=stuck, send=lambda: _broadcast(conf.rpc_url, refund)
+            conf.rpc_url, tx.tx_hash, stuck=relayers.is_stuck(tx), send=lambda: _broadcast(conf.rpc_url, refund)
         )
         if step == relayers.Resend.RESIGN:
             return _resign(conf.rpc_url, refund)
@@ -357,9 +308,8 @@ def track(refund_id: int) -> Refund:
         Refund.objects.filter(pk=refund.pk).update(tx_hash=tx_hash)
         refund.tx_hash = tx_hash
     block = int(receipt["blockNumber"], 16)
-    confirmations = max(0, int(head, 16) - block + 1)
-    gas_used = int(receipt["gasUsed"], 16)
-    gas_cost = gas_used * int(receipt.get("effectiveGasPrice", "0x0"), 16)
+    confirmations = max(0, latest - block + 1)
+    gas_used, gas_cost = gas_of(receipt)
     # The refund's gas is every attempt's: the earlier failed ones' and this one's.
     mined = {
         "block_number": block,
@@ -384,7 +334,7 @@ def track(refund_id: int) -> Refund:
                 )
             else:
                 Refund.objects.filter(pk=refund.pk).update(**mined)
-        elif not _transfers(receipt, refund):
+        elif not has_transfer(receipt, refund.asset, refund.sender, refund.recipient, int(refund.amount)):
             # Mined and successful, yet not the Transfer we signed: money may have moved. Not
             # FAILED (that invites a second payment): a human must look.
             refund.advance(
@@ -420,27 +370,27 @@ def _dropped(refund: Refund, watched: list[str], used: int, earlier: tuple[int, 
 
 
 def _resign(url: str, refund: Refund) -> Refund:
-    """A stuck refund signed again with the same nonce and a higher fee (the relayer's rule), the
-    new transaction stored before it is broadcast; the earlier ones stay watched."""
+    """A stuck refund signed again with the same nonce and a higher fee (:func:`relayer.replace`),
+    the new transaction stored before it is broadcast; the earlier ones stay watched."""
     block = rpc(url, "eth_getBlockByNumber", ["latest", False])
     with transaction.atomic():
         refund = Refund.objects.select_for_update().get(pk=refund.pk)
         account = wallet()
         if refund.status != R.SENT:
             return refund
-        if account.address != refund.sender:  # the wallet's key changed: never sign anew
+        refund.tx = tx = SettlementTx.objects.select_for_update().get(pk=refund.tx_id)
+        if account.address != tx.relayer:  # the wallet's key changed: never sign anew
             _broadcast(url, refund)
             return refund
-        resigned = resign_raw(refund.raw_tx, account, block)
-        if resigned is None:  # at X402_MAX_FEE_PER_GAS: the last one is rebroadcast
+        replaced = relayers.replace(tx, account, block)
+        if replaced is None:  # at X402_MAX_FEE_PER_GAS: the last one is rebroadcast
             _broadcast(url, refund)
             return refund
-        tx_hash, raw, max_fee = resigned
+        old, max_fee = replaced
         refund.advance(
             R.SENT,
-            detail={"nonce": refund.nonce, "tx": tx_hash, "replaces": refund.tx_hash, "max_fee_per_gas": max_fee},
-            tx_hash=tx_hash,
-            raw_tx=raw,
+            detail={"nonce": tx.nonce, "tx": tx.tx_hash, "replaces": old, "max_fee_per_gas": max_fee},
+            tx_hash=tx.tx_hash,
         )
     _broadcast(url, refund)
     return refund

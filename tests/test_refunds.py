@@ -230,10 +230,27 @@ def transfer_data(to: str, amount: int) -> str:
 
 
 def as_sent(refund: Refund, tx: str) -> None:
-    """The refund as if the wallet had signed ``tx`` for it (the state send() leaves)."""
-    nonce = int(rpc(refund_chain_url(), "eth_getTransactionByHash", [tx])["nonce"], 16)
+    """The refund as if the wallet had signed ``tx`` for it (the state send() leaves: its outbox
+    row, the refund pointing to it)."""
+    from payments.models import SettlementTx
+
+    url = refund_chain_url()
+    signed = rpc(url, "eth_getTransactionByHash", [tx])
+    row = SettlementTx.objects.create(
+        network=refund.network,
+        relayer=refunds.wallet().address,
+        nonce=int(signed["nonce"], 16),
+        kind=SettlementTx.Kind.REFUND,
+        to=refund.asset,
+        items=1,
+        tx_hash=tx,
+        raw_tx=rpc(url, "eth_getRawTransactionByHash", [tx]),
+        gas_limit=int(signed["gas"], 16),
+        max_fee_per_gas=int(signed.get("maxFeePerGas") or signed["gasPrice"], 16),
+        max_priority_fee_per_gas=int(signed.get("maxPriorityFeePerGas") or signed["gasPrice"], 16),
+    )
     Refund.objects.filter(pk=refund.pk).update(
-        status="sent", sender=refunds.wallet().address, nonce=nonce, tx_hash=tx, approved_at=timezone.now()
+        status="sent", sender=refunds.wallet().address, tx=row, tx_hash=tx, approved_at=timezone.now()
     )
 
 
@@ -752,3 +769,60 @@ def test_a_refund_approved_again_after_it_reverted_on_chain_keeps_the_gas_of_bot
     legacy = {k: v for k, v in failed.items() if k not in ("gas_used", "gas_cost_wei")}
     refund.events.filter(to_status="failed").update(detail=legacy)
     assert refunds._earlier_gas(refund, chain.rpc_url) == (int(reverted["gasUsed"], 16), cost(reverted))
+
+
+def test_a_refund_is_an_outbox_transaction_of_the_refund_wallet(chain_settings, eager_celery) -> None:
+    """Issue 26: a refund's transfer is an outbox row (SettlementTx, kind refund) of the refund
+    wallet, stored before it is broadcast; its nonce stays held while the refund waits (the
+    wallet's next transaction takes the next one even when the node lost it), a balance check
+    of the wallet counts what it may cost, and it is re-signed on that row (same nonce, every
+    hash kept) until one is mined."""
+    from unittest import mock
+
+    from payments.models import RelayerNonce, SettlementTx
+    from payments.options import configured
+
+    chain = chain_settings
+    conf = configured()[0]
+    refund = owed_refund(chain)
+    wallet = refunds.wallet().address
+    pending = int(rpc(chain.rpc_url, "eth_getTransactionCount", [wallet, "pending"]), 16)
+    stored_at_broadcast = []
+    send_raw = relayer.send_raw
+
+    def spy(url: str, raw: str) -> str | None:
+        stored_at_broadcast.append(list(SettlementTx.objects.filter(raw_tx=raw).values_list("kind", "relayer", "nonce")))
+        return send_raw(url, raw)
+
+    with no_automine(chain):
+        with mock.patch.object(relayer, "send_raw", spy):
+            refunds.approve(refund.pk, None)
+        refund.refresh_from_db()
+        tx = refund.tx
+        assert (tx.kind, tx.relayer, tx.nonce, tx.items, tx.tx_hash) == ("refund", wallet, pending, 1, refund.tx_hash)
+        assert stored_at_broadcast == [[("refund", wallet, pending)]]
+        first = tx.tx_hash
+
+        rpc(chain.rpc_url, "anvil_dropTransaction", [first])  # the node lost it: the refund still holds its nonce
+        assert relayer.allocate_nonce(conf, refund.network, wallet) == pending + 1
+
+        cost = tx.gas_limit * int(tx.max_fee_per_gas)
+        RelayerNonce.objects.filter(address=wallet).update(unfunded_since=timezone.now(), unfunded_reason="test")
+        with override_settings(X402_RELAYER_MIN_BALANCE_WEI=10**15):
+            rpc(chain.rpc_url, "anvil_setBalance", [wallet, hex(10**15 + cost - 1)])
+            assert relayer.recheck_unfunded({refund.network: chain.rpc_url}) == set()
+            rpc(chain.rpc_url, "anvil_setBalance", [wallet, hex(10**15 + cost)])
+            assert relayer.recheck_unfunded({refund.network: chain.rpc_url}) == {refund.network}
+        rpc(chain.rpc_url, "anvil_setBalance", [wallet, hex(10**18)])
+
+        refunds.track(refund.pk)  # not stuck: the same bytes again
+        with override_settings(X402_STUCK_AFTER_SECONDS=0):
+            refunds.track(refund.pk)  # stuck in the pool: re-signed on its row
+        tx.refresh_from_db()
+        refund.refresh_from_db()
+        assert (refund.tx_id, tx.nonce, tx.replaced_hashes, tx.tx_hash) == (tx.pk, pending, [first], refund.tx_hash)
+        rpc(chain.rpc_url, "anvil_mine", [hex(1)])
+    refund = confirm(refund)
+    tx.refresh_from_db()
+    assert refund.status == "confirmed" and tx.block_number == refund.block_number and tx.gas_used == refund.gas_used
+    assert SettlementTx.objects.filter(kind="refund").count() == 1 and refund_violations(chain.rpc_url) == []

@@ -1,8 +1,10 @@
-"""Our relayer accounts ("lanes"): nonces, fees, and signed settlement transactions.
+"""Our signers ("lanes"): nonces, fees, and the outbox of signed transactions.
 
-Every transaction is signed and **stored** (a :class:`SettlementTx` row, committed with the
-payments it carries) before it is broadcast; only that stored transaction is ever rebroadcast,
-or replaced with the same nonce and higher fees while it is stuck. Each lane (one key from
+Every transaction we send (a settlement, a batch, an upto settle, a refund) is signed and
+**stored** (a :class:`SettlementTx` row, committed with the payments it carries or the refund it
+pays) before it is broadcast; only that stored transaction is ever rebroadcast, or replaced with
+the same nonce and higher fees while it is stuck. The refund wallet is a signer like the
+relayer lanes (:func:`lock_signer`), with its own nonce sequence. Each lane (one key from
 ``X402_RELAYER_KEYS``) has its own nonce sequence, allocated under its ``RelayerNonce`` row
 lock; a worker takes the least loaded lane it can lock (``SKIP LOCKED``), so workers sign in
 parallel and a transaction stuck on one lane does not hold the payments of the others.
@@ -33,7 +35,7 @@ from django.utils import timezone
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from payments.chain.node import RpcError, rpc
+from payments.chain.node import ChainUnavailable, RpcError, rpc
 from payments.metrics import UNFUNDED_BROADCASTS
 from payments.models import PaymentStatus, RelayerNonce, SettlementTx
 from payments.options import ConfiguredOption
@@ -121,6 +123,13 @@ def loads(network: str) -> dict[str, int]:
     return dict(rows)
 
 
+def lock_signer(network: str, account: LocalAccount) -> Lane:
+    """Lock ``account``'s row on ``network`` (created on first use), waiting for another worker
+    that holds it (call inside a transaction): its nonces are then allocated serially."""
+    _ensure_rows(network, [account])
+    return Lane(account, RelayerNonce.objects.select_for_update().get(network=network, address=account.address))
+
+
 def take_lane(network: str, address: str | None = None) -> Lane:
     """Lock the least loaded lane this worker can have at once (call inside a transaction).
 
@@ -129,12 +138,12 @@ def take_lane(network: str, address: str | None = None) -> Lane:
     it), waited for if another worker holds it.
     """
     if address is not None:
-        account = account_of(address)
-        _ensure_rows(network, [account])
-        row = RelayerNonce.objects.select_for_update().get(network=network, address=account.address)
-        if row.unfunded_since is not None:
-            raise NoLaneCanPay(f"lane {account.address} on {network} cannot pay for gas: {row.unfunded_reason}")
-        return Lane(account, row)
+        lane = lock_signer(network, account_of(address))
+        if lane.row.unfunded_since is not None:
+            raise NoLaneCanPay(
+                f"lane {lane.account.address} on {network} cannot pay for gas: {lane.row.unfunded_reason}"
+            )
+        return lane
     _ensure_rows(network, lanes())
     accounts = funded_lanes(network)
     if not accounts:
@@ -157,12 +166,12 @@ def take_lane(network: str, address: str | None = None) -> Lane:
 
 
 def allocate_nonce(conf: ConfiguredOption, network: str, relayer: str) -> int:
-    """The lowest nonce the chain has not seen that no stored, unmined settlement holds.
+    """The lowest nonce the chain has not seen that no stored, unmined transaction holds.
 
-    Called with the lane's RelayerNonce row locked, so allocations are serial per lane.
+    Called with the signer's RelayerNonce row locked, so allocations are serial per signer.
     Signed transactions still waited for keep their nonces (the reconciler rebroadcasts them);
-    a nonce whose transaction was given up (its payments lapsed unmined) is reused, so no gap
-    is left that would block every later settlement of the lane.
+    a nonce whose transaction was given up (its payments lapsed unmined, its refund failed) is
+    reused, so no gap is left that would block every later transaction of the signer.
     """
     pending = int(rpc(conf.rpc_url, "eth_getTransactionCount", [relayer, "pending"]), 16)
     held = set(
@@ -198,8 +207,8 @@ def sign_and_store(
     items: int,
     block: dict[str, Any],
 ) -> SettlementTx:
-    """Allocate the lane's next nonce, sign, and store the transaction (inside the transaction
-    that holds the lane's row and moves its payments to SETTLING)."""
+    """Allocate the signer's next nonce, sign, and store the transaction (inside the transaction
+    that holds the signer's row and moves its payments to SETTLING, or its refund to SENT)."""
     network = conf.option.network
     nonce = allocate_nonce(conf, network, lane.account.address)
     max_fee, priority = fees(block)
@@ -276,9 +285,7 @@ def recheck_unfunded(rpc_urls: dict[str, str]) -> set[str]:
     cleared = set()
     for row in RelayerNonce.objects.filter(unfunded_since__isnull=False, network__in=list(rpc_urls)):
         wei = int(rpc(rpc_urls[row.network], "eth_getBalance", [row.address, "latest"]), 16)
-        waiting = SettlementTx.objects.filter(
-            network=row.network, relayer=row.address, block_number=None, payments__status=PaymentStatus.SETTLING
-        ).distinct()
+        waiting = SettlementTx.objects.holding_nonce().filter(network=row.network, relayer=row.address)
         need = settings.X402_RELAYER_MIN_BALANCE_WEI + sum(t.gas_limit * t.max_fee_per_gas for t in waiting)
         if wei >= need:
             RelayerNonce.objects.filter(pk=row.pk).update(unfunded_since=None, unfunded_reason="")
@@ -292,7 +299,7 @@ def broadcast(url: str, tx: SettlementTx) -> str | None:
     node's refusal (None: it took it or has it); a refusal for lack of gas money flags the lane."""
     error = send_raw(url, tx.raw_tx)
     if error is not None:
-        log.info("broadcast of %s (%s payments): %s", tx.tx_hash, tx.items, error)
+        log.info("broadcast of %s %s (%s items): %s", tx.kind, tx.tx_hash, tx.items, error)
         if cannot_pay(error):
             flag_unfunded(tx.network, tx.relayer, error)
     SettlementTx.objects.filter(pk=tx.pk).update(broadcast_at=timezone.now())
@@ -332,6 +339,18 @@ def is_stuck(tx: SettlementTx) -> bool:
     return (timezone.now() - tx.signed_at).total_seconds() > settings.X402_STUCK_AFTER_SECONDS
 
 
+def nonces_used(url: str, tx: SettlementTx, latest: int, depth: int) -> int:
+    """How many nonces the transaction's signer had used at confirmation ``depth`` below block
+    ``latest``: past ``tx.nonce``, none of its unmined hashes can ever be mined (a sibling
+    signature of the same nonce, or another transaction of the signer, took it).
+    ChainUnavailable when the node cannot say."""
+    at = max(0, latest - max(depth, 1) + 1)
+    try:
+        return int(rpc(url, "eth_getTransactionCount", [tx.relayer, hex(at)]), 16)
+    except (RpcError, TypeError, ValueError) as exc:
+        raise ChainUnavailable(f"nonce of {tx.relayer} unreadable: {exc}") from exc
+
+
 def decode(raw: str) -> dict[str, Any]:
     """The fields of a signed EIP-1559 transaction (to re-sign it)."""
     import rlp
@@ -360,6 +379,21 @@ def locked(tx_id: int) -> Iterator[SettlementTx]:
         yield SettlementTx.objects.select_for_update().get(pk=tx_id)
 
 
+def replace(tx: SettlementTx, account: LocalAccount, block: dict[str, Any]) -> tuple[str, int] | None:
+    """Re-sign the stored transaction (locked by the caller, see :func:`locked`) as ``account``
+    with the same nonce and higher fees, and store it (every earlier hash stays watched):
+    (the hash it replaced, its new max fee); None at the fee cap (the last one is rebroadcast)."""
+    resigned = resign_raw(tx.raw_tx, account, block)
+    if resigned is None:
+        return None
+    old = tx.tx_hash
+    tx.replaced_hashes = tx.hashes
+    tx.tx_hash, tx.raw_tx, tx.max_fee_per_gas = resigned
+    tx.signed_at = timezone.now()
+    tx.save(update_fields=["replaced_hashes", "tx_hash", "raw_tx", "signed_at", "max_fee_per_gas"])
+    return old, int(tx.max_fee_per_gas)
+
+
 def resign(tx: SettlementTx, block: dict[str, Any]) -> tuple[str, str, int] | None:
     """The same transaction (nonce, calldata) with fees raised past the node's replacement rule:
     (hash, raw, max fee); None at the fee cap (see :func:`resign_raw`)."""
@@ -374,7 +408,7 @@ def _bumped(fee: int) -> int:
 def resign_raw(raw: str, account: LocalAccount, block: dict[str, Any]) -> tuple[str, str, int] | None:
     """``raw`` (signed by ``account``) again with the same nonce and calldata and fees raised
     past the node's replacement rule: (hash, raw, max fee). Same nonce: at most one of them is
-    ever mined (refunds use it too).
+    ever mined.
 
     Each fee is the higher of the last one raised by 12.5% (the least a node accepts for a
     replacement) and what the latest block asks, never above ``X402_MAX_FEE_PER_GAS``: fees do

@@ -53,6 +53,7 @@ from payments.chain.node import (
     rpc,
     rpc_batch,
 )
+from payments.chain.receipts import read_receipts
 from payments.chain.relayer import relayer_account
 from payments.facilitator import FacilitatorClient, FacilitatorUnavailable
 from payments.metrics import RECONCILE_ERRORS
@@ -716,18 +717,8 @@ def _write(moves: list[tuple[Payment, Move]]) -> None:
 
 
 def _read_receipts(url: str, hashes: list[str]) -> tuple[dict[str, Any], int]:
-    """Receipts of ``hashes`` and the latest block number, in one JSON-RPC batch.
-
-    A hash the node refuses maps to its RpcError (raised for its group alone, see
-    :func:`_mine`), so one malformed row cannot sink the batch.
-    """
-    hashes = list(dict.fromkeys(hashes))
-    answers = rpc_batch(
-        url, [("eth_blockNumber", [])] + [("eth_getTransactionReceipt", [h]) for h in hashes], errors_inline=True
-    )
-    if isinstance(answers[0], RpcError):
-        raise ChainUnavailable(f"eth_blockNumber: {answers[0]}")
-    return dict(zip(hashes, answers[1:], strict=True)), int(answers[0], 16)
+    """Receipts of ``hashes`` and the latest block number (:func:`receipts.read_receipts`)."""
+    return read_receipts(url, hashes)
 
 
 def _mine(p: Payment, receipts: dict[str, Any]) -> dict[str, Any]:
