@@ -375,13 +375,18 @@ class SettlementTxQuerySet(models.QuerySet["SettlementTx"]):
     def holding_nonce(self) -> SettlementTxQuerySet:
         """Signed, not (yet) mined, and still waited for (by a SETTLING payment, or by the SENT
         refund it pays): its nonce is taken (it is rebroadcast or replaced until mined)."""
-        waited = models.Q(payments__status=PaymentStatus.SETTLING) | models.Q(refunds__status=RefundStatus.SENT)
+        waited = (
+            models.Q(payments__status=PaymentStatus.SETTLING)
+            | models.Q(refunds__status=RefundStatus.SENT)
+            | models.Q(channel_txs__status=ChannelTxStatus.SENT)
+        )
         return self.filter(waited, block_number=None).distinct()
 
 
 class SettlementTx(models.Model):
     """The outbox: one transaction we signed (a relayer lane settling payments, single or in a
-    batch; the refund wallet paying a refund back). Stored before it is broadcast (see
+    batch; the refund wallet paying a refund back; a lane sending a channel's deposit, claim,
+    settle or refund). Stored before it is broadcast (see
     ``chain.relayer``); the payments it carries, or the refund it pays, point to it. Replaced
     (same nonce, higher fees) while stuck: every hash it ever had may be mined, so all are kept."""
 
@@ -389,13 +394,17 @@ class SettlementTx(models.Model):
         SINGLE = "single", "One payment (the token's transferWithAuthorization)"
         BATCH = "batch", "A batch (BatchSettler.settle)"
         REFUND = "refund", "A refund (the token's transfer from the refund wallet)"
+        CHANNEL_DEPOSIT = "ch_deposit", "A channel deposit (X402BatchSettlement.deposit)"
+        CHANNEL_CLAIM = "ch_claim", "A claim of channels' vouchers (claimWithSignature)"
+        CHANNEL_SETTLE = "ch_settle", "Claimed channel funds sent to pay-to (settle)"
+        CHANNEL_REFUND = "ch_refund", "A channel's cooperative refund (refundWithSignature)"
 
     network = models.CharField(max_length=64)
     #: The signer: a relayer lane, or the refund wallet.
     relayer = models.CharField(max_length=42)
     nonce = models.PositiveBigIntegerField()
-    kind = models.CharField(max_length=8, choices=Kind.choices)
-    #: The contract called: the token (single, refund) or the batch settler.
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    #: The contract called: the token (single, refund), the batch settler, or the channels' contract.
     to = models.CharField(max_length=42)
     items = models.PositiveIntegerField(help_text="Payments carried (the gas is shared among them); 1 for a refund")
     tx_hash = models.CharField(max_length=66, unique=True, help_text="The current (or the mined) hash")
@@ -901,3 +910,7 @@ class RefundEvent(models.Model):
         if self.pk is not None:
             raise IllegalTransition("refund events are append-only")
         super().save(*args, **kwargs)
+
+
+# The channels' models live in their own package; imported here so that Django registers them.
+from payments.channels.models import Channel, ChannelCharge, ChannelStatus, ChannelTx, ChannelTxStatus  # noqa: E402,F401
