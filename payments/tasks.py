@@ -109,3 +109,44 @@ def expire_exports() -> int:
 def send_refund(refund_id: int) -> str:
     """Sign, store and broadcast one approved refund (payments.refunds); the reconciler confirms it."""
     return refunds.send(refund_id).status
+
+
+@shared_task(acks_late=True)
+def sweep_channels() -> dict[str, int]:
+    """One pass over the batch-settlement channels of every option our relayer settles
+    (payments.channels.sweep: follow, watch withdrawals, claim what is due, settle to pay-to);
+    passes never overlap."""
+    from payments.channels import sweep
+    from payments.options import SettlementMode, configured
+
+    with advisory_lock("payments.channels.sweep") as mine:
+        if not mine:
+            return {"skipped": 1}
+        totals: dict[str, int] = {}
+        for conf in configured():
+            if conf.mode != SettlementMode.FACILITATOR:
+                for key, n in sweep.sweep(conf).items():
+                    totals[key] = totals.get(key, 0) + n
+        return totals
+
+
+@shared_task(bind=True, acks_late=True, max_retries=TRACK_TRIES)
+def track_channel_txs(self, tx_ids: list[int]) -> int:  # type: ignore[no-untyped-def]
+    """Follow channel transactions (payments.channels.outbox.track) until they are final; the
+    sweep finishes any left."""
+    from payments.channels import outbox
+    from payments.channels.models import ChannelTxStatus
+
+    open_ids = [pk for pk in tx_ids if outbox.track(pk) == ChannelTxStatus.SENT]
+    if open_ids and self.request.retries < TRACK_TRIES:
+        raise self.retry(args=[open_ids], countdown=TRACK_EVERY_SECONDS)
+    return len(open_ids)
+
+
+@shared_task(acks_late=True, autoretry_for=(ChainUnavailable,), retry_backoff=True, retry_backoff_max=60, max_retries=None)
+def refund_channel(network: str, channel_id: str, amount: int | None = None) -> int:
+    """Return a channel's unused balance to its payer (payments.channels.outbox.refund: a
+    cooperative refund, or our admin's); the stored transaction's id."""
+    from payments.channels import outbox
+
+    return outbox.refund(outbox.option_on(network), channel_id, amount).pk

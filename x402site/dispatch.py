@@ -21,10 +21,21 @@ SETTLE_PAYMENT = "payments.tasks.settle_payment"
 SETTLE_BATCHES = "payments.tasks.settle_batches"
 SEND_REFUND = "payments.tasks.send_refund"
 RUN_EXPORT = "payments.tasks.run_export"
+TRACK_CHANNEL_TXS = "payments.tasks.track_channel_txs"
+REFUND_CHANNEL = "payments.tasks.refund_channel"
 RUN_PREDICTION = "predictions.tasks.run_prediction"
 ENFORCE_TIME_LIMIT = "predictions.tasks.enforce_time_limit"
 #: Every task name domain code sends (a test checks each is registered).
-SENT = (SETTLE_PAYMENT, SETTLE_BATCHES, SEND_REFUND, RUN_EXPORT, RUN_PREDICTION, ENFORCE_TIME_LIMIT)
+SENT = (
+    SETTLE_PAYMENT,
+    SETTLE_BATCHES,
+    SEND_REFUND,
+    RUN_EXPORT,
+    RUN_PREDICTION,
+    ENFORCE_TIME_LIMIT,
+    TRACK_CHANNEL_TXS,
+    REFUND_CHANNEL,
+)
 
 
 def task(name: str) -> Task:

@@ -167,6 +167,10 @@ CELERY_BEAT_SCHEDULE = {
     "sweep-predictions": {"task": "predictions.tasks.sweep", "schedule": 15.0},
     "remove-expired-prediction-data": {"task": "predictions.tasks.remove_expired_data", "schedule": 3600.0},
     "expire-exports": {"task": "payments.tasks.expire_exports", "schedule": 600.0},
+    "sweep-channels": {
+        "task": "payments.tasks.sweep_channels",
+        "schedule": env.float("X402_CHANNEL_SWEEP_INTERVAL", default=30.0),
+    },
 }
 
 # --- x402 payments -----------------------------------------------------------------------------
@@ -297,6 +301,19 @@ X402_COG_TIMEOUT = env.float("X402_COG_TIMEOUT", default=10.0)
 #: How long a paid MCP tool call waits for its prediction's output before answering with where
 #: it stands (the agent then reads it with the get_prediction tool).
 X402_MCP_WAIT_SECONDS = env.int("X402_MCP_WAIT_SECONDS", default=60)
+
+#: ``batch-settlement`` channels (payments.channels). Our receiverAuthorizer: signs claim batches
+#: and refunds, sends nothing (no gas); never a relayer key. Unset: channels cannot be claimed.
+X402_CHANNEL_AUTHORIZER_KEY = env.str("X402_CHANNEL_AUTHORIZER_KEY", default="")
+#: Claim a channel once its unclaimed charges reach this (token base units; 1 USDC)...
+X402_CHANNEL_CLAIM_UNCLAIMED_MAX = env.int("X402_CHANNEL_CLAIM_UNCLAIMED_MAX", default=1_000_000)
+#: ...every channel with unclaimed charges once all of them together reach this (10 USDC)...
+X402_CHANNEL_CLAIM_TOTAL_MAX = env.int("X402_CHANNEL_CLAIM_TOTAL_MAX", default=10_000_000)
+#: ...and a channel whose oldest unclaimed charge is this old (seconds). A timed withdrawal
+#: started on a channel has it claimed at once.
+X402_CHANNEL_CLAIM_MAX_AGE = env.int("X402_CHANNEL_CLAIM_MAX_AGE", default=6 * 3600)
+#: At most this many channels per claim transaction.
+X402_CHANNEL_CLAIM_BATCH_MAX = env.int("X402_CHANNEL_CLAIM_BATCH_MAX", default=50)
 
 #: Readiness fails when the relayer holds less gas money than this (wei; default 0.001 ETH).
 X402_RELAYER_MIN_BALANCE_WEI = env.int("X402_RELAYER_MIN_BALANCE_WEI", default=10**15)
