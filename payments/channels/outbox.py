@@ -245,7 +245,7 @@ def _finish(tx: SettlementTx, status: str, receipt: dict | None) -> list[Channel
     """Record the transaction's outcome on its rows (once); the channels it concerned."""
     with transaction.atomic():
         links = list(
-            ChannelTx.objects.select_for_update().filter(tx=tx, status=S.SENT).select_related("channel")
+            ChannelTx.objects.select_for_update(of=("self",)).filter(tx=tx, status=S.SENT).select_related("channel")
         )
         for link in links:
             link.status, link.finished_at = status, timezone.now()
