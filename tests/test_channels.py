@@ -19,6 +19,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
 
+from payments import tasks
 from payments.chain import devchain
 from payments.chain.devchain import DevChain
 from payments.channels import charges, outbox, state, sweep
@@ -189,9 +190,8 @@ def test_twenty_vouchers_then_one_claim_and_one_settle_pay_exactly_the_charges(s
         total += _charge_many(side, agent, req, channel, payload, 20 if agent is agents[0] else 3)
     assert sum(int(c.amount) for c in ChannelCharge.objects.all()) == total
     assert token_balance(side.chain, side.pay_to) == 0
-    # One sweep claims both channels in one transaction...
-    stats = sweep.sweep(side.conf)
-    assert stats["claimed"] == 2
+    # One sweep (the beat's task) claims both channels in one transaction...
+    assert tasks.sweep_channels()["claimed"] == 2
     (claim,) = SettlementTx.objects.filter(kind=Kind.CHANNEL_CLAIM)
     wait_mined(side.chain.rpc_url, claim.tx_hash)
     # ...the next follows it and settles to pay-to in one more...
@@ -210,6 +210,24 @@ def test_twenty_vouchers_then_one_claim_and_one_settle_pay_exactly_the_charges(s
     assert state.receiver_state(side.chain.rpc_url, side.pay_to, side.chain.asset) == (total, total)
     assert set(ChannelTx.objects.values_list("status", flat=True)) == {ChannelTxStatus.MINED}
     assert SettlementTx.objects.filter(kind__in=[Kind.CHANNEL_CLAIM, Kind.CHANNEL_SETTLE]).count() == 2
+
+
+@pytest.mark.django_db
+def test_a_row_the_node_refuses_does_not_hold_back_the_others_claims(side: Side) -> None:
+    req = side.req()
+    agents = [_agent(side.chain), _agent(side.chain)]
+    opened = [_open(side, a, req) for a in agents]
+    for payload, channel in opened:
+        _pay(side, channel, payload)
+    (_, good), (_, bad) = opened
+    # The voucher we hold for one channel is not the payer's (a corrupted record).
+    Channel.objects.filter(pk=bad.pk).update(voucher_signature=bs.hex_of(b"\x01" * 64 + b"\x1b"))
+    _mined(side, outbox.claim(side.conf, list(Channel.objects.order_by("pk"))))
+    assert _chain_channel(side, good).total_claimed == PRICE
+    assert _chain_channel(side, bad).total_claimed == 0
+    assert list(ChannelTx.objects.filter(tx__kind=Kind.CHANNEL_CLAIM).values_list("channel", flat=True)) == [good.pk]
+    # Alone, it is refused again: nothing is sent.
+    assert outbox.claim(side.conf, [Channel.objects.get(pk=bad.pk)]) is None
 
 
 # ---------------------------------------------------------------------------- attacks on a charge

@@ -161,7 +161,9 @@ def claim_args(conf: ConfiguredOption, rows: list[bs.VoucherClaim]) -> tuple[lis
 def claim(conf: ConfiguredOption, channels: Sequence[Channel]) -> SettlementTx | None:
     """Claim what we charged on ``channels`` (of ``conf``'s token and our receiverAuthorizer) in
     one transaction; channels with a claim still out are left to it. The mirrors are read from
-    the chain first (a withdrawal may have taken part of a balance). None: nothing to claim."""
+    the chain first (a withdrawal may have taken part of a balance). A batch the node refuses is
+    cut to the rows it accepts one by one (a bad row must not hold the others' money back).
+    None: nothing to claim."""
     ours = authorizer().address
     busy = claiming(conf.option.network)
     candidates = [
@@ -178,9 +180,44 @@ def claim(conf: ConfiguredOption, channels: Sequence[Channel]) -> SettlementTx |
     ]
     if not rows:
         return None
-    args = claim_args(conf, [r for _, r in rows])
-    data = state.calldata("claimWithSignature", *args)
+    try:
+        return _claim(conf, rows)
+    except bs.ChannelRejected as exc:
+        if exc.code is not bs.ErrorCode.CLAIM_SIMULATION_FAILED:
+            raise
+        good = _claimable(conf, rows)
+        kept = {c.pk for c, _ in good}
+        refused = [c.channel_id for c, _ in rows if c.pk not in kept]
+        log.error("claim refused by the node for channel(s) %s: %s", refused, exc)
+        if not good or len(good) == len(rows):
+            return None
+        return _claim(conf, good)
+
+
+def _claim(conf: ConfiguredOption, rows: list[tuple[Channel, bs.VoucherClaim]]) -> SettlementTx:
+    data = state.calldata("claimWithSignature", *claim_args(conf, [r for _, r in rows]))
     return _send(conf, Kind.CHANNEL_CLAIM, data, [(c, r.total_claimed) for c, r in rows])
+
+
+def _claimable(
+    conf: ConfiguredOption, rows: list[tuple[Channel, bs.VoucherClaim]]
+) -> list[tuple[Channel, bs.VoucherClaim]]:
+    """The rows the contract accepts alone (each simulated as a claim of its own, one batch)."""
+    calls = [
+        (
+            "eth_call",
+            [
+                {
+                    "to": bs.BATCH_SETTLEMENT_ADDRESS,
+                    "data": state.calldata("claimWithSignature", *claim_args(conf, [row])),
+                },
+                "latest",
+            ],
+        )
+        for _, row in rows
+    ]
+    answers = rpc_batch(conf.rpc_url, calls, errors_inline=True)
+    return [pair for pair, answer in zip(rows, answers, strict=True) if not isinstance(answer, RpcError)]
 
 
 def settle(conf: ConfiguredOption) -> SettlementTx | None:

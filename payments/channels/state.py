@@ -16,7 +16,7 @@ from functools import cache
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.db.models import F, Sum
+from django.db.models import Case, F, Sum, Value, When
 from django.db.models.functions import Greatest
 from django.utils import timezone
 from eth_abi import decode as abi_decode
@@ -125,6 +125,11 @@ def apply(channel: Channel, chain: ChainChannel) -> Channel:
     }
     Channel.objects.filter(pk=channel.pk).update(
         **fields,
+        # A voucher below the chain's claimed total is worth nothing: forget its signature (the
+        # payer's next voucher, built on the claimed total, replaces it).
+        voucher_signature=Case(
+            When(signed_max_claimable__lt=claimed, then=Value("")), default=F("voucher_signature")
+        ),
         signed_max_claimable=Greatest(F("signed_max_claimable"), claimed),
         charged_cumulative=Greatest(F("charged_cumulative"), claimed),
     )
