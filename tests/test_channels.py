@@ -230,6 +230,32 @@ def test_a_row_the_node_refuses_does_not_hold_back_the_others_claims(side: Side)
     assert outbox.claim(side.conf, [Channel.objects.get(pk=bad.pk)]) is None
 
 
+@pytest.mark.django_db
+def test_a_claim_whose_block_is_dropped_is_sent_again_and_counts_only_at_depth(side: Side) -> None:
+    req = side.req(minDeposit=str(10 * PRICE))
+    agent = _agent(side.chain)
+    payload, channel = _open(side, agent, req)
+    charged = _charge_many(side, agent, req, channel, payload, 3)
+    url = side.chain.rpc_url
+    with override_settings(**option_settings(side.chain, pay_to=side.pay_to, confirmations=3)):
+        conf = configured()[0]
+        snapshot = rpc(url, "evm_snapshot", [])
+        tx = outbox.claim(conf, [channel])
+        assert tx is not None
+        wait_mined(url, tx.tx_hash)
+        assert outbox.track(tx.pk) == ChannelTxStatus.SENT  # one confirmation of three
+        assert _chain_channel(side, channel).total_claimed == charged
+        assert rpc(url, "evm_revert", [snapshot])  # a reorg drops its block
+        assert _chain_channel(side, channel).total_claimed == 0
+        assert outbox.track(tx.pk) == ChannelTxStatus.SENT  # the same signed bytes, sent again
+        wait_mined(url, tx.tx_hash)
+        rpc(url, "anvil_mine", [hex(2)])
+        assert outbox.track(tx.pk) == ChannelTxStatus.MINED
+    channel.refresh_from_db()
+    assert int(channel.total_claimed) == _chain_channel(side, channel).total_claimed == charged
+    assert SettlementTx.objects.filter(kind=Kind.CHANNEL_CLAIM).count() == 1
+
+
 # ---------------------------------------------------------------------------- attacks on a charge
 
 
