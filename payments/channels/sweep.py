@@ -27,9 +27,9 @@ from payments.options import ConfiguredOption
 from payments.x402 import batch_settlement as bs
 
 log = logging.getLogger("payments.channels")
-#: The last block whose ``WithdrawInitiated`` events were read, per network (a lost cursor only
-#: costs a wider scan: the mirrors are read on every pass too).
-CURSOR = "payments.channels.withdraw-scan:{network}"
+#: The last block whose ``WithdrawInitiated`` events were read, per option (a lost cursor only
+#: costs a wider scan: the mirrors of channels with unclaimed charges are read on every pass too).
+CURSOR = "payments.channels.withdraw-scan:{network}:{asset}"
 
 
 def _ours(conf: ConfiguredOption) -> Any:
@@ -39,9 +39,8 @@ def _ours(conf: ConfiguredOption) -> Any:
 def withdrawals_started(conf: ConfiguredOption) -> list[Channel]:
     """Our channels whose payer started a timed withdrawal since the last scan (the contract's
     ``WithdrawInitiated`` logs), their mirrors read from the chain."""
-    network = conf.option.network
     latest = int(rpc(conf.rpc_url, "eth_blockNumber", []), 16)
-    key = CURSOR.format(network=network)
+    key = CURSOR.format(network=conf.option.network, asset=conf.option.asset)
     start = cache.get(key)
     start = max(latest - settings.X402_LOG_LOOKBACK_BLOCKS, 0) if start is None else start + 1
     ids: set[str] = set()
@@ -94,10 +93,16 @@ def due(conf: ConfiguredOption) -> list[Channel]:
 def sweep(conf: ConfiguredOption) -> dict[str, int]:
     """One pass on ``conf``'s channels: follow the channel transactions still out, watch for
     timed withdrawals, refresh the mirrors of channels with unclaimed charges, claim the due
-    ones in one transaction, and settle claimed funds to pay-to once no claim is out."""
+    ones in one transaction, and settle claimed funds to pay-to once no claim is out. Without
+    channels (or without our receiverAuthorizer key) there is nothing to do and nothing is read."""
     stats = {"tracked": 0, "claimed": 0, "settled": 0}
+    if not settings.X402_CHANNEL_AUTHORIZER_KEY or not _ours(conf).exists():
+        return stats
     for tx_id in outbox.open_transactions(conf.option.network):
-        outbox.track(tx_id)
+        try:
+            outbox.track(tx_id)
+        except Exception:  # noqa: BLE001 - one transaction's trouble must not stop the pass
+            log.exception("channel transaction %s: tracking failed", tx_id)
         stats["tracked"] += 1
     withdrawals_started(conf)
     watched = Q(charged_cumulative__gt=F("total_claimed")) | Q(status=ChannelStatus.WITHDRAWING)
