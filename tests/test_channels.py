@@ -9,11 +9,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.db import connection
 from django.test import override_settings
+from django.utils import timezone
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
@@ -474,3 +476,57 @@ def test_a_cooperative_refund_returns_exactly_the_rest(side: Side) -> None:
     # What we charged (claimed in the refund's transaction) goes to pay-to.
     _mined(side, outbox.settle(side.conf))
     assert token_balance(side.chain, side.pay_to) == charged
+
+
+# ---------------------------------------------------------------------------- when to claim
+
+
+def _row(n: int, charged: int, claimed: int = 0, status: str = ChannelStatus.OPEN, age_seconds: int = 0) -> Channel:
+    """A channel of the option (no chain needed) with ``charged`` charged in one charge."""
+    option = configured()[0].option
+    channel = Channel.objects.create(
+        channel_id="0x" + f"{n:064x}",
+        network=option.network,
+        payer=option.pay_to,
+        payer_authorizer=option.pay_to,
+        receiver=option.pay_to,
+        receiver_authorizer=option.pay_to,
+        asset=option.asset,
+        withdraw_delay=WITHDRAW_DELAY,
+        salt="0x" + "00" * 32,
+        status=status,
+        balance=10**9,
+        total_claimed=claimed,
+        charged_cumulative=charged,
+        signed_max_claimable=charged,
+    )
+    if charged > claimed:
+        ChannelCharge.objects.create(
+            channel=channel,
+            amount=charged - claimed,
+            cumulative=charged,
+            max_claimable=charged,
+            created_at=timezone.now() - timedelta(seconds=age_seconds),
+        )
+    return channel
+
+
+@pytest.mark.django_db
+def test_claims_are_due_per_channel_in_total_by_age_and_on_a_withdrawal(offline_options: DevChain) -> None:
+    limits = {
+        "X402_CHANNEL_CLAIM_UNCLAIMED_MAX": 5_000,
+        "X402_CHANNEL_CLAIM_TOTAL_MAX": 20_000,
+        "X402_CHANNEL_CLAIM_MAX_AGE": 3600,
+    }
+    with override_settings(**limits):
+        conf = configured()[0]
+        big = _row(1, 5_000)
+        _row(2, 4_999)
+        _row(3, 8_000, claimed=8_000)  # nothing unclaimed
+        old = _row(4, 100, age_seconds=3601)
+        leaving = _row(5, 10, status=ChannelStatus.WITHDRAWING)
+        assert [c.pk for c in sweep.due(conf)] == [big.pk, old.pk, leaving.pk]
+        # All together past the total: every channel with unclaimed charges.
+        _row(6, 4_999, claimed=0)
+        _row(7, 4_999, claimed=0)
+        assert len(sweep.due(conf)) == 6
