@@ -405,8 +405,8 @@ def bench_verification(n: int) -> dict[str, Any]:
     from coincurve import PublicKey
     from eth_account import Account
 
+    from payments.x402.exact import verify_exact
     from payments.x402.types import PaymentOption, Requirement, parse_payload
-    from payments.x402.verify import verify_exact
     from tests.payers import sign_authorization, v2_payload
 
     option = PaymentOption(
@@ -464,8 +464,8 @@ def record_payments(stack: Stack, payers: list[Any], per_payer: int) -> list[Any
     from payments import ledger
     from payments.options import configured
     from payments.verification import Verification
+    from payments.x402.exact import verify_exact
     from payments.x402.types import Requirement, Resource, parse_payload
-    from payments.x402.verify import verify_exact
     from tests.payers import sign_authorization, v2_payload
 
     conf = configured()[0]
