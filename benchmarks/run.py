@@ -581,7 +581,7 @@ def bench_reconciliation(sizes: list[int]) -> list[dict[str, Any]]:
     from django.utils import timezone
 
     from payments.chain import node as chain_module
-    from payments.chain import settlement
+    from payments.chain import receipts
     from payments.models import Payment
     from payments.options import payment_options
 
@@ -595,7 +595,7 @@ def bench_reconciliation(sizes: list[int]) -> list[dict[str, Any]]:
         calls["calls"] += len(batch)
         return real_batch(url, batch, timeout, **kw)
 
-    settlement.rpc_batch = counting  # type: ignore[assignment]
+    receipts.rpc_batch = counting  # type: ignore[assignment]
     try:
         for n in sizes:
             resource = f"http://bench/reconcile/{n}"  # the bench database is thrown away after
@@ -632,7 +632,7 @@ def bench_reconciliation(sizes: list[int]) -> list[dict[str, Any]]:
             ids = list(Payment.objects.filter(resource=resource).values_list("pk", flat=True))
             calls.update(batches=0, calls=0)
             t0 = time.perf_counter()
-            stats = settlement.reconcile_batch(ids)
+            stats = receipts.reconcile_batch(ids)
             seconds = time.perf_counter() - t0
             results.append(
                 {
@@ -645,7 +645,7 @@ def bench_reconciliation(sizes: list[int]) -> list[dict[str, Any]]:
                 }
             )
     finally:
-        settlement.rpc_batch = real_batch  # type: ignore[assignment]
+        receipts.rpc_batch = real_batch  # type: ignore[assignment]
     return results
 
 
