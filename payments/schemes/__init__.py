@@ -22,7 +22,10 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (EXACT, UPTO)}
 
 
 def register(scheme: Scheme) -> Scheme:
-    """Add ``scheme`` (and its wire side) to the registries."""
+    """Add ``scheme`` (and its wire side) to the registries; one implementation per name."""
+    existing = SCHEMES.get(scheme.name)
+    if existing is not None and type(existing) is not type(scheme):
+        raise ValueError(f"scheme {scheme.name!r} is already registered by {type(existing).__name__}")
     mechanisms.register(scheme.wire)
     SCHEMES[scheme.name] = scheme
     return scheme
