@@ -235,7 +235,7 @@ def release(payment: Payment, reason: str) -> None:
     """We will not settle this VERIFIED authorization (the agent is not charged).
 
     It goes LAPSING, not EXPIRED: anyone holding it may still submit it until it lapses, and
-    only the chain can say afterwards that it was never used (``settlement.resolve_lapsing``).
+    only the chain can say afterwards that it was never used (``lapsing.resolve_lapsing``).
     """
     locked = Payment.objects.select_for_update().get(pk=payment.pk)
     if locked.status == PaymentStatus.VERIFIED:
