@@ -15,7 +15,7 @@ from django.db import IntegrityError, transaction
 from rest_framework.exceptions import APIException, ParseError
 
 from payments import idempotency, ledger
-from payments.chain import settlement
+from payments.chain import prerun
 from payments.chain.node import ChainUnavailable
 from payments.exceptions import Challenge
 from payments.idempotency import IdempotencyConflict
@@ -92,7 +92,7 @@ def _refuse_unless_settleable(paid: Verification, challenge: Challenge | None) -
     revert, so a run is never given for an authorization the chain will not honour."""
     assert challenge is not None
     try:
-        why = settlement.refusal_before_run(paid.payment, paid.conf)
+        why = prerun.refusal_before_run(paid.payment, paid.conf)
     except ChainUnavailable:
         raise ServiceUnavailable() from None
     if why is not None:
