@@ -336,12 +336,13 @@ def kick(conf: ConfiguredOption, *, delay: float | None = None, force: bool = Tr
         return  # a batcher runs by then and takes this payment
     try:
         if cache.add(key, 1, timeout=max(1, math.ceil(delay))):
+            _scheduled_until[key] = now + delay  # before the send: a batcher run at once clears it
             try:
                 dispatch.send(dispatch.SETTLE_BATCHES, network, asset, kwargs={"force": force}, countdown=delay)
             except Exception:
                 cache.delete(key)  # not queued: the next payment kicks again
+                _scheduled_until.pop(key, None)
                 raise
-            _scheduled_until[key] = now + delay
         else:
             # Another process scheduled it, when is not known: trust that for a tenth of the
             # window (a batcher that started since takes what came before it; later payments
