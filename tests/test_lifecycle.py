@@ -50,7 +50,7 @@ _ALLOWED = {
     "payments/models.py": {"advance", "_apply"},  # the ledger's state machine (one payment, or a batch)
     "payments/ledger.py": {"record"},
     # An export job's own status (ExportJob): no payment, no prediction.
-    "payments/export_jobs.py": {"run", "expire", "record_command"},
+    "payments/finance/export_jobs.py": {"run", "expire", "record_command"},
     # A development script that stages a ledger row without its transaction for a screenshot.
     "scripts/finance_screenshots.py": {"seed"},
 }
