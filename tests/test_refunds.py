@@ -573,7 +573,7 @@ def test_a_run_that_streamed_output_or_hit_its_time_limit_is_not_refunded(chain_
     """Refund policy: owed only when the run failed on our side and delivered no output. A
     before_run payer sees streamed pieces during the run, so a failure after them, or a stop at
     the time limit its input ran into (the compute was used), is not refunded."""
-    from predictions import lifecycle
+    from predictions import charges, lifecycle
     from predictions.runners import Outcome
 
     task = lifecycle.Cause.TASK
@@ -595,8 +595,8 @@ def test_a_run_that_streamed_output_or_hit_its_time_limit_is_not_refunded(chain_
     assert list(Refund.objects.values_list("payment__prediction__pk", flat=True)) == [failed]
     owed = Refund.objects.get().events.get(to_status="owed").detail
     assert (owed["cause"], owed["output_pieces"]) == ("failed", 0)
-    assert lifecycle._refund_cause(Prediction.objects.get(pk=streamed)) == lifecycle.RefundCause.FAILED_AFTER_OUTPUT
-    assert lifecycle._refund_cause(Prediction.objects.get(pk=limited)) == lifecycle.RefundCause.TIME_LIMIT
+    assert charges.refund_cause(Prediction.objects.get(pk=streamed)) == charges.RefundCause.FAILED_AFTER_OUTPUT
+    assert charges.refund_cause(Prediction.objects.get(pk=limited)) == charges.RefundCause.TIME_LIMIT
 
 
 def test_re_signing_a_stuck_refund_never_passes_the_fee_cap(chain_settings, eager_celery) -> None:
