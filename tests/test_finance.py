@@ -18,7 +18,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from payments.finance import export_jobs, exports
-from payments.finance.exports import NAMES
+from payments.finance.ledger_lines import NAMES
 from payments.models import ExportJob, NativeTokenRate, Payment
 from payments.tasks import expire_exports
 from predictions.models import Prediction, prediction_ref

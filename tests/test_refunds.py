@@ -21,7 +21,7 @@ from eth_account import Account
 
 from payments import refunds
 from payments.chain import relayer
-from payments.finance import exports, reconciliation
+from payments.finance import exports, ledger_lines, reconciliation
 from payments.finance.reports import DateBasis, LedgerFilter
 from payments.metrics import REFUND_BROADCAST_ERRORS
 from payments.models import NativeTokenRate, Payment, Refund
@@ -142,7 +142,7 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
     assert (refund_line["status"], refund_line["amount"], refund_line["payer"]) == ("confirmed", "-0.010000", payer["address"])
     assert refund_line["transaction"] == refund.tx_hash and refund_line["payment_id"] == str(prediction.payment_id)
     exported_refunds = -sum(Decimal(s["amount"]) for s in summary if s["kind"] == "refund" and s["status"] == "confirmed")
-    exported_revenue = sum(exports.paid_total(result.summary).values(), Decimal(0))
+    exported_revenue = sum(ledger_lines.paid_total(result.summary).values(), Decimal(0))
     report = reconciliation.report(reconciliation.Period(days.since, days.until))
     assert {(s.kind, s.address) for s in report.scans} == {("payment", chain.pay_to), ("refund", wallet)}
     # (Refunds other modules' tests sent earlier today, their rows gone, are chain-only lines.)
@@ -171,8 +171,8 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
     assert {r["ours"] for r in data if r is not theirs} == {"true"}
     [theirs_summed] = [s for s in summary if s["ours"] == "false"]
     assert Decimal(theirs_summed["net_amount"]) == -gas_of_others
-    assert dashboard["net"] == sum(Decimal(s["net_amount"]) for s in summary) == exports.net_total(whole.summary)
-    assert sum(exports.paid_total(whole.summary).values(), Decimal(0)) == dashboard["revenue"]
+    assert dashboard["net"] == sum(Decimal(s["net_amount"]) for s in summary) == ledger_lines.net_total(whole.summary)
+    assert sum(ledger_lines.paid_total(whole.summary).values(), Decimal(0)) == dashboard["revenue"]
 
 
 def test_after_success_a_failed_run_is_not_charged_so_nothing_is_owed(chain_settings, eager_celery) -> None:

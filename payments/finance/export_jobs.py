@@ -20,14 +20,14 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from payments.finance import exports
+from payments.finance import exports, xlsx
 from payments.finance.reports import LedgerFilter
 from payments.models import ExportJob, ExportStatus
 from x402site import dispatch
 
 log = logging.getLogger("payments.finance.exports")
 
-WRITERS = {ExportJob.Format.CSV: exports.write_zip, ExportJob.Format.XLSX: exports.write_xlsx}
+WRITERS = {ExportJob.Format.CSV: exports.write_zip, ExportJob.Format.XLSX: xlsx.write_xlsx}
 SUFFIX = {ExportJob.Format.CSV: ".zip", ExportJob.Format.XLSX: ".xlsx"}
 #: An export's progress in the cache outlives any export.
 PROGRESS_TTL = 6 * 3600
