@@ -116,6 +116,7 @@ KIND_REFUND = "refund"
 NATIVE_DECIMALS = 18
 USD_PLACES = 6
 
+
 class _Scaled(Func):
     """``round(value / 10^places, places)`` in numeric: atomic units as whole units, every digit kept."""
 
