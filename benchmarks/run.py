@@ -955,14 +955,14 @@ if mode == "baseline-csv":
     with open(out, "w", encoding="utf-8", newline="") as handle:
         export_csv(Payment.objects.filter(network=network), handle)
 else:
-    from payments.finance import exports
+    from payments.finance import exports, xlsx
     if mode == "copy-csv":
         with open(out, "wb") as handle:
             exports.copy_csv(flt, handle)
     elif mode == "copy-zip":
         exports.write_zip(flt, Path(out))
     else:
-        exports.write_xlsx(flt, Path(out))
+        xlsx.write_xlsx(flt, Path(out))
 # VmHWM, not ru_maxrss: the latter keeps the forking parent's high-water mark across exec.
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]
 print(time.perf_counter() - t0, hwm)
