@@ -61,7 +61,7 @@ def resolve_lapsing(payment_id: Any) -> Payment:
             # Ours only if it is one of our transaction's hashes (a replaced signature mined late).
             ours = p.settlement_tx if p.settlement_tx and use.used_in in p.settlement_tx.hashes else None
             # Paid: why it was going unpaid no longer holds (kept in the event for the books; a
-            # payment we had released is refunded, see predictions.lifecycle._refund_if_owed).
+            # payment we had released is refunded, see predictions.charges.refund_if_owed).
             p.advance(
                 S.SETTLING,
                 settle_tx_hash=use.used_in,
