@@ -405,8 +405,8 @@ def bench_verification(n: int) -> dict[str, Any]:
     from coincurve import PublicKey
     from eth_account import Account
 
+    from payments.x402.exact import verify_exact
     from payments.x402.types import PaymentOption, Requirement, parse_payload
-    from payments.x402.verify import verify_exact
     from tests.payers import sign_authorization, v2_payload
 
     option = PaymentOption(
@@ -462,8 +462,8 @@ def record_payments(stack: Stack, payers: list[Any], per_payer: int) -> list[Any
     from payments import ledger
     from payments.options import configured
     from payments.verification import Verification
+    from payments.x402.exact import verify_exact
     from payments.x402.types import Requirement, Resource, parse_payload
-    from payments.x402.verify import verify_exact
     from tests.payers import sign_authorization, v2_payload
 
     conf = configured()[0]
@@ -579,7 +579,7 @@ def bench_reconciliation(sizes: list[int]) -> list[dict[str, Any]]:
     from django.utils import timezone
 
     from payments.chain import node as chain_module
-    from payments.chain import settlement
+    from payments.chain import receipts, tracking
     from payments.models import Payment
     from payments.options import payment_options
 
@@ -593,7 +593,7 @@ def bench_reconciliation(sizes: list[int]) -> list[dict[str, Any]]:
         calls["calls"] += len(batch)
         return real_batch(url, batch, timeout, **kw)
 
-    settlement.rpc_batch = counting  # type: ignore[assignment]
+    receipts.rpc_batch = counting  # type: ignore[assignment]
     try:
         for n in sizes:
             resource = f"http://bench/reconcile/{n}"  # the bench database is thrown away after
@@ -630,7 +630,7 @@ def bench_reconciliation(sizes: list[int]) -> list[dict[str, Any]]:
             ids = list(Payment.objects.filter(resource=resource).values_list("pk", flat=True))
             calls.update(batches=0, calls=0)
             t0 = time.perf_counter()
-            stats = settlement.reconcile_batch(ids)
+            stats = tracking.reconcile_batch(ids)
             seconds = time.perf_counter() - t0
             results.append(
                 {
@@ -643,7 +643,7 @@ def bench_reconciliation(sizes: list[int]) -> list[dict[str, Any]]:
                 }
             )
     finally:
-        settlement.rpc_batch = real_batch  # type: ignore[assignment]
+        receipts.rpc_batch = real_batch  # type: ignore[assignment]
     return results
 
 
@@ -955,14 +955,14 @@ if mode == "baseline-csv":
     with open(out, "w", encoding="utf-8", newline="") as handle:
         export_csv(Payment.objects.filter(network=network), handle)
 else:
-    from payments.finance import exports
+    from payments.finance import exports, xlsx
     if mode == "copy-csv":
         with open(out, "wb") as handle:
             exports.copy_csv(flt, handle)
     elif mode == "copy-zip":
         exports.write_zip(flt, Path(out))
     else:
-        exports.write_xlsx(flt, Path(out))
+        xlsx.write_xlsx(flt, Path(out))
 # VmHWM, not ru_maxrss: the latter keeps the forking parent's high-water mark across exec.
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]
 print(time.perf_counter() - t0, hwm)

@@ -17,7 +17,7 @@ from django.utils.safestring import mark_safe
 
 from payments import refunds
 from payments.chain.node import ChainUnavailable, rpc
-from payments.finance import export_jobs, exports, periods, reconciliation, reports
+from payments.finance import export_jobs, ledger_lines, periods, reconciliation, reports
 from payments.finance.charts import bar_chart
 from payments.finance.reports import DateBasis, LedgerFilter
 from payments.forms import ExportForm
@@ -173,7 +173,7 @@ class PaymentAdmin(ReadOnlyAdmin):
             "refunded": refunded,
             # The whole ledger's summary, as the export's: another merchant's payment adds
             # its gas (our cost), not its amount.
-            "net": exports.net_total(exports.summarize(replace(flt, ours_only=False))),
+            "net": ledger_lines.net_total(ledger_lines.summarize(replace(flt, ours_only=False))),
             "pending": sum(totals.amount(reports.PENDING).values(), Decimal(0)),
             "moved_for_others": reports.moved_for_others(flt),
             "by_status": sorted(totals.by_status().items()),

@@ -24,6 +24,7 @@ from payments.metrics import ACCEPTED
 from payments.models import PAID_STATUSES, UNPAID_STATUSES, Payment, PaymentEvent, PaymentStatus, UnpaidReason
 from payments.options import SettlementMode, for_payment
 from payments.pricing import UsagePrice, atomic_amount
+from payments.schemes import scheme_of
 from payments.verification import Verification
 from payments.x402.types import Resource, settle_response, wire_requirement
 from payments.x402.verify import VerifiedPayment
@@ -64,6 +65,7 @@ def record(
     verified = verification.payment
     req, payload = verified.requirement, verified.payload
     auth = payload.authorization
+    usage_priced = scheme_of(payload.scheme).usage_priced
     payment = Payment.objects.create(
         status=PaymentStatus.VERIFIED,
         x402_version=payload.x402_version,
@@ -74,8 +76,8 @@ def record(
         payer=to_checksum_address(auth.from_),
         pay_to=req.option.pay_to,
         amount=auth.value,
-        maximum=auth.value if payload.permit is not None else None,
-        usage_price=usage.snapshot() if usage is not None and payload.permit is not None else {},
+        maximum=auth.value if usage_priced else None,
+        usage_price=usage.snapshot() if usage is not None and usage_priced else {},
         nonce="0x" + auth.nonce.hex(),
         valid_after=auth.valid_after,
         valid_before=auth.valid_before,
@@ -114,8 +116,8 @@ def same_proof(verified: VerifiedPayment, *, recorded_by: str) -> Payment | None
         )
         .filter(
             pay_to=verified.requirement.option.pay_to,
-            # What was signed: the amount, or an upto permit's maximum (its amount is the charge).
-            **({"maximum": auth.value} if verified.payload.permit is not None else {"amount": auth.value}),
+            # What was signed: the amount, or a usage-priced permit's maximum (its amount is the charge).
+            **({"maximum": auth.value} if scheme_of(verified.payload.scheme).usage_priced else {"amount": auth.value}),
             valid_after=auth.valid_after,
             valid_before=auth.valid_before,
             signature="0x" + verified.payload.signature.hex(),
@@ -233,7 +235,7 @@ def release(payment: Payment, reason: str) -> None:
     """We will not settle this VERIFIED authorization (the agent is not charged).
 
     It goes LAPSING, not EXPIRED: anyone holding it may still submit it until it lapses, and
-    only the chain can say afterwards that it was never used (``settlement.resolve_lapsing``).
+    only the chain can say afterwards that it was never used (``lapsing.resolve_lapsing``).
     """
     locked = Payment.objects.select_for_update().get(pk=payment.pk)
     if locked.status == PaymentStatus.VERIFIED:

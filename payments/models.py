@@ -36,7 +36,7 @@ class PaymentStatus(models.TextChoices):
 S = PaymentStatus
 
 #: The one state machine of the ledger. FAILED and EXPIRED are reached only from LAPSING, and
-#: only by ``settlement.resolve_lapsing`` once the chain says the authorization was never used.
+#: only by ``lapsing.resolve_lapsing`` once the chain says the authorization was never used.
 TRANSITIONS: dict[str, frozenset[str]] = {
     S.VERIFIED: frozenset({S.SETTLING, S.LAPSING}),
     # A signed transaction that never reached a block may be re-signed (SETTLING -> SETTLING).
@@ -282,7 +282,7 @@ class Payment(models.Model):
     def is_released(self) -> bool:
         """We decided not to settle it (released, or refused before its run): never charged by
         us, whatever the chain says until it lapses (if someone else submits it, it is paid and
-        refunded: ``predictions.lifecycle._refund_if_owed``)."""
+        refunded: ``predictions.charges.refund_if_owed``)."""
         return self.unpaid_reason in (UnpaidReason.RELEASED, UnpaidReason.REFUSED_BEFORE_RUN)
 
     @property

@@ -21,11 +21,12 @@ from rest_framework.permissions import SAFE_METHODS, BasePermission
 from payments import backpressure, idempotency, metrics, ratelimit, verification
 from payments.exceptions import Challenge, PaymentRequired, SettlementBacklogged
 from payments.models import Payment
-from payments.options import SettlementMode, configured
-from payments.pricing import UsagePrice, atomic_amount
+from payments.options import configured
+from payments.pricing import UsagePrice
+from payments.schemes import SCHEMES
 from payments.verification import Verification, VerificationUnavailable
 from payments.x402.codec import DecodeError, decode_header
-from payments.x402.types import HOLD_SLACK_SECONDS, SCHEME_UPTO, Requirement, Resource, parse_payload
+from payments.x402.types import HOLD_SLACK_SECONDS, Resource, parse_payload
 from payments.x402.verify import PaymentRejected
 from x402site.authentication import is_operator
 
@@ -79,16 +80,12 @@ def challenge_for(charge: Charge) -> Challenge:
     if not options:
         raise ServiceUnavailable("No payment option is configured on this server.")
 
-    def requirements(price: Decimal) -> list[Requirement]:
-        return [
-            Requirement(c.option, atomic_amount(price, c.option.decimals), hold_seconds=charge.hold_seconds)
-            for c in options
-        ]
-
-    offered = requirements(charge.price)
-    upto = upto_requirements(charge)
-    offered = [*upto, *offered] if charge.upto_first else [*offered, *upto]
-    honoured = [r for old in charge.honoured for r in requirements(old) if r not in offered]
+    # Each scheme's offers, the usage-priced ones first when the charge says so.
+    schemes = sorted(SCHEMES.values(), key=lambda s: s.usage_priced != charge.upto_first)
+    offered = [r for s in schemes for r in s.offers(charge, charge.price)]
+    # A price that just changed is still honoured (fixed prices: a usage price is not quoted).
+    fixed = [s for s in SCHEMES.values() if not s.usage_priced]
+    honoured = [r for old in charge.honoured for s in fixed for r in s.offers(charge, old) if r not in offered]
     return Challenge(
         requirements=offered,
         resource=charge.resource,
@@ -98,30 +95,6 @@ def challenge_for(charge: Charge) -> Challenge:
         price_usd=charge.price,
         example_input=charge.example_input,
     )
-
-
-def upto_requirements(charge: Charge) -> list[Requirement]:
-    """The pay-per-second offers of a charge: one per option our own relayer settles (the upto
-    proxy lets only the permit's ``facilitator``, one of our relayer lanes, settle it); none
-    through a remote facilitator."""
-    if charge.usage is None:
-        return []
-    from payments.chain.relayer import lanes
-
-    own = [c for c in configured() if c.mode != SettlementMode.FACILITATOR]
-    if not own:
-        return []
-    facilitators = tuple(a.address for a in lanes())
-    return [
-        Requirement(
-            c.option,
-            atomic_amount(charge.usage.maximum, c.option.decimals),
-            hold_seconds=charge.usage_hold_seconds,
-            scheme=SCHEME_UPTO,
-            facilitators=facilitators,
-        )
-        for c in own
-    ]
 
 
 def honour_window_seconds(hold_seconds: int = 0) -> int:

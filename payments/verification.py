@@ -19,31 +19,13 @@ from typing import Protocol
 
 from django.conf import settings
 
-from payments.chain.node import ChainUnavailable, PayerState, payer_state, permit2_state
+from payments.chain.node import ChainUnavailable
 from payments.facilitator import FacilitatorClient, FacilitatorUnavailable
 from payments.models import VerificationMethod
 from payments.options import ConfiguredOption, SettlementMode, for_payment
-from payments.x402.types import (
-    SCHEME_EXACT,
-    SCHEME_UPTO,
-    PaymentPayload,
-    Requirement,
-    Resource,
-    wire_requirement,
-)
-from payments.x402.verify import (
-    INSUFFICIENT_BALANCE,
-    INVALID_SIGNATURE,
-    NONCE_ALREADY_USED,
-    PERMIT2_ALLOWANCE_REQUIRED,
-    PERMIT2_INSUFFICIENT_BALANCE,
-    PERMIT2_INVALID_SIGNATURE,
-    PERMIT2_NONCE_USED,
-    PaymentRejected,
-    VerifiedPayment,
-    digest_of,
-    verify_payment,
-)
+from payments.schemes import scheme_of
+from payments.x402.types import PaymentPayload, Requirement, Resource, wire_requirement
+from payments.x402.verify import PaymentRejected, VerifiedPayment, digest_of, verify_payment
 
 log = logging.getLogger("payments.verification")
 
@@ -72,51 +54,16 @@ class Verifier(Protocol):
         ...
 
 
-def _exact_state(conf: ConfiguredOption, verified: VerifiedPayment, contract: tuple[bytes, bytes] | None) -> PayerState:
-    auth = verified.payload.authorization
-    state = payer_state(conf.rpc_url, conf.option.asset, auth.from_, auth.nonce, contract)
-    if contract is not None and not state.contract_approves:
-        raise PaymentRejected(INVALID_SIGNATURE, "not from's signature, and from is no contract wallet approving it")
-    if state.nonce_used:
-        raise PaymentRejected(NONCE_ALREADY_USED, "this authorization was already used on chain")
-    if state.balance < auth.value:
-        raise PaymentRejected(INSUFFICIENT_BALANCE, "the payer's balance does not cover the price")
-    return state
-
-
-def _upto_state(conf: ConfiguredOption, verified: VerifiedPayment, contract: tuple[bytes, bytes] | None) -> PayerState:
-    permit = verified.payload.permit
-    assert permit is not None
-    state = permit2_state(conf.rpc_url, conf.option.asset, permit, contract)
-    if contract is not None and not state.contract_approves:
-        raise PaymentRejected(
-            PERMIT2_INVALID_SIGNATURE, "not from's signature, and from is no contract wallet approving it"
-        )
-    if state.nonce_used:
-        raise PaymentRejected(PERMIT2_NONCE_USED, "this permit's nonce is already used in Permit2")
-    if state.balance < permit.maximum:
-        raise PaymentRejected(PERMIT2_INSUFFICIENT_BALANCE, "the payer's balance does not cover the maximum")
-    if (state.allowance or 0) < permit.maximum:
-        raise PaymentRejected(
-            PERMIT2_ALLOWANCE_REQUIRED, "the payer has not approved Permit2 for the maximum on this token"
-        )
-    return state
-
-
-#: The chain reads and refusals of each scheme (one JSON-RPC batch each).
-CHAIN_STATES = {SCHEME_EXACT: _exact_state, SCHEME_UPTO: _upto_state}
-
-
 class ChainVerifier:
     """Our own node: nonce unused, balance sufficient (and, for ``upto``, Permit2's allowance),
-    EIP-1271 approval, in one batch."""
+    EIP-1271 approval, in one batch: the payment's scheme's chain reads."""
 
     method = VerificationMethod.LOCAL
 
     def check(self, conf: ConfiguredOption, verified: VerifiedPayment, resource: Resource) -> int | None:
         contract = (digest_of(verified), verified.payload.signature) if verified.contract_signature else None
         try:
-            state = CHAIN_STATES[verified.payload.scheme](conf, verified, contract)
+            state = scheme_of(verified.payload.scheme).chain_state(conf, verified, contract)
         except ChainUnavailable as exc:
             log.warning("chain check failed for %s: %s", conf.option.network, exc)
             raise VerificationUnavailable(str(exc)) from None

@@ -33,9 +33,10 @@ from payments.chain.node import ChainUnavailable
 from payments.chain.relayer import relayer_account, relayer_keys
 from payments.models import Payment, PaymentStatus, VerificationMethod
 from payments.options import configured
+from payments.schemes import SCHEMES
 from payments.verification import Verification, VerificationUnavailable
 from payments.x402.codec import DecodeError
-from payments.x402.types import SCHEME_EXACT, PaymentPayload, Requirement, Resource, parse_payload
+from payments.x402.types import PaymentPayload, Requirement, Resource, parse_payload
 from payments.x402.verify import NONCE_ALREADY_USED, PaymentRejected
 from x402site.authentication import FacilitatorToken, has_role
 
@@ -265,8 +266,11 @@ class FacilitatorSupported(APIView):
     @extend_schema(tags=["facilitator"], responses={200: {"type": "object"}, 403: {"type": "object"}})
     def get(self, request: Request) -> Response:
         kinds = []
+        schemes = [s for s in SCHEMES.values() if s.facilitator_api]
         for c in configured():
-            kinds.append({"x402Version": 2, "scheme": SCHEME_EXACT, "network": c.option.network})
-            kinds.append({"x402Version": 1, "scheme": SCHEME_EXACT, "network": c.option.v1_network})
+            for s in schemes:
+                for version in sorted(s.wire.versions, reverse=True):
+                    network = c.option.network if version >= 2 else c.option.v1_network
+                    kinds.append({"x402Version": version, "scheme": s.name, "network": network})
         signers = [relayer_account(key).address for key in relayer_keys()]  # every lane may submit
         return Response({"kinds": kinds, "extensions": [], "signers": {"eip155:*": signers}})

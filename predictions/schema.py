@@ -14,7 +14,7 @@ from drf_spectacular.utils import (
 from rest_framework import serializers
 
 from payments.models import PaymentStatus
-from payments.x402.types import SCHEME_EXACT, SCHEME_UPTO
+from payments.schemes import SCHEMES
 
 from .models import PredictionStatus
 
@@ -24,7 +24,7 @@ PAYMENT = {
     "description": "The x402 payment that bought this prediction (added by this server).",
     "properties": {
         "id": {"type": "string"},
-        "scheme": {"type": "string", "enum": [SCHEME_EXACT, SCHEME_UPTO]},
+        "scheme": {"type": "string", "enum": list(SCHEMES)},
         "status": {
             "type": "string",
             "enum": PaymentStatus.values,
@@ -97,7 +97,7 @@ CHALLENGE_V1 = {
             "items": {
                 "type": "object",
                 "properties": {
-                    "scheme": {"type": "string", "enum": [SCHEME_EXACT]},
+                    "scheme": {"type": "string", "enum": [s.name for s in SCHEMES.values() if 1 in s.wire.versions]},
                     "network": {"type": "string"},
                     "maxAmountRequired": {"type": "string"},
                     "resource": {"type": "string"},

@@ -8,7 +8,7 @@ from django.urls import reverse
 from rest_framework.request import Request
 
 from payments.models import Payment
-from payments.x402.types import SCHEME_EXACT, SCHEME_UPTO
+from payments.schemes import priced_by
 
 from .models import Model, ModelVersion, Prediction, PredictionStatus
 
@@ -191,7 +191,7 @@ def _per_second(model: Model, version: Any) -> dict[str, Any] | None:
     if usage is None:
         return None
     return {
-        "scheme": SCHEME_UPTO,
+        "scheme": priced_by(usage=True).name,
         "order": model.upto_order,
         "price_per_second": f"{usage.per_second.normalize():f}",
         "time_limit_seconds": model.time_limit_seconds,
@@ -240,7 +240,7 @@ def model_json(model: Model, request: Request) -> dict[str, Any]:
             if price <= 0
             else [
                 {
-                    "scheme": SCHEME_EXACT,
+                    "scheme": priced_by(usage=False).name,
                     "network": c.option.network,
                     "asset": c.option.asset,
                     "amount": str(atomic_amount(price, c.option.decimals)),

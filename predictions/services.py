@@ -15,7 +15,7 @@ from django.db import IntegrityError, transaction
 from rest_framework.exceptions import APIException, ParseError
 
 from payments import idempotency, ledger
-from payments.chain import settlement
+from payments.chain import prerun
 from payments.chain.node import ChainUnavailable
 from payments.exceptions import Challenge
 from payments.idempotency import IdempotencyConflict
@@ -23,6 +23,7 @@ from payments.ledger import request_fingerprint
 from payments.models import Payment, UptoOrder
 from payments.permissions import Charge, ServiceUnavailable, honour_window_seconds
 from payments.pricing import PriceRule, PricingError, pricing_state, usage_price
+from payments.schemes import scheme_of
 from payments.verification import Verification
 from payments.x402 import bazaar
 from payments.x402.types import Resource
@@ -52,7 +53,7 @@ def create_prediction(
     """
     policy = version.model.settlement_policy  # read once: the prediction keeps it for good
     usage = None
-    if paid is not None and paid.payment.payload.permit is not None:
+    if paid is not None and scheme_of(paid.payment.payload.scheme).usage_priced:
         # Pay per second (upto): the charge is known only once the run is measured, so it is
         # run first and settled after, whatever the model's policy for fixed quotes.
         assert charge is not None and charge.usage is not None
@@ -92,7 +93,7 @@ def _refuse_unless_settleable(paid: Verification, challenge: Challenge | None) -
     revert, so a run is never given for an authorization the chain will not honour."""
     assert challenge is not None
     try:
-        why = settlement.refusal_before_run(paid.payment, paid.conf)
+        why = prerun.refusal_before_run(paid.payment, paid.conf)
     except ChainUnavailable:
         raise ServiceUnavailable() from None
     if why is not None:

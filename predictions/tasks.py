@@ -29,7 +29,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from payments.chain import settlement
+from payments.chain import prerun
 from payments.chain.node import ChainUnavailable
 from payments.models import PaymentStatus, UnpaidReason
 
@@ -83,12 +83,12 @@ def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
 def _refused_before_run(prediction_id: str) -> bool:
     """Before a run whose payment is held until after it (upto, after_success): its settlement
     is simulated, and a payment that could not be settled is refused, never run (its prediction
-    fails unstarted, see payments.chain.settlement.refuse_if_unsettleable)."""
+    fails unstarted, see payments.chain.prerun.refuse_if_unsettleable)."""
     starting = Prediction.objects.filter(pk=prediction_id, status=P.STARTING)
     payment_id = starting.values_list("payment_id", flat=True).first()
     if payment_id is None:
         return False
-    payment = settlement.refuse_if_unsettleable(payment_id)
+    payment = prerun.refuse_if_unsettleable(payment_id)
     return payment.unpaid_reason == UnpaidReason.REFUSED_BEFORE_RUN
 
 

@@ -23,8 +23,8 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # funds for gas * price + value"). Tests name their chain (tests/conftest.py option_settings);
 # the suite's subprocesses are given theirs (X402_DEVCHAIN_FILE in their environment).
 if not {"X402_DEVCHAIN_FILE", "X402_PAYMENT_OPTIONS", "X402_ASSET"} & {k for k, v in os.environ.items() if v}:
-    from x402site.settings import _relayer_keys  # noqa: E402
+    from x402site.settings import relayer_keys_from_env  # noqa: E402
 
-    X402_PAYMENT_OPTIONS, X402_RELAYER_KEYS = [], _relayer_keys()
+    X402_PAYMENT_OPTIONS, X402_RELAYER_KEYS = [], relayer_keys_from_env()
     X402_RELAYER_KEY = X402_RELAYER_KEYS[0] if X402_RELAYER_KEYS else ""
     X402_REFUND_KEY = os.environ.get("X402_REFUND_KEY", "")

@@ -16,10 +16,11 @@ from django.utils import timezone
 from eth_account import Account
 
 from payments import backpressure
-from payments.chain import batching, settlement
+from payments.chain import batching, lapsing, tracking
 from payments.chain import relayer as relayers
 from payments.models import Payment, SettlementTx
 from payments.options import configured
+from payments.schemes.exact import calldata as exact_calldata
 from payments.tasks import reconcile
 from tests.conftest import fresh_payer, rpc, token_balance
 from tests.test_settlement import PRICE, after_lapse, chain_nonce, record_payment, send_as, transfers_of
@@ -78,7 +79,7 @@ def test_a_batch_with_a_front_run_an_expired_and_an_unfunded_item_settles_the_re
     in_one_block(
         chain,
         sign_and_send,
-        lambda: theirs.append(send_as(chain, runner, chain.asset, settlement._calldata(front), **HIGH_TIP)),
+        lambda: theirs.append(send_as(chain, runner, chain.asset, exact_calldata(front), **HIGH_TIP)),
         lambda: drain(chain, poor["address"], token_balance(chain, poor["address"])),
         lambda: rpc(chain.rpc_url, "evm_setNextBlockTimestamp", [expiring.valid_before + 1]),
     )
@@ -94,7 +95,7 @@ def test_a_batch_with_a_front_run_an_expired_and_an_unfunded_item_settles_the_re
     assert unfunded.unpaid_reason == "settlement_reverted" and expiring.unpaid_reason == "not_settled_in_time"
 
     # The chain's word: the front-run one was paid, by the third party's transaction.
-    front = settlement.resolve_lapsing(front.pk)
+    front = lapsing.resolve_lapsing(front.pk)
     assert front.status == "confirmed" and front.settle_tx_hash == theirs[0] and front.settlement_tx is None
     after_lapse(monkeypatch, unfunded)
     reconcile()
@@ -119,7 +120,7 @@ def test_items_that_would_fail_are_dropped_before_signing(chain_settings, monkey
     poor = fresh_payer(chain)
     unfunded = record_payment(poor["private_key"])
     late = record_payment(fresh_payer(chain)["private_key"], valid_before=int(time.time()) + 25)
-    theirs = send_as(chain, Account.from_key(chain.spare_keys[1]).address, chain.asset, settlement._calldata(front))
+    theirs = send_as(chain, Account.from_key(chain.spare_keys[1]).address, chain.asset, exact_calldata(front))
     drain(chain, poor["address"], token_balance(chain, poor["address"]))
     relayer_nonce = chain_nonce(chain, chain.relayer_address)
 
@@ -198,7 +199,7 @@ def test_two_lanes_one_stuck_transaction_the_other_keeps_settling(chain_settings
     assert relayers.loads(chain.network) == {stuck.relayer: 1}
 
     reconcile()  # rebroadcasts the stored transaction
-    settlement.track_tx(stuck.pk)
+    tracking.track_tx(stuck.pk)
     assert {p.status for p in refreshed(stuck_payments)} == {"confirmed"}
     for p in refreshed([*stuck_payments, *later]):
         assert len([t for t in transfers_of(chain, p.payer) if t["topics"][2].endswith(chain.pay_to[2:].lower())]) == 1

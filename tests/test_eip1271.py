@@ -13,8 +13,8 @@ from payments.chain import contracts
 from payments.models import Payment
 from payments.options import payment_options
 from payments.x402.codec import encode_header
+from payments.x402.exact import verify_exact
 from payments.x402.types import PaymentOption, Requirement, parse_payload
-from payments.x402.verify import verify_exact
 from tests.conftest import token_balance
 from tests.payers import sign_authorization, v2_payload
 

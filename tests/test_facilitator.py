@@ -11,6 +11,7 @@ import requests
 from django.test import Client, override_settings
 from eth_account import Account
 
+from payments.chain import evidence
 from payments.models import Payment
 from payments.options import payment_options
 from payments.tasks import reconcile
@@ -149,7 +150,7 @@ def test_a_facilitator_hash_that_never_mines_is_resolved_from_the_chain(chain, d
         assert response.status_code == 201, response.content
         payment = settlement.settle(Payment.objects.get().pk, wait_seconds=0.2)
         assert payment.status == "settling" and payment.settle_tx_hash == "0x" + "ee" * 32
-        monkeypatch.setattr(time, "time", lambda: payment.valid_before + settlement.LAPSE_MARGIN_SECONDS + 1)
+        monkeypatch.setattr(time, "time", lambda: payment.valid_before + evidence.LAPSE_MARGIN_SECONDS + 1)
         from x402site.celery import app
 
         app.conf.task_always_eager = True  # the run the payment bought, inline

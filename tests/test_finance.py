@@ -18,7 +18,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from payments.finance import export_jobs, exports
-from payments.finance.exports import NAMES
+from payments.finance.ledger_lines import NAMES
 from payments.models import ExportJob, NativeTokenRate, Payment
 from payments.tasks import expire_exports
 from predictions.models import Prediction, prediction_ref
@@ -254,7 +254,7 @@ def test_admin_export_runs_in_the_background_shows_progress_and_expires(
     def watched(flt, path, progress):
         def report(done: int, total: int) -> None:
             progress(done, total)
-            seen.append(cache.get(export_jobs._progress_key(job_id)))  # what the job's page reads
+            seen.append(cache.get(export_jobs.progress_key(job_id)))  # what the job's page reads
 
         return real(flt, path, report)
 
@@ -271,7 +271,7 @@ def test_admin_export_runs_in_the_background_shows_progress_and_expires(
     assert (job.status, job.rows, job.user.username, job.filters["statuses"]) == ("done", 2, "finn", ["confirmed"])
     # While a job runs, its page shows rows done of total (from the cache) and refreshes itself.
     ExportJob.objects.filter(pk=job.pk).update(status="running")
-    cache.set(export_jobs._progress_key(job.pk), (1, 2))
+    cache.set(export_jobs.progress_key(job.pk), (1, 2))
     running = client.get(f"/admin/payments/exportjob/{job.pk}/change/").content.decode()
     assert "1 of 2 (50%)" in running and 'http-equiv="refresh"' in running
     ExportJob.objects.filter(pk=job.pk).update(status="done")

@@ -26,10 +26,11 @@ from django.test import Client, override_settings
 from eth_account import Account
 
 from payments import ledger
-from payments.chain import settlement
+from payments.chain import evidence, settlement
 from payments.chain.devchain import DevChain
 from payments.models import Payment, PaymentStatus, Refund, UnpaidReason
 from payments.options import payment_options
+from payments.schemes.exact import calldata as exact_calldata
 from payments.x402.codec import decode_header, encode_header
 from payments.x402.types import SCHEME_UPTO, PaymentOption, Requirement
 from payments.x402.verify import PERMIT2_INVALID_SIGNATURE, SETTLEMENT_WOULD_REVERT
@@ -101,7 +102,7 @@ def drain(chain: Any, payer: dict[str, str]) -> None:
 
 
 def lapse_and_reconcile(monkeypatch: Any, p: Payment) -> None:
-    monkeypatch.setattr(time, "time", lambda: p.valid_before + settlement.LAPSE_MARGIN_SECONDS + 1)
+    monkeypatch.setattr(time, "time", lambda: p.valid_before + evidence.LAPSE_MARGIN_SECONDS + 1)
     settlement.reconcile_open()
     monkeypatch.undo()
 
@@ -411,7 +412,7 @@ def test_a_released_authorization_someone_submits_later_is_refunded(
     p = prediction.payment
     assert prediction.status == "failed" and p.status == PaymentStatus.LAPSING and p.is_released
     # Someone who saw it (here the payer itself) submits the released authorization.
-    send_as(chain, payer["address"], chain.asset, settlement._calldata(p))
+    send_as(chain, payer["address"], chain.asset, exact_calldata(p))
     assert token_balance(chain, payer["address"]) == 0
     for _ in range(5):
         rpc(chain.rpc_url, "evm_mine", [])

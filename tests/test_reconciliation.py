@@ -13,7 +13,7 @@ from django.utils import timezone
 from eth_account import Account
 
 from payments.chain import batching
-from payments.finance import reconciliation
+from payments.finance import chain_transfers, reconciliation
 from payments.finance.reconciliation import LineStatus, Period
 from payments.models import ChainTransfer, Payment, ReconciliationNote, ScannedRange
 from payments.options import configured
@@ -87,14 +87,14 @@ def test_a_direct_transfer_and_a_ledger_row_without_its_transaction_are_flagged_
     period = Period(since, timezone.now() + timedelta(hours=1))
 
     reads: list[tuple[int, int]] = []
-    real_rpc = reconciliation.rpc
+    real_rpc = chain_transfers.rpc
 
     def counting_rpc(url, method, params, timeout=None):
         if method == "eth_getLogs":
             reads.append((int(params[0]["fromBlock"], 16), int(params[0]["toBlock"], 16)))
         return real_rpc(url, method, params, timeout)
 
-    reconciliation.rpc = counting_rpc
+    chain_transfers.rpc = counting_rpc
     try:
         with override_settings(X402_LOG_SPAN_BLOCKS=2, **option_settings(chain)):
             report = reconciliation.report(period)
@@ -103,7 +103,7 @@ def test_a_direct_transfer_and_a_ledger_row_without_its_transaction_are_flagged_
             again = reconciliation.report(period)
             assert len(reads) == scanned  # the final blocks were read once and kept
     finally:
-        reconciliation.rpc = real_rpc
+        chain_transfers.rpc = real_rpc
 
     assert again.lines == report.lines
     by_status = {s: [line for line in report.lines if line.status == s] for s in LineStatus}
@@ -160,7 +160,7 @@ def test_a_direct_transfer_and_a_ledger_row_without_its_transaction_are_flagged_
 
 
 def test_gaps_are_what_no_stored_range_covers() -> None:
-    gaps = reconciliation.gaps
+    gaps = chain_transfers.gaps
     assert gaps([], 5, 9) == [(5, 9)]
     assert gaps([(0, 6)], 5, 9) == [(7, 9)]
     assert gaps([(6, 6), (8, 20)], 5, 9) == [(5, 5), (7, 7)]

@@ -21,7 +21,7 @@ from eth_account import Account
 
 from payments import refunds
 from payments.chain import relayer
-from payments.finance import exports, reconciliation
+from payments.finance import exports, ledger_lines, reconciliation
 from payments.finance.reports import DateBasis, LedgerFilter
 from payments.metrics import REFUND_BROADCAST_ERRORS
 from payments.models import NativeTokenRate, Payment, Refund
@@ -142,7 +142,7 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
     assert (refund_line["status"], refund_line["amount"], refund_line["payer"]) == ("confirmed", "-0.010000", payer["address"])
     assert refund_line["transaction"] == refund.tx_hash and refund_line["payment_id"] == str(prediction.payment_id)
     exported_refunds = -sum(Decimal(s["amount"]) for s in summary if s["kind"] == "refund" and s["status"] == "confirmed")
-    exported_revenue = sum(exports.paid_total(result.summary).values(), Decimal(0))
+    exported_revenue = sum(ledger_lines.paid_total(result.summary).values(), Decimal(0))
     report = reconciliation.report(reconciliation.Period(days.since, days.until))
     assert {(s.kind, s.address) for s in report.scans} == {("payment", chain.pay_to), ("refund", wallet)}
     # (Refunds other modules' tests sent earlier today, their rows gone, are chain-only lines.)
@@ -171,8 +171,8 @@ def test_a_paid_run_that_fails_is_refunded_on_chain(chain_settings, eager_celery
     assert {r["ours"] for r in data if r is not theirs} == {"true"}
     [theirs_summed] = [s for s in summary if s["ours"] == "false"]
     assert Decimal(theirs_summed["net_amount"]) == -gas_of_others
-    assert dashboard["net"] == sum(Decimal(s["net_amount"]) for s in summary) == exports.net_total(whole.summary)
-    assert sum(exports.paid_total(whole.summary).values(), Decimal(0)) == dashboard["revenue"]
+    assert dashboard["net"] == sum(Decimal(s["net_amount"]) for s in summary) == ledger_lines.net_total(whole.summary)
+    assert sum(ledger_lines.paid_total(whole.summary).values(), Decimal(0)) == dashboard["revenue"]
 
 
 def test_after_success_a_failed_run_is_not_charged_so_nothing_is_owed(chain_settings, eager_celery) -> None:
@@ -590,7 +590,7 @@ def test_a_run_that_streamed_output_or_hit_its_time_limit_is_not_refunded(chain_
     """Refund policy: owed only when the run failed on our side and delivered no output. A
     before_run payer sees streamed pieces during the run, so a failure after them, or a stop at
     the time limit its input ran into (the compute was used), is not refunded."""
-    from predictions import lifecycle
+    from predictions import charges, lifecycle
     from predictions.runners import Outcome
 
     task = lifecycle.Cause.TASK
@@ -612,8 +612,8 @@ def test_a_run_that_streamed_output_or_hit_its_time_limit_is_not_refunded(chain_
     assert list(Refund.objects.values_list("payment__prediction__pk", flat=True)) == [failed]
     owed = Refund.objects.get().events.get(to_status="owed").detail
     assert (owed["cause"], owed["output_pieces"]) == ("failed", 0)
-    assert lifecycle._refund_cause(Prediction.objects.get(pk=streamed)) == lifecycle.RefundCause.FAILED_AFTER_OUTPUT
-    assert lifecycle._refund_cause(Prediction.objects.get(pk=limited)) == lifecycle.RefundCause.TIME_LIMIT
+    assert charges.refund_cause(Prediction.objects.get(pk=streamed)) == charges.RefundCause.FAILED_AFTER_OUTPUT
+    assert charges.refund_cause(Prediction.objects.get(pk=limited)) == charges.RefundCause.TIME_LIMIT
 
 
 def test_re_signing_a_stuck_refund_never_passes_the_fee_cap(chain_settings, eager_celery) -> None:

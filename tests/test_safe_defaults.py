@@ -98,11 +98,11 @@ def test_the_suite_does_not_take_the_quick_starts_dev_chain() -> None:
     gas money on the suite's anvil. The suite's settings take no option, lane or key from it
     (tests name their chain), so no test settles on a lane that cannot pay."""
     from tests import settings as suite
-    from x402site.settings import _relayer_keys
+    from x402site.settings import relayer_keys_from_env
 
     assert "X402_DEVCHAIN_FILE" not in os.environ  # only the suite's subprocesses get theirs
     assert suite.X402_PAYMENT_OPTIONS == []
-    assert _relayer_keys() == suite.X402_RELAYER_KEYS  # the environment's, never the file's
+    assert relayer_keys_from_env() == suite.X402_RELAYER_KEYS  # the environment's, never the file's
     assert os.environ.get("X402_REFUND_KEY", "") == suite.X402_REFUND_KEY
 
 

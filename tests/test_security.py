@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from payments.models import Payment
 from payments.options import payment_options
 from payments.x402.codec import DecodeError, decode_header, encode_header
+from payments.x402.exact import verify_exact
 from payments.x402.types import PaymentOption, Requirement, parse_payload
-from payments.x402.verify import PaymentRejected, verify_exact
+from payments.x402.verify import PaymentRejected
 from tests.payers import sign_authorization, v2_header, v2_payload
 
 pytestmark = pytest.mark.security

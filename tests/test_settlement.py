@@ -15,11 +15,12 @@ from django.test import override_settings
 from eth_account import Account
 
 from payments import ledger
-from payments.chain import settlement
+from payments.chain import evidence, lapsing, settlement, tracking
 from payments.chain.abi import TRANSFER_TOPIC
 from payments.chain.node import ChainUnavailable
 from payments.models import Payment, PaymentEvent
 from payments.options import payment_options
+from payments.schemes.exact import calldata as exact_calldata
 from payments.tasks import reconcile
 from payments.x402.types import Requirement
 from tests.conftest import fresh_payer, option_settings, rpc, token_balance, wait_mined
@@ -78,7 +79,7 @@ def test_front_run_settlement_is_paid_once(chain_settings) -> None:
     runner = Account.from_key(chain.spare_keys[1]).address
     relayer_nonce = chain_nonce(chain, chain.relayer_address)
     before = token_balance(chain, chain.pay_to)
-    theirs = send_as(chain, runner, chain.asset, settlement._calldata(p))  # someone else settles first
+    theirs = send_as(chain, runner, chain.asset, exact_calldata(p))  # someone else settles first
     p = settlement.settle(p.pk)
     assert p.status == "confirmed" and p.settle_tx_hash == theirs
     assert p.gas_used is None  # we paid no gas
@@ -88,7 +89,7 @@ def test_front_run_settlement_is_paid_once(chain_settings) -> None:
 
 def after_lapse(monkeypatch, p: Payment) -> None:
     """Move our clock past the point where no block can use ``p``'s authorization any more."""
-    monkeypatch.setattr(time, "time", lambda: p.valid_before + settlement.LAPSE_MARGIN_SECONDS + 1)
+    monkeypatch.setattr(time, "time", lambda: p.valid_before + evidence.LAPSE_MARGIN_SECONDS + 1)
 
 
 def test_payer_drains_funds_before_settlement(chain_settings, monkeypatch) -> None:
@@ -140,11 +141,11 @@ def test_settlement_reverts_when_the_payer_moves_funds_in_the_same_block(chain_s
         rpc(chain.rpc_url, "evm_mine", [])
     finally:
         rpc(chain.rpc_url, "anvil_setAutomine", [True])
-    p = settlement.track(p.pk)
+    p = tracking.track(p.pk)
     assert p.status == "lapsing" and p.failure_reason == "settlement transaction reverted"
     assert p.gas_used and p.gas_cost_wei  # the gas we lost is on the books
     after_lapse(monkeypatch, p)
-    assert settlement.resolve_lapsing(p.pk).status == "failed"
+    assert lapsing.resolve_lapsing(p.pk).status == "failed"
     assert transfers_of(chain, payer["address"])[-1]["topics"][2] != "0x" + chain.pay_to[2:].lower().rjust(
         64, "0"
     )
@@ -230,16 +231,16 @@ def test_stuck_transaction_is_replaced(chain) -> None:
             # Dropped by the node: not re-signed (a higher fee cannot help what the node does
             # not hold), the same bytes are sent again (issue 25: one rule for every transaction).
             rpc(chain.rpc_url, "anvil_dropTransaction", [stuck])
-            settlement.reconcile_batch([p.pk])
+            tracking.reconcile_batch([p.pk])
             p.refresh_from_db()
             assert p.settle_tx_hash == stuck and rpc(chain.rpc_url, "eth_getTransactionByHash", [stuck])
-            settlement.reconcile_batch([p.pk])  # in the pool and not mined: its fee is too low
+            tracking.reconcile_batch([p.pk])  # in the pool and not mined: its fee is too low
             p.refresh_from_db()
             assert p.settle_tx_hash != stuck and p.settlement_tx.replaced_hashes == [stuck]
             rpc(chain.rpc_url, "evm_mine", [])
         finally:
             rpc(chain.rpc_url, "anvil_setAutomine", [True])
-        p = settlement.track(p.pk)
+        p = tracking.track(p.pk)
     assert p.status == "confirmed" and p.settle_tx_hash != stuck
 
 
@@ -255,13 +256,13 @@ def test_a_stuck_transaction_at_the_fee_cap_is_rebroadcast_not_replaced(chain) -
             stuck = p.settle_tx_hash
             with override_settings(X402_MAX_FEE_PER_GAS=p.settlement_tx.max_fee_per_gas):
                 for _ in range(3):
-                    settlement.reconcile_batch([p.pk])
+                    tracking.reconcile_batch([p.pk])
             p.refresh_from_db()
             assert p.settle_tx_hash == stuck and p.settlement_tx.replaced_hashes == []
             rpc(chain.rpc_url, "evm_mine", [])
         finally:
             rpc(chain.rpc_url, "anvil_setAutomine", [True])
-        p = settlement.track(p.pk)
+        p = tracking.track(p.pk)
     assert p.status == "confirmed" and p.settle_tx_hash == stuck
 
 
@@ -322,15 +323,15 @@ def test_front_run_in_the_same_block_is_paid_once(chain_settings) -> None:
         settlement.broadcast(p)
         ours = p.settle_tx_hash
         theirs = send_as(
-            chain, runner, chain.asset, settlement._calldata(p), maxPriorityFeePerGas=hex(10**10), maxFeePerGas=hex(10**11)
+            chain, runner, chain.asset, exact_calldata(p), maxPriorityFeePerGas=hex(10**10), maxFeePerGas=hex(10**11)
         )
         rpc(chain.rpc_url, "evm_mine", [])
     finally:
         rpc(chain.rpc_url, "anvil_setAutomine", [True])
     assert int(rpc(chain.rpc_url, "eth_getTransactionReceipt", [ours])["status"], 16) == 0  # ours reverted
-    p = settlement.track(p.pk)
+    p = tracking.track(p.pk)
     assert p.status == "lapsing"
-    p = settlement.resolve_lapsing(p.pk)
+    p = lapsing.resolve_lapsing(p.pk)
     assert p.status == "confirmed" and p.settle_tx_hash == theirs
     assert p.gas_used and p.gas_cost_wei  # our reverted attempt's gas stays on the books
     assert token_balance(chain, chain.pay_to) == before + PRICE
@@ -346,7 +347,7 @@ def test_a_released_authorization_the_payer_then_submits_is_paid(chain_settings)
         ledger.release(p, "the prediction was canceled")
     p.refresh_from_db()
     assert p.status == "lapsing" and p.unpaid_reason == "released"
-    theirs = send_as(chain, payer["address"], chain.asset, settlement._calldata(p))
+    theirs = send_as(chain, payer["address"], chain.asset, exact_calldata(p))
     reconcile()
     p.refresh_from_db()
     assert p.status == "confirmed" and p.settle_tx_hash == theirs
@@ -364,7 +365,7 @@ def test_a_lapsed_payment_someone_else_settled_is_paid_and_its_prediction_runs(
     prediction = Prediction.objects.create(
         model=demo_model, version=demo_model.latest_version, input={"text": "paid by a stranger"}, payment=p
     )
-    send_as(chain, Account.from_key(chain.spare_keys[1]).address, chain.asset, settlement._calldata(p))
+    send_as(chain, Account.from_key(chain.spare_keys[1]).address, chain.asset, exact_calldata(p))
     after_lapse(monkeypatch, p)
     reconcile()
     p.refresh_from_db()
@@ -461,7 +462,7 @@ def test_a_nonce_spent_on_another_authorization_is_failed_once(chain_settings, m
         signature=spent["signature"],
         asset=p.asset,
     )
-    send_as(chain, Account.from_key(chain.spare_keys[1]).address, chain.asset, settlement._calldata(twin))
+    send_as(chain, Account.from_key(chain.spare_keys[1]).address, chain.asset, exact_calldata(twin))
     p = settlement.settle(p.pk)
     for _ in range(3):
         reconcile()
@@ -487,7 +488,7 @@ def test_a_replaced_exact_settlement_whose_replacement_reverts_ends_failed(chain
         p = settlement.prepare(p.pk)
         settlement.broadcast(p)
         replaced = p.settle_tx_hash
-        settlement.reconcile_batch([p.pk])  # stuck in the pool: re-signed with higher fees
+        tracking.reconcile_batch([p.pk])  # stuck in the pool: re-signed with higher fees
         p.refresh_from_db()
         replacement = p.settle_tx_hash
         assert replacement != replaced and p.settlement_tx.replaced_hashes == [replaced]
@@ -503,12 +504,12 @@ def test_a_replaced_exact_settlement_whose_replacement_reverts_ends_failed(chain
         payer=p.payer, pay_to=payer["address"], amount=1, valid_after=0, valid_before=p.valid_before,
         nonce=p.nonce, signature=other["signature"],
     )
-    send_as(chain, payer["address"], chain.asset, settlement._calldata(elsewhere))
+    send_as(chain, payer["address"], chain.asset, exact_calldata(elsewhere))
     settlement.broadcast(p)  # the replacement mines now, and reverts (the nonce is spent)
     wait_mined(chain.rpc_url, replacement)
-    p = settlement.track(p.pk)
+    p = tracking.track(p.pk)
     assert rpc(chain.rpc_url, "eth_getTransactionReceipt", [replaced]) is None
     assert int(rpc(chain.rpc_url, "eth_getTransactionReceipt", [replacement])["status"], 16) == 0
-    p = settlement.resolve_lapsing(p.pk)
+    p = lapsing.resolve_lapsing(p.pk)
     assert p.status == "failed" and p.unpaid_reason == UnpaidReason.NONCE_USED_ELSEWHERE
     assert token_balance(chain, payer["address"]) == before  # 1 unit to itself

@@ -18,7 +18,7 @@ from django.core.management import call_command
 from django.test import Client
 from eth_account import Account
 
-from payments.chain import devchain
+from payments.chain import devchain, evidence
 from payments.models import Payment, PaymentStatus, UnpaidReason
 from payments.x402.codec import decode_header, encode_header
 from predictions.demo import seed
@@ -232,7 +232,6 @@ def test_a_failed_settlement_is_a_clear_state_the_reconciler_finishes(
     """The payer revokes Permit2's allowance during the run: the settlement's simulation reverts,
     the payment is LAPSING with the reason; once the permit lapses the reconciler writes FAILED
     (the chain shows its nonce unused) and the held output is never served."""
-    from payments.chain import settlement
     from payments.chain.settlement import reconcile_open
 
     chain = chain_settings
@@ -277,7 +276,7 @@ def test_a_failed_settlement_is_a_clear_state_the_reconciler_finishes(
     reconcile_open()
     p.refresh_from_db()
     assert p.status == PaymentStatus.LAPSING  # the permit may still be settled: nothing decided yet
-    monkeypatch.setattr(time, "time", lambda: p.valid_before + settlement.LAPSE_MARGIN_SECONDS + 1)
+    monkeypatch.setattr(time, "time", lambda: p.valid_before + evidence.LAPSE_MARGIN_SECONDS + 1)
     reconcile_open()
     p.refresh_from_db()
     prediction.refresh_from_db()
@@ -292,7 +291,8 @@ def test_a_failed_run_with_nothing_to_charge_moves_no_money(
     """The model charges nothing for a failed run: the permit is released (no transaction), the
     payment ends EXPIRED with ``unpaid_reason`` released once the permit lapses; the run seconds
     are on the books."""
-    from payments.chain.settlement import LAPSE_MARGIN_SECONDS, reconcile_open
+    from payments.chain.evidence import LAPSE_MARGIN_SECONDS
+    from payments.chain.settlement import reconcile_open
     from predictions.runners.demo import CountSeconds
 
     def broken(self: Any, seconds: float = 1.0) -> dict[str, float]:
@@ -447,7 +447,8 @@ def test_an_upto_run_whose_permit_cannot_outlast_it_is_not_started_and_costs_not
 ) -> None:
     """Claimed 10 s before the permit's deadline (a long queue): a 10 s run and its settlement
     cannot fit. It is not started, the permit is released, the prediction says why."""
-    from payments.chain.settlement import LAPSE_MARGIN_SECONDS, reconcile_open
+    from payments.chain.evidence import LAPSE_MARGIN_SECONDS
+    from payments.chain.settlement import reconcile_open
 
     chain = chain_settings
     payer = approved_payer(chain)

@@ -12,11 +12,13 @@ from django.test import override_settings
 from django.utils import timezone
 
 from payments import ledger, verification
-from payments.chain import devchain, settlement
+from payments.chain import devchain, evidence, lapsing, settlement, tracking
+from payments.chain.calls import UseNotFound
 from payments.chain.node import rpc
 from payments.models import Payment, PaymentStatus, UnpaidReason
 from payments.options import payment_options
 from payments.pricing import UsagePrice
+from payments.schemes.upto import permit_of
 from payments.x402.permit2 import PERMIT2_ADDRESS
 from payments.x402.types import SCHEME_UPTO, Requirement, Resource, parse_payload
 from tests.conftest import fresh_payer, option_settings, token_balance, wait_mined
@@ -82,22 +84,22 @@ def test_a_replaced_settlement_whose_replacement_reverts_ends_failed(chain) -> N
             p = settlement.prepare(p.pk)
             settlement.broadcast(p)
             replaced = p.settle_tx_hash  # stuck in the pool: never mined
-            settlement.reconcile_batch([p.pk])  # replaced with higher fees
+            tracking.reconcile_batch([p.pk])  # replaced with higher fees
             p.refresh_from_db()
             replacement = p.settle_tx_hash
             assert replacement != replaced and p.settlement_tx.replaced_hashes == [replaced]
             rpc(chain.rpc_url, "anvil_dropTransaction", [replacement])  # held back until the payer acted
         finally:
             rpc(chain.rpc_url, "anvil_setAutomine", [True])
-        permit = settlement._permit(p)
+        permit = permit_of(p)
         word, bit = permit.nonce_word.to_bytes(32, "big").hex(), permit.nonce_bit.to_bytes(32, "big").hex()
         send_as(chain, payer["address"], PERMIT2_ADDRESS, INVALIDATE_UNORDERED_NONCES + word + bit)
         settlement.broadcast(p)  # the replacement mines now, and reverts (the nonce is spent)
         wait_mined(chain.rpc_url, replacement)
-        p = settlement.track(p.pk)
+        p = tracking.track(p.pk)
         assert rpc(chain.rpc_url, "eth_getTransactionReceipt", [replaced]) is None
         assert int(rpc(chain.rpc_url, "eth_getTransactionReceipt", [replacement])["status"], 16) == 0
-        p = settlement.resolve_lapsing(p.pk)
+        p = lapsing.resolve_lapsing(p.pk)
     assert p.status == PaymentStatus.FAILED, (p.status, p.failure_reason)
     assert p.unpaid_reason == UnpaidReason.NONCE_USED_ELSEWHERE
     assert token_balance(chain, payer["address"]) == before
@@ -113,20 +115,20 @@ def test_a_settlement_still_waiting_to_be_mined_is_not_called_unpaid(chain, monk
         devchain.approve_permit2(chain.rpc_url, chain.asset, payer["address"])
         p = record_upto(chain, payer["private_key"])
         p = settlement.prepare(p.pk)  # signed and stored, not broadcast
-        permit = settlement._permit(p)
+        permit = permit_of(p)
         word, bit = permit.nonce_word.to_bytes(32, "big").hex(), permit.nonce_bit.to_bytes(32, "big").hex()
         send_as(chain, payer["address"], PERMIT2_ADDRESS, INVALIDATE_UNORDERED_NONCES + word + bit)
         valid_before = p.valid_before
         with monkeypatch.context() as m:
-            m.setattr(time, "time", lambda: valid_before + settlement.LAPSE_MARGIN_SECONDS + 1)
-            p = settlement.track(p.pk)  # not mined by validBefore (our clock): the chain decides
+            m.setattr(time, "time", lambda: valid_before + evidence.LAPSE_MARGIN_SECONDS + 1)
+            p = tracking.track(p.pk)  # not mined by validBefore (our clock): the chain decides
             assert p.status == PaymentStatus.LAPSING and p.unpaid_reason == UnpaidReason.NOT_MINED
-            with pytest.raises(settlement.UseNotFound):
-                settlement.resolve_lapsing(p.pk)
+            with pytest.raises(UseNotFound):
+                lapsing.resolve_lapsing(p.pk)
         p.refresh_from_db()
         assert p.status == PaymentStatus.LAPSING
         # Mined after all: it reverts (the nonce is spent), and its lane nonce is spent with it.
         relayer.broadcast(chain.rpc_url, p.settlement_tx)
         wait_mined(chain.rpc_url, p.settle_tx_hash)
-        p = settlement.resolve_lapsing(p.pk)
+        p = lapsing.resolve_lapsing(p.pk)
     assert p.status == PaymentStatus.FAILED and p.unpaid_reason == UnpaidReason.NONCE_USED_ELSEWHERE

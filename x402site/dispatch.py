@@ -10,6 +10,7 @@ as Celery's autodiscovery does in a worker.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from celery import Task
@@ -38,10 +39,16 @@ SENT = (
 )
 
 
+#: The loader's import is not thread-safe: a second thread's lookup returned while the first was
+#: still importing the tasks modules, and found no task (NotRegistered).
+_discovery = threading.Lock()
+
+
 def task(name: str) -> Task:
     """The registered task called ``name``."""
     if name not in app.tasks:
-        app.loader.import_default_modules()  # autodiscovery: every app's tasks module
+        with _discovery:
+            app.loader.import_default_modules()  # autodiscovery: every app's tasks module
     return app.tasks[name]
 
 

@@ -177,7 +177,7 @@ CELERY_BEAT_SCHEDULE = {
 X402_DEVCHAIN_FILE = Path(env.str("X402_DEVCHAIN_FILE", default=str(BASE_DIR / "var" / "devchain.json")))
 
 
-def _relayer_keys() -> list[str]:
+def relayer_keys_from_env() -> list[str]:
     """The relayer keys (one lane each): X402_RELAYER_KEYS (comma-separated), else
     X402_RELAYER_KEY_FILE (one key per line), else X402_RELAYER_KEY."""
     keys = env.list("X402_RELAYER_KEYS", default=[])
@@ -191,7 +191,7 @@ def _relayer_keys() -> list[str]:
 
 def _payment_options() -> tuple[list[dict], list[str]]:
     """The accepted payment options and the relayer keys: from the environment, else the dev chain."""
-    relayer_keys = _relayer_keys()
+    relayer_keys = relayer_keys_from_env()
     if env.str("X402_PAYMENT_OPTIONS", default=""):
         # Several options at once: a JSON list of objects with the keys below, or @path to one.
         raw = env.str("X402_PAYMENT_OPTIONS")

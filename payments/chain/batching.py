@@ -6,10 +6,10 @@ option with ``SELECT ... FOR UPDATE SKIP LOCKED`` (several batchers form disjoin
 parallel), once the batch is full or its oldest payment has waited ``X402_BATCH_MAX_AGE``
 seconds. It simulates the batch with ``eth_call``: an item that would fail (used, expired,
 unfunded) is dropped and goes LAPSING, where the chain decides what it became
-(``settlement.resolve_lapsing``). The rest are signed as one transaction on the least loaded
+(``lapsing.resolve_lapsing``). The rest are signed as one transaction on the least loaded
 relayer lane, stored with every payment moved to SETTLING in **one** ledger transaction, then
 broadcast. Each payment is still judged by its own ``AuthorizationUsed`` and ``Transfer`` logs
-in the receipt (``settlement.transfer_matches``), so an item that fails on chain (front-run in
+in the receipt (``evidence.transfer_matches``), so an item that fails on chain (front-run in
 the same block, say) is never booked as paid.
 
 Batches start from the paid request's commit: :func:`kick` (one cache write per batch window on
@@ -31,14 +31,15 @@ from django.utils import timezone
 from eth_abi import decode, encode
 from eth_utils import to_checksum_address
 
+from payments.chain import lapsing, settlement, tracking
 from payments.chain import relayer as relayers
-from payments.chain import settlement
 from payments.chain.abi import BATCH_SETTLE, BATCH_SETTLE_TYPES
+from payments.chain.calls import NOT_YET_VALID_MESSAGE, wait_for_valid_after
 from payments.chain.node import ChainUnavailable, RpcError, rpc_batch
 from payments.metrics import BATCH_SIZE
 from payments.models import Payment, PaymentStatus, SettlementTx, UnpaidReason
 from payments.options import ConfiguredOption, SettlementMode, for_payment
-from payments.x402.types import SCHEME_EXACT
+from payments.schemes import scheme_of
 from x402site import dispatch
 
 log = logging.getLogger("payments.chain.batching")
@@ -58,10 +59,10 @@ def gas_limit(items: int) -> int:
 
 
 def batchable(p: Payment, conf: ConfiguredOption) -> bool:
-    """A batch carries EIP-3009 (exact) 65-byte ECDSA signatures to the option's pay-to; a
+    """A batch carries EIP-3009 (a scheme that ``batches``: exact) 65-byte ECDSA signatures to the option's pay-to; a
     contract wallet's signature (EIP-1271 bytes), an older pay-to or an upto permit (settled
     through the upto proxy) goes alone."""
-    return p.scheme == SCHEME_EXACT and len(p.signature) == 132 and p.pay_to == conf.option.pay_to
+    return scheme_of(p.scheme).batches and len(p.signature) == 132 and p.pay_to == conf.option.pay_to
 
 
 def _item(p: Payment) -> tuple[Any, ...]:
@@ -86,7 +87,7 @@ def calldata(conf: ConfiguredOption, payments: list[Payment]) -> str:
 
 def simulate(conf: ConfiguredOption, payments: list[Payment]) -> tuple[dict[str, Any], list[bool]]:
     """The head block and, per item, whether its transfer would succeed in the block it will be
-    mined in (``pending``, see settlement.simulate; one RPC batch)."""
+    mined in (``pending``, see calls.simulate; one RPC batch)."""
     call = {"to": conf.batch_settler, "data": calldata(conf, payments), "gas": hex(gas_limit(len(payments)))}
     try:
         block, answer = rpc_batch(
@@ -106,7 +107,8 @@ def simulate(conf: ConfiguredOption, payments: list[Payment]) -> tuple[dict[str,
 def _why(conf: ConfiguredOption, payments: list[Payment]) -> list[str]:
     """Why each dropped item would fail: the token's revert message for it alone (one batch)."""
     calls = [
-        ("eth_call", [{"to": p.asset, "data": settlement._calldata(p)}, "pending"]) for p in payments
+        ("eth_call", [{"to": call.to, "data": call.data}, "pending"])
+        for call in (scheme_of(p.scheme).settlement_call(p) for p in payments)
     ]
     try:
         answers = rpc_batch(conf.rpc_url, calls, errors_inline=True)
@@ -156,14 +158,14 @@ def form(conf: ConfiguredOption, *, force: bool) -> Formed | None:
         formed = Formed(full=len(rows) == limit)
         # An authorization valid from this very second (a client may sign validAfter = now) is
         # waited out (rare, a second at most); a block mined now could not use it yet.
-        settlement.wait_for_valid_after(max(p.valid_after for p in rows))
-        soon = time.time() + settlement.SETTLE_SAFETY_SECONDS
+        wait_for_valid_after(max(p.valid_after for p in rows))
+        soon = time.time() + lapsing.SETTLE_SAFETY_SECONDS
         items = []
         for p in rows:
             if p.valid_after >= time.time():
                 continue  # not yet usable by a block mined now: left VERIFIED for the next batch
             if p.valid_before <= soon:
-                settlement._lapse(p, UnpaidReason.NOT_SETTLED_IN_TIME, "authorization expired before settlement")
+                lapsing.lapse(p, UnpaidReason.NOT_SETTLED_IN_TIME, "authorization expired before settlement")
                 formed.dropped.append(p.pk)
             elif not batchable(p, conf):
                 formed.alone.append(p.pk)
@@ -175,12 +177,12 @@ def form(conf: ConfiguredOption, *, force: bool) -> Formed | None:
         head = int(block["timestamp"], 16)
         failing = [p for p, good in zip(items, ok, strict=True) if not good]
         for p, why in zip(failing, _why(conf, failing) if failing else [], strict=True):
-            if settlement.NOT_YET_VALID_MESSAGE in why:
+            if NOT_YET_VALID_MESSAGE in why:
                 continue  # the node's clock is behind validAfter: left VERIFIED, never lapsed
-            if p.valid_before <= max(head, time.time()) + settlement.SETTLE_SAFETY_SECONDS:
-                settlement._lapse(p, UnpaidReason.NOT_SETTLED_IN_TIME, "authorization expired before settlement")
+            if p.valid_before <= max(head, time.time()) + lapsing.SETTLE_SAFETY_SECONDS:
+                lapsing.lapse(p, UnpaidReason.NOT_SETTLED_IN_TIME, "authorization expired before settlement")
             else:
-                settlement._lapse(p, UnpaidReason.SIMULATION_REVERTED, f"simulation reverted: {why}")
+                lapsing.lapse(p, UnpaidReason.SIMULATION_REVERTED, f"simulation reverted: {why}")
             formed.dropped.append(p.pk)
         items = [p for p, good in zip(items, ok, strict=True) if good]
         if not items:
@@ -226,11 +228,11 @@ def _finish(conf: ConfiguredOption, formed: Formed) -> None:
     """After the batch's commit: broadcast it, and send the others their way. A failure here
     loses nothing: the reconciler rebroadcasts, resolves the lapsing, sweeps the ready."""
     if formed.tx is not None:
-        settlement._fault_pause()
+        settlement.fault_pause()
         relayers.broadcast(conf.rpc_url, formed.tx)
     for pk in formed.dropped:
         try:
-            settlement.resolve_lapsing(pk)
+            lapsing.resolve_lapsing(pk)
         except Exception as exc:  # noqa: BLE001 - the reconciler resolves it later
             log.warning("payment %s dropped from a batch: resolving later (%s)", pk, exc)
     for pk in formed.alone:
@@ -277,7 +279,7 @@ def follow(tx_ids: list[int], wait_seconds: float) -> list[int]:
         still = []
         for tx_id in open_ids:
             try:
-                payments = settlement.track_tx(tx_id)
+                payments = tracking.track_tx(tx_id)
             except ChainUnavailable as exc:
                 log.warning("RPC unavailable while tracking settlement %s (%s): the reconciler finishes", tx_id, exc)
                 return open_ids
@@ -297,7 +299,7 @@ def settle_now(payment_id: Any) -> Payment:
     p = Payment.objects.get(pk=payment_id)
     if p.status != S.VERIFIED:
         return p
-    lapsed = settlement.expire_if_lapsed(payment_id)
+    lapsed = lapsing.expire_if_lapsed(payment_id)
     if lapsed is not None:
         return lapsed
     conf = for_payment(p.network, p.asset)
@@ -334,12 +336,13 @@ def kick(conf: ConfiguredOption, *, delay: float | None = None, force: bool = Tr
         return  # a batcher runs by then and takes this payment
     try:
         if cache.add(key, 1, timeout=max(1, math.ceil(delay))):
+            _scheduled_until[key] = now + delay  # before the send: a batcher run at once clears it
             try:
                 dispatch.send(dispatch.SETTLE_BATCHES, network, asset, kwargs={"force": force}, countdown=delay)
             except Exception:
                 cache.delete(key)  # not queued: the next payment kicks again
+                _scheduled_until.pop(key, None)
                 raise
-            _scheduled_until[key] = now + delay
         else:
             # Another process scheduled it, when is not known: trust that for a tenth of the
             # window (a batcher that started since takes what came before it; later payments

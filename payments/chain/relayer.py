@@ -394,12 +394,6 @@ def replace(tx: SettlementTx, account: LocalAccount, block: dict[str, Any]) -> t
     return old, int(tx.max_fee_per_gas)
 
 
-def resign(tx: SettlementTx, block: dict[str, Any]) -> tuple[str, str, int] | None:
-    """The same transaction (nonce, calldata) with fees raised past the node's replacement rule:
-    (hash, raw, max fee); None at the fee cap (see :func:`resign_raw`)."""
-    return resign_raw(tx.raw_tx, account_of(tx.relayer), block)
-
-
 def _bumped(fee: int) -> int:
     """``fee`` raised by the smallest replacement bump nodes accept, rounded up."""
     return -(-fee * REPLACEMENT_BUMP_EIGHTHS // 8)

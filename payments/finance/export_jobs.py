@@ -20,14 +20,14 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from payments.finance import exports
+from payments.finance import exports, xlsx
 from payments.finance.reports import LedgerFilter
 from payments.models import ExportJob, ExportStatus
 from x402site import dispatch
 
 log = logging.getLogger("payments.finance.exports")
 
-WRITERS = {ExportJob.Format.CSV: exports.write_zip, ExportJob.Format.XLSX: exports.write_xlsx}
+WRITERS = {ExportJob.Format.CSV: exports.write_zip, ExportJob.Format.XLSX: xlsx.write_xlsx}
 SUFFIX = {ExportJob.Format.CSV: ".zip", ExportJob.Format.XLSX: ".xlsx"}
 #: An export's progress in the cache outlives any export.
 PROGRESS_TTL = 6 * 3600
@@ -35,7 +35,8 @@ PROGRESS_TTL = 6 * 3600
 ABANDONED_AFTER = timedelta(hours=1)
 
 
-def _progress_key(job_id: int) -> str:
+def progress_key(job_id: int) -> str:
+    """Where a running job reports its progress (its page reads it)."""
     return f"x402:export-progress:{job_id}"
 
 
@@ -54,7 +55,7 @@ class Progress:
 def progress(job: ExportJob) -> Progress:
     """Rows done of total: live from the cache while the job runs, else from its record."""
     if job.status == ExportStatus.RUNNING:
-        live = cache.get(_progress_key(job.pk))
+        live = cache.get(progress_key(job.pk))
         if live:
             return Progress(*live)
     return Progress(job.rows, job.rows_total)
@@ -97,7 +98,7 @@ def run(job_id: int) -> ExportJob:
     name = f"ledger-{timezone.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}{SUFFIX[job.format]}"
 
     def report(done: int, total: int) -> None:
-        cache.set(_progress_key(job.pk), (done, total), PROGRESS_TTL)
+        cache.set(progress_key(job.pk), (done, total), PROGRESS_TTL)
 
     try:
         result = WRITERS[job.format](flt, folder / name, report)
@@ -109,7 +110,7 @@ def run(job_id: int) -> ExportJob:
         )
         raise
     finally:
-        cache.delete(_progress_key(job.pk))
+        cache.delete(progress_key(job.pk))
     now = timezone.now()
     ExportJob.objects.filter(pk=job.pk).update(
         status=ExportStatus.DONE,

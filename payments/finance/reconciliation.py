@@ -7,29 +7,24 @@ settlement order); a Transfer no payment accounts for is *on chain only* (someon
 directly, or the ledger missed a payment); a payment the ledger counts as paid with no such
 Transfer is *ledger only*.
 
-The chain is read in bounded block ranges (providers cap ``eth_getLogs`` spans); blocks with
-the option's confirmations are read once and kept (:class:`ScannedRange`, :class:`ChainTransfer`),
-newer ones are read afresh each time (a reorg may still change them).
+The chain's Transfers are read by :mod:`payments.finance.chain_transfers`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db import transaction
 from django.db.models import Q, TextChoices
 from eth_account import Account
 from eth_utils import to_checksum_address
 
-from payments.chain.abi import TRANSFER_TOPIC
-from payments.chain.node import ChainUnavailable, RpcError, rpc, rpc_batch
+from payments.finance.chain_transfers import Blocks, transfers
 from payments.models import (
     PAID_STATUSES,
     ChainTransfer,
@@ -37,7 +32,6 @@ from payments.models import (
     ReconciliationNote,
     Refund,
     RefundStatus,
-    ScannedRange,
     TransferDirection,
 )
 from payments.options import ConfiguredOption, configured
@@ -169,172 +163,6 @@ class Report:
     def unexplained(self) -> list[Line]:
         """Unmatched lines nobody has annotated yet."""
         return [line for line in self.lines if line.needs_attention and not line.notes]
-
-
-# --- the chain ---------------------------------------------------------------------------------
-
-
-def _word(address: str) -> str:
-    return "0x" + address[2:].lower().rjust(64, "0")
-
-
-def _address(topic: str) -> str:
-    return to_checksum_address("0x" + topic[-40:])
-
-
-class _Blocks:
-    """Block timestamps of one chain, each read once per report."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.times: dict[int, int] = {}
-
-    def head(self) -> int:
-        return int(rpc(self.url, "eth_blockNumber", []), 16)
-
-    def time(self, number: int) -> int:
-        if number not in self.times:
-            self.load([number])
-        return self.times[number]
-
-    def load(self, numbers: Iterable[int]) -> None:
-        missing = sorted({n for n in numbers if n not in self.times})
-        for i in range(0, len(missing), 100):
-            part = missing[i : i + 100]
-            blocks = rpc_batch(self.url, [("eth_getBlockByNumber", [hex(n), False]) for n in part])
-            for n, block in zip(part, blocks, strict=True):
-                if not block:
-                    raise ChainUnavailable(f"block {n} is unknown to the node")
-                self.times[n] = int(block["timestamp"], 16)
-
-    def first_at_or_after(self, when: datetime, head: int) -> int:
-        """The lowest block stamped at or after ``when`` (``head + 1`` if none is yet)."""
-        target = int(when.timestamp())
-        low, high = 0, head + 1
-        while low < high:
-            mid = (low + high) // 2
-            if self.time(mid) >= target:
-                high = mid
-            else:
-                low = mid + 1
-        return low
-
-
-def _covered(
-    conf: ConfiguredOption, address: str, direction: str, first: int, last: int
-) -> list[tuple[int, int]]:
-    """The stored ranges overlapping [first, last], in order."""
-    return list(
-        ScannedRange.objects.filter(
-            network=conf.option.network,
-            asset=conf.option.asset,
-            address=address,
-            direction=direction,
-            from_block__lte=last,
-            to_block__gte=first,
-        )
-        .order_by("from_block")
-        .values_list("from_block", "to_block")
-    )
-
-
-def gaps(covered: list[tuple[int, int]], first: int, last: int) -> list[tuple[int, int]]:
-    """The parts of [first, last] no range of ``covered`` (sorted by start) holds."""
-    out, cursor = [], first
-    for start, end in covered:
-        if start > cursor:
-            out.append((cursor, min(start - 1, last)))
-        cursor = max(cursor, end + 1)
-        if cursor > last:
-            break
-    if cursor <= last:
-        out.append((cursor, last))
-    return out
-
-
-def _read_logs(
-    conf: ConfiguredOption, address: str, direction: str, first: int, last: int, blocks: _Blocks
-) -> list[ChainTransfer]:
-    """Transfer logs to (or from) ``address`` in [first, last], read ``X402_LOG_SPAN_BLOCKS`` at
-    a time; unsaved rows."""
-    topics = (
-        [TRANSFER_TOPIC, None, _word(address)]
-        if direction == TransferDirection.TO
-        else [TRANSFER_TOPIC, _word(address)]
-    )
-    span = max(1, settings.X402_LOG_SPAN_BLOCKS)
-    logs: list[dict[str, Any]] = []
-    for start in range(first, last + 1, span):
-        end = min(last, start + span - 1)
-        try:
-            logs += rpc(
-                conf.rpc_url,
-                "eth_getLogs",
-                [
-                    {
-                        "address": conf.option.asset,
-                        "fromBlock": hex(start),
-                        "toBlock": hex(end),
-                        "topics": topics,
-                    }
-                ],
-            )
-        except RpcError as exc:
-            raise ChainUnavailable(f"eth_getLogs {start}-{end}: {exc}") from exc
-    blocks.load(int(entry["blockNumber"], 16) for entry in logs if not entry.get("removed"))
-    return [
-        ChainTransfer(
-            network=conf.option.network,
-            asset=conf.option.asset,
-            tx_hash=entry["transactionHash"].lower(),
-            log_index=int(entry["logIndex"], 16),
-            block_number=int(entry["blockNumber"], 16),
-            block_time=datetime.fromtimestamp(blocks.time(int(entry["blockNumber"], 16)), UTC),
-            sender=_address(entry["topics"][1]),
-            recipient=_address(entry["topics"][2]),
-            amount=int(entry["data"], 16),
-        )
-        for entry in logs
-        if not entry.get("removed")
-    ]
-
-
-def transfers(
-    conf: ConfiguredOption, address: str, direction: str, first: int, last: int, *, head: int, blocks: _Blocks
-) -> list[ChainTransfer]:
-    """Every Transfer to (or from) ``address`` of the option's token in blocks [first, last]:
-    final blocks from the store (read and stored first where never read), the newest blocks
-    read live."""
-    if last < first:
-        return []
-    final = min(last, head - max(conf.option.confirmations, 1) + 1)
-    for start, end in gaps(_covered(conf, address, direction, first, final), first, final):
-        found = _read_logs(conf, address, direction, start, end, blocks)
-        with transaction.atomic():
-            ChainTransfer.objects.bulk_create(found, ignore_conflicts=True)
-            ScannedRange.objects.create(
-                network=conf.option.network,
-                asset=conf.option.asset,
-                address=address,
-                direction=direction,
-                from_block=start,
-                to_block=end,
-            )
-    side = Q(recipient=address) if direction == TransferDirection.TO else Q(sender=address)
-    stored = list(
-        ChainTransfer.objects.filter(
-            side,
-            network=conf.option.network,
-            asset=conf.option.asset,
-            block_number__gte=first,
-            block_number__lte=final,
-        ).order_by("block_number", "log_index")
-    )
-    live = _read_logs(conf, address, direction, max(first, final + 1), last, blocks) if last > final else []
-    return stored + live
-
-
-# --- the ledger beside it ------------------------------------------------------------------------
 
 
 def _paid_in(conf: ConfiguredOption, period: Period, first: int, last: int) -> list[Payment]:
@@ -479,7 +307,7 @@ def report(period: Period, *, network: str = "") -> Report:
         option = conf.option
         if network and option.network != network:
             continue
-        blocks = _Blocks(conf.rpc_url)
+        blocks = Blocks(conf.rpc_url)
         head = blocks.head()
         first = blocks.first_at_or_after(period.since, head)
         last = blocks.first_at_or_after(period.until, head) - 1

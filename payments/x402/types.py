@@ -1,5 +1,5 @@
-"""x402 wire types for the ``exact`` (EIP-3009) and ``upto`` (Permit2) EVM schemes, v1 and v2,
-and their JSON shapes. ``upto`` exists in v2 only."""
+"""x402 wire types, v1 and v2, and their JSON shapes. What differs per scheme (the ``extra`` of
+a requirement, the shape of a payload) is the scheme's :class:`~.mechanisms.WireScheme`."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import mechanisms
 from .codec import DecodeError
 from .eip712 import Authorization
 from .networks import caip2, v1_name
 from .permit2 import UptoPermit
 
+#: The built-in schemes' names (defined once here: the pure side and the Django side both name
+#: them; their behaviour is in ``exact.py``/``upto.py`` and ``payments/schemes``).
 SCHEME_EXACT = "exact"
 SCHEME_UPTO = "upto"
-#: ``extra.assetTransferMethod`` of an ``upto`` requirement (the SDK's spelling).
-PERMIT2_TRANSFER_METHOD = "permit2"
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _NONCE = re.compile(r"0x[0-9a-fA-F]{64}")
 _HEX = re.compile(r"0x(?:[0-9a-fA-F]{2})+")
@@ -88,10 +89,8 @@ class Requirement:
 
     def extra(self) -> dict[str, str]:
         extra = {"name": self.option.asset_name, "version": self.option.asset_version}
-        if self.scheme == SCHEME_UPTO:
-            extra["assetTransferMethod"] = PERMIT2_TRANSFER_METHOD
-            extra["facilitatorAddress"] = self.facilitators[0]
-        return extra
+        scheme = mechanisms.get(self.scheme)
+        return extra | scheme.extra(self) if scheme is not None else extra
 
     def v2(self) -> dict[str, Any]:
         return {
@@ -106,7 +105,7 @@ class Requirement:
 
     def v1(self, resource: Resource, output_schema: dict[str, Any] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "scheme": SCHEME_EXACT,
+            "scheme": self.scheme,
             "network": self.option.v1_network,
             "maxAmountRequired": str(self.amount),
             "resource": resource.url,
@@ -153,8 +152,8 @@ def payment_required_v1(
     return {
         "x402Version": 1,
         "error": error,
-        # v1 has no ``upto``: its clients see the fixed-price options only.
-        "accepts": [r.v1(resource, output_schema) for r in requirements if r.scheme == SCHEME_EXACT],
+        # v1 clients see only the schemes v1 carries (not ``upto``: the fixed-price options).
+        "accepts": [r.v1(resource, output_schema) for r in requirements if mechanisms.get(r.scheme, 1) is not None],
     }
 
 
@@ -196,21 +195,21 @@ class PaymentPayload:
     permit: UptoPermit | None = None
 
 
-def _str(obj: dict[str, Any], key: str) -> str:
+def str_field(obj: dict[str, Any], key: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str):
         raise DecodeError(f"{key} must be a string")
     return value
 
 
-def _address(obj: dict[str, Any], key: str) -> bytes:
-    value = _str(obj, key)
+def address_field(obj: dict[str, Any], key: str) -> bytes:
+    value = str_field(obj, key)
     if not _ADDRESS.fullmatch(value):
         raise DecodeError(f"{key} must be a 0x-prefixed 20-byte hex address")
     return bytes.fromhex(value[2:])
 
 
-def _uint(obj: dict[str, Any], key: str) -> int:
+def uint_field(obj: dict[str, Any], key: str) -> int:
     value = obj.get(key)
     # Integers are decimal strings on the wire; plain JSON integers are tolerated, floats,
     # booleans, exponents and signs are not.
@@ -222,7 +221,7 @@ def _uint(obj: dict[str, Any], key: str) -> int:
     return int(text)
 
 
-def _resource_path(obj: dict[str, Any]) -> str | None:
+def resource_path(obj: dict[str, Any]) -> str | None:
     resource = obj.get("resource")
     if resource is None:
         return None
@@ -240,7 +239,7 @@ def _resource_path(obj: dict[str, Any]) -> str | None:
 
 
 def parse_payload(obj: dict[str, Any]) -> PaymentPayload:
-    """Type-check a decoded payment header of either generation."""
+    """Type-check a decoded payment header of either generation, in its scheme's shape."""
     version = obj.get("x402Version")
     if isinstance(version, bool) or version not in (1, 2):
         raise DecodeError("x402Version must be 1 or 2")
@@ -249,33 +248,46 @@ def parse_payload(obj: dict[str, Any]) -> PaymentPayload:
         accepted = obj.get("accepted")
         if not isinstance(accepted, dict):
             raise DecodeError("accepted must be an object")
-        scheme, network = _str(accepted, "scheme"), _str(accepted, "network")
-    else:
-        scheme, network = _str(obj, "scheme"), _str(obj, "network")
+    where = named_in(obj)
+    name, _network = str_field(where, "scheme"), str_field(where, "network")  # both checked first
     payload = obj.get("payload")
     if not isinstance(payload, dict):
         raise DecodeError("payload must be an object")
-    if version == 2 and scheme == SCHEME_UPTO:
-        return _parse_upto(obj, payload, accepted or {}, network)
+    scheme = mechanisms.get(name, version)
+    # A scheme we do not speak is read in the EIP-3009 shape, x402's first: verification then
+    # refuses it as unsupported.
+    return scheme.parse(obj, payload, accepted) if scheme is not None else parse_authorization(obj, payload, accepted)
+
+
+def named_in(obj: dict[str, Any]) -> dict[str, Any]:
+    """Where a decoded header names its scheme and network: v2's ``accepted``, v1's top level."""
+    accepted = obj.get("accepted")
+    return accepted if obj.get("x402Version") == 2 and isinstance(accepted, dict) else obj
+
+
+def parse_authorization(obj: dict[str, Any], payload: dict[str, Any], accepted: dict[str, Any] | None) -> PaymentPayload:
+    """A payload holding an EIP-3009 ``{authorization: {from, to, value, validAfter,
+    validBefore, nonce}, signature}``."""
+    version = obj["x402Version"]
     auth = payload.get("authorization")
     if not isinstance(auth, dict):
         raise DecodeError("payload.authorization must be an object")
-    signature = _signature(payload)
-    nonce = _str(auth, "nonce")
+    signature = signature_field(payload)
+    nonce = str_field(auth, "nonce")
     if not _NONCE.fullmatch(nonce):
         raise DecodeError("authorization.nonce must be 0x-prefixed 32-byte hex")
     return PaymentPayload(
-        resource_path=_resource_path(obj) if version == 2 else None,
+        resource_path=resource_path(obj) if version == 2 else None,
         x402_version=version,
-        scheme=scheme,
-        network=network,
+        scheme=str_field(named_in(obj), "scheme"),
+        network=str_field(named_in(obj), "network"),
         signature=signature,
         authorization=Authorization(
-            from_=_address(auth, "from"),
-            to=_address(auth, "to"),
-            value=_uint(auth, "value"),
-            valid_after=_uint(auth, "validAfter"),
-            valid_before=_uint(auth, "validBefore"),
+            from_=address_field(auth, "from"),
+            to=address_field(auth, "to"),
+            value=uint_field(auth, "value"),
+            valid_after=uint_field(auth, "validAfter"),
+            valid_before=uint_field(auth, "validBefore"),
             nonce=bytes.fromhex(nonce[2:]),
         ),
         accepted=accepted,
@@ -283,51 +295,15 @@ def parse_payload(obj: dict[str, Any]) -> PaymentPayload:
     )
 
 
-def _signature(payload: dict[str, Any]) -> bytes:
-    signature = _str(payload, "signature")
+def signature_field(payload: dict[str, Any]) -> bytes:
+    signature = str_field(payload, "signature")
     if not _HEX.fullmatch(signature) or len(signature) > 2 + 2 * 4096:
         raise DecodeError("payload.signature must be 0x-prefixed hex")
     return bytes.fromhex(signature[2:])
 
 
-def _object(obj: dict[str, Any], key: str) -> dict[str, Any]:
+def object_field(obj: dict[str, Any], key: str) -> dict[str, Any]:
     value = obj.get(key)
     if not isinstance(value, dict):
         raise DecodeError(f"{key} must be an object")
     return value
-
-
-def _parse_upto(obj: dict[str, Any], payload: dict[str, Any], accepted: dict[str, Any], network: str) -> PaymentPayload:
-    """An ``upto`` payload: ``{permit2Authorization: {from, permitted: {token, amount}, spender,
-    nonce (a decimal uint256), deadline, witness: {to, facilitator, validAfter}}, signature}``."""
-    auth = _object(payload, "permit2Authorization")
-    permitted, witness = _object(auth, "permitted"), _object(auth, "witness")
-    permit = UptoPermit(
-        owner=_address(auth, "from"),
-        token=_address(permitted, "token"),
-        maximum=_uint(permitted, "amount"),
-        spender=_address(auth, "spender"),
-        nonce=_uint(auth, "nonce"),
-        deadline=_uint(auth, "deadline"),
-        to=_address(witness, "to"),
-        facilitator=_address(witness, "facilitator"),
-        valid_after=_uint(witness, "validAfter"),
-    )
-    return PaymentPayload(
-        resource_path=_resource_path(obj),
-        x402_version=2,
-        scheme=SCHEME_UPTO,
-        network=network,
-        signature=_signature(payload),
-        authorization=Authorization(
-            from_=permit.owner,
-            to=permit.to,
-            value=permit.maximum,
-            valid_after=permit.valid_after,
-            valid_before=permit.deadline,
-            nonce=permit.nonce.to_bytes(32, "big"),
-        ),
-        accepted=accepted,
-        raw=obj,
-        permit=permit,
-    )

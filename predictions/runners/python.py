@@ -57,7 +57,7 @@ REPORT_INTERVAL = 0.5
 #: How often a run's watcher checks its time limit and whether its prediction ended.
 STOP_CHECK_INTERVAL = 0.2
 #: How often a run's watcher records that the run is alive (``lifecycle.record_alive``); well
-#: within ``lifecycle.ALIVE_WINDOW``.
+#: within ``runclock.ALIVE_WINDOW``.
 HEARTBEAT_INTERVAL = 1.0
 STOPPED_ERROR = "the prediction ended while it ran; the run was stopped"
 #: Sent to the run's thread (when it is the main thread) to wake it from a blocking call such as

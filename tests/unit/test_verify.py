@@ -7,6 +7,7 @@ from eth_account import Account
 
 from payments.x402 import verify as V
 from payments.x402.codec import DecodeError, decode_header
+from payments.x402.exact import verify_exact
 from payments.x402.types import PaymentOption, Requirement, parse_payload
 from tests.payers import sign_authorization, v1_payload, v2_payload
 
@@ -23,7 +24,7 @@ KEY = Account.create().key.hex()
 
 
 def check(obj: dict, now: int | None = None, reqs: list[Requirement] | None = None) -> V.VerifiedPayment:
-    return V.verify_exact(parse_payload(obj), reqs or [REQ], now or int(time.time()))
+    return verify_exact(parse_payload(obj), reqs or [REQ], now or int(time.time()))
 
 
 def rejected(obj: dict, reason: str, **kw) -> None:
@@ -151,12 +152,12 @@ def test_v1_payment_on_several_options_picks_the_domain_it_was_signed_for() -> N
         10_000,
     )
     payload = parse_payload(v1_payload(REQ, sign_authorization(KEY, REQ)))
-    verified = V.verify_exact(payload, [other, REQ], int(time.time()), contract_signers=True)
+    verified = verify_exact(payload, [other, REQ], int(time.time()), contract_signers=True)
     assert verified.requirement == REQ and not verified.contract_signature
     # A signature neither domain recovers could be a contract wallet's for either: refused.
     stranger = sign_authorization(KEY, REQ, domain={"name": "Other"})
     with pytest.raises(V.PaymentRejected) as info:
-        V.verify_exact(parse_payload(v1_payload(REQ, stranger)), [other, REQ], int(time.time()), contract_signers=True)
+        verify_exact(parse_payload(v1_payload(REQ, stranger)), [other, REQ], int(time.time()), contract_signers=True)
     assert info.value.reason == V.INVALID_SIGNATURE
 
 

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 from django.core.management.base import BaseCommand, CommandError
 
-from payments.finance import export_jobs, exports, periods
+from payments.finance import export_jobs, exports, ledger_lines, periods, xlsx
 from payments.finance.reports import DateBasis, LedgerFilter
 from payments.models import ExportJob, PaymentStatus
 
@@ -63,14 +63,14 @@ class Command(BaseCommand):
         if opts["format"] == ExportJob.Format.XLSX:
             if output is None:
                 raise CommandError("--output is required for xlsx")
-            result = exports.write_xlsx(flt, output)
+            result = xlsx.write_xlsx(flt, output)
         elif output is not None:
             result = exports.write_zip(flt, output)
         else:
             result = exports.copy_csv(flt, sys.stdout.buffer)
             sys.stdout.flush()
             summary = csv.writer(self.stderr)
-            summary.writerow(exports.SUMMARY_COLUMNS)
+            summary.writerow(ledger_lines.SUMMARY_COLUMNS)
             summary.writerows([exports.csv_cell(v) for v in line.values()] for line in result.summary)
         checksum = exports.sha256_of(output) if output else result.data_sha256
         export_jobs.record_command(flt, opts["format"], result, checksum)

@@ -8,7 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from payments.chain import settlement
+from payments.chain import evidence, tracking
 from payments.chain.node import rpc_batch
 from payments.models import Payment, PaymentStatus
 from payments.options import for_payment
@@ -40,7 +40,7 @@ class Command(BaseCommand):
                     "pk", flat=True
                 )
             )
-            stats = settlement.reconcile_batch(open_ids)
+            stats = tracking.reconcile_batch(open_ids)
         self.stdout.write(f"open settlements: {stats}")
         confirmed = Payment.objects.filter(status=S.CONFIRMED)
         if since is not None:
@@ -66,12 +66,12 @@ class Command(BaseCommand):
             by_option.setdefault((p.network, p.asset), []).append(p)
         for (network, asset), group in by_option.items():
             url = for_payment(network, asset).rpc_url
-            for i in range(0, len(group), settlement.RECONCILE_BATCH):
-                chunk = group[i : i + settlement.RECONCILE_BATCH]
+            for i in range(0, len(group), tracking.RECONCILE_BATCH):
+                chunk = group[i : i + tracking.RECONCILE_BATCH]
                 receipts = rpc_batch(url, [("eth_getTransactionReceipt", [p.settle_tx_hash]) for p in chunk])
                 bad += [
                     p
                     for p, r in zip(chunk, receipts, strict=True)
-                    if not r or not settlement.transfer_matches(r, p)
+                    if not r or not evidence.transfer_matches(r, p)
                 ]
         return bad
