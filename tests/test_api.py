@@ -430,3 +430,30 @@ def test_database_unavailable_is_a_clean_503(chain_settings, demo_model, monkeyp
     response = post(Client(), {"input": {"text": "x"}})
     assert response.status_code == 503 and response["Retry-After"] == "5"
     assert response.json()["status"] == 503 and "too many" not in response.json()["detail"]
+
+
+def test_the_paid_create_writes_its_rows_in_one_transaction(chain_settings, demo_model, monkeypatch) -> None:
+    """The paid create's own database work is small and in one place: the ledger row, its event
+    and the prediction written in one transaction with nothing read between them; besides, only
+    the model (with its tier), its version and the payment's answer are read (the honoured
+    prices and the backlog's age are kept by the process: the first request reads them)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    monkeypatch.setattr("predictions.scheduling.start_prediction", lambda prediction: None)
+    payer = chain_settings.payers[5]["private_key"]
+    for text in ("first", "second"):
+        header = v2_header(payer, Requirement(payment_options()[0], 10_000))
+        with CaptureQueriesContext(connection) as queries:
+            response = Client().post(
+                URL, data={"input": {"text": text}}, content_type="application/json", headers={"PAYMENT-SIGNATURE": header}
+            )
+        assert response.status_code == 201, response.content
+    sql = [q["sql"] for q in queries.captured_queries]
+    writes = [s for s in sql if s.startswith(("INSERT", "UPDATE", "DELETE"))]
+    tables = [s.split('"')[1] for s in writes]
+    assert tables == ["payments_payment", "payments_paymentevent", "predictions_prediction", "predictions_predictionevent"], sql
+    first, last = sql.index(writes[0]), sql.index(writes[-1])
+    assert all(not s.startswith("SELECT") for s in sql[first:last]), sql
+    reads = [s.split(" FROM ")[1].split()[0].strip('"') for s in sql if s.startswith("SELECT")]
+    assert reads == ["predictions_model", "predictions_modelversion", "payments_payment"], reads
