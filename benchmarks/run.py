@@ -251,6 +251,7 @@ class Stack:
             stdout=open(self.tmp / f"gunicorn-{port}.log", "wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=self.devchain.die_with_parent,
         )
         self.procs.append(proc)
         url = f"http://127.0.0.1:{port}"
@@ -283,6 +284,7 @@ class Stack:
             stdout=open(self.tmp / f"uvicorn-{port}.log", "wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=self.devchain.die_with_parent,
         )
         self.procs.append(proc)
         url = f"http://127.0.0.1:{port}"
@@ -338,6 +340,7 @@ class Stack:
         proc = subprocess.Popen(
             command, cwd=ROOT, env={**self.env, "X402_LOG_LEVEL": "WARNING"}, stdout=open(log, "wb"),
             stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=self.devchain.die_with_parent,
         )
         self.procs.append(proc)
         return proc

@@ -431,6 +431,7 @@ def start_worker(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=devchain.die_with_parent,
     )
     deadline = time.monotonic() + 30
     while b"ready." not in log_path.read_bytes():
@@ -483,6 +484,7 @@ def _serve_cog(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         stdout=open(log_path, "wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=devchain.die_with_parent,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -585,6 +587,7 @@ def start_asgi_server(chain: DevChain, log_path: Path, env: dict[str, str] | Non
         stdout=open(log_path, "wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=devchain.die_with_parent,
     )
     deadline = time.monotonic() + 30
     while True:
