@@ -43,14 +43,17 @@ COG_TIMEOUT = 1.0
 
 #: Calls whose keyword ``status=`` writes a row (``filter(status=...)`` only reads).
 _WRITING_CALLS = {"update", "create", "get_or_create", "update_or_create", "bulk_create", "Prediction"}
-#: The payment ledger's own state machine (payments/models.py) writes Payment.status, and the
+#: The payment ledger's own state machine (payments/models/ledger.py) writes Payment.status, and the
 #: ledger records a new payment as VERIFIED: neither touches a prediction.
 _ALLOWED = {
     "predictions/lifecycle.py": None,  # the whole module
-    "payments/models.py": {"advance", "_apply"},  # the ledger's state machine (one payment, or a batch)
+    "payments/models/ledger.py": {"advance", "_apply"},  # the ledger's state machine (one payment, or a batch)
+    "payments/models/refunds.py": {"advance"},  # a refund's own state machine
     "payments/ledger.py": {"record"},
     # An export job's own status (ExportJob): no payment, no prediction.
     "payments/finance/export_jobs.py": {"run", "expire", "record_command"},
+    # A channel transaction's own outcome (ChannelTx): no payment, no prediction.
+    "payments/channels/outbox.py": {"_finish"},
     # A development script that stages a ledger row without its transaction for a screenshot.
     "scripts/finance_screenshots.py": {"seed"},
 }
