@@ -113,6 +113,22 @@ class RefundSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelSettings:
+    """``batch-settlement`` channels (payments.channels): our authorizer, and when claims are due."""
+
+    #: X402_CHANNEL_AUTHORIZER_KEY: our receiverAuthorizer ("": channels cannot be claimed).
+    authorizer_key: str = field(repr=False)
+    #: X402_CHANNEL_CLAIM_UNCLAIMED_MAX, X402_CHANNEL_CLAIM_TOTAL_MAX, X402_CHANNEL_CLAIM_MAX_AGE:
+    #: a channel is claimed once its unclaimed charges reach the first (base units), every one
+    #: once all together reach the second, and one whose oldest unclaimed charge is this old.
+    claim_unclaimed_max: int
+    claim_total_max: int
+    claim_max_age_seconds: int
+    #: X402_CHANNEL_CLAIM_BATCH_MAX: at most this many channels per claim transaction.
+    claim_batch_max: int
+
+
+@dataclass(frozen=True, slots=True)
 class RunSettings:
     """How predictions run, and how long their data is kept."""
 
@@ -196,6 +212,7 @@ class X402Settings:
     verification: VerificationSettings
     settlement: SettlementSettings
     refunds: RefundSettings
+    channels: ChannelSettings
     runs: RunSettings
     http: HttpSettings
     webhooks: WebhookSettings
@@ -329,6 +346,13 @@ def build() -> X402Settings:
             key=_str("X402_REFUND_KEY"),
             auto_approve_max=_int("X402_REFUND_AUTO_APPROVE_MAX"),
             auto_approve_per_hour=_int("X402_REFUND_AUTO_APPROVE_PER_HOUR"),
+        ),
+        channels=ChannelSettings(
+            authorizer_key=_str("X402_CHANNEL_AUTHORIZER_KEY"),
+            claim_unclaimed_max=_int("X402_CHANNEL_CLAIM_UNCLAIMED_MAX"),
+            claim_total_max=_int("X402_CHANNEL_CLAIM_TOTAL_MAX"),
+            claim_max_age_seconds=_int("X402_CHANNEL_CLAIM_MAX_AGE"),
+            claim_batch_max=_int("X402_CHANNEL_CLAIM_BATCH_MAX", minimum=1),
         ),
         runs=RunSettings(
             time_limit_seconds=_int("X402_PREDICTION_TIME_LIMIT", minimum=1),
