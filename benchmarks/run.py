@@ -493,17 +493,19 @@ def bench_settlement(stack: Stack, single_n: int, batched_n: int, workers: int =
     """Settled-and-confirmed payments per second on anvil, one transaction per payment (one at a
     time, and four concurrent workers) and batched (``workers`` batchers in parallel on the
     relayer lanes), in the same run; gas per payment of each."""
-    from django.conf import settings
     from django.db import connection
+    from django.test import override_settings
 
     from payments.chain import batching, settlement
     from payments.models import Payment, SettlementTx
     from payments.options import configured
+    from x402site.conf import x402
 
     conf = configured()[0]
     payments = record_payments(stack, stack.fund(single_n), 1)
     half = len(payments) // 2
-    settings.X402_BATCH_SETTLEMENT = False
+    one_per_transaction = override_settings(X402_BATCH_SETTLEMENT=False)  # x402.settlement follows
+    one_per_transaction.enable()
     t0 = time.perf_counter()
     for p in payments[:half]:
         settlement.settle(p.pk)
@@ -523,7 +525,7 @@ def bench_settlement(stack: Stack, single_n: int, batched_n: int, workers: int =
     for t in threads:
         t.join()
     concurrent = len(rest) / (time.perf_counter() - t0)
-    settings.X402_BATCH_SETTLEMENT = True
+    one_per_transaction.disable()
     singles = Payment.objects.filter(pk__in=[p.pk for p in payments])
     single_gas = [g for g in singles.values_list("gas_used", flat=True) if g]
 
@@ -565,7 +567,7 @@ def bench_settlement(stack: Stack, single_n: int, batched_n: int, workers: int =
             "unconfirmed_transactions": len(left),
             "workers": workers,
             "lanes": LANES,
-            "batch_max": settings.X402_BATCH_MAX,
+            "batch_max": x402.settlement.batch_max,
             "transactions": len(sent),
             "per_s": round(len(batched) / batched_seconds, 1),
             "gas_per_payment_at_50_plus": round(statistics.mean(big)) if big else None,

@@ -22,7 +22,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django import db
-from django.conf import settings
 from django.db.models import Q
 from django.http import HttpRequest
 from mcp import types
@@ -41,6 +40,7 @@ from predictions.services import (
     validate_input,
     wait_until_done,
 )
+from x402site.conf import x402
 from x402site.exceptions import DatabaseUnavailable, api_exception_handler
 
 log = logging.getLogger("mcpserver")
@@ -195,7 +195,7 @@ def _run_model(model: Model, arguments: dict[str, Any], payment: Any, request: H
         version, inputs, paid=admission.verification, charge=charge, challenge=admission.challenge
     )
     log.info("mcp tool %s created prediction %s", tool_name(model), prediction.id)
-    done = wait_until_done(prediction, min(settings.X402_MCP_WAIT_SECONDS, model.time_limit_seconds))
+    done = wait_until_done(prediction, min(x402.http.mcp_wait_seconds, model.time_limit_seconds))
     return prediction_result(done, request)
 
 

@@ -14,12 +14,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-from django.conf import settings
 from django.db.models import Min
 from django.utils import timezone
 
 from payments.models import Payment, PaymentStatus
 from payments.options import configured
+from x402site.conf import x402
 
 S = PaymentStatus
 #: How long one process trusts its last reading of the backlog's age.
@@ -73,11 +73,11 @@ oldest_ready = _OldestReady()
 def limit_seconds() -> float:
     """The backlog age past which new payments are refused."""
     shortest = min((c.option.max_timeout_seconds for c in configured()), default=300)
-    return settings.X402_BACKPRESSURE_FRACTION * shortest
+    return x402.settlement.backpressure_fraction * shortest
 
 
 def overloaded() -> bool:
     """True when a new payment should be refused (the gate counts it in the metrics)."""
-    if settings.X402_BACKPRESSURE_FRACTION <= 0:
+    if x402.settlement.backpressure_fraction <= 0:
         return False
     return oldest_ready.age() > limit_seconds()

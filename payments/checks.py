@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.conf import settings
 from django.core.checks import Error, Warning, register
 from eth_utils import is_address, is_checksum_address
 
 from payments.x402.networks import chain_id_of
+from x402site.conf import x402
 
 REQUIRED = ("network", "rpc_url", "asset", "asset_name", "asset_version", "pay_to")
 
@@ -30,7 +30,7 @@ def _address_errors(i: int, key: str, value: Any) -> list[Error]:
 @register("payments")
 def check_payment_options(app_configs: Any = None, **kwargs: Any) -> list[Error | Warning]:
     errors: list[Error | Warning] = []
-    for i, option in enumerate(settings.X402_PAYMENT_OPTIONS):
+    for i, option in enumerate(x402.chain.payment_options):
         missing = [k for k in REQUIRED if not option.get(k)]
         if missing:
             errors.append(Error(f"payment option {i}: missing {', '.join(missing)}", id="payments.E001"))
@@ -42,9 +42,9 @@ def check_payment_options(app_configs: Any = None, **kwargs: Any) -> list[Error 
         errors += _address_errors(i, "asset", option["asset"])
         errors += _address_errors(i, "pay_to", option["pay_to"])
     if (
-        settings.X402_PAYMENT_OPTIONS
-        and not settings.X402_RELAYER_KEY
-        and any(not o.get("facilitator_url") for o in settings.X402_PAYMENT_OPTIONS)
+        x402.chain.payment_options
+        and not x402.relayer.key
+        and any(not o.get("facilitator_url") for o in x402.chain.payment_options)
     ):
         errors.append(Warning("no X402_RELAYER_KEY: local settlement will fail", id="payments.W001"))
     return errors
@@ -56,7 +56,7 @@ def check_assets_on_chain(app_configs: Any = None, **kwargs: Any) -> list[Error]
     from payments.chain.node import ChainUnavailable, endpoint, rpc
 
     errors = []
-    for i, option in enumerate(settings.X402_PAYMENT_OPTIONS):
+    for i, option in enumerate(x402.chain.payment_options):
         try:
             code = rpc(option["rpc_url"], "eth_getCode", [option["asset"], "latest"], timeout=5)
         except (ChainUnavailable, KeyError, Exception) as exc:  # noqa: BLE001 - reported as a check
@@ -92,10 +92,10 @@ def check_refund_key_is_its_own(app_configs: Any = None, **kwargs: Any) -> list[
     """The refund wallet must not be a relayer: refunds and settlements each count only their
     own table's held nonces under the same RelayerNonce row, so a shared key collides nonces
     (one transaction replaces or blocks the other)."""
-    if not settings.X402_REFUND_KEY:
+    if not x402.refunds.key:
         return []
-    refund = _address_of(settings.X402_REFUND_KEY)
-    relayers = {_address_of(k) for k in [settings.X402_RELAYER_KEY, *settings.X402_RELAYER_KEYS] if k}
+    refund = _address_of(x402.refunds.key)
+    relayers = {_address_of(k) for k in [x402.relayer.key, *x402.relayer.keys] if k}
     if refund is not None and refund in relayers:
         return [
             Error(

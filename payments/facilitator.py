@@ -11,9 +11,9 @@ import time
 from typing import Any
 
 import requests
-from django.conf import settings
 
 from payments.chain.node import endpoint
+from x402site.conf import x402
 
 log = logging.getLogger("payments.facilitator")
 
@@ -30,7 +30,7 @@ class FacilitatorClient:
         self.headers = {"Content-Type": "application/json"}
         if auth:
             self.headers["Authorization"] = auth
-        self.timeout = timeout or settings.X402_FACILITATOR_TIMEOUT_SECONDS
+        self.timeout = timeout or x402.facilitator.timeout_seconds
         self.retries = retries
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None, retry: bool) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The payment options we accept, built from settings (never from the database).
 
 An admin login must not be able to redirect money, so network, asset and pay-to live only in
-the environment; this module turns ``settings.X402_PAYMENT_OPTIONS`` into typed options once
-and rebuilds them when a test overrides the setting.
+the environment; this module turns ``X402_PAYMENT_OPTIONS`` (``x402.chain.payment_options``)
+into typed options once and rebuilds them when a test overrides the setting.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 
-from django.conf import settings
 from django.core.signals import setting_changed
 from eth_utils import to_checksum_address
 
 from payments.x402.networks import chain_id_of, default_confirmations
 from payments.x402.types import PaymentOption
+from x402site.conf import x402
 
 
 class SettlementMode(StrEnum):
@@ -44,7 +44,7 @@ class ConfiguredOption:
     def mode(self) -> SettlementMode:
         if self.facilitator_url:
             return SettlementMode.FACILITATOR
-        if self.batch_settler and settings.X402_BATCH_SETTLEMENT:
+        if self.batch_settler and x402.settlement.batch:
             return SettlementMode.BATCH
         return SettlementMode.RELAYER
 
@@ -52,7 +52,7 @@ class ConfiguredOption:
 @lru_cache(maxsize=1)
 def configured() -> tuple[ConfiguredOption, ...]:
     result = []
-    for raw in settings.X402_PAYMENT_OPTIONS:
+    for raw in x402.chain.payment_options:
         chain_id = chain_id_of(raw["network"])
         confirmations = raw.get("confirmations")
         option = PaymentOption(

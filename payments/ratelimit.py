@@ -2,17 +2,19 @@
 
 An anonymous client that asks for challenges in a loop, or sends payment after bad payment,
 gets 429 with ``Retry-After`` instead of costing us a chain read or a signature check each time.
-Limits are ``"count/seconds"`` settings; ``""`` turns one off.
+Limits are ``"count/seconds"`` settings (``X402_RATE_LIMITS``, read as ``x402.http.rate_limits``);
+``""`` turns one off.
 """
 
 from __future__ import annotations
 
 import time
 
-from django.conf import settings
 from django.core.cache import cache
 from rest_framework.exceptions import Throttled
 from rest_framework.throttling import BaseThrottle
+
+from x402site.conf import x402
 
 
 def client_address(request) -> str:  # type: ignore[no-untyped-def]
@@ -21,19 +23,12 @@ def client_address(request) -> str:  # type: ignore[no-untyped-def]
     return (BaseThrottle().get_ident(request) or "")[:64]
 
 
-def _parse(limit: str) -> tuple[int, int] | None:
-    if not limit:
-        return None
-    count, _, seconds = limit.partition("/")
-    return int(count), int(seconds or 60)
-
-
 def hit(request, kind: str) -> None:  # type: ignore[no-untyped-def]
     """Count one ``kind`` event ("challenge" or "failed") for this client; 429 over the limit."""
-    rule = _parse(settings.X402_RATE_LIMITS.get(kind, ""))
+    rule = getattr(x402.http.rate_limits, kind)
     if rule is None:
         return
-    count, seconds = rule
+    count, seconds = rule.count, rule.seconds
     window = int(time.time() // seconds)
     key = f"x402:rate:{kind}:{client_address(request)}:{window}"
     if cache.add(key, 1, seconds + 1):

@@ -37,7 +37,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from django.conf import settings
 from django.core.cache import cache
 from eth_account import Account
 from eth_account.messages import encode_defunct
@@ -49,6 +48,7 @@ from rest_framework.request import Request
 
 from payments.options import configured
 from payments.x402.codec import DecodeError, decode_header
+from x402site.conf import x402
 
 HEADER = "SIGN-IN-WITH-X"
 EXTENSION = "sign-in-with-x"
@@ -177,7 +177,7 @@ class SignIn:
 
 def _origin() -> tuple[str, str]:
     """This deployment's origin (``https://host``) and host, from X402_PUBLIC_URL."""
-    parts = urlsplit(settings.X402_PUBLIC_URL)
+    parts = urlsplit(x402.http.public_url)
     return f"{parts.scheme}://{parts.netloc}", parts.netloc
 
 
@@ -229,7 +229,7 @@ def check(proof: SignIn, now: datetime) -> None:
         uri_origin = ""
     if uri_origin != origin:
         raise Refused("invalid_siwx_uri_mismatch", f"uri must be on {origin}")
-    skew = timedelta(seconds=settings.X402_CLOCK_SKEW_SECONDS)
+    skew = timedelta(seconds=x402.verification.clock_skew_seconds)
     issued = _time(proof.issued_at, "issued_at")
     if issued > now + skew:
         raise Refused("invalid_siwx_issued_at_in_future", "issuedAt is in the future")
@@ -275,7 +275,7 @@ def _verified_signer(header: str) -> str:
     if signer != to_checksum_address(proof.address):
         raise Refused("invalid_siwx_signature", "the signature was not made by address")
     # Claimed last, so nobody burns a nonce with a proof that does not verify.
-    if not cache.add(f"x402:siwx:{proof.nonce}", 1, WINDOW_SECONDS + settings.X402_CLOCK_SKEW_SECONDS):
+    if not cache.add(f"x402:siwx:{proof.nonce}", 1, WINDOW_SECONDS + x402.verification.clock_skew_seconds):
         raise Refused("invalid_siwx_nonce", "this proof was already used; sign a new one")
     return signer
 

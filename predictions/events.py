@@ -22,8 +22,9 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from django.conf import settings
 from django.db import transaction
+
+from x402site.conf import x402
 
 log = logging.getLogger("predictions.events")
 
@@ -42,7 +43,7 @@ def channel(prediction_id: str) -> str:
 def _redis() -> redis.Redis:
     global _client
     if _client is None:
-        _client = redis.Redis.from_url(settings.X402_EVENTS_URL, socket_timeout=2, socket_connect_timeout=2)
+        _client = redis.Redis.from_url(x402.http.events_url, socket_timeout=2, socket_connect_timeout=2)
     return _client
 
 
@@ -114,7 +115,7 @@ class Subscription:
 async def subscribed(prediction_id: str) -> AsyncIterator[Subscription]:
     """Listen to a prediction's changes (subscribe before reading it, so nothing is missed).
     Without Redis the listener still works, reading every :data:`POLL_SECONDS`."""
-    client = aioredis.Redis.from_url(settings.X402_EVENTS_URL, socket_connect_timeout=2)
+    client = aioredis.Redis.from_url(x402.http.events_url, socket_connect_timeout=2)
     pubsub = client.pubsub()
     try:
         try:

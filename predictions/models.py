@@ -11,7 +11,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jsonschema
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
@@ -20,6 +19,7 @@ from django.utils.crypto import salted_hmac
 
 from payments.models import FailureCharge, HardwareTier, Payment, PriceChange, UptoOrder
 from payments.pricing import PriceRule, PricingError
+from x402site.conf import x402
 
 from . import runners
 
@@ -197,10 +197,10 @@ class Model(models.Model):
     def time_limit_seconds(self) -> int:
         """How long one run may take: what a per-second price paid for (expected seconds times
         ``X402_PER_SECOND_OVERRUN_FACTOR``), and never more than ``X402_PREDICTION_TIME_LIMIT``."""
-        cap = settings.X402_PREDICTION_TIME_LIMIT
+        cap = x402.runs.time_limit_seconds
         if self.pricing_mode != PricingMode.PER_SECOND or self.is_free:
             return cap
-        paid_for = self.expected_seconds * Decimal(str(settings.X402_PER_SECOND_OVERRUN_FACTOR))
+        paid_for = self.expected_seconds * Decimal(str(x402.runs.per_second_overrun_factor))
         return max(1, min(cap, math.ceil(paid_for)))
 
     @property
@@ -317,7 +317,7 @@ TERMINAL = frozenset(
 
 def default_time_limit() -> int:
     """The longest any run may take (lifecycle.create records the model's own limit)."""
-    return settings.X402_PREDICTION_TIME_LIMIT
+    return x402.runs.time_limit_seconds
 
 
 class PredictionQuerySet(models.QuerySet):

@@ -25,12 +25,12 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from django.conf import settings
 from kombu.exceptions import OperationalError
 
 from payments.ledger import RunEnd
 from payments.models import PaymentStatus
 from x402site import dispatch
+from x402site.conf import x402
 
 from .models import Prediction
 
@@ -79,7 +79,7 @@ def limit_the_authorization_allows(prediction: Prediction) -> int | None:
     payment, limit = prediction.payment, prediction.time_limit_seconds
     if payment is None or payment.status != PaymentStatus.VERIFIED or payment.settle_requested_at is not None:
         return limit  # free, paid already, or being settled now: the authorization is not held
-    margin = settings.X402_SETTLE_MARGIN_SECONDS + WATCHDOG_SLACK
+    margin = x402.verification.settle_margin_seconds + WATCHDOG_SLACK
     left = math.floor(payment.valid_before - time.time() - margin)
     if left >= limit:
         return limit
@@ -149,7 +149,7 @@ def unstarted(prediction: Prediction, now: datetime) -> RunEnding | None:
     """The verdict on a claimed run whose runner never confirmed it within
     ``X402_RUN_START_TIMEOUT`` (busy retries exhausted, a worker killed before the run, a PUT
     answered 5xx and never run): it ended on our side, failed. None while it may still start."""
-    timeout = settings.X402_RUN_START_TIMEOUT
+    timeout = x402.runs.start_timeout_seconds
     if (
         prediction.run_started_at is not None
         or prediction.started_at is None

@@ -7,11 +7,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.conf import settings
 from kombu.exceptions import OperationalError
 
 from payments import ledger
 from x402site import dispatch
+from x402site.conf import x402
 
 from .models import Prediction, SettlementPolicy
 
@@ -21,7 +21,7 @@ log = logging.getLogger("predictions.tasks")
 def queue_for(model: Any) -> str | None:
     """The queue of the model's hardware tier (X402_TIER_QUEUES, by slug prefix), if routed."""
     slug = model.hardware.slug if model.hardware_id else ""
-    for prefix, queue in settings.X402_TIER_QUEUES.items():
+    for prefix, queue in x402.runs.tier_queues.items():
         if slug.startswith(prefix):
             return queue
     return None

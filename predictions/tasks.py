@@ -25,13 +25,13 @@ from datetime import timedelta
 from typing import Any
 
 from celery import shared_task
-from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
 from payments.chain import prerun
 from payments.chain.node import ChainUnavailable
 from payments.models import PaymentStatus, UnpaidReason
+from x402site.conf import x402
 
 from . import lifecycle, scheduling
 from .lifecycle import Cause
@@ -61,7 +61,7 @@ def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
         return "skipped"
     if not resume:
         # The time-limit watchdog is armed when the runner confirms the run (lifecycle.run_started).
-        enforce_start.apply_async(args=[prediction.id], countdown=settings.X402_RUN_START_TIMEOUT)
+        enforce_start.apply_async(args=[prediction.id], countdown=x402.runs.start_timeout_seconds)
         if prediction.cancel_after_at is not None:
             enforce_cancel_after.apply_async(args=[prediction.id], eta=prediction.cancel_after_at)
     try:
@@ -120,7 +120,7 @@ def remove_expired_data() -> int:
     """Remove the input, output and logs of predictions that ended more than
     ``X402_DATA_RETENTION_DAYS`` ago (``data_removed`` then reads true, as on Replicate). The
     prediction, its status, error, times and payment stay (the ledger keeps what was paid)."""
-    days = settings.X402_DATA_RETENTION_DAYS
+    days = x402.runs.data_retention_days
     if days <= 0:
         return 0
     expired = Prediction.objects.filter(
@@ -140,11 +140,11 @@ def sweep() -> dict[str, int]:
     outcome ends it (see lifecycle.on_payment).
     """
     now = timezone.now()
-    grace = settings.X402_PREDICTION_LOST_GRACE
+    grace = x402.runs.lost_grace_seconds
     lost = 0
     for prediction_id in Prediction.objects.overdue(grace).values_list("id", flat=True):
         lost += lifecycle.fail_overdue(prediction_id, grace=grace, cause=Cause.SWEEP)
-    unstarted = Prediction.objects.unstarted(settings.X402_RUN_START_TIMEOUT + grace)
+    unstarted = Prediction.objects.unstarted(x402.runs.start_timeout_seconds + grace)
     for prediction_id in unstarted.values_list("id", flat=True):
         lost += lifecycle.fail_unstarted(prediction_id, cause=Cause.SWEEP)
     # Runs whose task was lost (a broker outage): due now, still STARTING after a minute.

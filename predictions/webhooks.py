@@ -29,10 +29,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from celery import shared_task
-from django.conf import settings
 from django.utils.crypto import salted_hmac
 from kombu.exceptions import OperationalError
 from requests.adapters import HTTPAdapter
+
+from x402site.conf import x402
 
 log = logging.getLogger("predictions.webhooks")
 
@@ -51,8 +52,8 @@ class UnsafeWebhook(ValueError):
 def secret() -> str:
     """The signing secret, ``whsec_`` + base64: from the environment, else derived from
     SECRET_KEY for this one purpose (a keyed derivation: it reveals nothing of the key)."""
-    if settings.X402_WEBHOOK_SECRET:
-        return settings.X402_WEBHOOK_SECRET
+    if x402.webhooks.secret:
+        return x402.webhooks.secret
     derived = salted_hmac("predictions.webhooks.secret", "whsec", algorithm="sha256").digest()
     return "whsec_" + base64.b64encode(derived).decode()
 
@@ -102,7 +103,7 @@ def check_url(url: str) -> Target:
     host_header = f"[{ascii_host}]" if ":" in ascii_host else ascii_host
     if parts.port is not None:
         host_header += f":{parts.port}"
-    if settings.X402_WEBHOOK_ALLOW_PRIVATE:
+    if x402.webhooks.allow_private:
         return Target(url=url, hostname=hostname, host_header=host_header)
     addresses = _resolve(hostname, port)
     for text in addresses:
@@ -166,7 +167,7 @@ def send(prediction: Any, event: str) -> None:
 
     def enqueue() -> None:
         current = Prediction.objects.select_related("payment", "model").get(pk=prediction.id)
-        snapshot = prediction_json(current, settings.X402_PUBLIC_URL)
+        snapshot = prediction_json(current, x402.http.public_url)
         try:
             deliver.delay(prediction.id, event, webhook_id, snapshot)
         except (OperationalError, OSError) as exc:  # never fail the request for a webhook
@@ -183,7 +184,7 @@ def deliver(
     from .serializers import prediction_json
 
     prediction = Prediction.objects.select_related("payment", "model").get(pk=prediction_id)
-    body = json.dumps(snapshot or prediction_json(prediction, settings.X402_PUBLIC_URL)).encode()
+    body = json.dumps(snapshot or prediction_json(prediction, x402.http.public_url)).encode()
     timestamp = int(time.time())
     try:
         response = post(

@@ -6,6 +6,7 @@ class SiteConfig(AppConfig):
     verbose_name = "x402 site"
 
     def ready(self) -> None:
-        from . import checks
+        from . import checks, conf
 
         checks.refuse_unsafe_start()
+        conf.load()  # a bad X402_* value stops the process here, named

@@ -12,11 +12,12 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from django.conf import settings
 from django.http import HttpRequest
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
+
+from x402site.conf import x402
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,16 +29,18 @@ class TokenHolder:
 
 
 class BearerToken(BaseAuthentication):
-    """``Authorization: Bearer <token>`` with a token from ``settings.<setting>``; ``request.auth``
-    is the role. Compared in constant time."""
+    """``Authorization: Bearer <token>`` with a token of the role's (``x402.tokens.<role>``, from
+    the ``setting``); ``request.auth`` is the role. Compared in constant time."""
 
+    #: The Django setting that lists the tokens.
     setting: ClassVar[str]
+    #: Also the token list's name in ``x402.tokens``.
     role: ClassVar[str]
     schemes: ClassVar[frozenset[str]] = frozenset({"bearer"})
 
     @classmethod
     def holds(cls, request: HttpRequest | Request) -> bool:
-        tokens = getattr(settings, cls.setting)
+        tokens = getattr(x402.tokens, cls.role)
         if not tokens:
             return False
         scheme, _, given = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")

@@ -13,9 +13,9 @@ app.autodiscover_tasks()
 
 def settlement_queue() -> str:
     """Where settlement tasks go: X402_SETTLEMENT_QUEUE, else ``<default queue>-settlement``."""
-    from django.conf import settings
+    from x402site.conf import x402
 
-    return settings.X402_SETTLEMENT_QUEUE or f"{app.conf.task_default_queue}-settlement"
+    return x402.settlement.queue or f"{app.conf.task_default_queue}-settlement"
 
 
 #: Payment tasks that are not settlement: a long export must not hold a settlement slot.

@@ -13,12 +13,12 @@ import ipaddress
 from decimal import Decimal
 from typing import Any
 
-from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from payments.ratelimit import client_address
 from x402site.authentication import OpsToken
+from x402site.conf import x402
 from x402site.exceptions import problem_response
 
 
@@ -29,7 +29,7 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 def is_ops(request: HttpRequest) -> bool:
     """An operator's request: a bearer token of X402_OPS_TOKENS, or (none configured) local."""
-    if settings.X402_OPS_TOKENS:
+    if x402.tokens.ops:
         return OpsToken.holds(request)
     try:
         return ipaddress.ip_address(client_address(request)).is_loopback
@@ -77,12 +77,12 @@ def _chains() -> dict[str, Any]:
 
     blocks: dict[str, int] = {}
     low = []
-    relayer = relayer_account(settings.X402_RELAYER_KEY).address if settings.X402_RELAYER_KEY else None
+    relayer = relayer_account(x402.relayer.key).address if x402.relayer.key else None
     for c in configured():
         blocks[c.option.network] = int(rpc(c.rpc_url, "eth_blockNumber", [], timeout=2), 16)
         if relayer and not c.facilitator_url:
             wei = int(rpc(c.rpc_url, "eth_getBalance", [relayer, "latest"], timeout=2), 16)
-            if wei < settings.X402_RELAYER_MIN_BALANCE_WEI:
+            if wei < x402.relayer.min_balance_wei:
                 low.append(f"{c.option.network}: {Decimal(wei).scaleb(-18)} ETH")
     if low:
         raise NotReady(f"relayer {relayer} gas balance low ({'; '.join(low)})")

@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from django.conf import settings
 
 from payments.chain.abi import (
     ALLOWANCE,
@@ -25,6 +24,7 @@ from payments.chain.abi import (
     NONCE_BITMAP,
 )
 from payments.x402.permit2 import PERMIT2_ADDRESS, UptoPermit
+from x402site.conf import x402
 
 
 class ChainUnavailable(Exception):
@@ -75,7 +75,7 @@ def rpc_batch(
     raises RpcError, or with ``errors_inline`` stands in the results as an RpcError, so one bad
     item (a malformed hash, say) does not sink the rest of a batch.
     """
-    timeout = timeout or settings.X402_RPC_TIMEOUT_SECONDS
+    timeout = timeout or x402.chain.rpc_timeout_seconds
     batch = [{"jsonrpc": "2.0", "id": next(_ids), "method": m, "params": p} for m, p in calls]
     try:
         response = _session().post(url, json=batch, timeout=timeout)

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 import jsonschema
 import requests
 import urllib3
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.urls import reverse
 from django.utils.crypto import salted_hmac
+
+from x402site.conf import x402
 
 from . import Outcome, RunnerBusy, RunnerRefused, register
 
@@ -70,7 +71,7 @@ def callback_token(prediction_id: str) -> str:
 
 def callback_url(prediction_id: str) -> str:
     path = reverse("cog-webhook", args=[prediction_id, callback_token(prediction_id)])
-    return settings.X402_PUBLIC_URL + path
+    return x402.http.public_url + path
 
 
 def _inline_refs(node: Any, components: dict[str, Any], depth: int = 0) -> Any:
@@ -174,7 +175,7 @@ class CogRunner:
                     "webhook_events_filter": ["start", "output", "logs", "completed"],
                 },
                 headers={"Prefer": "respond-async"},
-                timeout=(CONNECT_TIMEOUT, settings.X402_COG_TIMEOUT),
+                timeout=(CONNECT_TIMEOUT, x402.runs.cog_timeout_seconds),
             )
         except requests.RequestException as exc:
             if _never_sent(exc):
@@ -212,7 +213,7 @@ class CogRunner:
         with contextlib.suppress(requests.RequestException):
             requests.post(
                 f"{prediction.version.cog_url}/predictions/{prediction.id}/cancel",
-                timeout=(CONNECT_TIMEOUT, settings.X402_COG_TIMEOUT),
+                timeout=(CONNECT_TIMEOUT, x402.runs.cog_timeout_seconds),
             )
 
     def handle_callback(self, prediction_id: str, body: dict[str, Any]) -> None:

@@ -37,9 +37,10 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
-from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
+
+from x402site.conf import x402
 
 from . import READY, Outcome, register
 from .capture import Capture, capturing
@@ -117,7 +118,7 @@ class PythonRunner:
         """Celery's limits, the backstop of the run's own (:class:`_Stopper`): the limit at
         enqueue is the longest the run may get (the claim may only cut it), after loading the
         predictor within ``X402_RUN_START_TIMEOUT``."""
-        limit = prediction.time_limit_seconds + settings.X402_RUN_START_TIMEOUT
+        limit = prediction.time_limit_seconds + x402.runs.start_timeout_seconds
         return {"soft_time_limit": limit, "time_limit": limit + HARD_LIMIT_GRACE}
 
     def alive(self, prediction: Prediction) -> bool:

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from payments.chain import devchain
+from x402site.conf import x402
 
 
 class Command(BaseCommand):
@@ -18,7 +18,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--port", type=int, default=8545)
-        parser.add_argument("--output", default=str(settings.X402_DEVCHAIN_FILE))
+        parser.add_argument("--output", default=str(x402.chain.devchain_file))
         parser.add_argument("--asset-name", default="USD Coin")
         parser.add_argument("--asset-version", default="2")
 

@@ -18,6 +18,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from payments.chain import devchain
+from x402site.conf import x402
 
 BASE_DIR = Path(settings.BASE_DIR)
 #: Relayer lanes besides the first (anvil accounts 10 and up).
@@ -97,7 +98,7 @@ class Command(BaseCommand):
             chain = devchain.deploy(
                 f"http://127.0.0.1:{opts['chain_port']}", config, extra_relayers=EXTRA_LANES
             )
-            chain.write(settings.X402_DEVCHAIN_FILE)
+            chain.write(x402.chain.devchain_file)
             if not write_dev_env(BASE_DIR / ".env"):
                 self.stdout.write(self.style.WARNING(".env is yours, left as it is: without DJANGO_DEBUG=true in it, "
                                                      "manage.py commands here refuse the development key"))
@@ -156,7 +157,7 @@ class Command(BaseCommand):
                 f"  chain      {chain.rpc_url} (chain id {chain.chain_id}), test USDC {chain.asset}\n"
                 f"  settlement BatchSettler {chain.batch_settler}, {len(chain.relayer_private_keys)} relayer lanes\n"
                 f"  pay-to     {chain.pay_to}\n"
-                f"  dev chain  {settings.X402_DEVCHAIN_FILE} ({len(chain.payers)} funded payers)\n"
+                f"  dev chain  {x402.chain.devchain_file} ({len(chain.payers)} funded payers)\n"
                 f"  admin      http://127.0.0.1:{opts['port']}/admin/ (user admin, password admin: dev only)\n"
                 f"  logs       {var}/worker.log, {var}/anvil.log\n\n"
                 "Pay for a prediction as an agent would (in another terminal):\n"
