@@ -11,7 +11,6 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -29,6 +28,7 @@ from payments.verification import Verification
 from payments.x402.types import Resource, settle_response, wire_requirement
 from payments.x402.verify import VerifiedPayment
 from x402site import dispatch
+from x402site.conf import x402
 
 #: Settlement not finished (the x402 SDK's reason code): we answer before the transfer is mined.
 SETTLEMENT_PENDING = "settlement_pending"
@@ -289,7 +289,7 @@ def resend_lost(refilled: Collection[str] = ()) -> int:
     (settlement.recheck_lanes): the payments that waited for one are sent their way now."""
     swept = 0
     stale = timezone.now() - SWEEP_AFTER
-    batched = timezone.now() - timedelta(seconds=2 * settings.X402_BATCH_MAX_AGE)
+    batched = timezone.now() - timedelta(seconds=2 * x402.settlement.batch_max_age_seconds)
     waited = Q(network__in=list(refilled))
     ready = Payment.objects.filter(status=PaymentStatus.VERIFIED).filter(
         Q(settle_requested_at__lt=max(stale, batched)) | waited

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from django.conf import settings
 from rest_framework import exceptions
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
@@ -29,6 +28,7 @@ from payments.x402.codec import DecodeError, decode_header
 from payments.x402.types import HOLD_SLACK_SECONDS, Resource, parse_payload
 from payments.x402.verify import PaymentRejected
 from x402site.authentication import is_operator
+from x402site.conf import x402
 
 log = logging.getLogger("payments.gate")
 
@@ -101,7 +101,7 @@ def honour_window_seconds(hold_seconds: int = 0) -> int:
     """How long a challenge's price is honoured after it changes: its longest validity (longer
     for a payment held through a run, see Requirement.max_timeout_seconds)."""
     longest = max((c.option.max_timeout_seconds for c in configured()), default=0)
-    return max(longest, hold_seconds + HOLD_SLACK_SECONDS) + settings.X402_CLOCK_SKEW_SECONDS
+    return max(longest, hold_seconds + HOLD_SLACK_SECONDS) + x402.verification.clock_skew_seconds
 
 
 class X402Payment(BasePermission):
@@ -187,7 +187,7 @@ def check_payment(header: str, challenge: Challenge, path: str) -> Accepted:
     if backpressure.overloaded():
         # Refused before verification: the authorization stays unused, the agent may resend it.
         metrics.BACKPRESSURE.inc()
-        raise SettlementBacklogged(settings.X402_BACKPRESSURE_RETRY_AFTER)
+        raise SettlementBacklogged(x402.settlement.backpressure_retry_after_seconds)
     try:
         verified = verification.verify(payload, [*challenge.requirements, *challenge.honoured], challenge.resource)
     except PaymentRejected as exc:

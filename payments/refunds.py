@@ -21,7 +21,6 @@ from datetime import timedelta
 from functools import lru_cache
 from typing import Any
 
-from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
 from django.db.models import Q
@@ -45,6 +44,7 @@ from payments.models import (
 )
 from payments.options import for_payment
 from x402site import dispatch
+from x402site.conf import x402
 
 log = logging.getLogger("payments.refunds")
 R = RefundStatus
@@ -72,9 +72,9 @@ def _account(key: str) -> LocalAccount:
 
 def wallet() -> LocalAccount:
     """The refund wallet; ImproperlyConfigured without ``X402_REFUND_KEY``."""
-    if not settings.X402_REFUND_KEY:
+    if not x402.refunds.key:
         raise ImproperlyConfigured("X402_REFUND_KEY is not set: refunds cannot be sent")
-    return _account(settings.X402_REFUND_KEY)
+    return _account(x402.refunds.key)
 
 
 def owe(payment: Payment, reason: str, *, detail: dict[str, Any] | None = None, auto_approve: bool = True) -> Refund:
@@ -107,7 +107,7 @@ def owe(payment: Payment, reason: str, *, detail: dict[str, Any] | None = None, 
         return Refund.objects.get(payment=payment)
     RefundEvent.objects.create(refund=refund, to_status=R.OWED, detail={"reason": refund.reason, **(detail or {})})
     log.info("refund owed: %s for payment %s", refund.amount_decimal, payment.pk)
-    if auto_approve and 0 < refund.amount <= settings.X402_REFUND_AUTO_APPROVE_MAX and _auto_budget_left():
+    if auto_approve and 0 < refund.amount <= x402.refunds.auto_approve_max and _auto_budget_left():
         return approve(refund.pk, None)
     return refund
 
@@ -116,7 +116,7 @@ def _auto_budget_left() -> bool:
     """Whether the refund policy may approve one more refund now (approved without a user)."""
     since = timezone.now() - timedelta(hours=1)
     recent = Refund.objects.filter(approved_by=None, approved_at__gte=since).count()
-    return recent < settings.X402_REFUND_AUTO_APPROVE_PER_HOUR
+    return recent < x402.refunds.auto_approve_per_hour
 
 
 def approve(refund_id: int, user: Any) -> Refund:

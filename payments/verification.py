@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from django.conf import settings
-
 from payments.chain.node import ChainUnavailable
 from payments.facilitator import FacilitatorClient, FacilitatorUnavailable
 from payments.models import VerificationMethod
@@ -26,6 +24,7 @@ from payments.options import ConfiguredOption, SettlementMode, for_payment
 from payments.schemes import scheme_of
 from payments.x402.types import PaymentPayload, Requirement, Resource, wire_requirement
 from payments.x402.verify import PaymentRejected, VerifiedPayment, digest_of, verify_payment
+from x402site.conf import x402
 
 log = logging.getLogger("payments.verification")
 
@@ -109,8 +108,8 @@ def verify(
         payload,
         requirements,
         int(time.time()) if now is None else now,
-        settle_margin=settings.X402_SETTLE_MARGIN_SECONDS,
-        clock_skew=settings.X402_CLOCK_SKEW_SECONDS,
+        settle_margin=x402.verification.settle_margin_seconds,
+        clock_skew=x402.verification.clock_skew_seconds,
         contract_signers=True,  # a non-ECDSA signature is checked on chain (EIP-1271)
     )
     option = verified.requirement.option

@@ -15,7 +15,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.http import Http404
 from drf_spectacular.utils import extend_schema, inline_serializer
@@ -39,6 +38,7 @@ from payments.x402.codec import DecodeError
 from payments.x402.types import PaymentPayload, Requirement, Resource, parse_payload
 from payments.x402.verify import NONCE_ALREADY_USED, PaymentRejected
 from x402site.authentication import FacilitatorToken, has_role
+from x402site.conf import x402
 
 log = logging.getLogger("payments.facilitator_api")
 S = PaymentStatus
@@ -48,7 +48,7 @@ class FacilitatorClient(BasePermission):
     """The facilitator API answers its clients only (``FacilitatorToken``); 404 while it is off."""
 
     def has_permission(self, request, view) -> bool:  # type: ignore[no-untyped-def]
-        if not settings.X402_FACILITATOR_TOKENS:
+        if not x402.tokens.facilitator:
             raise Http404("The facilitator API is not enabled on this server.")
         if not has_role(request, FacilitatorToken):
             raise PermissionDenied("A facilitator token is required.")
@@ -210,7 +210,7 @@ class FacilitatorSettle(APIView):
         except VerificationUnavailable:
             return _unavailable()
         try:
-            payment = settlement.settle(payment.pk, wait_seconds=settings.X402_FACILITATOR_SETTLE_WAIT)
+            payment = settlement.settle(payment.pk, wait_seconds=x402.facilitator.settle_wait_seconds)
         except ChainUnavailable:
             payment.refresh_from_db()
         return Response(self._answer(payment, network))

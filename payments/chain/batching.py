@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from eth_abi import decode, encode
@@ -41,6 +40,7 @@ from payments.models import Payment, PaymentStatus, SettlementTx, UnpaidReason
 from payments.options import ConfiguredOption, SettlementMode, for_payment
 from payments.schemes import scheme_of
 from x402site import dispatch
+from x402site.conf import x402
 
 log = logging.getLogger("payments.chain.batching")
 S = PaymentStatus
@@ -143,7 +143,7 @@ def _claim(conf: ConfiguredOption, limit: int) -> list[Payment]:
 def form(conf: ConfiguredOption, *, force: bool) -> Formed | None:
     """Claim ready payments and, if the batch is due (or ``force``), sign and store it with every
     payment moved to SETTLING in one ledger transaction. None: nothing ready, or not due yet."""
-    limit = settings.X402_BATCH_MAX
+    limit = x402.settlement.batch_max
     if not relayers.funded_lanes(conf.option.network):
         # No lane can pay for gas: no new batch (the payments wait, VERIFIED, for a refilled lane).
         log.warning("no batch formed on %s: no relayer lane can pay for gas", conf.option.network)
@@ -153,7 +153,7 @@ def form(conf: ConfiguredOption, *, force: bool) -> Formed | None:
         if not rows:
             return None
         age = (timezone.now() - rows[0].settle_requested_at).total_seconds()
-        if not force and len(rows) < limit and age < settings.X402_BATCH_MAX_AGE:
+        if not force and len(rows) < limit and age < x402.settlement.batch_max_age_seconds:
             return None
         formed = Formed(full=len(rows) == limit)
         # An authorization valid from this very second (a client may sign validAfter = now) is
@@ -328,7 +328,7 @@ def kick(conf: ConfiguredOption, *, delay: float | None = None, force: bool = Tr
     payment ready by then. Best effort: the reconciler's sweep kicks again for anything left."""
     from django.core.cache import cache
 
-    delay = settings.X402_BATCH_MAX_AGE if delay is None else delay
+    delay = x402.settlement.batch_max_age_seconds if delay is None else delay
     network, asset = conf.option.network, conf.option.asset
     key = _kick_key(conf, delay)
     now = time.monotonic()
@@ -360,7 +360,7 @@ def started(conf: ConfiguredOption) -> None:
     """A kicked batcher starts: payments recorded from now on need a kick of their own."""
     from django.core.cache import cache
 
-    key = _kick_key(conf, settings.X402_BATCH_MAX_AGE)
+    key = _kick_key(conf, x402.settlement.batch_max_age_seconds)
     _scheduled_until.pop(key, None)
     try:
         cache.delete(key)

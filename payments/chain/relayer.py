@@ -28,7 +28,6 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Count
 from django.utils import timezone
@@ -39,6 +38,7 @@ from payments.chain.node import ChainUnavailable, RpcError, rpc
 from payments.metrics import UNFUNDED_BROADCASTS
 from payments.models import PaymentStatus, RelayerNonce, SettlementTx
 from payments.options import ConfiguredOption
+from x402site.conf import x402
 
 log = logging.getLogger("payments.chain.relayer")
 
@@ -57,8 +57,8 @@ def relayer_account(key: str) -> LocalAccount:
 def relayer_keys() -> list[str]:
     """The lanes' keys: ``X402_RELAYER_KEYS``; a ``X402_RELAYER_KEY`` set alone (an override
     naming one relayer) is the only lane."""
-    keys = [k for k in settings.X402_RELAYER_KEYS if k]
-    primary = settings.X402_RELAYER_KEY
+    keys = [k for k in x402.relayer.keys if k]
+    primary = x402.relayer.key
     if primary and primary not in keys:
         return [primary]
     return keys
@@ -286,7 +286,7 @@ def recheck_unfunded(rpc_urls: dict[str, str]) -> set[str]:
     for row in RelayerNonce.objects.filter(unfunded_since__isnull=False, network__in=list(rpc_urls)):
         wei = int(rpc(rpc_urls[row.network], "eth_getBalance", [row.address, "latest"]), 16)
         waiting = SettlementTx.objects.holding_nonce().filter(network=row.network, relayer=row.address)
-        need = settings.X402_RELAYER_MIN_BALANCE_WEI + sum(t.gas_limit * t.max_fee_per_gas for t in waiting)
+        need = x402.relayer.min_balance_wei + sum(t.gas_limit * t.max_fee_per_gas for t in waiting)
         if wei >= need:
             RelayerNonce.objects.filter(pk=row.pk).update(unfunded_since=None, unfunded_reason="")
             log.warning("lane %s on %s can pay again (%s wei)", row.address, row.network, wei)
@@ -336,7 +336,7 @@ def resend(url: str, tx_hash: str, *, stuck: bool, send: Callable[[], str | None
 
 
 def is_stuck(tx: SettlementTx) -> bool:
-    return (timezone.now() - tx.signed_at).total_seconds() > settings.X402_STUCK_AFTER_SECONDS
+    return (timezone.now() - tx.signed_at).total_seconds() > x402.chain.stuck_after_seconds
 
 
 def nonces_used(url: str, tx: SettlementTx, latest: int, depth: int) -> int:
@@ -412,7 +412,7 @@ def resign_raw(raw: str, account: LocalAccount, block: dict[str, Any]) -> tuple[
     from eth_utils import to_checksum_address
 
     fields = decode(raw)
-    cap = settings.X402_MAX_FEE_PER_GAS
+    cap = x402.chain.max_fee_per_gas
     floor_max, floor_priority = fees(block)
     least_max, least_priority = _bumped(fields["maxFeePerGas"]), _bumped(fields["maxPriorityFeePerGas"])
     max_fee = min(cap, max(least_max, floor_max))

@@ -32,7 +32,6 @@ import time
 from collections import Counter
 from typing import Any, Protocol
 
-from django.conf import settings
 from django.db import transaction
 
 from payments.chain import relayer as relayers
@@ -46,6 +45,7 @@ from payments.chain.tracking import isolated, reconcile_batch, track
 from payments.models import Payment, PaymentStatus, SettlementTx, UnpaidReason
 from payments.options import ConfiguredOption, SettlementMode, for_payment
 from payments.schemes import scheme_of
+from x402site.conf import x402
 
 __all__ = ["relayer_account"]  # re-exported: views and ops name the relayer through this module
 
@@ -54,9 +54,9 @@ S = PaymentStatus
 
 
 def fault_pause() -> None:
-    if settings.X402_FAULT_PAUSE_AFTER_SIGN:
+    if x402.settlement.fault_pause_after_sign_seconds:
         # Fault injection for the crash tests only: a window between store and broadcast.
-        time.sleep(settings.X402_FAULT_PAUSE_AFTER_SIGN)
+        time.sleep(x402.settlement.fault_pause_after_sign_seconds)
 
 
 def prepare(payment_id: Any) -> Payment:

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from decimal import Decimal
 from functools import lru_cache
 
-from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.db.models import F
@@ -36,6 +35,7 @@ from payments.channels.models import Channel, ChannelTx, ChannelTxStatus
 from payments.models import SettlementTx
 from payments.options import ConfiguredOption, configured
 from payments.x402 import batch_settlement as bs
+from x402site.conf import x402
 
 log = logging.getLogger("payments.channels")
 Kind = SettlementTx.Kind
@@ -57,7 +57,7 @@ def _account(key: str) -> LocalAccount:
 
 def authorizer() -> LocalAccount:
     """Our receiverAuthorizer (``X402_CHANNEL_AUTHORIZER_KEY``; never a relayer key)."""
-    key = settings.X402_CHANNEL_AUTHORIZER_KEY
+    key = x402.channels.authorizer_key
     if not key:
         raise ImproperlyConfigured("X402_CHANNEL_AUTHORIZER_KEY is not set: channel claims cannot be signed")
     account = _account(key)
@@ -170,7 +170,7 @@ def claim(conf: ConfiguredOption, channels: Sequence[Channel]) -> SettlementTx |
         c
         for c in channels
         if c.pk not in busy and c.receiver_authorizer == ours and c.asset == conf.option.asset and c.unclaimed
-    ][: settings.X402_CHANNEL_CLAIM_BATCH_MAX]
+    ][: x402.channels.claim_batch_max]
     if not candidates:
         return None
     rows = [

@@ -15,7 +15,6 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
 from django.core.cache import cache
 from django.db.models import F, Q
 from django.utils import timezone
@@ -25,6 +24,7 @@ from payments.channels import outbox, state
 from payments.channels.models import Channel, ChannelCharge, ChannelStatus
 from payments.options import ConfiguredOption
 from payments.x402 import batch_settlement as bs
+from x402site.conf import x402
 
 log = logging.getLogger("payments.channels")
 #: The last block whose ``WithdrawInitiated`` events were read, per option (a lost cursor only
@@ -42,10 +42,10 @@ def withdrawals_started(conf: ConfiguredOption) -> list[Channel]:
     latest = int(rpc(conf.rpc_url, "eth_blockNumber", []), 16)
     key = CURSOR.format(network=conf.option.network, asset=conf.option.asset)
     start = cache.get(key)
-    start = max(latest - settings.X402_LOG_LOOKBACK_BLOCKS, 0) if start is None else start + 1
+    start = max(latest - x402.chain.log_lookback_blocks, 0) if start is None else start + 1
     ids: set[str] = set()
     while start <= latest:
-        end = min(start + settings.X402_LOG_SPAN_BLOCKS - 1, latest)
+        end = min(start + x402.chain.log_span_blocks - 1, latest)
         logs = rpc(
             conf.rpc_url,
             "eth_getLogs",
@@ -73,9 +73,9 @@ def due(conf: ConfiguredOption) -> list[Channel]:
     unclaimed = _ours(conf).filter(charged_cumulative__gt=F("total_claimed"))
     rows = list(unclaimed.order_by("pk"))
     total = sum(c.unclaimed for c in rows)
-    if total >= settings.X402_CHANNEL_CLAIM_TOTAL_MAX:
+    if total >= x402.channels.claim_total_max:
         return rows
-    cutoff = timezone.now() - timedelta(seconds=settings.X402_CHANNEL_CLAIM_MAX_AGE)
+    cutoff = timezone.now() - timedelta(seconds=x402.channels.claim_max_age_seconds)
     aged = set(
         ChannelCharge.objects.filter(
             channel__in=unclaimed, cumulative__gt=F("channel__total_claimed"), created_at__lte=cutoff
@@ -84,7 +84,7 @@ def due(conf: ConfiguredOption) -> list[Channel]:
     return [
         c
         for c in rows
-        if c.unclaimed >= settings.X402_CHANNEL_CLAIM_UNCLAIMED_MAX
+        if c.unclaimed >= x402.channels.claim_unclaimed_max
         or c.status == ChannelStatus.WITHDRAWING
         or c.pk in aged
     ]
@@ -96,7 +96,7 @@ def sweep(conf: ConfiguredOption) -> dict[str, int]:
     ones in one transaction, and settle claimed funds to pay-to once no claim is out. Without
     channels (or without our receiverAuthorizer key) there is nothing to do and nothing is read."""
     stats = {"tracked": 0, "claimed": 0, "settled": 0}
-    if not settings.X402_CHANNEL_AUTHORIZER_KEY or not _ours(conf).exists():
+    if not x402.channels.authorizer_key or not _ours(conf).exists():
         return stats
     for tx_id in outbox.open_transactions(conf.option.network):
         try:

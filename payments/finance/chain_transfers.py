@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from eth_utils import to_checksum_address
@@ -21,6 +20,7 @@ from payments.chain.abi import TRANSFER_TOPIC
 from payments.chain.node import ChainUnavailable, RpcError, rpc, rpc_batch
 from payments.models import ChainTransfer, ScannedRange, TransferDirection
 from payments.options import ConfiguredOption
+from x402site.conf import x402
 
 
 def _word(address: str) -> str:
@@ -111,7 +111,7 @@ def _read_logs(
         if direction == TransferDirection.TO
         else [TRANSFER_TOPIC, _word(address)]
     )
-    span = max(1, settings.X402_LOG_SPAN_BLOCKS)
+    span = max(1, x402.chain.log_span_blocks)
     logs: list[dict[str, Any]] = []
     for start in range(first, last + 1, span):
         end = min(last, start + span - 1)

@@ -14,7 +14,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Q
@@ -24,6 +23,7 @@ from payments.finance import exports, xlsx
 from payments.finance.reports import LedgerFilter
 from payments.models import ExportJob, ExportStatus
 from x402site import dispatch
+from x402site.conf import x402
 
 log = logging.getLogger("payments.finance.exports")
 
@@ -76,7 +76,7 @@ def start(flt: LedgerFilter, fmt: str, *, user: Any) -> ExportJob:
 
 
 def path_of(job: ExportJob) -> Path:
-    return Path(settings.X402_EXPORT_DIR) / job.file_name
+    return Path(x402.finance.export_dir) / job.file_name
 
 
 def run(job_id: int) -> ExportJob:
@@ -93,7 +93,7 @@ def run(job_id: int) -> ExportJob:
     if not claimed:
         return job
     flt = LedgerFilter.from_dict(job.filters)
-    folder = Path(settings.X402_EXPORT_DIR)
+    folder = Path(x402.finance.export_dir)
     folder.mkdir(parents=True, exist_ok=True)
     name = f"ledger-{timezone.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}{SUFFIX[job.format]}"
 
@@ -120,7 +120,7 @@ def run(job_id: int) -> ExportJob:
         file_name=name,
         size=(folder / name).stat().st_size,
         checksum=exports.sha256_of(folder / name),
-        expires_at=now + timedelta(hours=settings.X402_EXPORT_TTL_HOURS),
+        expires_at=now + timedelta(hours=x402.finance.export_ttl_hours),
     )
     job.refresh_from_db()
     log.info("export %s: %s rows in %s", job.pk, job.rows, name)

@@ -19,7 +19,6 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from django.conf import settings
 from django.db.models import Q, TextChoices
 from eth_account import Account
 from eth_utils import to_checksum_address
@@ -35,6 +34,7 @@ from payments.models import (
     TransferDirection,
 )
 from payments.options import ConfiguredOption, configured
+from x402site.conf import x402
 
 
 class LineKind(TextChoices):
@@ -294,7 +294,7 @@ def _refunds_in(conf: ConfiguredOption, sender: str, period: Period, first: int,
 
 def _refund_wallets(conf: ConfiguredOption) -> list[str]:
     """Our refund wallet, and any that sent refunds of this option before."""
-    current = {to_checksum_address(Account.from_key(settings.X402_REFUND_KEY).address)} if settings.X402_REFUND_KEY else set()
+    current = {to_checksum_address(Account.from_key(x402.refunds.key).address)} if x402.refunds.key else set()
     earlier = Refund.objects.filter(network=conf.option.network, asset=conf.option.asset).exclude(sender="")
     return sorted(current | set(earlier.values_list("sender", flat=True).distinct()))
 

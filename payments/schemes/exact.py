@@ -8,7 +8,6 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from django.conf import settings
 from eth_utils import to_checksum_address
 
 from payments.chain.abi import AUTHORIZATION_USED_TOPIC, TOKEN_ABI, TRANSFER_TOPIC
@@ -27,6 +26,7 @@ from payments.x402.verify import (
     PaymentRejected,
     VerifiedPayment,
 )
+from x402site.conf import x402
 
 if TYPE_CHECKING:
     from payments.permissions import Charge
@@ -150,8 +150,8 @@ class Exact:
             p.payer,
             p.nonce,
             from_block=p.search_from_block,
-            lookback=settings.X402_LOG_LOOKBACK_BLOCKS,
-            span=settings.X402_LOG_SPAN_BLOCKS,
+            lookback=x402.chain.log_lookback_blocks,
+            span=x402.chain.log_span_blocks,
         )
 
 
