@@ -77,7 +77,7 @@ agent and the refund wallet; the treasury (pay-to) is a fresh address holding no
 import json, sys
 from eth_account import Account
 from web3 import Web3
-from payments import contracts
+from payments.chain import contracts
 
 rpc, out, issuer, refund, agent = sys.argv[1:6]
 w3 = Web3(Web3.HTTPProvider(rpc))
@@ -147,13 +147,13 @@ curl -fsS "http://127.0.0.1:$PORT/static/admin/css/base.css" -o /dev/null -H "X-
 
 say "the official x402 client pays once (TLS ends at a proxy: X-Forwarded-Proto)"
 before=$(python -c "
-from web3 import Web3; from payments import contracts
+from web3 import Web3; from payments.chain import contracts
 w3 = Web3(Web3.HTTPProvider('$RPC'))
 print(w3.eth.contract(address='$TOKEN', abi=contracts.artifact('TestUSDC')['abi']).functions.balanceOf('$PAY_TO').call())")
 "$AGENT" "$ROOT/examples/agent_pay.py" --base-url "http://127.0.0.1:$PORT" --devchain "$W/chain.json" \
   --model acme/echo --header X-Forwarded-Proto:https --confirmed --timeout 120 "deployed as documented"
 after=$(python -c "
-from web3 import Web3; from payments import contracts
+from web3 import Web3; from payments.chain import contracts
 w3 = Web3(Web3.HTTPProvider('$RPC'))
 print(w3.eth.contract(address='$TOKEN', abi=contracts.artifact('TestUSDC')['abi']).functions.balanceOf('$PAY_TO').call())")
 echo "pay-to balance $before -> $after"
