@@ -13,11 +13,12 @@ ML := $(VENV)/.ml-installed
 run: $(RUNTIME) $(NODE)
 	$(PY) manage.py quickstart
 
-# Two pytest-xdist workers, each with its own anvil, test database (test_x402_gw0, _gw1), Celery
-# queue and cache prefix; a test file stays on one worker (its module-scoped worker process), in
-# collection order (the quick benchmark first: tests/conftest.py).
+# Three pytest-xdist workers (on 2 cores: much of the suite waits on blocks, workers and servers,
+# so a third worker fills the idle CPU), each with its own anvil, test database (test_x402_gw0,
+# _gw1, _gw2), Celery queue and cache prefix; a test file stays on one worker (its module-scoped
+# worker process), in collection order (the quick benchmark first: tests/conftest.py).
 test: $(DEV) $(ML) $(NODE) tools
-	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -n 3 --dist loadfile --no-loadscope-reorder
 
 # The benchmark suite (about 10 minutes) and its smoke run; results in benchmarks/results/.
 bench: $(DEV) $(NODE) tools

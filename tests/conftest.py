@@ -181,8 +181,8 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The quick benchmark (minutes, in a process of its own) goes first: on ``pytest -n 2`` one
-    worker runs it while the other starts the rest, rather than it running alone at the end."""
+    """The quick benchmark (minutes, in a process of its own) goes first: on ``pytest -n 3`` one
+    worker runs it while the others start the rest, rather than it running alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("bench") is None)
 
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.bench
-@pytest.mark.timeout(600)  # both servers, settlement, the sustained run: ~2.5 min idle, ~4.5 loaded
+@pytest.mark.timeout(600)  # both servers, settlement, the sustained run: ~1.5 min idle, ~3 loaded
 def test_quick_benchmark_runs_and_reports() -> None:
     done = subprocess.run(
         [sys.executable, "benchmarks/run.py", "--quick"],
