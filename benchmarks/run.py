@@ -1097,6 +1097,26 @@ def export_only(sizes: list[int], quick: bool) -> int:
     return 0
 
 
+def http_only(duration: int, quick: bool) -> int:
+    """``--only http``: the HTTP figures alone, uvicorn (as deployed) and gunicorn side by side."""
+    stack = Stack(quick)
+    try:
+        stack.start()
+        figures = {}
+        for name, start in [("uvicorn", stack.uvicorn), ("gunicorn", lambda env: stack.gunicorn("x402site.wsgi:application", env))]:
+            server = start(stack.env)
+            figures[name] = http_figures(stack, server, duration, quick)
+            stack.stop_server(server)
+    finally:
+        stack.stop()
+    for name, f in figures.items():
+        for key in ("challenge", "ungated", "paid", "paid_half_rate"):
+            m = f[key]
+            print(f"{name:9} {key:15} {m.get('rps', m.get('rate')):7.1f} req/s  p50 {m['p50_ms']:6.1f} ms  p99 {m['p99_ms']:6.1f} ms")
+        print(f"{name:9} paid / ungated = {f['paid']['rps'] / f['ungated']['rps']:.2f}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1107,11 +1127,15 @@ def main() -> int:
         "--skip", default="", help="comma-separated sections not to run: reconciliation, export"
     )
     parser.add_argument(
-        "--only", choices=["export"], help="run one section alone: export (1,000,000 rows side by side)"
+        "--only",
+        choices=["export", "http"],
+        help="run one section alone: export (1,000,000 rows side by side), http (both servers' figures)",
     )
     args = parser.parse_args()
     if args.only == "export":
         return export_only([2000, 20000] if args.quick else [100_000, 1_000_000], args.quick)
+    if args.only == "http":
+        return http_only(3 if args.quick else 10, args.quick)
     quick = args.quick
     skip = set(filter(None, args.skip.split(",")))
     global PREFIX

@@ -237,6 +237,14 @@ class Model(models.Model):
         return self.versions.order_by("-created_at").first() if self.pk else None
 
 
+class ModelVersionQuerySet(models.QuerySet["ModelVersion"]):
+    def latest_of(self, owner: str, name: str) -> ModelVersion | None:
+        """The latest version of model ``owner/name``, with its model and tier, in one query
+        (None when there is no such model or it has no version)."""
+        rows = self.select_related("model__hardware").filter(model__owner=owner, model__name=name)
+        return rows.order_by("-created_at").first()
+
+
 class ModelVersion(models.Model):
     id = models.CharField(max_length=64, primary_key=True)
     model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="versions")
@@ -260,6 +268,8 @@ class ModelVersion(models.Model):
         help_text="The Cog version the model was built with, if it is a Cog model (shown in the API)",
     )
     created_at = models.DateTimeField(default=timezone.now)
+
+    objects = ModelVersionQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]

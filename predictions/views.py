@@ -203,10 +203,10 @@ class ModelPredictionCreate(PaidPredictionCreate):
     """POST /v1/models/{owner}/{name}/predictions: run the model's latest version."""
 
     def resolve_version(self, request: Request) -> ModelVersion:
-        model = model_or_404(self.kwargs["owner"], self.kwargs["name"])
-        version = model.latest_version
+        owner, name = self.kwargs["owner"], self.kwargs["name"]
+        version = ModelVersion.objects.latest_of(owner, name)  # one query on the hot path
         if version is None:
-            raise NotFound(f"Model {model} has no version.")
+            raise NotFound(f"Model {model_or_404(owner, name)} has no version.")
         return version
 
     @extend_schema(exclude=True)

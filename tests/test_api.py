@@ -426,7 +426,7 @@ def test_database_unavailable_is_a_clean_503(chain_settings, demo_model, monkeyp
     def down(*args, **kwargs):
         raise db.OperationalError("connection failed: FATAL: sorry, too many clients already")
 
-    monkeypatch.setattr("predictions.views.model_or_404", down)
+    monkeypatch.setattr("predictions.models.ModelVersionQuerySet.latest_of", down)
     response = post(Client(), {"input": {"text": "x"}})
     assert response.status_code == 503 and response["Retry-After"] == "5"
     assert response.json()["status"] == 503 and "too many" not in response.json()["detail"]
@@ -435,8 +435,8 @@ def test_database_unavailable_is_a_clean_503(chain_settings, demo_model, monkeyp
 def test_the_paid_create_writes_its_rows_in_one_transaction(chain_settings, demo_model, monkeypatch) -> None:
     """The paid create's own database work is small and in one place: the ledger row, its event
     and the prediction written in one transaction with nothing read between them; besides, only
-    the model (with its tier), its version and the payment's answer are read (the honoured
-    prices and the backlog's age are kept by the process: the first request reads them)."""
+    the latest version with its model and tier (one query) and the payment's answer are read (the
+    honoured prices and the backlog's age are kept by the process: the first request reads them)."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
@@ -456,4 +456,4 @@ def test_the_paid_create_writes_its_rows_in_one_transaction(chain_settings, demo
     first, last = sql.index(writes[0]), sql.index(writes[-1])
     assert all(not s.startswith("SELECT") for s in sql[first:last]), sql
     reads = [s.split(" FROM ")[1].split()[0].strip('"') for s in sql if s.startswith("SELECT")]
-    assert reads == ["predictions_model", "predictions_modelversion", "payments_payment"], reads
+    assert reads == ["predictions_modelversion", "payments_payment"], reads

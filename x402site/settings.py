@@ -58,7 +58,7 @@ MIDDLEWARE = [
 ]
 
 if not DEBUG:  # static files (admin, API docs) from STATIC_ROOT; runserver serves them in debug
-    MIDDLEWARE.insert(MIDDLEWARE.index("django.middleware.security.SecurityMiddleware") + 1, "whitenoise.middleware.WhiteNoiseMiddleware")
+    MIDDLEWARE.insert(MIDDLEWARE.index("django.middleware.security.SecurityMiddleware") + 1, "x402site.staticfiles.StaticFilesMiddleware")
 
 ROOT_URLCONF = "x402site.urls"
 WSGI_APPLICATION = "x402site.wsgi.application"

@@ -8,7 +8,7 @@ not matter.
 from __future__ import annotations
 
 import itertools
-import threading
+import os
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -51,15 +51,34 @@ def endpoint(url: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{port}" if port else "")
 
 
-_local = threading.local()
 _ids = itertools.count(1)
 
 
-def _session() -> requests.Session:
-    session = getattr(_local, "session", None)
-    if session is None:
-        session = _local.session = requests.Session()
+def _new_session() -> requests.Session:
+    session = requests.Session()
+    # Under ASGI every request runs in a thread of its own: a session per thread meant a new TCP
+    # connection to the node per paid request. One session per process keeps its connections
+    # (urllib3's pool is thread-safe; these POSTs carry no cookies and follow no redirects).
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
     return session
+
+
+_shared = _new_session()
+
+
+def _reset_after_fork() -> None:
+    """A forked child (a prefork Celery worker) must not share its parent's sockets."""
+    global _shared
+    _shared = _new_session()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _session() -> requests.Session:
+    return _shared
 
 
 def rpc_batch(
@@ -78,7 +97,7 @@ def rpc_batch(
     timeout = timeout or x402.chain.rpc_timeout_seconds
     batch = [{"jsonrpc": "2.0", "id": next(_ids), "method": m, "params": p} for m, p in calls]
     try:
-        response = _session().post(url, json=batch, timeout=timeout)
+        response = _session().post(url, json=batch, timeout=timeout, allow_redirects=False)
         response.raise_for_status()
         answers = response.json()
     except (requests.RequestException, ValueError) as exc:
