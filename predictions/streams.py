@@ -231,4 +231,7 @@ def waits_asynchronously(view: Callable[..., HttpResponse]) -> Callable[..., Any
         await wait_until_ended(response.prediction_id, response.seconds)
         return await sync_to_async(response.respond)()
 
+    # Async only for Prefer: wait: x402site.asgi answers other requests on a worker thread with
+    # the view itself.
+    wrapper.sync_view = view  # type: ignore[attr-defined]
     return wrapper
