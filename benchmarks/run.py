@@ -1132,6 +1132,23 @@ def http_only(duration: int, quick: bool) -> int:
     return 0
 
 
+def sustained_only(seconds: int) -> int:
+    """``--only sustained``: the paid rate on uvicorn (10 s), then the sustained run at 80% of it."""
+    stack = Stack(False)
+    try:
+        stack.start()
+        ours = stack.uvicorn(stack.env)
+        url = ours + MODEL_PATH
+        headers = signed_headers(stack, stack.fund(100), 25, url)
+        paid = wrk(url, LUA_PAID % (BODY, write_header_files(headers, 2), "PAYMENT-SIGNATURE"), 10, 16)
+        sustained = bench_sustained(stack, url, paid["rps"], seconds)
+    finally:
+        stack.stop()
+    print(f"paid {paid['rps']} req/s; sustained:", json.dumps({k: v for k, v in sustained.items() if k != "load"}))
+    print("load:", json.dumps(sustained["load"]))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1143,14 +1160,17 @@ def main() -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["export", "http"],
-        help="run one section alone: export (1,000,000 rows side by side), http (both servers' figures)",
+        choices=["export", "http", "sustained"],
+        help="run one section alone: export (1,000,000 rows side by side), http (both servers' figures), "
+        "sustained (the paid rate measured, then --sustained seconds at 80%% of it)",
     )
     args = parser.parse_args()
     if args.only == "export":
         return export_only([2000, 20000] if args.quick else [100_000, 1_000_000], args.quick)
     if args.only == "http":
         return http_only(3 if args.quick else 10, args.quick)
+    if args.only == "sustained":
+        return sustained_only(args.sustained)
     quick = args.quick
     skip = set(filter(None, args.skip.split(",")))
     global PREFIX

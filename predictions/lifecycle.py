@@ -455,10 +455,16 @@ def on_payment(payment: Payment) -> None:
     already ended unserved is owed a refund. Failed or expired: an unfinished prediction fails
     (and a run in progress is canceled on its runner).
     """
-    prediction_id = Prediction.objects.filter(payment=payment).values_list("pk", flat=True).first()
-    if prediction_id is None:
-        return
-    prediction = _lock(prediction_id)
+    if payment.status != PaymentStatus.CONFIRMED and payment.status not in UNPAID_STATUSES:
+        return  # settling, settled: nothing moves before the chain's last word (a batch of them: no read)
+    # The payment is locked already: its prediction, locked, in one query (a batch confirms a
+    # hundred at once).
+    prediction = (
+        Prediction.objects.select_for_update(of=("self",))
+        .select_related("model", "version", "payment")
+        .filter(payment=payment)
+        .first()
+    )
     if prediction is None:
         return
     if prediction.is_terminal:

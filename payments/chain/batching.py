@@ -242,15 +242,21 @@ def _finish(conf: ConfiguredOption, formed: Formed) -> None:
             log.warning("payment %s (settled alone): retried later (%s)", pk, exc)
 
 
+#: Batches one batcher run forms at most (see :func:`run`).
+MAX_BATCHES_PER_RUN = 5
+
+
 def run(conf: ConfiguredOption, *, force: bool = False) -> list[SettlementTx]:
     """Form, store and broadcast batches while some are due; the transactions sent.
 
     ``force`` makes the first batch due whatever its size and age (the kick that queued this run
     waited the age already). With a full batch taken and more ready, another batcher is kicked
-    so that workers share the backlog.
+    so that workers share the backlog; after ``MAX_BATCHES_PER_RUN`` this one stops, so that the
+    task follows what it sent and the tracking tasks queued behind it get a worker (a batcher
+    that looped while the backlog lasted confirmed nothing until a sustained load ended).
     """
-    sent = []
-    while True:
+    sent: list[SettlementTx] = []
+    while len(sent) < MAX_BATCHES_PER_RUN:
         try:
             formed = form(conf, force=force)
         except relayers.NoLaneCanPay as exc:  # a lane was flagged while the batch formed
