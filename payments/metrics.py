@@ -115,6 +115,11 @@ def render() -> bytes:
     return generate_latest(registry) + generate_latest(registry_with_ledger)
 
 
+def on_payments_advanced(payments, previous: list[str], **kwargs) -> None:  # type: ignore[no-untyped-def]
+    for payment, before in zip(payments, previous, strict=True):
+        on_payment_advanced(payment, before)
+
+
 def on_payment_advanced(payment, previous: str, **kwargs) -> None:  # type: ignore[no-untyped-def]
     from payments.models import PaymentStatus
 

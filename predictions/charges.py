@@ -152,7 +152,7 @@ def refund_if_owed(prediction: Prediction, payment: Payment) -> None:
     the money back (payments.refunds, once per payment). So is any payment that ends paid
     although we released it unsettled (``settle_requested_at`` never set: an ``after_success``
     authorization someone else submitted after its run failed, or one refused before its run).
-    A payment still settling is looked at again when it confirms (``lifecycle.on_payment``).
+    A payment still settling is looked at again when it confirms (``lifecycle.on_payments``).
     The reason names the payment, never the prediction id (a bearer capability)."""
     if payment.status != PaymentStatus.CONFIRMED:
         return

@@ -82,7 +82,7 @@ def _lock(prediction_id: str) -> Prediction | None:
         list(Payment.objects.select_for_update().filter(pk=payment_id).values_list("pk", flat=True))
     return (
         Prediction.objects.select_for_update(of=("self",))
-        .select_related("model", "version", "payment")
+        .select_related("model__hardware", "version", "payment")
         .filter(pk=prediction_id)
         .first()
     )
@@ -244,7 +244,7 @@ def running(prediction_id: str) -> Prediction | None:
     """The prediction if it is claimed and its runner has not reported yet (a start retried)."""
     return (
         Prediction.objects.running()
-        .select_related("model", "version", "payment")
+        .select_related("model__hardware", "version", "payment")
         .filter(pk=prediction_id)
         .first()
     )
@@ -255,7 +255,7 @@ def finish(prediction_id: str, outcome: Outcome, *, cause: str) -> str:
     reported is written, so a cancel during the run, or a second report, changes nothing.
 
     A success under ``after_success`` keeps its output back (status stays PROCESSING) and asks
-    for settlement; the payment's confirmation releases it (:func:`on_payment`). A payment
+    for settlement; the payment's confirmation releases it (:func:`on_payments`). A payment
     already confirmed (settled before the run ended, by whomever) releases it at once: the
     confirmation that would have released it has come and gone.
     """
@@ -447,26 +447,31 @@ def _end_run(
         return True
 
 
-def on_payment(payment: Payment) -> None:
-    """The ledger moved ``payment`` (called inside its transaction, payment locked).
+def on_payments(payments: list[Payment]) -> None:
+    """The ledger moved ``payments`` (called inside its transaction, the payments locked): their
+    predictions, locked in one query, move by :func:`_on_payment`. Settling and settled moves
+    read nothing (nothing happens before the chain's last word)."""
+    acting = {p.pk: p for p in payments if p.status == PaymentStatus.CONFIRMED or p.status in UNPAID_STATUSES}
+    if not acting:
+        return
+    predictions = (
+        Prediction.objects.select_for_update(of=("self",))
+        .select_related("model__hardware", "version", "payment")
+        .filter(payment__in=list(acting))
+        .order_by("pk")
+    )
+    for prediction in predictions:
+        _on_payment(prediction, acting[prediction.payment_id])
+
+
+def _on_payment(prediction: Prediction, payment: Payment) -> None:
+    """One prediction whose payment the ledger moved (both locked).
 
     Confirmed: a finished ``after_success`` run is released (SUCCEEDED: ``output`` and
     ``completed`` webhooks), a waiting ``before_run`` prediction is enqueued, and one that
     already ended unserved is owed a refund. Failed or expired: an unfinished prediction fails
     (and a run in progress is canceled on its runner).
     """
-    if payment.status != PaymentStatus.CONFIRMED and payment.status not in UNPAID_STATUSES:
-        return  # settling, settled: nothing moves before the chain's last word (a batch of them: no read)
-    # The payment is locked already: its prediction, locked, in one query (a batch confirms a
-    # hundred at once).
-    prediction = (
-        Prediction.objects.select_for_update(of=("self",))
-        .select_related("model", "version", "payment")
-        .filter(payment=payment)
-        .first()
-    )
-    if prediction is None:
-        return
     if prediction.is_terminal:
         charges.refund_if_owed(prediction, payment)  # money that arrived after the run ended unserved
         return

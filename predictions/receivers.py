@@ -7,14 +7,19 @@ from typing import Any
 from django.dispatch import receiver
 
 from payments.models import Payment
-from payments.signals import payment_advanced, payment_unsettled
+from payments.signals import payment_advanced, payment_unsettled, payments_advanced
 
 from . import lifecycle
 
 
 @receiver(payment_advanced, sender=Payment, dispatch_uid="predictions.on_payment")
 def on_payment_advanced(payment: Payment, previous: str, **kwargs: Any) -> None:
-    lifecycle.on_payment(payment)
+    lifecycle.on_payments([payment])
+
+
+@receiver(payments_advanced, sender=Payment, dispatch_uid="predictions.on_payments")
+def on_payments_advanced(payments: list[Payment], previous: list[str], **kwargs: Any) -> None:
+    lifecycle.on_payments(payments)
 
 
 @receiver(payment_unsettled, sender=Payment, dispatch_uid="predictions.on_unsettled")

@@ -137,7 +137,7 @@ def sweep() -> dict[str, int]:
     Cancel-After.
 
     A run that finished and waits for its payment (``after_success``) is not lost: its payment's
-    outcome ends it (see lifecycle.on_payment).
+    outcome ends it (see lifecycle.on_payments).
     """
     now = timezone.now()
     grace = x402.runs.lost_grace_seconds

@@ -13,7 +13,7 @@ from typing import Any
 from django.db import models
 from django.utils import timezone
 
-from payments.signals import payment_advanced
+from payments.signals import payment_advanced, payments_advanced
 from payments.x402.types import SCHEME_EXACT
 
 
@@ -330,7 +330,7 @@ class Payment(models.Model):
         cls, changes: list[tuple[Payment, dict[str, Any]]], to: str, *, detail: dict[str, Any] | None = None
     ) -> None:
         """:meth:`advance` for many locked payments (a batch) at once: each transition checked and
-        evented as one, written with one UPDATE and one INSERT; signals sent per payment."""
+        evented as one, written with one UPDATE and one INSERT; one ``payments_advanced`` signal."""
         if not changes:
             return
         now = timezone.now()  # one stamp for the batch: its rows share one UPDATE
@@ -342,8 +342,7 @@ class Payment(models.Model):
                 for (p, _), before in zip(changes, previous, strict=True)
             ]
         )
-        for (p, _), before in zip(changes, previous, strict=True):
-            payment_advanced.send(sender=Payment, payment=p, previous=before)
+        payments_advanced.send(sender=Payment, payments=[p for p, _ in changes], previous=previous)
 
 
 class PaymentEvent(models.Model):
