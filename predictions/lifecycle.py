@@ -460,15 +460,18 @@ def on_payments(payments: list[Payment]) -> None:
         .filter(payment__in=list(acting))
         .order_by("pk")
     )
+    to_run: list[Prediction] = []
     for prediction in predictions:
-        _on_payment(prediction, acting[prediction.payment_id])
+        _on_payment(prediction, acting[prediction.payment_id], to_run)
+    if to_run:
+        transaction.on_commit(lambda: scheduling.enqueue_runs(to_run))
 
 
-def _on_payment(prediction: Prediction, payment: Payment) -> None:
+def _on_payment(prediction: Prediction, payment: Payment, to_run: list[Prediction]) -> None:
     """One prediction whose payment the ledger moved (both locked).
 
     Confirmed: a finished ``after_success`` run is released (SUCCEEDED: ``output`` and
-    ``completed`` webhooks), a waiting ``before_run`` prediction is enqueued, and one that
+    ``completed`` webhooks), a waiting ``before_run`` prediction is enqueued (``to_run``), and one that
     already ended unserved is owed a refund. Failed or expired: an unfinished prediction fails
     (and a run in progress is canceled on its runner).
     """
@@ -479,7 +482,7 @@ def _on_payment(prediction: Prediction, payment: Payment) -> None:
         if prediction.status == P.PROCESSING and prediction.run_ended_at is not None:
             _move(prediction, P.SUCCEEDED, Cause.PAYMENT, detail={"payment": str(payment.pk)})
         elif prediction.status == P.STARTING and prediction.settlement_policy == SettlementPolicy.BEFORE_RUN:
-            transaction.on_commit(lambda: scheduling.enqueue_run(prediction))
+            to_run.append(prediction)  # enqueued after commit
     elif payment.status in UNPAID_STATUSES:
         _move(
             prediction,

@@ -33,6 +33,16 @@ def enqueue_run(prediction: Prediction) -> None:
     dispatch.send(dispatch.RUN_PREDICTION, prediction.id, queue=queue_for(prediction.model), **options)
 
 
+def enqueue_runs(predictions: list[Prediction]) -> None:
+    """Send the run tasks of many predictions (a confirmed batch's): one task on the default
+    queue sends them (:func:`predictions.tasks.start_runs`), so the settlement worker that
+    confirmed the batch publishes one message, not a hundred."""
+    if len(predictions) == 1:
+        enqueue_run(predictions[0])
+    elif predictions:
+        dispatch.send(dispatch.START_RUNS, [p.id for p in predictions])
+
+
 def start_prediction(prediction: Prediction) -> None:
     """After commit: run now (free, or after_success) or settle first (before_run).
 

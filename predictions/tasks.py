@@ -46,6 +46,16 @@ P = PredictionStatus
 MAX_START_ATTEMPTS = 120
 
 
+@shared_task(acks_late=True)
+def start_runs(prediction_ids: list[str]) -> int:
+    """Send the run task of each of these predictions (confirmed together, scheduling.enqueue_runs).
+    A message lost here is found by the sweep, like any run the broker lost."""
+    predictions = Prediction.objects.select_related("model__hardware", "version").filter(pk__in=prediction_ids)
+    for prediction in predictions:
+        scheduling.enqueue_run(prediction)
+    return len(prediction_ids)
+
+
 @shared_task(bind=True, acks_late=True, max_retries=MAX_START_ATTEMPTS)
 def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
     """Claim the prediction and hand it to its runner. ``resume``: a start the runner refused as

@@ -25,6 +25,7 @@ RUN_EXPORT = "payments.tasks.run_export"
 TRACK_CHANNEL_TXS = "payments.tasks.track_channel_txs"
 REFUND_CHANNEL = "payments.tasks.refund_channel"
 RUN_PREDICTION = "predictions.tasks.run_prediction"
+START_RUNS = "predictions.tasks.start_runs"
 ENFORCE_TIME_LIMIT = "predictions.tasks.enforce_time_limit"
 #: Every task name domain code sends (a test checks each is registered).
 SENT = (
@@ -33,6 +34,7 @@ SENT = (
     SEND_REFUND,
     RUN_EXPORT,
     RUN_PREDICTION,
+    START_RUNS,
     ENFORCE_TIME_LIMIT,
     TRACK_CHANNEL_TXS,
     REFUND_CHANNEL,
