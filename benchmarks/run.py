@@ -683,6 +683,10 @@ def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> d
     make_header = header_maker(url, payers)
     started_at = timezone.now()
     pay_to_before = token_balance(stack, stack.chain.pay_to)
+    # What the ledger says was paid, before and after: payments accepted before the load and
+    # settled during it (an earlier section's) count on both sides.
+    paid_statuses = ["settled", "confirmed"]
+    ledger_before = int(Payment.objects.filter(status__in=paid_statuses).aggregate(a=Sum("amount"))["a"] or 0)
     samples: list[dict[str, float]] = []
     stop = threading.Event()
 
@@ -724,7 +728,7 @@ def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> d
         stop.set()
         sampler.join()
     counts = dict(mine.values_list("status").annotate(n=Count("id")))
-    ledger = int(mine.filter(status__in=["settled", "confirmed"]).aggregate(a=Sum("amount"))["a"] or 0)
+    ledger = int(Payment.objects.filter(status__in=paid_statuses).aggregate(a=Sum("amount"))["a"] or 0) - ledger_before
     balance_change = token_balance(stack, stack.chain.pay_to) - pay_to_before
     write_backlog_curve(samples, load["requests"] / seconds, seconds)
     during = [s for s in samples if s["t"] <= seconds]
