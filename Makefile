@@ -20,7 +20,7 @@ run: $(RUNTIME) $(NODE)
 test: $(DEV) $(ML) $(NODE) tools
 	$(PY) -m pytest -n 3 --dist loadfile --no-loadscope-reorder
 
-# The benchmark suite (about 10 minutes) and its smoke run; results in benchmarks/results/.
+# The benchmark suite (about 20 minutes) and its smoke run; results in benchmarks/results/.
 bench: $(DEV) $(NODE) tools
 	$(PY) benchmarks/run.py
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmarks: payment overhead, throughput and cost growth, side by side with the reference.
 
-    .venv/bin/python benchmarks/run.py            # the full suite (about 10 minutes)
+    .venv/bin/python benchmarks/run.py            # the full suite (about 20 minutes)
     .venv/bin/python benchmarks/run.py --quick    # a smoke run (about 1.5 minutes)
 
 Starts its own anvil, database (``x402_bench``, or ``X402_BENCH_DATABASE``), Redis database
