@@ -19,7 +19,7 @@ from rest_framework.views import APIView
 
 from payments import ratelimit
 from payments.exceptions import payment_required_response, paywall_response, wants_html
-from payments.ledger import settlement_answer
+from payments.ledger import ANSWER_FIELDS, settlement_answer
 from payments.models import HardwareTier
 from payments.permissions import Admission, Charge, X402Payment, challenge_for
 from payments.x402.codec import encode_header
@@ -190,7 +190,7 @@ class PaidPredictionCreate(APIView):
         payment = prediction.payment
         if payment is not None:
             # As it stands after any wait: the hash once settled, else settlement_pending.
-            payment.refresh_from_db()
+            payment.refresh_from_db(fields=ANSWER_FIELDS)
             headers[PAYMENT_RESPONSE_HEADERS[payment.x402_version]] = encode_header(settlement_answer(payment))
         return Response(
             body,
