@@ -7,7 +7,7 @@ paid request then carries a ``voucher``: an EIP-712 ``Voucher(channelId, maxClai
 whose ceiling is what we have charged so far plus this request's price. A ``refund`` payload
 asks for the unused balance back with a zero-charge voucher. The channel id is the EIP-712 hash
 of the immutable ``ChannelConfig`` under the domain "x402 Batch Settlement" / "1" of the
-settlement contract on its chain. See /work/notes/batch-settlement.md (the design note) and the
+settlement contract on its chain. See docs/channels.md (where the scheme stands) and the
 x402 spec ``specs/schemes/batch-settlement/scheme_batch_settlement_evm.md``.
 
 Pure: no Django, no network. Signatures are accepted only in canonical form (65 bytes, low s,
