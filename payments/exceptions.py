@@ -61,6 +61,8 @@ class PaymentRequired(exceptions.APIException):
         self.challenge = challenge
         self.error = error
         self.message = message or error
+        #: Seconds after which a retry may succeed (``Retry-After``), e.g. a busy channel.
+        self.retry_after: int | None = None
 
 
 class SettlementBacklogged(exceptions.APIException):
@@ -91,11 +93,10 @@ def payment_required_response(exc: PaymentRequired) -> Response:
     if exc.message != exc.error:
         body["message"] = exc.message
     header = encode_header(ch.payment_required(exc.error))
-    return Response(
-        body,
-        status=status.HTTP_402_PAYMENT_REQUIRED,
-        headers={PAYMENT_REQUIRED_HEADER: header, "Cache-Control": "no-store"},
-    )
+    headers = {PAYMENT_REQUIRED_HEADER: header, "Cache-Control": "no-store"}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    return Response(body, status=status.HTTP_402_PAYMENT_REQUIRED, headers=headers)
 
 
 def wants_html(request: Any) -> bool:

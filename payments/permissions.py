@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rest_framework import exceptions
 from rest_framework.permissions import SAFE_METHODS, BasePermission
@@ -22,13 +22,16 @@ from payments.exceptions import Challenge, PaymentRequired, SettlementBacklogged
 from payments.models import Payment
 from payments.options import configured
 from payments.pricing import UsagePrice
-from payments.schemes import SCHEMES
+from payments.schemes import CHANNEL_SCHEMES, SCHEMES
 from payments.verification import Verification, VerificationUnavailable
 from payments.x402.codec import DecodeError, decode_header
-from payments.x402.types import HOLD_SLACK_SECONDS, Resource, parse_payload
-from payments.x402.verify import PaymentRejected
+from payments.x402.types import HOLD_SLACK_SECONDS, Resource, named_in, parse_payload, resource_path
+from payments.x402.verify import UNSUPPORTED_SCHEME, PaymentRejected
 from x402site.authentication import is_operator
 from x402site.conf import x402
+
+if TYPE_CHECKING:
+    from payments.channels.gate import ChannelPayment
 
 log = logging.getLogger("payments.gate")
 
@@ -64,6 +67,8 @@ class Charge:
     usage: UsagePrice | None = None
     usage_hold_seconds: int = 0
     upto_first: bool = False
+    #: Offer the channel schemes (``batch-settlement``) too, where the server enables them.
+    channels: bool = False
 
     def __post_init__(self) -> None:
         if not self.free and self.price <= 0:
@@ -83,8 +88,9 @@ def challenge_for(charge: Charge) -> Challenge:
     # Each scheme's offers, the usage-priced ones first when the charge says so.
     schemes = sorted(SCHEMES.values(), key=lambda s: s.usage_priced != charge.upto_first)
     offered = [r for s in schemes for r in s.offers(charge, charge.price)]
+    offered += [r for s in CHANNEL_SCHEMES.values() for r in s.offers(charge, charge.price)]
     # A price that just changed is still honoured (fixed prices: a usage price is not quoted).
-    fixed = [s for s in SCHEMES.values() if not s.usage_priced]
+    fixed = [*(s for s in SCHEMES.values() if not s.usage_priced), *CHANNEL_SCHEMES.values()]
     honoured = [r for old in charge.honoured for s in fixed for r in s.offers(charge, old) if r not in offered]
     return Challenge(
         requirements=offered,
@@ -126,6 +132,8 @@ class Admission:
     challenge: Challenge | None = None
     verification: Verification | None = None
     replay_of: Payment | None = None
+    #: A voucher on a payment channel (``batch-settlement``), instead of a verified payment.
+    channel: ChannelPayment | None = None
 
     @property
     def free(self) -> bool:
@@ -151,7 +159,7 @@ def admit(charge: Charge | None, header: str | None, request: Any, *, path: str,
     except PaymentRequired:
         ratelimit.hit(request, "failed")
         raise
-    return Admission(charge, challenge, accepted.verification, accepted.replay_of)
+    return Admission(charge, challenge, accepted.verification, accepted.replay_of, accepted.channel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +168,7 @@ class Accepted:
 
     verification: Verification | None = None
     replay_of: Payment | None = None
+    channel: ChannelPayment | None = None
 
 
 def check_payment(header: str, challenge: Challenge, path: str) -> Accepted:
@@ -169,15 +178,24 @@ def check_payment(header: str, challenge: Challenge, path: str) -> Accepted:
     Raises PaymentRequired (a fresh challenge with the reason) or ServiceUnavailable.
     """
     try:
-        payload = parse_payload(decode_header(header))
+        obj = decode_header(header)
+        channel_scheme = CHANNEL_SCHEMES.get(named_in(obj).get("scheme")) if isinstance(obj, dict) else None
+        if channel_scheme is not None:
+            paid_for = resource_path(obj)
+        else:
+            payload = parse_payload(obj)
+            paid_for = payload.resource_path
     except DecodeError as exc:
         log.info("payment header refused: invalid_payload (%s)", exc)
         raise challenge.reject(DecodeError.reason, str(exc)) from None
     # A v2 payload names the resource it was made for: it must be this one (the EIP-3009
-    # signature itself does not bind the URL).
-    paid_for = payload.resource_path
+    # signature itself does not bind the URL, nor does a voucher).
     if paid_for is not None and paid_for.rstrip("/") != path.rstrip("/"):
         raise challenge.reject(RESOURCE_MISMATCH, "this payment was made for another resource")
+    if channel_scheme is not None:
+        if not any(r.scheme == channel_scheme.name for r in challenge.requirements):
+            raise challenge.reject(UNSUPPORTED_SCHEME, f"{channel_scheme.name} is not offered for this resource")
+        return Accepted(channel=channel_scheme.accept(obj, challenge))
     # An idempotent retry (same payment-identifier, same payload) is answered before
     # verification: once settled, a resent payload would no longer verify. Nothing else in
     # a payload is secret once it settles, so nothing else identifies a retry.

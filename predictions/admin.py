@@ -258,6 +258,7 @@ class ModelAdmin(admin.ModelAdmin):
             },
         ),
         ("Pay per second (x402 upto)", {"fields": ("upto_order", "upto_failure_charge")}),
+        ("Payment channels (x402 batch-settlement)", {"fields": ("offers_channels",)}),
     )
 
     @admin.display(description="USDC per run")

@@ -23,6 +23,7 @@ from typing import Any
 from django.utils import timezone
 
 from payments import ledger, refunds
+from payments.channels import charges as channel_charges
 from payments.ledger import RunEnd
 from payments.models import CHARGED_STATUSES, Payment, PaymentStatus
 
@@ -117,6 +118,17 @@ def bill_unserved(prediction: Prediction, *, ran: bool, run_end: RunEnd, now: da
     else:
         ledger.release(payment, reason)
     refund_if_owed(prediction, payment)
+
+
+def bill_channel(prediction: Prediction) -> None:
+    """A prediction paid with a voucher just ended: its channel is charged its price when it
+    was served, or when it ended unserved in a way the refund policy does not cover (stopped at
+    its time limit, failed after output, canceled by its payer while running); nothing when it
+    failed on our side or ended before its run (the payer's next voucher carries the same
+    cumulative). The channel is freed for the payer's next request either way."""
+    cause = refund_cause(prediction)
+    served = prediction.status == P.SUCCEEDED or (cause is not None and not cause.owed)
+    channel_charges.release(prediction.channel_id, str(prediction.pk), None if served else 0)
 
 
 def refund_cause(prediction: Prediction) -> RefundCause | None:

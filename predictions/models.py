@@ -130,6 +130,11 @@ class Model(models.Model):
         "operator cancels are charged this (a run stopped at its time limit or canceled by its payer is "
         "charged its seconds).",
     )
+    offers_channels = models.BooleanField(
+        default=True,
+        help_text="Fixed-price models: also offer x402 batch-settlement (the agent deposits once into a "
+        "payment channel and pays each run with an off-chain voucher), where the server enables channels.",
+    )
     created_at = models.DateTimeField(default=timezone.now)
     price_version = models.PositiveIntegerField(
         default=0, editable=False, help_text="Bumped with every price change (the pricing cache's key)"
@@ -409,6 +414,11 @@ class Prediction(models.Model):
     # One payment buys exactly one prediction (OneToOne), and a payment is never deleted.
     payment = models.OneToOneField(
         Payment, null=True, blank=True, on_delete=models.PROTECT, related_name="prediction"
+    )
+    #: Paid with a voucher on this ``batch-settlement`` channel (held for it until it ends,
+    #: then charged: payments.channels.charges).
+    channel = models.ForeignKey(
+        "payments.Channel", null=True, blank=True, on_delete=models.PROTECT, related_name="predictions"
     )
 
     objects = PredictionQuerySet.as_manager()

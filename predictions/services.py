@@ -17,6 +17,9 @@ from rest_framework.exceptions import APIException, ParseError
 from payments import idempotency, ledger
 from payments.chain import prerun
 from payments.chain.node import ChainUnavailable
+from payments.channels import gate as channel_gate
+from payments.channels.gate import ChannelPayment
+from payments.channels.models import Channel
 from payments.exceptions import Challenge
 from payments.idempotency import IdempotencyConflict
 from payments.ledger import request_fingerprint
@@ -43,8 +46,13 @@ def create_prediction(
     charge: Charge | None,
     challenge: Challenge | None,
     options: dict[str, Any] | None = None,
+    channel: ChannelPayment | None = None,
 ) -> tuple[Prediction, bool]:
     """Record the payment (if any) and create its prediction in one transaction.
+
+    Paid with a voucher (``channel``), the prediction holds its channel (one request in flight
+    per channel; PaymentRequired when another holds it or was charged since the gate's check)
+    and runs at once; it is charged when it ends (``charges.bill_channel``).
 
     Returns ``(prediction, created)``. An authorization already in the ledger buys nothing
     more: only an idempotent retry (the same ``payment-identifier`` and payload, for the same
@@ -75,6 +83,10 @@ def create_prediction(
             prediction = lifecycle.create(
                 version, inputs, payment=payment, settlement_policy=policy, options=options
             )
+            if channel is not None:
+                assert challenge is not None
+                prediction.channel_id = channel_gate.hold(channel, str(prediction.pk), challenge)
+                prediction.save(update_fields=["channel"])
             transaction.on_commit(lambda: scheduling.start_prediction(prediction))
             return prediction, True
     except IntegrityError as exc:
@@ -85,6 +97,13 @@ def create_prediction(
     if first is not None:
         return replayed(first, charge), False
     raise challenge.reject(NONCE_ALREADY_USED, "this authorization was already presented")
+
+
+def channel_answer(prediction: Prediction, paid: ChannelPayment | None) -> dict[str, Any]:
+    """The ``PAYMENT-RESPONSE`` of a prediction paid with a voucher (``paid``: this request's
+    payment, whose deposit transaction it names)."""
+    channel = Channel.objects.get(pk=prediction.channel_id)
+    return channel_gate.answer(channel, str(prediction.pk), transaction_hash=paid.deposit_tx if paid else "")
 
 
 def _refuse_unless_settleable(paid: Verification, challenge: Challenge | None) -> None:
@@ -213,6 +232,7 @@ def charge_for(version: ModelVersion, inputs: dict[str, Any], url: str, path: st
         usage=usage,
         usage_hold_seconds=model.time_limit_seconds,
         upto_first=model.upto_order == UptoOrder.UPTO_FIRST,
+        channels=model.offers_channels,
         extensions=discovery_extension(version),
         example_input=example_input(version),
         output_schema=v1_output_schema(version),

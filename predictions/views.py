@@ -34,6 +34,7 @@ from .pagination import CursorPagination
 from .runners import cog
 from .serializers import base_url, model_json, prediction_json, version_json
 from .services import (
+    channel_answer,
     charge_for,
     check_runner,
     create_prediction,
@@ -182,6 +183,7 @@ class PaidPredictionCreate(APIView):
             paid=request.x402.verification,
             charge=request.x402.charge,
             challenge=request.x402.challenge,
+            channel=request.x402.channel,
         )
 
     def _respond(self, request: Request, prediction: Prediction, created: bool) -> Response:
@@ -192,6 +194,8 @@ class PaidPredictionCreate(APIView):
             # As it stands after any wait: the hash once settled, else settlement_pending.
             payment.refresh_from_db(fields=ANSWER_FIELDS)
             headers[PAYMENT_RESPONSE_HEADERS[payment.x402_version]] = encode_header(settlement_answer(payment))
+        elif prediction.channel_id is not None:
+            headers[PAYMENT_RESPONSE_HEADERS[2]] = encode_header(channel_answer(prediction, request.x402.channel))
         return Response(
             body,
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,

@@ -28,3 +28,6 @@ if not {"X402_DEVCHAIN_FILE", "X402_PAYMENT_OPTIONS", "X402_ASSET"} & {k for k, 
     X402_PAYMENT_OPTIONS, X402_RELAYER_KEYS = [], relayer_keys_from_env()
     X402_RELAYER_KEY = X402_RELAYER_KEYS[0] if X402_RELAYER_KEYS else ""
     X402_REFUND_KEY = os.environ.get("X402_REFUND_KEY", "")
+    # Channels (batch-settlement) are offered where a test turns them on with its authorizer.
+    X402_CHANNEL_AUTHORIZER_KEY = os.environ.get("X402_CHANNEL_AUTHORIZER_KEY", "")
+    X402_CHANNELS = bool(X402_CHANNEL_AUTHORIZER_KEY)

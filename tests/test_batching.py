@@ -340,7 +340,10 @@ def test_worker_killed_between_signing_and_broadcasting_a_batch(
         settlement=False,
     )
     try:
-        Payment.objects.update(settle_requested_at=timezone.now())
+        # Ready an hour from now: the module worker's reconciler (every second) sweeps payments
+        # ready for 2 s into a batcher of its own, and a loaded machine can take that long to
+        # hand the doomed worker its task; the forced run below takes them whatever their age.
+        Payment.objects.update(settle_requested_at=timezone.now() + timedelta(hours=1))
         settle_batches.apply_async(args=[chain.network, chain.asset], kwargs={"force": True}, queue=doomed_queue)
         deadline = time.monotonic() + 20
         while Payment.objects.filter(status="verified").exists() and time.monotonic() < deadline:

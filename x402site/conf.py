@@ -126,6 +126,14 @@ class ChannelSettings:
     claim_max_age_seconds: int
     #: X402_CHANNEL_CLAIM_BATCH_MAX: at most this many channels per claim transaction.
     claim_batch_max: int
+    #: X402_CHANNELS: 402s offer ``batch-settlement`` (on models that offer it).
+    enabled: bool = False
+    #: X402_CHANNEL_WITHDRAW_DELAY: the channels' withdrawDelay we require (seconds).
+    withdraw_delay_seconds: int = 86_400
+    #: X402_CHANNEL_MIN_DEPOSIT: the offer's ``minDeposit`` (base units).
+    min_deposit: int = 1_000_000
+    #: X402_CHANNEL_TX_WAIT: how long the gate waits for a relayed deposit or refund to be mined.
+    tx_wait_seconds: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +361,10 @@ def build() -> X402Settings:
             claim_total_max=_int("X402_CHANNEL_CLAIM_TOTAL_MAX"),
             claim_max_age_seconds=_int("X402_CHANNEL_CLAIM_MAX_AGE"),
             claim_batch_max=_int("X402_CHANNEL_CLAIM_BATCH_MAX", minimum=1),
+            enabled=_bool("X402_CHANNELS"),
+            withdraw_delay_seconds=_int("X402_CHANNEL_WITHDRAW_DELAY", minimum=15 * 60),
+            min_deposit=_int("X402_CHANNEL_MIN_DEPOSIT", minimum=1),
+            tx_wait_seconds=_float("X402_CHANNEL_TX_WAIT"),
         ),
         runs=RunSettings(
             time_limit_seconds=_int("X402_PREDICTION_TIME_LIMIT", minimum=1),

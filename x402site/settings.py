@@ -220,14 +220,19 @@ def _payment_options() -> tuple[list[dict], list[str]]:
     return [], relayer_keys
 
 
+def _from_devchain(key: str) -> str:
+    """A key of the dev chain's file, when the payment options come from it (else "")."""
+    if not X402_DEVCHAIN_FILE.exists() or env.str("X402_PAYMENT_OPTIONS", default="") or env.str("X402_ASSET", default=""):
+        return ""
+    return json.loads(X402_DEVCHAIN_FILE.read_text()).get(key, "")
+
+
 X402_PAYMENT_OPTIONS, X402_RELAYER_KEYS = _payment_options()
 #: The refund wallet's key (it sends refunds back to payers; keep it funded with the token and
 #: gas). Never stored in the database. The dev chain's own when the options come from it.
-X402_REFUND_KEY = env.str("X402_REFUND_KEY", default="") or (
-    json.loads(X402_DEVCHAIN_FILE.read_text()).get("refund_private_key", "")
-    if X402_DEVCHAIN_FILE.exists() and not env.str("X402_PAYMENT_OPTIONS", default="") and not env.str("X402_ASSET", default="")
-    else ""
-)
+X402_REFUND_KEY = env.str("X402_REFUND_KEY", default="") or _from_devchain("refund_private_key")
+
+
 #: Refunds owed (a run that failed on our side, a prediction that ended before its run) up to
 #: this amount, in the token's base units, are approved without a human, through the same
 #: service finance uses; above it finance approves them. 0: every refund waits for finance.
@@ -304,7 +309,19 @@ X402_MCP_WAIT_SECONDS = env.int("X402_MCP_WAIT_SECONDS", default=60)
 
 #: ``batch-settlement`` channels (payments.channels). Our receiverAuthorizer: signs claim batches
 #: and refunds, sends nothing (no gas); never a relayer key. Unset: channels cannot be claimed.
-X402_CHANNEL_AUTHORIZER_KEY = env.str("X402_CHANNEL_AUTHORIZER_KEY", default="")
+X402_CHANNEL_AUTHORIZER_KEY = env.str("X402_CHANNEL_AUTHORIZER_KEY", default="") or _from_devchain(
+    "channel_authorizer_private_key"
+)
+#: Offer ``batch-settlement`` in 402s (on models that offer it, ``Model.offers_channels``).
+#: Unset: offered whenever an authorizer key is set.
+X402_CHANNELS = env.bool("X402_CHANNELS", default=bool(X402_CHANNEL_AUTHORIZER_KEY))
+#: The channel's ``withdrawDelay`` we require (seconds; the spec allows 15 min to 30 days): how
+#: long a payer's timed withdrawal waits, i.e. our time to claim what we charged.
+X402_CHANNEL_WITHDRAW_DELAY = env.int("X402_CHANNEL_WITHDRAW_DELAY", default=86_400)
+#: ``extra.minDeposit`` of the offer: the smallest first deposit we suggest (base units; 1 USDC).
+X402_CHANNEL_MIN_DEPOSIT = env.int("X402_CHANNEL_MIN_DEPOSIT", default=1_000_000)
+#: How long the gate waits for a relayed deposit (or a cooperative refund) to be mined.
+X402_CHANNEL_TX_WAIT = env.float("X402_CHANNEL_TX_WAIT", default=30.0)
 #: Claim a channel once its unclaimed charges reach this (token base units; 1 USDC)...
 X402_CHANNEL_CLAIM_UNCLAIMED_MAX = env.int("X402_CHANNEL_CLAIM_UNCLAIMED_MAX", default=1_000_000)
 #: ...every channel with unclaimed charges once all of them together reach this (10 USDC)...

@@ -3,6 +3,7 @@ from django.urls import include, path
 from drf_spectacular.renderers import OpenApiJsonRenderer
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from payments.channels.views import ChannelRefund
 from predictions.views import CogWebhook, DiscoveryResources
 
 from . import ops
@@ -15,6 +16,7 @@ urlpatterns = [
     path("readyz", ops.readyz, name="readyz"),
     path("metrics", ops.metrics, name="metrics"),
     path("admin/", admin.site.urls),
+    path("v1/channels/refund", ChannelRefund.as_view(), name="channel-refund"),
     path("v1/", include("predictions.urls")),
     path("facilitator/", include("payments.urls")),
     path("mcp", include("mcpserver.urls")),

@@ -54,6 +54,9 @@ class DevChain:
     #: The refund wallet (X402_REFUND_KEY): gas money and test USDC to send refunds with.
     refund_address: str = ""
     refund_private_key: str = ""
+    #: Our ``batch-settlement`` receiverAuthorizer (X402_CHANNEL_AUTHORIZER_KEY): signs claims and
+    #: refunds, sends nothing. The settlement contract is placed at its canonical address.
+    channel_authorizer_private_key: str = ""
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,6 +219,7 @@ def deploy(
     asset = w3.eth.wait_for_transaction_receipt(tx)["contractAddress"]
     token = w3.eth.contract(address=asset, abi=build["abi"])
     permit2, upto_proxy = place_upto_contracts(rpc_url)
+    place_batch_settlement_contracts(rpc_url)
     payers = []
     for address, key in zip(addresses[2 : 2 + payer_count], keys[2 : 2 + payer_count], strict=True):
         w3.eth.wait_for_transaction_receipt(
@@ -246,6 +250,7 @@ def deploy(
         upto_proxy=upto_proxy,
         refund_address=refunds.address,
         refund_private_key="0x" + refunds.key.hex().removeprefix("0x"),
+        channel_authorizer_private_key="0x" + Account.create().key.hex().removeprefix("0x"),
     )
 
 

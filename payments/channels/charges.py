@@ -1,11 +1,13 @@
-"""Charging a request on a channel: the one writer of what we charged.
+"""Charging requests on a channel: the one writer of what we charged.
 
 The gate verifies a voucher against a snapshot of the mirror (``batch_settlement.verify_payload``:
-its ceiling is our charged total plus the price). Between that check and the charge another
-request on the same channel may have been charged, so :func:`charge_voucher` locks the channel's
-row and checks again: the voucher must still be built on our charged total, and the pure
-``charge`` keeps the total within what the payer signed and the channel's balance. The charge's
-ledger row and the new mirror are written in the same transaction.
+its ceiling is our charged total plus the price). A request it admits holds the channel
+(:func:`hold`, in the transaction that records the request): the row is locked, the voucher must
+still be built on our charged total, and no other request may be in flight on the channel
+(``channel_busy``). When the request ends, :func:`release` charges what it cost (its price, the
+measured cost, or 0 when it failed on our side), never above what the payer signed nor the
+channel's balance (the pure ``charge``), and frees the channel; the charge's ledger row and the
+new mirror are written in one transaction.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from decimal import Decimal
 
 from django.db import DatabaseError, transaction
 from django.db.models import F
+from django.utils import timezone
 
 from payments.channels.models import Channel, ChannelCharge
 from payments.x402 import batch_settlement as bs
@@ -40,6 +43,75 @@ def _lock(channel_id: str, wait: bool) -> Channel:
         raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_BUSY) from None
 
 
+def hold(
+    verified: bs.VerifiedVoucher, price: int, reference: str, *, wait: bool = False
+) -> bs.ChannelMirror:
+    """Hold the voucher's channel for the request ``reference`` priced ``price`` (call inside the
+    transaction that records the request): one request in flight per channel. The voucher must
+    still be built on our charged total and within the balance; it is kept with the hold and
+    becomes the voucher we claim with once the request is charged. Raises ChannelRejected:
+    ``channel_busy`` (another request holds it, or is charging it), ``cumulative_amount_mismatch``
+    (the corrective 402), ``cumulative_exceeds_balance``, ``channel_not_found``."""
+    voucher = verified.payload.voucher
+    channel = _lock(bs.hex_of(verified.channel_id), wait)
+    if channel.held_by:
+        raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_BUSY, "another request on this channel is in flight")
+    mirror = channel.mirror
+    if voucher.max_claimable - price != mirror.charged_cumulative:
+        raise bs.ChannelRejected(bs.ErrorCode.CUMULATIVE_AMOUNT_MISMATCH)
+    if voucher.max_claimable > mirror.balance:
+        raise bs.ChannelRejected(bs.ErrorCode.CUMULATIVE_EXCEEDS_BALANCE)
+    Channel.objects.filter(pk=channel.pk).update(
+        held_by=reference,
+        held_price=Decimal(price),
+        held_signature=bs.hex_of(voucher.signature),
+        held_at=timezone.now(),
+        version=F("version") + 1,
+    )
+    return mirror
+
+
+def release(channel_pk: int, reference: str, amount: int | None, *, resource: str = "", fingerprint: str = "") -> Charged | None:
+    """End the hold of request ``reference``: charge ``amount`` (None: its whole price; 0 for a
+    run that failed on our side, the payer's next voucher then carries the same cumulative) and
+    free the channel, in one transaction with the charge's ledger row. None when the channel is
+    not held for ``reference`` (released already: a second end changes nothing)."""
+    with transaction.atomic():
+        channel = Channel.objects.select_for_update().get(pk=channel_pk)
+        if channel.held_by != reference:
+            return None
+        price = int(channel.held_price)
+        amount = price if amount is None else amount
+        if not 0 <= amount <= price:
+            raise ValueError(f"a charge must be between 0 and the price ({price}), not {amount}")
+        mirror = channel.mirror
+        signature = bytes.fromhex(channel.held_signature[2:])
+        voucher = bs.Voucher(channel.id_bytes, mirror.charged_cumulative + price, signature)
+        after = bs.charge(mirror, voucher, amount) if amount else mirror
+        Channel.objects.filter(pk=channel.pk).update(
+            charged_cumulative=Decimal(after.charged_cumulative),
+            signed_max_claimable=Decimal(after.signed_max_claimable),
+            voucher_signature=bs.hex_of(after.signature) if after.signature else "",
+            held_by="",
+            held_price=Decimal(0),
+            held_signature="",
+            held_at=None,
+            version=F("version") + 1,
+        )
+        row = None
+        if amount:
+            row = ChannelCharge.objects.create(
+                channel=channel,
+                amount=Decimal(amount),
+                cumulative=Decimal(after.charged_cumulative),
+                max_claimable=Decimal(voucher.max_claimable),
+                resource=resource[:2000],
+                fingerprint=fingerprint[:64],
+                reference=reference[:64],
+            )
+    return Charged(after, row)
+
+
 def charge_voucher(
     verified: bs.VerifiedVoucher,
     amount: int,
@@ -49,35 +121,15 @@ def charge_voucher(
     fingerprint: str = "",
     wait: bool = False,
 ) -> Charged:
-    """Charge ``amount`` (the measured cost, at most ``price``; 0 for a run that failed on our
-    side) to the channel of a voucher verified for a request priced ``price``. Raises the
-    scheme's ChannelRejected: ``cumulative_amount_mismatch`` when the voucher is no longer built
-    on our charged total (replayed, or overtaken by a concurrent charge: the gate answers the
-    corrective 402), ``charge_exceeds_signed_cumulative``, ``cumulative_exceeds_balance``,
-    ``channel_busy``, ``channel_not_found``."""
+    """Hold and charge at once (a request served as it was paid): ``amount`` (the measured cost,
+    at most ``price``; 0 for a run that failed on our side) to the channel of a voucher verified
+    for a request priced ``price``. Raises what :func:`hold` raises."""
     if not 0 <= amount <= price:
         raise ValueError(f"a charge must be between 0 and the price ({price}), not {amount}")
-    voucher = verified.payload.voucher
+    reference = fingerprint or bs.hex_of(verified.payload.voucher.signature)[:64]
     with transaction.atomic():
-        channel = _lock(bs.hex_of(verified.channel_id), wait)
-        mirror = channel.mirror
-        if voucher.max_claimable - price != mirror.charged_cumulative:
-            raise bs.ChannelRejected(bs.ErrorCode.CUMULATIVE_AMOUNT_MISMATCH)
-        if amount == 0:  # nothing moves; the payer's next voucher carries the same cumulative
-            return Charged(mirror, None)
-        after = bs.charge(mirror, voucher, amount)
-        Channel.objects.filter(pk=channel.pk).update(
-            charged_cumulative=Decimal(after.charged_cumulative),
-            signed_max_claimable=Decimal(after.signed_max_claimable),
-            voucher_signature=bs.hex_of(after.signature),
-            version=F("version") + 1,
-        )
-        row = ChannelCharge.objects.create(
-            channel=channel,
-            amount=Decimal(amount),
-            cumulative=Decimal(after.charged_cumulative),
-            max_claimable=Decimal(voucher.max_claimable),
-            resource=resource[:2000],
-            fingerprint=fingerprint[:64],
-        )
-    return Charged(after, row)
+        hold(verified, price, reference, wait=wait)
+        channel_pk = Channel.objects.only("pk").get(channel_id=bs.hex_of(verified.channel_id)).pk
+        charged = release(channel_pk, reference, amount, resource=resource, fingerprint=fingerprint)
+    assert charged is not None
+    return charged

@@ -76,6 +76,12 @@ class Channel(models.Model):
     )
     voucher_signature = models.CharField(max_length=2 + 2 * bs.MAX_SIGNATURE_BYTES, blank=True)
     refunded = models.DecimalField(**AMOUNT, default=Decimal(0), help_text="Returned by cooperative refunds")
+    # The request in flight (one per channel): admitted on a voucher, charged when it ends.
+    held_by = models.CharField(max_length=64, blank=True, help_text="The request the channel is held for")
+    held_price = models.DecimalField(**AMOUNT, default=Decimal(0), help_text="Its price: the most it is charged")
+    #: Its voucher's signature (its ceiling is our charged total + the price); ours once charged.
+    held_signature = models.CharField(max_length=2 + 2 * bs.MAX_SIGNATURE_BYTES, blank=True)
+    held_at = models.DateTimeField(null=True, blank=True)
     version = models.PositiveBigIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
@@ -159,6 +165,7 @@ class ChannelCharge(models.Model):
     max_claimable = models.DecimalField(**AMOUNT, help_text="The ceiling of the voucher that paid it")
     resource = models.CharField(max_length=2000, blank=True)
     fingerprint = models.CharField(max_length=64, blank=True, help_text="The request's payment fingerprint")
+    reference = models.CharField(max_length=64, blank=True, help_text="What it paid for (a prediction's id)")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

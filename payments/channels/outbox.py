@@ -245,6 +245,8 @@ def refund(conf: ConfiguredOption, channel_id: str, requested: int | None = None
     state.refresh_from_chain(conf.rpc_url, [channel])
     with transaction.atomic():
         channel = Channel.objects.select_for_update().get(pk=channel.pk)
+        if channel.held_by:  # its charge is not known yet: what is left to return is not either
+            raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_BUSY, "a request on this channel is in flight")
         mirror = channel.mirror
         amount = bs.refund_amount(mirror, requested)
         nonce = mirror.refund_nonce

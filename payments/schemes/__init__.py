@@ -10,15 +10,18 @@ adding a scheme is those two modules and their registrations (:func:`register`).
 
 from __future__ import annotations
 
-from payments.schemes.base import Scheme
+from payments.schemes.base import ChannelScheme, Scheme
+from payments.schemes.batch_settlement import BATCH_SETTLEMENT
 from payments.schemes.exact import EXACT
 from payments.schemes.upto import UPTO
 from payments.x402 import mechanisms
 
-__all__ = ["SCHEMES", "Scheme", "priced_by", "register", "scheme_of"]
+__all__ = ["CHANNEL_SCHEMES", "SCHEMES", "ChannelScheme", "Scheme", "priced_by", "register", "scheme_of"]
 
 #: Every scheme, by name, in the order a 402 offers them.
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (EXACT, UPTO)}
+#: The schemes paid from a payment channel, offered after those.
+CHANNEL_SCHEMES: dict[str, ChannelScheme] = {s.name: s for s in (BATCH_SETTLEMENT,)}
 
 
 def register(scheme: Scheme) -> Scheme:

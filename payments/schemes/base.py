@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from payments.chain.calls import SettlementCall
     from payments.chain.node import AuthorizationUse, PayerState
+    from payments.channels.gate import ChannelPayment
+    from payments.exceptions import Challenge
     from payments.models import Payment
     from payments.options import ConfiguredOption
     from payments.permissions import Charge
@@ -66,3 +68,19 @@ class Scheme(Protocol):
     def chain_use(self, p: Payment, conf: ConfiguredOption) -> AuthorizationUse:
         """The chain's word on the payment's authorization: used (by which transaction) or not.
         Raises ``ChainUnavailable``, or ``UseNotFound`` when used by what it cannot tell yet."""
+
+
+class ChannelScheme(Protocol):
+    """A scheme paid from a payment channel (``batch-settlement``), registered in
+    :data:`payments.schemes.CHANNEL_SCHEMES`: its payments are vouchers checked against our
+    mirror of the channel, not authorizations recorded and settled one by one."""
+
+    #: The wire's ``scheme``.
+    name: str
+
+    def offers(self, charge: Charge, price: Decimal) -> list[Requirement]:
+        """The requirements of a 402 for ``charge`` at ``price`` (none where it is not offered)."""
+
+    def accept(self, obj: dict[str, Any], challenge: Challenge) -> ChannelPayment:
+        """Check a decoded payment header of this scheme against ``challenge``; raise
+        ``PaymentRequired`` (the reason, or a corrective 402)."""

@@ -82,13 +82,16 @@ class Requirement:
     hold_seconds: int = 0
     scheme: str = SCHEME_EXACT
     facilitators: tuple[str, ...] = ()
+    #: ``extra`` of a scheme whose terms are not the option's (``batch-settlement``: the
+    #: channel's receiverAuthorizer, withdrawDelay, minDeposit; a corrective 402's channel state).
+    terms: tuple[tuple[str, Any], ...] = ()
 
     @property
     def max_timeout_seconds(self) -> int:
         return max(self.option.max_timeout_seconds, self.hold_seconds + HOLD_SLACK_SECONDS)
 
-    def extra(self) -> dict[str, str]:
-        extra = {"name": self.option.asset_name, "version": self.option.asset_version}
+    def extra(self) -> dict[str, Any]:
+        extra = {"name": self.option.asset_name, "version": self.option.asset_version, **dict(self.terms)}
         scheme = mechanisms.get(self.scheme)
         return extra | scheme.extra(self) if scheme is not None else extra
 

@@ -1,0 +1,140 @@
+"""End to end with payment channels: the official x402 SDK's ``batch-settlement`` client pays
+predictions on a live server; one deposit, then vouchers only; a real Celery worker (with beat)
+runs the predictions, claims the channel's vouchers and settles to pay-to; the SDK's cooperative
+refund returns the rest. The chain, the ledger and the agent agree to the unit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from django.test import override_settings
+from eth_account import Account
+from x402 import x402ClientSync
+from x402.http.clients import wrapRequestsWithPayment
+from x402.http.utils import decode_payment_response_header
+from x402.mechanisms.evm.batch_settlement.client import (
+    BatchSettlementEvmScheme,
+    BatchSettlementEvmSchemeOptions,
+    InMemoryClientChannelStorage,
+)
+
+from payments.channels.models import Channel, ChannelCharge, ChannelTx, ChannelTxStatus
+from payments.models import Payment, SettlementTx
+from payments.x402.codec import decode_header
+from predictions.models import Prediction
+from tests.conftest import TEST_QUEUE, fresh_payer, option_settings, start_worker, token_balance
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+PRICE = 10_000  # demo/echo-text: 0.01 USDC
+REQUESTS = 20
+Kind = SettlementTx.Kind
+
+
+@pytest.fixture
+def channel_server(chain, demo_model, live_server, tmp_path) -> Iterator[dict[str, Any]]:
+    """Channels on (the dev chain's receiverAuthorizer), and a worker whose beat sweeps channels
+    every second and claims a channel once 20 requests' charges are unclaimed."""
+    settings = {
+        **option_settings(chain),
+        "X402_CHANNEL_AUTHORIZER_KEY": chain.channel_authorizer_private_key,
+        "X402_CHANNELS": True,
+    }
+    with override_settings(**settings):
+        worker = start_worker(
+            chain,
+            tmp_path / "worker.log",
+            TEST_QUEUE,
+            beat=True,
+            env={
+                "X402_CHANNEL_SWEEP_INTERVAL": "1",
+                "X402_CHANNEL_CLAIM_UNCLAIMED_MAX": str(REQUESTS * PRICE),
+                "X402_PUBLIC_URL": live_server.url,
+            },
+        )
+        try:
+            yield {"url": live_server.url, "log": tmp_path / "worker.log"}
+        finally:
+            from payments.chain import devchain
+
+            devchain.stop(worker)
+
+
+def agent_session(chain, key: str) -> tuple[requests.Session, BatchSettlementEvmScheme, InMemoryClientChannelStorage]:  # type: ignore[no-untyped-def]
+    """The agent as the SDK makes it: a requests session paying through the batch-settlement
+    client, allowed to pay the test token (up to 1 USDC a request; deposits up to 5 times that)."""
+    storage = InMemoryClientChannelStorage()
+    scheme = BatchSettlementEvmScheme(Account.from_key(key), BatchSettlementEvmSchemeOptions(storage=storage))
+    client = x402ClientSync()
+    client.register("eip155:*", scheme)
+    client.set_spend_controls(
+        {"allowed_assets": [{"network": chain.network, "asset": chain.asset, "max_amount_per_payment": str(10**6)}]}
+    )
+    return wrapRequestsWithPayment(requests.Session(), client), scheme, storage
+
+
+def wait_until(check, timeout: float = 30.0, what: str = "") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.2)
+
+
+def test_the_sdk_client_pays_twenty_predictions_with_one_deposit(chain, channel_server) -> None:
+    payer = fresh_payer(chain, 10**7)  # 10 USDC
+    before_payer = token_balance(chain, payer["address"])
+    before_pay_to = token_balance(chain, chain.pay_to)
+    session, scheme, storage = agent_session(chain, payer["private_key"])
+    url = f"{channel_server['url']}/v1/models/demo/echo-text/predictions"
+
+    challenge = requests.post(url, json={"input": {"text": "x"}}, timeout=10)
+    assert challenge.status_code == 402
+    assert "batch-settlement" not in [a["scheme"] for a in challenge.json()["accepts"]]  # the v1 body
+    [offer] = [a for a in decode_header(challenge.headers["PAYMENT-REQUIRED"])["accepts"] if a["scheme"] == "batch-settlement"]
+    assert offer["amount"] == str(PRICE) and offer["payTo"] == chain.pay_to
+    assert offer["extra"]["receiverAuthorizer"] == Account.from_key(chain.channel_authorizer_private_key).address
+    outputs = []
+    for i in range(REQUESTS):
+        response = session.post(url, json={"input": {"text": f"call {i}"}}, headers={"Prefer": "wait"}, timeout=60)
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["status"] == "succeeded", body
+        outputs.append(body["output"])
+        answer = decode_payment_response_header(response.headers["PAYMENT-RESPONSE"])
+        assert answer.success and answer.extra["chargedAmount"] == str(PRICE)
+        assert answer.extra["channelState"]["chargedCumulativeAmount"] == str((i + 1) * PRICE)
+    assert outputs == [f"call {i}" for i in range(REQUESTS)]
+
+    # One transaction from the agent's side: the deposit; no payment rows, no transfer per request.
+    assert Payment.objects.count() == 0
+    assert list(SettlementTx.objects.values_list("kind", flat=True)) in ([Kind.CHANNEL_DEPOSIT], [Kind.CHANNEL_DEPOSIT, Kind.CHANNEL_CLAIM])
+    [channel] = Channel.objects.all()
+    deposit = int(ChannelTx.objects.get(tx__kind=Kind.CHANNEL_DEPOSIT).amount)
+    assert token_balance(chain, payer["address"]) == before_payer - deposit
+    charges = list(ChannelCharge.objects.filter(channel=channel).order_by("cumulative"))
+    assert [int(c.amount) for c in charges] == [PRICE] * REQUESTS
+    assert {c.reference for c in charges} == {str(p.pk) for p in Prediction.objects.all()}
+    known = storage.get(channel.channel_id)  # what the agent believes of its channel
+    assert int(known.charged_cumulative_amount) == REQUESTS * PRICE and int(known.balance) == deposit
+
+    # Later, the worker's beat claims the vouchers (due at 20 charges) and settles to pay-to.
+    def settled() -> bool:
+        return ChannelTx.objects.filter(tx__kind=Kind.CHANNEL_SETTLE, status=ChannelTxStatus.MINED).exists()
+
+    wait_until(settled, 40, "the claim and the settle to pay-to")
+    assert ChannelTx.objects.filter(tx__kind=Kind.CHANNEL_CLAIM, status=ChannelTxStatus.MINED).exists()
+    assert token_balance(chain, chain.pay_to) == before_pay_to + REQUESTS * PRICE
+    channel.refresh_from_db()
+    assert int(channel.total_claimed) == int(channel.charged_cumulative) == REQUESTS * PRICE
+
+    # The SDK's cooperative refund returns exactly the rest.
+    answer = scheme.refund(f"{channel_server['url']}/v1/channels/refund")
+    assert answer.success and answer.transaction
+    assert token_balance(chain, payer["address"]) == before_payer - REQUESTS * PRICE
+    channel.refresh_from_db()
+    assert int(channel.refunded) == deposit - REQUESTS * PRICE
+    assert int(channel.balance) == int(channel.total_claimed) == REQUESTS * PRICE
