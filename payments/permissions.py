@@ -67,8 +67,11 @@ class Charge:
     usage: UsagePrice | None = None
     usage_hold_seconds: int = 0
     upto_first: bool = False
-    #: Offer the channel schemes (``batch-settlement``) too, where the server enables them.
+    #: Offer the channel schemes (``batch-settlement``) too, where the server enables them;
+    #: paid per second on a channel (``channel_usage``: the voucher's ceiling is its maximum,
+    #: the run is charged its measured cost).
     channels: bool = False
+    channel_usage: UsagePrice | None = None
 
     def __post_init__(self) -> None:
         if not self.free and self.price <= 0:

@@ -26,6 +26,7 @@ from payments import ledger, refunds
 from payments.channels import charges as channel_charges
 from payments.ledger import RunEnd
 from payments.models import CHARGED_STATUSES, Payment, PaymentStatus
+from payments.pricing import UsagePrice
 
 from .models import Prediction, PredictionEvent, PredictionStatus, SettlementPolicy
 from .runclock import run_seconds
@@ -120,15 +121,29 @@ def bill_unserved(prediction: Prediction, *, ran: bool, run_end: RunEnd, now: da
     refund_if_owed(prediction, payment)
 
 
-def bill_channel(prediction: Prediction) -> None:
-    """A prediction paid with a voucher just ended: its channel is charged its price when it
-    was served, or when it ended unserved in a way the refund policy does not cover (stopped at
-    its time limit, failed after output, canceled by its payer while running); nothing when it
-    failed on our side or ended before its run (the payer's next voucher carries the same
-    cumulative). The channel is freed for the payer's next request either way."""
+def bill_channel(prediction: Prediction, *, ran: bool, run_end: RunEnd, now: datetime) -> None:
+    """A prediction paid with a voucher just ended (``ran``: while it ran). Its channel is
+    charged its price when it was served, or when it ended unserved in a way the refund policy
+    does not cover (stopped at its time limit, failed after output, canceled by its payer while
+    running); nothing when it failed on our side or ended before its run (the payer's next
+    voucher then carries the same cumulative). Paid per second, it is charged its measured
+    seconds as an ``upto`` run is (``ledger.usage_charge``), within the voucher's ceiling. The
+    channel is freed for the payer's next request either way."""
     cause = refund_cause(prediction)
-    served = prediction.status == P.SUCCEEDED or (cause is not None and not cause.owed)
-    channel_charges.release(prediction.channel_id, str(prediction.pk), None if served else 0)
+    served = prediction.status == P.SUCCEEDED
+    end = RunEnd.SUCCEEDED if served else run_end
+
+    def amount(ceiling: int, usage: dict[str, str]) -> int:
+        if usage:
+            if not (served or ran):
+                return 0
+            price = UsagePrice.from_snapshot(usage)
+            return ledger.usage_charge(
+                price, run_seconds(prediction, now), end, maximum=ceiling, decimals=int(usage["decimals"])
+            )
+        return ceiling if served or (cause is not None and not cause.owed) else 0
+
+    channel_charges.release(prediction.channel_id, str(prediction.pk), amount)
 
 
 def refund_cause(prediction: Prediction) -> RefundCause | None:

@@ -125,7 +125,7 @@ def _move(
     if to in ENDED_UNSERVED and prediction.payment is not None:
         charges.bill_unserved(prediction, ran=previous == P.PROCESSING, run_end=run_end, now=now)
     if to in TERMINAL and prediction.channel_id is not None:
-        charges.bill_channel(prediction)
+        charges.bill_channel(prediction, ran=previous == P.PROCESSING, run_end=run_end, now=now)
     if stop_run:
         runner, ended = prediction.version.runner_impl, prediction
         transaction.on_commit(lambda: runner.cancel(ended))

@@ -84,8 +84,10 @@ def create_prediction(
                 version, inputs, payment=payment, settlement_policy=policy, options=options
             )
             if channel is not None:
-                assert challenge is not None
-                prediction.channel_id = channel_gate.hold(channel, str(prediction.pk), challenge)
+                assert challenge is not None and charge is not None
+                per_second = charge.channel_usage
+                held_usage = {**per_second.snapshot(), "decimals": str(channel.decimals)} if per_second else None
+                prediction.channel_id = channel_gate.hold(channel, str(prediction.pk), challenge, held_usage)
                 prediction.save(update_fields=["channel"])
             transaction.on_commit(lambda: scheduling.start_prediction(prediction))
             return prediction, True
@@ -220,16 +222,13 @@ def charge_for(version: ModelVersion, inputs: dict[str, Any], url: str, path: st
     try:
         price = state.current.quote(priced)
         # Pay per second (upto) as well, when the model offers it: at the same (cached) rule.
-        usage = (
-            usage_price(state.current, model.time_limit_seconds, priced, model.upto_failure_charge)
-            if model.offers_upto
-            else None
-        )
+        per_second = usage_price(state.current, model.time_limit_seconds, priced, model.upto_failure_charge)
     except PricingError as exc:
         raise InvalidInput(str(exc), {state.current.unit_field or "input": str(exc)}) from None
     free = state.current.is_free
     return Charge(
-        usage=usage,
+        usage=per_second if model.offers_upto else None,
+        channel_usage=per_second,
         usage_hold_seconds=model.time_limit_seconds,
         upto_first=model.upto_order == UptoOrder.UPTO_FIRST,
         channels=model.offers_channels,

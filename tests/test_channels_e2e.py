@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 import pytest
@@ -26,7 +27,9 @@ from payments.channels.models import Channel, ChannelCharge, ChannelTx, ChannelT
 from payments.models import Payment, SettlementTx
 from payments.x402.codec import decode_header
 from predictions.models import Prediction
+from predictions.runclock import run_seconds
 from tests.conftest import TEST_QUEUE, fresh_payer, option_settings, start_worker, token_balance
+from tests.test_upto_e2e import PER_SECOND, per_second_model  # noqa: F401 - a fixture
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -138,3 +141,43 @@ def test_the_sdk_client_pays_twenty_predictions_with_one_deposit(chain, channel_
     channel.refresh_from_db()
     assert int(channel.refunded) == deposit - REQUESTS * PRICE
     assert int(channel.balance) == int(channel.total_claimed) == REQUESTS * PRICE
+
+
+@pytest.mark.usefixtures("per_second_model")
+def test_a_per_second_model_is_charged_its_measured_seconds_within_the_ceiling(chain, channel_server) -> None:
+    """demo/count-seconds on a channel: the voucher's ceiling is the time limit's price (10 s),
+    each run is charged the seconds it took; the refund claims what was charged and returns the
+    rest, and the next sweep settles the claim to pay-to."""
+    payer = fresh_payer(chain, 10**7)
+    before_payer = token_balance(chain, payer["address"])
+    before_pay_to = token_balance(chain, chain.pay_to)
+    session, scheme, _ = agent_session(chain, payer["private_key"])
+    url = f"{channel_server['url']}/v1/models/demo/count-seconds/predictions"
+    ceiling = 10 * int(PER_SECOND * 10**6)
+    charged = []
+    for seconds in (0.2, 0.5, 1.0):
+        response = session.post(url, json={"input": {"seconds": seconds}}, headers={"Prefer": "wait"}, timeout=60)
+        assert response.status_code == 201, response.text
+        assert response.json()["status"] == "succeeded"
+        answer = decode_payment_response_header(response.headers["PAYMENT-RESPONSE"])
+        amount = int(answer.extra["chargedAmount"])
+        prediction = Prediction.objects.get(pk=response.json()["id"])
+        # Its measured seconds at the tier's price, rounded up once; never above the ceiling.
+        seconds_run = run_seconds(prediction, prediction.completed_at)
+        expected = min(ceiling, int((PER_SECOND * seconds_run * 10**6).to_integral_value(rounding=ROUND_CEILING)))
+        assert seconds_run >= Decimal(str(seconds))
+        assert amount == expected and 0 < amount < ceiling
+        charged.append(amount)
+    channel = Channel.objects.get()
+    assert [int(c.amount) for c in channel.charges.order_by("cumulative")] == charged
+    assert int(channel.charged_cumulative) == sum(charged)
+
+    answer = scheme.refund(f"{channel_server['url']}/v1/channels/refund")
+    assert answer.success
+    assert token_balance(chain, payer["address"]) == before_payer - sum(charged)
+
+    def settled() -> bool:
+        return ChannelTx.objects.filter(tx__kind=Kind.CHANNEL_SETTLE, status=ChannelTxStatus.MINED).exists()
+
+    wait_until(settled, 40, "the settle to pay-to")
+    assert token_balance(chain, chain.pay_to) == before_pay_to + sum(charged)

@@ -12,6 +12,7 @@ new mirror are written in one transaction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -44,7 +45,12 @@ def _lock(channel_id: str, wait: bool) -> Channel:
 
 
 def hold(
-    verified: bs.VerifiedVoucher, price: int, reference: str, *, wait: bool = False
+    verified: bs.VerifiedVoucher,
+    price: int,
+    reference: str,
+    *,
+    usage: dict[str, str] | None = None,
+    wait: bool = False,
 ) -> bs.ChannelMirror:
     """Hold the voucher's channel for the request ``reference`` priced ``price`` (call inside the
     transaction that records the request): one request in flight per channel. The voucher must
@@ -65,23 +71,33 @@ def hold(
         held_by=reference,
         held_price=Decimal(price),
         held_signature=bs.hex_of(voucher.signature),
+        held_usage=usage or {},
         held_at=timezone.now(),
         version=F("version") + 1,
     )
     return mirror
 
 
-def release(channel_pk: int, reference: str, amount: int | None, *, resource: str = "", fingerprint: str = "") -> Charged | None:
-    """End the hold of request ``reference``: charge ``amount`` (None: its whole price; 0 for a
-    run that failed on our side, the payer's next voucher then carries the same cumulative) and
-    free the channel, in one transaction with the charge's ledger row. None when the channel is
-    not held for ``reference`` (released already: a second end changes nothing)."""
+def release(
+    channel_pk: int,
+    reference: str,
+    amount: Callable[[int, dict[str, str]], int] | int,
+    *,
+    resource: str = "",
+    fingerprint: str = "",
+) -> Charged | None:
+    """End the hold of request ``reference``: charge ``amount`` (at most its price; 0 for a run
+    that failed on our side, the payer's next voucher then carries the same cumulative; or a
+    function of the held price and usage snapshot, for a request paid per second) and free the
+    channel, in one transaction with the charge's ledger row. None when the channel is not held
+    for ``reference`` (released already: a second end changes nothing)."""
     with transaction.atomic():
         channel = Channel.objects.select_for_update().get(pk=channel_pk)
         if channel.held_by != reference:
             return None
         price = int(channel.held_price)
-        amount = price if amount is None else amount
+        if callable(amount):
+            amount = amount(price, channel.held_usage)
         if not 0 <= amount <= price:
             raise ValueError(f"a charge must be between 0 and the price ({price}), not {amount}")
         mirror = channel.mirror
@@ -95,6 +111,7 @@ def release(channel_pk: int, reference: str, amount: int | None, *, resource: st
             held_by="",
             held_price=Decimal(0),
             held_signature="",
+            held_usage={},
             held_at=None,
             version=F("version") + 1,
         )

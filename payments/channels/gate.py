@@ -67,21 +67,21 @@ def offers(amounts: list[tuple[ConfiguredOption, int]]) -> list[Requirement]:
 
 
 def requirement_for(challenge: Challenge, accepted: dict[str, Any]) -> Requirement:
-    """The challenge's channel requirement the payload says it accepted (same network, token,
-    pay-to and amount); ``invalid_batch_settlement_evm_scheme`` when it names none of ours."""
-    for req in [*challenge.requirements, *challenge.honoured]:
-        if req.scheme != bs.SCHEME_BATCH_SETTLEMENT:
-            continue
+    """The challenge's channel requirement the payload says it accepted: the one with its
+    network, token, pay-to and amount, else the first on its network (whose terms the channel
+    then fails to match, with the precise reason); ``network_mismatch`` when none is on it."""
+    ours = [r for r in [*challenge.requirements, *challenge.honoured] if r.scheme == bs.SCHEME_BATCH_SETTLEMENT]
+    on_network = [r for r in ours if accepted.get("network") == r.option.network]
+    for req in on_network:
         if (
-            accepted.get("network") == req.option.network
-            and str(accepted.get("asset", "")).lower() == req.option.asset.lower()
+            str(accepted.get("asset", "")).lower() == req.option.asset.lower()
             and str(accepted.get("payTo", "")).lower() == req.option.pay_to.lower()
             and str(accepted.get("amount")) == str(req.amount)
         ):
             return req
-    if any(accepted.get("network") != r.option.network for r in challenge.requirements):
+    if not on_network:
         raise bs.ChannelRejected(bs.ErrorCode.NETWORK_MISMATCH, "no channel requirement of ours on this network")
-    raise bs.ChannelRejected(bs.ErrorCode.SCHEME, "this payment does not answer one of our channel requirements")
+    return on_network[0]
 
 
 def _conf_of(req: Requirement) -> ConfiguredOption:
@@ -99,6 +99,8 @@ class ChannelPayment:
     payer: str
     deposit_tx: str = ""
     deposit_amount: int = 0
+    #: The token's decimals (a per-second charge is computed in its units).
+    decimals: int = 6
 
     @property
     def channel_id(self) -> str:
@@ -182,7 +184,7 @@ def _accept(obj: dict[str, Any], challenge: Challenge) -> ChannelPayment:
             # its claimed total as the baseline, then checked against that.
             channel = state.channel_for(conf.rpc_url, conf.option.network, payload.config, payload.voucher.channel_id)
             verified = bs.verify_payload(payload, our_terms, channel.mirror, req.amount)
-        return ChannelPayment(verified, req.amount, conf.option.network, payer)
+        return ChannelPayment(verified, req.amount, conf.option.network, payer, decimals=conf.option.decimals)
     # A deposit: relayed by our lane (simulated first: a bad authorization is refused here),
     # and waited for, so that the voucher it carries is charged against money in escrow.
     tx = outbox.deposit(conf, payload)
@@ -192,7 +194,9 @@ def _accept(obj: dict[str, Any], challenge: Challenge) -> ChannelPayment:
     channel = Channel.objects.get(channel_id=bs.hex_of(payload.voucher.channel_id))
     voucher_only = bs.VoucherPayload(payload.config, payload.voucher)
     verified = bs.verify_payload(voucher_only, our_terms, channel.mirror, req.amount)
-    return ChannelPayment(verified, req.amount, conf.option.network, payer, tx.tx_hash, payload.deposit.amount)
+    return ChannelPayment(
+        verified, req.amount, conf.option.network, payer, tx.tx_hash, payload.deposit.amount, conf.option.decimals
+    )
 
 
 def refund(obj: dict[str, Any], challenge: Challenge) -> dict[str, Any]:
@@ -259,12 +263,13 @@ def _corrective(challenge: Challenge, channel_id: str) -> Challenge | None:
     return replace(challenge, requirements=requirements)
 
 
-def hold(paid: ChannelPayment, reference: str, challenge: Challenge) -> int:
-    """Hold the channel for the request ``reference`` (inside the transaction recording it); the
-    channel's row id. Raises PaymentRequired (busy, or the corrective 402 when another request
-    was charged since the gate's check)."""
+def hold(paid: ChannelPayment, reference: str, challenge: Challenge, usage: dict[str, str] | None = None) -> int:
+    """Hold the channel for the request ``reference`` (inside the transaction recording it; a
+    request paid per second keeps its ``usage`` price); the channel's row id. Raises
+    PaymentRequired (busy, or the corrective 402 when another request was charged since the
+    gate's check)."""
     try:
-        charges.hold(paid.verified, paid.price, reference)
+        charges.hold(paid.verified, paid.price, reference, usage=usage)
     except bs.ChannelRejected as exc:
         raise rejection(challenge, exc, paid.channel_id) from None
     return Channel.objects.only("pk").get(channel_id=paid.channel_id).pk

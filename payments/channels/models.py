@@ -82,6 +82,8 @@ class Channel(models.Model):
     #: Its voucher's signature (its ceiling is our charged total + the price); ours once charged.
     held_signature = models.CharField(max_length=2 + 2 * bs.MAX_SIGNATURE_BYTES, blank=True)
     held_at = models.DateTimeField(null=True, blank=True)
+    #: Paid per second: its usage price (``UsagePrice.snapshot``; the price is then the ceiling).
+    held_usage = models.JSONField(default=dict, blank=True)
     version = models.PositiveBigIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)

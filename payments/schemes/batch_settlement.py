@@ -28,10 +28,12 @@ class BatchSettlement:
     name = bs.SCHEME_BATCH_SETTLEMENT
 
     def offers(self, charge: Charge, price: Decimal) -> list[Requirement]:
-        """One requirement per option at the fixed price, where channels are on and the model offers them."""
+        """One requirement per option where channels are on and the model offers them: at the
+        price, or for a run paid per second at its usage maximum (the voucher's ceiling)."""
         if not charge.channels or not gate.enabled():
             return []
-        return gate.offers([(c, atomic_amount(price, c.option.decimals)) for c in configured()])
+        ceiling = charge.channel_usage.maximum if charge.channel_usage is not None else price
+        return gate.offers([(c, atomic_amount(ceiling, c.option.decimals)) for c in configured()])
 
     def accept(self, obj: dict[str, Any], challenge: Challenge) -> gate.ChannelPayment:
         return gate.accept(obj, challenge)
