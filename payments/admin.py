@@ -186,6 +186,7 @@ class PaymentAdmin(ReadOnlyAdmin):
             "by_model": by_model,
             "attention": reports.needing_attention(flt),
             "usage_priced": reports.usage_priced(flt),
+            "channels": reports.channel_figures(flt),
             "opts": self.model._meta,
         }
         return TemplateResponse(request, "admin/payments/dashboard.html", context)

@@ -143,7 +143,10 @@ def bill_channel(prediction: Prediction, *, ran: bool, run_end: RunEnd, now: dat
             )
         return ceiling if served or (cause is not None and not cause.owed) else 0
 
-    channel_charges.release(prediction.channel_id, str(prediction.pk), amount)
+    charged = channel_charges.release(prediction.channel_id, str(prediction.pk), amount)
+    if charged is not None and charged.charge is not None:
+        prediction.channel_charge = charged.charge
+        Prediction.objects.filter(pk=prediction.pk).update(channel_charge=charged.charge)
 
 
 def refund_cause(prediction: Prediction) -> RefundCause | None:

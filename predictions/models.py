@@ -420,6 +420,10 @@ class Prediction(models.Model):
     channel = models.ForeignKey(
         "payments.Channel", null=True, blank=True, on_delete=models.PROTECT, related_name="predictions"
     )
+    #: What its channel was charged for it (none while it runs, or when it was charged nothing).
+    channel_charge = models.OneToOneField(
+        "payments.ChannelCharge", null=True, blank=True, on_delete=models.PROTECT, related_name="prediction"
+    )
 
     objects = PredictionQuerySet.as_manager()
 

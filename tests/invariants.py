@@ -199,3 +199,71 @@ def assert_ledger_agrees_with_chain(url: str) -> None:
     settle_the_ledger()
     found = violations(url)
     assert not found, "the ledger contradicts the chain:\n" + "\n".join(found)
+
+
+CHANNELS_SELECTOR = "0x" + keccak(text="channels(bytes32)").hex()[:8]
+RECEIVERS_SELECTOR = "0x" + keccak(text="receivers(address,address)").hex()[:8]
+BATCH_SETTLEMENT = "0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003"
+
+
+def settled_for(url: str, pay_to: str, asset: str) -> int:
+    """What the settlement contract says it settled to ``pay_to`` in ``asset``, ever."""
+    answer = _call(url, "eth_call", [{"to": BATCH_SETTLEMENT, "data": RECEIVERS_SELECTOR + _word(pay_to)[2:] + _word(asset)[2:]}, "latest"])
+    return int(answer[66:130], 16)
+
+
+def channel_violations(url: str, pay_to: str, asset: str, settled_before: int = 0) -> list[str]:
+    """The channels' ledger against the settlement contract, read raw:
+
+    - per channel: the charges add up to our charged total, each on the one before it (no
+      voucher charged twice); what we charged is within the payer's highest voucher and what the
+      channel ever held; the chain's claimed total is what we say it is, at most what we charged,
+      and falls on a charge's cumulative (claimed on chain == the sum of the charges claimed);
+    - pay-to: every mined settle's receipt moved exactly its amount from the contract to pay-to,
+      and all settles together moved what the contract says was settled for pay-to since
+      ``settled_before`` (its figure when the ledger was empty);
+    - nothing charged while no channel balance was there to pay it."""
+    from payments.channels.models import Channel, ChannelTx, ChannelTxStatus
+    from payments.models import SettlementTx
+
+    problems: list[str] = []
+    for channel in Channel.objects.all():
+        answer = _call(url, "eth_call", [{"to": BATCH_SETTLEMENT, "data": CHANNELS_SELECTOR + channel.channel_id[2:]}, "latest"])
+        balance, claimed = int(answer[2:66], 16), int(answer[66:130], 16)
+        charges = list(channel.charges.order_by("cumulative"))
+        running = 0
+        for c in charges:
+            running += int(c.amount)
+            if int(c.cumulative) != running:
+                problems.append(f"channel {channel.channel_id}: charge {c.pk} cumulative {c.cumulative} != {running}")
+            if int(c.cumulative) > int(c.max_claimable):
+                problems.append(f"channel {channel.channel_id}: charge {c.pk} above its voucher")
+        if running != int(channel.charged_cumulative):
+            problems.append(f"channel {channel.channel_id}: charges {running} != charged total {channel.charged_cumulative}")
+        if int(channel.charged_cumulative) > int(channel.signed_max_claimable):
+            problems.append(f"channel {channel.channel_id}: charged above the payer's highest voucher")
+        if claimed != int(channel.total_claimed):
+            problems.append(f"channel {channel.channel_id}: chain claimed {claimed} != mirror {channel.total_claimed}")
+        if claimed > running:
+            problems.append(f"channel {channel.channel_id}: chain claimed {claimed} > charged {running}")
+        if claimed and claimed not in {int(c.cumulative) for c in charges}:
+            problems.append(f"channel {channel.channel_id}: chain claimed {claimed} is on no charge's cumulative")
+        if running > balance + claimed + int(channel.refunded) and running > 0:
+            problems.append(f"channel {channel.channel_id}: charged {running} more than the channel ever held")
+    settles = ChannelTx.objects.filter(tx__kind=SettlementTx.Kind.CHANNEL_SETTLE, status=ChannelTxStatus.MINED)
+    total = 0
+    for s in settles.select_related("tx"):
+        receipt = _call(url, "eth_getTransactionReceipt", [s.tx.tx_hash])
+        moved = sum(
+            int(log["data"], 16)
+            for log in receipt["logs"]
+            if log["address"].lower() == asset.lower()
+            and [t.lower() for t in log["topics"]] == [TRANSFER, _word(BATCH_SETTLEMENT), _word(pay_to)]
+        )
+        if moved != int(s.amount):
+            problems.append(f"settle {s.tx.tx_hash}: moved {moved} to pay-to, the ledger says {s.amount}")
+        total += moved
+    settled_on_chain = settled_for(url, pay_to, asset) - settled_before
+    if total != settled_on_chain:
+        problems.append(f"pay-to: settles moved {total}, the contract says {settled_on_chain} settled")
+    return problems

@@ -29,7 +29,8 @@ from payments.x402.codec import decode_header
 from predictions.models import Prediction
 from predictions.runclock import run_seconds
 from tests.conftest import TEST_QUEUE, fresh_payer, option_settings, start_worker, token_balance
-from tests.test_upto_e2e import PER_SECOND, per_second_model  # noqa: F401 - a fixture
+from tests.invariants import channel_violations, settled_for
+from tests.test_upto_e2e import PER_SECOND, export_rows, per_second_model  # noqa: F401 - a fixture
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -87,10 +88,11 @@ def wait_until(check, timeout: float = 30.0, what: str = "") -> None:  # type: i
         time.sleep(0.2)
 
 
-def test_the_sdk_client_pays_twenty_predictions_with_one_deposit(chain, channel_server) -> None:
+def test_the_sdk_client_pays_twenty_predictions_with_one_deposit(chain, channel_server, capsys, staff) -> None:
     payer = fresh_payer(chain, 10**7)  # 10 USDC
     before_payer = token_balance(chain, payer["address"])
     before_pay_to = token_balance(chain, chain.pay_to)
+    settled_before = settled_for(chain.rpc_url, chain.pay_to, chain.asset)
     session, scheme, storage = agent_session(chain, payer["private_key"])
     url = f"{channel_server['url']}/v1/models/demo/echo-text/predictions"
 
@@ -141,6 +143,35 @@ def test_the_sdk_client_pays_twenty_predictions_with_one_deposit(chain, channel_
     channel.refresh_from_db()
     assert int(channel.refunded) == deposit - REQUESTS * PRICE
     assert int(channel.balance) == int(channel.total_claimed) == REQUESTS * PRICE
+    # The auditor's view: the ledger against the contract, read raw.
+    assert channel_violations(chain.rpc_url, chain.pay_to, chain.asset, settled_before) == []
+
+    # Finance: the export's channel lines and the dashboard's earned / claimed / settled.
+    rows = export_rows(capsys)
+    charged = [r for r in rows if r["kind"] == "channel_charge"]
+    assert len(charged) == REQUESTS and {r["status"] for r in charged} == {"claimed"}
+    assert sum(int(r["amount_atomic"]) for r in charged) == REQUESTS * PRICE
+    assert {r["model"] for r in charged} == {"demo/echo-text"}
+    sent = {r["status"].split(":")[0]: r for r in rows if r["kind"] == "channel_tx"}
+    assert set(sent) == {Kind.CHANNEL_DEPOSIT, Kind.CHANNEL_CLAIM, Kind.CHANNEL_SETTLE, Kind.CHANNEL_REFUND}
+    assert int(sent[Kind.CHANNEL_SETTLE]["charged_atomic"]) == REQUESTS * PRICE
+    assert int(sent[Kind.CHANNEL_REFUND]["amount_atomic"]) == deposit - REQUESTS * PRICE
+    page = staff["finance"].get("/admin/payments/payment/dashboard/").content.decode()
+    figures = page[page.index('id="channels"') :]
+    assert '<td class="earned">0.200000</td>' in figures and '<td class="settled">0.200000</td>' in figures
+    assert '<td class="claimed">0.200000</td>' in figures
+    # Reconciliation: what the channels' contract sent to pay-to is the settle's, matched.
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from payments.finance.reconciliation import LineKind, LineStatus, Period, report
+
+    now = timezone.now()
+    lines = report(Period(now - timedelta(hours=1), now + timedelta(minutes=1))).lines
+    [settle] = [line for line in lines if line.kind == LineKind.CHANNEL_SETTLE]
+    assert settle.status == LineStatus.MATCHED and settle.amount == REQUESTS * PRICE
+    assert not [line for line in lines if line.needs_attention and line.kind == LineKind.CHANNEL_SETTLE]
 
 
 @pytest.mark.usefixtures("per_second_model")

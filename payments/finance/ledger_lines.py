@@ -1,6 +1,7 @@
-"""The ledger's lines, as the exports read them: one row per payment, and one per refund with
-its amount negative, in the columns :data:`COLUMNS` names; and their summary (totals per kind,
-status and asset, never inside the data).
+"""The ledger's lines, as the exports read them: one row per payment, one per refund with its
+amount negative, one per request charged on a payment channel and one per transaction sent for
+channels, in the columns :data:`COLUMNS` names; and their summary (totals per kind, status and
+asset, never inside the data).
 
 Periods are by creation or by the date the money arrived, bounds and shown times in the time
 zone finance picks. Revenue is shown net of gas: gas in the chain's native token, converted at
@@ -25,6 +26,7 @@ from zoneinfo import ZoneInfo
 
 from django.db import connection, transaction
 from django.db.models import (
+    BigIntegerField,
     BooleanField,
     Case,
     CharField,
@@ -32,13 +34,20 @@ from django.db.models import (
     Expression,
     F,
     Func,
+    IntegerField,
+    OuterRef,
+    Q,
     QuerySet,
+    Subquery,
+    Sum,
     TextField,
+    UUIDField,
     Value,
     When,
 )
 from django.db.models.functions import Coalesce, Concat, Replace
 
+from payments.channels.models import ChannelCharge, ChannelTx
 from payments.finance.reports import MONEY_AT, DateBasis, LedgerFilter
 from payments.models import (
     CHARGED_STATUSES,
@@ -47,9 +56,11 @@ from payments.models import (
     Payment,
     Refund,
     RefundStatus,
+    SettlementTx,
     for_others_q,
 )
 from payments.options import configured
+from payments.x402.batch_settlement import SCHEME_BATCH_SETTLEMENT
 
 COLUMNS: list[tuple[str, str]] = [
     ("kind", "text"),
@@ -112,6 +123,18 @@ SUMMARY_COLUMNS = [
 ]
 KIND_PAYMENT = "payment"
 KIND_REFUND = "refund"
+#: A request charged on a ``batch-settlement`` channel, and a transaction sent for channels.
+KIND_CHANNEL_CHARGE = "channel_charge"
+KIND_CHANNEL_TX = "channel_tx"
+#: A channel charge's status: earned, or also claimed on chain (the channel's claimed total covers it).
+CHANNEL_CHARGED = "charged"
+CHANNEL_CLAIMED = "claimed"
+CHANNEL_TX_KINDS = (
+    SettlementTx.Kind.CHANNEL_DEPOSIT,
+    SettlementTx.Kind.CHANNEL_CLAIM,
+    SettlementTx.Kind.CHANNEL_SETTLE,
+    SettlementTx.Kind.CHANNEL_REFUND,
+)
 #: Decimals of the native token (wei).
 NATIVE_DECIMALS = 18
 USD_PLACES = 6
@@ -161,16 +184,22 @@ def rates() -> dict[str, Rate]:
     return out
 
 
-def _by_network(values: dict[str, Any]) -> Expression:
-    whens = [When(network=network, then=Value(v)) for network, v in values.items()]
+def _by_network(values: dict[str, Any], network: str = "network") -> Expression:
+    whens = [When(**{network: name}, then=Value(v)) for name, v in values.items()]
     return Case(*whens, default=Value(None), output_field=DecimalField()) if whens else Value(None, DecimalField())
 
 
-def _symbol() -> Expression:
+def _symbol(network: str = "network", asset: str = "asset") -> Expression:
     symbols = [
-        When(network=c.option.network, asset=c.option.asset, then=Value(c.option.symbol)) for c in configured()
+        When(**{network: c.option.network, asset: c.option.asset}, then=Value(c.option.symbol)) for c in configured()
     ]
     return Case(*symbols, default=Value(""), output_field=CharField()) if symbols else Value("")
+
+
+def _option_value(network: str, attribute: str, default: Any, field: Any) -> Expression:
+    """A configured option's ``attribute`` by the row's network (channels carry no decimals)."""
+    whens = [When(**{network: c.option.network}, then=Value(getattr(c.option, attribute))) for c in configured()]
+    return Case(*whens, default=Value(default), output_field=field) if whens else Value(default, field)
 
 
 def _one_line(field: str) -> Expression:
@@ -311,6 +340,134 @@ def refund_lines(
     return _values(qs, columns, names)
 
 
+def _period(qs: QuerySet[Any], flt: LedgerFilter, created: str, money: str) -> QuerySet[Any]:
+    date = money if flt.basis == DateBasis.MONEY else created
+    if flt.since:
+        qs = qs.filter(**{f"{date}__gte": flt.since})
+    if flt.until:
+        qs = qs.filter(**{f"{date}__lt": flt.until})
+    return qs
+
+
+def channel_charge_lines(
+    flt: LedgerFilter, usd_rates: dict[str, Rate], names: list[str] = NAMES
+) -> QuerySet[ChannelCharge, dict[str, Any]]:
+    """The channel lines: one row per request charged on a ``batch-settlement`` channel, earned
+    when charged (status ``charged``) and on chain once the channel's claimed total covers it
+    (``claimed``: the revenue net_amount counts, as a payment's once settled). No gas of its own:
+    the channel transactions carry it."""
+    decimals = _option_value("channel__network", "decimals", 6, IntegerField())
+    claimed = Q(cumulative__lte=F("channel__total_claimed"))
+    status = Case(
+        When(claimed, then=Value(CHANNEL_CLAIMED)), default=Value(CHANNEL_CHARGED), output_field=CharField()
+    )
+    on_chain = Case(When(claimed, then=F("amount")), default=Value(0), output_field=DecimalField())
+    columns: dict[str, Any] = {
+        "kind": Value(KIND_CHANNEL_CHARGE, CharField()),
+        "payment_id": Value(None, UUIDField()),
+        "created_at": F("created_at"),
+        "money_at": F("created_at"),
+        "status": status,
+        "network": F("channel__network"),
+        "asset_symbol": _symbol("channel__network", "channel__asset"),
+        "asset": F("channel__asset"),
+        "payer": F("channel__payer"),
+        "pay_to": F("channel__receiver"),
+        "amount_atomic": F("amount"),
+        "amount": _Scaled(F("amount"), decimals),
+        "charged_atomic": F("amount"),
+        "charged": _Scaled(F("amount"), decimals),
+        "gas_native": Value(0, DecimalField()),
+        "gas_usd": Value(0, DecimalField()),
+        "net_amount": _Scaled(on_chain, decimals),
+        "model": _model("prediction"),
+        "version": F("prediction__version_id"),
+        "hardware_tier": F("prediction__model__hardware__slug"),
+        "prediction_ref": F("prediction__ref"),
+        "prediction_status": F("prediction__status"),
+        "transaction": Value("", CharField()),
+        "block_number": Value(None, BigIntegerField()),
+        "confirmations": Value(None, BigIntegerField()),
+        "gas_cost_wei": Value(None, DecimalField()),
+        "verification": Value("voucher", CharField()),
+        "ours": Value(True, BooleanField()),
+        "failure_reason": Value("", CharField()),
+        "scheme": Value(SCHEME_BATCH_SETTLEMENT, CharField()),
+        "maximum_atomic": F("max_claimable"),
+        "maximum": _Scaled(F("max_claimable"), decimals),
+        "run_seconds": Value(None, DecimalField()),
+    }
+    qs = _period(ChannelCharge.objects.all(), flt, "created_at", "created_at")
+    if flt.statuses:
+        qs = qs.alias(x_state=status).filter(x_state__in=flt.statuses)
+    if flt.model:
+        owner, _, name = flt.model.partition("/")
+        qs = qs.filter(prediction__model__owner=owner, prediction__model__name=name)
+    if flt.network:
+        qs = qs.filter(channel__network=flt.network)
+    return _values(qs, columns, names)
+
+
+def channel_tx_lines(
+    flt: LedgerFilter, usd_rates: dict[str, Rate], names: list[str] = NAMES
+) -> QuerySet[SettlementTx, dict[str, Any]]:
+    """The channel transactions our lanes sent (deposits relayed for payers, claims, settles to
+    pay-to, cooperative refunds): their gas is our cost (net_amount = -gas_usd); a settle's
+    amount is what it moved to pay-to (``charged`` once mined), a deposit's or refund's the
+    payer's money in or out of escrow (not ours), a claim's nothing (it moves nothing to us)."""
+    rate = _by_network({n: r.usd_per_token for n, r in usd_rates.items()})
+    decimals = _option_value("network", "decimals", 6, IntegerField())
+    links = ChannelTx.objects.filter(tx=OuterRef("pk"))
+    moved = Subquery(links.values("tx").annotate(t=Sum("amount")).values("t")[:1], output_field=DecimalField())
+    amount = Case(When(kind=SettlementTx.Kind.CHANNEL_CLAIM, then=Value(0)), default=Coalesce(moved, Value(0)), output_field=DecimalField())
+    state = Subquery(links.values("status")[:1], output_field=CharField())
+    mined = Q(kind=SettlementTx.Kind.CHANNEL_SETTLE, block_number__isnull=False)
+    charged = Case(When(mined, then=amount), default=Value(0), output_field=DecimalField())
+    columns: dict[str, Any] = {
+        "kind": Value(KIND_CHANNEL_TX, CharField()),
+        "payment_id": Value(None, UUIDField()),
+        "created_at": F("created_at"),
+        "money_at": F("broadcast_at"),
+        "status": Concat(F("kind"), Value(":"), Coalesce(state, Value(""))),
+        "network": F("network"),
+        "asset_symbol": _option_value("network", "symbol", "", CharField()),
+        "asset": _option_value("network", "asset", "", CharField()),
+        "payer": Value("", CharField()),
+        "pay_to": _option_value("network", "pay_to", "", CharField()),
+        "amount_atomic": amount,
+        "amount": _Scaled(amount, decimals),
+        "charged_atomic": charged,
+        "charged": _Scaled(charged, decimals),
+        "gas_native": _Scaled(F("gas_cost_wei"), Value(NATIVE_DECIMALS)),
+        "gas_usd": _Usd(F("gas_cost_wei"), rate),
+        "net_amount": -_Usd(Coalesce(F("gas_cost_wei"), Value(0)), rate),
+        "model": Value("", CharField()),
+        "version": Value("", CharField()),
+        "hardware_tier": Value("", CharField()),
+        "prediction_ref": Value("", CharField()),
+        "prediction_status": Value("", CharField()),
+        "transaction": F("tx_hash"),
+        "block_number": F("block_number"),
+        "confirmations": Value(None, BigIntegerField()),
+        "gas_cost_wei": F("gas_cost_wei"),
+        "verification": Value("", CharField()),
+        "ours": Value(True, BooleanField()),
+        "failure_reason": Value("", CharField()),
+        "scheme": Value(SCHEME_BATCH_SETTLEMENT, CharField()),
+        "maximum_atomic": Value(None, DecimalField()),
+        "maximum": Value(None, DecimalField()),
+        "run_seconds": Value(None, DecimalField()),
+    }
+    qs = _period(SettlementTx.objects.filter(kind__in=CHANNEL_TX_KINDS), flt, "created_at", "broadcast_at")
+    if flt.statuses:
+        qs = qs.alias(x_state=columns["status"]).filter(x_state__in=flt.statuses)
+    if flt.model:
+        qs = qs.none()  # a channel transaction serves many requests, of any model
+    if flt.network:
+        qs = qs.filter(network=flt.network)
+    return _values(qs, columns, names)
+
+
 Query = tuple[str, tuple[Any, ...]]
 
 
@@ -323,7 +480,8 @@ def data_queries(
     words: bool = False,
 ) -> list[Query]:
     """The data queries, columns named as :data:`NAMES`, each oldest first by the filter's
-    date: the payment lines, then the refund lines. Two ordered queries, not one sorted union:
+    date: the payment lines, the refund lines, then the channels' charges and transactions.
+    Ordered queries, not one sorted union:
     the payments' order comes from the (created_at, id) index instead of sorting a million
     wide rows. ``words``: booleans as ``true``/``false`` (CSV), not COPY's ``t``/``f``."""
     order = "money_at" if flt.basis == DateBasis.MONEY else "created_at"
@@ -332,7 +490,8 @@ def data_queries(
         f'"x_{n}"::text AS "{n}"' if words and types[n] == "bool" else f'"x_{n}" AS "{n}"' for n in names
     )
     parts = []
-    for lines in (payment_lines(flt, usd_rates, names), refund_lines(flt, usd_rates, names)):
+    kinds = (payment_lines, refund_lines, channel_charge_lines, channel_tx_lines)
+    for lines in (kind(flt, usd_rates, names) for kind in kinds):
         sql, params = lines.query.sql_with_params()
         order_by = f' ORDER BY "{order}", "payment_id"' if ordered else ""
         parts.append((f"SELECT {outer} FROM ({sql}) AS lines{order_by}", tuple(params)))

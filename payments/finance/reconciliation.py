@@ -1,5 +1,6 @@
 """Reconciliation to the chain: every token Transfer to our pay-to addresses in a period, beside
-the ledger's paid payments, in finance's terms.
+the ledger's paid payments (and our channel settles, for what the channels' contract sent), in
+finance's terms.
 
 A line is *matched* when a Transfer and a paid payment agree on transaction, payer and amount
 (one batch transaction carries many Transfers: they are paired one to one, in log order against
@@ -23,6 +24,7 @@ from django.db.models import Q, TextChoices
 from eth_account import Account
 from eth_utils import to_checksum_address
 
+from payments.channels.models import ChannelTx, ChannelTxStatus
 from payments.finance.chain_transfers import Blocks, transfers
 from payments.models import (
     PAID_STATUSES,
@@ -31,15 +33,18 @@ from payments.models import (
     ReconciliationNote,
     Refund,
     RefundStatus,
+    SettlementTx,
     TransferDirection,
 )
 from payments.options import ConfiguredOption, configured
+from payments.x402.batch_settlement import BATCH_SETTLEMENT_ADDRESS
 from x402site.conf import x402
 
 
 class LineKind(TextChoices):
     PAYMENT = "payment", "Payment (to our pay-to)"
     REFUND = "refund", "Refund (from our refund wallet)"
+    CHANNEL_SETTLE = "channel_settle", "Channel settle (claimed channel funds to our pay-to)"
 
 
 class LineStatus(TextChoices):
@@ -106,7 +111,7 @@ class Line:
     @property
     def key(self) -> str:
         """What a note names: ``payment:<id>``, ``refund:<id>`` or ``log:<network>:<tx>:<index>``."""
-        if self.status == LineStatus.LEDGER_ONLY:
+        if self.status == LineStatus.LEDGER_ONLY and self.kind != LineKind.CHANNEL_SETTLE:
             return f"refund:{self.refund_id}" if self.kind == LineKind.REFUND else f"payment:{self.payment_id}"
         return f"log:{self.network}:{self.tx_hash}:{self.log_index}"
 
@@ -211,12 +216,13 @@ class Entry:
     """One ledger record that should have moved tokens: a paid payment, a sent refund."""
 
     tx_hash: str
-    #: The customer's address (payer of a payment, recipient of a refund).
+    #: The customer's address (payer of a payment, recipient of a refund); the channels'
+    #: contract for a channel settle.
     counterparty: str
     amount: int
     block_number: int | None
     time: datetime | None
-    payment_id: UUID
+    payment_id: UUID | None
     refund_id: int | None = None
 
 
@@ -242,7 +248,7 @@ def match(conf: ConfiguredOption, kind: str, ours: str, found: list[ChainTransfe
 
     lines = []
     for t in found:
-        customer = t.sender if kind == LineKind.PAYMENT else t.recipient
+        customer = t.recipient if kind == LineKind.REFUND else t.sender
         candidates = waiting.get((t.tx_hash.lower(), customer.lower(), int(t.amount)))
         e = candidates.pop(0) if candidates else None
         lines.append(
@@ -273,6 +279,26 @@ def match(conf: ConfiguredOption, kind: str, ours: str, found: list[ChainTransfe
                 )
             )
     return lines
+
+
+def channel_settles_exist(conf: ConfiguredOption) -> bool:
+    return SettlementTx.objects.filter(network=conf.option.network, kind=SettlementTx.Kind.CHANNEL_SETTLE).exists()
+
+
+def _channel_settles_in(conf: ConfiguredOption, period: Period, first: int, last: int) -> list[Entry]:
+    """Our mined channel settles to the option's pay-to in the period's blocks: each moved what
+    its row says from the channels' contract to pay-to."""
+    rows = ChannelTx.objects.filter(
+        tx__network=conf.option.network,
+        tx__kind=SettlementTx.Kind.CHANNEL_SETTLE,
+        tx__block_number__gte=first,
+        tx__block_number__lte=last,
+        status=ChannelTxStatus.MINED,
+    ).select_related("tx")
+    return [
+        Entry(r.tx.tx_hash, BATCH_SETTLEMENT_ADDRESS, int(r.amount), r.tx.block_number, r.finished_at, None)
+        for r in rows
+    ]
 
 
 def _refunds_in(conf: ConfiguredOption, sender: str, period: Period, first: int, last: int) -> list[Entry]:
@@ -316,7 +342,14 @@ def report(period: Period, *, network: str = "") -> Report:
             Entry(p.settle_tx_hash or "", p.payer, int(p.amount), p.block_number, p.settled_at, p.pk)
             for p in _paid_in(conf, period, first, last)
         ]
+        # What the channels' contract sent to pay-to is a channel settle's, not a payment's.
+        contract = BATCH_SETTLEMENT_ADDRESS.lower()
+        from_channels = [t for t in found if t.sender.lower() == contract]
+        found = [t for t in found if t.sender.lower() != contract]
         lines += match(conf, LineKind.PAYMENT, option.pay_to, found, paid)
+        if from_channels or channel_settles_exist(conf):
+            settles = _channel_settles_in(conf, period, first, last)
+            lines += match(conf, LineKind.CHANNEL_SETTLE, option.pay_to, from_channels, settles)
         scans.append(Scan(option.network, option.asset, option.pay_to, LineKind.PAYMENT, first, last, head))
         for wallet in _refund_wallets(conf):
             sent = transfers(conf, wallet, TransferDirection.FROM, first, last, head=head, blocks=blocks)

@@ -12,10 +12,12 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from django.db.models import Count, QuerySet, Sum, TextChoices
+from django.db.models import Count, F, QuerySet, Sum, TextChoices
 from django.db.models.functions import Coalesce, TruncDate
 
-from payments.models import Payment, PaymentStatus
+from payments.channels.models import ChannelCharge, ChannelTx, ChannelTxStatus
+from payments.models import Payment, PaymentStatus, SettlementTx
+from payments.options import configured
 
 S = PaymentStatus
 #: Payments whose money is in (settled or confirmed): revenue.
@@ -216,3 +218,58 @@ def moved_for_others(flt: LedgerFilter) -> Decimal:
 def usage_priced(flt: LedgerFilter, limit: int = 50) -> QuerySet[Payment]:
     """Pay-per-second (upto) payments, newest first: the maximum each permitted and the charge."""
     return flt.apply(Payment.objects.exclude(maximum=None)).order_by("-created_at")[:limit]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelFigures:
+    """Payment channels (``batch-settlement``) of one token, in its units: what requests were
+    charged (earned), the part the chain's claimed totals cover (claimed), and what settles
+    moved to pay-to (settled); the payers' deposits relayed and refunds returned, for context."""
+
+    network: str
+    asset: str
+    earned: Decimal
+    claimed: Decimal
+    settled: Decimal
+    deposited: Decimal
+    refunded: Decimal
+
+
+def channel_figures(flt: LedgerFilter) -> list[ChannelFigures]:
+    """Channel charges created in the filter's period (earned, claimed), and channel
+    transactions mined in it (settled, deposited, refunded), per configured token."""
+    out = []
+    for conf in configured():
+        option = conf.option
+        if flt.network and option.network != flt.network:
+            continue
+        charges = ChannelCharge.objects.filter(channel__network=option.network, channel__asset=option.asset)
+        txs = ChannelTx.objects.filter(tx__network=option.network, status=ChannelTxStatus.MINED)
+        if flt.since:
+            charges, txs = charges.filter(created_at__gte=flt.since), txs.filter(finished_at__gte=flt.since)
+        if flt.until:
+            charges, txs = charges.filter(created_at__lt=flt.until), txs.filter(finished_at__lt=flt.until)
+        if flt.model:
+            owner, _, name = flt.model.partition("/")
+            charges = charges.filter(prediction__model__owner=owner, prediction__model__name=name)
+        earned = charges.aggregate(t=Sum("amount"))["t"] or 0
+        claimed = charges.filter(cumulative__lte=F("channel__total_claimed")).aggregate(t=Sum("amount"))["t"] or 0
+        moved = dict(txs.values_list("tx__kind").annotate(t=Sum("amount")).order_by())
+        if not (earned or moved):
+            continue
+
+        def units(atomic: Any, decimals: int = option.decimals) -> Decimal:
+            return Decimal(atomic or 0).scaleb(-decimals)
+
+        out.append(
+            ChannelFigures(
+                option.network,
+                option.asset,
+                units(earned),
+                units(claimed),
+                units(moved.get(SettlementTx.Kind.CHANNEL_SETTLE)),
+                units(moved.get(SettlementTx.Kind.CHANNEL_DEPOSIT)),
+                units(moved.get(SettlementTx.Kind.CHANNEL_REFUND)),
+            )
+        )
+    return out
