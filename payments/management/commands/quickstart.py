@@ -57,6 +57,10 @@ DEV_ENV = f"""{DEV_ENV_MARK}
 # the quick start's database and dev chain. Never copy it to a server: production sets its own
 # environment (docs/deploy.md). Rewritten by every `make run`; delete it to go back to defaults.
 DJANGO_DEBUG=true
+# Payment channels (batch-settlement) claim early here: once 0.1 USDC is unclaimed, swept every
+# 5 s, so examples/agent_pay_channel.py sees its claim and settle to pay-to within seconds.
+X402_CHANNEL_CLAIM_UNCLAIMED_MAX=100000
+X402_CHANNEL_SWEEP_INTERVAL=5
 """
 
 
