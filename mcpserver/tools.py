@@ -27,12 +27,14 @@ from django.http import HttpRequest
 from mcp import types
 from rest_framework.exceptions import APIException, NotFound
 
+from payments.channels.gate import ChannelPayment
 from payments.exceptions import PaymentRequired, count_refusal
 from payments.ledger import settlement_answer
 from payments.permissions import admit
 from predictions.models import Model, ModelVersion, Prediction, PredictionStatus
 from predictions.serializers import base_url, model_json, prediction_json
 from predictions.services import (
+    channel_answer,
     charge_for,
     check_runner,
     create_prediction,
@@ -192,11 +194,16 @@ def _run_model(model: Model, arguments: dict[str, Any], payment: Any, request: H
     if admission.replay_of is not None:
         return prediction_result(replayed(admission.replay_of, charge), request)
     prediction, _ = create_prediction(
-        version, inputs, paid=admission.verification, charge=charge, challenge=admission.challenge
+        version,
+        inputs,
+        paid=admission.verification,
+        charge=charge,
+        challenge=admission.challenge,
+        channel=admission.channel,
     )
     log.info("mcp tool %s created prediction %s", tool_name(model), prediction.id)
     done = wait_until_done(prediction, min(x402.http.mcp_wait_seconds, model.time_limit_seconds))
-    return prediction_result(done, request)
+    return prediction_result(done, request, admission.channel)
 
 
 def _as_header(payment: Any) -> str:
@@ -209,9 +216,12 @@ def _as_header(payment: Any) -> str:
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
-def prediction_result(prediction: Prediction, request: HttpRequest) -> types.CallToolResult:
+def prediction_result(
+    prediction: Prediction, request: HttpRequest, channel: ChannelPayment | None = None
+) -> types.CallToolResult:
     """The prediction's output as the tool's result, its Replicate object as structured content,
-    and the settlement in ``_meta`` as x402 clients read it."""
+    and the settlement in ``_meta`` as x402 clients read it (for a voucher, ``channel``: the
+    charge and the channel after it)."""
     body = prediction_json(prediction, base_url(request))
     if prediction.status == PredictionStatus.SUCCEEDED:
         output = body["output"]
@@ -223,7 +233,11 @@ def prediction_result(prediction: Prediction, request: HttpRequest) -> types.Cal
             f"Prediction {prediction.id} is {prediction.status}; read it later with "
             f"{GET_PREDICTION}(id={prediction.id!r})."
         )
-    meta = {MCP_PAYMENT_RESPONSE_META_KEY: settlement_answer(prediction.payment)} if prediction.payment else None
+    meta = None
+    if prediction.payment is not None:
+        meta = {MCP_PAYMENT_RESPONSE_META_KEY: settlement_answer(prediction.payment)}
+    elif prediction.channel_id is not None:
+        meta = {MCP_PAYMENT_RESPONSE_META_KEY: channel_answer(prediction, channel)}
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=text)],
         structuredContent=body,

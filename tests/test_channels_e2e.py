@@ -212,3 +212,60 @@ def test_a_per_second_model_is_charged_its_measured_seconds_within_the_ceiling(c
 
     wait_until(settled, 40, "the settle to pay-to")
     assert token_balance(chain, chain.pay_to) == before_pay_to + sum(charged)
+
+
+def test_mcp_tool_calls_pay_through_the_channel(chain, channel_server) -> None:
+    """The SDK's x402 MCP session with its batch-settlement client: the first tool call deposits,
+    the next ones pay with vouchers; each result's payment response carries the charge. The MCP
+    session does not run the scheme's payment-response hook (the SDK's HTTP clients do), so the
+    agent hands each response to it (docs/channels.md), as below."""
+    import asyncio
+
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+    from x402 import x402Client
+    from x402.mcp import x402MCPSession
+    from x402.schemas import PaymentResponseContext
+
+    payer = fresh_payer(chain, 10**7)
+    scheme = BatchSettlementEvmScheme(Account.from_key(payer["private_key"]))
+    client = x402Client()
+    client.register("eip155:*", scheme)
+    client.set_spend_controls(
+        {"allowed_assets": [{"network": chain.network, "asset": chain.asset, "max_amount_per_payment": str(10**6)}]}
+    )
+
+    class Remembering:
+        """The x402 client, keeping the payload it made last (for the scheme's hook)."""
+
+        last: Any = None
+
+        async def create_payment_payload(self, required: Any) -> Any:
+            self.last = await client.create_payment_payload(required)
+            return self.last
+
+    payments = Remembering()
+
+    async def calls() -> list[Any]:
+        async with (
+            streamable_http_client(f"{channel_server['url']}/mcp") as (read, write, _),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            paying = x402MCPSession(session, payments)  # type: ignore[arg-type]
+            results = []
+            for i in range(3):
+                result = await paying.call_tool("demo__echo-text", {"text": f"tool {i}"})
+                ctx = PaymentResponseContext(payments.last, payments.last.accepted, result.payment_response)
+                scheme.scheme_hooks.on_payment_response(ctx)
+                results.append(result)
+            return results
+
+    results = asyncio.run(calls())
+    assert [r.content[0].text for r in results] == ["tool 0", "tool 1", "tool 2"]
+    answers = [r.payment_response for r in results]
+    assert all(a.success for a in answers) and answers[0].transaction and not answers[1].transaction
+    assert [a.extra["chargedAmount"] for a in answers] == [str(PRICE)] * 3
+    assert [a.extra["channelState"]["chargedCumulativeAmount"] for a in answers] == [str(PRICE * i) for i in (1, 2, 3)]
+    assert list(SettlementTx.objects.values_list("kind", flat=True)) == [Kind.CHANNEL_DEPOSIT]
+    assert int(Channel.objects.get().charged_cumulative) == 3 * PRICE
