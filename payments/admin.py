@@ -17,6 +17,8 @@ from django.utils.safestring import mark_safe
 
 from payments import refunds
 from payments.chain.node import ChainUnavailable, rpc
+from payments.channels import outbox as channel_outbox
+from payments.channels.models import Channel
 from payments.finance import export_jobs, ledger_lines, periods, reconciliation, reports
 from payments.finance.charts import bar_chart
 from payments.finance.reports import DateBasis, LedgerFilter
@@ -38,6 +40,7 @@ from payments.models import (
     SettlementTx,
 )
 from payments.options import configured
+from payments.x402 import batch_settlement as bs
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -405,6 +408,37 @@ class RefundAdmin(ReadOnlyAdmin):
     def send_again(self, request: HttpRequest, queryset: Any) -> None:
         queued = sum(refunds.send_again(pk) for pk in queryset.values_list("pk", flat=True))
         messages.success(request, f"{queued} refunds queued to send; others left alone (not approved, or sent).")
+
+
+@admin.register(Channel)
+class ChannelAdmin(ReadOnlyAdmin):
+    """Payment channels (``batch-settlement``) as our mirror has them; finance can return a
+    channel's unused balance to its payer (the cooperative refund an agent asks for at
+    /v1/channels/refund, signed by our receiverAuthorizer, sent by a relayer lane; what we
+    charged and did not claim is claimed in the same transaction)."""
+
+    list_display = (
+        "channel_id", "payer", "status", "balance", "charged_cumulative", "total_claimed", "refunded", "held_by", "updated_at"
+    )
+    list_filter = ("status", "network")
+    search_fields = ("channel_id", "payer")
+    actions = ["refund_unused"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return [f.name for f in Channel._meta.fields if f.name != "voucher_signature"]
+
+    def has_approve_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("payments.approve_refund")
+
+    @admin.action(description="Refund the unused balance of selected channels to their payers", permissions=["approve"])
+    def refund_unused(self, request: HttpRequest, queryset: Any) -> None:
+        for channel_id in queryset.values_list("channel_id", flat=True):
+            try:
+                tx = channel_outbox.refund_channel(channel_id)
+            except (bs.ChannelRejected, ChainUnavailable, LookupError) as exc:
+                messages.warning(request, f"{channel_id[:12]}…: not refunded ({exc})")
+            else:
+                messages.success(request, f"{channel_id[:12]}…: refund sent, transaction {tx.tx_hash}")
 
 
 @admin.register(NativeTokenRate)

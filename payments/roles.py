@@ -5,7 +5,7 @@
   log) and may cancel one. They get no access to the ledger.
 - Finance reads the ledger and its events, exports it, sees the dashboard and reconciles
   it with the chain (and annotates what does not match), sets the gas rates exports
-  convert with, and approves refunds. They get no
+  convert with, and approves refunds (a payment channel's cooperative refund too). They get no
   access to prices, keys, or predictions' inputs and outputs.
 """
 
@@ -48,6 +48,9 @@ ROLE_PERMISSIONS: dict[str, list[str]] = {
         "payments.approve_refund",
         "payments.view_reconciliationnote",
         "payments.add_reconciliationnote",
+        "payments.view_channel",
+        "payments.view_channelcharge",
+        "payments.view_channeltx",
     ],
 }
 

@@ -237,3 +237,27 @@ def test_twenty_vouchers_at_once_on_one_channel_buy_one_run(channels_on, demo_mo
     [held] = Prediction.objects.filter(status="starting")
     assert channel.held_by == str(held.pk)
     assert int(channel.charged_cumulative) == PRICE  # charged when it ends, once
+
+
+def test_finance_refunds_a_channels_unused_balance_from_the_admin(channels_on, demo_model, eager_celery, staff) -> None:
+    from payments.channels import outbox
+    from payments.channels.models import ChannelTxStatus
+    from tests.conftest import wait_mined
+
+    chain, client = channels_on, Client()
+    agent = Agent(chain)
+    payer = Account.from_key(agent.key).address
+    before = token_balance(chain, payer)
+    assert agent.pay(client).status_code == 201
+    channel = Channel.objects.get()
+    action = {"action": "refund_unused", "_selected_action": [channel.pk]}
+    # An operator may look, not refund (finance approves refunds).
+    staff["operator"].post("/admin/payments/channel/", action)
+    assert not SettlementTx.objects.filter(kind=SettlementTx.Kind.CHANNEL_REFUND).exists()
+    staff["finance"].post("/admin/payments/channel/", action)
+    [tx] = SettlementTx.objects.filter(kind=SettlementTx.Kind.CHANNEL_REFUND)
+    wait_mined(chain.rpc_url, tx.tx_hash)
+    assert outbox.track(tx.pk) == ChannelTxStatus.MINED
+    channel.refresh_from_db()
+    assert int(channel.refunded) == 3 * PRICE - PRICE and int(channel.total_claimed) == PRICE
+    assert token_balance(chain, payer) == before - PRICE

@@ -263,6 +263,12 @@ def refund(conf: ConfiguredOption, channel_id: str, requested: int | None = None
     return tx
 
 
+def refund_channel(channel_id: str, requested: int | None = None) -> SettlementTx:
+    """:func:`refund` on the option of the channel's network (finance's refund from the admin)."""
+    channel = Channel.objects.get(channel_id=channel_id)
+    return refund(option_on(channel.network), channel_id, requested)
+
+
 # ---------------------------------------------------------------------------- following
 
 
