@@ -185,12 +185,14 @@ class Stack:
 
         self.devchain = devchain
         port = free_port()
-        anvil, config = devchain.start_anvil(port, accounts=10 + 2 + LANES - 1, log_path=self.tmp / "anvil.log")
+        anvil, config = devchain.start_anvil(port, accounts=10 + 2 + LANES, log_path=self.tmp / "anvil.log")
         self.procs.append(anvil)
         self.chain = devchain.deploy(f"http://127.0.0.1:{port}", config, payer_count=8)
-        # Accounts 10 and 11: the reference's facilitator; 12 and up: more relayer lanes.
+        # Accounts 10 and 11: the reference's facilitator; 12 and up: the relayer lanes. The
+        # deployer (account 0) owns the token and mints for fund() whenever a section needs
+        # payers: it is no lane, whose nonces the outbox allocates.
         self.spare_keys = config["private_keys"][10:12]
-        self.chain.relayer_private_keys = [config["private_keys"][0], *config["private_keys"][12:]]
+        self.chain.relayer_private_keys = config["private_keys"][12:]
         self.chain.write(self.tmp / "devchain.json")
         redis_url = os.environ.get("X402_BENCH_REDIS", "redis://127.0.0.1:6379/13")
         database = os.environ.get("X402_BENCH_DATABASE", "x402_bench")
@@ -408,6 +410,132 @@ def write_header_files(headers: list[str], threads: int) -> Path:
     for t in range(threads):
         (folder / f"headers-{t}.txt").write_text("\n".join(headers[t::threads]) + "\n")
     return folder
+
+
+# --- payment channels (batch-settlement) --------------------------------------------------------
+
+
+def channel_agents(stack: Stack, url: str, n: int) -> list[tuple[Any, Any, Any]]:
+    """``n`` channels opened through our relayer (the SDK client's deposit payloads, relayed by
+    ``payments.channels.outbox.deposit`` as the gate does, then mined), for ``url``'s price:
+    (payer's x402 client, its HTTP helper, the 402) per channel, each knowing its channel."""
+    import requests
+    from x402 import x402ClientSync
+    from x402.http import x402HTTPClientSync
+    from x402.mechanisms.evm.batch_settlement.client import (
+        BatchSettlementEvmScheme,
+        BatchSettlementEvmSchemeOptions,
+        InMemoryClientChannelStorage,
+    )
+    from x402.mechanisms.evm.batch_settlement.client.storage import BatchSettlementClientContext
+
+    from payments.channels import gate, outbox
+    from payments.channels.models import ChannelTxStatus
+    from payments.options import configured
+    from payments.x402 import batch_settlement as bs
+
+    conf = configured()[0]
+    challenge = requests.post(url, data=BODY, headers={"Content-Type": "application/json"}, timeout=10)
+    agents, txs = [], []
+    for account in stack.fund(n):
+        storage = InMemoryClientChannelStorage()
+        client = x402ClientSync()
+        scheme = BatchSettlementEvmScheme(account, BatchSettlementEvmSchemeOptions(storage=storage))
+        client.register("eip155:*", scheme)
+        client.set_spend_controls(
+            {"allowed_assets": [{"network": stack.chain.network, "asset": stack.chain.asset, "max_amount_per_payment": str(10**7)}]}
+        )
+        http = x402HTTPClientSync(client)
+        required = http.get_payment_required_response(challenge.headers.get, challenge.json())
+        required.accepts = [a for a in required.accepts if a.scheme == bs.SCHEME_BATCH_SETTLEMENT]
+        payload = bs.parse_payload(scheme.create_payment_payload(required.accepts[0]), stack.chain.chain_id)
+        assert isinstance(payload, bs.DepositPayload)
+        txs.append(outbox.deposit(conf, payload))
+        storage.set(
+            bs.hex_of(payload.voucher.channel_id),
+            BatchSettlementClientContext(charged_cumulative_amount="0", balance=str(payload.deposit.amount)),
+        )
+        agents.append((client, http, required))
+    for tx in txs:
+        assert gate.wait_for(tx.pk, 30) == ChannelTxStatus.MINED, tx.tx_hash
+    return agents
+
+
+def voucher_headers(agents: list[tuple[Any, Any, Any]]) -> list[str]:
+    """Each channel's next voucher (the SDK client's payload), one per channel."""
+    return [
+        http.encode_payment_signature_header(client.create_payment_payload(required))["PAYMENT-SIGNATURE"]
+        for client, http, required in agents
+    ]
+
+
+def bench_channels_http(stack: Stack, server: str, duration: int, exact_rps: float) -> dict[str, Any]:
+    """The paid create with vouchers, as the exact one is measured: closed loop (16
+    connections), then at half its saturating rate (open loop). Every request is a channel's
+    next voucher on a channel of its own (a request holds its channel until its run ends; no
+    prediction worker runs here, as for the exact figures)."""
+    url = server + MODEL_PATH
+    started = time.monotonic()
+    agents = channel_agents(stack, url, int(exact_rps * 1.3 * duration * 1.5) + 50)
+    opened = time.monotonic() - started
+    folder = write_header_files(voucher_headers(agents), 2)
+    paid = wrk(url, LUA_PAID % (BODY, folder, "PAYMENT-SIGNATURE"), duration, 16)
+    paid["channels_opened"] = len(agents)
+    paid["open_seconds"] = round(opened, 1)
+    half = max(5.0, paid["rps"] / 2)
+    fresh = channel_agents(stack, url, int(half * duration) + 1)
+    paid_half = open_loop(url, [{"PAYMENT-SIGNATURE": h} for h in voucher_headers(fresh)], half)
+    return {"paid": paid, "paid_half_rate": paid_half}
+
+
+def bench_channel_gas(stack: Stack, url: str, batch: int) -> dict[str, Any]:
+    """Gas of a channel's life, measured on the chain: the deposit (relayed), a claim of
+    ``batch`` channels in one transaction, the settle to pay-to, a cooperative refund; then
+    the gas per paid request at 10, 100 and 1,000 requests per channel (one deposit, the
+    channel's share of a claim and a settle, one refund), beside the exact scheme's batched
+    settlement (gas per payment, from the settlement benchmark's batches)."""
+    from payments.channels import charges, gate, outbox
+    from payments.channels.models import Channel, ChannelTxStatus
+    from payments.models import SettlementTx
+    from payments.options import configured
+    from payments.x402 import batch_settlement as bs
+
+    conf = configured()[0]
+    before = set(SettlementTx.objects.values_list("pk", flat=True))
+    agents = channel_agents(stack, url, batch)
+    terms = gate.terms(conf)
+    ids = []
+    for client, _, required in agents:
+        payload = bs.parse_payload(client.create_payment_payload(required).payload, stack.chain.chain_id)
+        channel = Channel.objects.get(channel_id=bs.hex_of(payload.voucher.channel_id))
+        verified = bs.verify_payload(payload, terms, channel.mirror, PRICE)
+        charges.charge_voucher(verified, PRICE, price=PRICE)
+        ids.append(channel.pk)
+
+    def gas_of(tx: SettlementTx | None) -> int:
+        assert tx is not None, "nothing was sent"
+        status = gate.wait_for(tx.pk, 30)
+        assert status == ChannelTxStatus.MINED, f"{tx.kind} {tx.tx_hash}: {status}"
+        tx.refresh_from_db()
+        return int(tx.gas_used or 0)
+
+    claim = gas_of(outbox.claim(conf, list(Channel.objects.filter(pk__in=ids))))
+    settle = gas_of(outbox.settle(conf))
+    refund = gas_of(outbox.refund(conf, Channel.objects.get(pk=ids[0]).channel_id))
+    deposits = SettlementTx.objects.filter(kind=SettlementTx.Kind.CHANNEL_DEPOSIT).exclude(pk__in=before)
+    deposit = max(int(t.gas_used or 0) for t in deposits)
+    batched = SettlementTx.objects.filter(kind=SettlementTx.Kind.BATCH, gas_used__isnull=False)
+    exact = round(sum(int(t.gas_used) for t in batched) / max(sum(t.items for t in batched), 1)) if batched else None
+    per_channel = deposit + claim / batch + settle / batch + refund
+    return {
+        "deposit": deposit,
+        "claim": claim,
+        "claim_batch": batch,
+        "settle": settle,
+        "refund": refund,
+        "per_request": {str(n): round(per_channel / n) for n in (10, 100, 1000)},
+        "exact_batched_per_payment": exact,
+    }
 
 
 # --- the measurements ----------------------------------------------------------------------------
@@ -1136,6 +1264,26 @@ def http_only(duration: int, quick: bool) -> int:
     return 0
 
 
+def channels_only(duration: int, quick: bool) -> int:
+    """``--only channels``: on uvicorn, the paid create with exact then with vouchers (closed
+    loop, then half rate), and the gas of a channel's life per paid request."""
+    stack = Stack(quick)
+    try:
+        stack.start()
+        ours = stack.uvicorn(stack.env)
+        figures = http_figures(stack, ours, duration, quick)
+        channels = bench_channels_http(stack, ours, duration, figures["paid"]["rps"])
+        gas = bench_channel_gas(stack, ours + MODEL_PATH, 5 if quick else 50)
+    finally:
+        stack.stop()
+    for name, f in (("exact", figures), ("voucher", channels)):
+        for key in ("paid", "paid_half_rate"):
+            m = f[key]
+            print(f"{name:8} {key:15} {m.get('rps', m.get('rate')):7.1f} req/s  p50 {m['p50_ms']:6.1f} ms  p99 {m['p99_ms']:6.1f} ms")
+    print(f"voucher / exact = {channels['paid']['rps'] / figures['paid']['rps']:.2f}; gas:", json.dumps(gas))
+    return 0
+
+
 def sustained_only(seconds: int) -> int:
     """``--only sustained``: the paid rate on uvicorn (10 s), then the sustained run at 80% of it."""
     stack = Stack(False)
@@ -1164,9 +1312,10 @@ def main() -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["export", "http", "sustained"],
+        choices=["export", "http", "sustained", "channels"],
         help="run one section alone: export (1,000,000 rows side by side), http (both servers' figures), "
-        "sustained (the paid rate measured, then --sustained seconds at 80%% of it)",
+        "sustained (the paid rate measured, then --sustained seconds at 80%% of it), channels (the paid "
+        "create with exact and with vouchers, and a channel's gas per request)",
     )
     args = parser.parse_args()
     if args.only == "export":
@@ -1175,6 +1324,8 @@ def main() -> int:
         return http_only(3 if args.quick else 10, args.quick)
     if args.only == "sustained":
         return sustained_only(args.sustained)
+    if args.only == "channels":
+        return channels_only(2 if args.quick else 10, args.quick)
     quick = args.quick
     skip = set(filter(None, args.skip.split(",")))
     global PREFIX
@@ -1238,6 +1389,10 @@ def main() -> int:
         print("settlement: one at a time, then batched...", flush=True)
         results["settlement"] = bench_settlement(stack, 10 if quick else 100, 100 if quick else 2000)
         checkpoint(results, quick)
+        print("payment channels: the paid create with vouchers, and a channel's gas...", flush=True)
+        results["channels"] = bench_channels_http(stack, ours, 1 if quick else duration, results["paid"]["rps"])
+        results["channels"]["gas"] = bench_channel_gas(stack, url, 5 if quick else 50)
+        checkpoint(results, quick)
         sustained = 8 if quick else args.sustained
         print(f"sustained paid load with settlement workers ({sustained} s)...", flush=True)
         results["sustained"] = bench_sustained(stack, url, results["paid"]["rps"], sustained)
@@ -1259,6 +1414,7 @@ def main() -> int:
         "paid_vs_reference": round(results["paid"]["rps"] / results["reference_paid"]["rps"], 2),
         "verify_vs_raw_recover": results["verification"]["ratio"],
         "batched_settle_vs_paid_accept": round(results["settlement"]["batched"]["per_s"] / results["paid"]["rps"], 2),
+        "voucher_vs_exact": round(results["channels"]["paid"]["rps"] / results["paid"]["rps"], 2),
         "batched_vs_one_at_a_time": round(
             results["settlement"]["batched"]["per_s"] / results["settlement"]["sequential_per_s"], 1
         ),

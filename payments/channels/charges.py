@@ -12,6 +12,7 @@ new mirror are written in one transaction.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -22,6 +23,8 @@ from django.utils import timezone
 
 from payments.channels.models import Channel, ChannelCharge
 from payments.x402 import batch_settlement as bs
+
+log = logging.getLogger("payments.channels")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,12 @@ def release(
         if not 0 <= amount <= price:
             raise ValueError(f"a charge must be between 0 and the price ({price}), not {amount}")
         mirror = channel.mirror
+        left = max(mirror.balance - mirror.charged_cumulative, 0)
+        if amount > left:
+            # The balance shrank while the request ran (a withdrawal finalized): what is left is
+            # charged, the rest is lost; the end of the request must not fail for it.
+            log.warning("channel %s: charge of %s cut to the %s left in it", channel.channel_id, amount, left)
+            amount = left
         signature = bytes.fromhex(channel.held_signature[2:])
         voucher = bs.Voucher(channel.id_bytes, mirror.charged_cumulative + price, signature)
         after = bs.charge(mirror, voucher, amount) if amount else mirror

@@ -18,7 +18,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+from django.utils import timezone
 
 from payments.chain.node import ChainUnavailable, RpcError, rpc
 from payments.channels import charges, outbox, state
@@ -107,34 +110,80 @@ class ChannelPayment:
         return bs.hex_of(self.verified.channel_id)
 
 
+#: How old our mirror of a channel may be when a voucher is checked against it (the spec's
+#: "fresh enough"): older, the channel is read from the chain first (one JSON-RPC batch), so a
+#: withdrawal finalized or a balance claimed elsewhere is seen within this.
+STATE_TTL = timedelta(seconds=30)
+#: A channel whose timed withdrawal finalizes within this takes no more vouchers: what it would
+#: be charged might not be claimed before the balance leaves (the sweep claims at once when a
+#: withdrawal starts, and at least every sweep interval after).
+WITHDRAWAL_MARGIN = timedelta(minutes=5)
+
+
 def _mirror(conf: ConfiguredOption, payload: bs.ChannelPayload) -> tuple[Channel | None, bs.ChannelMirror]:
-    """Our row and mirror of the payload's channel; a channel new to us is read from the chain
-    (zeros for one that does not exist yet)."""
+    """Our row and mirror of the payload's channel, read from the chain when older than
+    :data:`STATE_TTL`; a channel new to us is read from the chain (zeros for one that does not
+    exist yet). ``channel_busy`` while another request holds it; a withdrawal about to finalize
+    takes no more vouchers."""
     key = bs.hex_of(payload.voucher.channel_id)
     channel = Channel.objects.filter(channel_id=key).first()
-    if channel is None:
-        try:
+    try:
+        if channel is None:
             (found,) = state.read_channels(conf.rpc_url, [payload.voucher.channel_id])
-        except (RpcError, ChainUnavailable) as exc:
-            raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_STATE_READ_FAILED, str(exc)) from None
-        return None, bs.ChannelMirror.from_chain(found.balance, found.total_claimed, 0, found.refund_nonce)
-    if channel.held_by:
-        raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_BUSY, "another request on this channel is in flight")
+            return None, bs.ChannelMirror.from_chain(found.balance, found.total_claimed, 0, found.refund_nonce)
+        if channel.held_by:
+            raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_BUSY, "another request on this channel is in flight")
+        if channel.chain_read_at is None or timezone.now() - channel.chain_read_at > STATE_TTL:
+            (channel,) = state.refresh_from_chain(conf.rpc_url, [channel])
+    except (RpcError, ChainUnavailable) as exc:
+        raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_STATE_READ_FAILED, str(exc)) from None
+    refuse_if_leaving(channel)
     return channel, channel.mirror
 
 
-def _contract_signature_approved(conf: ConfiguredOption, verified: bs.VerifiedVoucher) -> None:
-    """An EIP-1271 payerAuthorizer: the chain says whether it approves the voucher's signature."""
-    config, voucher = verified.payload.config, verified.payload.voucher
+def refuse_if_leaving(channel: Channel) -> None:
+    """A channel whose timed withdrawal finalizes within :data:`WITHDRAWAL_MARGIN` is refused."""
+    finalize = channel.withdraw_finalize_after
+    if finalize is not None and finalize <= timezone.now() + WITHDRAWAL_MARGIN:
+        raise bs.ChannelRejected(
+            bs.ErrorCode.CUMULATIVE_EXCEEDS_BALANCE,
+            f"a timed withdrawal of this channel finalizes at {finalize.isoformat()}: open a new channel",
+        )
+
+
+def _contract_signature_approved(conf: ConfiguredOption, payload: bs.ChannelPayload) -> None:
+    """A channel whose payer is a contract wallet (no payerAuthorizer): the wallet, asked on
+    chain (EIP-1271 ``isValidSignature`` at ``payer``), must approve the voucher's signature.
+    Asked before anything about the channel's state is checked or told."""
+    config, voucher = payload.config, payload.voucher
     digest = bs.voucher_digest(voucher.channel_id, voucher.max_claimable, conf.option.chain_id)
     data = "0x1626ba7e" + digest.hex() + (64).to_bytes(32, "big").hex() + len(voucher.signature).to_bytes(32, "big").hex()
     data += voucher.signature.hex().ljust(((len(voucher.signature) + 31) // 32) * 64, "0")
     try:
-        answer = rpc(conf.rpc_url, "eth_call", [{"to": bs.checksum(config.payer_authorizer), "data": data}, "latest"])
+        answer = rpc(conf.rpc_url, "eth_call", [{"to": bs.checksum(config.payer), "data": data}, "latest"])
     except (RpcError, ChainUnavailable):
         raise bs.ChannelRejected(bs.ErrorCode.VOUCHER_SIGNATURE, "the wallet did not approve the voucher") from None
     if not str(answer).startswith("0x1626ba7e"):
         raise bs.ChannelRejected(bs.ErrorCode.VOUCHER_SIGNATURE, "the wallet did not approve the voucher")
+
+
+#: A deposit authorization must stay valid this long after we relay it (mined at depth).
+DEPOSIT_VALIDITY_MARGIN = 30
+
+
+def _check_deposit(payload: bs.DepositPayload, mirror: bs.ChannelMirror) -> None:
+    """A deposit we relay (our gas) must be usable now and for a while, and a new channel's
+    first deposit at least the ``minDeposit`` we offer."""
+    now = int(time.time())
+    auth = payload.deposit
+    if auth.valid_after > now:
+        raise bs.ChannelRejected(bs.ErrorCode.VALID_AFTER, "the deposit authorization is not valid yet")
+    if auth.valid_before < now + DEPOSIT_VALIDITY_MARGIN:
+        raise bs.ChannelRejected(bs.ErrorCode.VALID_BEFORE, "the deposit authorization expires too soon")
+    if mirror.balance == 0 and auth.amount < x402.channels.min_deposit:
+        raise bs.ChannelRejected(
+            bs.ErrorCode.DEPOSIT_PAYLOAD, f"a new channel's first deposit is at least {x402.channels.min_deposit}"
+        )
 
 
 def wait_for(tx_pk: int, seconds: float) -> str:
@@ -155,6 +204,9 @@ def accept(obj: dict[str, Any], challenge: Challenge) -> ChannelPayment:
     deposit first). Raises PaymentRequired: the scheme's reason, or the corrective 402."""
     try:
         return _accept(obj, challenge)
+    except (ChainUnavailable, RpcError) as exc:  # the chain did not answer: nothing was decided
+        log.warning("channel payment not checked: the chain did not answer (%s)", exc)
+        raise _unavailable() from None
     except bs.ChannelRejected as exc:
         log.info("channel payment refused: %s (%s)", exc.code, exc.message)
         payload = obj.get("payload")
@@ -173,10 +225,11 @@ def _accept(obj: dict[str, Any], challenge: Challenge) -> ChannelPayment:
     if isinstance(payload, bs.RefundPayload):
         raise bs.ChannelRejected(bs.ErrorCode.PAYLOAD_TYPE, "a refund goes to /v1/channels/refund")
     our_terms = terms(conf)
+    our_terms.check(payload.config)
+    if payload.config.contract_signer:
+        _contract_signature_approved(conf, payload)
     channel, mirror = _mirror(conf, payload)
     verified = bs.verify_payload(payload, our_terms, mirror, req.amount)
-    if verified.contract_signature:
-        _contract_signature_approved(conf, verified)
     payer = bs.checksum(payload.config.payer)
     if not isinstance(payload, bs.DepositPayload):
         if channel is None:
@@ -187,6 +240,7 @@ def _accept(obj: dict[str, Any], challenge: Challenge) -> ChannelPayment:
         return ChannelPayment(verified, req.amount, conf.option.network, payer, decimals=conf.option.decimals)
     # A deposit: relayed by our lane (simulated first: a bad authorization is refused here),
     # and waited for, so that the voucher it carries is charged against money in escrow.
+    _check_deposit(payload, mirror)
     tx = outbox.deposit(conf, payload)
     status = wait_for(tx.pk, x402.channels.tx_wait_seconds)
     if status != ChannelTxStatus.MINED:
@@ -217,6 +271,9 @@ def refund(obj: dict[str, Any], challenge: Challenge) -> dict[str, Any]:
         channel = Channel.objects.filter(channel_id=channel_id).first()
         if channel is None:
             raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_NOT_FOUND)
+        terms(conf).check(payload.config)
+        if payload.config.contract_signer:
+            _contract_signature_approved(conf, payload)
         if channel.held_by:
             raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_BUSY, "a request on this channel is in flight")
         bs.verify_payload(payload, terms(conf), channel.mirror, 0)
@@ -224,6 +281,9 @@ def refund(obj: dict[str, Any], challenge: Challenge) -> dict[str, Any]:
         status = wait_for(tx.pk, x402.channels.tx_wait_seconds)
         if status != ChannelTxStatus.MINED:
             raise bs.ChannelRejected(bs.ErrorCode.REFUND_TRANSACTION_FAILED, f"the refund transaction {tx.tx_hash} is {status}")
+    except (ChainUnavailable, RpcError) as exc:
+        log.warning("channel refund not done: the chain did not answer (%s)", exc)
+        raise _unavailable() from None
     except bs.ChannelRejected as exc:
         log.info("channel refund refused: %s (%s)", exc.code, exc.message)
         raise rejection(challenge, exc, channel_id) from None
@@ -234,6 +294,13 @@ def refund(obj: dict[str, Any], challenge: Challenge) -> dict[str, Any]:
     )
     body["extra"] = {"channelState": channel.mirror.channel_state(channel.id_bytes)}
     return body
+
+
+def _unavailable() -> Exception:
+    """The gate's 503 (its module imports this one)."""
+    from payments.permissions import ServiceUnavailable
+
+    return ServiceUnavailable()
 
 
 def rejection(challenge: Challenge, exc: bs.ChannelRejected, channel_id: str | None = None) -> PaymentRequired:

@@ -28,6 +28,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from payments.chain import relayer as relayers
+from payments.chain.abi import TRANSFER_TOPIC
 from payments.chain.node import RpcError, rpc, rpc_batch
 from payments.chain.receipts import note_mined, raise_refused, read_receipts
 from payments.channels import state
@@ -128,7 +129,17 @@ def deposit(conf: ConfiguredOption, payload: bs.DepositPayload) -> SettlementTx:
         bs.ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
         payload.deposit.collector_data(),
     )
-    return _send(conf, Kind.CHANNEL_DEPOSIT, data, [(channel, payload.deposit.amount)])
+    with transaction.atomic():
+        # One deposit on its way per channel: the same payload sent twice at once is relayed once
+        # (the second would revert at our gas cost).
+        Channel.objects.select_for_update().get(pk=channel.pk)
+        if ChannelTx.objects.filter(channel=channel, tx__kind=Kind.CHANNEL_DEPOSIT, status=S.SENT).exists():
+            raise bs.ChannelRejected(
+                bs.ErrorCode.DEPOSIT_TRANSACTION_FAILED, "a deposit into this channel is on its way: retry once it is mined"
+            )
+        tx = _store(conf, Kind.CHANNEL_DEPOSIT, data, [(channel, payload.deposit.amount)])
+    relayers.broadcast(conf.rpc_url, tx)
+    return tx
 
 
 # ---------------------------------------------------------------------------- claim and settle
@@ -170,14 +181,16 @@ def claim(conf: ConfiguredOption, channels: Sequence[Channel]) -> SettlementTx |
         c
         for c in channels
         if c.pk not in busy and c.receiver_authorizer == ours and c.asset == conf.option.asset and c.unclaimed
-    ][: x402.channels.claim_batch_max]
+    ]
     if not candidates:
         return None
+    # Rows that claim something, then the batch's size: channels that cannot be claimed (charged
+    # beyond what a withdrawal left) never take the places of those that can.
     rows = [
         (c, row)
         for c in state.refresh_from_chain(conf.rpc_url, candidates)
         if (row := _claim_row(c)) is not None
-    ]
+    ][: x402.channels.claim_batch_max]
     if not rows:
         return None
     try:
@@ -286,6 +299,17 @@ def _refunded(receipt: dict, channel_id: str) -> int:
     return total
 
 
+def _settled(receipt: dict, conf: ConfiguredOption) -> int:
+    """What a settle's receipt moved from the contract to pay-to in the option's token."""
+    sender, recipient = "0x" + bs.BATCH_SETTLEMENT_ADDRESS[2:].lower().rjust(64, "0"), "0x" + conf.option.pay_to[2:].lower().rjust(64, "0")
+    return sum(
+        int(entry["data"], 16)
+        for entry in receipt.get("logs", [])
+        if entry["address"].lower() == conf.option.asset.lower()
+        and [t.lower() for t in entry.get("topics", [])] == [TRANSFER_TOPIC, sender, recipient]
+    )
+
+
 def _finish(tx: SettlementTx, status: str, receipt: dict | None) -> list[Channel]:
     """Record the transaction's outcome on its rows (once); the channels it concerned."""
     with transaction.atomic():
@@ -298,6 +322,10 @@ def _finish(tx: SettlementTx, status: str, receipt: dict | None) -> list[Channel
             if status == S.MINED and tx.kind == Kind.CHANNEL_REFUND and receipt is not None:
                 returned = _refunded(receipt, link.channel.channel_id)
                 Channel.objects.filter(pk=link.channel_id).update(refunded=F("refunded") + returned)
+            if status == S.MINED and tx.kind == Kind.CHANNEL_SETTLE and receipt is not None:
+                # What it moved, as the receipt says (someone may have called settle before it).
+                link.amount = Decimal(_settled(receipt, option_on(tx.network)))
+                link.save(update_fields=["amount"])
     return [link.channel for link in links if link.channel is not None]
 
 
