@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.test import override_settings
 from django.utils import timezone
 from eth_account import Account
@@ -530,3 +530,19 @@ def test_claims_are_due_per_channel_in_total_by_age_and_on_a_withdrawal(offline_
         _row(6, 4_999, claimed=0)
         _row(7, 4_999, claimed=0)
         assert len(sweep.due(conf)) == 6
+
+
+@pytest.mark.django_db
+def test_a_balance_that_shrank_while_a_request_held_the_channel_cuts_its_charge(side: Side) -> None:
+    """A withdrawal finalized while a request ran: its end charges what is left, never fails."""
+    req = side.req(minDeposit=str(2 * PRICE))
+    payload, channel = _open(side, _agent(side.chain), req)
+    verified = bs.verify_payload(payload, side.terms, channel.mirror, PRICE)
+    with transaction.atomic():
+        charges.hold(verified, PRICE, "request-1")
+    Channel.objects.filter(pk=channel.pk).update(balance=PRICE // 4)
+    charged = charges.release(channel.pk, "request-1", PRICE)
+    assert charged is not None and charged.charge is not None and int(charged.charge.amount) == PRICE // 4
+    channel.refresh_from_db()
+    assert int(channel.charged_cumulative) == PRICE // 4 and not channel.held_by
+    assert charges.release(channel.pk, "request-1", PRICE) is None  # released once

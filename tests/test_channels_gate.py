@@ -261,3 +261,51 @@ def test_finance_refunds_a_channels_unused_balance_from_the_admin(channels_on, d
     channel.refresh_from_db()
     assert int(channel.refunded) == 3 * PRICE - PRICE and int(channel.total_claimed) == PRICE
     assert token_balance(chain, payer) == before - PRICE
+
+
+def test_a_channel_whose_withdrawal_finalizes_soon_takes_no_more_vouchers(
+    channels_on, demo_model, eager_celery, monkeypatch
+) -> None:
+    """The payer starts a timed withdrawal: within the margin before it finalizes the gate
+    refuses vouchers on the channel (what they would be charged might never be claimed); it
+    reads the chain for that when its mirror is older than the state TTL."""
+    from datetime import timedelta
+
+    from payments.channels import gate, state
+    from tests.conftest import rpc, wait_mined
+
+    chain, client = channels_on, Client()
+    agent = Agent(chain)
+    assert agent.pay(client).status_code == 201
+    channel = Channel.objects.get()
+    data = state.calldata("initiateWithdraw", channel.config.abi(), int(channel.balance))
+    payer = Account.from_key(agent.key).address
+    wait_mined(chain.rpc_url, rpc(chain.rpc_url, "eth_sendTransaction", [{"from": payer, "to": bs.BATCH_SETTLEMENT_ADDRESS, "data": data}]))
+    # Our mirror is fresh (read when the deposit was mined): the withdrawal is not seen yet.
+    assert agent.pay(client).status_code == 201
+    # Older than the TTL: read again; the withdrawal (a day's delay) finalizes in more than the margin.
+    Channel.objects.update(chain_read_at=None)
+    assert agent.pay(client).status_code == 201
+    channel.refresh_from_db()
+    assert channel.withdraw_finalize_after is not None
+    monkeypatch.setattr(gate, "WITHDRAWAL_MARGIN", timedelta(days=2))
+    response = agent.pay(client)
+    refused(response, E.CUMULATIVE_EXCEEDS_BALANCE)
+    assert "timed withdrawal" in response.json()["message"]
+    assert ChannelCharge.objects.filter(channel=channel).count() == 3
+
+
+def test_deposits_we_would_relay_for_nothing_are_refused_first(channels_on, demo_model, eager_celery) -> None:
+    """A deposit about to expire (it could revert at our gas cost), and a first deposit below
+    the minDeposit we offer, are refused before anything is sent."""
+    import time
+
+    chain, client = channels_on, Client()
+
+    def expiring(obj: dict[str, Any]) -> None:
+        obj["payload"]["deposit"]["authorization"]["erc3009Authorization"]["validBefore"] = str(int(time.time()) + 5)
+
+    refused(Agent(chain).pay(client, tamper=expiring), E.VALID_BEFORE)
+    small = Agent(chain, deposit_strategy=lambda ctx: ctx.minimum_deposit_amount)  # one request's worth
+    refused(small.pay(client), E.DEPOSIT_PAYLOAD)
+    assert not SettlementTx.objects.exists() and not Prediction.objects.exists()
