@@ -462,11 +462,21 @@ def channel_agents(stack: Stack, url: str, n: int) -> list[tuple[Any, Any, Any]]
 
 
 def voucher_headers(agents: list[tuple[Any, Any, Any]]) -> list[str]:
-    """Each channel's next voucher (the SDK client's payload), one per channel."""
-    return [
+    """Each channel's next voucher (the SDK client's payload), one per channel; the channels'
+    mirrors are read from the chain last (as for channels in use: the gate reads a channel again
+    only once its mirror is older than ``gate.STATE_TTL``)."""
+    from payments.channels import state
+    from payments.channels.models import Channel
+    from payments.options import configured
+
+    headers = [
         http.encode_payment_signature_header(client.create_payment_payload(required))["PAYMENT-SIGNATURE"]
         for client, http, required in agents
     ]
+    channels = list(Channel.objects.filter(held_by=""))
+    for i in range(0, len(channels), 200):
+        state.refresh_from_chain(configured()[0].rpc_url, channels[i : i + 200])
+    return headers
 
 
 def bench_channels_http(stack: Stack, server: str, duration: int, exact_rps: float) -> dict[str, Any]:

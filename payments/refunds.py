@@ -294,8 +294,8 @@ def track(refund_id: int) -> Refund:
             )
         # At the depth below the head the receipts were read at: a block our transaction was in
         # would have shown its receipt.
-        used = relayers.nonces_used(conf.rpc_url, tx, latest, depth)
-        if used > tx.nonce:
+        used = relayers.nonce_spent_elsewhere(conf.rpc_url, tx, latest, depth)
+        if used is not None:
             return _dropped(refund, watched, used, (earlier_gas, earlier_cost))
         step = relayers.resend(
             conf.rpc_url, tx.tx_hash, stuck=relayers.is_stuck(tx), send=lambda: _broadcast(conf.rpc_url, refund)

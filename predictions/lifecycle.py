@@ -150,14 +150,19 @@ def create(
     settlement_policy: str,
     options: dict[str, Any] | None = None,
     cause: str = Cause.API,
+    channel_id: int | None = None,
+    prediction_id: str | None = None,
 ) -> Prediction:
     """A new STARTING prediction with its first event (call inside the transaction that recorded
-    its payment). Its time limit and settlement policy are fixed here, for good."""
+    its payment, or held its ``channel_id`` for ``prediction_id``). Its time limit and
+    settlement policy are fixed here, for good."""
     prediction = Prediction.objects.create(
+        **({"id": prediction_id} if prediction_id else {}),
         model=version.model,
         version=version,
         input=inputs,
         payment=payment,
+        channel_id=channel_id,
         settlement_policy=settlement_policy,
         time_limit_seconds=version.model.time_limit_seconds,
         **(options or {}),

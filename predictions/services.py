@@ -34,7 +34,7 @@ from payments.x402.verify import NONCE_ALREADY_USED, SETTLEMENT_WOULD_REVERT
 from x402site.exceptions import InvalidInput
 
 from . import lifecycle, scheduling
-from .models import ModelVersion, Prediction, SettlementPolicy
+from .models import ModelVersion, Prediction, SettlementPolicy, new_prediction_id
 from .runners import READY
 
 
@@ -80,15 +80,22 @@ def create_prediction(
                     settle_now=policy == SettlementPolicy.BEFORE_RUN,
                     usage=usage,
                 )
-            prediction = lifecycle.create(
-                version, inputs, payment=payment, settlement_policy=policy, options=options
-            )
+            channel_pk, prediction_id = None, None
             if channel is not None:
                 assert challenge is not None and charge is not None
                 per_second = charge.channel_usage
                 held_usage = {**per_second.snapshot(), "decimals": str(channel.decimals)} if per_second else None
-                prediction.channel_id = channel_gate.hold(channel, str(prediction.pk), challenge, held_usage)
-                prediction.save(update_fields=["channel"])
+                prediction_id = new_prediction_id()
+                channel_pk = channel_gate.hold(channel, prediction_id, challenge, held_usage)
+            prediction = lifecycle.create(
+                version,
+                inputs,
+                payment=payment,
+                settlement_policy=policy,
+                options=options,
+                channel_id=channel_pk,
+                prediction_id=prediction_id,
+            )
             transaction.on_commit(lambda: scheduling.start_prediction(prediction))
             return prediction, True
     except IntegrityError as exc:

@@ -35,6 +35,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from payments.chain.node import ChainUnavailable, RpcError, rpc
+from payments.chain.receipts import read_receipts
 from payments.metrics import UNFUNDED_BROADCASTS
 from payments.models import PaymentStatus, RelayerNonce, SettlementTx
 from payments.options import ConfiguredOption
@@ -349,6 +350,20 @@ def nonces_used(url: str, tx: SettlementTx, latest: int, depth: int) -> int:
         return int(rpc(url, "eth_getTransactionCount", [tx.relayer, hex(at)]), 16)
     except (RpcError, TypeError, ValueError) as exc:
         raise ChainUnavailable(f"nonce of {tx.relayer} unreadable: {exc}") from exc
+
+
+def nonce_spent_elsewhere(url: str, tx: SettlementTx, latest: int, depth: int) -> int | None:
+    """The nonces the signer had used at ``depth`` below ``latest`` when they are past
+    ``tx.nonce`` and, read again after that, none of the transaction's hashes has a receipt:
+    it can never be mined. None otherwise. (A node may count a new block's nonces before it
+    serves the block's receipts, anvil does: a receipt read before the count is not enough.)"""
+    used = nonces_used(url, tx, latest, depth)
+    if used <= tx.nonce:
+        return None
+    found, _ = read_receipts(url, tx.hashes)
+    if any(found.get(h) and not isinstance(found[h], RpcError) for h in tx.hashes):
+        return None
+    return used
 
 
 def decode(raw: str) -> dict[str, Any]:

@@ -54,11 +54,12 @@ def hold(
     *,
     usage: dict[str, str] | None = None,
     wait: bool = False,
-) -> bs.ChannelMirror:
+) -> int:
     """Hold the voucher's channel for the request ``reference`` priced ``price`` (call inside the
     transaction that records the request): one request in flight per channel. The voucher must
     still be built on our charged total and within the balance; it is kept with the hold and
-    becomes the voucher we claim with once the request is charged. Raises ChannelRejected:
+    becomes the voucher we claim with once the request is charged. The channel's row id.
+    Raises ChannelRejected:
     ``channel_busy`` (another request holds it, or is charging it), ``cumulative_amount_mismatch``
     (the corrective 402), ``cumulative_exceeds_balance``, ``channel_not_found``."""
     voucher = verified.payload.voucher
@@ -78,7 +79,7 @@ def hold(
         held_at=timezone.now(),
         version=F("version") + 1,
     )
-    return mirror
+    return channel.pk
 
 
 def release(
@@ -154,8 +155,7 @@ def charge_voucher(
         raise ValueError(f"a charge must be between 0 and the price ({price}), not {amount}")
     reference = fingerprint or bs.hex_of(verified.payload.voucher.signature)[:64]
     with transaction.atomic():
-        hold(verified, price, reference, wait=wait)
-        channel_pk = Channel.objects.only("pk").get(channel_id=bs.hex_of(verified.channel_id)).pk
+        channel_pk = hold(verified, price, reference, wait=wait)
         charged = release(channel_pk, reference, amount, resource=resource, fingerprint=fingerprint)
     assert charged is not None
     return charged

@@ -336,10 +336,9 @@ def hold(paid: ChannelPayment, reference: str, challenge: Challenge, usage: dict
     PaymentRequired (busy, or the corrective 402 when another request was charged since the
     gate's check)."""
     try:
-        charges.hold(paid.verified, paid.price, reference, usage=usage)
+        return charges.hold(paid.verified, paid.price, reference, usage=usage)
     except bs.ChannelRejected as exc:
         raise rejection(challenge, exc, paid.channel_id) from None
-    return Channel.objects.only("pk").get(channel_id=paid.channel_id).pk
 
 
 def answer(channel: Channel, reference: str, *, transaction_hash: str = "") -> dict[str, Any]:

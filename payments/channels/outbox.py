@@ -343,7 +343,7 @@ def track(tx_id: int) -> str:
     raise_refused(found, tx.hashes)
     mined = note_mined(tx, found)
     if mined is None:
-        if relayers.nonces_used(conf.rpc_url, tx, latest, depth) > tx.nonce:
+        if relayers.nonce_spent_elsewhere(conf.rpc_url, tx, latest, depth) is not None:
             return _close(conf, tx, S.DROPPED, None)
         step = relayers.resend(
             conf.rpc_url,
