@@ -803,7 +803,9 @@ def bench_reconciliation(sizes: list[int]) -> list[dict[str, Any]]:
 def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> dict[str, Any]:
     """Paid requests at SUSTAINED_FRACTION of the saturating rate (open loop) for ``seconds``, while real Celery
     workers settle in batches (the settlement queue, with beat) and run the predictions: the
-    settlement backlog sampled every second, then drained; expiries; ledger against chain."""
+    settlement backlog sampled every second, then drained; expiries; ledger against chain. The
+    saturating rate is the deployment's, measured with its workers running (``rate_hint``, the
+    HTTP section's figure without them, sizes that measurement)."""
     from django.db.models import Count, Min, Sum
     from django.utils import timezone
 
@@ -817,6 +819,17 @@ def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> d
     stack.worker(f"{queue}-settlement", 2, beat=True)
     stack.worker(queue, 1, nice=WEB_NICE)
     stack.lower_priority(url.removesuffix(MODEL_PATH), WEB_NICE)
+    # The saturating paid rate of the deployment as it runs: web tier and workers together on
+    # this host (the HTTP section measured it with no worker running); then its backlog drains.
+    duration = 3 if seconds < 60 else 10
+    expected = int(rate_hint * duration * 1.5) + 50
+    warm = signed_headers(stack, stack.fund(40), expected // 40 + 1, url)
+    deployed = wrk(url, LUA_PAID % (BODY, write_header_files(warm, 2), "PAYMENT-SIGNATURE"), duration, 16)
+    waiting = Payment.objects.filter(status__in=["verified", "settling", "settled"])
+    deadline = time.monotonic() + 180
+    while waiting.exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    rate = SUSTAINED_FRACTION * deployed["rps"]
     payers = stack.fund(32)
     make_header = header_maker(url, payers)
     started_at = timezone.now()
@@ -854,7 +867,7 @@ def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> d
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        load = paced_loop(url, make_header, SUSTAINED_FRACTION * rate_hint, seconds)
+        load = paced_loop(url, make_header, rate, seconds)
         load_ended = time.monotonic()
         mine = Payment.objects.filter(created_at__gte=started_at)
         deadline = time.monotonic() + 180
@@ -874,6 +887,9 @@ def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> d
     accepted_at_load_end = max((s["accepted"] for s in during), default=0)
     return {
         "seconds": seconds,
+        "saturating_rps_without_workers": rate_hint,
+        "saturating_rps_deployed": deployed["rps"],
+        "offered_rps": round(rate, 1),
         "load": load,
         "statuses": counts,
         "expired_or_failed": counts.get("expired", 0) + counts.get("failed", 0),
@@ -1495,6 +1511,7 @@ def render(r: dict[str, Any]) -> str:
     )
     v, s, c = r["verification"], r["settlement"], r["price_cache"]
     b, u = s["batched"], r["sustained"]
+    ch, g = r["channels"], r["channels"]["gas"]
     lines = [
         f"x402 benchmarks: {r['date']}, commit {r['commit']}, {r['machine']}{' (quick)' if r['quick'] else ''}",
         "",
@@ -1517,7 +1534,9 @@ def render(r: dict[str, Any]) -> str:
         f"- ratios (same run): batched settle / paid accept = **{r['ratios']['batched_settle_vs_paid_accept']}** "
         f"(target >= 1.0); batched / one at a time = **{r['ratios']['batched_vs_one_at_a_time']}**",
         f"- sustained: {u['load']['rate']} paid requests/s offered ({SUSTAINED_FRACTION:.0%} of the saturating "
-        f"paid rate, open loop, signed as they go) for {u['seconds']} s: {u['load']['rps']:.0f}/s accepted, "
+        f"paid rate of the deployment with its workers running, {u['saturating_rps_deployed']:.0f}/s; "
+        f"{u['saturating_rps_without_workers']:.0f}/s with none; open loop, signed as they go) for "
+        f"{u['seconds']} s: {u['load']['rps']:.0f}/s accepted, "
         f"{u['load']['requests']} requests, {u['load']['non_2xx']} non-2xx, p50 {u['load']['p50_ms']} ms, "
         f"p99 **{u['load']['p99_ms']} ms** (target <= 150), with Celery workers settling in batches: "
         f"**{u['confirmed_during_load_fraction']:.1%}** of the accepted confirmed during the load (target >= 95%), "
@@ -1527,6 +1546,14 @@ def render(r: dict[str, Any]) -> str:
         f"{u['drain_seconds_after_load']} s after the load; expired or failed: {u['expired_or_failed']}; ledger "
         f"{u['ledger_atomic']} = pay-to balance change {u['pay_to_balance_change_atomic']}: {u['ledger_equals_chain']} "
         f"(curve: results/sustained.png)",
+        f"- payment channels (batch-settlement, same run, ASGI): paid create with vouchers "
+        f"**{ch['paid']['rps']:.0f} req/s** (p50 {ch['paid']['p50_ms']:.1f} ms, p99 {ch['paid']['p99_ms']:.1f} ms) "
+        f"vs exact {r['paid']['rps']:.0f} (voucher / exact = **{r['ratios']['voucher_vs_exact']}**); at half its "
+        f"saturating rate ({ch['paid_half_rate']['rate']:.0f}/s) p50 {ch['paid_half_rate']['p50_ms']} ms, p99 "
+        f"**{ch['paid_half_rate']['p99_ms']} ms** (exact: {r['paid_half_rate']['p99_ms']} ms); gas of a channel: deposit "
+        f"{g['deposit']}, claim of {g['claim_batch']} channels {g['claim']}, settle {g['settle']}, refund {g['refund']}: "
+        f"**" + ", ".join(f"{n} requests/channel {gas} gas/request" for n, gas in g["per_request"].items())
+        + f"** (exact, batched: {g['exact_batched_per_payment']} gas/payment)",
         "- where a paid create's time goes at half rate (py-spy, wall time of request threads): "
         + ", ".join(f"{name} {pct}%" for name, pct in r["profile"].get("share_pct", {}).items()),
     ]

@@ -29,5 +29,12 @@ def test_quick_benchmark_runs_and_reports() -> None:
     batched, sustained = results["settlement"]["batched"], results["sustained"]
     assert batched["confirmed"] == batched["payments"] and batched["transactions"] < batched["payments"]
     assert sustained["expired_or_failed"] == 0 and sustained["ledger_equals_chain"]
+    channels = results["channels"]
+    assert channels["paid"]["requests"] > 0 and channels["paid"]["non_2xx"] == 0
+    assert channels["paid_half_rate"]["ok"] == channels["paid_half_rate"]["requests"]
+    gas = channels["gas"]
+    assert gas["deposit"] > 0 and gas["claim"] > 0 and gas["settle"] > 0 and gas["refund"] > 0
+    # A hundred requests on a channel cost less gas each than one exact payment settled in a batch.
+    assert gas["per_request"]["1000"] < gas["per_request"]["100"] < gas["exact_batched_per_payment"]
     assert (ROOT / "benchmarks" / "results" / "quick.sustained.png").exists()
     assert "paid / ungated" in done.stdout
