@@ -65,6 +65,11 @@ class PaymentRequired(exceptions.APIException):
         self.retry_after: int | None = None
 
 
+class ServiceUnavailable(exceptions.APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "Payment verification is temporarily unavailable; retry shortly."
+
+
 class SettlementBacklogged(exceptions.APIException):
     """Settlement is behind: a payment accepted now could lapse before it is settled."""
 

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from rest_framework import exceptions
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
 from payments import backpressure, idempotency, metrics, ratelimit, verification
-from payments.exceptions import Challenge, PaymentRequired, SettlementBacklogged
+from payments.exceptions import Challenge, PaymentRequired, ServiceUnavailable, SettlementBacklogged
 from payments.models import Payment
 from payments.options import configured
 from payments.pricing import UsagePrice
@@ -76,11 +75,6 @@ class Charge:
     def __post_init__(self) -> None:
         if not self.free and self.price <= 0:
             raise ValueError("a paid charge must cost more than 0")
-
-
-class ServiceUnavailable(exceptions.APIException):
-    status_code = 503
-    default_detail = "Payment verification is temporarily unavailable; retry shortly."
 
 
 def challenge_for(charge: Charge) -> Challenge:

@@ -20,11 +20,11 @@ from payments.chain.node import ChainUnavailable
 from payments.channels import gate as channel_gate
 from payments.channels.gate import ChannelPayment
 from payments.channels.models import Channel
-from payments.exceptions import Challenge
+from payments.exceptions import Challenge, ServiceUnavailable
 from payments.idempotency import IdempotencyConflict
 from payments.ledger import request_fingerprint
 from payments.models import Payment, UptoOrder
-from payments.permissions import Charge, ServiceUnavailable, honour_window_seconds
+from payments.permissions import Charge, honour_window_seconds
 from payments.pricing import PriceRule, PricingError, pricing_state, usage_price
 from payments.schemes import scheme_of
 from payments.verification import Verification

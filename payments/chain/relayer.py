@@ -353,10 +353,11 @@ def nonces_used(url: str, tx: SettlementTx, latest: int, depth: int) -> int:
 
 
 def nonce_spent_elsewhere(url: str, tx: SettlementTx, latest: int, depth: int) -> int | None:
-    """The nonces the signer had used at ``depth`` below ``latest`` when they are past
-    ``tx.nonce`` and, read again after that, none of the transaction's hashes has a receipt:
-    it can never be mined. None otherwise. (A node may count a new block's nonces before it
-    serves the block's receipts, anvil does: a receipt read before the count is not enough.)"""
+    """For a transaction none of whose hashes had a receipt: the nonces its signer had used at
+    ``depth`` below ``latest`` when they are past ``tx.nonce`` and, read again after that, still
+    none of its hashes has a receipt: it was dropped. None otherwise. (A node may count a new
+    block's nonces before it serves the block's receipts, anvil does: the receipts read before
+    the count are not enough.)"""
     used = nonces_used(url, tx, latest, depth)
     if used <= tx.nonce:
         return None

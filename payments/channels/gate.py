@@ -26,6 +26,7 @@ from django.utils import timezone
 from payments.chain.node import ChainUnavailable, RpcError, rpc
 from payments.channels import charges, outbox, state
 from payments.channels.models import Channel, ChannelTxStatus
+from payments.exceptions import ServiceUnavailable
 from payments.options import ConfiguredOption, configured
 from payments.x402 import batch_settlement as bs
 from payments.x402.types import Requirement, settle_response
@@ -206,7 +207,7 @@ def accept(obj: dict[str, Any], challenge: Challenge) -> ChannelPayment:
         return _accept(obj, challenge)
     except (ChainUnavailable, RpcError) as exc:  # the chain did not answer: nothing was decided
         log.warning("channel payment not checked: the chain did not answer (%s)", exc)
-        raise _unavailable() from None
+        raise ServiceUnavailable() from None
     except bs.ChannelRejected as exc:
         log.info("channel payment refused: %s (%s)", exc.code, exc.message)
         payload = obj.get("payload")
@@ -283,7 +284,7 @@ def refund(obj: dict[str, Any], challenge: Challenge) -> dict[str, Any]:
             raise bs.ChannelRejected(bs.ErrorCode.REFUND_TRANSACTION_FAILED, f"the refund transaction {tx.tx_hash} is {status}")
     except (ChainUnavailable, RpcError) as exc:
         log.warning("channel refund not done: the chain did not answer (%s)", exc)
-        raise _unavailable() from None
+        raise ServiceUnavailable() from None
     except bs.ChannelRejected as exc:
         log.info("channel refund refused: %s (%s)", exc.code, exc.message)
         raise rejection(challenge, exc, channel_id) from None
@@ -294,13 +295,6 @@ def refund(obj: dict[str, Any], challenge: Challenge) -> dict[str, Any]:
     )
     body["extra"] = {"channelState": channel.mirror.channel_state(channel.id_bytes)}
     return body
-
-
-def _unavailable() -> Exception:
-    """The gate's 503 (its module imports this one)."""
-    from payments.permissions import ServiceUnavailable
-
-    return ServiceUnavailable()
 
 
 def rejection(challenge: Challenge, exc: bs.ChannelRejected, channel_id: str | None = None) -> PaymentRequired:

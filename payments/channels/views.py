@@ -17,9 +17,9 @@ from rest_framework.views import APIView
 
 from payments import ratelimit
 from payments.channels import gate
-from payments.exceptions import Challenge, PaymentRequired
+from payments.exceptions import Challenge, PaymentRequired, ServiceUnavailable
 from payments.options import configured
-from payments.permissions import V2_HEADER, ServiceUnavailable
+from payments.permissions import V2_HEADER
 from payments.x402.codec import DecodeError, decode_header, encode_header
 from payments.x402.types import Resource
 

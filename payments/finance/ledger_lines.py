@@ -461,8 +461,6 @@ def channel_tx_lines(
     qs = _period(SettlementTx.objects.filter(kind__in=CHANNEL_TX_KINDS), flt, "created_at", "broadcast_at")
     if flt.statuses:
         qs = qs.alias(x_state=columns["status"]).filter(x_state__in=flt.statuses)
-    if flt.model:
-        qs = qs.none()  # a channel transaction serves many requests, of any model
     if flt.network:
         qs = qs.filter(network=flt.network)
     return _values(qs, columns, names)
@@ -490,7 +488,9 @@ def data_queries(
         f'"x_{n}"::text AS "{n}"' if words and types[n] == "bool" else f'"x_{n}" AS "{n}"' for n in names
     )
     parts = []
-    kinds = (payment_lines, refund_lines, channel_charge_lines, channel_tx_lines)
+    kinds = [payment_lines, refund_lines, channel_charge_lines]
+    if not flt.model:  # a channel transaction serves many requests, of any model
+        kinds.append(channel_tx_lines)
     for lines in (kind(flt, usd_rates, names) for kind in kinds):
         sql, params = lines.query.sql_with_params()
         order_by = f' ORDER BY "{order}", "payment_id"' if ordered else ""

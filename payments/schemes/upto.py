@@ -83,7 +83,7 @@ def _lane_nonce_spent(p: Payment, url: str, head_block: int) -> bool:
     if tx is None:
         return False  # a hash found on chain, not ours: its receipt may come back after a reorg
     depth = for_payment(p.network, p.asset).option.confirmations
-    return relayers.nonce_spent_elsewhere(url, tx, head_block, depth) is not None
+    return relayers.nonces_used(url, tx, head_block, depth) > tx.nonce
 
 
 class Upto:
