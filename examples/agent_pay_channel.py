@@ -11,6 +11,10 @@ agrees: the agent sent no transaction, pay-to received exactly the sum of the ch
 agent's balance fell by exactly that.
 
     .venv-agent/bin/python examples/agent_pay_channel.py 20      # against the quick start
+    .venv-agent/bin/python examples/agent_pay_channel.py 5 --model demo/count-seconds
+
+A per-second model (``demo/count-seconds``) is offered at the price of its time limit (the
+voucher's ceiling) and each run is charged the seconds it took.
 """
 
 from __future__ import annotations
@@ -77,7 +81,8 @@ def main() -> int:
     parser.add_argument("--devchain", default=str(ROOT / "var" / "devchain.json"))
     parser.add_argument("--payer", type=int, default=3, help="index into devchain payers")
     parser.add_argument("--max-usdc", default="1", help="refuse to pay more than this per request")
-    parser.add_argument("--wait", type=float, default=90, help="seconds to wait for the claim and settle")
+    parser.add_argument("--wait", type=float, default=90, help="seconds to wait for the settle to pay-to")
+    parser.add_argument("--model", default="demo/echo-text", help="demo/echo-text, or demo/count-seconds (per second)")
     args = parser.parse_args()
 
     chain = json.loads(Path(args.devchain).read_text())
@@ -91,9 +96,13 @@ def main() -> int:
         {"allowed_assets": [{"network": chain["network"], "asset": token, "max_amount_per_payment": cap}]}
     )
     session = wrapRequestsWithPayment(requests.Session(), client)
-    url = f"{args.base_url}/v1/models/demo/echo-text/predictions"
+    url = f"{args.base_url}/v1/models/{args.model}/predictions"
+    per_second = args.model == "demo/count-seconds"
 
-    challenge = requests.post(url, json={"input": {"text": "?"}}, timeout=10)
+    def body(i: int) -> dict[str, Any]:
+        return {"input": {"seconds": 0.1 + 0.05 * (i % 4)}} if per_second else {"input": {"text": f"call {i}"}}
+
+    challenge = requests.post(url, json=body(0), timeout=10)
     required = json.loads(base64.b64decode(challenge.headers["PAYMENT-REQUIRED"]))
     offer = next((a for a in required["accepts"] if a["scheme"] == "batch-settlement"), None)
     if offer is None:
@@ -109,7 +118,7 @@ def main() -> int:
 
     charged, deposit_tx = 0, ""
     for i in range(args.requests):
-        response = session.post(url, json={"input": {"text": f"call {i}"}}, headers={"Prefer": "wait"}, timeout=60)
+        response = session.post(url, json=body(i), headers={"Prefer": "wait"}, timeout=60)
         if response.status_code not in (200, 201) or response.json().get("status") != "succeeded":
             print(f"request {i}: HTTP {response.status_code} {response.text[:300]}")
             return 1
@@ -118,23 +127,31 @@ def main() -> int:
         if answer.get("transaction"):
             deposit_tx = answer["transaction"]
             print(f"deposit     {int(storage.get(channel_id).balance) / 10**6} USDC, transaction {deposit_tx} (sent by the server)")
-    print(f"paid        {args.requests} predictions with vouchers: charged {charged / 10**6} USDC in all")
+    ceiling = int(offer["amount"])
+    print(f"paid        {args.requests} predictions with vouchers (at most {ceiling / 10**6} USDC each): "
+          f"charged {charged / 10**6} USDC in all")
 
+    # The cooperative refund: what was charged and not yet claimed is claimed in the same
+    # transaction, the rest comes back; the server's sweep then settles the claims to pay-to.
+    refund = scheme.refund(f"{args.base_url}/v1/channels/refund")
+    print(f"refund      transaction {refund.transaction}")
     deadline = time.monotonic() + args.wait
-    while claimed_of(url_rpc, channel_id) < charged or settled_to(url_rpc, pay_to, token) - settled_before < charged:
+    while settled_to(url_rpc, pay_to, token) - settled_before < charged:
         if time.monotonic() > deadline:
-            print(f"not claimed and settled within {args.wait} s")
+            print(f"not settled to pay-to within {args.wait} s")
             return 1
         time.sleep(1)
     settled = settled_to(url_rpc, pay_to, token) - settled_before
     print(f"claimed     {claimed_of(url_rpc, channel_id) / 10**6} USDC; settled to pay-to {settled / 10**6} USDC")
-
-    refund = scheme.refund(f"{args.base_url}/v1/channels/refund")
-    print(f"refund      transaction {refund.transaction}")
     after = balance_of(url_rpc, token, account.address)
     nonce_after = int(rpc(url_rpc, "eth_getTransactionCount", [account.address, "latest"]), 16)
     print(f"balance     {before / 10**6} -> {after / 10**6} USDC (agent transactions sent: {nonce_after - nonce_before})")
-    agree = before - after == charged and settled == charged and nonce_after == nonce_before and bool(deposit_tx)
+    agree = (
+        before - after == charged
+        and settled == charged == claimed_of(url_rpc, channel_id)
+        and nonce_after == nonce_before
+        and bool(deposit_tx)
+    )
     print("the chain agrees" if agree else "MISMATCH between the charges and the chain")
     return 0 if agree else 1
 

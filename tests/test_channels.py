@@ -352,7 +352,7 @@ def test_twenty_concurrent_charges_on_one_channel(side: Side) -> None:
     vouchers = [_voucher(side, agent, req, k * PRICE, balance) for k in range(1, 21)]
     signed = max(v.voucher.max_claimable for v in vouchers)
     work = [
-        (lambda v=v: charges.charge_voucher(bs.VerifiedVoucher(v, v.voucher.channel_id), PRICE, price=PRICE, wait=True))
+        (lambda v=v: charges.charge_voucher(bs.VerifiedVoucher(v, v.voucher.channel_id), PRICE, price=PRICE))
         for v in vouchers
     ]
     for _ in range(5):  # rounds: each round charges the vouchers whose turn it is
@@ -539,7 +539,7 @@ def test_a_balance_that_shrank_while_a_request_held_the_channel_cuts_its_charge(
     payload, channel = _open(side, _agent(side.chain), req)
     verified = bs.verify_payload(payload, side.terms, channel.mirror, PRICE)
     with transaction.atomic():
-        charges.hold(verified, PRICE, "request-1")
+        charges.hold(verified, PRICE, "request-1", channel.pk)
     Channel.objects.filter(pk=channel.pk).update(balance=PRICE // 4)
     charged = charges.release(channel.pk, "request-1", PRICE)
     assert charged is not None and charged.charge is not None and int(charged.charge.amount) == PRICE // 4

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from django.db import DatabaseError, transaction
+from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -35,43 +35,29 @@ class Charged:
     charge: ChannelCharge | None
 
 
-def _lock(channel_id: str, wait: bool) -> Channel:
-    """The channel's row, locked for this transaction. Without ``wait``, a row another request
-    holds is ``channel_busy`` at once (the payer retries) rather than a queue of waiting requests."""
-    rows = Channel.objects.select_for_update(nowait=not wait)
-    try:
-        return rows.get(channel_id=channel_id)
-    except Channel.DoesNotExist:
-        raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_NOT_FOUND) from None
-    except DatabaseError:
-        raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_BUSY) from None
-
-
 def hold(
-    verified: bs.VerifiedVoucher,
-    price: int,
-    reference: str,
-    *,
-    usage: dict[str, str] | None = None,
-    wait: bool = False,
-) -> int:
+    verified: bs.VerifiedVoucher, price: int, reference: str, channel_pk: int, *, usage: dict[str, str] | None = None
+) -> None:
     """Hold the voucher's channel for the request ``reference`` priced ``price`` (call inside the
     transaction that records the request): one request in flight per channel. The voucher must
     still be built on our charged total and within the balance; it is kept with the hold and
-    becomes the voucher we claim with once the request is charged. The channel's row id.
-    Raises ChannelRejected:
-    ``channel_busy`` (another request holds it, or is charging it), ``cumulative_amount_mismatch``
+    becomes the voucher we claim with once the request is charged (``channel_pk``: its row, as
+    the gate read it).
+
+    One conditional UPDATE takes the hold (the row's lock serializes two requests on the
+    channel: the second finds it held); only a refusal reads the row, to say why. Raises
+    ChannelRejected: ``channel_busy`` (another request holds it), ``cumulative_amount_mismatch``
     (the corrective 402), ``cumulative_exceeds_balance``, ``channel_not_found``."""
     voucher = verified.payload.voucher
-    channel = _lock(bs.hex_of(verified.channel_id), wait)
-    if channel.held_by:
-        raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_BUSY, "another request on this channel is in flight")
-    mirror = channel.mirror
-    if voucher.max_claimable - price != mirror.charged_cumulative:
-        raise bs.ChannelRejected(bs.ErrorCode.CUMULATIVE_AMOUNT_MISMATCH)
-    if voucher.max_claimable > mirror.balance:
-        raise bs.ChannelRejected(bs.ErrorCode.CUMULATIVE_EXCEEDS_BALANCE)
-    Channel.objects.filter(pk=channel.pk).update(
+    key = bs.hex_of(verified.channel_id)
+    base = voucher.max_claimable - price
+    taken = Channel.objects.filter(
+        pk=channel_pk,
+        channel_id=key,
+        held_by="",
+        charged_cumulative=Decimal(base),
+        balance__gte=Decimal(voucher.max_claimable),
+    ).update(
         held_by=reference,
         held_price=Decimal(price),
         held_signature=bs.hex_of(voucher.signature),
@@ -79,7 +65,16 @@ def hold(
         held_at=timezone.now(),
         version=F("version") + 1,
     )
-    return channel.pk
+    if taken:
+        return
+    channel = Channel.objects.filter(pk=channel_pk, channel_id=key).only("held_by", "charged_cumulative").first()
+    if channel is None:
+        raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_NOT_FOUND)
+    if channel.held_by:
+        raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_BUSY, "another request on this channel is in flight")
+    if int(channel.charged_cumulative) != base:
+        raise bs.ChannelRejected(bs.ErrorCode.CUMULATIVE_AMOUNT_MISMATCH)
+    raise bs.ChannelRejected(bs.ErrorCode.CUMULATIVE_EXCEEDS_BALANCE)
 
 
 def release(
@@ -146,7 +141,6 @@ def charge_voucher(
     price: int,
     resource: str = "",
     fingerprint: str = "",
-    wait: bool = False,
 ) -> Charged:
     """Hold and charge at once (a request served as it was paid): ``amount`` (the measured cost,
     at most ``price``; 0 for a run that failed on our side) to the channel of a voucher verified
@@ -154,8 +148,11 @@ def charge_voucher(
     if not 0 <= amount <= price:
         raise ValueError(f"a charge must be between 0 and the price ({price}), not {amount}")
     reference = fingerprint or bs.hex_of(verified.payload.voucher.signature)[:64]
+    channel_pk = Channel.objects.filter(channel_id=bs.hex_of(verified.channel_id)).values_list("pk", flat=True).first()
+    if channel_pk is None:
+        raise bs.ChannelRejected(bs.ErrorCode.CHANNEL_NOT_FOUND)
     with transaction.atomic():
-        channel_pk = hold(verified, price, reference, wait=wait)
+        hold(verified, price, reference, channel_pk)
         charged = release(channel_pk, reference, amount, resource=resource, fingerprint=fingerprint)
     assert charged is not None
     return charged

@@ -101,6 +101,8 @@ class ChannelPayment:
     price: int
     network: str
     payer: str
+    #: Our row of the channel, as the gate read it.
+    channel_pk: int
     deposit_tx: str = ""
     deposit_amount: int = 0
     #: The token's decimals (a per-second charge is computed in its units).
@@ -238,7 +240,7 @@ def _accept(obj: dict[str, Any], challenge: Challenge) -> ChannelPayment:
             # its claimed total as the baseline, then checked against that.
             channel = state.channel_for(conf.rpc_url, conf.option.network, payload.config, payload.voucher.channel_id)
             verified = bs.verify_payload(payload, our_terms, channel.mirror, req.amount)
-        return ChannelPayment(verified, req.amount, conf.option.network, payer, decimals=conf.option.decimals)
+        return ChannelPayment(verified, req.amount, conf.option.network, payer, channel.pk, decimals=conf.option.decimals)
     # A deposit: relayed by our lane (simulated first: a bad authorization is refused here),
     # and waited for, so that the voucher it carries is charged against money in escrow.
     _check_deposit(payload, mirror)
@@ -250,7 +252,7 @@ def _accept(obj: dict[str, Any], challenge: Challenge) -> ChannelPayment:
     voucher_only = bs.VoucherPayload(payload.config, payload.voucher)
     verified = bs.verify_payload(voucher_only, our_terms, channel.mirror, req.amount)
     return ChannelPayment(
-        verified, req.amount, conf.option.network, payer, tx.tx_hash, payload.deposit.amount, conf.option.decimals
+        verified, req.amount, conf.option.network, payer, channel.pk, tx.tx_hash, payload.deposit.amount, conf.option.decimals
     )
 
 
@@ -330,9 +332,10 @@ def hold(paid: ChannelPayment, reference: str, challenge: Challenge, usage: dict
     PaymentRequired (busy, or the corrective 402 when another request was charged since the
     gate's check)."""
     try:
-        return charges.hold(paid.verified, paid.price, reference, usage=usage)
+        charges.hold(paid.verified, paid.price, reference, paid.channel_pk, usage=usage)
     except bs.ChannelRejected as exc:
         raise rejection(challenge, exc, paid.channel_id) from None
+    return paid.channel_pk
 
 
 def answer(channel: Channel, reference: str, *, transaction_hash: str = "") -> dict[str, Any]:
