@@ -37,6 +37,7 @@ from x402.mechanisms.evm.batch_settlement.client import (
     InMemoryClientChannelStorage,
 )
 from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
+from x402.mechanisms.evm.signers import EthAccountSignerWithRPC
 from x402.schemas import PaymentRequirements
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +90,10 @@ def main() -> int:
     url_rpc, token, pay_to = chain["rpc_url"], chain["asset"], chain["pay_to"]
     account = Account.from_key(chain["payers"][args.payer]["private_key"])
     storage = InMemoryClientChannelStorage()
-    scheme = BatchSettlementEvmScheme(account, BatchSettlementEvmSchemeOptions(storage=storage))
+    # A signer that can read the chain: an agent that lost its channel record (this script run a
+    # second time) rebuilds it from the contract instead of signing on a total of its own.
+    signer = EthAccountSignerWithRPC(account, url_rpc)
+    scheme = BatchSettlementEvmScheme(signer, BatchSettlementEvmSchemeOptions(storage=storage))
     client = x402ClientSync().register("eip155:*", scheme)
     cap = str(int(float(args.max_usdc) * 10**6))
     client.set_spend_controls(
@@ -114,6 +118,7 @@ def main() -> int:
     before = balance_of(url_rpc, token, account.address)
     nonce_before = int(rpc(url_rpc, "eth_getTransactionCount", [account.address, "latest"]), 16)
     settled_before = settled_to(url_rpc, pay_to, token)
+    claimed_before = claimed_of(url_rpc, channel_id)
     print(f"POST {url} x {args.requests} as {account.address}, channel {channel_id[:18]}...")
 
     charged, deposit_tx = 0, ""
@@ -142,13 +147,14 @@ def main() -> int:
             return 1
         time.sleep(1)
     settled = settled_to(url_rpc, pay_to, token) - settled_before
-    print(f"claimed     {claimed_of(url_rpc, channel_id) / 10**6} USDC; settled to pay-to {settled / 10**6} USDC")
+    claimed = claimed_of(url_rpc, channel_id) - claimed_before
+    print(f"claimed     {claimed / 10**6} USDC; settled to pay-to {settled / 10**6} USDC")
     after = balance_of(url_rpc, token, account.address)
     nonce_after = int(rpc(url_rpc, "eth_getTransactionCount", [account.address, "latest"]), 16)
     print(f"balance     {before / 10**6} -> {after / 10**6} USDC (agent transactions sent: {nonce_after - nonce_before})")
     agree = (
         before - after == charged
-        and settled == charged == claimed_of(url_rpc, channel_id)
+        and settled == charged == claimed
         and nonce_after == nonce_before
         and bool(deposit_tx)
     )
