@@ -21,6 +21,7 @@ else lost on our side: see ``lifecycle.end_at_limit``) and cancels it on its run
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -151,12 +152,17 @@ def sweep() -> dict[str, int]:
     """
     now = timezone.now()
     grace = x402.runs.lost_grace_seconds
-    lost = 0
-    for prediction_id in Prediction.objects.overdue(grace).values_list("id", flat=True):
-        lost += lifecycle.fail_overdue(prediction_id, grace=grace, cause=Cause.SWEEP)
+    lost = _each(
+        Prediction.objects.overdue(grace).values_list("id", flat=True),
+        lambda pk: lifecycle.fail_overdue(pk, grace=grace, cause=Cause.SWEEP),
+        "giving up on a lost run",
+    )
     unstarted = Prediction.objects.unstarted(x402.runs.start_timeout_seconds + grace)
-    for prediction_id in unstarted.values_list("id", flat=True):
-        lost += lifecycle.fail_unstarted(prediction_id, cause=Cause.SWEEP)
+    lost += _each(
+        unstarted.values_list("id", flat=True),
+        lambda pk: lifecycle.fail_unstarted(pk, cause=Cause.SWEEP),
+        "giving up on a run that never started",
+    )
     # Runs whose task was lost (a broker outage): due now, still STARTING after a minute.
     stale = Prediction.objects.filter(status=P.STARTING, created_at__lt=now - timedelta(seconds=60))
     due = stale.filter(
@@ -166,11 +172,27 @@ def sweep() -> dict[str, int]:
     ).select_related("model__hardware", "version")
     for prediction in due:
         scheduling.enqueue_run(prediction)
-    aborted = 0
     overdue = Prediction.objects.filter(status=P.STARTING, cancel_after_at__lt=now)
-    for prediction_id in overdue.values_list("id", flat=True):
-        aborted += lifecycle.abort_overdue(prediction_id, cause=Cause.SWEEP)
-    canceled = 0
-    for prediction_id in Prediction.objects.running().filter(cancel_after_at__lt=now).values_list("id", flat=True):
-        canceled += lifecycle.cancel_past_deadline(prediction_id, cause=Cause.SWEEP)
+    aborted = _each(
+        overdue.values_list("id", flat=True),
+        lambda pk: lifecycle.abort_overdue(pk, cause=Cause.SWEEP),
+        "aborting past its Cancel-After",
+    )
+    canceled = _each(
+        Prediction.objects.running().filter(cancel_after_at__lt=now).values_list("id", flat=True),
+        lambda pk: lifecycle.cancel_past_deadline(pk, cause=Cause.SWEEP),
+        "canceling past its Cancel-After",
+    )
     return {"lost": lost, "aborted": aborted, "canceled": canceled, "requeued": len(due)}
+
+
+def _each(prediction_ids: Iterable[str], step: Callable[[str], int], what: str) -> int:
+    """``step`` on each prediction, the count it returns summed; one that raises is logged and
+    left for the next pass: one prediction's trouble must not stall the sweep for all others."""
+    done = 0
+    for prediction_id in prediction_ids:
+        try:
+            done += step(prediction_id)
+        except Exception:  # noqa: BLE001 - logged with its traceback; the next pass retries it
+            log.exception("sweep: %s failed for prediction %s; left for the next pass", what, prediction_id)
+    return done

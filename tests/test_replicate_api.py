@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -116,6 +117,43 @@ def test_sweep_fails_a_run_whose_worker_died(chain_settings, demo_model, no_task
     body = Client().get(f"/v1/predictions/{created['id']}").json()
     assert body["status"] == "failed" and "lost" in body["error"]
     assert body["payment"]["status"] == "lapsing"  # after_success: no success, released
+
+
+def test_one_prediction_whose_end_fails_does_not_stall_the_sweep(
+    chain_settings, demo_model, no_tasks, settings, monkeypatch
+) -> None:
+    """Two lost runs; giving up on the first raises (a bug, a database hiccup): the second is
+    still given up on, and the first is left for the next pass."""
+    from predictions import lifecycle
+    from predictions.tasks import sweep
+
+    demo_model.settlement_policy = "after_success"
+    demo_model.save()
+    ids = [paid(chain_settings, 4 + i, {"input": {"text": f"lost {i}"}}).json()["id"] for i in range(2)]
+    for pk in ids:
+        assert lifecycle.claim(pk) is not None
+    limit = Prediction.objects.get(pk=ids[0]).time_limit_seconds
+    Prediction.objects.filter(pk__in=ids).update(
+        started_at=timezone.now() - timedelta(seconds=limit + settings.X402_PREDICTION_LOST_GRACE + 1)
+    )
+    real = {name: getattr(lifecycle, name) for name in ("fail_overdue", "fail_unstarted")}
+
+    def flaky(name: str) -> Callable[..., int]:
+        def step(prediction_id: str, **kwargs: object) -> int:
+            if prediction_id == ids[0]:
+                raise RuntimeError("boom")
+            return real[name](prediction_id, **kwargs)
+
+        return step
+
+    for name in real:
+        monkeypatch.setattr(lifecycle, name, flaky(name))
+    assert sweep()["lost"] == 1
+    assert [Prediction.objects.get(pk=pk).status for pk in ids] == ["processing", "failed"]
+    for name, step in real.items():
+        monkeypatch.setattr(lifecycle, name, step)
+    assert sweep()["lost"] == 1  # the next pass gives up on the first
+    assert Prediction.objects.get(pk=ids[0]).status == "failed"
 
 
 @pytest.mark.parametrize(
