@@ -41,11 +41,11 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(RUNTIME): requirements.txt | $(VENV)/bin/python
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --no-compile --disable-pip-version-check -r requirements.txt
 	touch $@
 
 $(DEV): requirements.txt requirements-dev.txt $(RUNTIME)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --no-compile --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
 # The example agents' own virtual environment (the official x402 and replicate clients): an agent
@@ -57,7 +57,7 @@ agent: $(AGENT)
 
 $(AGENT): examples/requirements.txt
 	$(PYTHON) -m venv $(AGENT_VENV)
-	$(AGENT_VENV)/bin/python -m pip install -q --disable-pip-version-check -r examples/requirements.txt
+	$(AGENT_VENV)/bin/python -m pip install -q --no-compile --disable-pip-version-check -r examples/requirements.txt
 	touch $@
 
 # The pinned requirements files are generated from the .in files (direct dependencies with their
@@ -75,7 +75,7 @@ lock: $(DEV)
 ml: $(ML)
 
 $(ML): requirements-ml.txt $(RUNTIME)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-ml.txt
+	$(PY) -m pip install -q --no-compile --disable-pip-version-check -r requirements-ml.txt
 	touch $@
 
 $(NODE): package.json package-lock.json

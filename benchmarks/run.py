@@ -483,13 +483,13 @@ def bench_channels_http(stack: Stack, server: str, duration: int, exact_rps: flo
     """The paid create with vouchers, as the exact one is measured: closed loop (16
     connections), then at half its saturating rate (open loop). Every request is a channel's
     next voucher on a channel of its own (a request holds its channel until its run ends; no
-    prediction worker runs here, as for the exact figures). ``quick``: a smoke of the path, 30
-    then 10 channels paid at a fixed pace (open loop), no saturation."""
+    prediction worker runs here, as for the exact figures). ``quick``: a smoke of the path, 16
+    then 8 channels paid at a fixed pace (open loop), no saturation."""
     url = server + MODEL_PATH
     if quick:
-        paced = open_loop(url, [{"PAYMENT-SIGNATURE": h} for h in voucher_headers(channel_agents(stack, url, 30))], 20)
-        paid = {**paced, "rps": paced["rate"], "non_2xx": paced["requests"] - paced["ok"], "channels_opened": 30}
-        half = open_loop(url, [{"PAYMENT-SIGNATURE": h} for h in voucher_headers(channel_agents(stack, url, 10))], 10)
+        paced = open_loop(url, [{"PAYMENT-SIGNATURE": h} for h in voucher_headers(channel_agents(stack, url, 16))], 16)
+        paid = {**paced, "rps": paced["rate"], "non_2xx": paced["requests"] - paced["ok"], "channels_opened": 16}
+        half = open_loop(url, [{"PAYMENT-SIGNATURE": h} for h in voucher_headers(channel_agents(stack, url, 8))], 8)
         return {"paid": paid, "paid_half_rate": half}
     started = time.monotonic()
     agents = channel_agents(stack, url, int(exact_rps * 1.3 * duration * 1.5) + 50)
@@ -827,7 +827,7 @@ def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> d
     stack.lower_priority(url.removesuffix(MODEL_PATH), WEB_NICE)
     # The saturating paid rate of the deployment as it runs: web tier and workers together on
     # this host (the HTTP section measured it with no worker running); then its backlog drains.
-    duration = 3 if seconds < 60 else 10
+    duration = 2 if seconds < 60 else 10
     expected = int(rate_hint * duration * 1.5) + 50
     warm = signed_headers(stack, stack.fund(40), expected // 40 + 1, url)
     deployed = wrk(url, LUA_PAID % (BODY, write_header_files(warm, 2), "PAYMENT-SIGNATURE"), duration, 16)
@@ -1365,7 +1365,7 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("wrk is required (Debian package 'wrk'): apt-get install -y wrk", file=sys.stderr)
         return 2
-    duration = 2 if quick else 10
+    duration = 1 if quick else 10
     started = time.monotonic()
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -1425,7 +1425,7 @@ def main() -> int:
         results["channels"] = bench_channels_http(stack, ours, duration, results["paid"]["rps"], quick)
         results["channels"]["gas"] = bench_channel_gas(stack, url, 5 if quick else 50)
         checkpoint(results, quick)
-        sustained = 8 if quick else args.sustained
+        sustained = 5 if quick else args.sustained
         print(f"sustained paid load with settlement workers ({sustained} s)...", flush=True)
         results["sustained"] = bench_sustained(stack, url, results["paid"]["rps"], sustained)
         checkpoint(results, quick)
@@ -1435,7 +1435,7 @@ def main() -> int:
             results["reconciliation"] = bench_reconciliation([100] if quick else [1000, 10000, 100000])
         if "export" not in skip:
             print("export...", flush=True)
-            results["export"] = bench_export(stack, [500, 2000] if quick else [100000, 1000000])
+            results["export"] = bench_export(stack, [500] if quick else [100000, 1000000])
     finally:
         stack.stop()
     results["seconds"] = round(time.monotonic() - started, 1)

@@ -141,6 +141,7 @@ def test_two_workers_on_separate_queues(chain_settings, demo_model, live_server,
     """Settlement on one worker, the GPU-tier prediction on another, one database and broker."""
     from payments.models import HardwareTier
     from tests.conftest import TEST_QUEUE, start_worker
+    from x402site.celery import app
 
     gpu_queue = f"{TEST_QUEUE}-gpu"
     routing = {"X402_TIER_QUEUES": f"gpu={gpu_queue}", "X402_PUBLIC_URL": live_server.url}
@@ -148,6 +149,9 @@ def test_two_workers_on_separate_queues(chain_settings, demo_model, live_server,
     tier = HardwareTier.objects.create(slug="gpu-t4-test", name="T4", price_per_second="0.000225")
     demo_model.hardware = tier
     demo_model.save()
+    # Tasks an earlier test on this session's queue left for no worker would be the main
+    # worker's to run (a leftover run_prediction among them): this test counts only its own.
+    app.control.purge()
     main = start_worker(chain_settings, tmp_path / "main.log", TEST_QUEUE, beat=True, env=routing)
     gpu = start_worker(chain_settings, tmp_path / "gpu.log", gpu_queue, beat=False, env=routing, settlement=False)
     try:
