@@ -8,7 +8,7 @@ NODE := node_modules/.installed
 
 ML := $(VENV)/.ml-installed
 
-.PHONY: run test lint setup clean bench bench-quick tools ml agent lock contracts
+.PHONY: run test lint setup clean bench bench-quick bench-smoke tools ml agent lock contracts
 
 run: $(RUNTIME) $(NODE)
 	$(PY) manage.py quickstart
@@ -16,7 +16,7 @@ run: $(RUNTIME) $(NODE)
 # Three pytest-xdist workers (on 2 cores: much of the suite waits on blocks, workers and servers,
 # so a third worker fills the idle CPU), each with its own anvil, test database (test_x402_gw0,
 # _gw1, _gw2), Celery queue and cache prefix; a test file stays on one worker (its module-scoped
-# worker process), in collection order (the quick benchmark first: tests/conftest.py).
+# worker process), in collection order.
 test: $(DEV) $(ML) $(NODE) tools
 	$(PY) -m pytest -n 3 --dist loadfile --no-loadscope-reorder
 
@@ -26,6 +26,11 @@ bench: $(DEV) $(NODE) tools
 
 bench-quick: $(DEV) $(NODE) tools
 	$(PY) benchmarks/run.py --quick
+
+# CI's benchmark stage: the quick run, checked (benchmarks/test_quick.py). Not part of the suite:
+# its saturating loads would slow every test running beside it.
+bench-smoke: $(DEV) $(NODE) tools
+	$(PY) -m pytest -p no:cacheprovider benchmarks/test_quick.py
 
 # Debian tools the suite drives: wrk (load generator) and chromium (the paywall paid in a
 # browser and the admin's browser test, driven by npm playwright-core: no browser is downloaded).

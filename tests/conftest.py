@@ -59,19 +59,30 @@ def _restore(tables: list[str], snapshot: dict[str, tuple[list[str], list[tuple[
     """Empty every table, then put back the rows of ``snapshot``, in one transaction (Django's
     foreign keys are deferrable, so the order does not matter)."""
     from django.contrib.contenttypes.models import ContentType
-    from django.db import connection, transaction
+    from django.db import OperationalError, connection, transaction
+    from psycopg.errors import LockNotAvailable
 
     quote = connection.ops.quote_name
-    with transaction.atomic(), connection.cursor() as cursor:
-        # As TRUNCATE does, keep every other writer (a module's worker process) out until the
-        # end; readers go on.
-        cursor.execute(f"LOCK TABLE {', '.join(quote(t) for t in tables)} IN SHARE ROW EXCLUSIVE MODE")
-        cursor.execute("SET CONSTRAINTS ALL DEFERRED")
-        cursor.execute("".join(f"DELETE FROM {quote(table)};" for table in tables))
-        for table, (columns, rows) in snapshot.items():
-            names = ", ".join(quote(c) for c in columns)
-            marks = ", ".join(["%s"] * len(columns))
-            cursor.executemany(f"INSERT INTO {quote(table)} ({names}) VALUES ({marks})", rows)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                # As TRUNCATE does, keep every other writer (a module's worker process) out until
+                # the end; readers go on. EXCLUSIVE also keeps out row locks (SELECT ... FOR
+                # UPDATE), and NOWAIT takes every table at once or none: the flush never waits
+                # while holding a lock, so it cannot deadlock with a worker's transaction.
+                cursor.execute(f"LOCK TABLE {', '.join(quote(t) for t in tables)} IN EXCLUSIVE MODE NOWAIT")
+                cursor.execute("SET CONSTRAINTS ALL DEFERRED")
+                cursor.execute("".join(f"DELETE FROM {quote(table)};" for table in tables))
+                for table, (columns, rows) in snapshot.items():
+                    names = ", ".join(quote(c) for c in columns)
+                    marks = ", ".join(["%s"] * len(columns))
+                    cursor.executemany(f"INSERT INTO {quote(table)} ({names}) VALUES ({marks})", rows)
+            break
+        except OperationalError as exc:
+            if not isinstance(exc.__cause__, LockNotAvailable) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # a worker's transaction holds a table: try again when it ends
     ContentType.objects.clear_cache()
 
 
@@ -86,8 +97,9 @@ def fast_flush() -> Iterator[None]:
     those rows back, with the same ids. A flush with other options is Django's own.
 
     Transactional tests also flush while a module's worker process (its beat reconciling and
-    sweeping every second) may be reading the tables: PostgreSQL can pick the flush as a deadlock
-    victim. Try it again rather than fail the test's teardown."""
+    sweeping every second) may be using the tables: the flush takes them all at once when no
+    transaction holds them (``_restore``); a database error of another kind is tried again
+    rather than failing the test's teardown."""
     from django.core.management.commands import flush
     from django.db import DEFAULT_DB_ALIAS, OperationalError, connection
 
@@ -177,13 +189,6 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         item.add_marker(pytest.mark.chain)
     if item.parent is not None and not item.nodeid.endswith(f"::{item.name}"):
         item._id = item.parent.id.child(item.name)  # pytest 9 derives nodeid from it
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The quick benchmark (minutes, in a process of its own) goes first: on ``pytest -n 3`` one
-    worker runs it while the others start the rest, rather than it running alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("bench") is None)
 
 
 @pytest.fixture(scope="session")
