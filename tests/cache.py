@@ -1,11 +1,11 @@
-"""The suite's cache: Django's Redis cache, but clear() empties only this run's keys."""
+"""The suite's cache: the project's Redis cache, but clear() empties only this run's keys."""
 
 from __future__ import annotations
 
-from django.core.cache.backends.redis import RedisCache
+from x402site.cache import SharedRedisCache
 
 
-class RunCache(RedisCache):
+class RunCache(SharedRedisCache):
     """``clear()`` deletes the keys under this run's KEY_PREFIX, not the whole Redis database:
     the database is shared with the Celery broker and with runs in parallel (``pytest -n``'s
     other workers, other checkouts), whose queued tasks and keys a FLUSHDB would take."""

@@ -1,10 +1,12 @@
-"""The ASGI server (as deployed: uvicorn, docs/deploy.md) takes its database connections from a
-pool of its own: requests reuse a bounded set of connections, none is opened per request."""
+"""The ASGI server (as deployed: uvicorn, docs/deploy.md) takes its database and cache (Redis)
+connections from pools of its own: requests reuse a bounded set of connections, none is opened
+per request."""
 
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import redis
 import requests
 from django.conf import settings
 from django.db import connection
@@ -47,4 +49,49 @@ def test_asgi_requests_reuse_a_bounded_pool_of_connections(chain, db, tmp_path: 
         devchain.stop(proc)
     assert first, "no connection outlived its request: each request opened its own"
     assert len(first | second) <= POOL_MAX, (first, second)
+    assert first & second, "the second burst was served by new connections"
+
+
+def cache_clients(location: str, name: str) -> set[int]:
+    """The ids of the Redis connections named ``name`` (an id is never reused by the server)."""
+    client = redis.Redis.from_url(location)
+    try:
+        return {int(c["id"]) for c in client.client_list() if c.get("name") == name}
+    finally:
+        client.close()
+
+
+def challenges(base: str) -> None:
+    """Unpaid creates: each 402 goes through the challenge rate limit, a cache read and write."""
+    url = f"{base}/v1/models/demo/echo-text/predictions"
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(
+            pool.map(
+                lambda _: requests.post(url, json={"input": {"text": "x"}}, timeout=10).status_code, range(40)
+            )
+        )
+    assert set(codes) == {402}
+
+
+def test_asgi_requests_share_the_processes_cache_connections(
+    chain, transactional_db, demo_model, tmp_path: Path
+) -> None:
+    """Django keeps a cache object per context and every ASGI request runs in a fresh one: without
+    a client shared by the process, each request opened (and dropped) its own Redis connection."""
+    name = f"x402-cache-{secrets.token_hex(3)}"
+    location = settings.CACHES["default"]["LOCATION"]
+    proc, base = start_asgi_server(
+        chain,
+        tmp_path / "uvicorn.log",
+        env={"CACHE_URL": f"{location}?client_name={name}", "X402_WEB_THREADS": "8"},
+    )
+    try:
+        challenges(base)
+        first = cache_clients(location, name)
+        challenges(base)
+        second = cache_clients(location, name)
+    finally:
+        devchain.stop(proc)
+    assert first, "no cache connection outlived its request: each request opened its own"
+    assert len(first | second) <= 8, (first, second)
     assert first & second, "the second burst was served by new connections"

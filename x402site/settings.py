@@ -99,7 +99,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # (prices are read with the model's row and cached per process: payments.pricing).
 CACHES = {
     "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "BACKEND": "x402site.cache.SharedRedisCache",
         "LOCATION": env.str("CACHE_URL", default="redis://127.0.0.1:6379/1"),
         "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="x402"),
     }
