@@ -822,25 +822,42 @@ def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> d
     from django.utils import timezone
 
     from payments.models import Payment
+    from predictions.models import TERMINAL, Prediction
     from x402site.celery import app
 
     queue = stack.env["CELERY_TASK_DEFAULT_QUEUE"]
     app.conf.task_default_queue = queue
     # As docs/deploy.md runs them on a shared host: the web tier and the prediction workers below
     # settlement in CPU priority, so that settlement keeps pace while requests saturate the CPU.
-    stack.worker(f"{queue}-settlement", 2, beat=True)
-    stack.worker(queue, 1, nice=WEB_NICE)
-    stack.lower_priority(url.removesuffix(MODEL_PATH), WEB_NICE)
-    # The saturating paid rate of the deployment as it runs: web tier and workers together on
-    # this host (the HTTP section measured it with no worker running); then its backlog drains.
+    settlement = stack.worker(f"{queue}-settlement", 2, beat=True)
+    predictions = stack.worker(queue, 1, nice=WEB_NICE)
+    server = url.removesuffix(MODEL_PATH)
+    stack.lower_priority(server, WEB_NICE)
+    components = {
+        "web tier (uvicorn)": stack.servers[server].pid,
+        "settlement workers (Celery, beat)": settlement.pid,
+        "prediction worker (Celery)": predictions.pid,
+        "chain node (anvil)": stack.procs[0].pid,
+        "load generator (this benchmark)": os.getpid(),
+    }
+    # The saturating paid rate of the deployment as it runs: a closed-loop load on the web tier
+    # with its workers running (the HTTP section measured it with none). The load defers work
+    # (settlement, then the runs): the deployment's end-to-end rate is the accepted requests
+    # over the time until every payment is confirmed and every prediction ended.
     duration = 2 if seconds < 60 else 10
     expected = int(rate_hint * duration * 1.5) + 50
     warm = signed_headers(stack, stack.fund(40), expected // 40 + 1, url)
+    before_burst = Prediction.objects.count()
+    burst_started = time.monotonic()
     deployed = wrk(url, LUA_PAID % (BODY, write_header_files(warm, 2), "PAYMENT-SIGNATURE"), duration, 16)
-    waiting = Payment.objects.filter(status__in=["verified", "settling", "settled"])
     deadline = time.monotonic() + 180
-    while waiting.exists() and time.monotonic() < deadline:
-        time.sleep(1)
+    while (
+        Payment.objects.filter(status__in=["verified", "settling", "settled"]).exists()
+        or Prediction.objects.exclude(status__in=list(TERMINAL)).exists()
+    ) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    burst_seconds = time.monotonic() - burst_started
+    end_to_end = round((Prediction.objects.count() - before_burst) / burst_seconds, 1)
     rate = SUSTAINED_FRACTION * deployed["rps"]
     payers = stack.fund(32)
     make_header = header_maker(url, payers)
@@ -858,6 +875,7 @@ def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> d
 
         t0 = time.monotonic()
         mine = Payment.objects.filter(created_at__gte=started_at)
+        runs = Prediction.objects.filter(created_at__gte=started_at)
         while not stop.is_set():
             ready = mine.filter(status="verified", settle_requested_at__isnull=False)
             oldest = ready.aggregate(t=Min("settle_requested_at"))["t"]
@@ -869,6 +887,7 @@ def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> d
                     "ready": ready.count(),
                     "settling": mine.filter(status__in=["settling", "settled"]).count(),
                     "confirmed": mine.filter(status="confirmed").count(),
+                    "runs_ended": runs.filter(status__in=list(TERMINAL)).count(),
                     "oldest_ready_s": round((timezone.now() - oldest).total_seconds(), 2) if oldest else 0.0,
                     "oldest_unsettled_s": round((timezone.now() - unsettled).total_seconds(), 2) if unsettled else 0.0,
                 }
@@ -879,6 +898,7 @@ def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> d
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
+        cpu_before = cpu_seconds_by_component(components)
         load = paced_loop(url, make_header, rate, seconds)
         load_ended = time.monotonic()
         mine = Payment.objects.filter(created_at__gte=started_at)
@@ -886,6 +906,8 @@ def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> d
         while mine.filter(status__in=["verified", "settling", "settled"]).exists() and time.monotonic() < deadline:
             time.sleep(1)
         drain_seconds = time.monotonic() - load_ended
+        # Load and drain: the settlement of every payment accepted, by what it cost each part.
+        cpu = cpu_per_request(cpu_before, cpu_seconds_by_component(components), load["requests"] - load["non_2xx"])
         time.sleep(1.5)
     finally:
         stop.set()
@@ -901,6 +923,7 @@ def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> d
         "seconds": seconds,
         "saturating_rps_without_workers": rate_hint,
         "saturating_rps_deployed": deployed["rps"],
+        "saturating_rps_end_to_end": end_to_end,
         "offered_rps": round(rate, 1),
         "load": load,
         "statuses": counts,
@@ -912,11 +935,62 @@ def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> d
         if accepted_at_load_end
         else 0.0,
         "settled_during_load_per_s": round(confirmed_at_load_end / seconds, 1),
+        "runs_ended_during_load_fraction": round(max((s["runs_ended"] for s in during), default=0) / accepted_at_load_end, 3)
+        if accepted_at_load_end
+        else 0.0,
         "drain_seconds_after_load": round(drain_seconds, 1),
         "ledger_atomic": ledger,
         "pay_to_balance_change_atomic": balance_change,
         "ledger_equals_chain": ledger == balance_change,
+        "cpu_ms_per_request": cpu,
     }
+
+
+#: Components of the host not started by the benchmark, by what their processes run.
+CPU_BY_COMMAND = [("PostgreSQL", "postgres"), ("Redis (broker, cache)", "redis-server")]
+
+
+def cpu_seconds_by_component(roots: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each component: the process trees of ``roots`` (name -> pid;
+    a benchmark's own process counts without its children), the processes of CPU_BY_COMMAND,
+    ``other``; and ``host``, the whole machine (from /proc/stat). Two readings' difference is
+    where the CPU went between them (a process that ended in between is missing)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    seconds: dict[int, float] = {}
+    command: dict[int, str] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            comm, fields = (proc / "stat").read_text().rsplit(")", 1)
+        except OSError:
+            continue  # ended meanwhile
+        pid, values = int(proc.name), fields.split()
+        parent[pid], seconds[pid] = int(values[1]), (int(values[11]) + int(values[12])) / ticks
+        command[pid] = comm.split("(", 1)[1]
+    owner = {pid: name for name, pid in roots.items()}
+
+    def component(pid: int) -> str:
+        start = pid
+        while pid > 1:
+            if pid in owner and (pid == start or owner[pid] != "load generator (this benchmark)"):
+                return owner[pid]
+            pid = parent.get(pid, 0)
+        return next((name for name, mark in CPU_BY_COMMAND if command[start].startswith(mark)), "other")
+
+    used = dict.fromkeys([*roots, *(n for n, _ in CPU_BY_COMMAND), "other"], 0.0)
+    for pid, cpu in seconds.items():
+        used[component(pid)] += cpu
+    total = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    used["host"] = (sum(int(v) for v in total[:8]) - int(total[3]) - int(total[4])) / ticks  # less idle, iowait
+    return used
+
+
+def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """Milliseconds of CPU per accepted request, by component, between two readings (a process
+    that ended in between is missing from ``other``; ``host`` counts everything)."""
+    return {k: round((after[k] - before[k]) * 1000 / max(requests, 1), 2) for k in after}
 
 
 def header_maker(url: str, payers: list[Any]) -> Any:
@@ -990,6 +1064,7 @@ def paced_loop(url: str, make_header: Any, rate: float, seconds: int, clients: i
 
     parts = urlsplit(url)
     latencies: list[float] = []
+    timeline: list[tuple[float, float]] = []  # (when due, seconds into the load; latency ms)
     statuses: dict[int, int] = {}
     lock = threading.Lock()
     slots = itertools.count()
@@ -1012,6 +1087,7 @@ def paced_loop(url: str, make_header: Any, rate: float, seconds: int, clients: i
             response.read()
             with lock:
                 latencies.append((time.monotonic() - due) * 1000)
+                timeline.append((due - start, latencies[-1]))
                 statuses[response.status] = statuses.get(response.status, 0) + 1
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -1030,7 +1106,17 @@ def paced_loop(url: str, make_header: Any, rate: float, seconds: int, clients: i
         "requests": len(latencies),
         "non_2xx": len(latencies) - ok,
         "statuses": statuses,
+        "p99_ms_by_window": windowed_p99(timeline, 10 if seconds >= 60 else 1),
     }
+
+
+def windowed_p99(timeline: list[tuple[float, float]], window: int) -> list[float]:
+    """The p99 latency of the requests due in each ``window`` seconds of a load, in order: a
+    high p99 over the whole load is a spike, a drift or a constant, and this tells which."""
+    buckets: dict[int, list[float]] = {}
+    for due, latency in timeline:
+        buckets.setdefault(int(due // window), []).append(latency)
+    return [round(sorted(b)[max(0, int(len(b) * 0.99) - 1)], 1) for _, b in sorted(buckets.items())]
 
 
 def token_balance(stack: Stack, address: str) -> int:
@@ -1593,17 +1679,24 @@ def render(r: dict[str, Any]) -> str:
         f"(target >= 1.0); batched / one at a time = **{r['ratios']['batched_vs_one_at_a_time']}**",
         f"- sustained: {u['load']['rate']} paid requests/s offered ({SUSTAINED_FRACTION:.0%} of the saturating "
         f"paid rate of the deployment with its workers running, {u['saturating_rps_deployed']:.0f}/s; "
-        f"{u['saturating_rps_without_workers']:.0f}/s with none; open loop, signed as they go) for "
+        f"{u['saturating_rps_without_workers']:.0f}/s with none; end to end, accepted, settled and run: "
+        f"{u['saturating_rps_end_to_end']:.0f}/s; open loop, signed as they go) for "
         f"{u['seconds']} s: {u['load']['rps']:.0f}/s accepted, "
         f"{u['load']['requests']} requests, {u['load']['non_2xx']} non-2xx, p50 {u['load']['p50_ms']} ms, "
         f"p99 **{u['load']['p99_ms']} ms** (target <= 150), with Celery workers settling in batches: "
         f"**{u['confirmed_during_load_fraction']:.1%}** of the accepted confirmed during the load (target >= 95%), "
-        f"{u['settled_during_load_per_s']} payments/s; oldest unsettled payment during the load at most "
+        f"{u['settled_during_load_per_s']} payments/s ({u['runs_ended_during_load_fraction']:.1%} of their predictions "
+        f"ended during the load, one prediction worker process); oldest unsettled payment during the load at most "
         f"**{u['max_oldest_unsettled_s']} s** (target < 10); ready backlog at most "
         f"{u['max_ready_backlog']}, oldest ready payment at most {u['max_oldest_ready_s']} s old; drained "
         f"{u['drain_seconds_after_load']} s after the load; expired or failed: {u['expired_or_failed']}; ledger "
         f"{u['ledger_atomic']} = pay-to balance change {u['pay_to_balance_change_atomic']}: {u['ledger_equals_chain']} "
-        f"(curve: results/sustained.png)",
+        f"(curve: results/sustained.png); p99 by 10 s of the load: "
+        f"{', '.join(f'{v:.0f}' for v in u['load']['p99_ms_by_window'])} ms",
+        "- host CPU per paid request during the sustained load (and its drain), by component: "
+        + ", ".join(f"{k} {v} ms" for k, v in u["cpu_ms_per_request"].items() if k != "host")
+        + f"; the host in all {u['cpu_ms_per_request']['host']} ms ({os.cpu_count()} cores: at most "
+        f"{os.cpu_count() * 1000 / max(u['cpu_ms_per_request']['host'], 0.01):.0f} paid requests/s)",
         *(
             [
                 f"- payment channels (batch-settlement, same run, ASGI): paid create with vouchers "

@@ -77,9 +77,8 @@ class IllegalTransition(Exception):
 
 def _lock(prediction_id: str) -> Prediction | None:
     """The prediction, locked (its payment locked first); None if there is no such prediction."""
-    payment_id = Prediction.objects.filter(pk=prediction_id).values_list("payment_id", flat=True).first()
-    if payment_id is not None:
-        list(Payment.objects.select_for_update().filter(pk=payment_id).values_list("pk", flat=True))
+    # A prediction's payment is fixed at its creation: found and locked in one statement.
+    list(Payment.objects.select_for_update(of=("self",)).filter(prediction__pk=prediction_id).values_list("pk", flat=True))
     return (
         Prediction.objects.select_for_update(of=("self",))
         .select_related("model__hardware", "version", "payment")
@@ -171,10 +170,15 @@ def create(
     return prediction
 
 
-def claim(prediction_id: str) -> Prediction | None:
+def claim(prediction_id: str, *, starts_at_once: Callable[[Prediction], bool] | None = None) -> Prediction | None:
     """STARTING -> PROCESSING, once: the prediction to run, or None when there is nothing to run
     (already claimed, ended, not yet paid under ``before_run``, or past its Cancel-After and
-    aborted; past it but already charged, it runs without the deadline: see abort_overdue)."""
+    aborted; past it but already charged, it runs without the deadline: see abort_overdue).
+
+    ``starts_at_once``, asked of the locked prediction: its runner has the run the moment it is
+    claimed (a predictor loaded in this process). Then the run clock starts with the claim, in
+    its transaction, as :func:`run_started` would start it (``run_started_at`` set, the
+    watchdog armed): one transaction and no start watchdog for a run with nothing to load."""
     with transaction.atomic():
         prediction = _lock(prediction_id)
         if prediction is None or prediction.status != P.STARTING:
@@ -201,6 +205,9 @@ def claim(prediction_id: str) -> Prediction | None:
         if limit < prediction.time_limit_seconds:
             detail["time_limit"] = f"cut from {prediction.time_limit_seconds}s: the payment authorization expires"
             fields["time_limit_seconds"] = limit
+        if starts_at_once is not None and starts_at_once(prediction):
+            fields["started_at"] = fields["run_started_at"] = fields["alive_at"] = timezone.now()
+            transaction.on_commit(lambda: runclock.arm_watchdog(prediction_id, limit))
         _move(prediction, P.PROCESSING, Cause.TASK, detail=detail or None, **fields)
         return prediction
 

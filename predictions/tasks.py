@@ -31,7 +31,7 @@ from django.utils import timezone
 
 from payments.chain import prerun
 from payments.chain.node import ChainUnavailable
-from payments.models import PaymentStatus, UnpaidReason
+from payments.models import Payment, PaymentStatus, UnpaidReason
 from x402site.conf import x402
 
 from . import lifecycle, scheduling
@@ -67,12 +67,16 @@ def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
     except ChainUnavailable as exc:  # the simulation got no answer: neither refused nor run yet
         log.info("prediction %s: settlement simulation unavailable (%s), retrying", prediction_id, exc)
         raise self.retry(countdown=min(2 + self.request.retries, 15)) from None
-    prediction = lifecycle.running(prediction_id) if resume else lifecycle.claim(prediction_id)
+    if resume:
+        prediction = lifecycle.running(prediction_id)
+    else:
+        prediction = lifecycle.claim(prediction_id, starts_at_once=_starts_at_once)
     if prediction is None:
         return "skipped"
     if not resume:
-        # The time-limit watchdog is armed when the runner confirms the run (lifecycle.run_started).
-        enforce_start.apply_async(args=[prediction.id], countdown=x402.runs.start_timeout_seconds)
+        if prediction.run_started_at is None:
+            # The time-limit watchdog is armed when the runner confirms the run (lifecycle.run_started).
+            enforce_start.apply_async(args=[prediction.id], countdown=x402.runs.start_timeout_seconds)
         if prediction.cancel_after_at is not None:
             enforce_cancel_after.apply_async(args=[prediction.id], eta=prediction.cancel_after_at)
     try:
@@ -91,14 +95,22 @@ def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
     return lifecycle.finish(prediction_id, outcome, cause=Cause.TASK)
 
 
+def _starts_at_once(prediction: Prediction) -> bool:
+    return prediction.version.runner_impl.ready(prediction.version)
+
+
 def _refused_before_run(prediction_id: str) -> bool:
     """Before a run whose payment is held until after it (upto, after_success): its settlement
     is simulated, and a payment that could not be settled is refused, never run (its prediction
     fails unstarted, see payments.chain.prerun.refuse_if_unsettleable)."""
-    starting = Prediction.objects.filter(pk=prediction_id, status=P.STARTING)
-    payment_id = starting.values_list("payment_id", flat=True).first()
+    payment_id = (
+        Payment.objects.held()
+        .filter(prediction__pk=prediction_id, prediction__status=P.STARTING)
+        .values_list("pk", flat=True)
+        .first()
+    )
     if payment_id is None:
-        return False
+        return False  # free, or paid already or being settled: nothing held to simulate
     payment = prerun.refuse_if_unsettleable(payment_id)
     return payment.unpaid_reason == UnpaidReason.REFUSED_BEFORE_RUN
 

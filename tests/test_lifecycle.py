@@ -591,6 +591,49 @@ def test_a_stop_that_lands_after_the_run_returned_keeps_the_runs_outcome(monkeyp
 
 
 @pytest.mark.django_db
+def test_a_loaded_predictors_run_starts_its_clock_with_its_claim(monkeypatch, django_capture_on_commit_callbacks) -> None:
+    """A run whose predictor this worker has loaded starts the moment it is claimed: its run
+    clock starts in the claim's transaction and its time-limit watchdog is armed then; no start
+    watchdog is queued (there is nothing to wait for). The first run in a process loads the
+    predictor first: the clock starts after the load, with the start watchdog queued meanwhile."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from predictions import runclock, tasks
+    from predictions.lifecycle import Cause, create
+    from predictions.runners import python as runner_module
+
+    sent: list[tuple[str, Any]] = []
+    monkeypatch.setattr(tasks.enforce_start, "apply_async", lambda **kw: sent.append(("start", kw["args"][0])))
+    monkeypatch.setattr(runclock, "arm_watchdog", lambda pid, limit: sent.append(("limit", pid)))
+    monkeypatch.setattr(runner_module, "_loaded", {})
+    model = python_model("claimed-at-once", "tests.predictors.Sleepy", schema=SLOW_TEXT)
+
+    def run() -> tuple[Prediction, int]:
+        prediction = create(
+            model.latest_version,
+            {"text": "hi", "seconds": 0},
+            payment=None,
+            settlement_policy=model.settlement_policy,
+            cause=Cause.API,
+        )
+        with CaptureQueriesContext(connection) as queries, django_capture_on_commit_callbacks(execute=True):
+            assert tasks.run_prediction.run(prediction.pk) == "succeeded"
+        prediction.refresh_from_db()
+        assert prediction.output == "hi"
+        return prediction, len(queries.captured_queries)
+
+    first, _ = run()  # loads the predictor: started after its claim
+    assert sent == [("start", first.pk), ("limit", first.pk)]
+    assert first.run_started_at > first.started_at
+    sent.clear()
+    second, statements = run()
+    assert sent == [("limit", second.pk)]
+    assert second.run_started_at == second.started_at  # one transaction: claimed and started
+    assert statements <= 13, statements  # (19 when the runner confirmed in a transaction of its own)
+
+
+@pytest.mark.django_db
 def test_a_canceled_python_run_stops_computing() -> None:
     """The payer cancels (or Cancel-After, or the watchdog, ends it): the runner's cancel stops
     the run in whichever worker runs it, long before its limit; what it returns is discarded."""
@@ -647,6 +690,9 @@ class UpperRunner:
 
     def task_options(self, prediction) -> dict:
         return {}
+
+    def ready(self, version) -> bool:
+        return False
 
     def start(self, prediction):
         from predictions.runners import Outcome

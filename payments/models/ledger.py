@@ -121,6 +121,11 @@ class PaymentQuerySet(models.QuerySet["Payment"]):
         """Rows the reconciler may look at now (not backing off after an error)."""
         return self.filter(models.Q(reconcile_after=None) | models.Q(reconcile_after__lte=timezone.now()))
 
+    def held(self) -> PaymentQuerySet:
+        """Verified and kept for settlement after the run (``upto``, ``after_success``): the
+        authorization is unused and its settlement not asked for yet."""
+        return self.filter(status=S.VERIFIED, settle_requested_at=None)
+
     def of_authorization(self, network: str, asset: str, payer: str, nonce: str) -> PaymentQuerySet:
         return self.filter(network=network, asset=asset, payer=payer, nonce=nonce)
 

@@ -65,12 +65,18 @@ class Runner(Protocol):
     def task_options(self, prediction: Prediction) -> dict[str, Any]:
         """Extra ``apply_async`` options of the task that runs ``prediction`` (time limits)."""
 
+    def ready(self, version: ModelVersion) -> bool:
+        """Whether a run of ``version`` starts in this process the moment it is claimed, with
+        nothing to load or reach: its run clock then starts with the claim (``lifecycle.claim``),
+        and :meth:`start` gets it started."""
+
     def start(self, prediction: Prediction) -> Outcome | None:
         """Run ``prediction`` (claimed: PROCESSING). Returns its outcome when the run happened
         in the call, None when the runner reports later through :meth:`handle_callback`.
         Raises :class:`RunnerBusy` (retry later) or :class:`RunnerRefused` (the run fails).
         Once the runner has the run it says so (``lifecycle.run_started``: the run clock and
-        the watchdog start there; it answers the time limit, or None: do not run it)."""
+        the watchdog start there; it answers the time limit, or None: do not run it), unless
+        the claim started it (``run_started_at`` is set: see :meth:`ready`)."""
 
     def cancel(self, prediction: Prediction) -> None:
         """Stop the run if the runner can (best effort: the prediction has already ended)."""

@@ -203,6 +203,9 @@ class CogRunner:
             if ended is not None:
                 self.cancel(ended)
 
+    def ready(self, version: ModelVersion) -> bool:
+        return False  # the Cog server takes the run over HTTP and confirms it there
+
     def alive(self, prediction: Prediction) -> bool:
         """Cog runs one prediction at a time per slot: BUSY while ours goes on."""
         _health.pop(prediction.version.cog_url, None)

@@ -33,7 +33,6 @@ import sys
 import threading
 import time
 import traceback
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -87,11 +86,17 @@ def _predictor_class(dotted_path: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-@lru_cache(maxsize=32)
+#: The predictors this process has set up, by dotted path.
+_loaded: dict[str, Predictor] = {}
+
+
 def load_predictor(dotted_path: str) -> Predictor:
     """Import, instantiate and ``setup()`` a predictor once per worker process."""
-    predictor = _predictor_class(dotted_path)()
-    predictor.setup()
+    predictor = _loaded.get(dotted_path)
+    if predictor is None:
+        predictor = _predictor_class(dotted_path)()
+        predictor.setup()
+        _loaded[dotted_path] = predictor
     return predictor
 
 
@@ -124,6 +129,9 @@ class PythonRunner:
     def alive(self, prediction: Prediction) -> bool:
         return False  # its watcher's heartbeat (alive_at) is the evidence
 
+    def ready(self, version: ModelVersion) -> bool:
+        return version.predictor in _loaded  # set up by an earlier run in this process
+
     def start(self, prediction: Prediction) -> Outcome:
         from .. import lifecycle
 
@@ -132,7 +140,10 @@ class PythonRunner:
         except Exception as exc:  # noqa: BLE001 - a predictor that cannot load fails the run on our side
             log.warning("prediction %s: the predictor did not load: %s", prediction.id, exc)
             return Outcome(succeeded=False, error=f"the model could not be loaded: {exc.__class__.__name__}: {exc}")
-        limit = lifecycle.run_started(prediction.id)
+        if prediction.run_started_at is not None:  # started with its claim (ready)
+            limit: int | None = prediction.time_limit_seconds
+        else:
+            limit = lifecycle.run_started(prediction.id)
         if limit is None:  # it ended while the predictor loaded: nothing runs
             return Outcome(succeeded=False, error=STOPPED_ERROR)
         started = time.perf_counter()
