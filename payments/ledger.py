@@ -246,11 +246,6 @@ def release(payment: Payment, reason: str) -> None:
         )
 
 
-#: What :func:`settlement_answer` reads that changes after a payment is recorded (a caller that
-#: holds an older copy refreshes only these: not the stored payload and requirement).
-ANSWER_FIELDS = ("status", "settle_tx_hash", "amount", "unpaid_reason")
-
-
 def settlement_answer(payment: Payment) -> dict[str, Any]:
     """The x402 ``SettleResponse`` for ``payment`` as it stands now (``PAYMENT-RESPONSE``, the
     MCP result's ``_meta``).

@@ -19,7 +19,7 @@ from rest_framework.views import APIView
 
 from payments import ratelimit
 from payments.exceptions import payment_required_response, paywall_response, wants_html
-from payments.ledger import ANSWER_FIELDS, settlement_answer
+from payments.ledger import settlement_answer
 from payments.models import HardwareTier
 from payments.permissions import Admission, Charge, X402Payment, challenge_for
 from payments.x402.codec import encode_header
@@ -191,8 +191,8 @@ class PaidPredictionCreate(APIView):
         body = waited_json(request, prediction)
         payment = prediction.payment
         if payment is not None:
-            # As it stands after any wait: the hash once settled, else settlement_pending.
-            payment.refresh_from_db(fields=ANSWER_FIELDS)
+            # As this request recorded it (settlement_pending: settled by a worker, later), or as
+            # read after a wait (the hash once settled): no second read of a row just written.
             headers[PAYMENT_RESPONSE_HEADERS[payment.x402_version]] = encode_header(settlement_answer(payment))
         elif prediction.channel_id is not None:
             headers[PAYMENT_RESPONSE_HEADERS[2]] = encode_header(channel_answer(prediction, request.x402.channel))
