@@ -156,8 +156,8 @@ def refund_cause(prediction: Prediction) -> RefundCause | None:
     operator canceled it. Not refunded: a run stopped at its time limit (the compute was used as
     asked), a run that failed after streaming output pieces (a before_run payer sees them while
     it runs), a cancel by its payer after the run started; all as Replicate bills runs for the
-    time used. "Started" is its runner's confirmation (``run_started_at``), not the claim: a
-    wait for a busy runner is before the run. None: not ended unserved."""
+    time used. "Started" is its runner's confirmation (``run_started_at``; the claim only for
+    a runner that has the run at once): a wait for a busy runner is before the run. None: not ended unserved."""
     if prediction.status == P.FAILED:
         run = ended_run(prediction)
         if run.get("run_end") == RunEnd.STOPPED:

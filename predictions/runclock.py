@@ -4,7 +4,8 @@ moves the prediction.
 
 A claim (STARTING -> PROCESSING) is not a run. The billable clock and the time-limit watchdog
 start when the runner confirms it has the run (``lifecycle.run_started``: Cog accepted the PUT,
-the python runner loaded its predictor and entered ``predict``); a claimed run whose runner
+the python runner loaded its predictor and entered ``predict``), or with the claim when the
+runner has it at once (a predictor already loaded in the worker); a claimed run whose runner
 never confirms within ``X402_RUN_START_TIMEOUT`` ended on our side (:func:`unstarted`). At its
 limit a run ends "stopped" (its compute used, charged) only on evidence it was alive
 (:func:`at_limit`: a recent heartbeat or report, or its runner's own word); without it the run

@@ -9,7 +9,8 @@ PROCESSING) once, in one transaction, so a task delivered twice never runs twice
 was busy is asked again with the claim kept, until ``X402_RUN_START_TIMEOUT`` after the claim:
 then (``enforce_start``, armed at the claim) the run ended on our side, unstarted. Every run has
 a time limit (what was paid for), counted from when its runner confirmed the run
-(``lifecycle.run_started``, which arms the watchdog): the runner enforces it where it can (the
+(``lifecycle.run_started``, which arms the watchdog; or the claim itself, for a runner that has
+the run the moment it is claimed, a predictor loaded in this worker): the runner enforces it where it can (the
 python runner's own watcher), the watchdog task ends it at the limit (stopped if it was alive,
 else lost on our side: see ``lifecycle.end_at_limit``) and cancels it on its runner, and
 ``sweep`` gives up on runs that never reported, never rerunning them; a run past its
@@ -31,7 +32,7 @@ from django.utils import timezone
 
 from payments.chain import prerun
 from payments.chain.node import ChainUnavailable
-from payments.models import Payment, PaymentStatus, UnpaidReason
+from payments.models import Payment, PaymentStatus, UnpaidReason, held_q
 from x402site.conf import x402
 
 from . import lifecycle, scheduling
@@ -96,21 +97,27 @@ def run_prediction(self: Any, prediction_id: str, resume: bool = False) -> str:
 
 
 def _starts_at_once(prediction: Prediction) -> bool:
-    return prediction.version.runner_impl.ready(prediction.version)
+    try:
+        runner = prediction.version.runner_impl
+    except LookupError:  # not a runner of this worker: the claim stands, the start fails after it
+        return False
+    return runner.ready(prediction.version)
 
 
 def _refused_before_run(prediction_id: str) -> bool:
     """Before a run whose payment is held until after it (upto, after_success): its settlement
     is simulated, and a payment that could not be settled is refused, never run (its prediction
     fails unstarted, see payments.chain.prerun.refuse_if_unsettleable)."""
+    # Held (to simulate), or refused already (by an earlier try whose prediction is not failed
+    # yet: it must not run either); anything else (free, paid, being settled) runs.
     payment_id = (
-        Payment.objects.held()
-        .filter(prediction__pk=prediction_id, prediction__status=P.STARTING)
+        Payment.objects.filter(prediction__pk=prediction_id, prediction__status=P.STARTING)
+        .filter(held_q() | Q(unpaid_reason=UnpaidReason.REFUSED_BEFORE_RUN))
         .values_list("pk", flat=True)
         .first()
     )
     if payment_id is None:
-        return False  # free, or paid already or being settled: nothing held to simulate
+        return False
     payment = prerun.refuse_if_unsettleable(payment_id)
     return payment.unpaid_reason == UnpaidReason.REFUSED_BEFORE_RUN
 

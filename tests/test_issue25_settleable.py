@@ -226,6 +226,36 @@ def test_an_after_success_payment_whose_settlement_would_revert_is_refused_befor
     assert shown["charged_atomic"] == "0"
 
 
+def test_a_run_refused_before_it_started_is_not_run_by_a_retry(
+    chain_settings, demo_model, eager_celery, monkeypatch
+) -> None:
+    """Refused before its run (the simulation reverts), but the chain has not yet said what the
+    authorization became, so the prediction is still STARTING: the task's retry (or the sweep's
+    re-queue) must not run it either."""
+    from payments.chain import prerun
+    from predictions import scheduling
+    from predictions.tasks import run_prediction
+
+    chain = chain_settings
+    after_success(demo_model)
+    payer = fresh_payer(chain, PRICE)
+    monkeypatch.setattr(prerun, "resolve_lapsing", lambda payment_id: Payment.objects.get(pk=payment_id))
+    real = scheduling.enqueue_run
+
+    def drain_then_run(prediction: Any) -> None:
+        drain(chain, payer)
+        real(prediction)
+
+    monkeypatch.setattr(scheduling, "enqueue_run", drain_then_run)
+    response = post(URL, v2_header_for(payer["private_key"], challenge()))
+    assert response.status_code == 201, response.content
+    prediction = Prediction.objects.get()
+    assert prediction.status == "starting" and prediction.payment.unpaid_reason == UnpaidReason.REFUSED_BEFORE_RUN
+    assert run_prediction(prediction.pk) == "refused"  # the retry
+    prediction.refresh_from_db()
+    assert prediction.status == "starting" and prediction.started_at is None and prediction.output is None
+
+
 def test_an_upto_payment_whose_settlement_would_revert_is_refused_before_its_run(
     chain_settings,
     per_second_model,

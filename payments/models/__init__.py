@@ -31,6 +31,7 @@ from payments.models.ledger import (
     UptoOrder,
     VerificationMethod,
     for_others_q,
+    held_q,
 )
 from payments.models.outbox import RelayerNonce, SettlementTx, SettlementTxQuerySet
 from payments.models.prices import HardwareTier, PriceChange
@@ -75,4 +76,5 @@ __all__ = [
     "UptoOrder",
     "VerificationMethod",
     "for_others_q",
+    "held_q",
 ]

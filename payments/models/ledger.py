@@ -124,7 +124,7 @@ class PaymentQuerySet(models.QuerySet["Payment"]):
     def held(self) -> PaymentQuerySet:
         """Verified and kept for settlement after the run (``upto``, ``after_success``): the
         authorization is unused and its settlement not asked for yet."""
-        return self.filter(status=S.VERIFIED, settle_requested_at=None)
+        return self.filter(held_q())
 
     def of_authorization(self, network: str, asset: str, payer: str, nonce: str) -> PaymentQuerySet:
         return self.filter(network=network, asset=asset, payer=payer, nonce=nonce)
@@ -138,6 +138,11 @@ class PaymentQuerySet(models.QuerySet["Payment"]):
     def for_others(self) -> PaymentQuerySet:
         """Facilitator-API payments to another merchant's pay-to (the complement of ``ours``)."""
         return self.filter(for_others_q())
+
+
+def held_q() -> models.Q:
+    """The condition of :meth:`PaymentQuerySet.held`, to combine with others."""
+    return models.Q(status=S.VERIFIED, settle_requested_at=None)
 
 
 def for_others_q() -> models.Q:
