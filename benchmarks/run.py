@@ -831,7 +831,7 @@ def bench_sustained(stack: Stack, url: str, rate_hint: float, seconds: int) -> d
     # As docs/deploy.md runs them on a shared host: the web tier and the prediction workers below
     # settlement in CPU priority, so that settlement keeps pace while requests saturate the CPU.
     settlement = stack.worker(f"{queue}-settlement", 2, beat=True)
-    predictions = stack.worker(queue, 1, nice=WEB_NICE)
+    predictions = stack.worker(queue, 2, nice=WEB_NICE)
     server = url.removesuffix(MODEL_PATH)
     stack.lower_priority(server, WEB_NICE)
     components = {
@@ -1698,7 +1698,7 @@ def render(r: dict[str, Any]) -> str:
         f"p99 **{u['load']['p99_ms']} ms** (target <= 150), with Celery workers settling in batches: "
         f"**{u['confirmed_during_load_fraction']:.1%}** of the accepted confirmed during the load (target >= 95%), "
         f"{u['settled_during_load_per_s']} payments/s ({u['runs_ended_during_load_fraction']:.1%} of their predictions "
-        f"ended during the load, one prediction worker process); oldest unsettled payment during the load at most "
+        f"ended during the load, a prediction worker of 2 processes); oldest unsettled payment during the load at most "
         f"**{u['max_oldest_unsettled_s']} s** (target < 10); ready backlog at most "
         f"{u['max_ready_backlog']}, oldest ready payment at most {u['max_oldest_ready_s']} s old; drained "
         f"{u['drain_seconds_after_load']} s after the load; expired or failed: {u['expired_or_failed']}; ledger "

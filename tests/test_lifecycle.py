@@ -673,6 +673,24 @@ def test_a_python_run_its_payer_cancels_stops_computing_in_the_worker(paid_api, 
     assert done["status"] == "canceled" and done["output"] is None
 
 
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_keeps_its_database_connection_across_tasks(paid_api, worker) -> None:
+    """Celery's Django fix-up closed every connection around every task (a new PostgreSQL server
+    process per task); CELERY_DB_REUSE_MAX keeps them: six runs on a worker of two processes
+    see at most two server processes, not six."""
+    model = python_model("backend", "tests.predictors.Backend")
+    pids = set()
+    for n in range(6):
+        created = paid_api(model, {"input": {"text": f"run{n}"}}, payer=3)
+        done = poll_until_done(created["urls"]["get"], timeout=30)
+        assert done["status"] == "succeeded", done
+        text, pid = done["output"].split(":")
+        assert text == f"run{n}"
+        pids.add(pid)
+    assert len(pids) <= 2, pids
+
+
 # --- Runners are plug-ins ------------------------------------------------------------------
 
 

@@ -1,14 +1,29 @@
 """The Celery app; configuration comes from Django settings (``CELERY_*``)."""
 
 import os
+from typing import Any
 
 from celery import Celery
+from celery.signals import task_prerun
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "x402site.settings")
 
 app = Celery("x402site")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@task_prerun.connect
+def close_old_connections(task: Any = None, **kwargs: Any) -> None:
+    """Before each task, as Django before each request: a connection left unusable (an error) or
+    older than CONN_MAX_AGE is closed; a healthy one is kept (Celery's fix-up no longer closes
+    them all around every task: CELERY_DB_REUSE_MAX). Not for an eager task, which runs inside
+    its caller's transaction."""
+    if task is not None and getattr(task.request, "is_eager", False):
+        return
+    from django.db import close_old_connections as close
+
+    close()
 
 
 def settlement_queue() -> str:
