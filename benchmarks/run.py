@@ -300,40 +300,40 @@ class Stack:
         """n fresh payers, each minted USDC."""
         from eth_account import Account
 
+        accounts = [Account.create() for _ in range(n)]
+        for first in range(0, n, MINT_CHUNK):
+            self._mint(accounts[first : first + MINT_CHUNK])
+        return accounts
+
+    def _mint(self, accounts: list[Any]) -> None:
+        """Mint to ``accounts`` from the deployer, and wait until all are mined. In chunks of
+        MINT_CHUNK, each from the account's nonce as it then stands: thousands sent at once
+        stalled midway on a node left busy by a section's workers (2,000 mints stopped at 985)."""
         from payments.chain.node import rpc
 
-        accounts = [Account.create() for _ in range(n)]
-        # The deployer mints.
         minter = self.chain.relayer_address
         nonce = int(rpc(self.chain.rpc_url, "eth_getTransactionCount", [minter, "pending"]), 16)
-        calls = [
-            (
+        for i, a in enumerate(accounts):  # one by one: anvil reorders a batch of sends into nonce gaps
+            data = "0x40c10f19" + a.address[2:].lower().rjust(64, "0") + hex(10**9)[2:].rjust(64, "0")
+            rpc(
+                self.chain.rpc_url,
                 "eth_sendTransaction",
-                [
-                    {
-                        "from": minter,
-                        "to": self.chain.asset,
-                        "nonce": hex(nonce + i),
-                        "data": "0x40c10f19"
-                        + a.address[2:].lower().rjust(64, "0")
-                        + hex(10**9)[2:].rjust(64, "0"),
-                    }
-                ],
+                [{"from": minter, "to": self.chain.asset, "nonce": hex(nonce + i), "data": data}],
             )
-            for i, a in enumerate(accounts)
-        ]
-        for method, params in calls:  # one by one: anvil reorders a batch of sends into nonce gaps
-            rpc(self.chain.rpc_url, method, params)
-        # Waited for as long as they are being mined (thousands, on a node busy with a section's
-        # workers, take longer than any fixed deadline); a minute without progress is a failure.
+        # Waited for as long as they are being mined; a minute without progress is a failure.
         mined, deadline = -1, 0.0
-        while (count := int(rpc(self.chain.rpc_url, "eth_getTransactionCount", [minter, "latest"]), 16)) < nonce + n:
+        while (count := int(rpc(self.chain.rpc_url, "eth_getTransactionCount", [minter, "latest"]), 16)) < nonce + len(
+            accounts
+        ):
             if count != mined:
                 mined, deadline = count, time.monotonic() + 60
             elif time.monotonic() > deadline:
-                raise RuntimeError(f"mints were not mined: {count - nonce} of {n} after a minute without progress")
+                pending = rpc(self.chain.rpc_url, "eth_getTransactionCount", [minter, "pending"])
+                raise RuntimeError(
+                    f"mints were not mined: {count - nonce} of {len(accounts)} after a minute without "
+                    f"progress (pending nonce {int(pending, 16)})"
+                )
             time.sleep(0.05)
-        return accounts
 
     def worker(self, queue: str, concurrency: int, *, beat: bool = False, nice: int = 0) -> subprocess.Popen:
         """A Celery worker on ``queue`` (with beat: the reconciler and its sweep), ``nice``
@@ -1053,6 +1053,9 @@ def header_maker(url: str, payers: list[Any]) -> Any:
 
     return make
 
+
+#: Mints sent at once by Stack.fund.
+MINT_CHUNK = 200
 
 #: The sustained load's rate, as a fraction of the saturating paid rate measured in the same run.
 SUSTAINED_FRACTION = 0.8
