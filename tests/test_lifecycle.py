@@ -678,7 +678,8 @@ def test_a_python_run_its_payer_cancels_stops_computing_in_the_worker(paid_api, 
 def test_a_worker_keeps_its_database_connection_across_tasks(paid_api, worker) -> None:
     """Celery's Django fix-up closed every connection around every task (a new PostgreSQL server
     process per task); CELERY_DB_REUSE_MAX keeps them: six runs on a worker of two processes
-    see at most two server processes, not six."""
+    see at most four server processes (two, each renewed at most once when CONN_MAX_AGE, 60 s,
+    passes during the test), not six."""
     model = python_model("backend", "tests.predictors.Backend")
     pids = set()
     for n in range(6):
@@ -688,7 +689,7 @@ def test_a_worker_keeps_its_database_connection_across_tasks(paid_api, worker) -
         text, pid = done["output"].split(":")
         assert text == f"run{n}"
         pids.add(pid)
-    assert len(pids) <= 2, pids
+    assert len(pids) <= 4, pids
 
 
 # --- Runners are plug-ins ------------------------------------------------------------------
