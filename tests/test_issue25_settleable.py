@@ -333,6 +333,34 @@ def test_a_correct_payment_settles_on_a_chain_idle_past_its_valid_after(
     assert token_balance(chain, payer["address"]) == 0
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one_per_tx"])
+def test_a_payment_settles_on_a_node_whose_clock_lags_ours(
+    chain_settings, demo_model, eager_celery, settings, batched
+) -> None:
+    """The node's clock is two seconds behind ours (anvil_setTime), so the block it would mine
+    now comes before the payment's validAfter (now - 1 s) and its simulation says "not yet
+    valid". A payment settled alone was asked again until valid; a batch left it VERIFIED for a
+    later sweep (a CI run on a busy host lost the race this way). Both must settle and run."""
+    settings.X402_BATCH_SETTLEMENT = batched
+    chain = chain_settings
+    payer = fresh_payer(chain, PRICE)
+    time.sleep(3)  # no block after this one: the next block's timestamp follows the node's clock
+    try:
+        rpc(chain.rpc_url, "anvil_setTime", [int(time.time()) - 2])
+        valid_after = int(time.time()) - 1
+        response = post(URL, v2_header_for(payer["private_key"], challenge(), valid_after=valid_after), "lagging")
+        assert response.status_code == 201, response.content
+    finally:
+        rpc(chain.rpc_url, "anvil_setTime", [int(time.time())])
+    prediction = Prediction.objects.get()
+    p = prediction.payment
+    assert p.status == PaymentStatus.CONFIRMED, (p.status, p.failure_reason)
+    assert prediction.status == "succeeded" and prediction.output == "lagging"
+    mined = rpc(chain.rpc_url, "eth_getBlockByHash", [p.block_hash, False])
+    assert int(mined["timestamp"], 16) > valid_after  # what the token requires
+    assert token_balance(chain, payer["address"]) == 0
+
+
 def test_a_prediction_whose_payment_goes_unpaid_before_its_run_fails_at_once(
     chain_settings, demo_model, eager_celery, monkeypatch
 ) -> None:

@@ -33,7 +33,7 @@ from eth_utils import to_checksum_address
 from payments.chain import lapsing, settlement, tracking
 from payments.chain import relayer as relayers
 from payments.chain.abi import BATCH_SETTLE, BATCH_SETTLE_TYPES
-from payments.chain.calls import NOT_YET_VALID_MESSAGE, wait_for_valid_after
+from payments.chain.calls import NOT_YET_VALID_MESSAGE, VALID_AFTER_WAIT_SECONDS, wait_for_valid_after
 from payments.chain.node import ChainUnavailable, RpcError, rpc_batch
 from payments.metrics import BATCH_SIZE
 from payments.models import Payment, PaymentStatus, SettlementTx, UnpaidReason
@@ -104,6 +104,21 @@ def simulate(conf: ConfiguredOption, payments: list[Payment]) -> tuple[dict[str,
     return block, list(ok)
 
 
+def _simulate_when_valid(
+    conf: ConfiguredOption, items: list[Payment], deadline: float
+) -> tuple[dict[str, Any], list[bool], list[str]]:
+    """``simulate``, and why each failing item fails; asked again every half second until
+    ``deadline`` while the node says an item is not yet valid (its clock, hence its pending
+    block's timestamp, may lag ours: as calls.when_valid does for a payment settled alone)."""
+    while True:
+        block, ok = simulate(conf, items)
+        failing = [p for p, good in zip(items, ok, strict=True) if not good]
+        reasons = _why(conf, failing) if failing else []
+        if not any(NOT_YET_VALID_MESSAGE in why for why in reasons) or time.monotonic() + 0.5 > deadline:
+            return block, ok, reasons
+        time.sleep(0.5)
+
+
 def _why(conf: ConfiguredOption, payments: list[Payment]) -> list[str]:
     """Why each dropped item would fail: the token's revert message for it alone (one batch)."""
     calls = [
@@ -158,6 +173,7 @@ def form(conf: ConfiguredOption, *, force: bool) -> Formed | None:
         formed = Formed(full=len(rows) == limit)
         # An authorization valid from this very second (a client may sign validAfter = now) is
         # waited out (rare, a second at most); a block mined now could not use it yet.
+        deadline = time.monotonic() + VALID_AFTER_WAIT_SECONDS
         wait_for_valid_after(max(p.valid_after for p in rows))
         soon = time.time() + lapsing.SETTLE_SAFETY_SECONDS
         items = []
@@ -173,10 +189,10 @@ def form(conf: ConfiguredOption, *, force: bool) -> Formed | None:
                 items.append(p)
         if not items:
             return formed
-        block, ok = simulate(conf, items)
+        block, ok, reasons = _simulate_when_valid(conf, items, deadline)
         head = int(block["timestamp"], 16)
         failing = [p for p, good in zip(items, ok, strict=True) if not good]
-        for p, why in zip(failing, _why(conf, failing) if failing else [], strict=True):
+        for p, why in zip(failing, reasons, strict=True):
             if NOT_YET_VALID_MESSAGE in why:
                 continue  # the node's clock is behind validAfter: left VERIFIED, never lapsed
             if p.valid_before <= max(head, time.time()) + lapsing.SETTLE_SAFETY_SECONDS:
