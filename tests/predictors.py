@@ -153,15 +153,17 @@ class Stubborn:
 
 
 class Backend:
-    """Returns ``text`` with the PostgreSQL server process of its worker's connection (to tell a
-    connection kept across tasks from one opened per task)."""
+    """Returns ``text`` with the worker process it ran in and the PostgreSQL server process of
+    that worker's connection (to tell a connection kept across tasks from one opened per task)."""
 
     def setup(self) -> None:
         pass
 
     def predict(self, text: str) -> str:
+        import os
+
         from django.db import connection
 
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_backend_pid()")
-            return f"{text}:{cursor.fetchone()[0]}"
+            return f"{text}:{os.getpid()}:{cursor.fetchone()[0]}"
