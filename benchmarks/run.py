@@ -63,12 +63,6 @@ LUA_PAID = """
 wrk.method = "POST"
 wrk.body = '%s'
 wrk.headers["Content-Type"] = "application/json"
-local counter = 0
-local threads = {}
-function setup(thread)
-  thread:set("id", counter)
-  counter = counter + 1
-end
 function init(args)
   headers = {}
   for line in io.lines("%s/headers-" .. id .. ".txt") do headers[#headers + 1] = line end
@@ -78,6 +72,30 @@ function request()
   i = i + 1
   if i > #headers then i = 1 end
   return wrk.format(nil, nil, {["Content-Type"] = "application/json", ["%s"] = headers[i]})
+end
+"""
+
+#: Appended to every wrk script: numbers the threads (``id``, for LUA_PAID's header files) and
+#: counts the answers by status, printed as ``status <code> <count>`` lines when wrk is done (a
+#: non-2xx count alone does not say whether the server refused, failed or was overloaded).
+LUA_STATUSES = """
+local threads = {}
+local counter = 0
+function setup(thread)
+  thread:set("id", counter)
+  counter = counter + 1
+  table.insert(threads, thread)
+end
+statuses = {}
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+end
+function done(summary, latency, requests)
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("statuses")) do
+      io.write(string.format("status %d %d\\n", status, n))
+    end
+  end
 end
 """
 
@@ -98,7 +116,7 @@ def _find(pattern: str, text: str) -> str:
 def wrk(url: str, script: str, duration: int, connections: int, threads: int = 2) -> dict[str, Any]:
     """Run wrk; requests/s, p50, p99 and the load generator's own CPU use."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(script)
+        f.write(script + LUA_STATUSES)
     started = time.monotonic()
     before = os.times()
     out = subprocess.run(
@@ -111,6 +129,9 @@ def wrk(url: str, script: str, duration: int, connections: int, threads: int = 2
     wall = time.monotonic() - started
     cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
     codes = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    statuses: dict[int, int] = {}
+    for code, count in re.findall(r"^status (\d+) (\d+)$", out, re.MULTILINE):
+        statuses[int(code)] = statuses.get(int(code), 0) + int(count)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
         # The latency distribution's own lines (a thread-stats share such as "87.50%" ends in
@@ -119,6 +140,7 @@ def wrk(url: str, script: str, duration: int, connections: int, threads: int = 2
         "p99_ms": _seconds(_find(r"^\s*99%\s+(\S+)", out)) * 1000,
         "requests": int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
         "non_2xx": int(codes.group(1)) if codes else 0,
+        "statuses": statuses,
         "loadgen_cpu_pct": round(100 * cpu / wall, 1),
     }
 
@@ -1588,12 +1610,19 @@ def http_figures(stack: Stack, server: str, duration: int, quick: bool) -> dict[
         duration,
         16,
     )
-    expected = int(figures["ungated"]["rps"] * duration * 1.5) + 100
+    # Headers for the paid load: one per request, never reused (a replayed authorization is
+    # refused). Sized on the ungated rate, which the paid one does not exceed, or on half the
+    # challenge's where that is more: a 2 s ungated load on a busy host can read low (a smoke
+    # run once prepared fewer headers than its paid load then sent).
+    basis = max(figures["ungated"]["rps"], figures["challenge"]["rps"] / 2)
+    expected = int(basis * duration * 1.5) + 100
     payers = stack.fund(40 if quick else 200)
     headers = signed_headers(stack, payers, max(1, expected // len(payers)), url)
     folder = write_header_files(headers, 2)
     figures["paid"] = wrk(url, LUA_PAID % (BODY, folder, "PAYMENT-SIGNATURE"), duration, 16)
     figures["paid"]["headers_prepared"] = len(headers)
+    if figures["paid"]["requests"] > len(headers):
+        print(f"  the paid load sent {figures['paid']['requests']} requests on {len(headers)} headers", flush=True)
     half = max(5.0, figures["paid"]["rps"] / 2)
     fresh = signed_headers(stack, stack.fund(20), int(half * duration / 20) + 1, url)
     figures["paid_half_rate"] = open_loop(url, [{"PAYMENT-SIGNATURE": h} for h in fresh], half)
