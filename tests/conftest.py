@@ -410,6 +410,11 @@ def start_worker(
         **(env or {}),
     }
     full_env.pop("X402_ASSET", None)
+    # A worker as deployed has no connection pool: x402site.asgi turns DATABASE_POOL on in the
+    # environment of a process that imports it (this one, after an ASGI test), and a worker that
+    # inherited it gave its connection back to a pool after every task.
+    if "DATABASE_POOL" not in (env or {}):
+        full_env.pop("DATABASE_POOL", None)
     command = [
         sys.executable,
         "-m",
