@@ -1,19 +1,23 @@
 """Chain access: the batched reads of the paid-request path, and the relayer's transactions.
 
 Reads on the request path use raw JSON-RPC batches (one round trip for balance and nonce
-state); web3.py is used by the relayer in workers, where its import and per-call overhead do
-not matter.
+state) over urllib3 directly; web3.py is used by the relayer in workers, where its import and
+per-call overhead do not matter.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+from urllib.request import getproxies, proxy_bypass
 
-import requests
+import certifi
+import urllib3
 
 from payments.chain.abi import (
     ALLOWANCE,
@@ -54,31 +58,81 @@ def endpoint(url: str) -> str:
 _ids = itertools.count(1)
 
 
-def _new_session() -> requests.Session:
-    session = requests.Session()
-    # Under ASGI every request runs in a thread of its own: a session per thread meant a new TCP
-    # connection to the node per paid request. One session per process keeps its connections
-    # (urllib3's pool is thread-safe; these POSTs carry no cookies and follow no redirects).
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """How one RPC URL is reached: its connection pool (direct or through the environment's
+    proxy) and the headers every call carries (Basic auth from the URL's credentials)."""
+
+    pool: urllib3.PoolManager
+    headers: dict[str, str]
 
 
-_shared = _new_session()
+class _Transport:
+    """JSON-RPC POSTs through urllib3, one pool per process shared by its threads.
+
+    The paid request reads the chain once, and ``requests`` spent about 1.2 ms of CPU on a call
+    that urllib3 makes in 0.35 (most of it reading the proxy settings from the environment on
+    every call). What requests took from the environment is read here once per URL instead:
+    ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY``, and the CA bundle (``REQUESTS_CA_BUNDLE``,
+    ``CURL_CA_BUNDLE``, else certifi's, as requests). No retries and no redirects followed (as
+    the ``requests`` calls before: a call that fails is the caller's to judge)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._routes: dict[str, _Route] = {}
+
+    def route(self, url: str) -> _Route:
+        route = self._routes.get(url)
+        if route is None:
+            with self._lock:
+                route = self._routes.get(url) or self._new_route(url)
+                self._routes[url] = route
+        return route
+
+    @staticmethod
+    def _new_route(url: str) -> _Route:
+        parts = urlsplit(url)
+        options: dict[str, Any] = {"maxsize": 64, "block": False, "retries": False}
+        if parts.scheme == "https":
+            bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+            options["ca_certs"] = bundle or certifi.where()
+        proxies = getproxies()
+        proxy = proxies.get(parts.scheme) or proxies.get("all")
+        if proxy and not proxy_bypass(parts.hostname or ""):
+            pool: urllib3.PoolManager = urllib3.ProxyManager(proxy, **options)
+        else:
+            pool = urllib3.PoolManager(**options)
+        headers = {"Content-Type": "application/json"}
+        if parts.username is not None:
+            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            headers.update(urllib3.util.make_headers(basic_auth=credentials))
+        return _Route(pool, headers)
+
+    def post(self, url: str, body: bytes, timeout: float) -> Any:
+        """The decoded JSON answer. Raises ChainUnavailable for transport failures, an HTTP
+        error status or a body that is not JSON."""
+        route = self.route(url)
+        try:
+            response = route.pool.urlopen(
+                "POST", url, body=body, headers=route.headers, timeout=timeout, redirect=False
+            )
+            if response.status >= 400:
+                raise ChainUnavailable(f"RPC {endpoint(url)}: HTTP {response.status}")
+            return json.loads(response.data)
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise ChainUnavailable(f"RPC {endpoint(url)}: {exc.__class__.__name__}") from exc
+
+
+_transport = _Transport()
 
 
 def _reset_after_fork() -> None:
     """A forked child (a prefork Celery worker) must not share its parent's sockets."""
-    global _shared
-    _shared = _new_session()
+    global _transport
+    _transport = _Transport()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def _session() -> requests.Session:
-    return _shared
 
 
 def rpc_batch(
@@ -96,12 +150,7 @@ def rpc_batch(
     """
     timeout = timeout or x402.chain.rpc_timeout_seconds
     batch = [{"jsonrpc": "2.0", "id": next(_ids), "method": m, "params": p} for m, p in calls]
-    try:
-        response = _session().post(url, json=batch, timeout=timeout, allow_redirects=False)
-        response.raise_for_status()
-        answers = response.json()
-    except (requests.RequestException, ValueError) as exc:
-        raise ChainUnavailable(f"RPC {endpoint(url)}: {exc.__class__.__name__}") from exc
+    answers = _transport.post(url, json.dumps(batch, separators=(",", ":")).encode(), timeout)
     if not isinstance(answers, list):
         raise ChainUnavailable(f"RPC {endpoint(url)}: batch not supported ({answers!r:.200})")
     by_id = {a.get("id"): a for a in answers if isinstance(a, dict)}
