@@ -91,7 +91,12 @@ def test_no_proxy_is_honoured(recorder: Recorder, monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize(
     ("status", "body"),
-    [(503, b"busy"), (429, b'{"error": "rate limited"}'), (302, b""), (200, b"<html>not json</html>")],
+    [
+        (503, b"busy"),
+        (429, b'{"error": "rate limited"}'),
+        (302, b'[{"jsonrpc": "2.0", "id": 1, "result": "0x1"}]'),
+        (200, b"<html>not json</html>"),
+    ],
     ids=["unavailable", "rate_limited", "redirect_not_followed", "not_json"],
 )
 def test_an_unusable_answer_is_chain_unavailable(recorder: Recorder, status: int, body: bytes) -> None:
@@ -130,3 +135,44 @@ def test_https_is_verified_with_the_bundle_requests_used(monkeypatch: pytest.Mon
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/private-ca.pem")
     route = node._Transport().route("https://rpc.example/")
     assert route.pool.connection_pool_kw["ca_certs"] == "/etc/ssl/private-ca.pem"
+
+
+def test_the_proxys_own_credentials_are_sent_to_it_and_the_urls_are_not(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy that wants a login gets Proxy-Authorization from its URL (a scheme-less proxy
+    is taken as http://, as requests did); the RPC URL's own credentials go in Authorization,
+    never in the request line the proxy sees (and often logs)."""
+    monkeypatch.setenv("HTTP_PROXY", f"proxy%40user:pw@127.0.0.1:{recorder.port}")
+    rpc_batch("http://rpc-user:rpc-key@rpc.invalid:8545/v1", [("eth_blockNumber", [])])
+    assert recorder.paths == ["http://rpc.invalid:8545/v1"]
+    sent = recorder.headers[0]
+    assert sent["proxy-authorization"] == "Basic " + base64.b64encode(b"proxy@user:pw").decode()
+    assert sent["authorization"] == "Basic " + base64.b64encode(b"rpc-user:rpc-key").decode()
+
+
+def test_no_proxy_ranges_and_ports_are_honoured_as_requests_did(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv("NO_PROXY", "10.0.0.0/8,127.0.0.0/8")
+    assert rpc_batch(f"http://127.0.0.1:{recorder.port}/", [("eth_blockNumber", [])]) == ["eth_blockNumber"]
+
+
+@pytest.mark.parametrize(
+    ("url", "proxy"),
+    [
+        ("http://[::1/", ""),  # unparsable
+        ("ftp://127.0.0.1/", ""),
+        ("http://127.0.0.1:1/", "socks5h://127.0.0.1:1"),  # no SOCKS support: said, not a crash
+        ("http://us\u20acr:pw@127.0.0.1:1/", ""),  # credentials Basic auth cannot carry
+    ],
+    ids=["unparsable", "not_http", "socks_proxy", "unencodable_credentials"],
+)
+def test_a_url_or_proxy_it_cannot_use_is_chain_unavailable(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch, url: str, proxy: str
+) -> None:
+    if proxy:
+        monkeypatch.setenv("ALL_PROXY", proxy)
+    with pytest.raises(ChainUnavailable):
+        rpc_batch(url, [("eth_blockNumber", [])], timeout=2)

@@ -13,11 +13,18 @@ import os
 import threading
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
-from urllib.request import getproxies, proxy_bypass
+from urllib.parse import urlsplit
 
 import certifi
 import urllib3
+from requests.utils import (
+    get_auth_from_url,
+    get_environ_proxies,
+    get_netrc_auth,
+    prepend_scheme_if_needed,
+    select_proxy,
+    urldefragauth,
+)
 
 from payments.chain.abi import (
     ALLOWANCE,
@@ -61,9 +68,11 @@ _ids = itertools.count(1)
 @dataclass(frozen=True, slots=True)
 class _Route:
     """How one RPC URL is reached: its connection pool (direct or through the environment's
-    proxy) and the headers every call carries (Basic auth from the URL's credentials)."""
+    proxy), the URL to ask (without its credentials: a proxy sees the request line) and the
+    headers every call carries (Basic auth from the URL's credentials or ~/.netrc)."""
 
     pool: urllib3.PoolManager
+    target: str
     headers: dict[str, str]
 
 
@@ -72,16 +81,20 @@ class _Transport:
 
     The paid request reads the chain once, and ``requests`` spent about 1.2 ms of CPU on a call
     that urllib3 makes in 0.35 (most of it reading the proxy settings from the environment on
-    every call). What requests took from the environment is read here once per URL instead:
-    ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY``, and the CA bundle (``REQUESTS_CA_BUNDLE``,
-    ``CURL_CA_BUNDLE``, else certifi's, as requests). No retries and no redirects followed (as
-    the ``requests`` calls before: a call that fails is the caller's to judge)."""
+    every call). What requests took from the environment is taken here, by requests' own rules
+    (``requests.utils``), once per URL instead: the proxy (``HTTP(S)_PROXY``, ``ALL_PROXY``,
+    ``NO_PROXY`` with its CIDR ranges and ports; the proxy's credentials), ~/.netrc, and the CA
+    bundle (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``, a file or a directory, else certifi's).
+    No retries and no redirects followed (as the ``requests`` calls before: a call that fails
+    is the caller's to judge)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._routes: dict[str, _Route] = {}
 
     def route(self, url: str) -> _Route:
+        """Raises ValueError for a URL, a proxy or credentials it cannot use (not cached: the
+        next call says so again)."""
         route = self._routes.get(url)
         if route is None:
             with self._lock:
@@ -92,35 +105,46 @@ class _Transport:
     @staticmethod
     def _new_route(url: str) -> _Route:
         parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL")
         options: dict[str, Any] = {"maxsize": 64, "block": False, "retries": False}
         if parts.scheme == "https":
             bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-            options["ca_certs"] = bundle or certifi.where()
-        proxies = getproxies()
-        proxy = proxies.get(parts.scheme) or proxies.get("all")
-        if proxy and not proxy_bypass(parts.hostname or ""):
-            pool: urllib3.PoolManager = urllib3.ProxyManager(proxy, **options)
-        else:
-            pool = urllib3.PoolManager(**options)
-        headers = {"Content-Type": "application/json"}
-        if parts.username is not None:
-            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-            headers.update(urllib3.util.make_headers(basic_auth=credentials))
-        return _Route(pool, headers)
+            if bundle and os.path.isdir(bundle):
+                options["ca_cert_dir"] = bundle
+            else:
+                options["ca_certs"] = bundle or certifi.where()
+        headers = {"Content-Type": "application/json", **urllib3.util.make_headers(accept_encoding=True)}
+        user, password = get_auth_from_url(url)
+        credentials = (user, password) if user or password else get_netrc_auth(url)
+        if credentials:
+            headers.update(urllib3.util.make_headers(basic_auth=":".join(credentials)))
+        proxy = select_proxy(url, get_environ_proxies(url))
+        if not proxy:
+            return _Route(urllib3.PoolManager(**options), urldefragauth(url), headers)
+        proxy = prepend_scheme_if_needed(proxy, "http")
+        if not proxy.lower().startswith(("http://", "https://")):
+            raise ValueError("only HTTP(S) proxies are supported")
+        proxy_user, proxy_password = get_auth_from_url(proxy)
+        proxy_headers = (
+            urllib3.util.make_headers(proxy_basic_auth=f"{proxy_user}:{proxy_password}") if proxy_user else None
+        )
+        pool = urllib3.ProxyManager(urldefragauth(proxy), proxy_headers=proxy_headers, **options)
+        return _Route(pool, urldefragauth(url), headers)
 
     def post(self, url: str, body: bytes, timeout: float) -> Any:
-        """The decoded JSON answer. Raises ChainUnavailable for transport failures, an HTTP
-        error status or a body that is not JSON."""
-        route = self.route(url)
+        """The decoded JSON answer. Raises ChainUnavailable for transport failures, an answer
+        other than 2xx, or a body that is not JSON."""
         try:
+            route = self.route(url)
             response = route.pool.urlopen(
-                "POST", url, body=body, headers=route.headers, timeout=timeout, redirect=False
+                "POST", route.target, body=body, headers=route.headers, timeout=timeout, redirect=False
             )
-            if response.status >= 400:
+            if not 200 <= response.status < 300:
                 raise ChainUnavailable(f"RPC {endpoint(url)}: HTTP {response.status}")
             return json.loads(response.data)
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            raise ChainUnavailable(f"RPC {endpoint(url)}: {exc.__class__.__name__}") from exc
+            raise ChainUnavailable(f"RPC {endpoint(url)}: {exc.__class__.__name__}") from None
 
 
 _transport = _Transport()
