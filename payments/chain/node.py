@@ -114,7 +114,9 @@ class _Transport:
                 options["ca_cert_dir"] = bundle
             else:
                 options["ca_certs"] = bundle or certifi.where()
-        headers = {"Content-Type": "application/json", **urllib3.util.make_headers(accept_encoding=True)}
+        # No Accept-Encoding: the answers on the request path are small, and gzip cost more CPU
+        # than it saved (0.54 against 0.35 ms a chain read against anvil).
+        headers = {"Content-Type": "application/json"}
         user, password = get_auth_from_url(url)
         credentials = (user, password) if user or password else get_netrc_auth(url)
         if credentials:
