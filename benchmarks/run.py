@@ -641,6 +641,21 @@ def bench_price_cache(n: int) -> dict[str, Any]:
     return {"cached_us": round(hit * 1e6, 1), "uncached_us": round(miss * 1e6, 1)}
 
 
+def bench_chain_read(stack: Stack, n: int) -> dict[str, Any]:
+    """The paid create's one chain read (balance, nonce state and head in one JSON-RPC batch,
+    ``payer_state``) against anvil, one call at a time: its wall time and this process's CPU
+    per call (the rest of the wall is the node's and the loopback's)."""
+    from payments.chain.node import payer_state
+
+    payer = secrets.token_bytes(20)
+    payer_state(stack.chain.rpc_url, stack.chain.asset, payer, secrets.token_bytes(32))
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        payer_state(stack.chain.rpc_url, stack.chain.asset, payer, secrets.token_bytes(32))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"calls": n, "wall_ms": round(wall / n * 1000, 3), "cpu_ms": round(cpu / n * 1000, 3)}
+
+
 def record_payments(stack: Stack, payers: list[Any], per_payer: int) -> list[Any]:
     from django.db import transaction
 
@@ -1505,6 +1520,7 @@ def main() -> int:
         print("verification...", flush=True)
         results["verification"] = bench_verification(500 if quick else 5000)
         results["price_cache"] = bench_price_cache(100 if quick else 1000)
+        results["chain_read"] = bench_chain_read(stack, 100 if quick else 1000)
         results["durable_commit"] = bench_commit(100 if quick else 1000)
 
         # The sustained run first, on a clean stack: the sections after it run with no worker,
@@ -1704,6 +1720,14 @@ def render(r: dict[str, Any]) -> str:
         f"- verification alone: {v['verify_per_s']} payments/s in one process; raw secp256k1 recovery "
         f"{v['raw_recover_per_s']}/s (ratio {v['ratio']})",
         f"- price lookup on the paid path: {c['cached_us']} us cached, {c['uncached_us']} us from the database",
+        *(
+            [
+                f"- the paid create's chain read (balance, nonce state and head: one JSON-RPC batch to anvil, one "
+                f"call at a time): {r['chain_read']['wall_ms']} ms wall, {r['chain_read']['cpu_ms']} ms of our CPU"
+            ]
+            if "chain_read" in r
+            else []
+        ),
         *(
             [
                 f"- one durable commit on this host's PostgreSQL (a row inserted, idle machine): p50 "
