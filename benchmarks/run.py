@@ -1432,6 +1432,8 @@ def http_only(duration: int, quick: bool) -> int:
             m = f[key]
             print(f"{name:9} {key:15} {m.get('rps', m.get('rate')):7.1f} req/s  p50 {m['p50_ms']:6.1f} ms  p99 {m['p99_ms']:6.1f} ms")
         print(f"{name:9} paid / ungated = {f['paid']['rps'] / f['ungated']['rps']:.2f}")
+        if "rounds_rps" in f["paid"]:
+            print(f"{name:9} rounds: ungated {f['ungated']['rounds_rps']}, paid {f['paid']['rounds_rps']}")
     print(f"one durable commit: p50 {commit['p50_ms']} ms, p99 {commit['p99_ms']} ms")
     return 0
 
@@ -1617,34 +1619,61 @@ def http_figures(stack: Stack, server: str, duration: int, quick: bool) -> dict[
     """On one server: the 402 challenge, the ungated create (operator token), the paid create
     (closed loop, 16 connections), the paid create at half its saturating rate (open loop) and
     the ungated create offered that same rate (the floor the paid create's latency sits on: the
-    same view, prediction row and commit, without the payment)."""
+    same view, prediction row and commit, without the payment).
+
+    The ungated and paid loads alternate in rounds (ungated 2 s, paid 2 s, five times in a full
+    run): these hosts' speed drifts by tens of percent within a minute, and one load after the
+    other puts the drift into their ratio. Each is reported over its rounds together."""
     url = server + MODEL_PATH
     figures: dict[str, Any] = {"challenge": wrk(url, LUA_POST % (BODY, ""), duration, 16)}
-    figures["ungated"] = wrk(
-        url,
-        LUA_POST % (BODY, 'wrk.headers["Authorization"] = "Bearer bench-operator-token"'),
-        duration,
-        16,
-    )
-    # Headers for the paid load: one per request, never reused (a replayed authorization is
-    # refused). Sized on the ungated rate, which the paid one does not exceed, or on half the
-    # challenge's where that is more: a 2 s ungated load on a busy host can read low (a smoke
-    # run once prepared fewer headers than its paid load then sent).
-    basis = max(figures["ungated"]["rps"], figures["challenge"]["rps"] / 2)
-    expected = int(basis * duration * 1.5) + 100
+    ungated_script = LUA_POST % (BODY, 'wrk.headers["Authorization"] = "Bearer bench-operator-token"')
     payers = stack.fund(40 if quick else 200)
-    headers = signed_headers(stack, payers, max(1, expected // len(payers)), url)
-    folder = write_header_files(headers, 2)
-    figures["paid"] = wrk(url, LUA_PAID % (BODY, folder, "PAYMENT-SIGNATURE"), duration, 16)
-    figures["paid"]["headers_prepared"] = len(headers)
-    if figures["paid"]["requests"] > len(headers):
-        print(f"  the paid load sent {figures['paid']['requests']} requests on {len(headers)} headers", flush=True)
+    rounds = 1 if quick else max(1, duration // 2)
+    seconds = max(1, duration // rounds)
+    ungated, paid, prepared = [], [], 0
+    for _ in range(rounds):
+        ungated.append(wrk(url, ungated_script, seconds, 16))
+        # Headers for this round's paid load: one per request, never reused (a replayed
+        # authorization is refused). Sized on the ungated rate, which the paid one does not
+        # exceed, or on half the challenge's where that is more: a short ungated load on a busy
+        # host can read low (a smoke run once prepared fewer headers than its paid load sent).
+        basis = max(ungated[-1]["rps"], figures["challenge"]["rps"] / 2)
+        headers = signed_headers(stack, payers, max(1, int(basis * seconds * 1.5 + 100) // len(payers)), url)
+        prepared += len(headers)
+        paid.append(wrk(url, LUA_PAID % (BODY, write_header_files(headers, 2), "PAYMENT-SIGNATURE"), seconds, 16))
+        if paid[-1]["requests"] > len(headers):
+            print(f"  the paid load sent {paid[-1]['requests']} requests on {len(headers)} headers", flush=True)
+    figures["ungated"], figures["paid"] = together(ungated), together(paid)
+    figures["paid"]["headers_prepared"] = prepared
     half = max(5.0, figures["paid"]["rps"] / 2)
     fresh = signed_headers(stack, stack.fund(20), int(half * duration / 20) + 1, url)
     figures["paid_half_rate"] = open_loop(url, [{"PAYMENT-SIGNATURE": h} for h in fresh], half)
     operator = {"Authorization": "Bearer bench-operator-token"}
     figures["ungated_half_rate"] = open_loop(url, [operator] * int(half * duration + 1), half)
     return figures
+
+
+def together(loads: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one closed-loop load as one: requests over the seconds they ran, the median of
+    the rounds' p50s and the highest p99 (wrk reports percentiles, not the latencies behind
+    them), statuses added up; each round's rate beside them."""
+    if len(loads) == 1:
+        return loads[0]
+    statuses: dict[int, int] = {}
+    for load in loads:
+        for code, n in load["statuses"].items():
+            statuses[code] = statuses.get(code, 0) + n
+    requests = sum(load["requests"] for load in loads)
+    return {
+        "rps": round(requests / sum(load["requests"] / load["rps"] for load in loads), 2),
+        "p50_ms": statistics.median(load["p50_ms"] for load in loads),
+        "p99_ms": max(load["p99_ms"] for load in loads),
+        "requests": requests,
+        "non_2xx": sum(load["non_2xx"] for load in loads),
+        "statuses": statuses,
+        "loadgen_cpu_pct": round(statistics.mean(load["loadgen_cpu_pct"] for load in loads), 1),
+        "rounds_rps": [load["rps"] for load in loads],
+    }
 
 
 def bench_commit(samples: int) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from payments.schemes import scheme_of
 from payments.verification import Verification
 from payments.x402.types import Resource, settle_response, wire_requirement
 from payments.x402.verify import VerifiedPayment
-from x402site import dispatch
+from x402site import dispatch, rows
 from x402site.conf import x402
 
 #: Settlement not finished (the x402 SDK's reason code): we answer before the transfer is mined.
@@ -66,7 +66,7 @@ def record(
     req, payload = verified.requirement, verified.payload
     auth = payload.authorization
     usage_priced = scheme_of(payload.scheme).usage_priced
-    payment = Payment.objects.create(
+    payment = Payment(
         status=PaymentStatus.VERIFIED,
         x402_version=payload.x402_version,
         scheme=payload.scheme,
@@ -90,7 +90,7 @@ def record(
         request_fingerprint=fingerprint,
         settle_requested_at=timezone.now() if settle_now else None,
     )
-    PaymentEvent.objects.create(payment=payment, to_status=PaymentStatus.VERIFIED)
+    rows.insert(payment, PaymentEvent(payment=payment, to_status=PaymentStatus.VERIFIED))
     idempotency.remember(payment, payload)
     transaction.on_commit(lambda: ACCEPTED.labels(network=payment.network).inc())
     return payment

@@ -40,6 +40,7 @@ from prometheus_client import Counter
 from payments.ledger import RunEnd
 from payments.metrics import PREDICTION_SECONDS
 from payments.models import UNPAID_STATUSES, Payment, PaymentStatus
+from x402site import rows
 
 from . import charges, events, runclock, scheduling, webhooks
 from .charges import ENDED_UNSERVED
@@ -155,7 +156,7 @@ def create(
     """A new STARTING prediction with its first event (call inside the transaction that recorded
     its payment, or held its ``channel_id`` for ``prediction_id``). Its time limit and
     settlement policy are fixed here, for good."""
-    prediction = Prediction.objects.create(
+    prediction = Prediction(
         **({"id": prediction_id} if prediction_id else {}),
         model=version.model,
         version=version,
@@ -166,7 +167,8 @@ def create(
         time_limit_seconds=version.model.time_limit_seconds,
         **(options or {}),
     )
-    PredictionEvent.objects.create(prediction=prediction, to_status=P.STARTING, cause=cause)
+    prediction.assign_ref()
+    rows.insert(prediction, PredictionEvent(prediction=prediction, to_status=P.STARTING, cause=cause))
     return prediction
 
 

@@ -440,9 +440,13 @@ class Prediction(models.Model):
         return f"{self.id} ({self.status})"
 
     def save(self, *args: Any, **kwargs: Any) -> None:
+        self.assign_ref()
+        super().save(*args, **kwargs)
+
+    def assign_ref(self) -> None:
+        """The export pseudonym, from the id (before the row's first insert, however made)."""
         if not self.ref:
             self.ref = prediction_ref(self.id)
-        super().save(*args, **kwargs)
 
     @property
     def is_terminal(self) -> bool:
